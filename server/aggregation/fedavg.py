@@ -1,0 +1,65 @@
+"""FedAvg / FedSGD aggregation.
+
+McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentralized Data",
+AISTATS 2017. The DV-FSR paper's "common" aggregation (Yin et al., AAAI 2025, public code) is the
+unweighted *sum* of the round's gradients, stepped with the server learning rate; ``reduce=mean``
+gives the textbook sample-count-weighted average.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from .base import AggregationResult, RuleConfigError, check_inputs, parse_options
+
+
+def fedavg(updates: torch.Tensor, weights: torch.Tensor, reduce: str = "sum", weighted: bool = True) -> torch.Tensor:
+    """Aggregate ``[K, D]`` updates into ``[D]``.
+
+    reduce="sum":  sum_i u_i                      (the paper's "common"; weights ignored)
+    reduce="mean": sum_i n_i u_i / sum_i n_i      (weighted=True, n = sample counts)
+                   mean_i u_i                     (weighted=False)
+    """
+    check_inputs(updates, weights)
+    if reduce == "sum":
+        return updates.sum(dim=0)
+    if reduce == "mean":
+        if not weighted:
+            return updates.mean(dim=0)
+        w = weights.to(updates.dtype)
+        total = w.sum()
+        if float(total) <= 0:
+            raise ValueError("reduce=mean with weighted=true needs a positive total weight")
+        return (w / total) @ updates
+    raise ValueError(f"reduce must be 'sum' or 'mean', got {reduce!r}")
+
+
+def server_step(params: torch.Tensor, aggregate: torch.Tensor, lr: float) -> torch.Tensor:
+    """The server's step ``w <- w - lr * aggregate`` on flat ``[D]`` vectors (new tensor)."""
+    if params.shape != aggregate.shape:
+        raise ValueError(f"params {tuple(params.shape)} and aggregate {tuple(aggregate.shape)} differ")
+    return params - lr * aggregate.to(params.dtype)
+
+
+@dataclass(frozen=True)
+class FedAvg:
+    """Rule object for :func:`fedavg` (registry names ``fedavg`` and ``none``)."""
+
+    reduce: str = "sum"
+    weighted: bool = True
+    name: str = "fedavg"
+
+    def __post_init__(self) -> None:
+        if self.reduce not in ("sum", "mean"):
+            raise RuleConfigError(f"rule 'fedavg' option reduce must be 'sum' or 'mean', got {self.reduce!r}")
+
+    def __call__(self, updates: torch.Tensor, weights: torch.Tensor) -> AggregationResult:
+        vec = fedavg(updates, weights, self.reduce, self.weighted)
+        return AggregationResult(vec, None, {"reduce": self.reduce, "weighted": self.weighted})
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, str]) -> FedAvg:
+        return cls(**parse_options("fedavg", options, {"reduce": str, "weighted": bool}))
