@@ -1,0 +1,356 @@
+"""Per-user updates: many users at once, each a function of (global weights, own data, seed).
+
+Two modes (ALGORITHMS.md "Local training"):
+
+* ``paper`` (FedSGD, as the DV-FSR paper and its public code): the update is the gradient of the
+  user's local loss at the global weights.
+* ``fedavg`` (McMahan et al., AISTATS 2017): the update is ``w_global - w_local`` after
+  ``local_epochs`` local steps with SGD or Adam.
+
+Losses: SASRec (Kang & McAuley 2018) binary cross-entropy with one sampled negative per position;
+BERT4Rec (Sun et al. 2019) masked-item prediction (cross-entropy over the vocabulary). Users are
+computed in length-sorted micro-batches padded only to the micro-batch's longest sequence, with
+per-sample gradients from ``torch.func.vmap(grad(...))`` (no model copy per user). Dropout is
+seeded per user (:mod:`fedseq.models.common`), so batching never changes a user's update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from .models import BERT4Rec, SASRec
+from .models.common import Drop, keep_masks
+from .params import Layout
+
+SHARED_NEG_SEED = 2024  # the public code seeds every client's negative sampler with one constant
+
+
+@dataclass(frozen=True)
+class LocalConfig:
+    """How users compute their updates."""
+
+    mode: str = "paper"  # "paper" | "fedavg"
+    dropout: bool = True  # training-time dropout (seeded per user)
+    local_epochs: int = 1  # fedavg mode only
+    local_lr: float = 0.01  # fedavg mode only
+    optimizer: str = "sgd"  # fedavg mode only: "sgd" | "adam"
+    micro_batch: int = 64  # users per micro-batch
+    max_tokens: int = 4096  # padded positions per micro-batch
+    shared_neg_seed: bool = False  # compat: one constant negative-sampling seed for every client
+    neg_from_vocab: bool = False  # compat: negatives drawn from 1..M+1 (mask token included)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("paper", "fedavg"):
+            raise ValueError(f"mode must be 'paper' or 'fedavg', got {self.mode!r}")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        if self.local_epochs < 1 or self.micro_batch < 1 or self.max_tokens < 1 or self.local_lr <= 0:
+            raise ValueError("local_epochs and micro_batch must be >= 1 and local_lr > 0")
+
+
+def user_rng(seed: int, key: int, user: int, stream: int = 0) -> np.random.Generator:
+    """The generator for one user's randomness in one round (never shared between users)."""
+    return np.random.default_rng(np.random.SeedSequence([seed & 0xFFFFFFFF, key, user, stream]))
+
+
+def sample_negatives(
+    rng: np.random.Generator, exclude: np.ndarray, n: int, low: int, high: int, distinct: bool = True
+) -> np.ndarray:
+    """``n`` items uniform in [low, high] not in ``exclude``; distinct from each other when possible."""
+    excl = np.unique(exclude)
+    excl = excl[(excl >= low) & (excl <= high)]
+    available = (high - low + 1) - len(excl)
+    if available <= 0:
+        raise ValueError(f"no item in [{low}, {high}] outside the user's history to sample as a negative")
+    distinct = distinct and available >= n
+    out = np.empty(0, dtype=np.int64)
+    while len(out) < n:
+        cand = rng.integers(low, high + 1, size=2 * (n - len(out)) + 8)
+        cand = cand[~np.isin(cand, excl)]
+        out = np.concatenate([out, cand])
+        if distinct:
+            _, idx = np.unique(out, return_index=True)
+            out = out[np.sort(idx)]
+    return out[:n]
+
+
+# ----------------------------------------------------------------------------- examples
+
+
+def sasrec_example(
+    model: SASRec, train: np.ndarray, rng: np.random.Generator, cfg: LocalConfig
+) -> dict[str, np.ndarray]:
+    """tokens = train[:-1], pos = train[1:] (last max_len), one negative per position."""
+    seq = train[-(model.cfg.max_len + 1) :]
+    tokens, pos = seq[:-1], seq[1:]
+    high = model.cfg.num_items + (1 if cfg.neg_from_vocab else 0)
+    neg = sample_negatives(rng, train, len(pos), 1, high)
+    return {"tokens": tokens, "pos": pos, "neg": neg}
+
+
+def bert4rec_example(
+    model: BERT4Rec, train: np.ndarray, rng: np.random.Generator, cfg: LocalConfig
+) -> dict[str, np.ndarray]:
+    """Cloze masking of the last ``input_len`` items: each item is a target with probability
+    ``mask_prob``; targets become the mask token (80%), a random item (10%) or stay (10%).
+    Deliberate departure from the public code: a history that draws no target gets one at a random
+    position (the public code's NaN loss there uploads a zero gradient)."""
+    c = model.cfg
+    seq = train[-c.input_len :]
+    n = len(seq)
+    chosen = rng.random(n) < c.mask_prob
+    if not chosen.any():
+        chosen[rng.integers(n)] = True
+    how = rng.random(n)
+    tokens = seq.copy()
+    tokens[chosen & (how < 0.8)] = c.mask_token
+    rand = chosen & (how >= 0.8) & (how < 0.9)
+    tokens[rand] = rng.integers(1, c.num_items + 1, size=int(rand.sum()))
+    where = np.flatnonzero(chosen)
+    return {"tokens": tokens, "where": where, "labels": seq[where]}
+
+
+def _left_pad(rows: Sequence[np.ndarray], length: int) -> torch.Tensor:
+    out = np.zeros((len(rows), length), dtype=np.int64)
+    for i, r in enumerate(rows):
+        if len(r):
+            out[i, length - len(r) :] = r
+    return torch.from_numpy(out)
+
+
+def collate(model: nn.Module, examples: Sequence[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+    """Left-pad a micro-batch of examples to its longest sequence."""
+    L = max(1, max(len(e["tokens"]) for e in examples))
+    batch = {"tokens": _left_pad([e["tokens"] for e in examples], L)}
+    if isinstance(model, SASRec):
+        batch["pos"] = _left_pad([e["pos"] for e in examples], L)
+        batch["neg"] = _left_pad([e["neg"] for e in examples], L)
+    else:
+        K = max(1, max(len(e["where"]) for e in examples))
+        where = np.zeros((len(examples), K), dtype=np.int64)
+        labels = np.zeros((len(examples), K), dtype=np.int64)
+        for i, e in enumerate(examples):
+            shift = L - len(e["tokens"])
+            where[i, : len(e["where"])] = e["where"] + shift
+            labels[i, : len(e["labels"])] = e["labels"]
+        batch["where"] = torch.from_numpy(where)
+        batch["labels"] = torch.from_numpy(labels)
+    return batch
+
+
+def make_example(model: nn.Module, train: np.ndarray, rng: np.random.Generator, cfg: LocalConfig):
+    if isinstance(model, SASRec):
+        return sasrec_example(model, train, rng, cfg)
+    if isinstance(model, BERT4Rec):
+        return bert4rec_example(model, train, rng, cfg)
+    raise TypeError(f"no local loss for model {type(model).__name__}")
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def user_losses(model: nn.Module, batch: dict[str, torch.Tensor], drop: Drop | None) -> torch.Tensor:
+    """Per-user local losses ``[B]`` for a collated batch (works for B = 1 inside vmap)."""
+    tokens = batch["tokens"]
+    h = model(tokens, drop)  # [B, L, d]
+    if isinstance(model, SASRec):
+        valid = (tokens != 0).to(h.dtype)  # [B, L]
+        count = valid.sum(-1).clamp(min=1.0)
+        pos = model.scores(h, batch["pos"].unsqueeze(-1)).squeeze(-1)  # [B, L]
+        neg = model.scores(h, batch["neg"].unsqueeze(-1)).squeeze(-1)
+        lp = F.binary_cross_entropy_with_logits(pos, torch.ones_like(pos), reduction="none")
+        ln = F.binary_cross_entropy_with_logits(neg, torch.zeros_like(neg), reduction="none")
+        return ((lp * valid).sum(-1) + (ln * valid).sum(-1)) / count
+    where, labels = batch["where"], batch["labels"]  # [B, K]
+    hs = torch.gather(h, 1, where.unsqueeze(-1).expand(-1, -1, h.shape[-1]))  # [B, K, d]
+    logits = model.scores(hs)  # [B, K, V]
+    ce = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=0, reduction="none")  # [B, K]
+    real = (labels != 0).to(h.dtype)
+    return (ce * real).sum(-1) / real.sum(-1).clamp(min=1.0)
+
+
+class _Objective(nn.Module):
+    """Wraps a model so ``functional_call`` can swap its parameters for the loss computation."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor], masks: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        one = {k: v.unsqueeze(0) for k, v in batch.items()}
+        drop = None if masks is None else Drop({k: v.unsqueeze(0) for k, v in masks.items()})
+        return user_losses(self.model, one, drop)[0]
+
+
+@dataclass
+class UpdateBatch:
+    """One update per user: ``updates [K, D]`` in the model's :class:`Layout` order."""
+
+    users: np.ndarray  # [K] user ids, in request order
+    updates: torch.Tensor  # [K, D]
+    num_samples: np.ndarray  # [K] training items per user (the aggregation weight)
+    losses: np.ndarray  # [K] local loss at the global weights
+
+
+def micro_batches(lengths: Sequence[int], max_users: int, max_tokens: int) -> list[np.ndarray]:
+    """Group indices, sorted by length, so each group pads to its own longest sequence and holds at
+    most ``max_users`` users and ``max_tokens`` padded positions (a long user may exceed it alone)."""
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    groups: list[np.ndarray] = []
+    cur: list[int] = []
+    for i in order:
+        longest = max(int(lengths[i]), 1)  # sorted: the newest member is the longest
+        if cur and (len(cur) + 1 > max_users or (len(cur) + 1) * longest > max_tokens):
+            groups.append(np.asarray(cur))
+            cur = []
+        cur.append(int(i))
+    if cur:
+        groups.append(np.asarray(cur))
+    return groups
+
+
+ITEM_TABLE = "item_emb.weight"
+
+
+def compute_updates(
+    model: nn.Module,
+    params: torch.Tensor,
+    sequences: Sequence[np.ndarray],
+    users: Sequence[int],
+    seed: int,
+    round_key: int,
+    cfg: LocalConfig = LocalConfig(),
+) -> UpdateBatch:
+    """Compute every user's update at the global weights ``params [D]``.
+
+    ``sequences[i]`` is user ``users[i]``'s training sequence. The randomness of user u in round
+    ``round_key`` (negatives, masking, dropout) comes from ``(seed, round_key, u)`` only.
+
+    SASRec's loss reads only the item rows a user's sequence and negatives name, so each user gets
+    a local item table of just those rows (per-sample gradients of the full 5,000-row table would
+    dominate the cost); the rows' gradients are scattered back into the dense update.
+    """
+    layout = Layout.of(model)
+    objective = _Objective(model)
+    global_p = {f"model.{n}": t for n, t in layout.unflatten(params.detach()).items()}
+    local_rows = isinstance(model, SASRec)
+    table_key = f"model.{ITEM_TABLE}"
+    shared_p = {k: v for k, v in global_p.items() if not (local_rows and k == table_key)}
+    sites = model.dropout_sites() if cfg.dropout else {}
+    K = len(users)
+    out = torch.empty(K, layout.dim)
+    losses = np.zeros(K)
+    lengths = [min(len(s), model.cfg.max_len) for s in sequences]
+    step = vmap(grad(_objective_fn(objective), argnums=(0, 1), has_aux=True), in_dims=(None, 0, 0, 0))
+    epochs = 1 if cfg.mode == "paper" else cfg.local_epochs
+    for idx in micro_batches(lengths, cfg.micro_batch, cfg.max_tokens):
+        ub = [int(users[i]) for i in idx]
+        seqs = [sequences[i] for i in idx]
+        prepared = [_prepare(model, seqs, ub, seed, round_key, e, cfg, sites) for e in range(epochs)]
+        rows = _localise([p[0] for p in prepared]) if local_rows else None
+        user_p: dict[str, torch.Tensor] = {}
+        if rows is not None:
+            user_p[table_key] = global_p[table_key][rows]  # [B, R, d]
+        if cfg.mode == "paper":
+            batch, masks = prepared[0]
+            (g_shared, g_own), loss = step(shared_p, user_p, batch, masks)
+            grads = {**g_shared, **g_own}
+        else:
+            for name in shared_p:
+                user_p[name] = shared_p[name].unsqueeze(0).repeat(len(idx), *([1] * shared_p[name].dim()))
+            start_p = {k: v.clone() for k, v in user_p.items()}
+            state = {n: (torch.zeros_like(t), torch.zeros_like(t)) for n, t in user_p.items()}
+            loss = None
+            for e, (batch, masks) in enumerate(prepared):
+                (_, g), lo = step({}, user_p, batch, masks)
+                loss = lo if loss is None else loss
+                _local_step(user_p, g, state, cfg, e + 1)
+            grads = {k: start_p[k] - user_p[k] for k in user_p}
+        _scatter(out, torch.as_tensor(idx), grads, layout, rows)
+        losses[idx] = loss.detach().numpy()
+    n_samples = np.array([len(s) for s in sequences], dtype=np.int64)
+    return UpdateBatch(np.asarray(users, dtype=np.int64), out, n_samples, losses)
+
+
+def _localise(batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """Rewrite item ids in ``batches`` (in place) to per-user local ids; return ``rows [B, R]``,
+    the global item id of each local row (row 0 is the padding row)."""
+    keys = ("tokens", "pos", "neg")
+    B = batches[0]["tokens"].shape[0]
+    vocab = []
+    for b in range(B):
+        ids = torch.cat([bt[k][b] for bt in batches for k in keys])
+        vocab.append(torch.unique(ids[ids != 0]))
+    R = 1 + max(len(v) for v in vocab)
+    rows = torch.zeros(B, R, dtype=torch.int64)
+    for b, v in enumerate(vocab):
+        rows[b, 1 : 1 + len(v)] = v
+        for bt in batches:
+            for k in keys:
+                x = bt[k][b]
+                nz = x != 0
+                x[nz] = torch.searchsorted(v, x[nz]) + 1
+    return rows
+
+
+def _scatter(out: torch.Tensor, idx: torch.Tensor, grads: dict[str, torch.Tensor], layout: Layout,
+             rows: torch.Tensor | None) -> None:
+    """Write per-user ``grads`` (``{model.name: [B, ...]}``) into rows ``idx`` of ``out [K, D]``."""
+    flat = torch.empty(len(idx), layout.dim)
+    offset = 0
+    for name, shape, size in zip(layout.names, layout.shapes, layout.sizes, strict=True):
+        g = grads[f"model.{name}"]
+        dst = flat[:, offset : offset + size]
+        if rows is not None and name == ITEM_TABLE:
+            dst.zero_()
+            V, d = shape
+            dst.view(len(idx), V, d).scatter_add_(1, rows.unsqueeze(-1).expand(-1, -1, d), g)
+        else:
+            dst.copy_(g.reshape(len(idx), -1))
+        offset += size
+    out.index_copy_(0, idx, flat)
+
+
+def _objective_fn(objective: _Objective):
+    def f(shared, own, batch, masks):
+        loss = functional_call(objective, {**shared, **own}, (batch, masks))
+        return loss, loss.detach()
+
+    return f
+
+
+def _prepare(model, seqs, users, seed, round_key, local_epoch, cfg: LocalConfig, sites):
+    examples = []
+    for u, s in zip(users, seqs, strict=True):
+        rng = user_rng(seed, round_key, u, local_epoch)
+        if cfg.shared_neg_seed:
+            rng = user_rng(SHARED_NEG_SEED, round_key, 0, local_epoch)
+        examples.append(make_example(model, s, rng, cfg))
+    batch = collate(model, examples)
+    if not sites:
+        return batch, None
+    dseeds = torch.tensor(
+        [int(user_rng(seed, round_key, u, 1000 + local_epoch).integers(0, 2**32)) for u in users], dtype=torch.int64
+    )
+    return batch, keep_masks(sites, dseeds, batch["tokens"].shape[1])
+
+
+def _local_step(local, g, state, cfg: LocalConfig, t: int) -> None:
+    with torch.no_grad():
+        for n, p in local.items():
+            if cfg.optimizer == "sgd":
+                p.sub_(cfg.local_lr * g[n])
+            else:
+                m, v = state[n]
+                m.mul_(0.9).add_(g[n], alpha=0.1)
+                v.mul_(0.999).addcmul_(g[n], g[n], value=0.001)
+                mhat = m / (1 - 0.9**t)
+                vhat = v / (1 - 0.999**t)
+                p.sub_(cfg.local_lr * mhat / (vhat.sqrt() + 1e-8))
