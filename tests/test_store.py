@@ -1,0 +1,329 @@
+"""RedisStore and CachedModelReader against a real Redis server (fixture ``redis_url``)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import redis
+import torch
+
+from fedseq.redis_server import RedisServer
+from fedseq.store import (
+    CachedModelReader,
+    RedisStore,
+    Retention,
+    StoreArgumentError,
+    StoreError,
+    model_from_bytes,
+    model_to_bytes,
+)
+
+
+def _model(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "emb.weight": torch.randn(17, 8, generator=g),
+        "attn.in_proj": torch.randn(3, 8, 8, generator=g),
+        "ln.bias": torch.randn(8, generator=g),
+        "scalar": torch.randn((), generator=g),
+        "empty": torch.zeros(0, 4),
+    }
+
+
+def _bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(
+        a[k].dtype == b[k].dtype
+        and a[k].shape == b[k].shape
+        and torch.equal(a[k].view(torch.int32), b[k].view(torch.int32))
+        for k in a
+    )
+
+
+def test_put_get_round_trip_is_bit_exact(redis_url: str) -> None:
+    # Prepare
+    store = RedisStore.from_url(redis_url, "r1")
+    tensors = _model(0)
+    tensors["special"] = torch.tensor([-0.0, float("inf"), float("nan"), 1e-45, -3.4e38])
+
+    # Execute
+    written = store.put_model(0, tensors, meta={"model": "sasrec"})
+    loaded, meta = store.get_model_with_meta(0)
+
+    # Assert
+    assert written == len(store.get_model_bytes(0))
+    assert _bitwise_equal(tensors, loaded)
+    assert meta == {"model": "sasrec"}
+    info = store.model_info(0)
+    assert info is not None and info["nbytes"] == written and info["meta"] == {"model": "sasrec"}
+    assert store.io_counters()["bytes_written"] == written
+
+
+def test_blob_is_safetensors_not_pickle(redis_url: str) -> None:
+    # Prepare
+    store = RedisStore.from_url(redis_url, "r1")
+    store.put_model(3, _model(1), meta={"k": "v"})
+
+    # Execute
+    blob = store.client.get("fedseq:r1:model:3")
+
+    # Assert
+    assert blob is not None and blob[:1] != b"\x80"  # pickle protocol >= 2 starts with PROTO 0x80
+    header_len = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + header_len])
+    assert header["__metadata__"] == {"k": "v"}
+    assert header["emb.weight"]["dtype"] == "F32" and header["emb.weight"]["shape"] == [17, 8]
+
+
+def test_head_moves_only_forward(redis_url: str) -> None:
+    # Prepare
+    store = RedisStore.from_url(redis_url, "r1", Retention(keep_last=10))
+    heads = [store.head()]
+
+    # Execute
+    for version in (0, 2, 1, 5, 4):
+        store.put_model(version, _model(version))
+        heads.append(store.head())
+
+    # Assert
+    assert heads == [None, 0, 2, 2, 5, 5]
+    assert store.versions() == [0, 1, 2, 4, 5]
+
+
+def test_retention_keeps_last_two_and_checkpoints(redis_url: str) -> None:
+    # Prepare
+    store = RedisStore.from_url(redis_url, "r1", Retention(keep_last=2, checkpoint_every=5))
+    after_each = []
+
+    # Execute
+    for version in range(12):
+        store.put_model(version, {"w": torch.full((2,), float(version))})
+        after_each.append(store.versions())
+
+    # Assert
+    assert after_each[0] == [0]
+    assert after_each[1] == [0, 1]
+    assert after_each[2] == [0, 1, 2]  # 0 is a checkpoint
+    assert after_each[3] == [0, 2, 3]
+    assert after_each[6] == [0, 5, 6]
+    assert after_each[11] == [0, 5, 10, 11]
+    assert store.head() == 11
+    keys = sorted(redis.Redis.from_url(redis_url).keys("fedseq:r1:model*"))
+    assert keys == sorted(
+        f"fedseq:r1:{kind}:{v}".encode() for kind in ("model", "modelinfo") for v in (0, 5, 10, 11)
+    )
+    assert store.get_model(5)["w"].tolist() == [5.0, 5.0]
+
+
+def test_retention_never_deletes_the_head() -> None:
+    # Prepare
+    policy = Retention(keep_last=1, checkpoint_every=0)
+
+    # Execute
+    dropped = policy.to_delete([1, 2, 3, 4], head=2)
+
+    # Assert
+    assert dropped == [1, 3]
+
+
+def test_run_resumes_after_a_persistent_redis_restart(tmp_path: Path) -> None:
+    # Prepare
+    with RedisServer(data_dir=tmp_path / "redis") as server:
+        store = RedisStore.from_url(server.url, "resume")
+        store.put_model(0, _model(0))
+        store.put_model(1, _model(1))
+        store.put_state("orchestrator", {"round": 2})
+        store.append_record("rounds", {"round": 1})
+        store.close()
+
+    # Execute
+    with RedisServer(data_dir=tmp_path / "redis") as server:
+        store = RedisStore.from_url(server.url, "resume")
+        state = (store.head(), store.versions(), store.get_state("orchestrator"), store.records("rounds"))
+        model = store.get_model(1)
+        store.close()
+
+    # Assert
+    assert state == (1, [0, 1], {"round": 2}, [{"round": 1}])
+    assert _bitwise_equal(model, _model(1))
+
+
+def test_retention_policy_is_validated() -> None:
+    # Execute / Assert
+    with pytest.raises(ValueError, match="keep_last"):
+        Retention(keep_last=0)
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        Retention(checkpoint_every=-1)
+
+
+def test_identical_re_put_is_idempotent_and_conflicting_re_put_rejected(redis_url: str) -> None:
+    # Prepare
+    store = RedisStore.from_url(redis_url, "r1")
+    first = store.put_model(1, _model(1), meta={"round": "1"})
+
+    # Execute
+    again = store.put_model(1, _model(1), meta={"round": "1"})
+    with pytest.raises(StoreError, match="different content"):
+        store.put_model(1, _model(2), meta={"round": "1"})
+    with pytest.raises(StoreError, match="different content"):
+        store.put_model(1, _model(1), meta={"round": "other"})
+
+    # Assert
+    assert again == first
+    assert _bitwise_equal(store.get_model(1), _model(1))
+    assert store.versions() == [1]
+
+
+def test_missing_version_error_lists_available_versions(redis_url: str) -> None:
+    # Prepare
+    store = RedisStore.from_url(redis_url, "r1")
+    store.put_model(0, _model(0))
+    store.put_model(1, _model(1))
+    empty = RedisStore.from_url(redis_url, "r2")
+
+    # Execute / Assert
+    with pytest.raises(StoreError, match=r"run r1 has no model version 7 \(available: 0, 1\)"):
+        store.get_model(7)
+    with pytest.raises(StoreError, match=r"run r2 has no model version 0 \(available: none\)"):
+        empty.get_model(0)
+
+
+def test_config_state_and_records_round_trip(redis_url: str) -> None:
+    # Prepare
+    store = RedisStore.from_url(redis_url, "r1")
+    config = {"model": "sasrec", "lr": 0.001, "clients_per_round": 256, "nested": {"a": [1, 2]}}
+
+    # Execute
+    store.put_config(config)
+    store.put_state("orchestrator", {"epoch": 3, "round": 12})
+    store.put_state("orchestrator", {"epoch": 3, "round": 13})
+    lengths = [store.append_record("rounds", {"round": r, "bytes": r * 10}) for r in range(4)]
+
+    # Assert
+    assert store.get_config() == config
+    assert store.get_state("orchestrator") == {"epoch": 3, "round": 13}
+    assert store.get_state("server") is None
+    assert lengths == [1, 2, 3, 4]
+    assert store.records("rounds") == [{"round": r, "bytes": r * 10} for r in range(4)]
+    assert store.records("rounds", 2) == [{"round": 2, "bytes": 20}, {"round": 3, "bytes": 30}]
+    assert store.records("rounds", -1) == [{"round": 3, "bytes": 30}]
+    assert store.records("metrics") == []
+    assert store.runs() == ["r1"]
+
+
+def test_non_json_values_are_rejected(redis_url: str) -> None:
+    # Prepare
+    store = RedisStore.from_url(redis_url, "r1")
+
+    # Execute / Assert
+    with pytest.raises(StoreArgumentError, match="not JSON-serializable"):
+        store.put_state("s", {"t": torch.zeros(1)})
+    with pytest.raises(StoreArgumentError, match="mapping"):
+        store.append_record("rounds", [1, 2])  # type: ignore[arg-type]
+
+
+def test_two_runs_are_isolated_and_delete_run_removes_only_one(redis_url: str) -> None:
+    # Prepare
+    a = RedisStore.from_url(redis_url, "run-a")
+    b = RedisStore.from_url(redis_url, "run-a.b_2")
+    a.put_model(4, _model(4))
+    a.put_config({"who": "a"})
+    a.append_record("metrics", {"hr": 0.1})
+    b.put_model(9, _model(9))
+    b.put_config({"who": "b"})
+
+    # Execute
+    before = (a.versions(), b.versions(), a.get_config(), b.get_config(), b.records("metrics"), a.runs())
+    removed = a.delete_run()
+
+    # Assert
+    assert before == ([4], [9], {"who": "a"}, {"who": "b"}, [], ["run-a", "run-a.b_2"])
+    assert removed == 6  # model, modelinfo, versions, head, config, log:metrics
+    assert a.versions() == [] and a.head() is None and a.get_config() is None
+    assert b.versions() == [9] and b.get_config() == {"who": "b"}
+    assert a.runs() == ["run-a.b_2"]
+
+
+@pytest.mark.parametrize("bad", ["", "a:b", "a b", "a*", "ü", "x" * 129, None])
+def test_bad_run_id_is_rejected(redis_url: str, bad: object) -> None:
+    # Execute / Assert
+    with pytest.raises(StoreArgumentError, match="invalid run id"):
+        RedisStore.from_url(redis_url, bad)  # type: ignore[arg-type]
+
+
+def test_bad_versions_and_names_are_rejected(redis_url: str) -> None:
+    # Prepare
+    store = RedisStore.from_url(redis_url, "r1")
+
+    # Execute / Assert
+    with pytest.raises(StoreArgumentError, match="version"):
+        store.put_model(-1, _model(0))
+    with pytest.raises(StoreArgumentError, match="version"):
+        store.get_model(True)  # type: ignore[arg-type]
+    with pytest.raises(StoreArgumentError, match="state key"):
+        store.put_state("a:b", {})
+    with pytest.raises(StoreArgumentError, match="not a torch.Tensor"):
+        store.put_model(0, {"w": [1.0]})  # type: ignore[dict-item]
+    with pytest.raises(StoreArgumentError, match="not a safetensors blob"):
+        store.put_model_bytes(0, b"\x80\x04\x95 pickle")
+
+
+def test_dead_port_raises_store_error_quickly() -> None:
+    # Prepare: a port nobody listens on
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"redis://127.0.0.1:{port}/0"
+
+    # Execute
+    t0 = time.monotonic()
+    with pytest.raises(StoreError) as err:
+        RedisStore.from_url(url, "r1")
+    elapsed = time.monotonic() - t0
+
+    # Assert
+    assert url in str(err.value) and "Redis server running" in str(err.value)
+    assert elapsed < 3.0
+
+
+def test_cached_reader_counts_hits_misses_and_evicts_lru(redis_url: str) -> None:
+    # Prepare
+    store = RedisStore.from_url(redis_url, "r1", Retention(keep_last=5))
+    for v in range(3):
+        store.put_model(v, _model(v))
+    reader = CachedModelReader(store, capacity=2)
+    size = len(store.get_model_bytes(0))
+
+    # Execute
+    reader.get(0)  # miss
+    reader.get(0)  # hit
+    reader.get(1)  # miss
+    reader.get(0)  # hit, 0 most recent
+    reader.get(2)  # miss, evicts 1
+    got = reader.get(1)  # miss again, evicts 0
+    head = reader.get()  # head = 2: hit
+
+    # Assert
+    assert reader.stats() == {"hits": 3, "misses": 4, "bytes_fetched": 4 * size}
+    assert reader.cached_versions() == [1, 2]
+    assert _bitwise_equal(got, _model(1)) and _bitwise_equal(head, _model(2))
+
+
+def test_codec_helpers_handle_views_and_tied_weights() -> None:
+    # Prepare: a non-contiguous view and two names for one tensor (tied embeddings)
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    tensors = {"t": base.t(), "tied.a": base, "tied.b": base, "slice": base[1:3]}
+
+    # Execute
+    blob = model_to_bytes(tensors, {"m": "1"})
+    loaded, meta = model_from_bytes(blob)
+
+    # Assert
+    assert meta == {"m": "1"}
+    assert all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+    assert model_to_bytes(tensors, {"m": "1"}) == blob  # deterministic
+    with pytest.raises(ValueError, match="not a safetensors blob"):
+        model_from_bytes(b"\x00" * 4)
