@@ -16,7 +16,9 @@ import torch
 from .base import AggregationResult, RuleConfigError, check_inputs, parse_options
 
 
-def fedavg(updates: torch.Tensor, weights: torch.Tensor, reduce: str = "sum", weighted: bool = True) -> torch.Tensor:
+def fedavg(
+    updates: torch.Tensor, weights: torch.Tensor, reduce: str = "sum", weighted: bool = True
+) -> torch.Tensor:
     """Aggregate ``[K, D]`` updates into ``[D]``.
 
     reduce="sum":  sum_i u_i                      (the paper's "common"; weights ignored)

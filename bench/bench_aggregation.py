@@ -1,0 +1,123 @@
+"""Time every registered aggregation rule on one random round of K updates of D parameters.
+
+    python bench/bench_aggregation.py --k 256 --d 433536 --repeats 5 --threads 1,2 --out table.md
+
+Defaults: K = 256 (the paper's round size B), D = 433,536 (one dense Steam SASRec update,
+1,734,144 bytes), 5 timed repeats after one warm-up, torch thread counts 1 and 2. The thread
+counts are interleaved inside each repeat (A/B on the same noisy machine); the table reports the
+median and the min..max of the repeats, in milliseconds. The round: Gaussian updates with 3
+identical "sybil" rows, sample counts 1..50; ``norm-clip`` uses the median update norm as bound
+(about half clipped); ``fltrust`` gets the mean of 8 rows as its root update. ``--out`` writes the
+markdown table to a file (otherwise it is only printed). Benchmarks measure; they do not gate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from server.aggregation import RULES, AggregationRule, bind_root, make_rule  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--k", type=int, default=256, help="updates per round (default 256)")
+    p.add_argument("--d", type=int, default=433_536, help="parameters per update (default 433536)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per rule and thread count")
+    p.add_argument("--threads", default="1,2", help="comma-separated torch thread counts (default 1,2)")
+    p.add_argument("--rules", default=",".join(RULES), help="comma-separated rule names (default all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None, help="write the markdown table here")
+    args = p.parse_args(argv)
+    if args.k < 1 or args.d < 1 or args.repeats < 1:
+        p.error("--k, --d and --repeats must be >= 1")
+    try:
+        args.thread_counts = [int(t) for t in args.threads.split(",") if t.strip()]
+    except ValueError:
+        p.error(f"--threads must be comma-separated integers, got {args.threads!r}")
+    if not args.thread_counts or min(args.thread_counts) < 1:
+        p.error("--threads needs at least one count >= 1")
+    args.rule_names = [r.strip() for r in args.rules.split(",") if r.strip()]
+    unknown = [r for r in args.rule_names if r not in RULES]
+    if unknown:
+        p.error(f"unknown rules {unknown}; known: {sorted(RULES)}")
+    return args
+
+
+def make_round(k: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    updates = torch.randn(k, d, generator=g)
+    if k >= 6:
+        updates[-3:] = updates[-1] * 3  # a small cluster of identical sybil updates
+    weights = torch.randint(1, 51, (k,), generator=g).float()
+    return updates, weights
+
+
+def build_rules(names: list[str], updates: torch.Tensor) -> dict[str, tuple[str, AggregationRule]]:
+    norms = torch.linalg.vector_norm(updates, dim=1)
+    options = {"norm-clip": {"bound": f"{float(norms.median()):.6g}"}}
+    root = updates[: min(8, updates.shape[0])].mean(dim=0)
+    rules = {}
+    for name in names:
+        opts = options.get(name, {})
+        rule = bind_root(make_rule(name, opts), root)
+        label = " ".join(f"{k}={v}" for k, v in opts.items()) or "defaults"
+        rules[name] = (label, rule)
+    return rules
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    updates, weights = make_round(args.k, args.d, args.seed)
+    rules = build_rules(args.rule_names, updates)
+    times: dict[tuple[str, int], list[float]] = {(n, t): [] for n in rules for t in args.thread_counts}
+    for name, (_, rule) in rules.items():
+        for threads in args.thread_counts:  # warm-up
+            torch.set_num_threads(threads)
+            rule(updates, weights)
+        for _ in range(args.repeats):
+            for threads in args.thread_counts:
+                torch.set_num_threads(threads)
+                start = time.perf_counter()
+                rule(updates, weights)
+                times[(name, threads)].append(time.perf_counter() - start)
+        row = ", ".join(
+            f"{t} thr {statistics.median(times[(name, t)]) * 1e3:.1f} ms" for t in args.thread_counts
+        )
+        print(f"{name:13s} {row}", flush=True)
+
+    size_mb = args.k * args.d * 4 / 1e6
+    header = (
+        f"K = {args.k}, D = {args.d:,} ({size_mb:.0f} MB float32 round), {args.repeats} repeats; "
+        f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs. "
+        "Median (min..max) ms per aggregation."
+    )
+    cols = [f"{t} thread{'s' if t > 1 else ''}" for t in args.thread_counts]
+    lines = [header, "", "| rule | options | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for name, (label, _) in rules.items():
+        cells = []
+        for t in args.thread_counts:
+            ts = times[(name, t)]
+            cells.append(f"{statistics.median(ts) * 1e3:.1f} ({min(ts) * 1e3:.1f}..{max(ts) * 1e3:.1f})")
+        lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines) + "\n"
+    print()
+    print(table)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(table)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
