@@ -1,0 +1,31 @@
+"""Benign client worker (gRPC ``fedseq.v1.Worker``): hosts a shard of the dataset's users,
+computes their updates on the model versions the orchestrator names, streams them to the
+aggregation server, and evaluates them (HR@10, NDCG@10, ER@K)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from fedseq.data import shard
+from fedseq.experiment import setup
+from fedseq.training import compute_updates
+from fedseq.worker import Hosted
+
+log = logging.getLogger(__name__)
+
+
+def benign_population(cfg, shard_spec: tuple[int, int] | None) -> Hosted:
+    """The users a benign worker hosts: shard ``i/n`` of the dataset's users, or all of them."""
+    s = setup(cfg)
+    ds = s.dataset
+    users = shard(ds.num_users, *shard_spec) if shard_spec else np.arange(ds.num_users, dtype=np.int64)
+    seqs = {int(u): ds.train[u] for u in users}
+    local = cfg.local()
+
+    def compute(params, user_ids, round_id):
+        return compute_updates(s.model, params, [seqs[u] for u in user_ids], user_ids, cfg.seed, round_id, local)
+
+    log.info("hosting %d benign users of %s", len(users), ds.name)
+    return Hosted(setup=s, users=users, sequences=seqs, compute=compute, evaluate_users=users)

@@ -1,0 +1,171 @@
+"""The ``fedseq`` command: one entry point, one subcommand per job.
+
+    fedseq run                   networked federation on one machine (Redis, server, workers, orchestrator)
+    fedseq sim                   the same experiment in one process
+    fedseq serve-server|serve-client|serve-attacker|serve-orchestrator   one service (compose)
+    fedseq data                  dataset statistics
+    fedseq report RUN_DIR        print a results bundle
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+from .config import ConfigError, ExperimentConfig, build_config, parse_opts
+
+# A small synthetic experiment that finishes in about a minute: the no-flag default of run/sim.
+QUICKSTART: dict[str, Any] = {
+    "dataset": "synthetic",
+    "epochs": 8,
+    "clients_per_round": 64,
+    "lr": 0.01,
+    "num_negatives": 100,
+}
+
+EXPERIMENT_FLAGS: list[tuple[str, dict[str, Any]]] = [
+    ("--run-id", {"help": "run id (model store keys fedseq:{run}:...)"}),
+    ("--dataset", {"help": "synthetic | steam | ml-1m | a file path (sequence, ratings.dat or CSV format)"}),
+    ("--data-root", {"help": "folder with steam/ and ml-1m/ (default: $FEDSEQ_DATA_ROOT or ../shared/data)"}),
+    ("--model", {"choices": ["sasrec", "bert4rec"]}),
+    ("--mode", {"choices": ["paper", "fedavg"], "help": "paper: FedSGD gradients; fedavg: local epochs"}),
+    ("--epochs", {"type": int}),
+    ("--clients-per-round", {"type": int}),
+    ("--fraction", {"type": float, "help": "fedavg sampling: share of users per round"}),
+    ("--lr", {"type": float}),
+    ("--lr-decay", {"type": float}),
+    ("--lr-decay-every", {"type": int}),
+    ("--local-epochs", {"type": int}),
+    ("--local-lr", {"type": float}),
+    ("--eval-every", {"type": int}),
+    ("--protocol", {"choices": ["sampled", "full"]}),
+    ("--num-negatives", {"type": int}),
+    ("--targets", {"help": "comma-separated target item ids (default: least popular item)"}),
+    ("--seed", {"type": int}),
+    ("--compat", {"help": "reference-compatibility switches: off | reference | comma list"}),
+    ("--defense", {"dest": "aggregation", "help": "aggregation rule (fedavg = the paper's 'common' sum)"}),
+    ("--defense-opt", {"dest": "aggregation_opts", "action": "append", "metavar": "K=V"}),
+    ("--attack", {"help": "none | an attack name"}),
+    ("--malicious-ratio", {"type": float}),
+    ("--attack-opt", {"dest": "attack_opts", "action": "append", "metavar": "K=V"}),
+    ("--codec", {"help": "update encoding (dense-fp32, sparse-fp32, sparse-fp16, ...)"}),
+    ("--threads", {"type": int, "help": "torch threads per process"}),
+]
+
+
+def add_experiment_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="JSON or TOML file of experiment keys (flags override it)")
+    g = p.add_argument_group("experiment (also FEDSEQ_<KEY> environment variables)")
+    for flag, kw in EXPERIMENT_FLAGS:
+        g.add_argument(flag, default=None, **kw)
+
+
+def experiment_config(args: argparse.Namespace, quickstart: bool) -> ExperimentConfig:
+    overrides: dict[str, Any] = {}
+    for flag, kw in EXPERIMENT_FLAGS:
+        dest = kw.get("dest", flag[2:].replace("-", "_"))
+        v = getattr(args, dest, None)
+        if v is not None:
+            overrides[dest] = parse_opts(v) if dest.endswith("_opts") else v
+    base: dict[str, Any] = {}
+    env_keys = {k for k in os.environ if k.startswith("FEDSEQ_")}
+    if quickstart and not args.config and "dataset" not in overrides and "FEDSEQ_DATASET" not in env_keys:
+        base = dict(QUICKSTART)
+    return build_config(args.config, {**base, **overrides})
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    from .sim import run_inprocess
+
+    cfg = experiment_config(args, quickstart=True)
+    out = args.out or os.path.join("runs", f"sim-{cfg.dataset.replace('/', '_')}-{cfg.model}")
+    run_inprocess(cfg, out)
+    print(f"results: {os.path.join(out, 'results.json')}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .launcher import LaunchSettings, launch
+
+    cfg = experiment_config(args, quickstart=True)
+    settings = LaunchSettings(workers=args.workers, redis_url=args.redis_url, out_dir=args.out,
+                              attackers=args.attackers, round_timeout=args.round_timeout, log_dir=args.log_dir)
+    return launch(cfg, settings)
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from .data import least_popular_item, load_dataset, stats
+
+    ds = load_dataset(args.dataset, args.data_root)
+    print(stats(ds).format())
+    print(f"least popular training item (default target): {least_popular_item(ds)}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import report
+
+    return report(args.run_dir, plot=not args.no_plot)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from . import services
+
+    ap = argparse.ArgumentParser(prog="fedseq", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--log-level", default=os.environ.get("FEDSEQ_LOG_LEVEL", "warning"))
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("run", help="run a networked federation on this machine (the main job)")
+    add_experiment_flags(p)
+    p.add_argument("--workers", type=int, default=2, help="benign client worker processes (default 2)")
+    p.add_argument("--attackers", type=int, default=1, help="attacker worker processes when --attack is set")
+    p.add_argument("--redis-url", help="use this Redis instead of starting one")
+    p.add_argument("--round-timeout", type=float, default=600.0)
+    p.add_argument("--out", help="results bundle folder (default runs/<run-id>)")
+    p.add_argument("--log-dir", help="service logs (default <out>/logs)")
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("sim", help="run the experiment in one process (no network)")
+    add_experiment_flags(p)
+    p.add_argument("--out", help="results folder")
+    p.set_defaults(fn=cmd_sim)
+
+    p = sub.add_parser("data", help="print dataset statistics")
+    p.add_argument("dataset", nargs="?", default="synthetic")
+    p.add_argument("--data-root")
+    p.set_defaults(fn=cmd_data)
+
+    p = sub.add_parser("report", help="print a run's results and communication ledger")
+    p.add_argument("run_dir")
+    p.add_argument("--no-plot", action="store_true")
+    p.set_defaults(fn=cmd_report)
+
+    services.add_parsers(sub, add_experiment_flags)
+
+    args = ap.parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        return int(args.fn(args) or 0)
+    except ConfigError as e:
+        print(f"fedseq: configuration error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedseq: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+def _json(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True)

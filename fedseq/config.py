@@ -1,0 +1,243 @@
+"""Experiment configuration: one frozen dataclass, read from a JSON/TOML file, ``FEDSEQ_*``
+environment variables and CLI flags (in that order of precedence, flags last), validated with a
+clear message for anything missing or invalid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from .training import LocalConfig
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or invalid; the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class Compat:
+    """Reference-compatibility switches: where the DV-FSR public code departs from the textbook
+    (ALGORITHMS.md). All off by default; ``Compat.reference()`` turns every one on."""
+
+    eval_dropout: bool = False  # evaluate with dropout on (the model stays in train mode)
+    eval_mask_token: bool = False  # SASRec scores at an appended, never-trained mask token
+    shared_neg_seed: bool = False  # every client's negative sampler seeded with one constant
+    neg_from_vocab: bool = False  # SASRec negatives drawn from 1..M+1 (mask token included)
+    attack_leak: bool = False  # DV-FSR: the substitution's CE gradient leaks into the upload
+    attack_eval_mode: bool = False  # DV-FSR: attack-loss forwards run without dropout
+    cfsr_label_index: bool = False  # C-FSR: contrastive label on index 1 (first negative)
+    advtrain_noop: bool = False  # adv_train applies no update (the public code's behaviour)
+
+    @classmethod
+    def reference(cls) -> Compat:
+        return cls(**{f.name: True for f in fields(cls)})
+
+    @classmethod
+    def parse(cls, text: str) -> Compat:
+        """``"off"``, ``"reference"``/``"on"``, or a comma list of switch names."""
+        text = text.strip()
+        if text in ("", "off", "none"):
+            return cls()
+        if text in ("reference", "on", "all"):
+            return cls.reference()
+        names = {f.name for f in fields(cls)}
+        chosen = [t.strip().replace("-", "_") for t in text.split(",") if t.strip()]
+        bad = [c for c in chosen if c not in names]
+        if bad:
+            raise ConfigError(f"unknown compat switch(es) {bad}; known: {sorted(names)} (or 'reference', 'off')")
+        return cls(**{c: True for c in chosen})
+
+    def enabled(self) -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name)]
+
+
+MODES = ("paper", "fedavg")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything that defines an experiment (the paper's settings are the defaults)."""
+
+    run_id: str = ""
+    dataset: str = "synthetic"
+    data_root: str | None = None
+    model: str = "sasrec"
+    mode: str = "paper"  # "paper": FedSGD gradients, every user once per epoch; "fedavg": local epochs
+    epochs: int = 30
+    clients_per_round: int = 256
+    fraction: float = 0.0  # fedavg mode: share of users sampled per round (0 = paper-mode epochs)
+    lr: float = 0.001
+    lr_decay: float = 0.5
+    lr_decay_every: int = 5
+    aggregation: str = "fedavg"  # registry name (server/aggregation); the paper's "common" = fedavg sum
+    aggregation_opts: tuple[tuple[str, str], ...] = ()
+    local_epochs: int = 1
+    local_lr: float = 0.01
+    optimizer: str = "sgd"
+    dropout: bool = True
+    eval_every: int = 1
+    protocol: str = "sampled"
+    num_negatives: int = 1000
+    targets: tuple[int, ...] = ()  # empty: the least popular training item
+    seed: int = 0
+    compat: Compat = field(default_factory=Compat)
+    attack: str = "none"
+    malicious_ratio: float = 0.0
+    attack_opts: tuple[tuple[str, str], ...] = ()
+    codec: str = "dense-fp32"
+    threads: int = 1  # torch threads per process (see docs: oversubscription on small machines)
+
+    def __post_init__(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(msg)
+
+        need(self.model in ("sasrec", "bert4rec"), f"model must be 'sasrec' or 'bert4rec', got {self.model!r}")
+        need(self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}")
+        need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        need(self.clients_per_round >= 1, f"clients_per_round must be >= 1, got {self.clients_per_round}")
+        need(0.0 <= self.fraction <= 1.0, f"fraction must be in [0, 1], got {self.fraction}")
+        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(0 < self.lr_decay <= 1, f"lr_decay must be in (0, 1], got {self.lr_decay}")
+        need(self.lr_decay_every >= 1, "lr_decay_every must be >= 1")
+        need(self.eval_every >= 1, "eval_every must be >= 1")
+        need(self.protocol in ("sampled", "full"), f"protocol must be 'sampled' or 'full', got {self.protocol!r}")
+        need(self.num_negatives >= 1, "num_negatives must be >= 1")
+        need(0.0 <= self.malicious_ratio < 1.0, f"malicious_ratio must be in [0, 1), got {self.malicious_ratio}")
+        need(self.threads >= 0, "threads must be >= 0 (0 = torch's default)")
+        need(all(int(t) >= 1 for t in self.targets), f"target items must be >= 1, got {self.targets}")
+        try:
+            self.local()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+    def local(self) -> LocalConfig:
+        return LocalConfig(
+            mode=self.mode,
+            dropout=self.dropout,
+            local_epochs=self.local_epochs,
+            local_lr=self.local_lr,
+            optimizer=self.optimizer,
+            shared_neg_seed=self.compat.shared_neg_seed,
+            neg_from_vocab=self.compat.neg_from_vocab,
+        )
+
+    def lr_at(self, epoch: int) -> float:
+        """Learning rate of 0-based ``epoch``: multiplied by ``lr_decay`` every ``lr_decay_every`` epochs."""
+        return self.lr * self.lr_decay ** (epoch // self.lr_decay_every)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["aggregation_opts"] = dict(self.aggregation_opts)
+        d["attack_opts"] = dict(self.attack_opts)
+        d["targets"] = list(self.targets)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ExperimentConfig:
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {unknown}; known keys: {sorted(known)}")
+        kw: dict[str, Any] = {}
+        for key, value in data.items():
+            kw[key] = _coerce(key, value)
+        return cls(**kw)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> dict[str, Any]:
+        """Read a JSON or TOML file into a dict of config keys (validated later, with the rest)."""
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {p}: {e.strerror}") from None
+        try:
+            data = tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
+        except (ValueError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"config file {p} is not valid {'TOML' if p.suffix == '.toml' else 'JSON'}: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p} must hold an object/table of keys")
+        return data
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Turn file/env/CLI values (strings, lists, dicts) into the field's type."""
+    try:
+        if key == "compat":
+            if isinstance(value, Compat):
+                return value
+            if isinstance(value, Mapping):
+                return Compat(**{k.replace("-", "_"): bool(v) for k, v in value.items()})
+            return Compat.parse(str(value))
+        if key in ("aggregation_opts", "attack_opts"):
+            if isinstance(value, Mapping):
+                return tuple(sorted((str(k), str(v)) for k, v in value.items()))
+            if isinstance(value, str):
+                return parse_opts(value.split(",") if value else [])
+            return tuple(tuple(x) for x in value)
+        if key == "targets":
+            if isinstance(value, str):
+                return tuple(int(x) for x in value.split(",") if x.strip())
+            return tuple(int(x) for x in value)
+        typ = {f.name: f.type for f in fields(ExperimentConfig)}[key]
+        if isinstance(value, str):
+            if typ == "int":
+                return int(value)
+            if typ == "float":
+                return float(value)
+            if typ == "bool":
+                low = value.strip().lower()
+                if low not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(value)
+                return low in ("1", "true", "yes")
+            if typ == "str | None":
+                return value or None
+        return value
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key {key!r}: invalid value {value!r}") from None
+
+
+def parse_opts(items: list[str]) -> tuple[tuple[str, str], ...]:
+    """``["k=v", ...]`` -> sorted ``((k, v), ...)`` with a clear error for a malformed item."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"option {item!r} must look like key=value")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return tuple(sorted(out.items()))
+
+
+def env_overrides(prefix: str = "FEDSEQ_", environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Config keys given as ``FEDSEQ_<KEY>`` environment variables (e.g. ``FEDSEQ_EPOCHS=5``)."""
+    environ = os.environ if environ is None else environ
+    known = {f.name for f in fields(ExperimentConfig)}
+    out = {}
+    for k, v in environ.items():
+        if k.startswith(prefix):
+            key = k[len(prefix) :].lower()
+            if key in known:
+                out[key] = v
+    return out
+
+
+def build_config(file: str | None, overrides: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> ExperimentConfig:
+    """File, then ``FEDSEQ_*`` env, then explicit overrides (CLI flags); validated once."""
+    data: dict[str, Any] = {}
+    if file:
+        data.update(ExperimentConfig.from_file(file))
+    data.update(env_overrides(environ=environ))
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return ExperimentConfig.from_dict(data)

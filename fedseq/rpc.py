@@ -1,0 +1,132 @@
+"""gRPC plumbing shared by every service: server construction with the standard health and
+reflection services, channel options, chunking, deadlines, and SIGTERM-driven shutdown."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 1 << 20  # 1 MiB per streamed message: far below gRPC's 4 MB default limit
+MAX_MESSAGE_BYTES = 8 << 20  # accepted message size (a chunk plus headers, with margin)
+CONTROL_TIMEOUT = 30.0  # seconds, for control-plane calls (open/close round, register, describe)
+
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+def chunks(data: bytes, size: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """Split ``data`` into pieces of at most ``size`` bytes (one empty piece for empty data)."""
+    if not data:
+        yield b""
+        return
+    view = memoryview(data)
+    for i in range(0, len(data), size):
+        yield bytes(view[i : i + size])
+
+
+class Service:
+    """A running gRPC server with health checking and reflection.
+
+    ``services``: ``(add_fn, servicer, full_service_name)`` triples. ``port=0`` binds a free port;
+    :attr:`port` tells which.
+    """
+
+    def __init__(self, services: Sequence[tuple], port: int = 0, host: str = "0.0.0.0", workers: int = 16,
+                 compression: grpc.Compression | None = None) -> None:
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=GRPC_OPTIONS,
+                                  compression=compression)
+        names = []
+        for add, servicer, name in services:
+            add(servicer, self.server)
+            names.append(name)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        names += [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
+        reflection.enable_server_reflection(names, self.server)
+        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        if self.port == 0:
+            raise OSError(f"could not bind {host}:{port}")
+        self._names = names[:-2]
+        self._stopped = threading.Event()
+
+    def start(self) -> Service:
+        self.server.start()
+        for n in self._names:
+            self.health.set(n, health_pb2.HealthCheckResponse.SERVING)
+        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        return self
+
+    def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for n in ["", *self._names]:
+            self.health.set(n, status)
+
+    def stop(self, grace: float = 5.0) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait(grace + 1)
+
+    def wait(self) -> None:
+        self.server.wait_for_termination()
+
+
+def channel(address: str) -> grpc.Channel:
+    return grpc.insecure_channel(address, options=GRPC_OPTIONS)
+
+
+def wait_ready(ch: grpc.Channel, timeout: float, what: str) -> None:
+    """Block until the channel connects, or raise a clear error naming ``what``."""
+    try:
+        grpc.channel_ready_future(ch).result(timeout=timeout)
+    except grpc.FutureTimeoutError:
+        raise ConnectionError(f"{what} did not become reachable within {timeout:.0f}s") from None
+
+
+def serve_until_signal(service: Service, on_stop=None, port_file: str | None = None,
+                       until: threading.Event | None = None) -> None:
+    """Run ``service`` until SIGTERM/SIGINT (or ``until`` is set), then shut down gracefully
+    (``on_stop`` first). ``port_file`` receives the bound port once serving (for launchers)."""
+    done = until or threading.Event()
+
+    def handler(signum, _frame):
+        log.info("signal %s: shutting down", signum)
+        done.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    if port_file:
+        tmp = Path(port_file + ".tmp")
+        tmp.write_text(str(service.port))
+        tmp.replace(port_file)
+    while not done.is_set():
+        done.wait(0.5)
+    if on_stop:
+        on_stop()
+    service.stop()
+
+
+def deadline_left(deadline_unix: float, floor: float = 1.0) -> float:
+    """Seconds until ``deadline_unix`` (at least ``floor``)."""
+    return max(floor, deadline_unix - time.time())
+
+
+def message_bytes(msgs: Iterable) -> int:
+    return sum(m.ByteSize() for m in msgs)

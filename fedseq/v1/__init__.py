@@ -1,0 +1,1 @@
+"""Generated gRPC/protobuf stubs (do not edit; run tools/gen_protos.py)."""

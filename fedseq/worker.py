@@ -1,0 +1,226 @@
+"""The ``fedseq.v1.Worker`` service shared by benign client workers (client/) and attacker
+workers (attacker/): the same RPC surface, the same encoding and upload path, so nothing on the
+wire tells them apart. What differs is the :class:`Hosted` population: which users it hosts and
+how their updates are computed."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+import torch
+
+from . import codec
+from .config import ExperimentConfig
+from .experiment import Setup
+from .metrics import EvalConfig, Evaluator, MetricSums
+from .rpc import CONTROL_TIMEOUT, channel, chunks, deadline_left
+from .store import CachedModelReader, RedisStore, model_from_bytes
+from .training import UpdateBatch
+from .v1 import aggregator_pb2 as agg_pb
+from .v1 import aggregator_pb2_grpc as agg_grpc
+from .v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from .v1 import orchestrator_pb2 as orch_pb
+from .v1 import orchestrator_pb2_grpc as orch_grpc
+
+log = logging.getLogger(__name__)
+
+SPARSE_TABLES = ("item_emb.weight", "pos_emb.weight")  # row-sparse candidates for sparse encodings
+
+
+@dataclass
+class Hosted:
+    """A worker's population: user ids, their data, and how their updates are computed."""
+
+    setup: Setup
+    users: np.ndarray
+    sequences: dict[int, np.ndarray]
+    compute: Callable[[torch.Tensor, list[int], int], UpdateBatch]  # (params, users, round_id)
+    evaluate_users: np.ndarray  # users this worker may evaluate (benign hosted users)
+
+
+def encode_update(tensors: dict[str, torch.Tensor], encoding: str) -> bytes:
+    """One user's update as a checked pack() container (sparse encodings only on embedding tables)."""
+    return codec.pack(codec.encode_state(tensors, encoding, sparse_ok=lambda n: n in SPARSE_TABLES))
+
+
+class ModelSource:
+    """Model versions by number: from Redis (cached) or, without a store, from the aggregator."""
+
+    def __init__(self, run_id: str, store_url: str, aggregator: str) -> None:
+        self.run_id = run_id
+        self._reader = CachedModelReader(RedisStore.from_url(store_url, run_id)) if store_url else None
+        self._agg = agg_grpc.AggregatorStub(channel(aggregator)) if not store_url else None
+        self._cache: dict[int, dict[str, torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, version: int) -> tuple[dict[str, torch.Tensor], int]:
+        """Tensors of ``version`` and the bytes read to get them (0 on a cache hit)."""
+        if self._reader is not None:
+            before = self._reader.stats().get("bytes_fetched", 0)
+            tensors = self._reader.get(version)
+            return tensors, int(self._reader.stats().get("bytes_fetched", 0) - before)
+        with self._lock:
+            if version in self._cache:
+                return self._cache[version], 0
+            assert self._agg is not None
+            blob = b"".join(c.data for c in self._agg.GetModel(
+                agg_pb.GetModelRequest(run_id=self.run_id, version=version), timeout=CONTROL_TIMEOUT * 4))
+            tensors, _ = model_from_bytes(blob)
+            self._cache = {version: tensors}
+            return tensors, len(blob)
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, worker_id: str, device: str = "cpu") -> None:
+        self.worker_id = worker_id
+        self.device = device
+        self.hosted: Hosted | None = None
+        self.models: ModelSource | None = None
+        self.run_id = ""
+        self._evaluators: dict[tuple, Evaluator] = {}
+        self._agg_channels: dict[str, agg_grpc.AggregatorStub] = {}
+        self._lock = threading.Lock()
+        self._compute = threading.Lock()  # the model object is shared by training and evaluation
+
+    def attach(self, run_id: str, hosted: Hosted, models: ModelSource) -> None:
+        with self._lock:
+            self.run_id, self.hosted, self.models = run_id, hosted, models
+            self._evaluators.clear()
+
+    def Describe(self, request, context):
+        h = self.hosted
+        return worker_pb2.DescribeReply(worker_id=self.worker_id, users=[] if h is None else h.users.tolist(),
+                                        device=self.device, threads=torch.get_num_threads(),
+                                        ready=h is not None, run_id=self.run_id)
+
+    def _need(self, run_id: str, context) -> Hosted:
+        if self.hosted is None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "worker is not ready (no run attached yet)")
+        if run_id != self.run_id:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"unknown run {run_id!r} (attached: {self.run_id!r})")
+        assert self.hosted is not None
+        return self.hosted
+
+    def _aggregator(self, address: str) -> agg_grpc.AggregatorStub:
+        with self._lock:
+            if address not in self._agg_channels:
+                self._agg_channels[address] = agg_grpc.AggregatorStub(channel(address))
+            return self._agg_channels[address]
+
+    def Train(self, request, context):
+        hosted = self._need(request.run_id, context)
+        assert self.models is not None
+        t0 = time.perf_counter()
+        tensors, model_bytes = self.models.get(request.model_version)
+        params = hosted.setup.layout.flatten(tensors)
+        t1 = time.perf_counter()
+        hosted_set = hosted.sequences
+        local = [a for a in request.assignments if a.user_id in hosted_set]
+        statuses = [common_pb2.UpdateStatus(user_id=a.user_id, accepted=False, reason="user not hosted by this worker")
+                    for a in request.assignments if a.user_id not in hosted_set]
+        if not local:
+            return worker_pb2.TrainReply(statuses=statuses, model_bytes_read=model_bytes)
+        with self._compute:
+            ub = hosted.compute(params, [a.user_id for a in local], request.round_id)
+        t2 = time.perf_counter()
+        layout = hosted.setup.layout
+        encode_seconds = [0.0]
+        sent = [0]
+
+        def stream():
+            for i, a in enumerate(local):
+                te = time.perf_counter()
+                data = encode_update(layout.unflatten(ub.updates[i]), request.encoding or "dense-fp32")
+                encode_seconds[0] += time.perf_counter() - te
+                header = agg_pb.UpdateHeader(run_id=request.run_id, round_id=request.round_id, user_id=a.user_id,
+                                             token=a.token, num_samples=int(ub.num_samples[i]),
+                                             total_bytes=len(data), encoding=request.encoding or "dense-fp32",
+                                             loss=float(ub.losses[i]))
+                for j, piece in enumerate(chunks(data)):
+                    msg = agg_pb.UpdateChunk(header=header, data=piece) if j == 0 else agg_pb.UpdateChunk(data=piece)
+                    sent[0] += msg.ByteSize()
+                    yield msg
+
+        reply = self._aggregator(request.aggregator).SubmitUpdates(
+            stream(), timeout=deadline_left(request.deadline_unix, floor=30.0))
+        t3 = time.perf_counter()
+        statuses.extend(reply.statuses)
+        return worker_pb2.TrainReply(statuses=statuses, bytes_sent=sent[0], model_bytes_read=model_bytes,
+                                     timings={"model": t1 - t0, "compute": t2 - t1, "encode": encode_seconds[0],
+                                              "upload": t3 - t2 - encode_seconds[0]})
+
+    def Evaluate(self, request, context):
+        hosted = self._need(request.run_id, context)
+        assert self.models is not None
+        t0 = time.perf_counter()
+        allowed = set(hosted.evaluate_users.tolist())
+        users = [u for u in request.users if u in allowed]
+        unknown = [u for u in request.users if u not in allowed]
+        if unknown:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"{len(unknown)} users are not evaluable here (e.g. {unknown[:5]})")
+        tensors, model_bytes = self.models.get(request.model_version)
+        params = hosted.setup.layout.flatten(tensors)
+        s = hosted.setup
+        base = s.eval_config()
+        cfg = EvalConfig(protocol=request.protocol or base.protocol, num_negatives=base.num_negatives,
+                         seed=base.seed, dropout=base.dropout, mask_token_query=base.mask_token_query)
+        targets = tuple(request.targets) or s.targets
+        key = (tuple(users), cfg, targets)
+        with self._compute:
+            ev = self._evaluators.get(key)
+            if ev is None:
+                ds = s.dataset
+                ev = Evaluator(s.model, [ds.train[u] for u in users], [ds.test[u] for u in users], users, targets, cfg)
+                self._evaluators[key] = ev
+            sums = ev(params) if users else MetricSums()
+        return worker_pb2.EvaluateReply(sums=to_proto(sums), seconds=time.perf_counter() - t0,
+                                        model_bytes_read=model_bytes)
+
+
+def to_proto(m: MetricSums) -> common_pb2.MetricSums:
+    return common_pb2.MetricSums(users=m.users, hr10=m.hr10, ndcg10=m.ndcg10, er={int(k): v for k, v in m.er.items()})
+
+
+def from_proto(p: common_pb2.MetricSums) -> MetricSums:
+    return MetricSums(int(p.users), p.hr10, p.ndcg10, {int(k): v for k, v in p.er.items()})
+
+
+def register_loop(orchestrator: str, worker_id: str, address: str, device: str, on_config, stop: threading.Event,
+                  timeout: float = 300.0, heartbeat: float = 10.0) -> None:
+    """Register with the orchestrator (retrying until it answers), hand the run config to
+    ``on_config(reply)`` once, then re-register every ``heartbeat`` seconds (this also re-announces
+    the worker to a restarted orchestrator)."""
+    stub = orch_grpc.OrchestratorStub(channel(orchestrator))
+    start = time.time()
+    attached = None
+    while not stop.is_set():
+        try:
+            reply = stub.Register(orch_pb.RegisterRequest(worker_id=worker_id, address=address, device=device),
+                                  timeout=CONTROL_TIMEOUT)
+            if attached != reply.run_id:
+                on_config(reply)
+                attached = reply.run_id
+            stop.wait(heartbeat)
+        except grpc.RpcError as e:
+            if attached is None and time.time() - start > timeout:
+                raise ConnectionError(f"orchestrator {orchestrator} unreachable for {timeout:.0f}s: {e.details()}") from None
+            stop.wait(1.0)
+
+
+def new_worker_id(kind: str) -> str:
+    return f"{kind}-{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def config_from_reply(reply) -> ExperimentConfig:
+    import json
+
+    return ExperimentConfig.from_dict(json.loads(reply.config_json))

@@ -1,0 +1,348 @@
+"""The orchestrator (gRPC ``fedseq.v1.Orchestrator``): schedules the rounds and epochs of one
+run, assigns each round's users to the registered workers that host them, opens and closes the
+round on the aggregation server, applies the learning-rate schedule, runs federated evaluation,
+records metrics and bytes, and resumes a run from the store after a crash.
+
+Round ids are global: round r trains on model version r and produces version r + 1, so the store
+head *is* the number of completed rounds and a restarted orchestrator continues from it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from fedseq.config import ExperimentConfig
+from fedseq.experiment import Setup, epoch_rounds, setup
+from fedseq.metrics import MetricSums
+from fedseq.results import write_results
+from fedseq.rpc import CONTROL_TIMEOUT, channel
+from fedseq.store import RedisStore
+from fedseq.v1 import aggregator_pb2 as agg_pb
+from fedseq.v1 import aggregator_pb2_grpc as agg_grpc
+from fedseq.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc, worker_pb2, worker_pb2_grpc
+from fedseq.worker import from_proto
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OrchestratorSettings:
+    aggregator: str  # host:port
+    store_url: str  # redis://... (workers read models from it; the run state lives there)
+    min_workers: int = 1
+    round_timeout: float = 600.0  # seconds a round waits for its workers before closing
+    worker_wait: float = 300.0  # seconds to wait for min_workers at the start
+    out_dir: str | None = None
+    serve_models: bool = False  # tell workers to fetch models from the aggregator, not the store
+
+    def __post_init__(self) -> None:
+        if self.min_workers < 1:
+            raise ValueError("min_workers must be >= 1")
+        if self.round_timeout <= 0 or self.worker_wait <= 0:
+            raise ValueError("round_timeout and worker_wait must be > 0")
+
+
+@dataclass
+class WorkerInfo:
+    worker_id: str
+    address: str
+    device: str
+    stub: Any
+    users: frozenset[int] = frozenset()
+    ready: bool = False
+    alive: bool = True
+    registered_at: float = field(default_factory=time.time)
+
+
+def assign(users: np.ndarray, workers: list[WorkerInfo]) -> tuple[dict[str, list[int]], list[int]]:
+    """Map each user to one live, ready worker hosting it (spread evenly and deterministically:
+    the k-th host of a user, in worker-id order, with k = user id mod the number of hosts).
+    Returns (worker_id -> users, users no worker hosts)."""
+    hosts = sorted((w for w in workers if w.ready and w.alive), key=lambda w: w.worker_id)
+    out: dict[str, list[int]] = {}
+    orphans: list[int] = []
+    for u in users.tolist():
+        cands = [w for w in hosts if u in w.users]
+        if not cands:
+            orphans.append(u)
+            continue
+        out.setdefault(cands[u % len(cands)].worker_id, []).append(u)
+    return out, orphans
+
+
+class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
+    def __init__(self, cfg: ExperimentConfig, settings: OrchestratorSettings, prepared: Setup | None = None) -> None:
+        self.cfg = cfg
+        self.settings = settings
+        self.setup = prepared or setup(cfg)
+        self.run_id = cfg.run_id or "run"
+        self.store = RedisStore.from_url(settings.store_url, self.run_id)
+        self.workers: dict[str, WorkerInfo] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.state = "waiting"
+        self.message = ""
+        self.round_id = 0
+        self.epochs_done = 0
+        self.epochs: list[dict[str, Any]] = []
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.results: dict[str, Any] | None = None
+        self.aggregator = agg_grpc.AggregatorStub(channel(settings.aggregator))
+        self.clients = self._all_clients()
+        self.malicious = self.clients[self.clients >= self.setup.dataset.num_users]
+        self._pool = futures.ThreadPoolExecutor(max_workers=32)
+        self._thread: threading.Thread | None = None
+
+    def _all_clients(self) -> np.ndarray:
+        from fedseq import experiment
+
+        fn = getattr(experiment, "all_clients", None)
+        return np.asarray(fn(self.setup) if fn else self.setup.benign_users, dtype=np.int64)
+
+    # ------------------------------------------------------------------ RPCs
+    def Register(self, request, context):
+        if not request.worker_id or not request.address:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "worker_id and address are required")
+        with self._lock:
+            w = self.workers.get(request.worker_id)
+            if w is None or w.address != request.address or not w.alive:
+                stub = worker_pb2_grpc.WorkerStub(channel(request.address))
+                self.workers[request.worker_id] = WorkerInfo(request.worker_id, request.address, request.device, stub)
+                log.info("worker %s registered at %s", request.worker_id, request.address)
+        return orchestrator_pb2.RegisterReply(
+            run_id=self.run_id, config_json=self.cfg.to_json(),
+            store_url="" if self.settings.serve_models else self.settings.store_url,
+            aggregator=self.settings.aggregator)
+
+    def GetStatus(self, request, context):
+        with self._lock:
+            n = sum(1 for w in self.workers.values() if w.alive)
+        last = next((e for e in reversed(self.epochs) if "hr@10" in e), {})
+        return orchestrator_pb2.RunStatus(
+            run_id=self.run_id, state=self.state, epoch=self.epochs_done, epochs=self.cfg.epochs,
+            round_id=self.round_id, model_version=self.round_id, workers=n, last_metrics_json=json.dumps(last),
+            message=self.message, bytes_up=self.bytes_up, bytes_down=self.bytes_down,
+            results_json=json.dumps(self.results) if self.results else "")
+
+    def Stop(self, request, context):
+        self._stop.set()
+        self.message = f"stop requested: {request.reason}" if request.reason else "stop requested"
+        return orchestrator_pb2.StopReply(stopping=True)
+
+    # ------------------------------------------------------------------ run loop
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run_guarded, name="orchestrator-run", daemon=True)
+        self._thread.start()
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread:
+            self._thread.join(timeout)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run_guarded(self) -> None:
+        try:
+            self.run()
+        except Exception as e:  # noqa: BLE001 - the run's failure is reported through GetStatus
+            log.exception("run failed")
+            self.state, self.message = "failed", f"{type(e).__name__}: {e}"
+
+    def _refresh_workers(self) -> list[WorkerInfo]:
+        with self._lock:
+            workers = list(self.workers.values())
+        for w in workers:
+            if w.ready and w.alive:
+                continue
+            try:
+                d = w.stub.Describe(worker_pb2.DescribeRequest(), timeout=5.0)
+                w.alive = True
+                if d.ready and d.run_id == self.run_id:
+                    w.users, w.ready = frozenset(d.users), True
+                    log.info("worker %s ready with %d users", w.worker_id, len(d.users))
+            except grpc.RpcError:
+                w.alive = False
+        return workers
+
+    def _wait_for_workers(self) -> None:
+        deadline = time.time() + self.settings.worker_wait
+        while not self._stop.is_set():
+            ready = [w for w in self._refresh_workers() if w.ready and w.alive]
+            if len(ready) >= self.settings.min_workers:
+                return
+            if time.time() > deadline:
+                raise TimeoutError(f"only {len(ready)} of {self.settings.min_workers} workers became ready within "
+                                   f"{self.settings.worker_wait:.0f}s")
+            self.message = f"waiting for workers ({len(ready)}/{self.settings.min_workers} ready)"
+            time.sleep(0.2)
+
+    def _schedule(self) -> list[tuple[int, int, np.ndarray]]:
+        """(epoch, round in epoch, users) for every round of the run, in order."""
+        out = []
+        for e in range(self.cfg.epochs):
+            for r, users in enumerate(epoch_rounds(self.cfg, self.clients, e)):
+                out.append((e, r, users))
+        return out
+
+    def run(self) -> None:
+        cfg = self.cfg
+        self.store.put_config(cfg.to_dict())
+        self._wait_for_workers()
+        if self._stop.is_set():
+            self.state = "stopped"
+            return
+        start = self.aggregator.StartRun(agg_pb.StartRunRequest(run_id=self.run_id, config_json=cfg.to_json(),
+                                                                num_items=self.setup.dataset.num_items),
+                                         timeout=CONTROL_TIMEOUT * 4)
+        if cfg.codec not in start.accepted_encodings:
+            raise ValueError(f"the aggregator does not accept codec {cfg.codec!r} ({list(start.accepted_encodings)})")
+        schedule = self._schedule()
+        done = int(start.head_version)
+        self.epochs = self.store.records("epochs")
+        if start.resumed:
+            log.info("resuming run %s at round %d of %d", self.run_id, done, len(schedule))
+            self.message = f"resumed at round {done}"
+        self.round_id = done
+        self.epochs_done = len(self.epochs)
+        self.state = "running"
+        # an epoch whose rounds all finished before a crash but whose evaluation did not
+        if done > 0 and done < len(schedule) + 1:
+            prev_epoch = schedule[done - 1][0]
+            if (done == len(schedule) or schedule[done][0] != prev_epoch) and len(self.epochs) <= prev_epoch:
+                self._end_epoch(prev_epoch, 0.0, {})
+        epoch_t0 = time.perf_counter()
+        acc: dict[str, float] = {}
+        for rid in range(done, len(schedule)):
+            if self._stop.is_set():
+                self.state = "stopped"
+                self._write()
+                return
+            epoch, r, users = schedule[rid]
+            summary = self._round(rid, epoch, users)
+            for k in ("bytes_up", "bytes_down", "accepted", "rejected", "missing", "malicious", "malicious_kept"):
+                acc[k] = acc.get(k, 0) + summary[k]
+            last_of_epoch = rid + 1 == len(schedule) or schedule[rid + 1][0] != epoch
+            if last_of_epoch:
+                self._end_epoch(epoch, time.perf_counter() - epoch_t0, acc)
+                epoch_t0, acc = time.perf_counter(), {}
+        self.state = "done"
+        self._write()
+
+    def _round(self, rid: int, epoch: int, users: np.ndarray) -> dict[str, Any]:
+        cfg = self.cfg
+        lr = cfg.lr_at(epoch)
+        t0 = time.perf_counter()
+        workers = self._refresh_workers()
+        plan, orphans = assign(users, workers)
+        by_id = {w.worker_id: w for w in workers}
+        tokens = {int(u): secrets.token_hex(8) for u in users.tolist()}
+        deadline = time.time() + self.settings.round_timeout
+        self.aggregator.OpenRound(agg_pb.OpenRoundRequest(
+            run_id=self.run_id, round_id=rid, model_version=rid, deadline_unix=deadline, lr=lr,
+            assignments=[common_pb2.Assignment(user_id=u, token=t) for u, t in tokens.items()]),
+            timeout=CONTROL_TIMEOUT)
+        calls = {}
+        for wid, us in plan.items():
+            req = worker_pb2.TrainRequest(
+                run_id=self.run_id, round_id=rid, model_version=rid, aggregator=self.settings.aggregator,
+                deadline_unix=deadline, encoding=cfg.codec,
+                assignments=[common_pb2.Assignment(user_id=u, token=tokens[u]) for u in us])
+            calls[wid] = by_id[wid].stub.Train.future(req, timeout=self.settings.round_timeout)
+        bytes_up = bytes_down = 0
+        timings: dict[str, float] = {}
+        failed = []
+        for wid, fut in calls.items():
+            try:
+                rep = fut.result()
+                bytes_up += rep.bytes_sent
+                bytes_down += rep.model_bytes_read
+                for k, v in rep.timings.items():
+                    timings[k] = max(timings.get(k, 0.0), v)
+            except grpc.RpcError as e:
+                failed.append(wid)
+                by_id[wid].alive = e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) \
+                    and by_id[wid].alive
+                log.warning("round %d: worker %s failed: %s %s", rid, wid, e.code().name, e.details())
+        t_train = time.perf_counter() - t0
+        s = self.aggregator.CloseRound(agg_pb.CloseRoundRequest(run_id=self.run_id, round_id=rid),
+                                       timeout=CONTROL_TIMEOUT * 4)
+        mal = set(self.malicious.tolist())
+        in_round = [u for u in users.tolist() if u in mal]
+        kept = set(s.kept_users) if s.kept_users else None
+        accepted_mal = [u for u in in_round if u not in {r.user_id for r in s.rejected} and u not in set(s.missing)]
+        record = {
+            "round": rid, "epoch": epoch + 1, "lr": lr, "users": len(users), "accepted": s.accepted,
+            "rejected": len(s.rejected), "missing": len(s.missing) + len(orphans), "orphans": len(orphans),
+            "failed_workers": failed, "bytes_up": bytes_up, "bytes_down": bytes_down,
+            "bytes_received": s.bytes_received, "store_bytes": s.store_bytes, "seconds": time.perf_counter() - t0,
+            "train_seconds": t_train, "worker_timings": timings, "server_timings": dict(s.timings),
+            "rule": s.rule, "rule_info": json.loads(s.rule_info_json or "{}"),
+            "rejections": [{"user": r.user_id, "reason": r.reason} for r in s.rejected][:20],
+            "malicious": len(in_round),
+            "malicious_kept": len(accepted_mal) if kept is None else len([u for u in accepted_mal if u in kept]),
+        }
+        self.store.append_record("rounds", record)
+        self.bytes_up += bytes_up
+        self.bytes_down += bytes_down
+        self.round_id = rid + 1
+        self.message = (f"epoch {epoch + 1}/{cfg.epochs} round {rid + 1}: {s.accepted} accepted, "
+                        f"{len(s.rejected)} rejected, {record['missing']} missing")
+        return record
+
+    def _evaluate(self, version: int) -> MetricSums:
+        workers = self._refresh_workers()
+        benign = self.setup.benign_users
+        plan, orphans = assign(benign, workers)
+        if orphans:
+            log.warning("evaluation: %d benign users have no live worker and are skipped", len(orphans))
+        by_id = {w.worker_id: w for w in workers}
+        futs = [by_id[wid].stub.Evaluate.future(worker_pb2.EvaluateRequest(
+            run_id=self.run_id, model_version=version, users=us), timeout=self.settings.round_timeout)
+            for wid, us in plan.items()]
+        total = MetricSums()
+        for f in futs:
+            rep = f.result()
+            total = total + from_proto(rep.sums)
+            self.bytes_down += rep.model_bytes_read
+        return total
+
+    def _end_epoch(self, epoch: int, seconds: float, acc: dict[str, float]) -> None:
+        cfg = self.cfg
+        row: dict[str, Any] = {"epoch": epoch + 1, "lr": cfg.lr_at(epoch), "train_seconds": seconds,
+                               "round_id": self.round_id, **acc}
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            t = time.perf_counter()
+            sums = self._evaluate(self.round_id)
+            row.update(sums.means())
+            row["eval_users"] = sums.users
+            row["eval_seconds"] = time.perf_counter() - t
+        row["seconds"] = seconds + row.get("eval_seconds", 0.0)
+        self.epochs = [e for e in self.epochs if e["epoch"] != epoch + 1] + [row]
+        self.store.append_record("epochs", row)
+        self.epochs_done = epoch + 1
+        if "hr@10" in row:
+            log.info("epoch %d: HR@10 %.4f NDCG@10 %.4f ER@5 %.4f ER@10 %.4f", epoch + 1, row["hr@10"],
+                     row["ndcg@10"], row["er@5"], row["er@10"])
+        self._write()
+
+    def _write(self) -> None:
+        summary = {"runner": "services", "run_id": self.run_id, "state": self.state, "rounds": self.round_id,
+                   "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
+                   "targets": list(self.setup.targets), "malicious_clients": int(len(self.malicious))}
+        self.results = {"config": self.cfg.to_dict(), "epochs": self.epochs, "summary": summary}
+        if self.settings.out_dir:
+            write_results(self.settings.out_dir, self.cfg.to_dict(), self.epochs, summary)
+            Path(self.settings.out_dir, "rounds.jsonl").write_text(
+                "".join(json.dumps(r) + "\n" for r in self.store.records("rounds")))

@@ -1,0 +1,260 @@
+"""The aggregation server (gRPC ``fedseq.v1.Aggregator``).
+
+Opens rounds, receives streamed user updates, validates each one (run, open round, deadline,
+assigned user, token, duplicate, accepted encoding, size, checksum, schema, finite values),
+aggregates the accepted ones with the configured rule (server/aggregation), steps the model and
+writes version v+1 to the model store. It never learns which users are malicious.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+
+from fedseq import codec
+from fedseq.config import ExperimentConfig
+from fedseq.models import build_model
+from fedseq.models.common import reference_init
+from fedseq.params import Layout, get_vector
+from fedseq.rpc import CHUNK_BYTES, chunks
+from fedseq.store import RedisStore
+from fedseq.v1 import aggregator_pb2 as pb
+from fedseq.v1 import aggregator_pb2_grpc as pb_grpc
+from fedseq.v1 import common_pb2
+
+from .aggregation import RuleConfigError, make_rule, server_step
+
+log = logging.getLogger(__name__)
+
+ACCEPTED_ENCODINGS = codec.ENCODINGS
+
+
+@dataclass
+class _Round:
+    round_id: int
+    version: int
+    tokens: dict[int, str]
+    deadline: float
+    lr: float
+    updates: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)
+    rejected: list[tuple[int, str]] = field(default_factory=list)
+    bytes_received: int = 0
+    decode_seconds: float = 0.0
+
+
+class AggregatorServicer(pb_grpc.AggregatorServicer):
+    def __init__(self, store_factory, max_update_bytes: int = 64 << 20) -> None:
+        self._store_factory = store_factory  # run_id -> RedisStore
+        self.max_update_bytes = max_update_bytes
+        self._lock = threading.Lock()
+        self.run_id: str | None = None
+        self.cfg: ExperimentConfig | None = None
+        self.layout: Layout | None = None
+        self.params: torch.Tensor | None = None
+        self.version = -1
+        self.store: RedisStore | None = None
+        self.rule = None
+        self.round: _Round | None = None
+        self.last_closed = -1
+
+    # ------------------------------------------------------------------ run
+    def StartRun(self, request, context):
+        try:
+            cfg = ExperimentConfig.from_dict(json.loads(request.config_json))
+            rule = make_rule(cfg.aggregation, dict(cfg.aggregation_opts))
+        except (ValueError, RuleConfigError) as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad run config: {e}")
+        if request.num_items < 1:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "num_items must be >= 1")
+        if cfg.codec not in ACCEPTED_ENCODINGS:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"codec {cfg.codec!r} is not accepted; accepted: {list(ACCEPTED_ENCODINGS)}")
+        with self._lock:
+            model = build_model(cfg.model, int(request.num_items))
+            store = self._store_factory(request.run_id)
+            head = store.head()
+            layout = Layout.of(model)
+            if head is None:
+                reference_init(model, cfg.seed)
+                params = get_vector(model)
+                store.put_model(0, layout.unflatten(params), {"round": "-1"})
+                version, resumed = 0, False
+            else:
+                tensors = store.get_model(head)
+                params = layout.flatten(tensors)
+                version, resumed = head, True
+            self.run_id, self.cfg, self.layout, self.params = request.run_id, cfg, layout, params
+            self.version, self.store, self.rule, self.round = version, store, rule, None
+            log.info("run %s: %s at version %d (%s)", request.run_id, cfg.model, version,
+                     "resumed" if resumed else "new")
+            return pb.StartRunReply(head_version=version, num_parameters=layout.dim,
+                                    accepted_encodings=list(ACCEPTED_ENCODINGS), resumed=resumed,
+                                    max_chunk_bytes=CHUNK_BYTES)
+
+    def _check_run(self, run_id: str, context) -> None:
+        if self.run_id is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no run started on this server (call StartRun)")
+        if run_id != self.run_id:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"unknown run {run_id!r} (serving {self.run_id!r})")
+
+    # ------------------------------------------------------------------ rounds
+    def OpenRound(self, request, context):
+        with self._lock:
+            self._check_run(request.run_id, context)
+            if request.model_version != self.version:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"round {request.round_id} names model version {request.model_version}, "
+                              f"the head is {self.version}")
+            if self.round is not None and self.round.round_id != request.round_id:
+                log.warning("round %d replaced by round %d before closing", self.round.round_id, request.round_id)
+            if request.round_id <= self.last_closed:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"round {request.round_id} was already closed (last closed: {self.last_closed})")
+            tokens = {a.user_id: a.token for a in request.assignments}
+            if len(tokens) != len(request.assignments):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a user is assigned twice in one round")
+            self.round = _Round(request.round_id, request.model_version, tokens, request.deadline_unix, request.lr)
+            return pb.OpenRoundReply(round_id=request.round_id, expected=len(tokens), max_chunk_bytes=CHUNK_BYTES,
+                                     accepted_encodings=list(ACCEPTED_ENCODINGS))
+
+    def SubmitUpdates(self, request_iterator, context):
+        statuses: list[common_pb2.UpdateStatus] = []
+        total = 0
+        header = None
+        buf = bytearray()
+        wire = 0
+        for chunk in request_iterator:
+            size = chunk.ByteSize()
+            total += size
+            if chunk.HasField("header"):
+                if header is not None:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                  f"update of user {header.user_id} ended after {len(buf)} of {header.total_bytes} bytes")
+                header, buf, wire = chunk.header, bytearray(), 0
+                if header.total_bytes < 0 or header.total_bytes > self.max_update_bytes:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                  f"update of user {header.user_id} declares {header.total_bytes} bytes; "
+                                  f"the limit is {self.max_update_bytes}")
+            elif header is None:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "data chunk before any update header")
+            buf += chunk.data
+            wire += size
+            if len(buf) > header.total_bytes:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"update of user {header.user_id} is longer than its declared {header.total_bytes} bytes")
+            if len(buf) == header.total_bytes:
+                statuses.append(self._accept(header, bytes(buf), wire))
+                header = None
+        if header is not None:
+            statuses.append(common_pb2.UpdateStatus(user_id=header.user_id, accepted=False, bytes=wire,
+                                                    reason=f"truncated: stream ended after {len(buf)} of "
+                                                           f"{header.total_bytes} bytes"))
+        return pb.SubmitReply(statuses=statuses, bytes_received=total)
+
+    def _accept(self, h, data: bytes, wire: int) -> common_pb2.UpdateStatus:
+        def reject(reason: str) -> common_pb2.UpdateStatus:
+            with self._lock:
+                if self.round is not None and h.round_id == self.round.round_id:
+                    self.round.rejected.append((h.user_id, reason))
+                    self.round.bytes_received += wire
+            return common_pb2.UpdateStatus(user_id=h.user_id, accepted=False, reason=reason, bytes=wire)
+
+        with self._lock:
+            rnd, run_id, layout = self.round, self.run_id, self.layout
+        if h.run_id != run_id:
+            return reject(f"unknown run {h.run_id!r}")
+        if rnd is None or h.round_id != rnd.round_id:
+            open_id = "none" if rnd is None else str(rnd.round_id)
+            return reject(f"stale round: round {h.round_id} is not open (open round: {open_id})")
+        if time.time() > rnd.deadline:
+            return reject(f"late: round {h.round_id} deadline passed")
+        if h.user_id not in rnd.tokens:
+            return reject(f"user {h.user_id} is not assigned to round {h.round_id}")
+        if rnd.tokens[h.user_id] != h.token:
+            return reject(f"bad token for user {h.user_id}")
+        if h.user_id in rnd.updates:
+            return reject(f"duplicate update for user {h.user_id} in round {h.round_id}")
+        if h.encoding not in ACCEPTED_ENCODINGS:
+            return reject(f"encoding {h.encoding!r} not accepted")
+        if h.num_samples < 0:
+            return reject("negative num_samples")
+        t0 = time.perf_counter()
+        try:
+            tensors = codec.decode_state(codec.unpack(data))
+            assert layout is not None
+            vec = layout.flatten(tensors)
+        except (codec.CodecError, ValueError) as e:
+            return reject(f"malformed update: {e}")
+        if not bool(torch.isfinite(vec).all()):
+            return reject("update has non-finite values")
+        dt = time.perf_counter() - t0
+        with self._lock:
+            if self.round is not rnd:
+                return reject(f"stale round: round {h.round_id} closed while the update was decoded")
+            if h.user_id in rnd.updates:
+                return reject(f"duplicate update for user {h.user_id} in round {h.round_id}")
+            rnd.updates[h.user_id] = (vec, int(h.num_samples))
+            rnd.bytes_received += wire
+            rnd.decode_seconds += dt
+        return common_pb2.UpdateStatus(user_id=h.user_id, accepted=True, bytes=wire)
+
+    def CloseRound(self, request, context):
+        with self._lock:
+            self._check_run(request.run_id, context)
+            rnd = self.round
+            if rnd is None or rnd.round_id != request.round_id:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"round {request.round_id} is not open (open: {None if rnd is None else rnd.round_id})")
+            self.round = None
+            users = sorted(rnd.updates)
+            timings = {"decode": rnd.decode_seconds}
+            t0 = time.perf_counter()
+            info_json, kept_users, norm = "{}", [], 0.0
+            assert self.params is not None and self.layout is not None and self.store is not None
+            if users:
+                U = torch.stack([rnd.updates[u][0] for u in users])  # [K, D], sorted by user id
+                w = torch.tensor([rnd.updates[u][1] for u in users], dtype=torch.float32)
+                res = self.rule(U, w)
+                del U
+                t1 = time.perf_counter()
+                new = server_step(self.params, res.vector, rnd.lr)
+                norm = float((new - self.params).norm())
+                if not bool(torch.isfinite(new).all()):
+                    context.abort(grpc.StatusCode.INTERNAL, f"aggregate of round {rnd.round_id} is not finite")
+                self.params = new
+                timings.update(aggregate=t1 - t0, step=time.perf_counter() - t1)
+                info_json = json.dumps(dict(res.info), default=float)
+                if res.kept is not None:
+                    kept_users = [users[i] for i in res.kept]
+            t2 = time.perf_counter()
+            self.version += 1
+            store_bytes = self.store.put_model(self.version, self.layout.unflatten(self.params),
+                                               {"round": str(rnd.round_id)})
+            timings["store"] = time.perf_counter() - t2
+            self.last_closed = rnd.round_id
+            missing = sorted(set(rnd.tokens) - set(rnd.updates) - {u for u, _ in rnd.rejected})
+            return pb.RoundSummary(
+                round_id=rnd.round_id, new_version=self.version, accepted=len(users),
+                rejected=[pb.Rejection(user_id=u, reason=r) for u, r in rnd.rejected], missing=missing,
+                bytes_received=rnd.bytes_received, timings=timings, rule=self.cfg.aggregation if self.cfg else "",
+                rule_info_json=info_json, kept_users=kept_users, store_bytes=store_bytes, update_norm=norm)
+
+    # ------------------------------------------------------------------ models
+    def GetModel(self, request, context):
+        with self._lock:
+            self._check_run(request.run_id, context)
+            store = self.store
+            version = self.version if request.version < 0 else request.version
+        assert store is not None
+        try:
+            blob = store.get_model_bytes(version)
+        except Exception as e:  # noqa: BLE001 - reported to the caller
+            context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        for piece in chunks(blob):
+            yield pb.ModelChunk(version=version, total_bytes=len(blob), data=piece)
