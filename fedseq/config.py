@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -100,6 +101,8 @@ class ExperimentConfig:
             if not cond:
                 raise ConfigError(msg)
 
+        need(not self.run_id or re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", self.run_id) is not None,
+             f"run_id {self.run_id!r} must be 1-128 letters, digits, '-', '_' or '.'")
         need(self.model in ("sasrec", "bert4rec"), f"model must be 'sasrec' or 'bert4rec', got {self.model!r}")
         need(self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}")
         need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")

@@ -547,6 +547,8 @@ def load_dataset(spec: str, data_root: str | Path | None = None, seed: int = 0) 
     ``spec`` is one of:
 
     - ``"synthetic"``: :func:`synthetic` with its defaults and ``seed``;
+      ``"synthetic:users=N,items=M"`` overrides its integer/float parameters (any keyword of
+      :func:`synthetic`, e.g. ``synthetic:users=2000,items=800,follow_prob=0.6``);
     - ``"steam"``: ``<data_root>/steam/sequences.txt`` (sequence format);
     - ``"ml-1m"``: ``<data_root>/ml-1m/ratings.dat`` (MovieLens format);
     - a file path: ``*.csv`` -> :func:`load_csv`; ``*.dat`` whose lines contain ``::`` ->
@@ -563,6 +565,8 @@ def load_dataset(spec: str, data_root: str | Path | None = None, seed: int = 0) 
     """
     if spec == "synthetic":
         return synthetic(seed=seed)
+    if spec.startswith("synthetic:"):
+        return synthetic(seed=seed, **_synthetic_params(spec))
     if spec in _NAMED_FILES:
         rel = Path(*_NAMED_FILES[spec])
         tried: list[str] = []
@@ -577,6 +581,28 @@ def load_dataset(spec: str, data_root: str | Path | None = None, seed: int = 0) 
             f"or give the file path directly as the dataset spec"
         )
     return _load_file(Path(spec), name=spec, min_length=2)
+
+
+def _synthetic_params(spec: str) -> dict[str, Any]:
+    """Parse ``synthetic:k=v,...`` (``users``/``items`` alias ``num_users``/``num_items``)."""
+    import inspect
+
+    allowed = {p for p in inspect.signature(synthetic).parameters if p not in ("seed", "name")}
+    out: dict[str, Any] = {}
+    for item in spec.split(":", 1)[1].split(","):
+        if not item.strip():
+            continue
+        if "=" not in item:
+            raise DataError(f"dataset spec {spec!r}: {item!r} must look like key=value")
+        key, raw = (x.strip() for x in item.split("=", 1))
+        key = {"users": "num_users", "items": "num_items"}.get(key, key)
+        if key not in allowed:
+            raise DataError(f"dataset spec {spec!r}: unknown synthetic parameter {key!r}; known: {sorted(allowed)}")
+        try:
+            out[key] = int(raw) if raw.lstrip("-").isdigit() else float(raw)
+        except ValueError:
+            raise DataError(f"dataset spec {spec!r}: {key}={raw!r} is not a number") from None
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -99,7 +100,8 @@ def _fmt_bytes(n: float) -> str:
 
 
 def launch(cfg: ExperimentConfig, settings: LaunchSettings) -> int:
-    run_id = cfg.run_id or f"{Path(cfg.dataset).name}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    base = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(cfg.dataset.split(":")[0]).name)
+    run_id = cfg.run_id or f"{base}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg = replace(cfg, run_id=run_id)
     out = Path(settings.out_dir or os.path.join("runs", run_id))
     out.mkdir(parents=True, exist_ok=True)

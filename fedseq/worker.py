@@ -89,6 +89,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._agg_channels: dict[str, agg_grpc.AggregatorStub] = {}
         self._lock = threading.Lock()
         self._compute = threading.Lock()  # the model object is shared by training and evaluation
+        self.stats = {"train_calls": 0, "users_trained": 0, "eval_calls": 0}
 
     def attach(self, run_id: str, hosted: Hosted, models: ModelSource) -> None:
         with self._lock:
@@ -130,6 +131,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             return worker_pb2.TrainReply(statuses=statuses, model_bytes_read=model_bytes)
         with self._compute:
             ub = hosted.compute(params, [a.user_id for a in local], request.round_id)
+            self.stats["train_calls"] += 1
+            self.stats["users_trained"] += len(local)
         t2 = time.perf_counter()
         layout = hosted.setup.layout
         encode_seconds = [0.0]
@@ -182,6 +185,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 ev = Evaluator(s.model, [ds.train[u] for u in users], [ds.test[u] for u in users], users, targets, cfg)
                 self._evaluators[key] = ev
             sums = ev(params) if users else MetricSums()
+            self.stats["eval_calls"] += 1
         return worker_pb2.EvaluateReply(sums=to_proto(sums), seconds=time.perf_counter() - t0,
                                         model_bytes_read=model_bytes)
 

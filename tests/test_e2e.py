@@ -1,0 +1,119 @@
+"""End-to-end: the real `fedseq` processes (Redis, server, orchestrator, workers) on loopback.
+Slow (multi-process): run in CI, skip locally with ``-m "not slow"``."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedseq.config import build_config
+from fedseq.sim import run_inprocess
+
+pytestmark = pytest.mark.slow
+
+TINY = ["--dataset", "synthetic:users=60,items=80", "--epochs", "2", "--clients-per-round", "16", "--lr", "0.01",
+        "--num-negatives", "50"]
+METRICS = ("hr@10", "ndcg@10", "er@5", "er@10", "er@20", "er@30")
+
+
+def _cli(*args: str, **kw) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDSEQ_")}
+    return subprocess.run([sys.executable, "-m", "fedseq.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=300, **kw)
+
+
+def test_fedseq_run_end_to_end_matches_the_inprocess_runner(tmp_path):
+    # Execute
+    proc = _cli("run", *TINY, "--out", str(tmp_path / "run"), "--workers", "2")
+    # Assert
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["summary"]["state"] == "done" and len(results["epochs"]) == 2
+    assert "hr@10" in proc.stdout and "bytes up" in proc.stdout
+    assert results["summary"]["bytes_up"] > 0
+    cfg = build_config(None, {"dataset": "synthetic:users=60,items=80", "epochs": 2, "clients_per_round": 16,
+                              "lr": 0.01, "num_negatives": 50})
+    sim = run_inprocess(cfg, None, progress=lambda _l: None)
+    for got, want in zip(results["epochs"], sim["epochs"], strict=True):
+        for k in METRICS:
+            assert got[k] == pytest.approx(want[k], abs=1e-9), k
+    # every process it started is gone: their ports no longer accept connections
+    logs = tmp_path / "run" / "logs"
+    for port_file in logs.glob("*.port"):
+        port = int(port_file.read_text())
+        import socket
+
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0, port_file.name
+
+
+def test_bad_configuration_fails_fast_with_a_clear_message(tmp_path):
+    proc = _cli("run", "--epochs", "0", "--out", str(tmp_path))
+    assert proc.returncode == 2 and "epochs must be >= 1" in proc.stderr
+
+
+def _spawn(args: list[str], log: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDSEQ_")}
+    return subprocess.Popen([sys.executable, "-m", "fedseq.cli", "--log-level", "info", *args],
+                            stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env)  # noqa: SIM115
+
+
+def _port(path: Path, timeout: float = 60) -> int:
+    end = time.time() + timeout
+    while time.time() < end:
+        if path.exists():
+            return int(path.read_text())
+        time.sleep(0.05)
+    raise TimeoutError(path)
+
+
+def test_killed_worker_is_recorded_and_the_run_finishes_on_the_survivor(tmp_path, redis_url):
+    # Prepare: server, orchestrator and two workers that both host every user
+    procs = []
+    try:
+        procs.append(_spawn(["serve-server", "--port", "0", "--port-file", str(tmp_path / "s.port"),
+                             "--store-url", redis_url], tmp_path / "server.log"))
+        agg = f"127.0.0.1:{_port(tmp_path / 's.port')}"
+        procs.append(_spawn(["serve-orchestrator", *TINY, "--epochs", "4", "--clients-per-round", "8",
+                             "--run-id", "kill", "--port", "0", "--port-file", str(tmp_path / "o.port"),
+                             "--aggregator", agg, "--store-url", redis_url, "--min-workers", "2", "--out",
+                             str(tmp_path / "out"), "--exit-when-done", "--round-timeout", "30"],
+                            tmp_path / "orch.log"))
+        orch = f"127.0.0.1:{_port(tmp_path / 'o.port')}"
+        workers = [_spawn(["serve-client", "--port", "0", "--orchestrator", orch, "--advertise-host", "127.0.0.1",
+                           "--worker-id", f"w{i}"], tmp_path / f"w{i}.log") for i in range(2)]
+        procs += workers
+        from fedseq.rpc import channel
+        from fedseq.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+
+        stub = orchestrator_pb2_grpc.OrchestratorStub(channel(orch))
+        end = time.time() + 120
+        while stub.GetStatus(orchestrator_pb2.StatusRequest(), timeout=5).round_id < 3 and time.time() < end:
+            time.sleep(0.05)
+        # Execute: a real kill of one worker process mid-run
+        workers[1].send_signal(signal.SIGKILL)
+        procs[1].wait(180)
+        # Assert
+        results = json.loads((tmp_path / "out" / "results.json").read_text())
+        assert results["summary"]["state"] == "done"
+        assert len(results["epochs"]) == 4 and all("hr@10" in e for e in results["epochs"])
+        rounds = [json.loads(line) for line in (tmp_path / "out" / "rounds.jsonl").read_text().splitlines()]
+        failed = [r for r in rounds if r["failed_workers"]]
+        assert failed and all(r["failed_workers"] == ["w1"] for r in failed)
+        assert all(r["missing"] > 0 for r in failed)
+        assert rounds[-1]["missing"] == 0 and rounds[-1]["accepted"] == rounds[-1]["users"]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
