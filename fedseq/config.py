@@ -93,7 +93,7 @@ class ExperimentConfig:
     attack: str = "none"
     malicious_ratio: float = 0.0
     attack_opts: tuple[tuple[str, str], ...] = ()
-    codec: str = "dense-fp32"
+    codec: str = "sparse-fp32"  # lossless: embedding tables as touched rows only, the rest dense
     threads: int = 1  # torch threads per process (see docs: oversubscription on small machines)
 
     def __post_init__(self) -> None:
