@@ -16,6 +16,7 @@ from typing import Any
 
 import tomllib
 
+from .codec import ENCODINGS
 from .training import LocalConfig
 
 
@@ -61,6 +62,7 @@ class Compat:
 
 
 MODES = ("paper", "fedavg")
+COMPRESSIONS = ("none", "gzip")  # gRPC message compression (fedseq.ledger computes its sizes)
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,7 @@ class ExperimentConfig:
     attack_opts: tuple[tuple[str, str], ...] = ()
     codec: str = "sparse-fp32"  # lossless: embedding tables as touched rows only, the rest dense
     threads: int = 1  # torch threads per process (see docs: oversubscription on small machines)
+    compression: str = "none"  # gRPC message compression of the run's calls: "none" | "gzip"
 
     def __post_init__(self) -> None:
         def need(cond: bool, msg: str) -> None:
@@ -116,6 +119,9 @@ class ExperimentConfig:
         need(self.num_negatives >= 1, "num_negatives must be >= 1")
         need(0.0 <= self.malicious_ratio < 1.0, f"malicious_ratio must be in [0, 1), got {self.malicious_ratio}")
         need(self.threads >= 0, "threads must be >= 0 (0 = torch's default)")
+        need(self.codec in ENCODINGS, f"codec must be one of {ENCODINGS}, got {self.codec!r}")
+        need(self.compression in COMPRESSIONS,
+             f"compression must be one of {COMPRESSIONS}, got {self.compression!r}")
         need(all(int(t) >= 1 for t in self.targets), f"target items must be >= 1, got {self.targets}")
         try:
             self.local()
@@ -189,7 +195,9 @@ def _coerce(key: str, value: Any) -> Any:
                 return tuple(sorted((str(k), str(v)) for k, v in value.items()))
             if isinstance(value, str):
                 return parse_opts(value.split(",") if value else [])
-            return tuple(tuple(x) for x in value)
+            if all(isinstance(x, str) for x in value):  # ["k=v", ...] (a TOML/JSON list)
+                return parse_opts(list(value))
+            return tuple(sorted((str(k), str(v)) for k, v in value))  # [(k, v), ...]
         if key == "targets":
             if isinstance(value, str):
                 return tuple(int(x) for x in value.split(",") if x.strip())
@@ -208,6 +216,8 @@ def _coerce(key: str, value: Any) -> Any:
             if typ == "str | None":
                 return value or None
         return value
+    except ConfigError:
+        raise  # already names the key/switch and the fix (a ConfigError is also a ValueError)
     except (TypeError, ValueError):
         raise ConfigError(f"config key {key!r}: invalid value {value!r}") from None
 

@@ -156,10 +156,15 @@ def make_example(model: nn.Module, train: np.ndarray, rng: np.random.Generator, 
 # ----------------------------------------------------------------------------- losses
 
 
-def user_losses(model: nn.Module, batch: dict[str, torch.Tensor], drop: Drop | None) -> torch.Tensor:
-    """Per-user local losses ``[B]`` for a collated batch (works for B = 1 inside vmap)."""
+def user_losses(
+    model: nn.Module, batch: dict[str, torch.Tensor], drop: Drop | None, x: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-user local losses ``[B]`` for a collated batch (works for B = 1 inside vmap).
+
+    ``x [B, L, d]``, when given, replaces ``model.embed(tokens)`` as the input embedding (the
+    tokens still give the padding masks); adversarial training feeds soft inputs this way."""
     tokens = batch["tokens"]
-    h = model(tokens, drop)  # [B, L, d]
+    h = model(tokens, drop) if x is None else model.encode(tokens, x, drop)  # [B, L, d]
     if isinstance(model, SASRec):
         valid = (tokens != 0).to(h.dtype)  # [B, L]
         count = valid.sum(-1).clamp(min=1.0)
@@ -248,7 +253,9 @@ def compute_updates(
     out = torch.empty(K, layout.dim)
     losses = np.zeros(K)
     lengths = [min(len(s), model.cfg.max_len) for s in sequences]
-    step = vmap(grad(_objective_fn(objective), argnums=(0, 1), has_aux=True), in_dims=(None, 0, 0, 0))
+    # masks is None when dropout is off: vmap cannot map dim 0 of a None argument
+    step = vmap(grad(_objective_fn(objective), argnums=(0, 1), has_aux=True),
+                in_dims=(None, 0, 0, 0 if sites else None))
     epochs = 1 if cfg.mode == "paper" else cfg.local_epochs
     for idx in micro_batches(lengths, cfg.micro_batch, cfg.max_tokens):
         ub = [int(users[i]) for i in idx]
