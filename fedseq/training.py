@@ -172,7 +172,8 @@ def user_losses(
         neg = model.scores(h, batch["neg"].unsqueeze(-1)).squeeze(-1)
         lp = F.binary_cross_entropy_with_logits(pos, torch.ones_like(pos), reduction="none")
         ln = F.binary_cross_entropy_with_logits(neg, torch.zeros_like(neg), reduction="none")
-        return ((lp * valid).sum(-1) + (ln * valid).sum(-1)) / count
+        # mean over the 2 * count positive and negative logits (BCEWithLogitsLoss on both, as the reference)
+        return ((lp * valid).sum(-1) + (ln * valid).sum(-1)) / (2.0 * count)
     where, labels = batch["where"], batch["labels"]  # [B, K]
     hs = torch.gather(h, 1, where.unsqueeze(-1).expand(-1, -1, h.shape[-1]))  # [B, K, d]
     logits = model.scores(hs)  # [B, K, V]

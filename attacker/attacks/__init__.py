@@ -1,0 +1,68 @@
+"""Attacks: one file per attack, one interface (:mod:`.base`), and a registry by name.
+
+``make_attack(name, options)`` builds a configured attack from string options (clear
+:class:`AttackConfigError` for an unknown name, option or value); ``ATTACKS`` maps names to
+factories. Every attack's ``updates(model, params, sequences, users, targets, seed, round_key,
+local, compat)`` returns one update per malicious user in the benign convention (see
+:mod:`.base`).
+
+| name        | kind                         | paper (module docstring)                         |
+|-------------|------------------------------|--------------------------------------------------|
+| ``dv-fsr``  | model poisoning, targeted    | Yin et al., AAAI 2025 (explicit + implicit view) |
+| ``c-fsr``   | DV-FSR without substitution  | ablation, same paper                             |
+| ``s-fsr``   | DV-FSR without L_con         | ablation, same paper                             |
+| ``eb``      | explicit boosting            | PipAttack, Zhang et al., WSDM 2022               |
+| ``a-ra``    | target BCE, s forwards       | Rong, He, Chen, IJCAI 2022                       |
+| ``ra``      | data poisoning, fake users   | random attack, Kapoor et al. 2017                |
+| ``scale``   | wraps any attack, x factor   | Bagdasaryan et al. 2020; Bhagoji et al. 2019     |
+| ``sign-flip`` | negated honest gradient    | classic Byzantine baseline                       |
+| ``alie``    | adaptive vs robust rules     | Baruch et al., NeurIPS 2019                      |
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from . import a_ra, alie, c_fsr, dv_fsr, eb, ra, s_fsr, scale, sign_flip
+from .alie import ALIE, alie_z
+from .base import Attack, AttackConfigError, AttackFactory
+from .dv_fsr import DualViewAttack, Substitution, contrastive_loss, substitute
+from .ra import RandomAttack
+from .scale import Scale
+from .sign_flip import SignFlip
+
+
+def make_attack(name: str, options: Mapping[str, str] | None = None) -> Attack:
+    """Build the attack registered as ``name`` with string ``options``."""
+    if name not in ATTACKS:
+        raise AttackConfigError(f"unknown attack {name!r}; known attacks: {', '.join(sorted(ATTACKS))}")
+    return ATTACKS[name](dict(options or {}))
+
+
+ATTACKS: dict[str, AttackFactory] = {
+    "dv-fsr": dv_fsr.from_options,
+    "c-fsr": c_fsr.from_options,
+    "s-fsr": s_fsr.from_options,
+    "eb": eb.from_options,
+    "a-ra": a_ra.from_options,
+    "ra": ra.from_options,
+    "scale": scale.factory(make_attack),
+    "sign-flip": sign_flip.from_options,
+    "alie": alie.factory(make_attack),
+}
+
+__all__ = [
+    "ALIE",
+    "ATTACKS",
+    "Attack",
+    "AttackConfigError",
+    "DualViewAttack",
+    "RandomAttack",
+    "Scale",
+    "SignFlip",
+    "Substitution",
+    "alie_z",
+    "contrastive_loss",
+    "make_attack",
+    "substitute",
+]

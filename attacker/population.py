@@ -1,0 +1,149 @@
+"""The malicious population of an experiment: extra clients with ids ``N .. N+m-1`` after the N
+benign users.
+
+As in the DV-FSR paper (Yin et al., AAAI 2025) and its public code, m = floor(N * ratio) (Steam,
+N = 3,753: 0.1% -> 3, 0.05% -> 1) and each malicious client holds a copy of the training data of
+a real user drawn at random without replacement with the run's seed (that real user stays in the
+federation as a benign client too). When floor(N * ratio) is 0 for a ratio > 0, one malicious
+client is used and :attr:`MaliciousPopulation.note` says so.
+
+The random attack (RA, Kapoor et al. 2017) instead injects fabricated users
+(:func:`random_attack_sequences`): each holds ``length - 1`` random items followed by the target,
+every fake user drawn independently (the public code builds them by appending to one shared list,
+so later fake users also hold the earlier ones' items; fedseq does not reproduce that).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedseq.data import SeqDataset
+
+POPULATION_KEY = 0x4D414C  # seed stream of the population draw ("MAL")
+RANDOM_ATTACK_KEY = 0x5241  # seed stream of the random attack's fake profiles ("RA")
+
+
+@dataclass(frozen=True, eq=False)
+class MaliciousPopulation:
+    """The malicious clients of a run.
+
+    ids: ``[m]`` int64 client ids ``N .. N+m-1`` (N = number of benign users).
+    sequences: per malicious client its training sequence (int64 arrays, read-only by convention).
+    source_users: ``[m]`` int64, the benign user each sequence was copied from (-1 when fabricated).
+    note: human-readable facts for the run summary (size rule applied, kind of data).
+    """
+
+    ids: np.ndarray
+    sequences: tuple[np.ndarray, ...]
+    source_users: np.ndarray
+    note: str
+
+    @property
+    def size(self) -> int:
+        return len(self.ids)
+
+    @property
+    def first_id(self) -> int:
+        """The smallest malicious id (= N, the number of benign users)."""
+        return int(self.ids[0]) if len(self.ids) else -1
+
+    def is_malicious(self, clients: np.ndarray) -> np.ndarray:
+        """``[K]`` bool: which of ``clients`` belong to this population."""
+        return np.isin(np.asarray(clients, dtype=np.int64), self.ids)
+
+    def sequences_of(self, clients: Sequence[int] | np.ndarray) -> list[np.ndarray]:
+        """The training sequences of malicious ``clients`` (ids in :attr:`ids`)."""
+        index = {int(c): i for i, c in enumerate(self.ids)}
+        try:
+            return [self.sequences[index[int(c)]] for c in clients]
+        except KeyError as e:
+            raise KeyError(f"client {e.args[0]} is not in the malicious population "
+                           f"{self.ids.tolist()}") from None
+
+
+def check_ratio(ratio: float) -> float:
+    """``ratio`` as a float in [0, 1), or ValueError naming the accepted range."""
+    try:
+        r = float(ratio)
+    except (TypeError, ValueError):
+        raise ValueError(f"malicious ratio must be a number in [0, 1), got {ratio!r}") from None
+    if not (math.isfinite(r) and 0.0 <= r < 1.0):
+        raise ValueError(f"malicious ratio must be in [0, 1) (a share of the benign users), got {ratio!r}")
+    return r
+
+
+def population_size(num_users: int, ratio: float) -> tuple[int, str]:
+    """``(m, note)``: m = floor(N * ratio), at least 1 when ratio > 0."""
+    r = check_ratio(ratio)
+    m = int(math.floor(num_users * r + 1e-9))  # + 1e-9: 3753 * 0.001 must not round down to 3 - eps
+    if r == 0.0:
+        return 0, "no malicious clients (ratio 0)"
+    if m == 0:
+        return 1, (f"floor({num_users} * {r:g}) = 0 malicious clients; using 1 "
+                   "(the smallest attack at a ratio > 0)")
+    return m, f"{m} malicious clients = floor({num_users} * {r:g})"
+
+
+def _ids(num_users: int, m: int) -> np.ndarray:
+    return np.arange(num_users, num_users + m, dtype=np.int64)
+
+
+def malicious_population(dataset: SeqDataset, ratio: float, seed: int) -> MaliciousPopulation:
+    """m = floor(N * ratio) (at least 1 for ratio > 0) clients holding copies of the training
+    sequences of real users drawn at random, without replacement, with ``seed``."""
+    N = dataset.num_users
+    m, note = population_size(N, ratio)
+    if m > N:
+        raise ValueError(f"cannot copy {m} distinct users out of {N}")
+    rng = np.random.default_rng(np.random.SeedSequence([seed & 0xFFFFFFFF, POPULATION_KEY]))
+    src = np.sort(rng.choice(N, size=m, replace=False)).astype(np.int64) if m else np.zeros(0, dtype=np.int64)
+    seqs = tuple(np.array(dataset.train[int(u)], dtype=np.int64, copy=True) for u in src)
+    if m:
+        note += f"; each holds a copy of a real user's training data (users {src.tolist()})"
+    return MaliciousPopulation(_ids(N, m), seqs, src, note)
+
+
+def random_attack_sequences(num_items: int, target: int | Sequence[int], m: int, seed: int,
+                            length: int = 50) -> tuple[np.ndarray, ...]:
+    """``m`` fake profiles of ``length - 1`` distinct random items from 1..M (never a target), then
+    the target; with several targets, fake user j ends with ``targets[j % len(targets)]``. Every
+    profile is drawn from its own generator (seed, j): independent of the others."""
+    targets = [int(t) for t in target] if isinstance(target, Sequence) else [int(target)]
+    if not targets:
+        raise ValueError("the random attack needs a target item")
+    if length < 1:
+        raise ValueError(f"fake profile length must be >= 1, got {length}")
+    for t in targets:
+        if not 1 <= t <= num_items:
+            raise ValueError(f"target item {t} is outside the catalogue 1..{num_items}")
+    pool = np.setdiff1d(np.arange(1, num_items + 1, dtype=np.int64), np.asarray(targets, dtype=np.int64))
+    k = min(length - 1, len(pool))
+    out = []
+    for j in range(m):
+        rng = np.random.default_rng(np.random.SeedSequence([seed & 0xFFFFFFFF, RANDOM_ATTACK_KEY, j]))
+        items = rng.choice(pool, size=k, replace=False).astype(np.int64)
+        out.append(np.append(items, np.int64(targets[j % len(targets)])))
+    return tuple(out)
+
+
+def fake_population(dataset: SeqDataset, ratio: float, seed: int, targets: Sequence[int],
+                    length: int = 50) -> MaliciousPopulation:
+    """The random attack's population: the same ids and size rule, fabricated profiles."""
+    N = dataset.num_users
+    m, note = population_size(N, ratio)
+    seqs = random_attack_sequences(dataset.num_items, list(targets), m, seed, length)
+    if m:
+        note += f"; fabricated profiles ({length - 1} random items + the target)"
+    return MaliciousPopulation(_ids(N, m), seqs, np.full(m, -1, dtype=np.int64), note)
+
+
+def build_population(attack, dataset: SeqDataset, ratio: float, seed: int,
+                     targets: Sequence[int]) -> MaliciousPopulation:
+    """The population ``attack`` needs: fabricated profiles when ``attack.fake_users``, else copies."""
+    if getattr(attack, "fake_users", False):
+        return fake_population(dataset, ratio, seed, targets, getattr(attack, "profile_length", 50))
+    return malicious_population(dataset, ratio, seed)
