@@ -93,7 +93,7 @@ class ExperimentConfig:
     seed: int = 0
     compat: Compat = field(default_factory=Compat)
     attack: str = "none"
-    malicious_ratio: float = 0.0
+    malicious_ratio: float = 0.001  # the paper's main setting; used only when attack != "none"
     attack_opts: tuple[tuple[str, str], ...] = ()
     codec: str = "sparse-fp32"  # lossless: embedding tables as touched rows only, the rest dense
     threads: int = 1  # torch threads per process (see docs: oversubscription on small machines)

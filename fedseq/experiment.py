@@ -86,7 +86,7 @@ def make_population(cfg: ExperimentConfig, ds: SeqDataset, targets: tuple[int, .
     """The configured attack (validated) and its malicious population; ``(None, None)`` for
     ``attack="none"``. Raises :class:`ConfigError` with the accepted names/options/range."""
     if cfg.attack == "none":
-        if cfg.malicious_ratio > 0:
+        if cfg.malicious_ratio not in (0.0, 0.001):
             log.warning("malicious_ratio=%g is ignored: attack is 'none'", cfg.malicious_ratio)
         return None, None
     try:
