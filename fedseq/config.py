@@ -35,6 +35,7 @@ class Compat:
     neg_from_vocab: bool = False  # SASRec negatives drawn from 1..M+1 (mask token included)
     attack_leak: bool = False  # DV-FSR: the substitution's CE gradient leaks into the upload
     attack_eval_mode: bool = False  # DV-FSR: attack-loss forwards run without dropout
+    substitution_fill: bool = False  # DV-FSR: items failing tau still fill the top-T tries (score 0, by id)
     cfsr_label_index: bool = False  # C-FSR: contrastive label on index 1 (first negative)
     advtrain_noop: bool = False  # adv_train applies no update (the public code's behaviour)
 
@@ -92,12 +93,15 @@ class ExperimentConfig:
     targets: tuple[int, ...] = ()  # empty: the least popular training item
     seed: int = 0
     compat: Compat = field(default_factory=Compat)
+    adv_train: bool = False  # client-side adversarial training (Yue et al. 2022); `--defense adv-train`
+    adv_train_opts: tuple[tuple[str, str], ...] = ()  # steps, step_size, switch_prob, users_per_round
     attack: str = "none"
     malicious_ratio: float = 0.001  # the paper's main setting; used only when attack != "none"
     attack_opts: tuple[tuple[str, str], ...] = ()
     codec: str = "sparse-fp32"  # lossless: embedding tables as touched rows only, the rest dense
     threads: int = 1  # torch threads per process (see docs: oversubscription on small machines)
     compression: str = "none"  # gRPC message compression of the run's calls: "none" | "gzip"
+    model_delta: bool = False  # workers holding version v-1 download v as a row patch (fedseq/delta.py)
 
     def __post_init__(self) -> None:
         def need(cond: bool, msg: str) -> None:
@@ -125,6 +129,7 @@ class ExperimentConfig:
         need(all(int(t) >= 1 for t in self.targets), f"target items must be >= 1, got {self.targets}")
         try:
             self.local()
+            self.adv_config()
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
@@ -139,6 +144,21 @@ class ExperimentConfig:
             neg_from_vocab=self.compat.neg_from_vocab,
         )
 
+    def adv_config(self):
+        """The adversarial-training settings (``fedseq.adv_train.AdvTrainConfig``), validated."""
+        from .adv_train import AdvTrainConfig
+
+        known = {"steps": int, "step_size": float, "switch_prob": float, "users_per_round": int}
+        kw = {}
+        for k, v in self.adv_train_opts:
+            if k not in known:
+                raise ConfigError(f"adv-train has no option {k!r}; options: {sorted(known)}")
+            try:
+                kw[k] = known[k](v)
+            except ValueError:
+                raise ConfigError(f"adv-train option {k}={v!r} is not a valid {known[k].__name__}") from None
+        return AdvTrainConfig(**kw)
+
     def lr_at(self, epoch: int) -> float:
         """Learning rate of 0-based ``epoch``: multiplied by ``lr_decay`` every ``lr_decay_every`` epochs."""
         return self.lr * self.lr_decay ** (epoch // self.lr_decay_every)
@@ -147,6 +167,7 @@ class ExperimentConfig:
         d = dataclasses.asdict(self)
         d["aggregation_opts"] = dict(self.aggregation_opts)
         d["attack_opts"] = dict(self.attack_opts)
+        d["adv_train_opts"] = dict(self.adv_train_opts)
         d["targets"] = list(self.targets)
         return d
 
@@ -162,6 +183,10 @@ class ExperimentConfig:
         kw: dict[str, Any] = {}
         for key, value in data.items():
             kw[key] = _coerce(key, value)
+        if kw.get("aggregation") == "adv-train":  # a client-side defense on top of the paper's sum
+            kw["aggregation"], kw["adv_train"] = "fedavg", True
+            if kw.get("aggregation_opts"):  # --defense-opt goes to adv-train then
+                kw["adv_train_opts"] = kw.pop("aggregation_opts")
         return cls(**kw)
 
     @classmethod
@@ -190,7 +215,7 @@ def _coerce(key: str, value: Any) -> Any:
             if isinstance(value, Mapping):
                 return Compat(**{k.replace("-", "_"): bool(v) for k, v in value.items()})
             return Compat.parse(str(value))
-        if key in ("aggregation_opts", "attack_opts"):
+        if key in ("aggregation_opts", "attack_opts", "adv_train_opts"):
             if isinstance(value, Mapping):
                 return tuple(sorted((str(k), str(v)) for k, v in value.items()))
             if isinstance(value, str):

@@ -21,6 +21,7 @@ import torch
 
 from server.aggregation import make_rule, server_step
 
+from .adv_train import AdvTrainConfig, adversarial_updates, pick_adv_users
 from .config import ExperimentConfig
 from .experiment import Setup, all_clients, epoch_rounds, setup
 from .metrics import Evaluator
@@ -76,6 +77,15 @@ def round_updates(s: Setup, params: torch.Tensor, users: np.ndarray, round_key: 
     return merge_updates(batches), int(len(mal))
 
 
+def adv_round(s: Setup, params: torch.Tensor, benign: np.ndarray, round_key: int, local: LocalConfig,
+              adv: AdvTrainConfig) -> UpdateBatch:
+    """Adversarial-training updates of ``adv.users_per_round`` of a round's benign users, at the
+    weights after that round's step (Yue et al. 2022; ALGORITHMS.md "adv_train")."""
+    users = pick_adv_users(benign, s.cfg.seed, round_key, adv.users_per_round)
+    return adversarial_updates(s.model, params, [s.dataset.train[u] for u in users], users, s.cfg.seed,
+                               round_key, local, adv)
+
+
 def run_inprocess(cfg: ExperimentConfig, out_dir: str | Path | None = None,
                   progress: Progress = stderr_progress, prepared: Setup | None = None) -> dict[str, Any]:
     """Run ``cfg`` to the end and return the results dict (also written to ``out_dir``)."""
@@ -99,6 +109,7 @@ def run_inprocess(cfg: ExperimentConfig, out_dir: str | Path | None = None,
     if population is not None:
         progress(f"attack {cfg.attack} {dict(cfg.attack_opts)}: {population.note}")
     local = cfg.local()
+    adv = cfg.adv_config() if cfg.adv_train and not cfg.compat.advtrain_noop else None
     epochs: list[dict[str, Any]] = []
     round_key = 0
     for epoch in range(cfg.epochs):
@@ -122,6 +133,12 @@ def run_inprocess(cfg: ExperimentConfig, out_dir: str | Path | None = None,
                     kept_reported = True
                     n_mal_kept += int(np.isin(mal_rows, np.asarray(res.kept, dtype=np.int64)).sum())
             params = server_step(params, res.vector, lr)
+            if adv is not None:  # adversarial training: a second step from perturbed benign inputs
+                round_key += 1
+                aub = adv_round(s, params, ub.users[ub.users < ds.num_users], round_key, local, adv)
+                if len(aub.users):
+                    ares = rule(aub.updates, torch.as_tensor(aub.num_samples, dtype=torch.float32))
+                    params = server_step(params, ares.vector, lr)
             t_compute += tb - ta
             t_agg += time.perf_counter() - tb
             round_key += 1

@@ -416,7 +416,7 @@ def test_setup_validates_the_attack_and_adds_the_population():
     with pytest.raises(ConfigError, match="unknown attack 'dv'"):
         setup(build_config(None, {**base, "attack": "dv", "malicious_ratio": 0.01}))
     with pytest.raises(ConfigError, match="needs malicious_ratio in"):
-        setup(build_config(None, {**base, "attack": "dv-fsr"}))
+        setup(build_config(None, {**base, "attack": "dv-fsr", "malicious_ratio": 0.0}))
     with pytest.raises(ConfigError, match="has no option"):
         setup(build_config(None, {**base, "attack": "eb", "attack_opts": {"k": "1"},
                                   "malicious_ratio": 0.01}))

@@ -288,7 +288,8 @@ class DualViewAttack:
         if self.explicit:
             drop = seeded_drop(imp_sites, seed, round_key, np.repeat(users, S), imp_streams * B, L)
             sub = substitute(model, params, tokens.repeat_interleave(S, dim=0), row_targets.repeat(B), drop,
-                             self.tau, self.top_t, self.num_attack, self.fill)
+                             self.tau, self.top_t, self.num_attack,
+                             "zeros" if compat.substitution_fill and self.fill == "none" else self.fill)
             inputs = sub.tokens.view(B, S, L)
         else:
             inputs = tokens[:, None, :].expand(B, S, L)
