@@ -117,3 +117,21 @@ def test_killed_worker_is_recorded_and_the_run_finishes_on_the_survivor(tmp_path
                     p.wait(10)
                 except subprocess.TimeoutExpired:
                     p.kill()
+
+
+def test_dv_fsr_through_the_services_raises_exposure_above_no_attack_and_ra(tmp_path):
+    """The synthetic default at the paper's default ratio (0.001 of 400 users -> 1 attacker)."""
+    final = {}
+    for attack in ("none", "ra", "dv-fsr"):
+        # Execute: the README's main command with only the attack changed
+        proc = _cli("run", "--attack", attack, "--out", str(tmp_path / attack))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        res = json.loads((tmp_path / attack / "results.json").read_text())
+        final[attack] = res["epochs"][-1]
+        if attack != "none":
+            assert res["summary"]["malicious_clients"] == 1
+    # Assert: near 0 without attack and under RA, clearly higher under DV-FSR
+    assert final["none"]["er@10"] <= 0.02
+    assert final["ra"]["er@10"] <= 0.05
+    assert final["dv-fsr"]["er@10"] >= 0.2
+    assert final["dv-fsr"]["er@10"] >= 5 * max(final["ra"]["er@10"], final["none"]["er@10"], 0.01)
