@@ -1,0 +1,214 @@
+"""Static checks of deploy/: the compose files, the Dockerfile and the scripts agree with the code.
+
+Cheap (no containers, no network): every compose service runs a real ``fedseq`` subcommand,
+every ``FEDSEQ_*`` variable a service is given is one that service's code reads, the
+orchestrator's default experiment is a valid config, and the scripts are valid bash. The full
+container run is ``deploy/build-local.sh && deploy/run-local.sh`` (see deploy/README.md).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from fedseq import cli
+from fedseq.config import ExperimentConfig, build_config
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+COMPOSE = DEPLOY / "compose.yaml"
+GPU = DEPLOY / "compose.gpu.yaml"
+SERVICE_KINDS = {"server", "orchestrator", "client", "attacker"}
+
+# ------------------------------------------------------------------ a small reader for our compose files
+
+
+def _blocks(lines: list[str], indent: int) -> dict[str, list[str]]:
+    """``key:`` lines at exactly ``indent`` spaces -> the lines below them (more indented)."""
+    out: dict[str, list[str]] = {}
+    key = None
+    for line in lines:
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        lead = len(line) - len(line.lstrip(" "))
+        m = re.match(r"^ {" + str(indent) + r"}([A-Za-z0-9_.-]+):", line)
+        if m and lead == indent:
+            key = m.group(1)
+            out[key] = [line]
+        elif lead > indent and key is not None:
+            out[key].append(line)
+        elif lead <= indent:
+            key = None
+    return out
+
+
+def _services(path: Path) -> dict[str, dict]:
+    """Each service's command, environment and profiles, read without a YAML library (the
+    compose files keep to plain block style; test_yaml_agrees checks this against PyYAML)."""
+    top = _blocks(path.read_text().splitlines(), 0)
+    out: dict[str, dict] = {}
+    for name, body in _blocks(top.get("services", [])[1:], 2).items():
+        keys = _blocks(body[1:], 4)
+        svc: dict = {"environment": {}}
+        if "command" in keys:
+            svc["command"] = re.findall(r'"([^"]*)"', keys["command"][0].split(":", 1)[1])
+        if "profiles" in keys:
+            svc["profiles"] = re.findall(r'"([^"]*)"', keys["profiles"][0].split(":", 1)[1])
+        for line in keys.get("environment", [])[1:]:
+            m = re.match(r"^\s+([A-Z0-9_]+):\s*(.*?)\s*$", line)
+            if m:
+                svc["environment"][m.group(1)] = m.group(2).strip('"').strip("'")
+        svc["keys"] = set(keys)
+        svc["deploy"] = keys.get("deploy", [])
+        out[name] = svc
+    return out
+
+
+def _interpolate(value: str) -> str:
+    """``${VAR:-default}`` -> default (what compose gives with the variable unset)."""
+    return re.sub(r"\$\{[A-Z0-9_]+(?::?-([^}]*))?\}", lambda m: m.group(1) or "", value)
+
+
+# ------------------------------------------------------------------ what the code reads
+
+
+def _env_read_by_code() -> tuple[set[str], set[str]]:
+    """(FEDSEQ_* names the serve-* commands read, FEDSEQ_<KEY> names of experiment keys)."""
+    src = "\n".join(p.read_text() for p in (ROOT / "fedseq").glob("*.py"))
+    names = {f"FEDSEQ_{n}" for n in re.findall(r'_env\("([A-Z0-9_]+)"', src)}
+    names |= set(re.findall(r'"(FEDSEQ_[A-Z0-9_]+)"', src))
+    names |= {"FEDSEQ_" + v for v in re.findall(r'_ENV\s*=\s*"FEDSEQ_([A-Z0-9_]+)"', src)}
+    experiment = {f"FEDSEQ_{f.name.upper()}" for f in fields(ExperimentConfig)}
+    return names, experiment
+
+
+# ------------------------------------------------------------------ tests
+
+
+def test_compose_has_the_services_and_the_attack_profile():
+    svcs = _services(COMPOSE)
+    assert {"redis", *SERVICE_KINDS} <= set(svcs), sorted(svcs)
+    assert svcs["attacker"].get("profiles") == ["attack"], "the attacker must sit behind the 'attack' profile"
+    for name in ("redis", "server", "orchestrator", "client"):
+        assert not svcs[name].get("profiles"), f"{name} must run in the default profile"
+    for name in ("client", "attacker"):
+        assert "container_name" not in svcs[name]["keys"], f"{name} must stay scalable (no container_name)"
+        # podman-compose >= 1.1 honours deploy.replicas only next to an explicit mode
+        assert any("mode: replicated" in ln for ln in svcs[name]["deploy"]), name
+        assert any("replicas:" in ln for ln in svcs[name]["deploy"]), name
+    assert "${REDIS_IMAGE:-redis:7}" in COMPOSE.read_text()
+
+
+@pytest.mark.parametrize("path", [COMPOSE, GPU], ids=lambda p: p.name)
+def test_every_command_is_a_real_fedseq_subcommand(path, capsys):
+    seen = 0
+    for name, svc in _services(path).items():
+        if name == "redis" or "command" not in svc:
+            continue
+        cmd = svc["command"]
+        assert cmd, f"{path.name}: {name} has an empty command"
+        # the CLI's own argparse: an unknown subcommand exits 2, `--help` of a real one exits 0
+        with pytest.raises(SystemExit) as exc:
+            cli.main([*cmd, "--help"])
+        assert exc.value.code == 0, f"{path.name}: {name} runs {cmd!r}, not a fedseq subcommand"
+        seen += 1
+    if path == COMPOSE:
+        assert seen == 4
+        kinds = {svc["command"][0] for n, svc in _services(path).items() if n in SERVICE_KINDS}
+        assert kinds == {"serve-server", "serve-orchestrator", "serve-client", "serve-attacker"}
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("path", [COMPOSE, GPU], ids=lambda p: p.name)
+def test_every_fedseq_env_var_is_read_by_the_code(path):
+    settings, experiment = _env_read_by_code()
+    assert {"FEDSEQ_PORT", "FEDSEQ_STORE_URL", "FEDSEQ_ORCHESTRATOR", "FEDSEQ_AGGREGATOR"} <= settings
+    for name, svc in _services(path).items():
+        for var in svc["environment"]:
+            if not var.startswith("FEDSEQ_"):
+                continue
+            if name == "orchestrator":
+                ok = var in settings or var in experiment
+            else:
+                # workers and the server take the experiment from the orchestrator: an experiment
+                # key set on them would be silently ignored, so only their own settings are allowed
+                ok = var in settings
+            assert ok, f"{path.name}: service {name} sets {var}, which the code does not read there"
+
+
+def test_orchestrator_default_experiment_is_valid():
+    env = {k: _interpolate(v) for k, v in _services(COMPOSE)["orchestrator"]["environment"].items()}
+    cfg = build_config(None, {}, environ=env)
+    assert cfg.run_id == env["FEDSEQ_RUN_ID"]
+    assert cfg.dataset == env["FEDSEQ_DATASET"]
+    assert cfg.epochs == int(env["FEDSEQ_EPOCHS"])
+    assert env["FEDSEQ_EXIT_WHEN_DONE"] == "1" and env["FEDSEQ_OUT"].startswith("/results/")
+    for k in ("FEDSEQ_STORE_URL",):
+        assert _services(COMPOSE)["server"]["environment"][k] == env[k], "server and orchestrator share the store"
+    host, port = env["FEDSEQ_AGGREGATOR"].split(":")
+    assert host == "server" and port == _services(COMPOSE)["server"]["environment"]["FEDSEQ_PORT"]
+    orch_port = env["FEDSEQ_PORT"]
+    for worker in ("client", "attacker"):
+        assert _services(COMPOSE)[worker]["environment"]["FEDSEQ_ORCHESTRATOR"] == f"orchestrator:{orch_port}"
+        assert _services(COMPOSE)[worker]["environment"]["FEDSEQ_PORT"] != "0", "workers need a fixed port"
+
+
+def test_yaml_agrees():
+    yaml = pytest.importorskip("yaml")
+    for path in (COMPOSE, GPU):
+        doc = yaml.safe_load(path.read_text())
+        assert isinstance(doc["services"], dict)
+        mine = _services(path)
+        for name, svc in doc["services"].items():
+            assert name in mine
+            if "command" in svc:
+                assert list(svc["command"]) == mine[name]["command"]
+            # FEDSEQ_* settings are written out per service (never through YAML anchors)
+            env = {k: str(v) for k, v in (svc.get("environment") or {}).items() if k.startswith("FEDSEQ_")}
+            assert env == {k: v for k, v in mine[name]["environment"].items() if k.startswith("FEDSEQ_")}, name
+
+
+def test_compose_config_with_podman_compose():
+    """podman-compose (>= 1.1, which has `config`) parses the files with PyYAML and resolves them."""
+    local = Path(os.environ.get("FEDSEQ_DEPLOY_CACHE", "/var/tmp/fedseq-deploy"), "tools/bin/podman-compose")
+    exe = str(local) if local.exists() else shutil.which("podman-compose")
+    if exe is None:
+        pytest.skip("podman-compose not installed (deploy/build-local.sh installs it)")
+    helptext = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60).stdout
+    if not re.search(r"\bconfig\b", helptext):
+        pytest.skip(f"{exe} is too old to have `config` (Debian's 1.0.3)")
+    for files in (["-f", str(COMPOSE)], ["-f", str(COMPOSE), "-f", str(GPU)]):
+        r = subprocess.run([exe, *files, "config"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "serve-orchestrator" in r.stdout
+
+
+def test_dockerfile_is_standard_with_a_wheelhouse_option():
+    text = (DEPLOY / "Dockerfile").read_text()
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim$", text, re.M)
+    assert re.search(r"^ARG TORCH_INDEX=https://download\.pytorch\.org/whl/cpu$", text, re.M)
+    assert re.search(r"^ARG WHEELHOUSE=$", text, re.M)
+    assert "--no-index --find-links" in text
+    users = re.findall(r"^USER\s+(\S+)", text, re.M)
+    assert users and not users[-1].startswith(("root", "0")), "the image must run as a non-root user"
+    assert re.search(r'^ENTRYPOINT \["fedseq"\]', text, re.M)
+    assert "FEDSEQ_DATA_ROOT=/data" in text
+    assert not re.search(r"^(COPY|ADD)\s+.*shared/data", text, re.M), "data stays out of the image"
+    ignore = (ROOT / ".dockerignore").read_text().split()
+    assert ".git" in ignore and ".venv" in ignore
+    assert "!deploy/wheelhouse" in ignore or not any(p.startswith("deploy") for p in ignore)
+
+
+@pytest.mark.parametrize("script", ["build-local.sh", "run-local.sh"])
+def test_scripts_are_valid_bash(script):
+    path = DEPLOY / script
+    assert path.stat().st_mode & 0o111, f"{script} is not executable"
+    r = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert "set -Eeuo pipefail" in path.read_text()
