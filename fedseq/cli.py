@@ -4,7 +4,7 @@
     fedseq sim                   the same experiment in one process
     fedseq serve-server|serve-client|serve-attacker|serve-orchestrator   one service (compose)
     fedseq data                  dataset statistics
-    fedseq report RUN_DIR        print a results bundle
+    fedseq report RUN_DIR...     print results bundles and communication ledgers, plot bytes per round
 """
 
 from __future__ import annotations
@@ -53,6 +53,8 @@ EXPERIMENT_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--malicious-ratio", {"type": float}),
     ("--attack-opt", {"dest": "attack_opts", "action": "append", "metavar": "K=V"}),
     ("--codec", {"help": "update encoding (dense-fp32, sparse-fp32, sparse-fp16, ...)"}),
+    ("--compression", {"choices": ["none", "gzip"], "help": "gRPC message compression of the run's calls"}),
+    ("--model-delta", {"action": "store_true", "help": "download version v as a row patch against v-1 when held"}),
     ("--threads", {"type": int, "help": "torch threads per process"}),
 ]
 
@@ -114,7 +116,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import report
 
-    return report(args.run_dir, plot=not args.no_plot)
+    return report(args.run_dir, plot=not args.no_plot, out=args.out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,8 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root")
     p.set_defaults(fn=cmd_data)
 
-    p = sub.add_parser("report", help="print a run's results and communication ledger")
-    p.add_argument("run_dir")
+    p = sub.add_parser("report", help="print runs' results and communication ledgers, plot bytes per round")
+    p.add_argument("run_dir", nargs="+", help="run folder(s) (fedseq run --out), or a folder of run folders")
+    p.add_argument("--out", help="plot file (PNG; default: bytes_per_round.png in the run folder, or in the "
+                                 "runs' common parent folder)")
     p.add_argument("--no-plot", action="store_true")
     p.set_defaults(fn=cmd_report)
 

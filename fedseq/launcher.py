@@ -99,6 +99,21 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
+def update_line(results: dict) -> str:
+    """``bytes per user update: ...`` from a results bundle's ledger totals."""
+    summ = results.get("summary", {})
+    tot = results.get("ledger", {}).get("totals", {})
+    cfg = results.get("config", {})
+    per = tot.get("bytes_per_update", summ.get("bytes_per_update", 0.0))
+    line = (f"bytes per user update: {_fmt_bytes(per)} ({cfg.get('codec', '?')}, "
+            f"{tot.get('updates', 0)} updates")
+    if cfg.get("compression", "none") != "none":
+        line += f"; {_fmt_bytes(tot.get('wire_per_update', 0.0))} after {cfg['compression']}"
+    if summ.get("num_parameters"):
+        line += f"; raw dense fp32 would be {_fmt_bytes(4 * summ['num_parameters'])}"
+    return line + ")"
+
+
 def launch(cfg: ExperimentConfig, settings: LaunchSettings) -> int:
     base = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(cfg.dataset.split(":")[0]).name)
     run_id = cfg.run_id or f"{base}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -111,6 +126,7 @@ def launch(cfg: ExperimentConfig, settings: LaunchSettings) -> int:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDSEQ_") or k in ("FEDSEQ_DATA_ROOT",
                                                                                        "FEDSEQ_REDIS_SERVER")}
     env["PYTHONUNBUFFERED"] = "1"
+    env["FEDSEQ_PARENT_PID"] = str(os.getpid())  # services exit if this launcher dies without cleanup
     env["OMP_NUM_THREADS"] = str(max(cfg.threads, 1))
     attack = cfg.attack != "none"
     n_workers = settings.workers + (settings.attackers if attack else 0)
@@ -173,6 +189,7 @@ def launch(cfg: ExperimentConfig, settings: LaunchSettings) -> int:
     summ = results.get("summary", {})
     print(f"bytes up {_fmt_bytes(summ.get('bytes_up', 0))}, down {_fmt_bytes(summ.get('bytes_down', 0))}; "
           f"results: {out / 'results.json'} (logs in {log_dir})")
+    print(update_line(results))
     return 0
 
 

@@ -14,14 +14,15 @@ METRIC_KEYS = ("hr@10", "ndcg@10", "er@5", "er@10", "er@20", "er@30")
 
 
 def write_results(out_dir: str | Path, config: Mapping[str, Any], epochs: Sequence[Mapping[str, Any]],
-                  summary: Mapping[str, Any] | None = None) -> Path:
-    """Write ``results.json`` atomically (temp file + rename) and return its path."""
+                  summary: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None) -> Path:
+    """Write ``results.json`` atomically (temp file + rename) and return its path. ``extra``: more
+    top-level sections (e.g. ``ledger``: the communication ledger's totals and per-round series)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"config": dict(config), "epochs": list(epochs), "summary": dict(summary or {})},
-                              indent=2, sort_keys=True))
+    body = {**dict(extra or {}), "config": dict(config), "epochs": list(epochs), "summary": dict(summary or {})}
+    tmp.write_text(json.dumps(body, indent=2, sort_keys=True))
     os.replace(tmp, path)
     return path
 

@@ -4,6 +4,7 @@ reflection services, channel options, chunking, deadlines, and SIGTERM-driven sh
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -27,6 +28,9 @@ GRPC_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
+    # servers accept the clients' 30 s keepalive pings on idle channels (default minimum: 5 min,
+    # after which a server answers GOAWAY too_many_pings)
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
 ]
 
 
@@ -88,8 +92,18 @@ class Service:
         self.server.wait_for_termination()
 
 
-def channel(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=GRPC_OPTIONS)
+def channel(address: str, compression: str = "none") -> grpc.Channel:
+    """A channel to ``address``; ``compression="gzip"`` compresses every request sent on it."""
+    return grpc.insecure_channel(address, options=GRPC_OPTIONS, compression=grpc_compression(compression))
+
+
+def grpc_compression(name: str) -> grpc.Compression | None:
+    """``"none"`` -> None (no compression), ``"gzip"`` -> ``grpc.Compression.Gzip``."""
+    if name in ("", "none"):
+        return None
+    if name == "gzip":
+        return grpc.Compression.Gzip
+    raise ValueError(f"unknown compression {name!r}; known: none, gzip")
 
 
 def wait_ready(ch: grpc.Channel, timeout: float, what: str) -> None:
@@ -116,8 +130,12 @@ def serve_until_signal(service: Service, on_stop=None, port_file: str | None = N
         tmp = Path(port_file + ".tmp")
         tmp.write_text(str(service.port))
         tmp.replace(port_file)
+    parent = os.environ.get("FEDSEQ_PARENT_PID")  # set by `fedseq run`: exit with the launcher
     while not done.is_set():
         done.wait(0.5)
+        if parent and os.getppid() != int(parent):
+            log.warning("launcher (pid %s) is gone: shutting down", parent)
+            break
     if on_stop:
         on_stop()
     service.stop()

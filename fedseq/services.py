@@ -42,6 +42,7 @@ class ServerSettings:
     store_url: str
     max_update_bytes: int
     port_file: str | None
+    accept_encodings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,9 @@ def add_parsers(sub, add_experiment_flags) -> None:
     p.add_argument("--port", default=_env("PORT", "50051"))
     p.add_argument("--store-url", default=_env("STORE_URL"), help="redis://host:port/db (FEDSEQ_STORE_URL)")
     p.add_argument("--max-update-bytes", default=_env("MAX_UPDATE_BYTES", str(64 << 20)))
+    p.add_argument("--accept-encodings", default=_env("ACCEPT_ENCODINGS"),
+                   help="comma list of the update encodings this server accepts (default: all; "
+                        "FEDSEQ_ACCEPT_ENCODINGS); a run whose --codec is not listed is refused at StartRun")
     p.add_argument("--port-file", default=_env("PORT_FILE"))
     p.set_defaults(fn=serve_server)
 
@@ -100,19 +104,25 @@ def add_parsers(sub, add_experiment_flags) -> None:
 
 
 def serve_server(args: argparse.Namespace) -> int:
-    from server.service import AggregatorServicer
+    from server.service import AggregatorServicer, parse_encodings
 
     from .rpc import Service, serve_until_signal
     from .store import RedisStore
     from .v1 import aggregator_pb2, aggregator_pb2_grpc
 
+    try:
+        accepted = parse_encodings(args.accept_encodings)
+    except ValueError as e:
+        raise ConfigError(f"--accept-encodings: {e}") from None
     s = ServerSettings(_int(args.port, "--port"), _required(args.store_url, "--store-url", "STORE_URL"),
-                       _int(args.max_update_bytes, "--max-update-bytes"), args.port_file)
+                       _int(args.max_update_bytes, "--max-update-bytes"), args.port_file, accepted)
     RedisStore.from_url(s.store_url, "probe").head()  # fail fast when the store is unreachable
-    servicer = AggregatorServicer(lambda run_id: RedisStore.from_url(s.store_url, run_id), s.max_update_bytes)
+    servicer = AggregatorServicer(lambda run_id: RedisStore.from_url(s.store_url, run_id), s.max_update_bytes,
+                                  s.accept_encodings)
     svc = Service([(aggregator_pb2_grpc.add_AggregatorServicer_to_server, servicer,
                     aggregator_pb2.DESCRIPTOR.services_by_name["Aggregator"].full_name)], port=s.port).start()
-    log.warning("aggregation server listening on :%d (store %s)", svc.port, s.store_url)
+    log.warning("aggregation server listening on :%d (store %s; accepts %s)", svc.port, s.store_url,
+                ",".join(s.accept_encodings))
     serve_until_signal(svc, port_file=s.port_file)
     return 0
 
@@ -148,7 +158,8 @@ def serve_worker(args: argparse.Namespace) -> int:
             from attacker.service import malicious_population_hosted
 
             hosted = malicious_population_hosted(cfg, s.shard)
-        servicer.attach(reply.run_id, hosted, ModelSource(reply.run_id, reply.store_url, reply.aggregator))
+        servicer.attach(reply.run_id, hosted, ModelSource(reply.run_id, reply.store_url, reply.aggregator,
+                                                          cfg.compression, cfg.model_delta))
 
     stop = threading.Event()
     failure: list[BaseException] = []

@@ -4,6 +4,7 @@ Keys of run ``R`` (all under ``fedseq:R:``)::
 
     fedseq:R:model:V        safetensors blob of model version V (never pickle)
     fedseq:R:modelinfo:V    hash: sha256, nbytes, created (unix time), meta (JSON of the blob's metadata)
+    fedseq:R:patch:V        patch turning version V-1 into V (fedseq.delta; only with model_delta)
     fedseq:R:versions       sorted set of the stored versions (score = version)
     fedseq:R:head           newest version written (only ever moves forward)
     fedseq:R:config         JSON of the run config
@@ -27,7 +28,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -397,7 +398,7 @@ class RedisStore:
             if drop:
                 pipe = self._client.pipeline(transaction=True)
                 for v in drop:
-                    pipe.delete(self._key("model", v), self._key("modelinfo", v))
+                    pipe.delete(self._key("model", v), self._key("modelinfo", v), self._key("patch", v))
                 pipe.zrem(self._key("versions"), *drop)
                 pipe.execute()
         return drop
@@ -413,6 +414,26 @@ class RedisStore:
                 f"run {self.run_id} has no model version {version} "
                 f"(available: {', '.join(map(str, available)) if available else 'none'})"
             )
+        self._count(read=len(blob))
+        return bytes(blob)
+
+    def put_patch_bytes(self, version: int, blob: bytes) -> int:
+        """Store the patch turning ``version - 1`` into ``version`` (fedseq.delta); returns its size.
+        Deleted with the version by retention."""
+        version = _check_version(version)
+        blob = bytes(blob)
+        with self._io(f"writing the patch of model version {version} of run {self.run_id}"):
+            self._client.set(self._key("patch", version), blob)
+        self._count(written=len(blob))
+        return len(blob)
+
+    def get_patch_bytes(self, version: int) -> bytes | None:
+        """The patch turning ``version - 1`` into ``version``, or None when there is none."""
+        version = _check_version(version)
+        with self._io(f"reading the patch of model version {version} of run {self.run_id}"):
+            blob = self._client.get(self._key("patch", version))
+        if blob is None:
+            return None
         self._count(read=len(blob))
         return bytes(blob)
 
@@ -505,6 +526,20 @@ class RedisStore:
         self._count(written=len(data))
         return int(length)
 
+    def append_records(self, stream: str, records: Sequence[Mapping[str, Any]]) -> int:
+        """Append several JSON records to ``stream`` in one round trip; returns its new length."""
+        _check_name("stream", stream)
+        if not records:
+            return self.record_count(stream)
+        data = [_to_json(f"record of stream {stream!r}", r) for r in records]
+        with self._io(f"appending to stream {stream!r} of run {self.run_id}"):
+            pipe = self._client.pipeline(transaction=True)
+            pipe.rpush(self._key("log", stream), *data)
+            pipe.sadd("fedseq:runs", self.run_id)
+            length, _ = pipe.execute()
+        self._count(written=sum(len(d) for d in data))
+        return int(length)
+
     def records(self, stream: str, start: int = 0, end: int = -1) -> list[dict[str, Any]]:
         """Records ``start..end`` (inclusive, negative counts from the end, like LRANGE) of ``stream``."""
         _check_name("stream", stream)
@@ -586,6 +621,21 @@ class CachedModelReader:
             while len(self._cache) > self.capacity:
                 self._cache.popitem(last=False)
             return dict(tensors)
+
+    def cached(self, version: int) -> dict[str, torch.Tensor] | None:
+        """Model ``version`` if it is in the cache (no store access), else None."""
+        with self._lock:
+            hit = self._cache.get(version)
+            return dict(hit) if hit is not None else None
+
+    def put(self, version: int, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Add a version obtained another way (e.g. by applying a patch) to the cache."""
+        version = _check_version(version)
+        with self._lock:
+            self._cache[version] = dict(tensors)
+            self._cache.move_to_end(version)
+            while len(self._cache) > self.capacity:
+                self._cache.popitem(last=False)
 
     def cached_versions(self) -> list[int]:
         with self._lock:

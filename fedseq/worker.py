@@ -5,6 +5,7 @@ how their updates are computed."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -18,11 +19,13 @@ import numpy as np
 import torch
 
 from . import codec
+from . import ledger as ledger_mod
 from .config import ExperimentConfig
+from .delta import PatchError, apply_patch
 from .experiment import Setup
 from .metrics import EvalConfig, Evaluator, MetricSums
 from .rpc import CONTROL_TIMEOUT, channel, chunks, deadline_left
-from .store import CachedModelReader, RedisStore, model_from_bytes
+from .store import CachedModelReader, RedisStore, model_from_bytes, model_to_bytes
 from .training import UpdateBatch
 from .v1 import aggregator_pb2 as agg_pb
 from .v1 import aggregator_pb2_grpc as agg_grpc
@@ -52,30 +55,97 @@ def encode_update(tensors: dict[str, torch.Tensor], encoding: str) -> bytes:
 
 
 class ModelSource:
-    """Model versions by number: from Redis (cached) or, without a store, from the aggregator."""
+    """Model versions by number: from Redis (cached) or, without a store, from the aggregator.
 
-    def __init__(self, run_id: str, store_url: str, aggregator: str) -> None:
+    Only versions this worker does not hold are fetched (a cache hit moves no bytes). With
+    ``delta`` (config ``model_delta``), a store reader that holds version ``v - 1`` reads the patch
+    to ``v`` (fedseq/delta.py) instead of the whole version, and checks the result against the
+    version's sha256 (falling back to the whole version on any mismatch). Every fetch is reported
+    as ledger counts: store reads (``worker-store``), or the GetModel request and its chunks
+    (``worker-aggregator``, compressed as the run says)."""
+
+    def __init__(self, run_id: str, store_url: str, aggregator: str, compression: str = "none",
+                 delta: bool = False) -> None:
         self.run_id = run_id
+        self.compression = compression
+        self.delta = delta
+        self.patches_applied = 0
         self._reader = CachedModelReader(RedisStore.from_url(store_url, run_id)) if store_url else None
-        self._agg = agg_grpc.AggregatorStub(channel(aggregator)) if not store_url else None
+        self._agg = agg_grpc.AggregatorStub(channel(aggregator, compression)) if not store_url else None
         self._cache: dict[int, dict[str, torch.Tensor]] = {}
         self._lock = threading.Lock()
 
     def get(self, version: int) -> tuple[dict[str, torch.Tensor], int]:
-        """Tensors of ``version`` and the bytes read to get them (0 on a cache hit)."""
-        if self._reader is not None:
-            before = self._reader.stats().get("bytes_fetched", 0)
-            tensors = self._reader.get(version)
-            return tensors, int(self._reader.stats().get("bytes_fetched", 0) - before)
+        """Tensors of ``version`` and the model bytes read to get them (0 on a cache hit)."""
+        tensors, counts = self.fetch(version)
+        return tensors, sum(c.bytes for c in counts if c.kind == "model_download")
+
+    def fetch(self, version: int) -> tuple[dict[str, torch.Tensor], list[common_pb2.ByteCount]]:
+        """Tensors of ``version`` and the ledger counts of what was read (empty on a cache hit)."""
         with self._lock:
+            if self._reader is not None and self.delta:
+                patched = self._from_patch(version)
+                if patched is not None:
+                    return patched
+            if self._reader is not None:
+                before = self._reader.stats().get("bytes_fetched", 0)
+                tensors = self._reader.get(version)
+                n = int(self._reader.stats().get("bytes_fetched", 0) - before)
+                counts = [ledger_mod.store_count(n, kind="model_download", direction="down", link="worker-store",
+                                                 what=f"store.get model:{version}")] if n else []
+                return tensors, counts
             if version in self._cache:
-                return self._cache[version], 0
+                return self._cache[version], []
             assert self._agg is not None
-            blob = b"".join(c.data for c in self._agg.GetModel(
-                agg_pb.GetModelRequest(run_id=self.run_id, version=version), timeout=CONTROL_TIMEOUT * 4))
+            req = agg_pb.GetModelRequest(run_id=self.run_id, version=version)
+            msgs = list(self._agg.GetModel(req, timeout=CONTROL_TIMEOUT * 4))
+            blob = b"".join(c.data for c in msgs)
             tensors, _ = model_from_bytes(blob)
             self._cache = {version: tensors}
-            return tensors, len(blob)
+            counts = [
+                ledger_mod.count(req, kind="control", direction="up", link="worker-aggregator",
+                                 what="Aggregator.GetModel request", compression=self.compression),
+                ledger_mod.count(msgs, kind="model_download", direction="down", link="worker-aggregator",
+                                 what=f"Aggregator.GetModel model:{version}", compression=self.compression),
+            ]
+            return tensors, counts
+
+    def _from_patch(self, version: int) -> tuple[dict[str, torch.Tensor], list[common_pb2.ByteCount]] | None:
+        """``version`` from the cached ``version - 1`` and the stored patch, or None (not cached
+        already, no base, no patch, or a result that does not match the version's sha256)."""
+        assert self._reader is not None
+        if version < 1 or self._reader.cached(version) is not None:
+            return None
+        base = self._reader.cached(version - 1)
+        if base is None:
+            return None
+        store = self._reader.store
+        blob = store.get_patch_bytes(version)
+        if blob is None:
+            return None
+        counts = [ledger_mod.store_count(len(blob), kind="model_download", direction="down", link="worker-store",
+                                         what=f"store.get patch:{version}")]
+        info = store.model_info(version)
+        try:
+            tensors = apply_patch(base, blob, version - 1)
+            ok = info is not None and hashlib.sha256(model_to_bytes(tensors, info["meta"])).hexdigest() == info["sha256"]
+        except PatchError as e:
+            log.warning("patch to model version %d does not apply (%s); reading the whole version", version, e)
+            ok = False
+        if not ok:
+            tensors, more = self._full(version)
+            return tensors, counts + more
+        self._reader.put(version, tensors)
+        self.patches_applied += 1
+        return dict(tensors), counts
+
+    def _full(self, version: int) -> tuple[dict[str, torch.Tensor], list[common_pb2.ByteCount]]:
+        assert self._reader is not None
+        blob = self._reader.store.get_model_bytes(version)
+        tensors, _ = model_from_bytes(blob)
+        self._reader.put(version, tensors)
+        return dict(tensors), [ledger_mod.store_count(len(blob), kind="model_download", direction="down",
+                                                      link="worker-store", what=f"store.get model:{version}")]
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
@@ -110,17 +180,36 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         assert self.hosted is not None
         return self.hosted
 
-    def _aggregator(self, address: str) -> agg_grpc.AggregatorStub:
+    def _aggregator(self, address: str, compression: str) -> agg_grpc.AggregatorStub:
+        key = f"{compression}|{address}"
         with self._lock:
-            if address not in self._agg_channels:
-                self._agg_channels[address] = agg_grpc.AggregatorStub(channel(address))
-            return self._agg_channels[address]
+            if key not in self._agg_channels:
+                self._agg_channels[key] = agg_grpc.AggregatorStub(channel(address, compression))
+            return self._agg_channels[key]
+
+    @staticmethod
+    def _compression(hosted: Hosted, context) -> str:
+        """The run's gRPC compression; this call's reply is compressed accordingly."""
+        comp = hosted.setup.cfg.compression
+        if comp == "gzip":
+            context.set_compression(grpc.Compression.Gzip)
+        return comp
 
     def Train(self, request, context):
         hosted = self._need(request.run_id, context)
         assert self.models is not None
+        encoding = request.encoding or "dense-fp32"
+        accepted = list(request.accepted_encodings)
+        if encoding not in accepted:
+            # refuse before any work: an encoding the aggregator does not accept would only be rejected there
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"encoding refused: round {request.round_id} asks for updates encoded {encoding!r} but "
+                          f"the aggregator accepts only {accepted or 'nothing (accepted_encodings is empty)'}; "
+                          "nothing was uploaded")
+        comp = self._compression(hosted, context)
         t0 = time.perf_counter()
-        tensors, model_bytes = self.models.get(request.model_version)
+        tensors, counts = self.models.fetch(request.model_version)
+        model_bytes = sum(c.bytes for c in counts if c.kind == "model_download")
         params = hosted.setup.layout.flatten(tensors)
         t1 = time.perf_counter()
         hosted_set = hosted.sequences
@@ -128,7 +217,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         statuses = [common_pb2.UpdateStatus(user_id=a.user_id, accepted=False, reason="user not hosted by this worker")
                     for a in request.assignments if a.user_id not in hosted_set]
         if not local:
-            return worker_pb2.TrainReply(statuses=statuses, model_bytes_read=model_bytes)
+            return worker_pb2.TrainReply(statuses=statuses, model_bytes_read=model_bytes, ledger=counts)
         with self._compute:
             ub = hosted.compute(params, [a.user_id for a in local], request.round_id)
             self.stats["train_calls"] += 1
@@ -141,24 +230,28 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         def stream():
             for i, a in enumerate(local):
                 te = time.perf_counter()
-                data = encode_update(layout.unflatten(ub.updates[i]), request.encoding or "dense-fp32")
+                data = encode_update(layout.unflatten(ub.updates[i]), encoding)
                 encode_seconds[0] += time.perf_counter() - te
                 header = agg_pb.UpdateHeader(run_id=request.run_id, round_id=request.round_id, user_id=a.user_id,
                                              token=a.token, num_samples=int(ub.num_samples[i]),
-                                             total_bytes=len(data), encoding=request.encoding or "dense-fp32",
-                                             loss=float(ub.losses[i]))
-                for j, piece in enumerate(chunks(data)):
-                    msg = agg_pb.UpdateChunk(header=header, data=piece) if j == 0 else agg_pb.UpdateChunk(data=piece)
-                    sent[0] += msg.ByteSize()
-                    yield msg
+                                             total_bytes=len(data), encoding=encoding, loss=float(ub.losses[i]))
+                msgs = [agg_pb.UpdateChunk(header=header, data=piece) if j == 0 else agg_pb.UpdateChunk(data=piece)
+                        for j, piece in enumerate(chunks(data))]
+                c = ledger_mod.count(msgs, kind="update", direction="up", link="worker-aggregator",
+                                     what="Aggregator.SubmitUpdates", compression=comp, user=a.user_id)
+                counts.append(c)
+                sent[0] += c.bytes
+                yield from msgs
 
-        reply = self._aggregator(request.aggregator).SubmitUpdates(
+        reply = self._aggregator(request.aggregator, comp).SubmitUpdates(
             stream(), timeout=deadline_left(request.deadline_unix, floor=30.0))
         t3 = time.perf_counter()
+        counts.append(ledger_mod.count(reply, kind="control", direction="down", link="worker-aggregator",
+                                       what="Aggregator.SubmitUpdates reply", compression=comp))
         statuses.extend(reply.statuses)
         return worker_pb2.TrainReply(statuses=statuses, bytes_sent=sent[0], model_bytes_read=model_bytes,
                                      timings={"model": t1 - t0, "compute": t2 - t1, "encode": encode_seconds[0],
-                                              "upload": t3 - t2 - encode_seconds[0]})
+                                              "upload": t3 - t2 - encode_seconds[0]}, ledger=counts)
 
     def Evaluate(self, request, context):
         hosted = self._need(request.run_id, context)
@@ -170,7 +263,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         if unknown:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"{len(unknown)} users are not evaluable here (e.g. {unknown[:5]})")
-        tensors, model_bytes = self.models.get(request.model_version)
+        self._compression(hosted, context)
+        tensors, counts = self.models.fetch(request.model_version)
+        model_bytes = sum(c.bytes for c in counts if c.kind == "model_download")
         params = hosted.setup.layout.flatten(tensors)
         s = hosted.setup
         base = s.eval_config()
@@ -187,7 +282,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             sums = ev(params) if users else MetricSums()
             self.stats["eval_calls"] += 1
         return worker_pb2.EvaluateReply(sums=to_proto(sums), seconds=time.perf_counter() - t0,
-                                        model_bytes_read=model_bytes)
+                                        model_bytes_read=model_bytes, ledger=counts)
 
 
 def to_proto(m: MetricSums) -> common_pb2.MetricSums:

@@ -22,11 +22,13 @@ from typing import Any
 import grpc
 import numpy as np
 
+from fedseq import ledger as ledger_mod
 from fedseq.config import ExperimentConfig
 from fedseq.experiment import Setup, epoch_rounds, setup
+from fedseq.ledger import Ledger
 from fedseq.metrics import MetricSums
 from fedseq.results import write_results
-from fedseq.rpc import CONTROL_TIMEOUT, channel
+from fedseq.rpc import CONTROL_TIMEOUT, channel, grpc_compression
 from fedseq.store import RedisStore
 from fedseq.v1 import aggregator_pb2 as agg_pb
 from fedseq.v1 import aggregator_pb2_grpc as agg_grpc
@@ -98,6 +100,13 @@ class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
         self.epochs: list[dict[str, Any]] = []
         self.bytes_up = 0
         self.bytes_down = 0
+        self.num_parameters = 0
+        # the communication ledger (fedseq/ledger.py): entries go to the store's "ledger" stream
+        # round by round; these are running sums of it (rebuilt from the stream on resume)
+        self._comp = cfg.compression
+        self._grpc_comp = grpc_compression(cfg.compression)
+        self._epoch_bytes: dict[int, dict[str, int]] = {}  # 1-based epoch -> {"up", "down"}
+        self._pending: list[tuple[str, Any]] = []  # (worker, ByteCount) of Register/Describe calls
         self.results: dict[str, Any] | None = None
         self.aggregator = agg_grpc.AggregatorStub(channel(settings.aggregator))
         self.clients = self._all_clients()
@@ -121,10 +130,26 @@ class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
                 stub = worker_pb2_grpc.WorkerStub(channel(request.address))
                 self.workers[request.worker_id] = WorkerInfo(request.worker_id, request.address, request.device, stub)
                 log.info("worker %s registered at %s", request.worker_id, request.address)
-        return orchestrator_pb2.RegisterReply(
+        reply = orchestrator_pb2.RegisterReply(
             run_id=self.run_id, config_json=self.cfg.to_json(),
             store_url="" if self.settings.serve_models else self.settings.store_url,
             aggregator=self.settings.aggregator)
+        self._note(request.worker_id, request, "up", "Orchestrator.Register request")
+        self._note(request.worker_id, reply, "down", "Orchestrator.Register reply")
+        return reply
+
+    def _note(self, worker: str, msg: Any, direction: str, what: str) -> None:
+        """Count a registration-time message (uncompressed: the worker has no config yet); it goes
+        into the ledger with the next round."""
+        c = ledger_mod.count(msg, kind="control", direction=direction, link="worker-orchestrator", what=what)
+        with self._lock:
+            self._pending.append((worker, c))
+
+    def _flush_pending(self, led: Ledger) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for worker, c in pending:
+            led.add_count(c, worker=worker, phase="register")
 
     def GetStatus(self, request, context):
         with self._lock:
@@ -167,7 +192,10 @@ class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
             if w.ready and w.alive:
                 continue
             try:
-                d = w.stub.Describe(worker_pb2.DescribeRequest(), timeout=5.0)
+                dreq = worker_pb2.DescribeRequest()
+                d = w.stub.Describe(dreq, timeout=5.0)
+                self._note(w.worker_id, dreq, "down", "Worker.Describe request")
+                self._note(w.worker_id, d, "up", "Worker.Describe reply")
                 w.alive = True
                 if d.ready and d.run_id == self.run_id:
                     w.users, w.ready = frozenset(d.users), True
@@ -203,13 +231,30 @@ class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
         if self._stop.is_set():
             self.state = "stopped"
             return
-        start = self.aggregator.StartRun(agg_pb.StartRunRequest(run_id=self.run_id, config_json=cfg.to_json(),
-                                                                num_items=self.setup.dataset.num_items),
-                                         timeout=CONTROL_TIMEOUT * 4)
+        start_req = agg_pb.StartRunRequest(run_id=self.run_id, config_json=cfg.to_json(),
+                                           num_items=self.setup.dataset.num_items)
+        try:
+            start = self.aggregator.StartRun(start_req, timeout=CONTROL_TIMEOUT * 4, compression=self._grpc_comp)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise ValueError(f"the aggregator refused the run: {e.details()}") from None
+            raise
         if cfg.codec not in start.accepted_encodings:
-            raise ValueError(f"the aggregator does not accept codec {cfg.codec!r} ({list(start.accepted_encodings)})")
+            raise ValueError(f"the aggregator does not accept codec {cfg.codec!r} (it accepts "
+                             f"{', '.join(start.accepted_encodings)}); pick one of those with --codec")
+        self.num_parameters = int(start.num_parameters)
         schedule = self._schedule()
         done = int(start.head_version)
+        self._load_ledger()
+        led = Ledger(self.run_id, done, schedule[done][0] + 1 if done < len(schedule) else cfg.epochs, "setup")
+        led.add_message(start_req, compression=self._comp, kind="control", direction="internal",
+                        link="orchestrator-aggregator", what="Aggregator.StartRun request")
+        led.add_message(start, compression=self._comp, kind="control", direction="internal",
+                        link="orchestrator-aggregator", what="Aggregator.StartRun reply")
+        if start.store_bytes:
+            led.add(kind="model_write", direction="internal", link="aggregator-store", what="store.put model:0",
+                    bytes=start.store_bytes)
+        self._commit(led)
         self.epochs = self.store.records("epochs")
         if start.resumed:
             log.info("resuming run %s at round %d of %d", self.run_id, done, len(schedule))
@@ -231,7 +276,7 @@ class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
                 return
             epoch, r, users = schedule[rid]
             summary = self._round(rid, epoch, users)
-            for k in ("bytes_up", "bytes_down", "accepted", "rejected", "missing", "malicious", "malicious_kept"):
+            for k in ("accepted", "rejected", "missing", "malicious", "malicious_kept"):
                 acc[k] = acc.get(k, 0) + summary[k]
             last_of_epoch = rid + 1 == len(schedule) or schedule[rid + 1][0] != epoch
             if last_of_epoch:
@@ -249,25 +294,36 @@ class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
         by_id = {w.worker_id: w for w in workers}
         tokens = {int(u): secrets.token_hex(8) for u in users.tolist()}
         deadline = time.time() + self.settings.round_timeout
-        self.aggregator.OpenRound(agg_pb.OpenRoundRequest(
+        led = Ledger(self.run_id, rid, epoch + 1, "train")
+        ctl: dict[str, Any] = {"compression": self._comp, "kind": "control"}
+        open_req = agg_pb.OpenRoundRequest(
             run_id=self.run_id, round_id=rid, model_version=rid, deadline_unix=deadline, lr=lr,
-            assignments=[common_pb2.Assignment(user_id=u, token=t) for u, t in tokens.items()]),
-            timeout=CONTROL_TIMEOUT)
+            assignments=[common_pb2.Assignment(user_id=u, token=t) for u, t in tokens.items()])
+        opened = self.aggregator.OpenRound(open_req, timeout=CONTROL_TIMEOUT, compression=self._grpc_comp)
+        led.add_message(open_req, direction="internal", link="orchestrator-aggregator",
+                        what="Aggregator.OpenRound request", **ctl)
+        led.add_message(opened, direction="internal", link="orchestrator-aggregator",
+                        what="Aggregator.OpenRound reply", **ctl)
         calls = {}
         for wid, us in plan.items():
             req = worker_pb2.TrainRequest(
                 run_id=self.run_id, round_id=rid, model_version=rid, aggregator=self.settings.aggregator,
-                deadline_unix=deadline, encoding=cfg.codec,
+                deadline_unix=deadline, encoding=cfg.codec, accepted_encodings=list(opened.accepted_encodings),
                 assignments=[common_pb2.Assignment(user_id=u, token=tokens[u]) for u in us])
-            calls[wid] = by_id[wid].stub.Train.future(req, timeout=self.settings.round_timeout)
-        bytes_up = bytes_down = 0
+            calls[wid] = by_id[wid].stub.Train.future(req, timeout=self.settings.round_timeout,
+                                                      compression=self._grpc_comp)
+            led.add_message(req, worker=wid, direction="down", link="worker-orchestrator",
+                            what="Worker.Train request", **ctl)
         timings: dict[str, float] = {}
         failed = []
+        refused = []
         for wid, fut in calls.items():
             try:
                 rep = fut.result()
-                bytes_up += rep.bytes_sent
-                bytes_down += rep.model_bytes_read
+                for problem in led.add_counts(rep.ledger, worker=wid):
+                    log.warning("round %d: worker %s reported an invalid ledger count: %s", rid, wid, problem)
+                led.add_message(rep, worker=wid, direction="up", link="worker-orchestrator",
+                                what="Worker.Train reply", **ctl)
                 for k, v in rep.timings.items():
                     timings[k] = max(timings.get(k, 0.0), v)
             except grpc.RpcError as e:
@@ -275,9 +331,32 @@ class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
                 by_id[wid].alive = e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) \
                     and by_id[wid].alive
                 log.warning("round %d: worker %s failed: %s %s", rid, wid, e.code().name, e.details())
+                if e.code() == grpc.StatusCode.INVALID_ARGUMENT:  # a contract error: retrying cannot help
+                    refused.append(f"worker {wid}: {e.details()}")
+        if refused:
+            raise RuntimeError(f"round {rid}: the Train request was refused ({'; '.join(refused)})")
         t_train = time.perf_counter() - t0
-        s = self.aggregator.CloseRound(agg_pb.CloseRoundRequest(run_id=self.run_id, round_id=rid),
-                                       timeout=CONTROL_TIMEOUT * 4)
+        close_req = agg_pb.CloseRoundRequest(run_id=self.run_id, round_id=rid)
+        s = self.aggregator.CloseRound(close_req, timeout=CONTROL_TIMEOUT * 4, compression=self._grpc_comp)
+        led.add_message(close_req, direction="internal", link="orchestrator-aggregator",
+                        what="Aggregator.CloseRound request", **ctl)
+        led.add_message(s, direction="internal", link="orchestrator-aggregator",
+                        what="Aggregator.CloseRound reply", **ctl)
+        reported = sum(e.bytes for e in led.entries if e.kind == "update")
+        if s.bytes_received > reported:  # uploads of a worker whose Train reply never came back
+            led.add(kind="update", direction="up", link="worker-aggregator", bytes=s.bytes_received - reported,
+                    what="Aggregator.SubmitUpdates (counted by the aggregator; no worker report)")
+        if s.store_bytes:
+            led.add(kind="model_write", direction="internal", link="aggregator-store",
+                    what=f"store.put model:{s.new_version}", bytes=s.store_bytes)
+        if s.patch_bytes:
+            led.add(kind="model_write", direction="internal", link="aggregator-store",
+                    what=f"store.put patch:{s.new_version}", bytes=s.patch_bytes)
+        if s.store_bytes_read:
+            led.add(kind="model_download", direction="internal", link="aggregator-store",
+                    what="store.get (serving GetModel)", bytes=s.store_bytes_read)
+        self._flush_pending(led)
+        bytes_up, bytes_down = self._commit(led)
         mal = set(self.malicious.tolist())
         in_round = [u for u in users.tolist() if u in mal]
         kept = set(s.kept_users) if s.kept_users else None
@@ -286,6 +365,8 @@ class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
             "round": rid, "epoch": epoch + 1, "lr": lr, "users": len(users), "accepted": s.accepted,
             "rejected": len(s.rejected), "missing": len(s.missing) + len(orphans), "orphans": len(orphans),
             "failed_workers": failed, "bytes_up": bytes_up, "bytes_down": bytes_down,
+            "updates": sum(1 for e in led.entries if e.kind == "update" and e.user >= 0),
+            "update_bytes": sum(e.bytes for e in led.entries if e.kind == "update"),
             "bytes_received": s.bytes_received, "store_bytes": s.store_bytes, "seconds": time.perf_counter() - t0,
             "train_seconds": t_train, "worker_timings": timings, "server_timings": dict(s.timings),
             "rule": s.rule, "rule_info": json.loads(s.rule_info_json or "{}"),
@@ -294,29 +375,58 @@ class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
             "malicious_kept": len(accepted_mal) if kept is None else len([u for u in accepted_mal if u in kept]),
         }
         self.store.append_record("rounds", record)
-        self.bytes_up += bytes_up
-        self.bytes_down += bytes_down
         self.round_id = rid + 1
         self.message = (f"epoch {epoch + 1}/{cfg.epochs} round {rid + 1}: {s.accepted} accepted, "
                         f"{len(s.rejected)} rejected, {record['missing']} missing")
         return record
 
-    def _evaluate(self, version: int) -> MetricSums:
+    def _evaluate(self, version: int, led: Ledger) -> MetricSums:
         workers = self._refresh_workers()
         benign = self.setup.benign_users
         plan, orphans = assign(benign, workers)
         if orphans:
             log.warning("evaluation: %d benign users have no live worker and are skipped", len(orphans))
         by_id = {w.worker_id: w for w in workers}
-        futs = [by_id[wid].stub.Evaluate.future(worker_pb2.EvaluateRequest(
-            run_id=self.run_id, model_version=version, users=us), timeout=self.settings.round_timeout)
-            for wid, us in plan.items()]
+        ctl: dict[str, Any] = {"compression": self._comp, "kind": "control", "link": "worker-orchestrator"}
+        futs = []
+        for wid, us in plan.items():
+            req = worker_pb2.EvaluateRequest(run_id=self.run_id, model_version=version, users=us)
+            futs.append((wid, by_id[wid].stub.Evaluate.future(req, timeout=self.settings.round_timeout,
+                                                              compression=self._grpc_comp)))
+            led.add_message(req, worker=wid, direction="down", what="Worker.Evaluate request", **ctl)
         total = MetricSums()
-        for f in futs:
+        for wid, f in futs:
             rep = f.result()
             total = total + from_proto(rep.sums)
-            self.bytes_down += rep.model_bytes_read
+            for problem in led.add_counts(rep.ledger, worker=wid):
+                log.warning("evaluation: worker %s reported an invalid ledger count: %s", wid, problem)
+            led.add_message(rep, worker=wid, direction="up", what="Worker.Evaluate reply", **ctl)
         return total
+
+    # ------------------------------------------------------------------ ledger
+    def _commit(self, led: Ledger) -> tuple[int, int]:
+        """Store ``led``'s entries (stream "ledger") and add them to the running sums; returns the
+        entries' (bytes up, bytes down)."""
+        self.store.append_records(ledger_mod.STREAM, led.dicts())
+        t = ledger_mod.totals(led.entries)
+        acc = self._epoch_bytes.setdefault(led.epoch, {"up": 0, "down": 0})
+        acc["up"] += t["bytes_up"]
+        acc["down"] += t["bytes_down"]
+        self.bytes_up += t["bytes_up"]
+        self.bytes_down += t["bytes_down"]
+        return t["bytes_up"], t["bytes_down"]
+
+    def _load_ledger(self) -> None:
+        """Running sums from the stored ledger (a resumed run continues its accounting)."""
+        self._epoch_bytes, self.bytes_up, self.bytes_down = {}, 0, 0
+        for e in self.store.records(ledger_mod.STREAM):
+            acc = self._epoch_bytes.setdefault(int(e["epoch"]), {"up": 0, "down": 0})
+            if e["direction"] in ("up", "down"):
+                acc[e["direction"]] += int(e["bytes"])
+                if e["direction"] == "up":
+                    self.bytes_up += int(e["bytes"])
+                else:
+                    self.bytes_down += int(e["bytes"])
 
     def _end_epoch(self, epoch: int, seconds: float, acc: dict[str, float]) -> None:
         cfg = self.cfg
@@ -324,11 +434,15 @@ class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
                                "round_id": self.round_id, **acc}
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
             t = time.perf_counter()
-            sums = self._evaluate(self.round_id)
+            led = Ledger(self.run_id, self.round_id - 1, epoch + 1, "eval")
+            sums = self._evaluate(self.round_id, led)
+            self._commit(led)
             row.update(sums.means())
             row["eval_users"] = sums.users
             row["eval_seconds"] = time.perf_counter() - t
         row["seconds"] = seconds + row.get("eval_seconds", 0.0)
+        eb = self._epoch_bytes.get(epoch + 1, {"up": 0, "down": 0})
+        row["bytes_up"], row["bytes_down"] = eb["up"], eb["down"]
         self.epochs = [e for e in self.epochs if e["epoch"] != epoch + 1] + [row]
         self.store.append_record("epochs", row)
         self.epochs_done = epoch + 1
@@ -338,11 +452,18 @@ class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
         self._write()
 
     def _write(self) -> None:
+        entries = self.store.records(ledger_mod.STREAM)
+        totals = ledger_mod.totals(entries)
         summary = {"runner": "services", "run_id": self.run_id, "state": self.state, "rounds": self.round_id,
-                   "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
+                   "bytes_up": totals["bytes_up"], "bytes_down": totals["bytes_down"],
+                   "bytes_per_update": totals["bytes_per_update"], "codec": self.cfg.codec,
+                   "compression": self.cfg.compression, "num_parameters": self.num_parameters,
                    "targets": list(self.setup.targets), "malicious_clients": int(len(self.malicious))}
-        self.results = {"config": self.cfg.to_dict(), "epochs": self.epochs, "summary": summary}
+        ledger = {"totals": totals, "per_round": ledger_mod.per_round(entries),
+                  "definitions": ledger_mod.DEFINITIONS, "entries_file": "ledger.jsonl"}
+        self.results = {"config": self.cfg.to_dict(), "epochs": self.epochs, "summary": summary, "ledger": ledger}
         if self.settings.out_dir:
-            write_results(self.settings.out_dir, self.cfg.to_dict(), self.epochs, summary)
+            write_results(self.settings.out_dir, self.cfg.to_dict(), self.epochs, summary, extra={"ledger": ledger})
             Path(self.settings.out_dir, "rounds.jsonl").write_text(
                 "".join(json.dumps(r) + "\n" for r in self.store.records("rounds")))
+            ledger_mod.write_jsonl(Path(self.settings.out_dir, "ledger.jsonl"), entries)

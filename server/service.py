@@ -12,6 +12,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import grpc
@@ -19,6 +20,7 @@ import torch
 
 from fedseq import codec
 from fedseq.config import ExperimentConfig
+from fedseq.delta import make_patch
 from fedseq.models import build_model
 from fedseq.models.common import reference_init
 from fedseq.params import Layout, get_vector
@@ -32,7 +34,29 @@ from .aggregation import RuleConfigError, make_rule, server_step
 
 log = logging.getLogger(__name__)
 
-ACCEPTED_ENCODINGS = codec.ENCODINGS
+ACCEPTED_ENCODINGS = codec.ENCODINGS  # the default: every encoding of fedseq.codec
+
+
+def parse_encodings(value: str | Iterable[str] | None) -> tuple[str, ...]:
+    """The encodings a server accepts, from a comma list or names (None/empty: all of them).
+    ValueError naming the unknown ones and the known encodings."""
+    if value is None:
+        return ACCEPTED_ENCODINGS
+    names = [v.strip() for v in (value.split(",") if isinstance(value, str) else value) if v.strip()]
+    if not names:
+        return ACCEPTED_ENCODINGS
+    bad = [n for n in names if n not in codec.ENCODINGS]
+    if bad:
+        raise ValueError(f"unknown encoding(s) {bad}; known encodings: {', '.join(codec.ENCODINGS)}")
+    return tuple(dict.fromkeys(names))
+
+
+def _tensor_encodings(encoding: str) -> set[str]:
+    """Encodings the tensors of an update declared as ``encoding`` may use: the encoding itself and
+    the dense fallback fedseq.codec.encode_state applies to tensors it does not fit."""
+    if encoding.startswith("dense-"):
+        return {encoding, "dense-fp32"}  # integer tensors are stored raw under dense-fp32
+    return {encoding, "dense-fp16" if encoding == "sparse-fp16" else "dense-fp32"}
 
 
 @dataclass
@@ -49,9 +73,12 @@ class _Round:
 
 
 class AggregatorServicer(pb_grpc.AggregatorServicer):
-    def __init__(self, store_factory, max_update_bytes: int = 64 << 20) -> None:
+    def __init__(self, store_factory, max_update_bytes: int = 64 << 20,
+                 accept_encodings: str | Iterable[str] | None = None) -> None:
         self._store_factory = store_factory  # run_id -> RedisStore
         self.max_update_bytes = max_update_bytes
+        self.accepted_encodings = parse_encodings(accept_encodings)
+        self._store_read_mark = 0
         self._lock = threading.Lock()
         self.run_id: str | None = None
         self.cfg: ExperimentConfig | None = None
@@ -72,9 +99,12 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad run config: {e}")
         if request.num_items < 1:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "num_items must be >= 1")
-        if cfg.codec not in ACCEPTED_ENCODINGS:
+        if cfg.codec not in self.accepted_encodings:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"codec {cfg.codec!r} is not accepted; accepted: {list(ACCEPTED_ENCODINGS)}")
+                          f"codec {cfg.codec!r} is not accepted by this aggregation server; it accepts "
+                          f"{', '.join(self.accepted_encodings)} (serve-server --accept-encodings / "
+                          f"FEDSEQ_ACCEPT_ENCODINGS); pick one of those with --codec")
+        self._compress(context, cfg)
         with self._lock:
             model = build_model(cfg.model, int(request.num_items))
             store = self._store_factory(request.run_id)
@@ -83,19 +113,27 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             if head is None:
                 reference_init(model, cfg.seed)
                 params = get_vector(model)
-                store.put_model(0, layout.unflatten(params), {"round": "-1"})
+                store_bytes = store.put_model(0, layout.unflatten(params), {"round": "-1"})
                 version, resumed = 0, False
             else:
                 tensors = store.get_model(head)
                 params = layout.flatten(tensors)
-                version, resumed = head, True
+                version, resumed, store_bytes = head, True, 0
             self.run_id, self.cfg, self.layout, self.params = request.run_id, cfg, layout, params
             self.version, self.store, self.rule, self.round = version, store, rule, None
+            self.last_closed = version - 1  # round r produces version r + 1 (a new run on this server starts over)
+            self._store_read_mark = store.io_counters()["bytes_read"]
             log.info("run %s: %s at version %d (%s)", request.run_id, cfg.model, version,
                      "resumed" if resumed else "new")
             return pb.StartRunReply(head_version=version, num_parameters=layout.dim,
-                                    accepted_encodings=list(ACCEPTED_ENCODINGS), resumed=resumed,
-                                    max_chunk_bytes=CHUNK_BYTES)
+                                    accepted_encodings=list(self.accepted_encodings), resumed=resumed,
+                                    max_chunk_bytes=CHUNK_BYTES, store_bytes=store_bytes)
+
+    def _compress(self, context, cfg: ExperimentConfig | None = None) -> None:
+        """Compress this call's responses when the run asks for it (config key ``compression``)."""
+        cfg = cfg or self.cfg
+        if cfg is not None and cfg.compression == "gzip":
+            context.set_compression(grpc.Compression.Gzip)
 
     def _check_run(self, run_id: str, context) -> None:
         if self.run_id is None:
@@ -120,10 +158,12 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             if len(tokens) != len(request.assignments):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a user is assigned twice in one round")
             self.round = _Round(request.round_id, request.model_version, tokens, request.deadline_unix, request.lr)
+            self._compress(context)
             return pb.OpenRoundReply(round_id=request.round_id, expected=len(tokens), max_chunk_bytes=CHUNK_BYTES,
-                                     accepted_encodings=list(ACCEPTED_ENCODINGS))
+                                     accepted_encodings=list(self.accepted_encodings))
 
     def SubmitUpdates(self, request_iterator, context):
+        self._compress(context)
         statuses: list[common_pb2.UpdateStatus] = []
         total = 0
         header = None
@@ -180,13 +220,20 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             return reject(f"bad token for user {h.user_id}")
         if h.user_id in rnd.updates:
             return reject(f"duplicate update for user {h.user_id} in round {h.round_id}")
-        if h.encoding not in ACCEPTED_ENCODINGS:
-            return reject(f"encoding {h.encoding!r} not accepted")
+        if h.encoding not in self.accepted_encodings:
+            return reject(f"encoding {h.encoding!r} not accepted (this server accepts "
+                          f"{', '.join(self.accepted_encodings)})")
         if h.num_samples < 0:
             return reject("negative num_samples")
         t0 = time.perf_counter()
         try:
-            tensors = codec.decode_state(codec.unpack(data))
+            encoded = codec.unpack(data)
+            allowed = _tensor_encodings(h.encoding)
+            odd = next((e for e in encoded if e.encoding not in allowed), None)
+            if odd is not None:
+                return reject(f"malformed update: tensor {odd.name!r} is encoded {odd.encoding!r} but the update "
+                              f"declares {h.encoding!r} (allowed per tensor: {sorted(allowed)})")
+            tensors = codec.decode_state(encoded)
             assert layout is not None
             vec = layout.flatten(tensors)
         except (codec.CodecError, ValueError) as e:
@@ -217,6 +264,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             t0 = time.perf_counter()
             info_json, kept_users, norm = "{}", [], 0.0
             assert self.params is not None and self.layout is not None and self.store is not None
+            old_params = self.params
             if users:
                 U = torch.stack([rnd.updates[u][0] for u in users])  # [K, D], sorted by user id
                 w = torch.tensor([rnd.updates[u][1] for u in users], dtype=torch.float32)
@@ -237,13 +285,24 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             store_bytes = self.store.put_model(self.version, self.layout.unflatten(self.params),
                                                {"round": str(rnd.round_id)})
             timings["store"] = time.perf_counter() - t2
+            patch_bytes = 0
+            if self.cfg is not None and self.cfg.model_delta:
+                t3 = time.perf_counter()
+                patch = make_patch(self.layout.unflatten(old_params), self.layout.unflatten(self.params),
+                                   self.version - 1)
+                patch_bytes = self.store.put_patch_bytes(self.version, patch)
+                timings["patch"] = time.perf_counter() - t3
             self.last_closed = rnd.round_id
+            read_now = self.store.io_counters()["bytes_read"]
+            store_read, self._store_read_mark = read_now - self._store_read_mark, read_now
+            self._compress(context)
             missing = sorted(set(rnd.tokens) - set(rnd.updates) - {u for u, _ in rnd.rejected})
             return pb.RoundSummary(
                 round_id=rnd.round_id, new_version=self.version, accepted=len(users),
                 rejected=[pb.Rejection(user_id=u, reason=r) for u, r in rnd.rejected], missing=missing,
                 bytes_received=rnd.bytes_received, timings=timings, rule=self.cfg.aggregation if self.cfg else "",
-                rule_info_json=info_json, kept_users=kept_users, store_bytes=store_bytes, update_norm=norm)
+                rule_info_json=info_json, kept_users=kept_users, store_bytes=store_bytes, update_norm=norm,
+                store_bytes_read=store_read, patch_bytes=patch_bytes)
 
     # ------------------------------------------------------------------ models
     def GetModel(self, request, context):
@@ -252,6 +311,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             store = self.store
             version = self.version if request.version < 0 else request.version
         assert store is not None
+        self._compress(context)
         try:
             blob = store.get_model_bytes(version)
         except Exception as e:  # noqa: BLE001 - reported to the caller

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from fedseq.v1 import common_pb2 as fedseq_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66\x65\x64seq/v1/aggregator.proto\x12\tfedseq.v1\x1a\x16\x66\x65\x64seq/v1/common.proto\"I\n\x0fStartRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\t\x12\x11\n\tnum_items\x18\x03 \x01(\x03\"\x83\x01\n\rStartRunReply\x12\x14\n\x0chead_version\x18\x01 \x01(\x03\x12\x16\n\x0enum_parameters\x18\x02 \x01(\x03\x12\x1a\n\x12\x61\x63\x63\x65pted_encodings\x18\x03 \x03(\t\x12\x0f\n\x07resumed\x18\x04 \x01(\x08\x12\x17\n\x0fmax_chunk_bytes\x18\x05 \x01(\x05\"\x9a\x01\n\x10OpenRoundRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\x03\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\x12*\n\x0b\x61ssignments\x18\x04 \x03(\x0b\x32\x15.fedseq.v1.Assignment\x12\x15\n\rdeadline_unix\x18\x05 \x01(\x01\x12\n\n\x02lr\x18\x06 \x01(\x01\"i\n\x0eOpenRoundReply\x12\x10\n\x08round_id\x18\x01 \x01(\x03\x12\x10\n\x08\x65xpected\x18\x02 \x01(\x05\x12\x17\n\x0fmax_chunk_bytes\x18\x03 \x01(\x05\x12\x1a\n\x12\x61\x63\x63\x65pted_encodings\x18\x04 \x03(\t\"D\n\x0bUpdateChunk\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x17.fedseq.v1.UpdateHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x9a\x01\n\x0cUpdateHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\x03\x12\x0f\n\x07user_id\x18\x03 \x01(\x03\x12\r\n\x05token\x18\x04 \x01(\t\x12\x13\n\x0bnum_samples\x18\x05 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x06 \x01(\x03\x12\x10\n\x08\x65ncoding\x18\x07 \x01(\t\x12\x0c\n\x04loss\x18\x08 \x01(\x01\"P\n\x0bSubmitReply\x12)\n\x08statuses\x18\x01 \x03(\x0b\x32\x17.fedseq.v1.UpdateStatus\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x03\"5\n\x11\x43loseRoundRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\x03\",\n\tRejection\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xe3\x02\n\x0cRoundSummary\x12\x10\n\x08round_id\x18\x01 \x01(\x03\x12\x13\n\x0bnew_version\x18\x02 \x01(\x03\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x05\x12&\n\x08rejected\x18\x04 \x03(\x0b\x32\x14.fedseq.v1.Rejection\x12\x0f\n\x07missing\x18\x05 \x03(\x03\x12\x16\n\x0e\x62ytes_received\x18\x06 \x01(\x03\x12\x35\n\x07timings\x18\x07 \x03(\x0b\x32$.fedseq.v1.RoundSummary.TimingsEntry\x12\x0c\n\x04rule\x18\x08 \x01(\t\x12\x16\n\x0erule_info_json\x18\t \x01(\t\x12\x12\n\nkept_users\x18\n \x03(\x03\x12\x13\n\x0bstore_bytes\x18\x0b \x01(\x03\x12\x13\n\x0bupdate_norm\x18\x0c \x01(\x01\x1a.\n\x0cTimingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"2\n\x0fGetModelRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"@\n\nModelChunk\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x32\xdc\x02\n\nAggregator\x12@\n\x08StartRun\x12\x1a.fedseq.v1.StartRunRequest\x1a\x18.fedseq.v1.StartRunReply\x12\x43\n\tOpenRound\x12\x1b.fedseq.v1.OpenRoundRequest\x1a\x19.fedseq.v1.OpenRoundReply\x12\x41\n\rSubmitUpdates\x12\x16.fedseq.v1.UpdateChunk\x1a\x16.fedseq.v1.SubmitReply(\x01\x12\x43\n\nCloseRound\x12\x1c.fedseq.v1.CloseRoundRequest\x1a\x17.fedseq.v1.RoundSummary\x12?\n\x08GetModel\x12\x1a.fedseq.v1.GetModelRequest\x1a\x15.fedseq.v1.ModelChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66\x65\x64seq/v1/aggregator.proto\x12\tfedseq.v1\x1a\x16\x66\x65\x64seq/v1/common.proto\"I\n\x0fStartRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\t\x12\x11\n\tnum_items\x18\x03 \x01(\x03\"\x98\x01\n\rStartRunReply\x12\x14\n\x0chead_version\x18\x01 \x01(\x03\x12\x16\n\x0enum_parameters\x18\x02 \x01(\x03\x12\x1a\n\x12\x61\x63\x63\x65pted_encodings\x18\x03 \x03(\t\x12\x0f\n\x07resumed\x18\x04 \x01(\x08\x12\x17\n\x0fmax_chunk_bytes\x18\x05 \x01(\x05\x12\x13\n\x0bstore_bytes\x18\x06 \x01(\x03\"\x9a\x01\n\x10OpenRoundRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\x03\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\x12*\n\x0b\x61ssignments\x18\x04 \x03(\x0b\x32\x15.fedseq.v1.Assignment\x12\x15\n\rdeadline_unix\x18\x05 \x01(\x01\x12\n\n\x02lr\x18\x06 \x01(\x01\"i\n\x0eOpenRoundReply\x12\x10\n\x08round_id\x18\x01 \x01(\x03\x12\x10\n\x08\x65xpected\x18\x02 \x01(\x05\x12\x17\n\x0fmax_chunk_bytes\x18\x03 \x01(\x05\x12\x1a\n\x12\x61\x63\x63\x65pted_encodings\x18\x04 \x03(\t\"D\n\x0bUpdateChunk\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x17.fedseq.v1.UpdateHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x9a\x01\n\x0cUpdateHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\x03\x12\x0f\n\x07user_id\x18\x03 \x01(\x03\x12\r\n\x05token\x18\x04 \x01(\t\x12\x13\n\x0bnum_samples\x18\x05 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x06 \x01(\x03\x12\x10\n\x08\x65ncoding\x18\x07 \x01(\t\x12\x0c\n\x04loss\x18\x08 \x01(\x01\"P\n\x0bSubmitReply\x12)\n\x08statuses\x18\x01 \x03(\x0b\x32\x17.fedseq.v1.UpdateStatus\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x03\"5\n\x11\x43loseRoundRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\x03\",\n\tRejection\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x92\x03\n\x0cRoundSummary\x12\x10\n\x08round_id\x18\x01 \x01(\x03\x12\x13\n\x0bnew_version\x18\x02 \x01(\x03\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x05\x12&\n\x08rejected\x18\x04 \x03(\x0b\x32\x14.fedseq.v1.Rejection\x12\x0f\n\x07missing\x18\x05 \x03(\x03\x12\x16\n\x0e\x62ytes_received\x18\x06 \x01(\x03\x12\x35\n\x07timings\x18\x07 \x03(\x0b\x32$.fedseq.v1.RoundSummary.TimingsEntry\x12\x0c\n\x04rule\x18\x08 \x01(\t\x12\x16\n\x0erule_info_json\x18\t \x01(\t\x12\x12\n\nkept_users\x18\n \x03(\x03\x12\x13\n\x0bstore_bytes\x18\x0b \x01(\x03\x12\x13\n\x0bupdate_norm\x18\x0c \x01(\x01\x12\x18\n\x10store_bytes_read\x18\r \x01(\x03\x12\x13\n\x0bpatch_bytes\x18\x0e \x01(\x03\x1a.\n\x0cTimingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"2\n\x0fGetModelRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"@\n\nModelChunk\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x32\xdc\x02\n\nAggregator\x12@\n\x08StartRun\x12\x1a.fedseq.v1.StartRunRequest\x1a\x18.fedseq.v1.StartRunReply\x12\x43\n\tOpenRound\x12\x1b.fedseq.v1.OpenRoundRequest\x1a\x19.fedseq.v1.OpenRoundReply\x12\x41\n\rSubmitUpdates\x12\x16.fedseq.v1.UpdateChunk\x1a\x16.fedseq.v1.SubmitReply(\x01\x12\x43\n\nCloseRound\x12\x1c.fedseq.v1.CloseRoundRequest\x1a\x17.fedseq.v1.RoundSummary\x12?\n\x08GetModel\x12\x1a.fedseq.v1.GetModelRequest\x1a\x15.fedseq.v1.ModelChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,29 +37,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STARTRUNREQUEST']._serialized_start=65
   _globals['_STARTRUNREQUEST']._serialized_end=138
   _globals['_STARTRUNREPLY']._serialized_start=141
-  _globals['_STARTRUNREPLY']._serialized_end=272
-  _globals['_OPENROUNDREQUEST']._serialized_start=275
-  _globals['_OPENROUNDREQUEST']._serialized_end=429
-  _globals['_OPENROUNDREPLY']._serialized_start=431
-  _globals['_OPENROUNDREPLY']._serialized_end=536
-  _globals['_UPDATECHUNK']._serialized_start=538
-  _globals['_UPDATECHUNK']._serialized_end=606
-  _globals['_UPDATEHEADER']._serialized_start=609
-  _globals['_UPDATEHEADER']._serialized_end=763
-  _globals['_SUBMITREPLY']._serialized_start=765
-  _globals['_SUBMITREPLY']._serialized_end=845
-  _globals['_CLOSEROUNDREQUEST']._serialized_start=847
-  _globals['_CLOSEROUNDREQUEST']._serialized_end=900
-  _globals['_REJECTION']._serialized_start=902
-  _globals['_REJECTION']._serialized_end=946
-  _globals['_ROUNDSUMMARY']._serialized_start=949
-  _globals['_ROUNDSUMMARY']._serialized_end=1304
-  _globals['_ROUNDSUMMARY_TIMINGSENTRY']._serialized_start=1258
-  _globals['_ROUNDSUMMARY_TIMINGSENTRY']._serialized_end=1304
-  _globals['_GETMODELREQUEST']._serialized_start=1306
-  _globals['_GETMODELREQUEST']._serialized_end=1356
-  _globals['_MODELCHUNK']._serialized_start=1358
-  _globals['_MODELCHUNK']._serialized_end=1422
-  _globals['_AGGREGATOR']._serialized_start=1425
-  _globals['_AGGREGATOR']._serialized_end=1773
+  _globals['_STARTRUNREPLY']._serialized_end=293
+  _globals['_OPENROUNDREQUEST']._serialized_start=296
+  _globals['_OPENROUNDREQUEST']._serialized_end=450
+  _globals['_OPENROUNDREPLY']._serialized_start=452
+  _globals['_OPENROUNDREPLY']._serialized_end=557
+  _globals['_UPDATECHUNK']._serialized_start=559
+  _globals['_UPDATECHUNK']._serialized_end=627
+  _globals['_UPDATEHEADER']._serialized_start=630
+  _globals['_UPDATEHEADER']._serialized_end=784
+  _globals['_SUBMITREPLY']._serialized_start=786
+  _globals['_SUBMITREPLY']._serialized_end=866
+  _globals['_CLOSEROUNDREQUEST']._serialized_start=868
+  _globals['_CLOSEROUNDREQUEST']._serialized_end=921
+  _globals['_REJECTION']._serialized_start=923
+  _globals['_REJECTION']._serialized_end=967
+  _globals['_ROUNDSUMMARY']._serialized_start=970
+  _globals['_ROUNDSUMMARY']._serialized_end=1372
+  _globals['_ROUNDSUMMARY_TIMINGSENTRY']._serialized_start=1326
+  _globals['_ROUNDSUMMARY_TIMINGSENTRY']._serialized_end=1372
+  _globals['_GETMODELREQUEST']._serialized_start=1374
+  _globals['_GETMODELREQUEST']._serialized_end=1424
+  _globals['_MODELCHUNK']._serialized_start=1426
+  _globals['_MODELCHUNK']._serialized_end=1490
+  _globals['_AGGREGATOR']._serialized_start=1493
+  _globals['_AGGREGATOR']._serialized_end=1841
 # @@protoc_insertion_point(module_scope)

@@ -18,18 +18,20 @@ class StartRunRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., config_json: _Optional[str] = ..., num_items: _Optional[int] = ...) -> None: ...
 
 class StartRunReply(_message.Message):
-    __slots__ = ("head_version", "num_parameters", "accepted_encodings", "resumed", "max_chunk_bytes")
+    __slots__ = ("head_version", "num_parameters", "accepted_encodings", "resumed", "max_chunk_bytes", "store_bytes")
     HEAD_VERSION_FIELD_NUMBER: _ClassVar[int]
     NUM_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_ENCODINGS_FIELD_NUMBER: _ClassVar[int]
     RESUMED_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STORE_BYTES_FIELD_NUMBER: _ClassVar[int]
     head_version: int
     num_parameters: int
     accepted_encodings: _containers.RepeatedScalarFieldContainer[str]
     resumed: bool
     max_chunk_bytes: int
-    def __init__(self, head_version: _Optional[int] = ..., num_parameters: _Optional[int] = ..., accepted_encodings: _Optional[_Iterable[str]] = ..., resumed: _Optional[bool] = ..., max_chunk_bytes: _Optional[int] = ...) -> None: ...
+    store_bytes: int
+    def __init__(self, head_version: _Optional[int] = ..., num_parameters: _Optional[int] = ..., accepted_encodings: _Optional[_Iterable[str]] = ..., resumed: _Optional[bool] = ..., max_chunk_bytes: _Optional[int] = ..., store_bytes: _Optional[int] = ...) -> None: ...
 
 class OpenRoundRequest(_message.Message):
     __slots__ = ("run_id", "round_id", "model_version", "assignments", "deadline_unix", "lr")
@@ -112,7 +114,7 @@ class Rejection(_message.Message):
     def __init__(self, user_id: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class RoundSummary(_message.Message):
-    __slots__ = ("round_id", "new_version", "accepted", "rejected", "missing", "bytes_received", "timings", "rule", "rule_info_json", "kept_users", "store_bytes", "update_norm")
+    __slots__ = ("round_id", "new_version", "accepted", "rejected", "missing", "bytes_received", "timings", "rule", "rule_info_json", "kept_users", "store_bytes", "update_norm", "store_bytes_read", "patch_bytes")
     class TimingsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +134,8 @@ class RoundSummary(_message.Message):
     KEPT_USERS_FIELD_NUMBER: _ClassVar[int]
     STORE_BYTES_FIELD_NUMBER: _ClassVar[int]
     UPDATE_NORM_FIELD_NUMBER: _ClassVar[int]
+    STORE_BYTES_READ_FIELD_NUMBER: _ClassVar[int]
+    PATCH_BYTES_FIELD_NUMBER: _ClassVar[int]
     round_id: int
     new_version: int
     accepted: int
@@ -144,7 +148,9 @@ class RoundSummary(_message.Message):
     kept_users: _containers.RepeatedScalarFieldContainer[int]
     store_bytes: int
     update_norm: float
-    def __init__(self, round_id: _Optional[int] = ..., new_version: _Optional[int] = ..., accepted: _Optional[int] = ..., rejected: _Optional[_Iterable[_Union[Rejection, _Mapping]]] = ..., missing: _Optional[_Iterable[int]] = ..., bytes_received: _Optional[int] = ..., timings: _Optional[_Mapping[str, float]] = ..., rule: _Optional[str] = ..., rule_info_json: _Optional[str] = ..., kept_users: _Optional[_Iterable[int]] = ..., store_bytes: _Optional[int] = ..., update_norm: _Optional[float] = ...) -> None: ...
+    store_bytes_read: int
+    patch_bytes: int
+    def __init__(self, round_id: _Optional[int] = ..., new_version: _Optional[int] = ..., accepted: _Optional[int] = ..., rejected: _Optional[_Iterable[_Union[Rejection, _Mapping]]] = ..., missing: _Optional[_Iterable[int]] = ..., bytes_received: _Optional[int] = ..., timings: _Optional[_Mapping[str, float]] = ..., rule: _Optional[str] = ..., rule_info_json: _Optional[str] = ..., kept_users: _Optional[_Iterable[int]] = ..., store_bytes: _Optional[int] = ..., update_norm: _Optional[float] = ..., store_bytes_read: _Optional[int] = ..., patch_bytes: _Optional[int] = ...) -> None: ...
 
 class GetModelRequest(_message.Message):
     __slots__ = ("run_id", "version")

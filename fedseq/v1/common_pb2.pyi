@@ -58,3 +58,23 @@ class UpdateStatus(_message.Message):
     reason: str
     bytes: int
     def __init__(self, user_id: _Optional[int] = ..., accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., bytes: _Optional[int] = ...) -> None: ...
+
+class ByteCount(_message.Message):
+    __slots__ = ("kind", "what", "direction", "user_id", "bytes", "wire_bytes", "messages", "link")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    WHAT_FIELD_NUMBER: _ClassVar[int]
+    DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    WIRE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    LINK_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    what: str
+    direction: str
+    user_id: int
+    bytes: int
+    wire_bytes: int
+    messages: int
+    link: str
+    def __init__(self, kind: _Optional[str] = ..., what: _Optional[str] = ..., direction: _Optional[str] = ..., user_id: _Optional[int] = ..., bytes: _Optional[int] = ..., wire_bytes: _Optional[int] = ..., messages: _Optional[int] = ..., link: _Optional[str] = ...) -> None: ...

@@ -28,7 +28,7 @@ class DescribeReply(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., users: _Optional[_Iterable[int]] = ..., device: _Optional[str] = ..., threads: _Optional[int] = ..., ready: _Optional[bool] = ..., run_id: _Optional[str] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
-    __slots__ = ("run_id", "round_id", "model_version", "assignments", "aggregator", "deadline_unix", "encoding")
+    __slots__ = ("run_id", "round_id", "model_version", "assignments", "aggregator", "deadline_unix", "encoding", "accepted_encodings")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,7 @@ class TrainRequest(_message.Message):
     AGGREGATOR_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_ENCODINGS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     round_id: int
     model_version: int
@@ -43,10 +44,11 @@ class TrainRequest(_message.Message):
     aggregator: str
     deadline_unix: float
     encoding: str
-    def __init__(self, run_id: _Optional[str] = ..., round_id: _Optional[int] = ..., model_version: _Optional[int] = ..., assignments: _Optional[_Iterable[_Union[_common_pb2.Assignment, _Mapping]]] = ..., aggregator: _Optional[str] = ..., deadline_unix: _Optional[float] = ..., encoding: _Optional[str] = ...) -> None: ...
+    accepted_encodings: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, run_id: _Optional[str] = ..., round_id: _Optional[int] = ..., model_version: _Optional[int] = ..., assignments: _Optional[_Iterable[_Union[_common_pb2.Assignment, _Mapping]]] = ..., aggregator: _Optional[str] = ..., deadline_unix: _Optional[float] = ..., encoding: _Optional[str] = ..., accepted_encodings: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TrainReply(_message.Message):
-    __slots__ = ("statuses", "bytes_sent", "model_bytes_read", "timings")
+    __slots__ = ("statuses", "bytes_sent", "model_bytes_read", "timings", "ledger")
     class TimingsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -58,11 +60,13 @@ class TrainReply(_message.Message):
     BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
     MODEL_BYTES_READ_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    LEDGER_FIELD_NUMBER: _ClassVar[int]
     statuses: _containers.RepeatedCompositeFieldContainer[_common_pb2.UpdateStatus]
     bytes_sent: int
     model_bytes_read: int
     timings: _containers.ScalarMap[str, float]
-    def __init__(self, statuses: _Optional[_Iterable[_Union[_common_pb2.UpdateStatus, _Mapping]]] = ..., bytes_sent: _Optional[int] = ..., model_bytes_read: _Optional[int] = ..., timings: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    ledger: _containers.RepeatedCompositeFieldContainer[_common_pb2.ByteCount]
+    def __init__(self, statuses: _Optional[_Iterable[_Union[_common_pb2.UpdateStatus, _Mapping]]] = ..., bytes_sent: _Optional[int] = ..., model_bytes_read: _Optional[int] = ..., timings: _Optional[_Mapping[str, float]] = ..., ledger: _Optional[_Iterable[_Union[_common_pb2.ByteCount, _Mapping]]] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
     __slots__ = ("run_id", "model_version", "users", "protocol", "targets")
@@ -79,11 +83,13 @@ class EvaluateRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., model_version: _Optional[int] = ..., users: _Optional[_Iterable[int]] = ..., protocol: _Optional[str] = ..., targets: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class EvaluateReply(_message.Message):
-    __slots__ = ("sums", "seconds", "model_bytes_read")
+    __slots__ = ("sums", "seconds", "model_bytes_read", "ledger")
     SUMS_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     MODEL_BYTES_READ_FIELD_NUMBER: _ClassVar[int]
+    LEDGER_FIELD_NUMBER: _ClassVar[int]
     sums: _common_pb2.MetricSums
     seconds: float
     model_bytes_read: int
-    def __init__(self, sums: _Optional[_Union[_common_pb2.MetricSums, _Mapping]] = ..., seconds: _Optional[float] = ..., model_bytes_read: _Optional[int] = ...) -> None: ...
+    ledger: _containers.RepeatedCompositeFieldContainer[_common_pb2.ByteCount]
+    def __init__(self, sums: _Optional[_Union[_common_pb2.MetricSums, _Mapping]] = ..., seconds: _Optional[float] = ..., model_bytes_read: _Optional[int] = ..., ledger: _Optional[_Iterable[_Union[_common_pb2.ByteCount, _Mapping]]] = ...) -> None: ...

@@ -1,0 +1,281 @@
+"""Update encodings through the real services: lossless sparse-fp32 aggregation, the negotiated
+encoding contract (server accept list, worker refusal, fail-fast runs), and bad payloads."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import replace
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from _federation import CountingAggregator, Federation
+
+from fedseq import codec
+from fedseq.cli import main as cli_main
+from fedseq.config import ConfigError, ExperimentConfig
+from fedseq.experiment import setup
+from fedseq.rpc import Service, channel, chunks
+from fedseq.store import RedisStore
+from fedseq.training import compute_updates
+from fedseq.v1 import aggregator_pb2 as agg_pb
+from fedseq.v1 import aggregator_pb2_grpc as agg_grpc
+from fedseq.v1 import common_pb2
+from fedseq.worker import SPARSE_TABLES, encode_update
+from server.service import AggregatorServicer
+
+TINY = ExperimentConfig(run_id="cs", dataset="synthetic:users=60,items=80", epochs=1, clients_per_round=16,
+                        lr=0.01, num_negatives=50, eval_every=1)
+
+
+@pytest.fixture
+def aggregator(redis_url):
+    def make(**kw):
+        servicer = AggregatorServicer(lambda run_id: RedisStore.from_url(redis_url, run_id), **kw)
+        svc = Service([(agg_grpc.add_AggregatorServicer_to_server, servicer, "fedseq.v1.Aggregator")], port=0,
+                      host="127.0.0.1").start()
+        started.append(svc)
+        return agg_grpc.AggregatorStub(channel(f"127.0.0.1:{svc.port}")), servicer
+
+    started: list[Service] = []
+    yield make
+    for svc in started:
+        svc.stop(0)
+
+
+def _open(stub, cfg: ExperimentConfig, users: list[int], lr: float = 0.5) -> dict[int, str]:
+    stub.StartRun(agg_pb.StartRunRequest(run_id=cfg.run_id, config_json=cfg.to_json(), num_items=80))
+    tokens = {u: secrets.token_hex(4) for u in users}
+    stub.OpenRound(agg_pb.OpenRoundRequest(
+        run_id=cfg.run_id, round_id=0, model_version=0, deadline_unix=time.time() + 60, lr=lr,
+        assignments=[common_pb2.Assignment(user_id=u, token=t) for u, t in tokens.items()]))
+    return tokens
+
+
+def _stream(cfg, tokens, payloads: dict[int, bytes], encoding: str, num_samples: int = 3, cut: int | None = None):
+    for user, data in payloads.items():
+        header = agg_pb.UpdateHeader(run_id=cfg.run_id, round_id=0, user_id=user, token=tokens[user],
+                                     num_samples=num_samples, total_bytes=len(data), encoding=encoding)
+        body = data if cut is None else data[:cut]
+        for i, piece in enumerate(chunks(body)):
+            yield agg_pb.UpdateChunk(header=header, data=piece) if i == 0 else agg_pb.UpdateChunk(data=piece)
+
+
+def _bits(t: torch.Tensor) -> np.ndarray:
+    return t.contiguous().numpy().view(np.uint32)
+
+
+# ---------------------------------------------------------------------------- lossless sparse
+
+
+def test_sparse_fp32_aggregate_equals_dense_fp32_bit_for_bit(aggregator, redis_url):
+    # Prepare: real per-user gradients (sparse item-embedding rows) of 12 users at version 0
+    stub, _ = aggregator()
+    s = setup(TINY)
+    params = s.initial_params()
+    users = list(range(12))
+    ub = compute_updates(s.model, params, [s.dataset.train[u] for u in users], np.array(users), 0, 0, TINY.local())
+    updates = {u: s.layout.unflatten(ub.updates[i]) for i, u in enumerate(users)}
+    models, sizes = {}, {}
+    for enc in ("dense-fp32", "sparse-fp32"):
+        cfg = replace(TINY, run_id=f"bits-{enc}", codec=enc)
+        tokens = _open(stub, cfg, users)
+        payloads = {u: encode_update(updates[u], enc) for u in users}
+        # Execute: upload through the Aggregator service, aggregate, step, store version 1
+        reply = stub.SubmitUpdates(_stream(cfg, tokens, payloads, enc))
+        summary = stub.CloseRound(agg_pb.CloseRoundRequest(run_id=cfg.run_id, round_id=0))
+        assert all(st.accepted for st in reply.statuses) and summary.accepted == 12
+        models[enc] = RedisStore.from_url(redis_url, cfg.run_id).get_model(1)
+        sizes[enc] = sum(len(p) for p in payloads.values())
+    # Assert: the sparse uploads really were row-sparse and smaller, and the models are bit-identical
+    sample = {e.name: e.encoding for e in codec.unpack(encode_update(updates[0], "sparse-fp32"))}
+    assert all(sample[n] == "sparse-fp32" for n in SPARSE_TABLES)
+    assert sizes["sparse-fp32"] < sizes["dense-fp32"]
+    assert models["dense-fp32"].keys() == models["sparse-fp32"].keys()
+    for name, t in models["dense-fp32"].items():
+        assert np.array_equal(_bits(t), _bits(models["sparse-fp32"][name])), name
+    expected = params - 0.5 * ub.updates.sum(0)
+    assert not torch.equal(s.layout.flatten(models["sparse-fp32"]), params)
+    assert torch.allclose(s.layout.flatten(models["sparse-fp32"]), expected, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- negotiation
+
+
+def test_a_run_asking_for_a_refused_codec_fails_fast_with_a_clear_message(redis_url):
+    # Prepare: a server that accepts only dense-fp32 and sparse-fp32; a run that asks for sparse-fp16
+    cfg = replace(TINY, run_id="refused", codec="sparse-fp16")
+    fed = Federation(redis_url, cfg, workers=1, accept_encodings=("dense-fp32", "sparse-fp32"))
+    try:
+        # Execute
+        t0 = time.perf_counter()
+        orch = fed.run(60)
+        elapsed = time.perf_counter() - t0
+        # Assert: failed before any round, saying what was asked, what is accepted and how to fix it
+        assert orch.state == "failed"
+        assert "'sparse-fp16' is not accepted" in orch.message
+        assert "dense-fp32, sparse-fp32" in orch.message and "--codec" in orch.message
+        assert elapsed < 15 and orch.round_id == 0
+        assert fed.agg.submit_calls == 0 and RedisStore.from_url(redis_url, "refused").head() is None
+    finally:
+        fed.close()
+
+
+class _NarrowingAggregator(CountingAggregator):
+    """Accepts every encoding at StartRun, but only dense-fp32 from the first OpenRound on (as a
+    server restarted with a narrower --accept-encodings would)."""
+
+    def OpenRound(self, request, context):
+        self.accepted_encodings = ("dense-fp32",)
+        return super().OpenRound(request, context)
+
+
+def test_worker_refuses_an_encoding_the_aggregator_did_not_accept(redis_url):
+    # Prepare
+    cfg = replace(TINY, run_id="narrowed", codec="sparse-fp32")
+    fed = Federation(redis_url, cfg, workers=1, aggregator=_NarrowingAggregator)
+    try:
+        # Execute
+        orch = fed.run(60)
+        # Assert: the worker refused before uploading anything, and the run failed saying so
+        assert orch.state == "failed"
+        assert "encoding refused" in orch.message and "'sparse-fp32'" in orch.message
+        assert "accepts only ['dense-fp32']" in orch.message
+        assert fed.agg.submit_calls == 0 and fed.workers[0].stats["users_trained"] == 0
+    finally:
+        fed.close()
+
+
+def test_server_rejects_updates_in_encodings_it_does_not_accept_or_did_not_declare(aggregator):
+    # Prepare: a server restricted to two encodings
+    stub, servicer = aggregator(accept_encodings="dense-fp32, sparse-fp32")
+    s = setup(TINY)
+    upd = s.layout.unflatten(torch.randn(s.layout.dim, generator=torch.Generator().manual_seed(1)))
+    cfg = replace(TINY, run_id="declared", codec="sparse-fp32")
+    tokens = _open(stub, cfg, [1, 2, 3])
+    int8 = encode_update(upd, "int8-row")
+    # Execute
+    reply = stub.SubmitUpdates(_stream(cfg, tokens, {1: int8}, "int8-row"))  # not accepted
+    reply2 = stub.SubmitUpdates(_stream(cfg, tokens, {2: int8}, "sparse-fp32"))  # declared one, carries another
+    reply3 = stub.SubmitUpdates(_stream(cfg, tokens, {3: encode_update(upd, "sparse-fp32")}, "sparse-fp32"))
+    # Assert
+    assert servicer.accepted_encodings == ("dense-fp32", "sparse-fp32")
+    r1, r2, r3 = reply.statuses[0], reply2.statuses[0], reply3.statuses[0]
+    assert not r1.accepted and "'int8-row' not accepted" in r1.reason and "dense-fp32, sparse-fp32" in r1.reason
+    assert not r2.accepted and "malformed update" in r2.reason and "encoded 'int8-row'" in r2.reason
+    assert r3.accepted, r3.reason
+
+
+def test_truncated_update_payloads_are_rejected_with_a_clear_status(aggregator):
+    # Prepare
+    stub, _ = aggregator()
+    s = setup(TINY)
+    upd = s.layout.unflatten(torch.randn(s.layout.dim, generator=torch.Generator().manual_seed(2)))
+    cfg = replace(TINY, run_id="trunc", codec="dense-fp32")
+    tokens = _open(stub, cfg, [1, 2, 3])
+    data = encode_update(upd, "dense-fp32")
+    # Execute
+    # (1) the stream ends halfway through the update it announced
+    cut_stream = stub.SubmitUpdates(_stream(cfg, tokens, {1: data}, "dense-fp32", cut=len(data) // 2))
+    # (2) a container cut short (its declared length matches what is sent): the codec finds it
+    short = data[: len(data) - 1000]
+    cut_container = stub.SubmitUpdates(_stream(cfg, tokens, {2: short}, "dense-fp32"))
+    # (3) a bad shape in an otherwise valid container
+    bad = dict(upd)
+    bad["item_emb.weight"] = torch.zeros(5, 64)
+    bad_shape = stub.SubmitUpdates(_stream(cfg, tokens, {3: encode_update(bad, "dense-fp32")}, "dense-fp32"))
+    summary = stub.CloseRound(agg_pb.CloseRoundRequest(run_id=cfg.run_id, round_id=0))
+    # Assert
+    r1, r2, r3 = cut_stream.statuses[0], cut_container.statuses[0], bad_shape.statuses[0]
+    assert not r1.accepted and r1.reason == f"truncated: stream ended after {len(data) // 2} of {len(data)} bytes"
+    assert not r2.accepted and "malformed update" in r2.reason and "truncated" in r2.reason
+    assert not r3.accepted and "malformed update" in r3.reason
+    assert summary.accepted == 0 and summary.new_version == 1
+
+
+def test_serve_server_validates_accept_encodings(redis_url, monkeypatch, capsys):
+    # Execute: flag, then environment variable
+    rc = cli_main(["serve-server", "--accept-encodings", "dense-fp32,bogus", "--store-url", redis_url])
+    err = capsys.readouterr().err
+    monkeypatch.setenv("FEDSEQ_ACCEPT_ENCODINGS", "zstd-fp8")
+    rc_env = cli_main(["serve-server", "--store-url", redis_url])
+    err_env = capsys.readouterr().err
+    # Assert
+    assert rc == 2 and "--accept-encodings" in err and "'bogus'" in err and "sparse-fp16" in err
+    assert rc_env == 2 and "'zstd-fp8'" in err_env
+
+
+def test_config_rejects_unknown_codec_and_compression():
+    with pytest.raises(ConfigError, match="codec must be one of"):
+        replace(TINY, codec="sparse-fp8")
+    with pytest.raises(ConfigError, match="compression must be one of"):
+        replace(TINY, compression="brotli")
+
+
+def test_refused_train_request_uploads_nothing(aggregator, redis_url):
+    """A direct Train call whose encoding is not in its accepted list (or whose list is empty)."""
+    from client.service import benign_population
+    from fedseq.v1 import worker_pb2, worker_pb2_grpc
+    from fedseq.worker import ModelSource, WorkerServicer
+
+    # Prepare
+    stub, servicer = aggregator()
+    cfg = replace(TINY, run_id="direct", codec="dense-fp32")
+    tokens = _open(stub, cfg, [0, 1])
+    w = WorkerServicer("w")
+    w.attach(cfg.run_id, benign_population(cfg, None), ModelSource(cfg.run_id, redis_url, ""))
+    svc = Service([(worker_pb2_grpc.add_WorkerServicer_to_server, w, "fedseq.v1.Worker")], port=0,
+                  host="127.0.0.1").start()
+    try:
+        wstub = worker_pb2_grpc.WorkerStub(channel(f"127.0.0.1:{svc.port}"))
+        errors = []
+        for accepted in (["sparse-fp32"], []):
+            # Execute
+            with pytest.raises(grpc.RpcError) as e:
+                wstub.Train(worker_pb2.TrainRequest(
+                    run_id=cfg.run_id, round_id=0, model_version=0, aggregator="127.0.0.1:1",
+                    deadline_unix=time.time() + 60, encoding="dense-fp32", accepted_encodings=accepted,
+                    assignments=[common_pb2.Assignment(user_id=u, token=t) for u, t in tokens.items()]))
+            errors.append(e.value)
+    finally:
+        svc.stop(0)
+    # Assert
+    assert all(e.code() == grpc.StatusCode.INVALID_ARGUMENT for e in errors)
+    assert "encoding refused" in errors[0].details() and "['sparse-fp32']" in errors[0].details()
+    assert "accepted_encodings is empty" in errors[1].details()
+    assert w.stats["users_trained"] == 0 and servicer.round is not None and not servicer.round.updates
+
+
+# ---------------------------------------------------------------------------- model deltas
+
+
+def test_model_patch_rebuilds_the_new_version_bit_for_bit():
+    from fedseq.delta import PatchError, apply_patch, make_patch
+
+    # Prepare: a step that changes a few item rows (one only in the sign of a zero) and every dense tensor
+    s = setup(TINY)
+    old = {k: v.clone() for k, v in s.layout.unflatten(s.initial_params()).items()}
+    new = {k: v.clone() for k, v in old.items()}
+    new["item_emb.weight"][[3, 17, 40]] += 0.25
+    new["item_emb.weight"][5] = 0.0
+    old["item_emb.weight"][5] = -0.0
+    for k in new:
+        if k not in ("item_emb.weight", "pos_emb.weight"):
+            new[k] = new[k] * 1.5 + 1e-3
+    # Execute
+    blob = make_patch(old, new, base_version=7)
+    got = apply_patch(old, blob, base_version=7)
+    # Assert: bit-identical, far smaller than the whole model, and misuse fails clearly
+    for k in new:
+        assert np.array_equal(_bits(got[k]), _bits(new[k])), k
+    full = sum(t.numel() * 4 for t in new.values())
+    rows = new["item_emb.weight"].shape[0] - 4
+    assert len(blob) < full - rows * 64 * 4
+    with pytest.raises(PatchError, match="applies to version 7, not 6"):
+        apply_patch(old, blob, base_version=6)
+    bad = bytearray(blob)
+    bad[len(bad) // 2] ^= 0x40
+    with pytest.raises(PatchError, match="corrupted"):
+        apply_patch(old, bytes(bad), base_version=7)
