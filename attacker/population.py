@@ -92,15 +92,29 @@ def _ids(num_users: int, m: int) -> np.ndarray:
     return np.arange(num_users, num_users + m, dtype=np.int64)
 
 
-def malicious_population(dataset: SeqDataset, ratio: float, seed: int) -> MaliciousPopulation:
+REFERENCE_DRAW_SEED = 20000000  # the public DV-FSR code: random.seed(20000000); random.sample(range(N), m)
+
+
+def malicious_population(dataset: SeqDataset, ratio: float, seed: int,
+                         reference_draw: bool = False) -> MaliciousPopulation:
     """m = floor(N * ratio) (at least 1 for ratio > 0) clients holding copies of the training
-    sequences of real users drawn at random, without replacement, with ``seed``."""
+    sequences of real users drawn at random, without replacement, with ``seed``.
+
+    ``reference_draw`` (compat switch ``attacker_draw``) copies the users the public code copies:
+    Python's ``random.seed(20000000); random.sample(range(N), m)`` (on Steam at 0.1%: users 26,
+    3021, 3417). Which users are copied moves DV-FSR's early exposure a lot (their history
+    lengths differ), so this is the way to compare with the reference's curves."""
     N = dataset.num_users
     m, note = population_size(N, ratio)
     if m > N:
         raise ValueError(f"cannot copy {m} distinct users out of {N}")
-    rng = np.random.default_rng(np.random.SeedSequence([seed & 0xFFFFFFFF, POPULATION_KEY]))
-    src = np.sort(rng.choice(N, size=m, replace=False)).astype(np.int64) if m else np.zeros(0, dtype=np.int64)
+    if reference_draw:
+        import random
+
+        src = np.asarray(random.Random(REFERENCE_DRAW_SEED).sample(range(N), m), dtype=np.int64)
+    else:
+        rng = np.random.default_rng(np.random.SeedSequence([seed & 0xFFFFFFFF, POPULATION_KEY]))
+        src = np.sort(rng.choice(N, size=m, replace=False)).astype(np.int64) if m else np.zeros(0, dtype=np.int64)
     seqs = tuple(np.array(dataset.train[int(u)], dtype=np.int64, copy=True) for u in src)
     if m:
         note += f"; each holds a copy of a real user's training data (users {src.tolist()})"
@@ -142,8 +156,8 @@ def fake_population(dataset: SeqDataset, ratio: float, seed: int, targets: Seque
 
 
 def build_population(attack, dataset: SeqDataset, ratio: float, seed: int,
-                     targets: Sequence[int]) -> MaliciousPopulation:
+                     targets: Sequence[int], reference_draw: bool = False) -> MaliciousPopulation:
     """The population ``attack`` needs: fabricated profiles when ``attack.fake_users``, else copies."""
     if getattr(attack, "fake_users", False):
         return fake_population(dataset, ratio, seed, targets, getattr(attack, "profile_length", 50))
-    return malicious_population(dataset, ratio, seed)
+    return malicious_population(dataset, ratio, seed, reference_draw)

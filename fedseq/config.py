@@ -36,6 +36,7 @@ class Compat:
     attack_leak: bool = False  # DV-FSR: the substitution's CE gradient leaks into the upload
     attack_eval_mode: bool = False  # DV-FSR: attack-loss forwards run without dropout
     substitution_fill: bool = False  # DV-FSR: items failing tau still fill the top-T tries (score 0, by id)
+    attacker_draw: bool = False  # malicious clients copy the users the public code draws (Python random)
     cfsr_label_index: bool = False  # C-FSR: contrastive label on index 1 (first negative)
     advtrain_noop: bool = False  # adv_train applies no update (the public code's behaviour)
 

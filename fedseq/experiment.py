@@ -97,7 +97,8 @@ def make_population(cfg: ExperimentConfig, ds: SeqDataset, targets: tuple[int, .
         raise ConfigError(f"attack {cfg.attack!r} needs malicious_ratio in (0, 1) (a share of the "
                           f"{ds.num_users} benign users, e.g. 0.001), got {cfg.malicious_ratio}")
     try:
-        population = build_population(attack, ds, cfg.malicious_ratio, cfg.seed, targets)
+        population = build_population(attack, ds, cfg.malicious_ratio, cfg.seed, targets,
+                                      reference_draw=cfg.compat.attacker_draw)
     except ValueError as e:
         raise ConfigError(f"malicious population: {e}") from None
     return attack, population

@@ -460,3 +460,22 @@ def test_sim_reports_how_many_malicious_updates_a_robust_rule_kept():
                attack_opts={"base": "eb", "factor": "50"})
     row = res["epochs"][0]
     assert row["malicious_updates"] == 4 and 0 <= row["malicious_kept"] <= 4
+
+
+def test_reference_attacker_draw_copies_the_users_the_public_code_copies():
+    # Prepare: the public code's draw is random.seed(20000000); random.sample(range(N), m)
+    import random
+
+    from attacker.population import malicious_population
+    from fedseq.data import synthetic
+
+    ds = synthetic(num_users=500, num_items=120, seed=3)
+    expected = random.Random(20000000).sample(range(500), 5)
+    # Execute
+    pop = malicious_population(ds, 0.01, seed=0, reference_draw=True)
+    default = malicious_population(ds, 0.01, seed=0)
+    # Assert
+    assert pop.source_users.tolist() == expected
+    assert [s.tolist() for s in pop.sequences] == [ds.train[u].tolist() for u in expected]
+    assert pop.ids.tolist() == list(range(500, 505))
+    assert default.source_users.tolist() != expected
