@@ -20,6 +20,8 @@ import numpy as np
 import torch
 
 from server.aggregation import make_rule, server_step
+from server.aggregation.base import bind_root, needs_root
+from server.root import load_root, root_update
 
 from .adv_train import AdvTrainConfig, adversarial_updates, pick_adv_users
 from .config import ExperimentConfig
@@ -110,6 +112,7 @@ def run_inprocess(cfg: ExperimentConfig, out_dir: str | Path | None = None,
         progress(f"attack {cfg.attack} {dict(cfg.attack_opts)}: {population.note}")
     local = cfg.local()
     adv = cfg.adv_config() if cfg.adv_train and not cfg.compat.advtrain_noop else None
+    root = load_root(cfg, getattr(rule, "root_users", 10)) if needs_root(rule) else None
     epochs: list[dict[str, Any]] = []
     round_key = 0
     for epoch in range(cfg.epochs):
@@ -123,7 +126,8 @@ def run_inprocess(cfg: ExperimentConfig, out_dir: str | Path | None = None,
             ta = time.perf_counter()
             ub, k_mal = round_updates(s, params, users, round_key, local)
             tb = time.perf_counter()
-            res = rule(ub.updates, torch.as_tensor(ub.num_samples, dtype=torch.float32))
+            rule_r = bind_root(rule, root_update(s.model, params, root, cfg, round_key)) if root else rule
+            res = rule_r(ub.updates, torch.as_tensor(ub.num_samples, dtype=torch.float32))
             if k_mal:
                 n_mal += k_mal
                 mal_rows = np.flatnonzero(ub.users >= ds.num_users)

@@ -31,6 +31,8 @@ from fedseq.v1 import aggregator_pb2_grpc as pb_grpc
 from fedseq.v1 import common_pb2
 
 from .aggregation import RuleConfigError, make_rule, server_step
+from .aggregation.base import bind_root, needs_root
+from .root import load_root, root_update
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +89,8 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         self.version = -1
         self.store: RedisStore | None = None
         self.rule = None
+        self.model = None
+        self.root = None
         self.round: _Round | None = None
         self.last_closed = -1
 
@@ -121,6 +125,8 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
                 version, resumed, store_bytes = head, True, 0
             self.run_id, self.cfg, self.layout, self.params = request.run_id, cfg, layout, params
             self.version, self.store, self.rule, self.round = version, store, rule, None
+            self.model = model
+            self.root = load_root(cfg, getattr(rule, "root_users", 10)) if needs_root(rule) else None
             self.last_closed = version - 1  # round r produces version r + 1 (a new run on this server starts over)
             self._store_read_mark = store.io_counters()["bytes_read"]
             log.info("run %s: %s at version %d (%s)", request.run_id, cfg.model, version,
@@ -268,7 +274,10 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             if users:
                 U = torch.stack([rnd.updates[u][0] for u in users])  # [K, D], sorted by user id
                 w = torch.tensor([rnd.updates[u][1] for u in users], dtype=torch.float32)
-                res = self.rule(U, w)
+                rule = self.rule
+                if self.root is not None:  # FLTrust: this round's root update from the server's own data
+                    rule = bind_root(rule, root_update(self.model, self.params, self.root, self.cfg, rnd.round_id))
+                res = rule(U, w)
                 del U
                 t1 = time.perf_counter()
                 new = server_step(self.params, res.vector, rnd.lr)

@@ -308,3 +308,25 @@ def test_describe_reports_hosted_users(redis_url):
         fed.close()
 
 
+
+
+@pytest.mark.parametrize("rule", ["fltrust", "mixed-rfa"])
+def test_robust_rules_through_the_services_match_the_inprocess_runner(redis_url, rule):
+    """FLTrust needs the server's own root data (server/root.py); mixed-RFA is the paper's defense."""
+    from fedseq.sim import run_inprocess
+
+    cfg = replace(TINY, run_id=f"rule-{rule}", aggregation=rule, epochs=1)
+    fed = _Fed(redis_url, cfg)
+    try:
+        fed.add_worker("a")
+        fed.orch.start()
+        fed.orch.join(120)
+        sim = run_inprocess(cfg, None, progress=lambda _line: None)
+        assert fed.orch.state == "done", fed.orch.message
+        got, want = fed.orch.epochs[-1], sim["epochs"][-1]
+        for k in ("hr@10", "ndcg@10", "er@10"):
+            assert got[k] == pytest.approx(want[k], abs=1e-9), k
+        rounds = fed.orch.store.records("rounds")
+        assert rounds[0]["rule"] == rule and rounds[0]["rule_info"]
+    finally:
+        fed.close()
