@@ -8,6 +8,7 @@ import logging
 
 import numpy as np
 
+from fedseq.adv_train import adversarial_updates
 from fedseq.data import shard
 from fedseq.experiment import setup
 from fedseq.training import compute_updates
@@ -27,5 +28,12 @@ def benign_population(cfg, shard_spec: tuple[int, int] | None) -> Hosted:
     def compute(params, user_ids, round_id):
         return compute_updates(s.model, params, [seqs[u] for u in user_ids], user_ids, cfg.seed, round_id, local)
 
+    adv = cfg.adv_config()
+
+    def compute_adversarial(params, user_ids, round_id):
+        return adversarial_updates(s.model, params, [seqs[u] for u in user_ids], user_ids, cfg.seed, round_id,
+                                   local, adv)
+
     log.info("hosting %d benign users of %s", len(users), ds.name)
-    return Hosted(setup=s, users=users, sequences=seqs, compute=compute, evaluate_users=users)
+    return Hosted(setup=s, users=users, sequences=seqs, compute=compute, evaluate_users=users,
+                  compute_adversarial=compute_adversarial)

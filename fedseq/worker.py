@@ -47,6 +47,8 @@ class Hosted:
     sequences: dict[int, np.ndarray]
     compute: Callable[[torch.Tensor, list[int], int], UpdateBatch]  # (params, users, round_id)
     evaluate_users: np.ndarray  # users this worker may evaluate (benign hosted users)
+    # adversarial-training updates (params, users, round_id); None: this worker does not do them
+    compute_adversarial: Callable[[torch.Tensor, list[int], int], UpdateBatch] | None = None
 
 
 def encode_update(tensors: dict[str, torch.Tensor], encoding: str) -> bytes:
@@ -218,8 +220,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     for a in request.assignments if a.user_id not in hosted_set]
         if not local:
             return worker_pb2.TrainReply(statuses=statuses, model_bytes_read=model_bytes, ledger=counts)
+        compute = hosted.compute
+        if request.adversarial:
+            if hosted.compute_adversarial is None:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this worker does no adversarial training")
+            compute = hosted.compute_adversarial
         with self._compute:
-            ub = hosted.compute(params, [a.user_id for a in local], request.round_id)
+            ub = compute(params, [a.user_id for a in local], request.round_id)
             self.stats["train_calls"] += 1
             self.stats["users_trained"] += len(local)
         t2 = time.perf_counter()

@@ -23,6 +23,7 @@ import grpc
 import numpy as np
 
 from fedseq import ledger as ledger_mod
+from fedseq.adv_train import pick_adv_users
 from fedseq.config import ExperimentConfig
 from fedseq.experiment import Setup, epoch_rounds, setup
 from fedseq.ledger import Ledger
@@ -217,11 +218,18 @@ class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
             time.sleep(0.2)
 
     def _schedule(self) -> list[tuple[int, int, np.ndarray]]:
-        """(epoch, round in epoch, users) for every round of the run, in order."""
+        """(epoch, round in epoch, users) for every round of the run, in order. With adversarial
+        training each round is followed by an adversarial round (its own round id and version) of
+        ``users_per_round`` of that round's benign users, as the in-process runner does."""
         out = []
-        for e in range(self.cfg.epochs):
-            for r, users in enumerate(epoch_rounds(self.cfg, self.clients, e)):
+        cfg = self.cfg
+        adv = cfg.adv_config() if cfg.adv_train and not cfg.compat.advtrain_noop else None
+        for e in range(cfg.epochs):
+            for r, users in enumerate(epoch_rounds(cfg, self.clients, e)):
                 out.append((e, r, users))
+                if adv is not None:
+                    benign = users[users < self.setup.dataset.num_users]
+                    out.append((e, -1, pick_adv_users(benign, cfg.seed, len(out), adv.users_per_round)))
         return out
 
     def run(self) -> None:
@@ -275,7 +283,7 @@ class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
                 self._write()
                 return
             epoch, r, users = schedule[rid]
-            summary = self._round(rid, epoch, users)
+            summary = self._round(rid, epoch, users, adversarial=r < 0)
             for k in ("accepted", "rejected", "missing", "malicious", "malicious_kept"):
                 acc[k] = acc.get(k, 0) + summary[k]
             last_of_epoch = rid + 1 == len(schedule) or schedule[rid + 1][0] != epoch
@@ -285,7 +293,7 @@ class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
         self.state = "done"
         self._write()
 
-    def _round(self, rid: int, epoch: int, users: np.ndarray) -> dict[str, Any]:
+    def _round(self, rid: int, epoch: int, users: np.ndarray, adversarial: bool = False) -> dict[str, Any]:
         cfg = self.cfg
         lr = cfg.lr_at(epoch)
         t0 = time.perf_counter()
@@ -309,7 +317,7 @@ class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
             req = worker_pb2.TrainRequest(
                 run_id=self.run_id, round_id=rid, model_version=rid, aggregator=self.settings.aggregator,
                 deadline_unix=deadline, encoding=cfg.codec, accepted_encodings=list(opened.accepted_encodings),
-                assignments=[common_pb2.Assignment(user_id=u, token=tokens[u]) for u in us])
+                assignments=[common_pb2.Assignment(user_id=u, token=tokens[u]) for u in us], adversarial=adversarial)
             calls[wid] = by_id[wid].stub.Train.future(req, timeout=self.settings.round_timeout,
                                                       compression=self._grpc_comp)
             led.add_message(req, worker=wid, direction="down", link="worker-orchestrator",

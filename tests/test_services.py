@@ -330,3 +330,23 @@ def test_robust_rules_through_the_services_match_the_inprocess_runner(redis_url,
         assert rounds[0]["rule"] == rule and rounds[0]["rule_info"]
     finally:
         fed.close()
+
+
+def test_adversarial_training_rounds_through_the_services_match_the_inprocess_runner(redis_url):
+    from fedseq.sim import run_inprocess
+
+    cfg = replace(TINY, run_id="adv", epochs=1, adv_train=True, adv_train_opts=(("users_per_round", "4"),))
+    fed = _Fed(redis_url, cfg)
+    try:
+        w = fed.add_worker("a")
+        fed.orch.start()
+        fed.orch.join(120)
+        sim = run_inprocess(cfg, None, progress=lambda _line: None)
+        assert fed.orch.state == "done", fed.orch.message
+        for k in ("hr@10", "ndcg@10", "er@10"):
+            assert fed.orch.epochs[-1][k] == pytest.approx(sim["epochs"][-1][k], abs=1e-9), k
+        rounds = fed.orch.store.records("rounds")
+        assert len(rounds) == 2 * 4  # 60 users / 16 per round = 4 rounds, each followed by an adversarial one
+        assert w.stats["users_trained"] == 60 + 4 * 4
+    finally:
+        fed.close()

@@ -28,7 +28,7 @@ class DescribeReply(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., users: _Optional[_Iterable[int]] = ..., device: _Optional[str] = ..., threads: _Optional[int] = ..., ready: _Optional[bool] = ..., run_id: _Optional[str] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
-    __slots__ = ("run_id", "round_id", "model_version", "assignments", "aggregator", "deadline_unix", "encoding", "accepted_encodings")
+    __slots__ = ("run_id", "round_id", "model_version", "assignments", "aggregator", "deadline_unix", "encoding", "accepted_encodings", "adversarial")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +37,7 @@ class TrainRequest(_message.Message):
     DEADLINE_UNIX_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_ENCODINGS_FIELD_NUMBER: _ClassVar[int]
+    ADVERSARIAL_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     round_id: int
     model_version: int
@@ -45,7 +46,8 @@ class TrainRequest(_message.Message):
     deadline_unix: float
     encoding: str
     accepted_encodings: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, run_id: _Optional[str] = ..., round_id: _Optional[int] = ..., model_version: _Optional[int] = ..., assignments: _Optional[_Iterable[_Union[_common_pb2.Assignment, _Mapping]]] = ..., aggregator: _Optional[str] = ..., deadline_unix: _Optional[float] = ..., encoding: _Optional[str] = ..., accepted_encodings: _Optional[_Iterable[str]] = ...) -> None: ...
+    adversarial: bool
+    def __init__(self, run_id: _Optional[str] = ..., round_id: _Optional[int] = ..., model_version: _Optional[int] = ..., assignments: _Optional[_Iterable[_Union[_common_pb2.Assignment, _Mapping]]] = ..., aggregator: _Optional[str] = ..., deadline_unix: _Optional[float] = ..., encoding: _Optional[str] = ..., accepted_encodings: _Optional[_Iterable[str]] = ..., adversarial: _Optional[bool] = ...) -> None: ...
 
 class TrainReply(_message.Message):
     __slots__ = ("statuses", "bytes_sent", "model_bytes_read", "timings", "ledger")
