@@ -285,7 +285,8 @@ class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
             epoch, r, users = schedule[rid]
             summary = self._round(rid, epoch, users, adversarial=r < 0)
             for k in ("accepted", "rejected", "missing", "malicious", "malicious_kept"):
-                acc[k] = acc.get(k, 0) + summary[k]
+                key = "malicious_updates" if k == "malicious" else k  # the in-process runner's key
+                acc[key] = acc.get(key, 0) + summary[k]
             last_of_epoch = rid + 1 == len(schedule) or schedule[rid + 1][0] != epoch
             if last_of_epoch:
                 self._end_epoch(epoch, time.perf_counter() - epoch_t0, acc)
