@@ -60,15 +60,18 @@ class RecordingWorker(WorkerServicer):
 
 
 class Federation:
+    """``workers`` sharded workers are added at once; more (unsharded) with :meth:`add_worker`. The
+    run starts once ``min_workers`` (default: ``workers``, at least 1) are ready."""
+
     def __init__(self, redis_url: str, cfg: ExperimentConfig, workers: int = 2, out_dir: str | Path | None = None,
                  aggregator: Callable[..., AggregatorServicer] = CountingAggregator, serve_models: bool = False,
-                 **agg_kw) -> None:
+                 min_workers: int | None = None, **agg_kw) -> None:
         self.redis_url, self.cfg = redis_url, cfg
         self.agg = aggregator(lambda run_id: RedisStore.from_url(redis_url, run_id), **agg_kw)
         self.agg_svc = Service([(agg_grpc.add_AggregatorServicer_to_server, self.agg, "fedseq.v1.Aggregator")],
                                port=0, host="127.0.0.1").start()
         settings = OrchestratorSettings(aggregator=f"127.0.0.1:{self.agg_svc.port}", store_url=redis_url,
-                                        min_workers=workers, round_timeout=60, worker_wait=60,
+                                        min_workers=min_workers or max(workers, 1), round_timeout=60, worker_wait=60,
                                         out_dir=str(out_dir) if out_dir else None, serve_models=serve_models)
         self.orch = Orchestrator(cfg, settings)
         self.orch_svc = Service([(orchestrator_pb2_grpc.add_OrchestratorServicer_to_server, self.orch,
@@ -79,7 +82,7 @@ class Federation:
         for i in range(workers):
             self.add_worker(f"w{i}", (i, workers))
 
-    def add_worker(self, name: str, shard: tuple[int, int] | None) -> RecordingWorker:
+    def add_worker(self, name: str, shard: tuple[int, int] | None = None) -> RecordingWorker:
         w = RecordingWorker(name)
         svc = Service([(worker_pb2_grpc.add_WorkerServicer_to_server, w, "fedseq.v1.Worker")], port=0,
                       host="127.0.0.1").start()

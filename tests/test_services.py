@@ -3,7 +3,6 @@ sockets), a real Redis server process, real model computations."""
 
 from __future__ import annotations
 
-import json
 import secrets
 import time
 from dataclasses import replace
@@ -11,10 +10,10 @@ from dataclasses import replace
 import grpc
 import pytest
 import torch
+from _federation import Federation
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from client.service import benign_population
 from fedseq import codec
 from fedseq.config import ExperimentConfig
 from fedseq.models import build_model
@@ -24,9 +23,8 @@ from fedseq.rpc import CHUNK_BYTES, Service, channel, chunks
 from fedseq.store import RedisStore
 from fedseq.v1 import aggregator_pb2 as agg_pb
 from fedseq.v1 import aggregator_pb2_grpc as agg_grpc
-from fedseq.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc, worker_pb2, worker_pb2_grpc
-from fedseq.worker import ModelSource, WorkerServicer, encode_update
-from orchestrator.service import Orchestrator, OrchestratorSettings
+from fedseq.v1 import common_pb2, orchestrator_pb2, worker_pb2, worker_pb2_grpc
+from fedseq.worker import encode_update
 from server.service import AggregatorServicer
 
 TINY = ExperimentConfig(run_id="t", dataset="synthetic:users=60,items=80", epochs=2, clients_per_round=16,
@@ -186,50 +184,13 @@ def test_health_and_reflection_answer(aggregator):
 
 
 # ---------------------------------------------------------------------------- orchestrated runs
-
-
-class _Fed:
-    """A whole federation in this process: aggregator, orchestrator and workers, each a real gRPC
-    server on its own port."""
-
-    def __init__(self, redis_url: str, cfg: ExperimentConfig, min_workers: int = 1) -> None:
-        self.redis_url, self.cfg = redis_url, cfg
-        self.agg = AggregatorServicer(lambda run_id: RedisStore.from_url(redis_url, run_id))
-        self.agg_svc = Service([(agg_grpc.add_AggregatorServicer_to_server, self.agg, "fedseq.v1.Aggregator")],
-                               port=0, host="127.0.0.1").start()
-        settings = OrchestratorSettings(aggregator=f"127.0.0.1:{self.agg_svc.port}", store_url=redis_url,
-                                        min_workers=min_workers, round_timeout=60, worker_wait=60)
-        self.orch = Orchestrator(cfg, settings)
-        self.orch_svc = Service([(orchestrator_pb2_grpc.add_OrchestratorServicer_to_server, self.orch,
-                                  "fedseq.v1.Orchestrator")], port=0, host="127.0.0.1").start()
-        self.orch_stub = orchestrator_pb2_grpc.OrchestratorStub(channel(f"127.0.0.1:{self.orch_svc.port}"))
-        self.workers: list[tuple[Service, WorkerServicer]] = []
-
-    def add_worker(self, name: str) -> WorkerServicer:
-        w = WorkerServicer(name)
-        svc = Service([(worker_pb2_grpc.add_WorkerServicer_to_server, w, "fedseq.v1.Worker")], port=0,
-                      host="127.0.0.1").start()
-        reply = self.orch_stub.Register(orchestrator_pb2.RegisterRequest(
-            worker_id=name, address=f"127.0.0.1:{svc.port}", device="cpu"))
-        cfg = ExperimentConfig.from_dict(json.loads(reply.config_json))
-        w.attach(reply.run_id, benign_population(cfg, None), ModelSource(reply.run_id, reply.store_url,
-                                                                          reply.aggregator))
-        self.workers.append((svc, w))
-        return w
-
-    def close(self) -> None:
-        self.orch.stop()
-        self.orch.join(30)
-        for svc, _ in self.workers:
-            svc.stop(0)
-        self.orch_svc.stop(0)
-        self.agg_svc.stop(0)
+# (whole federations in this process: tests/_federation.py)
 
 
 def test_worker_registering_mid_run_gets_users(redis_url):
     # Prepare: a slow-ish run with one worker; a second registers after the first round
     cfg = replace(TINY, run_id="mid", epochs=3, clients_per_round=10)
-    fed = _Fed(redis_url, cfg)
+    fed = Federation(redis_url, cfg, workers=0)
     try:
         first = fed.add_worker("w1")
         fed.orch.start()
@@ -254,7 +215,7 @@ def test_orchestrated_run_matches_the_inprocess_runner(redis_url):
 
     # Prepare
     cfg = replace(TINY, run_id="parity")
-    fed = _Fed(redis_url, cfg, min_workers=2)
+    fed = Federation(redis_url, cfg, workers=0, min_workers=2)
     try:
         fed.add_worker("a")
         fed.add_worker("b")
@@ -274,7 +235,7 @@ def test_orchestrated_run_matches_the_inprocess_runner(redis_url):
 def test_resumed_orchestrator_continues_from_the_store_head(redis_url):
     # Prepare: run one epoch, then a new orchestrator for the same run id with more epochs
     cfg = replace(TINY, run_id="resume", epochs=1)
-    fed = _Fed(redis_url, cfg)
+    fed = Federation(redis_url, cfg, workers=0)
     try:
         fed.add_worker("w")
         fed.orch.start()
@@ -282,7 +243,7 @@ def test_resumed_orchestrator_continues_from_the_store_head(redis_url):
         rounds_first = fed.orch.round_id
     finally:
         fed.close()
-    fed2 = _Fed(redis_url, replace(cfg, epochs=2))
+    fed2 = Federation(redis_url, replace(cfg, epochs=2), workers=0)
     try:
         w = fed2.add_worker("w")
         # Execute
@@ -298,10 +259,10 @@ def test_resumed_orchestrator_continues_from_the_store_head(redis_url):
 
 
 def test_describe_reports_hosted_users(redis_url):
-    fed = _Fed(redis_url, replace(TINY, run_id="desc"))
+    fed = Federation(redis_url, replace(TINY, run_id="desc"), workers=0)
     try:
         fed.add_worker("w")
-        svc, _ = fed.workers[0]
+        svc = fed.services[0]
         d = worker_pb2_grpc.WorkerStub(channel(f"127.0.0.1:{svc.port}")).Describe(worker_pb2.DescribeRequest())
         assert d.ready and d.worker_id == "w" and len(d.users) == 60
     finally:
@@ -316,7 +277,7 @@ def test_robust_rules_through_the_services_match_the_inprocess_runner(redis_url,
     from fedseq.sim import run_inprocess
 
     cfg = replace(TINY, run_id=f"rule-{rule}", aggregation=rule, epochs=1)
-    fed = _Fed(redis_url, cfg)
+    fed = Federation(redis_url, cfg, workers=0)
     try:
         fed.add_worker("a")
         fed.orch.start()
@@ -336,7 +297,7 @@ def test_adversarial_training_rounds_through_the_services_match_the_inprocess_ru
     from fedseq.sim import run_inprocess
 
     cfg = replace(TINY, run_id="adv", epochs=1, adv_train=True, adv_train_opts=(("users_per_round", "4"),))
-    fed = _Fed(redis_url, cfg)
+    fed = Federation(redis_url, cfg, workers=0)
     try:
         w = fed.add_worker("a")
         fed.orch.start()
