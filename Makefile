@@ -34,6 +34,7 @@ protos: setup
 
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/mypy fedseq server client attacker orchestrator
 
 test: check-protos lint
 	$(BIN)/python -m pytest -q

@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from .models import SeqModel
 from .models.common import Drop, position_ids
 from .params import Layout
 from .training import LocalConfig, UpdateBatch, _prepare, micro_batches, user_losses, user_rng
@@ -114,7 +115,7 @@ def pick_adv_users(round_users: Sequence[int] | np.ndarray, seed: int, round_key
 # ----------------------------------------------------------------------------- soft inputs
 
 
-def soft_embed(model: nn.Module, tokens: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
+def soft_embed(model: SeqModel, tokens: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
     """Input embedding ``[B, L, d]`` of distributions ``dist [B, L, V]``: ``dist @ E + pos`` at
     non-padding positions, the benign ``model.embed(tokens)`` at padding positions."""
     clean = model.embed(tokens)
@@ -125,7 +126,7 @@ def soft_embed(model: nn.Module, tokens: torch.Tensor, dist: torch.Tensor) -> to
 class _SoftObjective(nn.Module):
     """Per-user losses on soft inputs; wraps the model so ``functional_call`` can swap weights."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: SeqModel) -> None:
         super().__init__()
         self.model = model
 
@@ -198,10 +199,10 @@ def _check(model: nn.Module, params: torch.Tensor, sequences, users, cfg: LocalC
 
 
 def adversarial_inputs(
-    model: nn.Module,
+    model: SeqModel,
     params: torch.Tensor,
     sequences: Sequence[np.ndarray],
-    users: Sequence[int],
+    users: Sequence[int] | np.ndarray,
     seed: int,
     round_key: int,
     cfg: LocalConfig = DEFAULT_LOCAL,
@@ -218,10 +219,10 @@ def adversarial_inputs(
 
 
 def adversarial_updates(
-    model: nn.Module,
+    model: SeqModel,
     params: torch.Tensor,
     sequences: Sequence[np.ndarray],
-    users: Sequence[int],
+    users: Sequence[int] | np.ndarray,
     seed: int,
     round_key: int,
     cfg: LocalConfig = DEFAULT_LOCAL,

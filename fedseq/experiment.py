@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
 
 from attacker.attacks import Attack, AttackConfigError, make_attack
 from attacker.population import MaliciousPopulation, build_population
@@ -21,7 +20,7 @@ from attacker.population import MaliciousPopulation, build_population
 from .config import ConfigError, ExperimentConfig
 from .data import SeqDataset, least_popular_item, load_dataset
 from .metrics import EvalConfig
-from .models import build_model
+from .models import SeqModel, build_model
 from .models.common import reference_init
 from .params import Layout, get_vector
 
@@ -34,7 +33,7 @@ SCHEDULE_KEY = 0x5C4ED  # stream of the epoch shuffles
 class Setup:
     cfg: ExperimentConfig
     dataset: SeqDataset
-    model: nn.Module
+    model: SeqModel
     layout: Layout
     targets: tuple[int, ...]
     population: MaliciousPopulation | None = None  # None when cfg.attack == "none"

@@ -23,9 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch import nn
 
-from .models import BERT4Rec
+from .models import BERT4Rec, SeqModel
 from .models.common import Drop, keep_masks
 from .params import set_vector
 from .training import micro_batches, user_rng
@@ -98,14 +97,14 @@ def metric_sums(test_rank: torch.Tensor, target_ranks: torch.Tensor) -> MetricSu
     return MetricSums(int(test_rank.shape[0]), float(hit.double().sum()), float(ndcg.sum()), er)
 
 
-def eval_input(model: nn.Module, train: np.ndarray, cfg: EvalConfig) -> np.ndarray:
+def eval_input(model: SeqModel, train: np.ndarray, cfg: EvalConfig) -> np.ndarray:
     """The sequence a user is scored from: its last items, with a trailing mask token for
     BERT4Rec (always) and for SASRec under the ``mask_token_query`` compat switch."""
-    c = model.cfg
     if isinstance(model, BERT4Rec):
-        return np.append(train[-(c.input_len - 1) :], c.mask_token)
+        return np.append(train[max(len(train) - (model.cfg.input_len - 1), 0) :], model.cfg.mask_token)
+    c = model.cfg
     if cfg.mask_token_query:
-        return np.append(train[-(c.max_len - 1) :], c.mask_token)
+        return np.append(train[max(len(train) - (c.max_len - 1), 0) :], c.mask_token)
     return train[-c.max_len :]
 
 
@@ -124,10 +123,10 @@ class Evaluator:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: SeqModel,
         train: Sequence[np.ndarray],
-        test: Sequence[int],
-        users: Sequence[int],
+        test: Sequence[int] | np.ndarray,
+        users: Sequence[int] | np.ndarray,
         targets: Sequence[int],
         cfg: EvalConfig = EvalConfig(),
     ) -> None:

@@ -50,7 +50,7 @@ class Layout:
         """``[D]`` -> ``{name: tensor}`` (views into ``vec``)."""
         if vec.shape != (self.dim,):
             raise ValueError(f"expected a [{self.dim}] vector, got {tuple(vec.shape)}")
-        parts = torch.split(vec, self.sizes)
+        parts = torch.split(vec, list(self.sizes))
         return {n: p.view(s) for n, p, s in zip(self.names, parts, self.shapes, strict=True)}
 
     def check(self, tensors: Mapping[str, torch.Tensor]) -> None:

@@ -137,7 +137,7 @@ class RedisServer:
     port: int = 0
     host: str = "127.0.0.1"
     data_dir: Path | None = None
-    log_file: Path | None = None
+    log_file: str | Path | None = None
     binary: str | None = None
     startup_timeout: float = 10.0
     extra_args: tuple[str, ...] = ()

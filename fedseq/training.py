@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from .models import BERT4Rec, SASRec
+from .models import BERT4Rec, SASRec, SeqModel
 from .models.common import Drop, keep_masks
 from .params import Layout
 
@@ -157,7 +157,7 @@ def make_example(model: nn.Module, train: np.ndarray, rng: np.random.Generator, 
 
 
 def user_losses(
-    model: nn.Module, batch: dict[str, torch.Tensor], drop: Drop | None, x: torch.Tensor | None = None
+    model: SeqModel, batch: dict[str, torch.Tensor], drop: Drop | None, x: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Per-user local losses ``[B]`` for a collated batch (works for B = 1 inside vmap).
 
@@ -185,7 +185,7 @@ def user_losses(
 class _Objective(nn.Module):
     """Wraps a model so ``functional_call`` can swap its parameters for the loss computation."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: SeqModel) -> None:
         super().__init__()
         self.model = model
 
@@ -226,10 +226,10 @@ ITEM_TABLE = "item_emb.weight"
 
 
 def compute_updates(
-    model: nn.Module,
+    model: SeqModel,
     params: torch.Tensor,
     sequences: Sequence[np.ndarray],
-    users: Sequence[int],
+    users: Sequence[int] | np.ndarray,
     seed: int,
     round_key: int,
     cfg: LocalConfig = LocalConfig(),

@@ -224,6 +224,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         if request.adversarial:
             if hosted.compute_adversarial is None:
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this worker does no adversarial training")
+            assert hosted.compute_adversarial is not None  # context.abort() raises
             compute = hosted.compute_adversarial
         with self._compute:
             ub = compute(params, [a.user_id for a in local], request.round_id)

@@ -155,7 +155,7 @@ class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
     def GetStatus(self, request, context):
         with self._lock:
             n = sum(1 for w in self.workers.values() if w.alive)
-        last = next((e for e in reversed(self.epochs) if "hr@10" in e), {})
+        last: dict[str, Any] = next((e for e in reversed(self.epochs) if "hr@10" in e), {})
         return orchestrator_pb2.RunStatus(
             run_id=self.run_id, state=self.state, epoch=self.epochs_done, epochs=self.cfg.epochs,
             round_id=self.round_id, model_version=self.round_id, workers=n, last_metrics_json=json.dumps(last),

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
 
 from fedseq.config import ExperimentConfig
 from fedseq.data import load_dataset
+from fedseq.models import SeqModel
 from fedseq.training import compute_updates
 
 ROOT_KEY = 0x7007F  # seeds the root-user draw and the root updates' randomness
@@ -38,7 +38,7 @@ def load_root(cfg: ExperimentConfig, k: int) -> RootData:
     return RootData(users, tuple(np.array(ds.train[u], copy=True) for u in users))
 
 
-def root_update(model: nn.Module, params: torch.Tensor, root: RootData, cfg: ExperimentConfig,
+def root_update(model: SeqModel, params: torch.Tensor, root: RootData, cfg: ExperimentConfig,
                 round_key: int) -> torch.Tensor:
     """The root update ``[D]``: mean of the root users' updates at ``params``."""
     ub = compute_updates(model, params, list(root.sequences), root.users.tolist(), cfg.seed ^ ROOT_KEY, round_key,

@@ -21,7 +21,7 @@ import torch
 from fedseq import codec
 from fedseq.config import ExperimentConfig
 from fedseq.delta import make_patch
-from fedseq.models import build_model
+from fedseq.models import SeqModel, build_model
 from fedseq.models.common import reference_init
 from fedseq.params import Layout, get_vector
 from fedseq.rpc import CHUNK_BYTES, chunks
@@ -31,8 +31,8 @@ from fedseq.v1 import aggregator_pb2_grpc as pb_grpc
 from fedseq.v1 import common_pb2
 
 from .aggregation import RuleConfigError, make_rule, server_step
-from .aggregation.base import bind_root, needs_root
-from .root import load_root, root_update
+from .aggregation.base import AggregationRule, bind_root, needs_root
+from .root import RootData, load_root, root_update
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +88,9 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         self.params: torch.Tensor | None = None
         self.version = -1
         self.store: RedisStore | None = None
-        self.rule = None
-        self.model = None
-        self.root = None
+        self.rule: AggregationRule | None = None
+        self.model: SeqModel | None = None
+        self.root: RootData | None = None
         self.round: _Round | None = None
         self.last_closed = -1
 
@@ -189,6 +189,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
                                   f"the limit is {self.max_update_bytes}")
             elif header is None:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "data chunk before any update header")
+            assert header is not None  # context.abort() raises
             buf += chunk.data
             wire += size
             if len(buf) > header.total_bytes:
@@ -264,6 +265,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             if rnd is None or rnd.round_id != request.round_id:
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                               f"round {request.round_id} is not open (open: {None if rnd is None else rnd.round_id})")
+            assert rnd is not None  # context.abort() raises
             self.round = None
             users = sorted(rnd.updates)
             timings = {"decode": rnd.decode_seconds}
@@ -275,7 +277,9 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
                 U = torch.stack([rnd.updates[u][0] for u in users])  # [K, D], sorted by user id
                 w = torch.tensor([rnd.updates[u][1] for u in users], dtype=torch.float32)
                 rule = self.rule
+                assert rule is not None  # set by StartRun with the run id that _check_run just matched
                 if self.root is not None:  # FLTrust: this round's root update from the server's own data
+                    assert self.model is not None and self.cfg is not None  # set by StartRun with self.root
                     rule = bind_root(rule, root_update(self.model, self.params, self.root, self.cfg, rnd.round_id))
                 res = rule(U, w)
                 del U

@@ -40,9 +40,9 @@ from statistics import NormalDist
 
 import numpy as np
 import torch
-from torch import nn
 
 from fedseq.config import Compat
+from fedseq.models import SeqModel
 from fedseq.training import LocalConfig, UpdateBatch, compute_updates, user_rng
 
 from .base import Attack, AttackConfigError, Option, Users, parse_options, positive, sub_options
@@ -69,7 +69,7 @@ class ALIE:
     name: str = "alie"
     fake_users: bool = False
 
-    def benign_pool(self, model: nn.Module, params: torch.Tensor, sequences: Sequence[np.ndarray],
+    def benign_pool(self, model: SeqModel, params: torch.Tensor, sequences: Sequence[np.ndarray],
                     users: Users, seed: int, round_key: int, local: LocalConfig) -> UpdateBatch:
         """Benign-like updates: view 0 = each user's own honest update; views 1.. = random prefixes."""
         pools = []
@@ -90,7 +90,7 @@ class ALIE:
             np.concatenate([p.num_samples for p in pools]), np.concatenate([p.losses for p in pools]),
         )
 
-    def updates(self, model: nn.Module, params: torch.Tensor, sequences: Sequence[np.ndarray],
+    def updates(self, model: SeqModel, params: torch.Tensor, sequences: Sequence[np.ndarray],
                 users: Users, targets: tuple[int, ...], seed: int, round_key: int,
                 local: LocalConfig, compat: Compat) -> UpdateBatch:
         B = len(users)

@@ -29,9 +29,9 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from torch import nn
 
 from fedseq.config import Compat
+from fedseq.models import SeqModel
 from fedseq.training import LocalConfig, UpdateBatch
 
 
@@ -54,7 +54,7 @@ class Attack(Protocol):
 
     def updates(
         self,
-        model: nn.Module,
+        model: SeqModel,
         params: torch.Tensor,
         sequences: Sequence[np.ndarray],
         users: Users,

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
 
 from fedseq.config import Compat
+from fedseq.models import SeqModel
 from fedseq.training import LocalConfig, UpdateBatch, compute_updates
 
 from .base import Option, Users, parse_options
@@ -29,7 +29,7 @@ class RandomAttack:
     profile_length: int = 50  # items per fake profile, the target included
     fake_users: bool = True
 
-    def updates(self, model: nn.Module, params: torch.Tensor, sequences: Sequence[np.ndarray],
+    def updates(self, model: SeqModel, params: torch.Tensor, sequences: Sequence[np.ndarray],
                 users: Users, targets: tuple[int, ...], seed: int, round_key: int,
                 local: LocalConfig, compat: Compat) -> UpdateBatch:
         return compute_updates(model, params, sequences, users, seed, round_key, local)

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
 
 from fedseq.config import Compat
+from fedseq.models import SeqModel
 from fedseq.training import LocalConfig, UpdateBatch
 
 from .base import Attack, Option, Users, parse_options, positive, sub_options
@@ -36,7 +36,7 @@ class Scale:
     def profile_length(self) -> int:
         return int(getattr(self.base, "profile_length", 50))
 
-    def updates(self, model: nn.Module, params: torch.Tensor, sequences: Sequence[np.ndarray],
+    def updates(self, model: SeqModel, params: torch.Tensor, sequences: Sequence[np.ndarray],
                 users: Users, targets: tuple[int, ...], seed: int, round_key: int,
                 local: LocalConfig, compat: Compat) -> UpdateBatch:
         ub = self.base.updates(model, params, sequences, users, targets, seed, round_key, local, compat)
