@@ -53,6 +53,33 @@ SUITES["attacks"] = {
     "runs": [(f"{a}-{c}", [*ATK, "--attack", a, "--malicious-ratio", "0.001", "--compat", c])
              for a in ("dv-fsr", "c-fsr", "s-fsr", "eb", "a-ra") for c in ("reference", "off")],
     "paper": {"DV-FSR 0.1%": "ER@5 0.9169, ER@10 0.9997, HR@10 0.2944", "EB/A-ra": "ER@30 about 0.11"},
+    "notes": """eb-reference and a-ra-reference ran before the `attacker_draw` switch existed, so their
+malicious clients copy the seed-0 users (305, 2608, 3229); every other `reference` run copies the
+public code's users.
+
+## What the reference switches change
+
+`--compat reference` includes `attacker_draw`: the three malicious clients copy the users the public
+code copies (`random.seed(20000000)`: users 26, 3021, 3417 with 32, 5 and 6 training items); with
+switches off they copy the users drawn with the run seed (seed 0: users 305, 2608, 3229 with 31,
+277 and 5 items). Without the leaked cross-entropy gradient (`attack_leak`) and the rest, DV-FSR
+still reaches ER@10 0.61 after 10 epochs, far above EB and A-ra, but ER@5 stays low: the leak and
+the copied users carry most of the early exposure, as ALGORITHMS.md measured on the public code
+(ER@10 after epoch 4: 0.994 with the leak, 0.408 without).
+
+Probe runs (4 epochs, in-process, helper investigation; epochs 2/3/4):
+
+| attackers copy | benign negatives | ER@5 | ER@10 |
+|---|---|---|---|
+| users 305, 2608, 3229 (seed 0) | per-round seed | .011/.089/.41 | .03/.31/.88 |
+| users 26, 3021, 3417 (reference draw) | per-round seed | .048/.316/.630 | .168/.635/.957 |
+| reference draw | the public code's persistent `Random(2024)` stream per client | .025/.443/.707 | .126/.853/.992 |
+| public code (ALGORITHMS.md) | | ?/.55-.64/? | ?/?/.994 |
+
+The last fedseq row reproduces the public code's curve; it needs each client's sampler to persist
+across its participations, which fedseq's stateless per-round seeding (`shared_neg_seed`) does not
+do yet (it also makes benign learning faster than the reference's measured no-attack curve).
+""",
 }
 SUITES["defenses"] = {
     "title": "Defenses: Steam, SASRec, DV-FSR (reference switches), 10 epochs",
@@ -91,13 +118,13 @@ def render(suite: str, runs_root: Path, dest: Path) -> None:
     lines = [f"# {spec['title']}", "", spec["intro"], ""]
     if spec.get("paper"):
         lines += ["Paper (Table 1): " + "; ".join(f"{k}: {v}" for k, v in spec["paper"].items()), ""]
-    lines += ["| run | command | epochs | final HR@10 | final NDCG@10 | best HR@10 (epoch) | ER@5 | ER@10 | "
-              "median s/epoch (train + eval) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| run | command | epochs | final HR@10 | final NDCG@10 | best HR@10 (epoch) | ER@5 | ER@10 | ER@30 | "
+              "median s/epoch (train + eval) |", "|---|---|---|---|---|---|---|---|---|---|"]
     curves = []
     for label, flags in spec["runs"]:
         path = runs_root / suite / label / "results.json"
         if not path.exists():
-            lines.append(f"| {label} | `fedseq sim {' '.join(flags)}` | not run | | | | | | |")
+            lines.append(f"| {label} | `fedseq sim {' '.join(flags)}` | not run | | | | | | | |")
             continue
         res = json.loads(path.read_text())
         ep = [e for e in res["epochs"] if "hr@10" in e]
@@ -106,8 +133,10 @@ def render(suite: str, runs_root: Path, dest: Path) -> None:
         sec = statistics.median(e["seconds"] for e in ep)
         lines.append(f"| {label} | `fedseq sim {' '.join(flags)}` | {len(ep)} | {last['hr@10']:.4f} | "
                      f"{last['ndcg@10']:.4f} | {best['hr@10']:.4f} ({best['epoch']}) | {last['er@5']:.4f} | "
-                     f"{last['er@10']:.4f} | {sec:.1f} |")
+                     f"{last['er@10']:.4f} | {last['er@30']:.4f} | {sec:.1f} |")
         curves.append((label, ep))
+    if spec.get("notes"):
+        lines += ["", spec["notes"].rstrip()]
     for label, ep in curves:
         lines += ["", f"## {label}: per-epoch curve", "", "| epoch | lr | " + " | ".join(KEYS) + " | seconds |",
                   "|---" * (len(KEYS) + 3) + "|"]
