@@ -98,6 +98,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .launcher import LaunchSettings, launch
 
     cfg = experiment_config(args, quickstart=True)
+    from .experiment import setup
+
+    setup(cfg)  # fail fast: dataset, model, attack name/options, ratio, targets, before any process starts
     settings = LaunchSettings(workers=args.workers, redis_url=args.redis_url, out_dir=args.out,
                               attackers=args.attackers, round_timeout=args.round_timeout, log_dir=args.log_dir)
     return launch(cfg, settings)

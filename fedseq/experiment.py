@@ -16,6 +16,7 @@ import torch
 
 from attacker.attacks import Attack, AttackConfigError, make_attack
 from attacker.population import MaliciousPopulation, build_population
+from server.aggregation import RuleConfigError, make_rule
 
 from .config import ConfigError, ExperimentConfig
 from .data import SeqDataset, least_popular_item, load_dataset
@@ -76,6 +77,11 @@ def setup(cfg: ExperimentConfig, dataset: SeqDataset | None = None) -> Setup:
             raise ConfigError(f"target item {t} is outside the catalogue 1..{ds.num_items} "
                               f"of dataset {ds.name!r}")
     targets = tuple(int(t) for t in targets)
+    try:  # the server builds the rule; validate it here too so every runner fails before starting
+        make_rule(cfg.aggregation, dict(cfg.aggregation_opts))
+    except RuleConfigError as e:
+        raise ConfigError(f"{e} (config keys 'aggregation' / 'aggregation_opts', flags --defense / --defense-opt)") \
+            from None
     attack, population = make_population(cfg, ds, targets)
     return Setup(cfg, ds, model, Layout.of(model), targets, population, attack)
 

@@ -54,9 +54,18 @@ def test_fedseq_run_end_to_end_matches_the_inprocess_runner(tmp_path):
             assert s.connect_ex(("127.0.0.1", port)) != 0, port_file.name
 
 
-def test_bad_configuration_fails_fast_with_a_clear_message(tmp_path):
-    proc = _cli("run", "--epochs", "0", "--out", str(tmp_path))
-    assert proc.returncode == 2 and "epochs must be >= 1" in proc.stderr
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "0"], "epochs must be >= 1"),
+    (["--attack", "dv-fsx"], "unknown attack 'dv-fsx'"),
+    (["--attack", "dv-fsr", "--malicious-ratio", "1.0"], "malicious_ratio must be in [0, 1)"),
+    (["--attack", "dv-fsr", "--targets", "99999"], "target item 99999 is outside the catalogue"),
+    (["--defense", "krum", "--defense-opt", "f=x"], "krum"),
+])
+def test_bad_configuration_fails_fast_with_a_clear_message(tmp_path, flags, message):
+    proc = _cli("run", *flags, "--out", str(tmp_path))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr
+    assert not (tmp_path / "logs").exists()  # nothing was started
 
 
 def _spawn(args: list[str], log: Path) -> subprocess.Popen:
