@@ -4,6 +4,7 @@
     fedseq sim                   the same experiment in one process
     fedseq serve-server|serve-client|serve-attacker|serve-orchestrator   one service (compose)
     fedseq data                  dataset statistics
+    fedseq reproduce SUITE       the paper's runs (learning-core, attacks, defenses) -> docs/results/
     fedseq report RUN_DIR...     print results bundles and communication ledgers, plot bytes per round
 """
 
@@ -154,6 +155,12 @@ def main(argv: list[str] | None = None) -> int:
                                  "runs' common parent folder)")
     p.add_argument("--no-plot", action="store_true")
     p.set_defaults(fn=cmd_report)
+
+    from . import reproduce
+
+    p = sub.add_parser("reproduce", help="run a named suite of paper-setting runs and write docs/results/SUITE.md")
+    reproduce.add_arguments(p)
+    p.set_defaults(fn=reproduce.main)
 
     services.add_parsers(sub, add_experiment_flags)
 

@@ -1,8 +1,8 @@
-"""Fidelity runs: reproduce the paper's settings and write the curves into docs/results/.
+"""``fedseq reproduce SUITE``: the paper's settings as named runs, and their pages in docs/results/.
 
-    python bench/fidelity.py learning-core               # run the suite (in-process runner), then render
-    python bench/fidelity.py learning-core --render-only # re-render from existing run folders
-    python bench/fidelity.py learning-core --only sasrec-reference
+    fedseq reproduce learning-core                # run the suite (in-process runner), then render
+    fedseq reproduce learning-core --render-only  # re-render from existing run folders
+    fedseq reproduce attacks --only dv-fsr-reference
 
 Each run is `fedseq sim` with the suite's flags (printed in the page), results in
 <runs>/<suite>/<label>/results.json. Runs are long (SASRec on Steam: ~15 s per epoch here);
@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path.cwd()  # run from the repository root: runs/ and docs/results/ are relative to it
 STEAM = ["--dataset", "steam", "--data-root", "../shared/data", "--epochs", "30"]
 
 SUITES: dict[str, dict] = {
@@ -148,13 +148,18 @@ def render(suite: str, runs_root: Path, dest: Path) -> None:
     print(f"wrote {dest}")
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("suite", choices=sorted(SUITES))
-    ap.add_argument("--runs", default=str(ROOT / "runs" / "fidelity"))
-    ap.add_argument("--render-only", action="store_true")
-    ap.add_argument("--only", action="append", help="run only these labels")
-    args = ap.parse_args()
+    ap.add_argument("--runs", default=str(ROOT / "runs" / "fidelity"), help="run folders (default runs/fidelity)")
+    ap.add_argument("--render-only", action="store_true", help="only re-render the page from existing runs")
+    ap.add_argument("--only", action="append", help="run only these labels (repeatable)")
+
+
+def main(args: argparse.Namespace | None = None) -> int:
+    if args is None:
+        ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_arguments(ap)
+        args = ap.parse_args()
     runs_root = Path(args.runs)
     if not args.render_only:
         for label, flags in SUITES[args.suite]["runs"]:
