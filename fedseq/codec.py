@@ -236,7 +236,8 @@ def _to_half(name: str, encoding: str, x: torch.Tensor, dt: torch.dtype) -> torc
     return h
 
 
-def _sparse_encode(x: torch.Tensor, h: torch.Tensor, bits_dt: torch.dtype, vdt: np.dtype) -> bytes:
+def _sparse_encode(name: str, encoding: str, x: torch.Tensor, h: torch.Tensor, bits_dt: torch.dtype,
+                   vdt: np.dtype) -> bytes:
     r, _c = x.shape
     mask = (h.view(bits_dt) != 0).any(dim=1)
     idx = torch.nonzero(mask).squeeze(1)
@@ -246,6 +247,8 @@ def _sparse_encode(x: torch.Tensor, h: torch.Tensor, bits_dt: torch.dtype, vdt: 
     idx_bytes = _le(idx_np, _U32 if wide else _U16)
     pad = b"\0" * (-len(idx_bytes) % 4)
     vals = h.index_select(0, idx)
+    if not bool(torch.isfinite(vals).all()):  # a NaN/inf row is never all-zero bits, so it is among vals
+        raise _err(name, encoding, f"non-finite input: {_first_nonfinite(x)}")
     if bits_dt == torch.int16:
         vals_bytes = _le(vals.view(torch.int16).numpy(), _I16)
     else:
@@ -277,7 +280,8 @@ def encode(name: str, tensor: torch.Tensor, encoding: str = "dense-fp32") -> Enc
         data = _le(raw.numpy(), _INT_DTYPES[dtype][1])
         return EncodedTensor(name, dtype, shape, encoding, data)
 
-    if not bool(torch.isfinite(t).all()):
+    # sparse-fp32 checks only the rows it stores (any non-finite row is stored): the hot path of uploads
+    if encoding != "sparse-fp32" and not bool(torch.isfinite(t).all()):
         raise _err(name, encoding, f"non-finite input: {_first_nonfinite(t)}")
     x = t.to(torch.float32)
     if dtype == "float64" and not bool(torch.isfinite(x).all()):
@@ -293,9 +297,9 @@ def encode(name: str, tensor: torch.Tensor, encoding: str = "dense-fp32") -> Enc
         if x.dim() != 2:
             raise _err(name, encoding, f"sparse encodings need a 2-D tensor, got shape {list(shape)}")
         if encoding == "sparse-fp32":
-            data = _sparse_encode(x, x, torch.int32, _F32)
+            data = _sparse_encode(name, encoding, x, x, torch.int32, _F32)
         else:
-            data = _sparse_encode(x, _to_half(name, encoding, x, torch.float16), torch.int16, _F16)
+            data = _sparse_encode(name, encoding, x, _to_half(name, encoding, x, torch.float16), torch.int16, _F16)
     else:  # int8-row
         data = _int8_encode(x, shape)
     return EncodedTensor(name, dtype, shape, encoding, data)
@@ -385,7 +389,7 @@ def decode(enc: EncodedTensor, *, max_numel: int = MAX_NUMEL) -> torch.Tensor:
         _expect_len(enc, 2 * n)
         out = _from_le(enc.data, _I16).view(torch.bfloat16).to(torch.float32).reshape(shape)
     elif encoding in ("sparse-fp32", "sparse-fp16"):
-        out = _sparse_decode(enc)
+        return _sparse_decode(enc)  # checked for finite values on its stored rows
     else:
         out = _int8_decode(enc)
     return _finite_or_raise(enc, out.contiguous())
@@ -432,6 +436,7 @@ def _sparse_decode(enc: EncodedTensor) -> torch.Tensor:
                 f"({int(idx[at])}, {int(idx[at + 1])}); indices must be strictly increasing",
             )
     vals = _from_le(data, vdt, offset=vals_off, count=k * c).reshape(k, c).to(torch.float32)
+    _finite_or_raise(enc, vals)  # only the stored rows can be non-finite: check k x C, not R x C
     out = torch.zeros((r, c), dtype=torch.float32)
     if k:
         out.index_copy_(0, torch.from_numpy(idx), vals)
