@@ -41,6 +41,15 @@ class Layout:
         self.check(tensors)
         return torch.cat([tensors[n].reshape(-1).to(torch.float32) for n in self.names])
 
+    def flatten_into(self, tensors: Mapping[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+        """Write ``{name: tensor}`` into the ``[D]`` view ``out`` (no intermediate copy); returns ``out``."""
+        self.check(tensors)
+        offset = 0
+        for n, size in zip(self.names, self.sizes, strict=True):
+            out[offset : offset + size].copy_(tensors[n].reshape(-1))
+            offset += size
+        return out
+
     def flatten_batch(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """``{name: [K, *shape]}`` -> ``[K, D]``."""
         k = tensors[self.names[0]].shape[0]

@@ -68,7 +68,10 @@ class _Round:
     tokens: dict[int, str]
     deadline: float
     lr: float
-    updates: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)
+    matrix: torch.Tensor  # [assigned, D]: row i holds the update of the i-th assigned user by id
+    rows: dict[int, int]  # user -> row of ``matrix``
+    updates: dict[int, int] = field(default_factory=dict)  # accepted user -> num_samples
+    pending: set[int] = field(default_factory=set)  # users whose update is being decoded
     rejected: list[tuple[int, str]] = field(default_factory=list)
     bytes_received: int = 0
     decode_seconds: float = 0.0
@@ -163,7 +166,12 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             tokens = {a.user_id: a.token for a in request.assignments}
             if len(tokens) != len(request.assignments):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a user is assigned twice in one round")
-            self.round = _Round(request.round_id, request.model_version, tokens, request.deadline_unix, request.lr)
+            assert self.layout is not None
+            order = sorted(tokens)
+            self.round = None  # drop the previous round's matrix before allocating this one
+            # updates are decoded straight into their row (torch.empty touches no memory until written)
+            self.round = _Round(request.round_id, request.model_version, tokens, request.deadline_unix, request.lr,
+                                torch.empty(len(order), self.layout.dim), {u: i for i, u in enumerate(order)})
             self._compress(context)
             return pb.OpenRoundReply(round_id=request.round_id, expected=len(tokens), max_chunk_bytes=CHUNK_BYTES,
                                      accepted_encodings=list(self.accepted_encodings))
@@ -241,17 +249,25 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
                 return reject(f"malformed update: tensor {odd.name!r} is encoded {odd.encoding!r} but the update "
                               f"declares {h.encoding!r} (allowed per tensor: {sorted(allowed)})")
             tensors = codec.decode_state(encoded)
-            assert layout is not None
-            vec = layout.flatten(tensors)
         except (codec.CodecError, ValueError) as e:  # includes non-finite values: codec.decode checks them
+            return reject(f"malformed update: {e}")
+        with self._lock:  # reserve the user's row: a concurrent duplicate must not write into it
+            if h.user_id in rnd.updates or h.user_id in rnd.pending:
+                return reject(f"duplicate update for user {h.user_id} in round {h.round_id}")
+            rnd.pending.add(h.user_id)
+        try:
+            assert layout is not None
+            layout.flatten_into(tensors, rnd.matrix[rnd.rows[h.user_id]])
+        except ValueError as e:
+            with self._lock:
+                rnd.pending.discard(h.user_id)
             return reject(f"malformed update: {e}")
         dt = time.perf_counter() - t0
         with self._lock:
+            rnd.pending.discard(h.user_id)
             if self.round is not rnd:
                 return reject(f"stale round: round {h.round_id} closed while the update was decoded")
-            if h.user_id in rnd.updates:
-                return reject(f"duplicate update for user {h.user_id} in round {h.round_id}")
-            rnd.updates[h.user_id] = (vec, int(h.num_samples))
+            rnd.updates[h.user_id] = int(h.num_samples)
             rnd.bytes_received += wire
             rnd.decode_seconds += dt
         return common_pb2.UpdateStatus(user_id=h.user_id, accepted=True, bytes=wire)
@@ -272,8 +288,10 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             assert self.params is not None and self.layout is not None and self.store is not None
             old_params = self.params
             if users:
-                U = torch.stack([rnd.updates[u][0] for u in users])  # [K, D], sorted by user id
-                w = torch.tensor([rnd.updates[u][1] for u in users], dtype=torch.float32)
+                rows = [rnd.rows[u] for u in users]  # ascending: rows follow user ids
+                # [K, D] sorted by user id; no copy when every assigned user's update arrived
+                U = rnd.matrix if len(rows) == rnd.matrix.shape[0] else rnd.matrix[torch.as_tensor(rows)]
+                w = torch.tensor([rnd.updates[u] for u in users], dtype=torch.float32)
                 rule = self.rule
                 assert rule is not None  # set by StartRun with the run id that _check_run just matched
                 if self.root is not None:  # FLTrust: this round's root update from the server's own data
