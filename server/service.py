@@ -92,6 +92,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         self.version = -1
         self.store: RedisStore | None = None
         self.rule: AggregationRule | None = None
+        self._buffer: torch.Tensor | None = None  # reused round matrix
         self.model: SeqModel | None = None
         self.root: RootData | None = None
         self.round: _Round | None = None
@@ -168,13 +169,25 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a user is assigned twice in one round")
             assert self.layout is not None
             order = sorted(tokens)
-            self.round = None  # drop the previous round's matrix before allocating this one
-            # updates are decoded straight into their row (torch.empty touches no memory until written)
+            prev, self.round = self.round, None
             self.round = _Round(request.round_id, request.model_version, tokens, request.deadline_unix, request.lr,
-                                torch.empty(len(order), self.layout.dim), {u: i for i, u in enumerate(order)})
+                                self._matrix(len(order), busy=prev is not None and bool(prev.pending)),
+                                {u: i for i, u in enumerate(order)})
             self._compress(context)
             return pb.OpenRoundReply(round_id=request.round_id, expected=len(tokens), max_chunk_bytes=CHUNK_BYTES,
                                      accepted_encodings=list(self.accepted_encodings))
+
+    def _matrix(self, rows: int, busy: bool) -> torch.Tensor:
+        """The round matrix ``[rows, D]``: updates are decoded straight into their row. The buffer is
+        reused across rounds (fresh pages cost more than the decoding), unless a replaced round may
+        still be writing into it (``busy``)."""
+        assert self.layout is not None
+        buf = self._buffer
+        if busy or buf is None or buf.shape[0] < rows or buf.shape[1] != self.layout.dim:
+            buf = torch.empty(rows, self.layout.dim)
+            if not busy:
+                self._buffer = buf
+        return buf[:rows]
 
     def SubmitUpdates(self, request_iterator, context):
         self._compress(context)
@@ -281,6 +294,8 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
                               f"round {request.round_id} is not open (open: {None if rnd is None else rnd.round_id})")
             assert rnd is not None  # context.abort() raises
             self.round = None
+            if rnd.pending:  # late decodes may still write into this round's rows: never reuse its buffer
+                self._buffer = None
             users = sorted(rnd.updates)
             timings = {"decode": rnd.decode_seconds}
             t0 = time.perf_counter()
