@@ -57,6 +57,17 @@ SUITES["attacks"] = {
 malicious clients copy the seed-0 users (305, 2608, 3229); every other `reference` run copies the
 public code's users.
 
+## Which effects depend on the switches
+
+- DV-FSR: ER@5 0.88 with the switches, 0.08 without; ER@10 0.9992 vs 0.61. The leaked
+  substitution cross-entropy gradient and the copied users carry the early, top-5 exposure.
+- The ablations (Table 5's ordering DV-FSR > S-FSR > C-FSR) hold only with the switches. With them,
+  S-FSR (no L_con) keeps most of the effect (ER@10 0.98) because the leak rides on the substitution,
+  and C-FSR is about 0 because its contrastive label sits on a random negative. Without them, S-FSR
+  is about 0 (the substitution alone adds nothing) and C-FSR (BCE + a correct L_con) equals DV-FSR
+  (ER@10 0.61 vs 0.61): the implicit view is what carries the attack.
+- EB and A-ra stay near 0 either way (ER@30 0.02-0.03; paper about 0.11).
+
 ## What the reference switches change
 
 `--compat reference` includes `attacker_draw`: the three malicious clients copy the users the public
