@@ -25,7 +25,7 @@ import numpy as np
 from fedseq import ledger as ledger_mod
 from fedseq.adv_train import pick_adv_users
 from fedseq.config import ExperimentConfig
-from fedseq.experiment import Setup, epoch_rounds, setup
+from fedseq.experiment import Setup, all_clients, epoch_rounds, setup
 from fedseq.ledger import Ledger
 from fedseq.metrics import MetricSums
 from fedseq.results import write_results
@@ -110,16 +110,10 @@ class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
         self._pending: list[tuple[str, Any]] = []  # (worker, ByteCount) of Register/Describe calls
         self.results: dict[str, Any] | None = None
         self.aggregator = agg_grpc.AggregatorStub(channel(settings.aggregator))
-        self.clients = self._all_clients()
+        self.clients = all_clients(self.setup)
         self.malicious = self.clients[self.clients >= self.setup.dataset.num_users]
         self._pool = futures.ThreadPoolExecutor(max_workers=32)
         self._thread: threading.Thread | None = None
-
-    def _all_clients(self) -> np.ndarray:
-        from fedseq import experiment
-
-        fn = getattr(experiment, "all_clients", None)
-        return np.asarray(fn(self.setup) if fn else self.setup.benign_users, dtype=np.int64)
 
     # ------------------------------------------------------------------ RPCs
     def Register(self, request, context):

@@ -292,3 +292,13 @@ def test_build_model_passes_overrides_and_validates():
         build_model("sasrec", 10, hidden=9, heads=2)
     with pytest.raises(ValueError, match="input_len"):
         build_model("bert4rec", 10, max_len=10)  # default input_len 50 > max_len
+
+
+@pytest.mark.parametrize("name", ["sasrec", "bert4rec"])
+def test_both_configs_share_the_vocabulary_convention_and_checks(name):
+    cfg = build_model(name, 30, hidden=8, heads=2, ffn=16, max_len=10).cfg
+    assert (cfg.vocab, cfg.mask_token) == (32, 31)
+    with pytest.raises(ValueError, match="dropout must be in"):
+        build_model(name, 30, dropout=1.0)
+    with pytest.raises(ValueError, match="divisible by heads"):
+        build_model(name, 30, hidden=9, heads=2)

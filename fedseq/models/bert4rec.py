@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .common import Drop, DropSite, LayerNorm, gelu_tanh, position_ids
+from .common import Drop, DropSite, LayerNorm, SeqModelConfig, gelu_tanh, position_ids
 
 
 @dataclass(frozen=True)
-class BERT4RecConfig:
+class BERT4RecConfig(SeqModelConfig):
     num_items: int  # M; vocabulary is M + 2 (0 = padding, M + 1 = mask token)
     hidden: int = 16
     blocks: int = 1
@@ -31,22 +31,11 @@ class BERT4RecConfig:
     mask_prob: float = 0.15
 
     def __post_init__(self) -> None:
-        if self.num_items < 1:
-            raise ValueError(f"num_items must be >= 1, got {self.num_items}")
-        if self.hidden % self.heads:
-            raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
+        self.check_shared()
         if not 1 <= self.input_len <= self.max_len:
             raise ValueError(f"input_len must be in [1, max_len={self.max_len}], got {self.input_len}")
         if not 0.0 < self.mask_prob < 1.0:
             raise ValueError(f"mask_prob must be in (0, 1), got {self.mask_prob}")
-
-    @property
-    def vocab(self) -> int:
-        return self.num_items + 2
-
-    @property
-    def mask_token(self) -> int:
-        return self.num_items + 1
 
 
 class Block(nn.Module):

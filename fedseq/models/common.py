@@ -21,6 +21,34 @@ from torch import nn
 _M32 = 0xFFFFFFFF
 
 
+class SeqModelConfig:
+    """What both model configs share: the vocabulary convention (items 1..M, 0 = padding,
+    M + 1 = mask token, M + 2 rows) and the checks on the fields they have in common."""
+
+    num_items: int
+    hidden: int
+    heads: int
+    dropout: float
+    attn_dropout: float
+
+    @property
+    def vocab(self) -> int:
+        return self.num_items + 2
+
+    @property
+    def mask_token(self) -> int:
+        return self.num_items + 1
+
+    def check_shared(self) -> None:
+        if self.num_items < 1:
+            raise ValueError(f"num_items must be >= 1, got {self.num_items}")
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
+        for name in ("dropout", "attn_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1)")
+
+
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """BERT-pytorch LayerNorm: ``w * (x - mean) / (std + eps) + b`` with the *unbiased* std."""
     mean = x.mean(-1, keepdim=True)

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .common import Drop, DropSite, LayerNorm, position_ids
+from .common import Drop, DropSite, LayerNorm, SeqModelConfig, position_ids
 
 
 @dataclass(frozen=True)
-class SASRecConfig:
+class SASRecConfig(SeqModelConfig):
     num_items: int  # M; vocabulary is M + 2 (0 = padding, M + 1 = mask token, unused in training)
     hidden: int = 64
     blocks: int = 2
@@ -30,21 +30,7 @@ class SASRecConfig:
     max_len: int = 200
 
     def __post_init__(self) -> None:
-        if self.num_items < 1:
-            raise ValueError(f"num_items must be >= 1, got {self.num_items}")
-        if self.hidden % self.heads:
-            raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
-        for name in ("dropout", "attn_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1)")
-
-    @property
-    def vocab(self) -> int:
-        return self.num_items + 2
-
-    @property
-    def mask_token(self) -> int:
-        return self.num_items + 1
+        self.check_shared()
 
 
 class Block(nn.Module):
