@@ -296,7 +296,7 @@ def test_build_model_passes_overrides_and_validates():
 
 @pytest.mark.parametrize("name", ["sasrec", "bert4rec"])
 def test_both_configs_share_the_vocabulary_convention_and_checks(name):
-    cfg = build_model(name, 30, hidden=8, heads=2, ffn=16, max_len=10).cfg
+    cfg = build_model(name, 30, hidden=8, heads=2, ffn=16).cfg
     assert (cfg.vocab, cfg.mask_token) == (32, 31)
     with pytest.raises(ValueError, match="dropout must be in"):
         build_model(name, 30, dropout=1.0)
