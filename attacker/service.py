@@ -12,7 +12,7 @@ import logging
 import numpy as np
 
 from fedseq.config import ConfigError, ExperimentConfig
-from fedseq.experiment import setup
+from fedseq.experiment import setup, worker_users
 from fedseq.worker import Hosted
 
 log = logging.getLogger(__name__)
@@ -23,10 +23,7 @@ def malicious_population_hosted(cfg: ExperimentConfig, shard_spec: tuple[int, in
     s = setup(cfg)
     if s.attack is None or s.population is None:
         raise ConfigError("serve-attacker needs a run with an attack (config key 'attack' is 'none')")
-    ids = s.population.ids
-    if shard_spec:
-        i, n = shard_spec
-        ids = ids[np.arange(len(ids)) % n == i]
+    ids = worker_users(s, "attacker", shard_spec)
     seqs = dict(zip(ids.tolist(), s.population.sequences_of(ids), strict=True))
     attack, local = s.attack, cfg.local()
 

@@ -71,11 +71,12 @@ def inprocess(cfg, epochs: int) -> dict:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def services(args, epochs: int) -> dict:
+def services(args, epochs: int, extra: tuple[str, ...] = ()) -> dict:
+    """``fedseq run`` for ``epochs`` epochs (``extra``: more flags, e.g. ``--insecure``)."""
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "fedseq.cli", "run", "--dataset", args.dataset, "--model", args.model,
                "--epochs", str(epochs), "--workers", str(args.workers), "--codec", args.codec, "--out", tmp,
-               "--eval-every", str(epochs), "--threads", str(args.threads)]
+               "--eval-every", str(epochs), "--threads", str(args.threads), *extra]
         if args.data_root:
             cmd += ["--data-root", args.data_root]
         t0 = time.perf_counter()

@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
-
 from fedseq.adv_train import adversarial_updates
-from fedseq.data import shard
-from fedseq.experiment import setup
+from fedseq.experiment import setup, worker_users
 from fedseq.training import compute_updates
 from fedseq.worker import Hosted
 
@@ -18,10 +15,11 @@ log = logging.getLogger(__name__)
 
 
 def benign_population(cfg, shard_spec: tuple[int, int] | None) -> Hosted:
-    """The users a benign worker hosts: shard ``i/n`` of the dataset's users, or all of them."""
+    """The users a benign worker hosts: shard ``i/n`` of the dataset's users (the orchestrator's
+    assignment), or all of them."""
     s = setup(cfg)
     ds = s.dataset
-    users = shard(ds.num_users, *shard_spec) if shard_spec else np.arange(ds.num_users, dtype=np.int64)
+    users = worker_users(s, "client", shard_spec)
     seqs = {int(u): ds.train[u] for u in users}
     local = cfg.local()
 
@@ -35,5 +33,7 @@ def benign_population(cfg, shard_spec: tuple[int, int] | None) -> Hosted:
                                    local, adv)
 
     log.info("hosting %d benign users of %s", len(users), ds.name)
-    return Hosted(setup=s, users=users, sequences=seqs, compute=compute, evaluate_users=users,
+    # it trains only its shard, but may evaluate any benign user (it holds the data set): the
+    # orchestrator moves a lost worker's evaluation here, so every epoch evaluates all users
+    return Hosted(setup=s, users=users, sequences=seqs, compute=compute, evaluate_users=s.benign_users,
                   compute_adversarial=compute_adversarial)

@@ -6,6 +6,7 @@
     fedseq data                  dataset statistics
     fedseq reproduce SUITE       the paper's runs (learning-core, attacks, defenses) -> docs/results/
     fedseq report RUN_DIR...     print results bundles and communication ledgers, plot bytes per round
+    fedseq certs DIR             a certificate authority and one mTLS certificate per service role
 """
 
 from __future__ import annotations
@@ -103,8 +104,26 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     setup(cfg)  # fail fast: dataset, model, attack name/options, ratio, targets, before any process starts
     settings = LaunchSettings(workers=args.workers, redis_url=args.redis_url, out_dir=args.out,
-                              attackers=args.attackers, round_timeout=args.round_timeout, log_dir=args.log_dir)
+                              attackers=args.attackers, round_timeout=args.round_timeout, log_dir=args.log_dir,
+                              insecure=args.insecure)
     return launch(cfg, settings)
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from .tls import DEFAULT_HOSTS, TLSError, make_certs, parse_names
+
+    try:
+        names = parse_names(args.name) if args.name else None
+        hosts = [*DEFAULT_HOSTS, *(h.strip() for h in (args.hosts or "").split(",") if h.strip())]
+        made = make_certs(args.dir, names, hosts=hosts, days=args.days)
+    except TLSError as e:
+        raise ConfigError(str(e)) from None
+    from .tls import Identity
+
+    for name in made:
+        print(f"{made[name]}  role {Identity.load(args.dir, name).role}")
+    print(f"CA: {os.path.join(args.dir, 'ca.pem')} (its key ca.key signs more with the same command; keep it private)")
+    return 0
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -137,7 +156,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--round-timeout", type=float, default=600.0)
     p.add_argument("--out", help="results bundle folder (default runs/<run-id>)")
     p.add_argument("--log-dir", help="service logs (default <out>/logs)")
+    p.add_argument("--insecure", action="store_true",
+                   help="no mutual TLS and no Redis users (default: both on, certificates in <out>/tls)")
     p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("certs", help="make a CA and mTLS certificates (one role each) for the services")
+    p.add_argument("dir", help="folder for ca.pem/ca.key and NAME.pem/NAME.key (an existing CA is reused)")
+    p.add_argument("--name", action="append", metavar="NAME[:ROLE]",
+                   help="a certificate to make, e.g. client-0:worker (repeatable; default: server, orchestrator, "
+                        "worker, operator, each its own role); roles: orchestrator, server, worker, operator")
+    p.add_argument("--hosts", help="extra DNS names / IPs in every certificate, comma list (default localhost, "
+                                   "127.0.0.1, ::1)")
+    p.add_argument("--days", type=int, default=365)
+    p.set_defaults(fn=cmd_certs)
 
     p = sub.add_parser("sim", help="run the experiment in one process (no network)")
     add_experiment_flags(p)
@@ -170,6 +201,18 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.fn(args) or 0)
     except ConfigError as e:
         print(f"fedseq: configuration error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError, RuntimeError) as e:  # data, store, TLS, Redis: one line, no traceback
+        from .data import DataError
+        from .redis_server import RedisServerError
+        from .store import StoreError
+        from .tls import TLSError
+
+        if not isinstance(e, DataError | StoreError | TLSError | RedisServerError | OSError):
+            raise
+        if args.log_level.lower() == "debug":
+            logging.getLogger("fedseq").exception("details")
+        print(f"fedseq: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fedseq: interrupted", file=sys.stderr)

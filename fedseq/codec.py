@@ -113,6 +113,9 @@ ENCODINGS: tuple[str, ...] = (
 #: Default cap on the element count decode will materialise (sparse payloads expand to R*C
 #: elements, so a tiny hostile payload could otherwise ask for an enormous allocation).
 MAX_NUMEL = 1 << 28
+# the row-sparse tables of every fedseq model: the tensors a sparse-* update encodes sparsely (the
+# rest fall back to a dense encoding), and that a server requires in the declared encoding
+SPARSE_TABLES = ("item_emb.weight", "pos_emb.weight")
 
 _DENSE_OF = {
     "dense-fp32": "dense-fp32",

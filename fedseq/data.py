@@ -348,6 +348,8 @@ def load_sequences(path: str | Path) -> UserSequences:
             raise AssertionError("unreachable: every token parsed")  # pragma: no cover
         user = int(values[0])
         items = values[1:]
+        if user < 0:
+            raise DataError(f"{path}:{lineno}: user id {user} is negative")
         if items.size == 0:
             raise DataError(f"{path}:{lineno}: user {user} has no items")
         lo = int(items.min())
@@ -419,6 +421,9 @@ def load_movielens(path: str | Path) -> UserSequences:
             item = _parse_int(item_s, "movie id", path, lineno)
             stamp = _parse_int(stamp_s, "timestamp", path, lineno)
         _parse_number(rating_s, "rating", path, lineno)
+        if user < 0 or item < 0:
+            raise DataError(f"{path}:{lineno}: {'user' if user < 0 else 'movie'} id "
+                            f"{user if user < 0 else item} is negative")
         users.append(user)
         items.append(item)
         stamps.append(stamp)
@@ -485,6 +490,9 @@ def load_csv(path: str | Path) -> UserSequences:
             raise DataError(f"{path}:{lineno}: expected {len(header)} fields, got {len(row)}")
         users.append(_parse_int(row[ui], "user id", path, lineno))
         items.append(_parse_int(row[ii], "item id", path, lineno))
+        if users[-1] < 0 or items[-1] < 0:
+            raise DataError(f"{path}:{lineno}: {'user' if users[-1] < 0 else 'item'} id "
+                            f"{users[-1] if users[-1] < 0 else items[-1]} is negative")
         stamps.append(_parse_number(row[ti], "timestamp", path, lineno))
     if not users:
         raise DataError(f"{path}: no interactions after the header")

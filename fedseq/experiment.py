@@ -114,6 +114,25 @@ def all_clients(s: Setup) -> np.ndarray:
     return np.concatenate([s.benign_users, s.malicious_users])
 
 
+WORKER_KINDS = ("client", "attacker")
+
+
+def worker_users(s: Setup, kind: str, shard_spec: tuple[int, int] | None) -> np.ndarray:
+    """The users a worker of ``kind`` hosts on the orchestrator's ``shard_spec`` ``(i, n)``: for
+    ``client`` the benign users ``u`` with ``u % n == i``, for ``attacker`` every n-th malicious
+    client by position from the i-th; ``None``: all of the kind. The orchestrator decides the shard
+    and the worker builds its population from it, so both sides compute the same set here."""
+    if kind not in WORKER_KINDS:
+        raise ValueError(f"unknown worker kind {kind!r}; kinds: {', '.join(WORKER_KINDS)}")
+    ids = s.benign_users if kind == "client" else s.malicious_users
+    if shard_spec is None:
+        return ids
+    i, n = shard_spec
+    if not 0 <= i < n:
+        raise ValueError(f"shard {i}/{n}: need 0 <= i < n")
+    return ids[np.arange(len(ids)) % n == i]
+
+
 def epoch_rounds(cfg: ExperimentConfig, clients: np.ndarray, epoch: int) -> list[np.ndarray]:
     """The rounds of 0-based ``epoch``.
 

@@ -2,10 +2,15 @@
 ``--redis-url`` names one), the aggregation server, N client workers, attacker workers when an
 attack is configured, and the orchestrator, each as its own process talking gRPC over loopback;
 shows progress; prints the results table; and stops everything it started, also on Ctrl-C or
-when a service fails."""
+when a service fails.
+
+Every channel is mutual TLS (``fedseq certs`` material in ``<out>/tls``: one certificate per
+process, each with one role; the launcher itself holds the operator's) and the Redis it starts has
+a user per role (the workers' is read-only on model versions). ``--insecure`` turns both off."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -23,6 +28,7 @@ from .config import ExperimentConfig
 from .redis_server import RedisServer
 from .results import format_table
 from .rpc import channel
+from .tls import Identity, make_certs
 from .v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 
@@ -35,6 +41,7 @@ class LaunchSettings:
     round_timeout: float = 600.0
     log_dir: str | None = None
     startup_timeout: float = 120.0
+    insecure: bool = False  # no TLS, no Redis users: any local process can drive or read the run
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -47,21 +54,41 @@ class ServiceFailed(RuntimeError):
     pass
 
 
+MAX_RESTARTS = 3  # per process, for processes killed by a signal
+
+
 class _Proc:
+    """One service process of the run. ``restartable``: the launcher restarts it (on the port it
+    had, so its peers find it again) when a signal kills it, up to :data:`MAX_RESTARTS` times."""
+
     def __init__(self, name: str, argv: list[str], log_dir: Path, env: dict[str, str]) -> None:
         self.name = name
+        self.argv, self.env = argv, env
         self.log_path = log_dir / f"{name}.log"
-        self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.port_file = str(log_dir / f"{name}.port")
-        self.popen = subprocess.Popen([sys.executable, "-m", "fedseq.cli", "--log-level", "info", *argv,
-                                       "--port-file", self.port_file], stdout=self.log, stderr=subprocess.STDOUT,
-                                      env=env, start_new_session=True)
+        self.restarts = 0
+        self.bound: int | None = None
+        self.popen = self._spawn(argv)
+
+    def _spawn(self, argv: list[str]) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "fedseq.cli", "--log-level", "info", *argv,
+                                 "--port-file", self.port_file, "--metrics-port", "0"], stdout=self.log,
+                                stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+
+    def metrics_url(self) -> str:
+        """Where this process serves its Prometheus metrics ('' until it said)."""
+        try:
+            return f"http://127.0.0.1:{int(Path(self.port_file + '.metrics').read_text())}/metrics"
+        except (OSError, ValueError):
+            return ""
 
     def port(self, timeout: float) -> int:
         end = time.time() + timeout
         while time.time() < end:
             if os.path.exists(self.port_file):
-                return int(Path(self.port_file).read_text())
+                self.bound = int(Path(self.port_file).read_text())
+                return self.bound
             self.check()
             time.sleep(0.05)
         raise ServiceFailed(f"{self.name} did not start listening within {timeout:.0f}s; see {self.log_path}")
@@ -70,6 +97,28 @@ class _Proc:
         rc = self.popen.poll()
         if rc is not None and rc != 0:
             raise ServiceFailed(f"{self.name} exited with code {rc}:\n{self.tail()}")
+
+    def supervise(self) -> str | None:
+        """Restart the process if a signal killed it (same port); ServiceFailed if it exited with an
+        error or was killed too often. Returns what happened, for the progress display."""
+        rc = self.popen.poll()
+        if rc is None:
+            return None
+        if rc > 0 or (rc < 0 and self.restarts >= MAX_RESTARTS):
+            raise ServiceFailed(f"{self.name} exited with code {rc}"
+                                f"{f' after {self.restarts} restarts' if self.restarts else ''}:\n{self.tail()}")
+        if rc == 0:
+            return None
+        self.restarts += 1
+        argv = list(self.argv)
+        if self.bound is not None and "--port" in argv:
+            argv[argv.index("--port") + 1] = str(self.bound)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.port_file)
+        self.log.write(f"\n# fedseq run: {self.name} was killed by signal {-rc}; restart {self.restarts}\n".encode())
+        self.log.flush()
+        self.popen = self._spawn(argv)
+        return f"{self.name} was killed (signal {-rc}); restarted ({self.restarts}/{MAX_RESTARTS})"
 
     def tail(self, lines: int = 15) -> str:
         try:
@@ -89,6 +138,33 @@ class _Proc:
             except ProcessLookupError:
                 pass
         self.log.close()
+
+
+class _Redis:
+    """The run's own Redis: persistent in ``<out>/redis`` (append-only file, fsync on every write,
+    so a restart loses no version), restarted on the same port when something kills it."""
+
+    def __init__(self, out: Path, log_dir: Path, acl: bool) -> None:
+        self.server = RedisServer(data_dir=out / "redis", log_file=str(log_dir / "redis.log"), acl=acl,
+                                  extra_args=("--appendfsync", "always"))
+        self.restarts = 0
+
+    def start(self) -> _Redis:
+        self.server.start()
+        return self
+
+    def supervise(self) -> str | None:
+        proc = self.server.process
+        if proc is None or proc.poll() is None:
+            return None
+        if self.restarts >= MAX_RESTARTS:
+            raise ServiceFailed(f"redis-server died {self.restarts + 1} times; see {self.server.log_path}")
+        self.restarts += 1
+        self.server.start()  # same port, same data folder and users
+        return f"redis-server died; restarted from its append-only file ({self.restarts}/{MAX_RESTARTS})"
+
+    def stop(self) -> None:
+        self.server.stop()
 
 
 def _fmt_bytes(n: float) -> str:
@@ -125,10 +201,25 @@ def launch(cfg: ExperimentConfig, settings: LaunchSettings) -> int:
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDSEQ_") or k in ("FEDSEQ_DATA_ROOT",
                                                                                        "FEDSEQ_REDIS_SERVER")}
+    attack = cfg.attack != "none"
+    names = {"server": "server", "orchestrator": "orchestrator", "operator": "operator"}
+    names.update({f"client-{i}": "worker" for i in range(settings.workers)})
+    names.update({f"attacker-{i}": "worker" for i in range(settings.attackers if attack else 0)})
+    tls_dir = out / "tls"
+    operator: Identity | None = None
+    if settings.insecure:
+        print("fedseq run: INSECURE: no TLS and no role checks; any local process can call the services",
+              file=sys.stderr)
+    else:
+        make_certs(tls_dir, names)
+        operator = Identity.load(tls_dir, "operator")
+
+    def security(name: str) -> list[str]:
+        return ["--insecure"] if settings.insecure else ["--tls-dir", str(tls_dir), "--tls-name", name]
+
     env["PYTHONUNBUFFERED"] = "1"
     env["FEDSEQ_PARENT_PID"] = str(os.getpid())  # services exit if this launcher dies without cleanup
     env["OMP_NUM_THREADS"] = str(max(cfg.threads, 1))
-    attack = cfg.attack != "none"
     n_workers = settings.workers + (settings.attackers if attack else 0)
     print(f"fedseq run {run_id}: {cfg.dataset} / {cfg.model}, {cfg.epochs} epochs, {settings.workers} client "
           f"workers{f', {settings.attackers} attacker workers ({cfg.attack})' if attack else ''}, "
@@ -140,38 +231,46 @@ def launch(cfg: ExperimentConfig, settings: LaunchSettings) -> int:
                 p.stop()
 
         stack.callback(cleanup)
-        redis_url = settings.redis_url
-        if not redis_url:
-            redis = RedisServer(data_dir=None, log_file=str(log_dir / "redis.log")).start()
+        store_urls: dict[str, str]
+        redis: _Redis | None = None
+        if settings.redis_url:
+            store_urls = dict.fromkeys(("server", "orchestrator", "worker"), settings.redis_url)
+        else:
+            redis = _Redis(out, log_dir, acl=not settings.insecure).start()
             stack.callback(redis.stop)
-            redis_url = redis.url
+            store_urls = {r: redis.server.url_for(r) for r in ("server", "orchestrator", "worker")}
         try:
-            server = _Proc("server", ["serve-server", "--port", "0", "--store-url", redis_url], log_dir, env)
+            # store credentials travel in the environment, not in argv (which `ps` shows to everyone)
+            server = _Proc("server", ["serve-server", "--port", "0", *security("server")], log_dir,
+                           {**env, "FEDSEQ_STORE_URL": store_urls["server"]})
             procs.append(server)
             agg = f"127.0.0.1:{server.port(settings.startup_timeout)}"
             orch = _Proc("orchestrator", ["serve-orchestrator", "--config", str(out / "config.json"), "--port", "0",
-                                          "--aggregator", agg, "--store-url", redis_url, "--min-workers",
-                                          str(n_workers), "--round-timeout", str(settings.round_timeout),
-                                          "--out", str(out), "--exit-when-done"], log_dir, env)
+                                          "--aggregator", agg, "--min-workers", str(n_workers), "--round-timeout",
+                                          str(settings.round_timeout), "--client-shards", str(settings.workers),
+                                          "--attacker-shards", str(settings.attackers if attack else 0),
+                                          "--out", str(out), "--exit-when-done", *security("orchestrator")],
+                         log_dir, {**env, "FEDSEQ_STORE_URL": store_urls["orchestrator"]})
             procs.append(orch)
             orch_addr = f"127.0.0.1:{orch.port(settings.startup_timeout)}"
-            for i in range(settings.workers):
-                procs.append(_Proc(f"client-{i}", ["serve-client", "--port", "0", "--orchestrator", orch_addr,
-                                                   "--advertise-host", "127.0.0.1", "--shard",
-                                                   f"{i}/{settings.workers}", "--threads", str(cfg.threads),
-                                                   "--worker-id", f"client-{i}"], log_dir, env))
-            if attack:
-                for i in range(settings.attackers):
-                    procs.append(_Proc(f"attacker-{i}", ["serve-attacker", "--port", "0", "--orchestrator",
-                                                         orch_addr, "--advertise-host", "127.0.0.1", "--shard",
-                                                         f"{i}/{settings.attackers}", "--threads",
-                                                         str(cfg.threads), "--worker-id", f"attacker-{i}"],
-                                       log_dir, env))
-            status = _follow(orch_addr, procs, orch)
+            kinds = [("client", i) for i in range(settings.workers)]
+            kinds += [("attacker", i) for i in range(settings.attackers if attack else 0)]
+            for kind, i in kinds:
+                name = f"{kind}-{i}"
+                procs.append(_Proc(name, [f"serve-{kind}", "--port", "0", "--orchestrator", orch_addr,
+                                          "--advertise-host", "127.0.0.1", "--threads", str(cfg.threads),
+                                          "--worker-id", name, *security(name)],
+                                   log_dir, {**env, "FEDSEQ_STORE_URL": store_urls["worker"]}))
+            for p in procs:
+                if p is not orch:
+                    p.port(settings.startup_timeout)
+            print("Prometheus metrics: " + ", ".join(f"{p.name} {p.metrics_url()}" for p in procs), file=sys.stderr)
+            status = _follow(orch_addr, procs, orch, operator, redis)
             orch.popen.wait(30)
             orch.check()
         except ServiceFailed as e:
             print(f"fedseq run: {e}", file=sys.stderr)
+            _mark_failed(out / "results.json", str(e).splitlines()[0])
             return 1
         except KeyboardInterrupt:
             print("\nfedseq run: interrupted; stopping services (partial results are in "
@@ -193,23 +292,33 @@ def launch(cfg: ExperimentConfig, settings: LaunchSettings) -> int:
     return 0
 
 
-def _follow(orch_addr: str, procs: list[_Proc], orch: _Proc):
-    """Poll the orchestrator and print progress until the run ends; fail if any service dies."""
-    stub = orchestrator_pb2_grpc.OrchestratorStub(channel(orch_addr))
+def _mark_failed(path: Path, message: str) -> None:
+    """A results bundle whose run failed says so (it would otherwise stay "running")."""
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    results.setdefault("summary", {}).update(state="failed", message=message)
+    path.write_text(json.dumps(results, indent=2))
+
+
+def _follow(orch_addr: str, procs: list[_Proc], orch: _Proc, operator: Identity | None, redis: _Redis | None = None):
+    """Poll the orchestrator and print progress until the run ends. A service or Redis killed by a
+    signal is restarted (bounded); one that exits with an error fails the run."""
+    stub = orchestrator_pb2_grpc.OrchestratorStub(channel(orch_addr, identity=operator, peer="orchestrator"))
     tty = sys.stderr.isatty()
     last_line = ""
     last_epoch = 0
     status = None
     while True:
-        for p in procs:
-            if p is orch:
-                continue
-            p.check()
+        for p in ([redis] if redis is not None else []) + procs:
+            event = p.supervise() if (p is not orch or orch.popen.poll() not in (0, None)) else None
+            if event:
+                sys.stderr.write(("\r" if tty else "") + f"fedseq run: {event}".ljust(110) + "\n")
         try:
             status = stub.GetStatus(orchestrator_pb2.StatusRequest(), timeout=10)
         except grpc.RpcError:
-            if orch.popen.poll() is not None:
-                orch.check()
+            if orch.popen.poll() == 0:
                 break
             time.sleep(0.5)
             continue

@@ -1,5 +1,6 @@
 """gRPC plumbing shared by every service: server construction with the standard health and
-reflection services, channel options, chunking, deadlines, and SIGTERM-driven shutdown."""
+reflection services, mutual TLS and the role policy (fedseq/tls.py, fedseq/authz.py), channel
+options, chunking, deadlines, and SIGTERM-driven shutdown."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from .authz import POLICY, Refusals, RoleInterceptor
+from .tls import Identity, channel_options
+
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20  # 1 MiB per streamed message: far below gRPC's 4 MB default limit
@@ -31,7 +35,16 @@ GRPC_OPTIONS = [
     # servers accept the clients' 30 s keepalive pings on idle channels (default minimum: 5 min,
     # after which a server answers GOAWAY too_many_pings)
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    # a restarted peer is found again within about a second (gRPC's default backoff grows to 120 s,
+    # during which every call on the channel fails at once)
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
+# servers only: refuse a port another process already listens on (gRPC's default SO_REUSEPORT let
+# two servers share one port and split its new connections between them)
+SERVER_OPTIONS = [*GRPC_OPTIONS, ("grpc.so_reuseport", 0)]
+LOOPBACK = "127.0.0.1"
 
 
 def chunks(data: bytes, size: int = CHUNK_BYTES) -> Iterator[bytes]:
@@ -48,13 +61,19 @@ class Service:
     """A running gRPC server with health checking and reflection.
 
     ``services``: ``(add_fn, servicer, full_service_name)`` triples. ``port=0`` binds a free port;
-    :attr:`port` tells which.
+    :attr:`port` tells which. ``host`` defaults to loopback: listening on other interfaces is a
+    deliberate setting (``--host``/``FEDSEQ_HOST``). With ``identity`` the server speaks mutual TLS
+    only and checks every call against the role policy (:attr:`refusals` counts what it refused);
+    without, it is plaintext and open to any peer (``--insecure``).
     """
 
-    def __init__(self, services: Sequence[tuple], port: int = 0, host: str = "0.0.0.0", workers: int = 16,
-                 compression: grpc.Compression | None = None) -> None:
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=GRPC_OPTIONS,
-                                  compression=compression)
+    def __init__(self, services: Sequence[tuple], port: int = 0, host: str = LOOPBACK, workers: int = 24,
+                 compression: grpc.Compression | None = None, identity: Identity | None = None,
+                 policy=POLICY) -> None:
+        self.refusals = Refusals()
+        interceptors = [RoleInterceptor(policy, self.refusals)] if identity is not None else []
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=SERVER_OPTIONS,
+                                  compression=compression, interceptors=interceptors)
         names = []
         for add, servicer, name in services:
             add(servicer, self.server)
@@ -63,9 +82,18 @@ class Service:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names += [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
         reflection.enable_server_reflection(names, self.server)
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        try:
+            if identity is not None:
+                self.port = self.server.add_secure_port(address, identity.server_credentials())
+            else:
+                self.port = self.server.add_insecure_port(address)
+        except RuntimeError:
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"could not bind {host}:{port}")
+            raise OSError(f"could not listen on {address}: the port is in use or the address is not local")
+        self.host = host
+        self.secure = identity is not None
         self._names = names[:-2]
         self._stopped = threading.Event()
 
@@ -75,11 +103,6 @@ class Service:
             self.health.set(n, health_pb2.HealthCheckResponse.SERVING)
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         return self
-
-    def set_serving(self, serving: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        for n in ["", *self._names]:
-            self.health.set(n, status)
 
     def stop(self, grace: float = 5.0) -> None:
         if self._stopped.is_set():
@@ -92,9 +115,20 @@ class Service:
         self.server.wait_for_termination()
 
 
-def channel(address: str, compression: str = "none") -> grpc.Channel:
-    """A channel to ``address``; ``compression="gzip"`` compresses every request sent on it."""
-    return grpc.insecure_channel(address, options=GRPC_OPTIONS, compression=grpc_compression(compression))
+def channel(address: str, compression: str = "none", identity: Identity | None = None,
+            peer: str | None = None) -> grpc.Channel:
+    """A channel to ``address``; ``compression="gzip"`` compresses every request sent on it.
+
+    With ``identity`` the channel is mutual TLS: it presents ``identity``'s certificate and accepts
+    only a server holding a certificate of role ``peer`` from the same CA (DESIGN.md, "Trust
+    model"); without, it is plaintext (``--insecure``)."""
+    comp = grpc_compression(compression)
+    if identity is None:
+        return grpc.insecure_channel(address, options=GRPC_OPTIONS, compression=comp)
+    if peer is None:
+        raise ValueError("a TLS channel needs the role of the peer it dials")
+    return grpc.secure_channel(address, identity.channel_credentials(), options=GRPC_OPTIONS + channel_options(peer),
+                               compression=comp)
 
 
 def grpc_compression(name: str) -> grpc.Compression | None:
@@ -104,14 +138,6 @@ def grpc_compression(name: str) -> grpc.Compression | None:
     if name == "gzip":
         return grpc.Compression.Gzip
     raise ValueError(f"unknown compression {name!r}; known: none, gzip")
-
-
-def wait_ready(ch: grpc.Channel, timeout: float, what: str) -> None:
-    """Block until the channel connects, or raise a clear error naming ``what``."""
-    try:
-        grpc.channel_ready_future(ch).result(timeout=timeout)
-    except grpc.FutureTimeoutError:
-        raise ConnectionError(f"{what} did not become reachable within {timeout:.0f}s") from None
 
 
 def serve_until_signal(service: Service, on_stop=None, port_file: str | None = None,

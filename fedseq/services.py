@@ -1,6 +1,10 @@
 """``fedseq serve-*``: run one service as a process. Settings come from flags or ``FEDSEQ_*``
 environment variables (flags win) and fail fast with a clear message; SIGTERM shuts down
-gracefully."""
+gracefully.
+
+Every service speaks mutual TLS with the certificate ``--tls-dir DIR --tls-name NAME`` (made by
+``fedseq certs DIR``) and listens on loopback unless ``--host`` says otherwise; ``--insecure``
+runs without TLS, open to any peer that can reach the port, and says so loudly."""
 
 from __future__ import annotations
 
@@ -11,12 +15,16 @@ import socket
 import sys
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from .config import ConfigError
+from .tls import Identity, TLSError
 
 log = logging.getLogger("fedseq.services")
+
+_TRUE = ("1", "true", "yes", "on")
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -50,10 +58,61 @@ class WorkerSettings:
     port: int
     orchestrator: str
     advertise_host: str
-    shard: tuple[int, int] | None
     threads: int
     worker_id: str | None
     port_file: str | None
+    aggregator: str | None = None  # where to upload; None: the address the orchestrator names
+    store_url: str | None = None  # read-only model store credentials; None: models through GetModel
+
+
+def add_security_flags(p, role: str) -> None:
+    """``--host``, ``--tls-dir``, ``--tls-name``, ``--insecure`` (FEDSEQ_HOST, FEDSEQ_TLS_DIR,
+    FEDSEQ_TLS_NAME, FEDSEQ_INSECURE) for a service whose certificate has role ``role``."""
+    p.add_argument("--host", default=_env("HOST", "127.0.0.1"),
+                   help="interface to listen on (default loopback; 0.0.0.0 for all, as in containers)")
+    p.add_argument("--tls-dir", default=_env("TLS_DIR"),
+                   help="folder made by `fedseq certs`: ca.pem, NAME.pem, NAME.key (FEDSEQ_TLS_DIR)")
+    p.add_argument("--tls-name", default=_env("TLS_NAME", role),
+                   help=f"this service's certificate name in --tls-dir (default {role!r}; FEDSEQ_TLS_NAME)")
+    p.add_argument("--insecure", action="store_true", default=(_env("INSECURE", "") or "").lower() in _TRUE,
+                   help="no TLS and no role checks: any peer that reaches the port can call anything "
+                        "(FEDSEQ_INSECURE=1); only for a network you trust")
+    p.add_argument("--metrics-port", default=_env("METRICS_PORT"),
+                   help="serve Prometheus metrics on this port at /metrics (0: any free port; FEDSEQ_METRICS_PORT)")
+    p.set_defaults(tls_role=role)
+
+
+def start_metrics(args: argparse.Namespace) -> None:
+    """The Prometheus endpoint, when ``--metrics-port`` is set; its port goes to ``<port-file>.metrics``."""
+    from .observe import serve_metrics
+
+    if args.metrics_port in (None, ""):
+        return
+    port = serve_metrics(_int(args.metrics_port, "--metrics-port"), args.host)
+    log.warning("%s: Prometheus metrics on http://%s:%s/metrics", args.cmd, args.host, port)
+    if args.port_file:
+        Path(args.port_file + ".metrics").write_text(str(port))
+
+
+def identity_from(args: argparse.Namespace) -> Identity | None:
+    """The service's TLS identity, or None with ``--insecure`` (logged loudly). Fails fast when
+    neither is given, when the files are missing, or when the certificate has another role."""
+    if args.insecure:
+        if args.tls_dir:
+            raise ConfigError("--insecure and --tls-dir contradict each other; pick one")
+        log.warning("INSECURE: %s runs without TLS; any peer that reaches it can call every RPC", args.cmd)
+        return None
+    if not args.tls_dir:
+        raise ConfigError("mutual TLS needs --tls-dir (or FEDSEQ_TLS_DIR; make one with `fedseq certs DIR`); "
+                          "pass --insecure (FEDSEQ_INSECURE=1) to run without TLS on a trusted network")
+    try:
+        ident = Identity.load(args.tls_dir, args.tls_name)
+    except TLSError as e:
+        raise ConfigError(str(e)) from None
+    if ident.role != args.tls_role:
+        raise ConfigError(f"certificate {args.tls_name!r} in {args.tls_dir} has role {ident.role!r}; "
+                          f"{args.cmd} needs a {args.tls_role!r} certificate")
+    return ident
 
 
 def _advertise_host(value: str | None) -> str:
@@ -73,7 +132,14 @@ def add_parsers(sub, add_experiment_flags) -> None:
     p.add_argument("--accept-encodings", default=_env("ACCEPT_ENCODINGS"),
                    help="comma list of the update encodings this server accepts (default: all; "
                         "FEDSEQ_ACCEPT_ENCODINGS); a run whose --codec is not listed is refused at StartRun")
+    p.add_argument("--max-upload-streams", default=_env("MAX_UPLOAD_STREAMS", "16"),
+                   help="upload streams open at once (FEDSEQ_MAX_UPLOAD_STREAMS); more get RESOURCE_EXHAUSTED")
+    p.add_argument("--max-streams-per-peer", default=_env("MAX_STREAMS_PER_PEER", "4"),
+                   help="upload streams one peer may hold open (FEDSEQ_MAX_STREAMS_PER_PEER)")
+    p.add_argument("--upload-idle-timeout", default=_env("UPLOAD_IDLE_TIMEOUT", "30"),
+                   help="seconds an upload stream may send nothing before it is cancelled (FEDSEQ_UPLOAD_IDLE_TIMEOUT)")
     p.add_argument("--port-file", default=_env("PORT_FILE"))
+    add_security_flags(p, "server")
     p.set_defaults(fn=serve_server)
 
     for name, kind in (("serve-client", "client"), ("serve-attacker", "attacker")):
@@ -82,10 +148,15 @@ def add_parsers(sub, add_experiment_flags) -> None:
         p.add_argument("--orchestrator", default=_env("ORCHESTRATOR"), help="host:port (FEDSEQ_ORCHESTRATOR)")
         p.add_argument("--advertise-host", default=_env("ADVERTISE_HOST", "auto"),
                        help="address peers use to reach this worker (default: this host's IP)")
-        p.add_argument("--shard", default=_env("SHARD"), help="host only users u with u %% n == i ('i/n')")
+        p.add_argument("--aggregator", default=_env("AGGREGATOR"),
+                       help="host:port to upload to (FEDSEQ_AGGREGATOR; default: the one the orchestrator names)")
+        p.add_argument("--store-url", default=_env("STORE_URL"),
+                       help="read models from this Redis (read-only worker credentials; FEDSEQ_STORE_URL); "
+                            "default: through the aggregator's GetModel")
         p.add_argument("--threads", default=_env("THREADS", "1"))
         p.add_argument("--worker-id", default=_env("WORKER_ID"))
         p.add_argument("--port-file", default=_env("PORT_FILE"))
+        add_security_flags(p, "worker")
         p.set_defaults(fn=serve_worker, kind=kind)
 
     p = sub.add_parser("serve-orchestrator", help="orchestrator (gRPC Orchestrator) that runs one experiment")
@@ -97,17 +168,25 @@ def add_parsers(sub, add_experiment_flags) -> None:
     p.add_argument("--round-timeout", default=_env("ROUND_TIMEOUT", "600"))
     p.add_argument("--worker-wait", default=_env("WORKER_WAIT", "300"))
     p.add_argument("--out", default=_env("OUT"))
-    p.add_argument("--serve-models", action="store_true", help="workers fetch models from the aggregator")
+    p.add_argument("--client-shards", default=_env("CLIENT_SHARDS", "0"),
+                   help="split the benign users into this many shards, one per client worker (FEDSEQ_CLIENT_SHARDS; "
+                        "0: every client worker may host every benign user, for `compose --scale`)")
+    p.add_argument("--attacker-shards", default=_env("ATTACKER_SHARDS", "0"),
+                   help="likewise for the malicious clients and attacker workers (FEDSEQ_ATTACKER_SHARDS)")
+    p.add_argument("--shard-grace", default=_env("SHARD_GRACE", "30"),
+                   help="seconds rounds wait for a worker to take a lost worker's shard again (FEDSEQ_SHARD_GRACE)")
     p.add_argument("--exit-when-done", action="store_true", default=_env("EXIT_WHEN_DONE") == "1")
     p.add_argument("--port-file", default=_env("PORT_FILE"))
+    add_security_flags(p, "orchestrator")
     p.set_defaults(fn=serve_orchestrator)
 
 
 def serve_server(args: argparse.Namespace) -> int:
+    from server.intake import CONTROL_THREADS, StreamLimits
     from server.service import AggregatorServicer, parse_encodings
 
     from .rpc import Service, serve_until_signal
-    from .store import RedisStore
+    from .store import RedisStore, patient, redact
     from .v1 import aggregator_pb2, aggregator_pb2_grpc
 
     try:
@@ -116,63 +195,77 @@ def serve_server(args: argparse.Namespace) -> int:
         raise ConfigError(f"--accept-encodings: {e}") from None
     s = ServerSettings(_int(args.port, "--port"), _required(args.store_url, "--store-url", "STORE_URL"),
                        _int(args.max_update_bytes, "--max-update-bytes"), args.port_file, accepted)
+    identity = identity_from(args)
     RedisStore.from_url(s.store_url, "probe").head()  # fail fast when the store is unreachable
-    servicer = AggregatorServicer(lambda run_id: RedisStore.from_url(s.store_url, run_id), s.max_update_bytes,
-                                  s.accept_encodings)
+    try:
+        limits = StreamLimits(_int(args.max_upload_streams, "--max-upload-streams"),
+                              _int(args.max_streams_per_peer, "--max-streams-per-peer"),
+                              float(args.upload_idle_timeout))
+    except ValueError as e:
+        raise ConfigError(f"upload stream limits: {e}") from None
+    servicer = AggregatorServicer(lambda run_id: RedisStore.from_url(s.store_url, run_id, **patient()),
+                                  s.max_update_bytes,
+                                  s.accept_encodings, limits)
     svc = Service([(aggregator_pb2_grpc.add_AggregatorServicer_to_server, servicer,
-                    aggregator_pb2.DESCRIPTOR.services_by_name["Aggregator"].full_name)], port=s.port).start()
-    log.warning("aggregation server listening on :%d (store %s; accepts %s)", svc.port, s.store_url,
-                ",".join(s.accept_encodings))
+                    aggregator_pb2.DESCRIPTOR.services_by_name["Aggregator"].full_name)], port=s.port,
+                  host=args.host, identity=identity, workers=limits.max_streams + CONTROL_THREADS).start()
+    log.warning("aggregation server listening on %s:%d (%s; store %s; accepts %s)", args.host, svc.port,
+                "mTLS" if identity else "INSECURE", redact(s.store_url), ",".join(s.accept_encodings))
+    start_metrics(args)
     serve_until_signal(svc, port_file=s.port_file)
     return 0
 
 
 def serve_worker(args: argparse.Namespace) -> int:
-    from .data import parse_shard
     from .rpc import Service, serve_until_signal
     from .v1 import worker_pb2, worker_pb2_grpc
-    from .worker import ModelSource, WorkerServicer, config_from_reply, new_worker_id, register_loop
+    from .worker import ModelSource, WorkerServicer, config_from_reply, new_worker_id, register_loop, shard_from_reply
 
-    try:
-        shard = parse_shard(args.shard) if args.shard else None
-    except ValueError as e:
-        raise ConfigError(f"--shard: {e}") from None
     s = WorkerSettings(_int(args.port, "--port"), _required(args.orchestrator, "--orchestrator", "ORCHESTRATOR"),
-                       _advertise_host(args.advertise_host), shard, _int(args.threads, "--threads"),
-                       args.worker_id, args.port_file)
+                       _advertise_host(args.advertise_host), _int(args.threads, "--threads"),
+                       args.worker_id, args.port_file, args.aggregator or None, args.store_url or None)
+    identity = identity_from(args)
+    if s.store_url:
+        from .store import RedisStore
+
+        RedisStore.from_url(s.store_url, "probe").head()  # fail fast when the store is unreachable
     if s.threads > 0:
         torch.set_num_threads(s.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    servicer = WorkerServicer(s.worker_id or new_worker_id(args.kind), device)
+    servicer = WorkerServicer(s.worker_id or new_worker_id(args.kind), device, identity)
     svc = Service([(worker_pb2_grpc.add_WorkerServicer_to_server, servicer,
-                    worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name)], port=s.port).start()
+                    worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name)], port=s.port, host=args.host,
+                  identity=identity).start()
     address = f"{s.advertise_host}:{svc.port}"
 
     def on_config(reply) -> None:
         cfg = config_from_reply(reply)
+        shard = shard_from_reply(reply)
         if args.kind == "client":
             from client.service import benign_population
 
-            hosted = benign_population(cfg, s.shard)
+            hosted = benign_population(cfg, shard)
         else:
             from attacker.service import malicious_population_hosted
 
-            hosted = malicious_population_hosted(cfg, s.shard)
-        servicer.attach(reply.run_id, hosted, ModelSource(reply.run_id, reply.store_url, reply.aggregator,
-                                                          cfg.compression, cfg.model_delta))
+            hosted = malicious_population_hosted(cfg, shard)
+        aggregator = s.aggregator or reply.aggregator
+        servicer.attach(reply.run_id, hosted, ModelSource(reply.run_id, s.store_url, aggregator, cfg.compression,
+                                                          cfg.model_delta, identity), aggregator)
 
     stop = threading.Event()
     failure: list[BaseException] = []
 
     def reg() -> None:
         try:
-            register_loop(s.orchestrator, servicer.worker_id, address, device, on_config, stop)
+            register_loop(s.orchestrator, servicer.worker_id, address, device, args.kind, on_config, stop, identity)
         except BaseException as e:  # noqa: BLE001 - reported below, the process exits non-zero
             failure.append(e)
             log.error("worker failed: %s", e)
             stop.set()
 
     threading.Thread(target=reg, daemon=True, name="register").start()
+    start_metrics(args)
     log.warning("%s worker %s listening on %s", args.kind, servicer.worker_id, address)
     serve_until_signal(svc, on_stop=stop.set, port_file=s.port_file, until=stop)
     if failure:
@@ -194,17 +287,25 @@ def serve_orchestrator(args: argparse.Namespace) -> int:
             aggregator=_required(args.aggregator, "--aggregator", "AGGREGATOR"),
             store_url=_required(args.store_url, "--store-url", "STORE_URL"),
             min_workers=_int(args.min_workers, "--min-workers"), round_timeout=float(args.round_timeout),
-            worker_wait=float(args.worker_wait), out_dir=args.out, serve_models=args.serve_models)
+            worker_wait=float(args.worker_wait), out_dir=args.out,
+            client_shards=_int(args.client_shards, "--client-shards"),
+            attacker_shards=_int(args.attacker_shards, "--attacker-shards"), identity=identity_from(args),
+            shard_grace=float(args.shard_grace))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    from .store import RedisStore
+
+    RedisStore.from_url(settings.store_url, "probe").head()  # fail fast when the store is unreachable
     orch = Orchestrator(cfg, settings)
     svc = Service([(orchestrator_pb2_grpc.add_OrchestratorServicer_to_server, orch,
                     orchestrator_pb2.DESCRIPTOR.services_by_name["Orchestrator"].full_name)],
-                  port=_int(args.port, "--port")).start()
-    log.warning("orchestrator listening on :%d (run %s)", svc.port, orch.run_id)
+                  port=_int(args.port, "--port"), host=args.host, identity=settings.identity).start()
+    log.warning("orchestrator listening on %s:%d (%s; run %s)", args.host, svc.port,
+                "mTLS" if settings.identity else "INSECURE", orch.run_id)
     finished = threading.Event()
+    start_metrics(args)
     orch.start()
     if args.exit_when_done:
         def watch() -> None:

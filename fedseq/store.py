@@ -52,6 +52,17 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
 _MAX_HEADER = 100 * 1024 * 1024
 
 
+# redis-py options for long-running services: reconnect and retry each command for about 30 s, so
+# a Redis that restarts (from its append-only file) is waited for instead of failing the run
+def patient() -> dict[str, Any]:
+    return {"retry": Retry(ExponentialWithJitterBackoff(base=0.1, cap=2.0), 18)}
+
+
+def redact(url: str) -> str:
+    """A Redis URL without its password (for logs, errors and reprs)."""
+    return re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", url)
+
+
 class StoreError(RuntimeError):
     """The model store cannot do what was asked (missing version, conflict, unreachable Redis...)."""
 
@@ -232,7 +243,7 @@ class RedisStore:
         # Any: redis-py types every reply as bytes | str; this client always returns bytes.
         self._client: Any
         if isinstance(url_or_client, str):
-            self.url = url_or_client
+            self.url = redact(url_or_client)
             self._client = self._connect(url_or_client)
         elif isinstance(url_or_client, redis.Redis):
             kwargs = url_or_client.connection_pool.connection_kwargs
@@ -268,7 +279,7 @@ class RedisStore:
         return cls(client, run_id, retention)._with_url(url)
 
     def _with_url(self, url: str) -> RedisStore:
-        self.url = url
+        self.url = redact(url)
         return self
 
     @staticmethod
@@ -287,15 +298,15 @@ class RedisStore:
         try:
             client = redis.Redis.from_url(url, **opts)
         except ValueError as exc:
-            raise StoreArgumentError(f"invalid Redis URL {url!r}: {exc}") from exc
+            raise StoreArgumentError(f"invalid Redis URL {redact(url)!r}: {exc}") from exc
         try:
             client.ping()
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
             client.close()
-            raise StoreError(f"cannot reach Redis at {url}: {exc}; {_CONNECT_HINT}") from exc
+            raise StoreError(f"cannot reach Redis at {redact(url)}: {exc}; {_CONNECT_HINT}") from exc
         except redis.exceptions.RedisError as exc:
             client.close()
-            raise StoreError(f"Redis at {url} refused PING: {exc}") from exc
+            raise StoreError(f"Redis at {redact(url)} refused PING: {exc}") from exc
         return client
 
     @property

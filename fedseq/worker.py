@@ -18,14 +18,15 @@ import grpc
 import numpy as np
 import torch
 
-from . import codec
+from . import codec, observe
 from . import ledger as ledger_mod
 from .config import ExperimentConfig
 from .delta import PatchError, apply_patch
 from .experiment import Setup
 from .metrics import EvalConfig, Evaluator, MetricSums
 from .rpc import CONTROL_TIMEOUT, channel, chunks, deadline_left
-from .store import CachedModelReader, RedisStore, model_from_bytes, model_to_bytes
+from .store import CachedModelReader, RedisStore, model_from_bytes, model_to_bytes, patient
+from .tls import Identity
 from .training import UpdateBatch
 from .v1 import aggregator_pb2 as agg_pb
 from .v1 import aggregator_pb2_grpc as agg_grpc
@@ -35,7 +36,7 @@ from .v1 import orchestrator_pb2_grpc as orch_grpc
 
 log = logging.getLogger(__name__)
 
-SPARSE_TABLES = ("item_emb.weight", "pos_emb.weight")  # row-sparse candidates for sparse encodings
+SPARSE_TABLES = codec.SPARSE_TABLES  # row-sparse candidates for sparse encodings
 
 
 @dataclass
@@ -66,21 +67,17 @@ class ModelSource:
     as ledger counts: store reads (``worker-store``), or the GetModel request and its chunks
     (``worker-aggregator``, compressed as the run says)."""
 
-    def __init__(self, run_id: str, store_url: str, aggregator: str, compression: str = "none",
-                 delta: bool = False) -> None:
+    def __init__(self, run_id: str, store_url: str | None, aggregator: str, compression: str = "none",
+                 delta: bool = False, identity: Identity | None = None) -> None:
         self.run_id = run_id
         self.compression = compression
         self.delta = delta
         self.patches_applied = 0
-        self._reader = CachedModelReader(RedisStore.from_url(store_url, run_id)) if store_url else None
-        self._agg = agg_grpc.AggregatorStub(channel(aggregator, compression)) if not store_url else None
+        self._reader = CachedModelReader(RedisStore.from_url(store_url, run_id, **patient())) if store_url else None
+        self._agg = agg_grpc.AggregatorStub(channel(aggregator, compression, identity, peer="server")) \
+            if not store_url else None
         self._cache: dict[int, dict[str, torch.Tensor]] = {}
         self._lock = threading.Lock()
-
-    def get(self, version: int) -> tuple[dict[str, torch.Tensor], int]:
-        """Tensors of ``version`` and the model bytes read to get them (0 on a cache hit)."""
-        tensors, counts = self.fetch(version)
-        return tensors, sum(c.bytes for c in counts if c.kind == "model_download")
 
     def fetch(self, version: int) -> tuple[dict[str, torch.Tensor], list[common_pb2.ByteCount]]:
         """Tensors of ``version`` and the ledger counts of what was read (empty on a cache hit)."""
@@ -151,11 +148,17 @@ class ModelSource:
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
-    def __init__(self, worker_id: str, device: str = "cpu") -> None:
+    """The Worker contract. Uploads go only to the aggregator given to :meth:`attach` (from the
+    worker's own configuration or its authenticated orchestrator), never to an address in a request;
+    under TLS the aggregator must prove the server role."""
+
+    def __init__(self, worker_id: str, device: str = "cpu", identity: Identity | None = None) -> None:
         self.worker_id = worker_id
         self.device = device
+        self.identity = identity
         self.hosted: Hosted | None = None
         self.models: ModelSource | None = None
+        self.aggregator = ""
         self.run_id = ""
         self._evaluators: dict[tuple, Evaluator] = {}
         self._agg_channels: dict[str, agg_grpc.AggregatorStub] = {}
@@ -163,9 +166,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._compute = threading.Lock()  # the model object is shared by training and evaluation
         self.stats = {"train_calls": 0, "users_trained": 0, "eval_calls": 0}
 
-    def attach(self, run_id: str, hosted: Hosted, models: ModelSource) -> None:
+    def attach(self, run_id: str, hosted: Hosted, models: ModelSource, aggregator: str) -> None:
         with self._lock:
-            self.run_id, self.hosted, self.models = run_id, hosted, models
+            self.run_id, self.hosted, self.models, self.aggregator = run_id, hosted, models, aggregator
             self._evaluators.clear()
 
     def Describe(self, request, context):
@@ -182,11 +185,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         assert self.hosted is not None
         return self.hosted
 
-    def _aggregator(self, address: str, compression: str) -> agg_grpc.AggregatorStub:
-        key = f"{compression}|{address}"
+    def _aggregator(self, compression: str) -> agg_grpc.AggregatorStub:
         with self._lock:
+            key = f"{compression}|{self.aggregator}"
             if key not in self._agg_channels:
-                self._agg_channels[key] = agg_grpc.AggregatorStub(channel(address, compression))
+                self._agg_channels[key] = agg_grpc.AggregatorStub(
+                    channel(self.aggregator, compression, self.identity, peer="server"))
             return self._agg_channels[key]
 
     @staticmethod
@@ -230,6 +234,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             ub = compute(params, [a.user_id for a in local], request.round_id)
             self.stats["train_calls"] += 1
             self.stats["users_trained"] += len(local)
+        observe.WORKER_USERS.inc(len(local))
         t2 = time.perf_counter()
         layout = hosted.setup.layout
         encode_seconds = [0.0]
@@ -251,8 +256,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 sent[0] += c.bytes
                 yield from msgs
 
-        reply = self._aggregator(request.aggregator, comp).SubmitUpdates(
-            stream(), timeout=deadline_left(request.deadline_unix, floor=30.0))
+        try:
+            # wait_for_ready: a restarting aggregator is waited for (within the round's deadline)
+            reply = self._aggregator(comp).SubmitUpdates(
+                stream(), timeout=deadline_left(request.deadline_unix, floor=5.0), wait_for_ready=True)
+        except grpc.RpcError as e:  # the aggregator refused or could not be reached (or proved no server role)
+            log.warning("upload of round %d to %s failed: %s %s", request.round_id, self.aggregator, e.code().name,
+                        e.details())
+            context.abort(grpc.StatusCode.UNAVAILABLE,
+                          f"upload to the aggregator {self.aggregator} failed: {e.code().name}: {e.details()}")
         t3 = time.perf_counter()
         counts.append(ledger_mod.count(reply, kind="control", direction="down", link="worker-aggregator",
                                        what="Aggregator.SubmitUpdates reply", compression=comp))
@@ -301,23 +313,36 @@ def from_proto(p: common_pb2.MetricSums) -> MetricSums:
     return MetricSums(int(p.users), p.hr10, p.ndcg10, {int(k): v for k, v in p.er.items()})
 
 
-def register_loop(orchestrator: str, worker_id: str, address: str, device: str, on_config, stop: threading.Event,
-                  timeout: float = 300.0, heartbeat: float = 10.0) -> None:
-    """Register with the orchestrator (retrying until it answers), hand the run config to
-    ``on_config(reply)`` once, then re-register every ``heartbeat`` seconds (this also re-announces
-    the worker to a restarted orchestrator)."""
-    stub = orch_grpc.OrchestratorStub(channel(orchestrator))
+REFUSALS = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT,
+            grpc.StatusCode.FAILED_PRECONDITION)
+
+
+def register_loop(orchestrator: str, worker_id: str, address: str, device: str, kind: str, on_config,
+                  stop: threading.Event, identity: Identity | None = None, timeout: float = 300.0,
+                  heartbeat: float = 10.0) -> None:
+    """Register with the orchestrator (retrying until it answers), hand the run config and the
+    orchestrator's shard to ``on_config(reply)`` once (again when the run or the shard changes),
+    then re-register every ``heartbeat`` seconds (this also re-announces the worker to a restarted
+    orchestrator). A refusal (wrong role, a contract error) ends the loop with ConnectionError;
+    no free shard is retried until ``timeout``."""
+    stub = orch_grpc.OrchestratorStub(channel(orchestrator, identity=identity, peer="orchestrator"))
     start = time.time()
     attached = None
     while not stop.is_set():
         try:
-            reply = stub.Register(orch_pb.RegisterRequest(worker_id=worker_id, address=address, device=device),
+            held = attached[1:] if attached else (0, 0)
+            reply = stub.Register(orch_pb.RegisterRequest(worker_id=worker_id, address=address, device=device,
+                                                          kind=kind, held_index=held[0], held_count=held[1]),
                                   timeout=CONTROL_TIMEOUT)
-            if attached != reply.run_id:
+            key = (reply.run_id, reply.shard_index, reply.shard_count)
+            if attached != key:
                 on_config(reply)
-                attached = reply.run_id
+                attached = key
             stop.wait(heartbeat)
         except grpc.RpcError as e:
+            if e.code() in REFUSALS:
+                raise ConnectionError(f"orchestrator {orchestrator} refused this worker: {e.code().name}: "
+                                      f"{e.details()}") from None
             if attached is None and time.time() - start > timeout:
                 raise ConnectionError(f"orchestrator {orchestrator} unreachable for {timeout:.0f}s: {e.details()}") from None
             stop.wait(1.0)
@@ -331,3 +356,8 @@ def config_from_reply(reply) -> ExperimentConfig:
     import json
 
     return ExperimentConfig.from_dict(json.loads(reply.config_json))
+
+
+def shard_from_reply(reply) -> tuple[int, int] | None:
+    """The shard the orchestrator assigned (``None``: the whole population of the worker's kind)."""
+    return (int(reply.shard_index), int(reply.shard_count)) if reply.shard_count > 0 else None

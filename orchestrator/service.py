@@ -5,15 +5,23 @@ records metrics and bytes, and resumes a run from the store after a crash.
 
 Round ids are global: round r trains on model version r and produces version r + 1, so the store
 head *is* the number of completed rounds and a restarted orchestrator continues from it.
+
+Nothing a worker says about itself is trusted beyond its own updates (DESIGN.md, "Trust model"):
+the orchestrator decides which users each worker hosts (shards of its configuration), refuses a
+worker id that a live worker holds, never hands out store credentials, tells workers where to
+upload only through its authenticated Register reply, and checks every evaluation reply against the
+users it asked for before adding it to the epoch's metrics.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import secrets
 import threading
 import time
+from collections import Counter
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,14 +31,16 @@ import grpc
 import numpy as np
 
 from fedseq import ledger as ledger_mod
+from fedseq import observe
 from fedseq.adv_train import pick_adv_users
 from fedseq.config import ExperimentConfig
-from fedseq.experiment import Setup, all_clients, epoch_rounds, setup
+from fedseq.experiment import WORKER_KINDS, Setup, all_clients, epoch_rounds, setup, worker_users
 from fedseq.ledger import Ledger
-from fedseq.metrics import MetricSums
+from fedseq.metrics import KS, MetricSums
 from fedseq.results import write_results
 from fedseq.rpc import CONTROL_TIMEOUT, channel, grpc_compression
-from fedseq.store import RedisStore
+from fedseq.store import RedisStore, patient
+from fedseq.tls import Identity, peer_name
 from fedseq.v1 import aggregator_pb2 as agg_pb
 from fedseq.v1 import aggregator_pb2_grpc as agg_grpc
 from fedseq.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc, worker_pb2, worker_pb2_grpc
@@ -42,18 +52,25 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class OrchestratorSettings:
     aggregator: str  # host:port
-    store_url: str  # redis://... (workers read models from it; the run state lives there)
+    store_url: str  # redis://... (the run state lives there; never handed to workers)
     min_workers: int = 1
     round_timeout: float = 600.0  # seconds a round waits for its workers before closing
     worker_wait: float = 300.0  # seconds to wait for min_workers at the start
     out_dir: str | None = None
-    serve_models: bool = False  # tell workers to fetch models from the aggregator, not the store
+    # shards of each worker kind's users, one per worker (0: every worker of the kind may host all
+    # of them, and each round's users are spread over the live ones, as `compose --scale` wants)
+    client_shards: int = 0
+    attacker_shards: int = 0
+    identity: Identity | None = None  # mutual TLS for the calls to the server and the workers
+    shard_grace: float = 30.0  # seconds a lost worker's shard waits for a worker before rounds go on
 
     def __post_init__(self) -> None:
         if self.min_workers < 1:
             raise ValueError("min_workers must be >= 1")
         if self.round_timeout <= 0 or self.worker_wait <= 0:
             raise ValueError("round_timeout and worker_wait must be > 0")
+        if self.client_shards < 0 or self.attacker_shards < 0:
+            raise ValueError("client_shards and attacker_shards must be >= 0")
 
 
 @dataclass
@@ -62,10 +79,38 @@ class WorkerInfo:
     address: str
     device: str
     stub: Any
-    users: frozenset[int] = frozenset()
+    users: frozenset[int] = frozenset()  # decided by the orchestrator (kind and shard), not claimed
     ready: bool = False
     alive: bool = True
     registered_at: float = field(default_factory=time.time)
+    kind: str = "client"
+    shard: tuple[int, int] | None = None
+    peer: str = ""  # the common name of its certificate ('' without TLS)
+
+
+EVAL_ATTEMPTS = 3  # evaluation passes over the users whose worker failed
+ROUND_RETRIES = 8  # reruns of a round whose aggregator or store failed (backoff 1, 2, 4, ... 15 s)
+
+
+class Refused(Exception):
+    """A Register call the orchestrator refuses: (status code, reason)."""
+
+    def __init__(self, code: grpc.StatusCode, reason: str) -> None:
+        super().__init__(reason)
+        self.code, self.reason = code, reason
+
+
+def check_eval_sums(sums: MetricSums, asked: int, ks: set[int]) -> str | None:
+    """Why an evaluation reply for ``asked`` users cannot be true (None: plausible). Every metric
+    is a sum of per-user values in [0, 1], so each must be finite and within [0, users]."""
+    if sums.users != asked:
+        return f"reports {sums.users} users for the {asked} it was asked to evaluate"
+    if set(sums.er) != ks:
+        return f"reports ER@K for K in {sorted(sums.er)}, expected {sorted(ks)}"
+    for name, v in [("hr@10", sums.hr10), ("ndcg@10", sums.ndcg10), *((f"er@{k}", x) for k, x in sums.er.items())]:
+        if not math.isfinite(v) or v < 0 or v > asked + 1e-6 * max(1, asked):
+            return f"{name} sum {v!r} is outside [0, {asked}]"
+    return None
 
 
 def assign(users: np.ndarray, workers: list[WorkerInfo]) -> tuple[dict[str, list[int]], list[int]]:
@@ -90,7 +135,7 @@ class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
         self.settings = settings
         self.setup = prepared or setup(cfg)
         self.run_id = cfg.run_id or "run"
-        self.store = RedisStore.from_url(settings.store_url, self.run_id)
+        self.store = RedisStore.from_url(settings.store_url, self.run_id, **patient())
         self.workers: dict[str, WorkerInfo] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -109,29 +154,92 @@ class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
         self._epoch_bytes: dict[int, dict[str, int]] = {}  # 1-based epoch -> {"up", "down"}
         self._pending: list[tuple[str, Any]] = []  # (worker, ByteCount) of Register/Describe calls
         self.results: dict[str, Any] | None = None
-        self.aggregator = agg_grpc.AggregatorStub(channel(settings.aggregator))
+        self.identity = settings.identity
+        self.aggregator = agg_grpc.AggregatorStub(channel(settings.aggregator, identity=self.identity, peer="server"))
         self.clients = all_clients(self.setup)
         self.malicious = self.clients[self.clients >= self.setup.dataset.num_users]
+        self.refused: Counter[str] = Counter()  # what this orchestrator refused from workers, by reason
+        self.retries = 0  # rounds rerun after an aggregator or store failure
+        self._shards = {"client": settings.client_shards, "attacker": settings.attacker_shards}
+        self._eval_refused: list[dict[str, Any]] = []  # the last evaluation's refused worker replies
+        self._eval_by_worker: dict[str, int] = {}  # the last evaluation's users per worker
+        self._lost_since: dict[tuple[str, tuple[int, int]], float] = {}  # unheld shard -> first seen
         self._pool = futures.ThreadPoolExecutor(max_workers=32)
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ RPCs
     def Register(self, request, context):
-        if not request.worker_id or not request.address:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "worker_id and address are required")
+        try:
+            info = self._admit(request, peer_name(context) if self.identity is not None else "")
+        except Refused as e:
+            with self._lock:
+                self.refused[f"register: {e.code.name}"] += 1
+            observe.REFUSED.labels(f"register: {e.code.name}").inc()
+            log.warning("refused Register of %r from %s: %s", request.worker_id[:64], context.peer(), e.reason)
+            context.abort(e.code, e.reason)
+        shard = info.shard or (0, 0)
+        reply = orchestrator_pb2.RegisterReply(run_id=self.run_id, config_json=self.cfg.to_json(),
+                                               aggregator=self.settings.aggregator, shard_index=shard[0],
+                                               shard_count=shard[1])
+        self._note(info.worker_id, request, "up", "Orchestrator.Register request")
+        self._note(info.worker_id, reply, "down", "Orchestrator.Register reply")
+        return reply
+
+    def _admit(self, request, peer: str) -> WorkerInfo:
+        """The registration of a worker: a heartbeat of a known one, or a new one with the users the
+        orchestrator gives it (a free shard of its kind). Refused: bad fields, a kind the run does not
+        have, a worker id held by another live worker, no free shard."""
+        if not request.worker_id or not request.address or len(request.worker_id) > 128 or len(request.address) > 256:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "worker_id (<= 128 chars) and address (<= 256) are required")
+        kind = request.kind or "client"
+        if kind not in WORKER_KINDS:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"unknown worker kind {kind[:32]!r}; kinds: {WORKER_KINDS}")
+        if kind == "attacker" and self.setup.population is None:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, "this run has no attack: no users for an attacker worker")
         with self._lock:
             w = self.workers.get(request.worker_id)
-            if w is None or w.address != request.address or not w.alive:
-                stub = worker_pb2_grpc.WorkerStub(channel(request.address))
-                self.workers[request.worker_id] = WorkerInfo(request.worker_id, request.address, request.device, stub)
-                log.info("worker %s registered at %s", request.worker_id, request.address)
-        reply = orchestrator_pb2.RegisterReply(
-            run_id=self.run_id, config_json=self.cfg.to_json(),
-            store_url="" if self.settings.serve_models else self.settings.store_url,
-            aggregator=self.settings.aggregator)
-        self._note(request.worker_id, request, "up", "Orchestrator.Register request")
-        self._note(request.worker_id, reply, "down", "Orchestrator.Register reply")
-        return reply
+            same = w is not None and (w.address, w.kind, w.peer) == (request.address, kind, peer)
+            if w is not None and same and w.alive:
+                return w  # heartbeat
+        if w is not None and not same and w.alive and self._answers(w):
+            raise Refused(grpc.StatusCode.ALREADY_EXISTS,
+                          f"worker id {request.worker_id!r} is held by a live worker at another address or identity")
+        with self._lock:
+            if w is not None:
+                w.alive = False
+            shard = self._free_shard(kind, (int(request.held_index), int(request.held_count)))
+            users = frozenset(worker_users(self.setup, kind, shard).tolist())
+            stub = worker_pb2_grpc.WorkerStub(channel(request.address, identity=self.identity, peer="worker"))
+            info = WorkerInfo(request.worker_id, request.address, request.device[:32], stub, users=users, kind=kind,
+                              shard=shard, peer=peer)
+            self.workers[request.worker_id] = info
+        log.info("%s worker %s registered at %s (shard %s, %d users)", kind, request.worker_id, request.address,
+                 "all" if shard is None else f"{shard[0]}/{shard[1]}", len(users))
+        return info
+
+    def _free_shard(self, kind: str, hint: tuple[int, int] = (0, 0)) -> tuple[int, int] | None:
+        """The shard ``hint`` the worker held before, if no live worker holds it now, else the
+        lowest free shard of ``kind`` (None when the kind is unsharded). Raises :class:`Refused`
+        when every shard is held. Call with the lock held."""
+        n = self._shards[kind]
+        if n == 0:
+            return None
+        held = {w.shard for w in self.workers.values() if w.alive and w.kind == kind}
+        if hint[1] == n and 0 <= hint[0] < n and hint not in held:
+            return hint
+        for i in range(n):
+            if (i, n) not in held:
+                return (i, n)
+        raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                      f"all {n} {kind} shards are held by live workers; this run takes no more {kind} workers")
+
+    @staticmethod
+    def _answers(w: WorkerInfo) -> bool:
+        try:
+            w.stub.Describe(worker_pb2.DescribeRequest(), timeout=3.0)
+            return True
+        except grpc.RpcError as e:
+            return e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
     def _note(self, worker: str, msg: Any, direction: str, what: str) -> None:
         """Count a registration-time message (uncompressed: the worker has no config yet); it goes
@@ -193,11 +301,36 @@ class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
                 self._note(w.worker_id, d, "up", "Worker.Describe reply")
                 w.alive = True
                 if d.ready and d.run_id == self.run_id:
-                    w.users, w.ready = frozenset(d.users), True
+                    if frozenset(d.users) != w.users:  # it must host exactly what it was given
+                        log.warning("worker %s hosts %d users, not the %d of its shard: not used", w.worker_id,
+                                    len(d.users), len(w.users))
+                        continue
+                    w.ready = True
                     log.info("worker %s ready with %d users", w.worker_id, len(d.users))
             except grpc.RpcError:
                 w.alive = False
+        for kind in WORKER_KINDS:
+            observe.WORKERS.labels(kind, "live").set(sum(w.alive and w.ready for w in workers if w.kind == kind))
+            observe.WORKERS.labels(kind, "dead").set(sum(not w.alive for w in workers if w.kind == kind))
         return workers
+
+    def _await_lost_shards(self) -> list[WorkerInfo]:
+        """The workers for the next round. A shard whose worker died gets ``shard_grace`` seconds,
+        counted from when it was first found unheld, for a (restarted) worker to take it again
+        before rounds go on without its users; a shard lost for good costs that wait once."""
+        while True:
+            workers = self._refresh_workers()
+            held = {(w.kind, w.shard) for w in workers if w.alive and w.ready and w.shard is not None}
+            now = time.time()
+            lost = [(k, (i, n)) for k, n in self._shards.items() for i in range(n) if (k, (i, n)) not in held]
+            for key in list(self._lost_since):
+                if key not in lost:
+                    del self._lost_since[key]
+            waiting = [key for key in lost if now - self._lost_since.setdefault(key, now) < self.settings.shard_grace]
+            if not waiting or self._stop.is_set():
+                return workers
+            self.message = f"waiting up to {self.settings.shard_grace:.0f}s for a worker to take shard(s) {waiting}"
+            time.sleep(0.2)
 
     def _wait_for_workers(self) -> None:
         deadline = time.time() + self.settings.worker_wait
@@ -233,17 +366,7 @@ class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
         if self._stop.is_set():
             self.state = "stopped"
             return
-        start_req = agg_pb.StartRunRequest(run_id=self.run_id, config_json=cfg.to_json(),
-                                           num_items=self.setup.dataset.num_items)
-        try:
-            start = self.aggregator.StartRun(start_req, timeout=CONTROL_TIMEOUT * 4, compression=self._grpc_comp)
-        except grpc.RpcError as e:
-            if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                raise ValueError(f"the aggregator refused the run: {e.details()}") from None
-            raise
-        if cfg.codec not in start.accepted_encodings:
-            raise ValueError(f"the aggregator does not accept codec {cfg.codec!r} (it accepts "
-                             f"{', '.join(start.accepted_encodings)}); pick one of those with --codec")
+        start_req, start = self._start_run()
         self.num_parameters = int(start.num_parameters)
         schedule = self._schedule()
         done = int(start.head_version)
@@ -257,6 +380,7 @@ class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
             led.add(kind="model_write", direction="internal", link="aggregator-store", what="store.put model:0",
                     bytes=start.store_bytes)
         self._commit(led)
+        self._reconcile_rounds(done, schedule)
         self.epochs = self.store.records("epochs")
         if start.resumed:
             log.info("resuming run %s at round %d of %d", self.run_id, done, len(schedule))
@@ -277,7 +401,7 @@ class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
                 self._write()
                 return
             epoch, r, users = schedule[rid]
-            summary = self._round(rid, epoch, users, adversarial=r < 0)
+            summary = self._round_retrying(rid, epoch, users, adversarial=r < 0)
             for k in ("accepted", "rejected", "missing", "malicious", "malicious_kept"):
                 key = "malicious_updates" if k == "malicious" else k  # the in-process runner's key
                 acc[key] = acc.get(key, 0) + summary[k]
@@ -288,14 +412,83 @@ class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
         self.state = "done"
         self._write()
 
+    def _reconcile_rounds(self, head: int, schedule: list) -> None:
+        """A round the server applied (head past it) whose record a crashed orchestrator never
+        wrote gets a record saying so: every round id below the head has exactly one record."""
+        have = {int(r["round"]) for r in self.store.records("rounds")}
+        for rid in range(head):
+            if rid not in have:
+                log.warning("round %d was applied but its record was lost in a crash", rid)
+                self.store.append_record("rounds", {"round": rid, "epoch": schedule[rid][0] + 1,
+                                                    "users": len(schedule[rid][2]), "summary_lost": True,
+                                                    "accepted": 0, "rejected": 0, "missing": 0})
+
+    def _start_run(self):
+        """Bind the aggregator to this run (new, or resumed from the store head); (request, reply)."""
+        cfg = self.cfg
+        start_req = agg_pb.StartRunRequest(run_id=self.run_id, config_json=cfg.to_json(),
+                                           num_items=self.setup.dataset.num_items)
+        try:
+            start = self.aggregator.StartRun(start_req, timeout=CONTROL_TIMEOUT * 4, compression=self._grpc_comp)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise ValueError(f"the aggregator refused the run: {e.details()}") from None
+            raise
+        if cfg.codec not in start.accepted_encodings:
+            raise ValueError(f"the aggregator does not accept codec {cfg.codec!r} (it accepts "
+                             f"{', '.join(start.accepted_encodings)}); pick one of those with --codec")
+        return start_req, start
+
+    def _round_retrying(self, rid: int, epoch: int, users: np.ndarray, adversarial: bool) -> dict[str, Any]:
+        """:meth:`_round`, retried when the aggregator or the store fails under it (a restarted
+        server has lost the open round; Redis may be restarting): wait, bind the server to the run
+        again and rerun the round from the store head, up to :data:`ROUND_RETRIES` times. A round
+        the server finished before it failed (head already past it) is not run twice."""
+        from fedseq.store import StoreError
+
+        delay = 1.0
+        for attempt in range(ROUND_RETRIES + 1):
+            try:
+                return self._round(rid, epoch, users, adversarial)
+            except (grpc.RpcError, StoreError) as e:
+                code = e.code() if isinstance(e, grpc.RpcError) else None
+                if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED,
+                            grpc.StatusCode.INVALID_ARGUMENT) or attempt == ROUND_RETRIES or self._stop.is_set():
+                    raise
+                what = f"{e.code().name} {e.details()}" if isinstance(e, grpc.RpcError) else str(e)
+                log.warning("round %d failed (%s); retrying in %.0f s (%d/%d)", rid, what, delay, attempt + 1,
+                            ROUND_RETRIES)
+                self.message = f"round {rid}: aggregator or store failed ({what[:80]}); retrying"
+                with self._lock:
+                    self.retries += 1
+                observe.ROUND_RETRIES.inc()
+            self._stop.wait(delay)
+            delay = min(delay * 2, 15.0)
+            try:
+                _, start = self._start_run()
+            except (grpc.RpcError, StoreError) as e:
+                log.warning("round %d: the aggregator is not back yet: %s", rid, e)
+                continue
+            head = int(start.head_version)
+            if head == rid + 1:  # the server wrote this round's version before it failed
+                log.warning("round %d was completed by the server before the failure; its summary is lost", rid)
+                record = {"round": rid, "epoch": epoch + 1, "users": len(users), "accepted": 0, "rejected": 0,
+                          "missing": 0, "malicious": 0, "malicious_kept": 0, "summary_lost": True}
+                self.store.append_record("rounds", record)
+                self.round_id = rid + 1
+                return record
+            if head != rid:
+                raise RuntimeError(f"round {rid}: the store head is {head} after the aggregator came back")
+        raise AssertionError("unreachable")
+
     def _round(self, rid: int, epoch: int, users: np.ndarray, adversarial: bool = False) -> dict[str, Any]:
         cfg = self.cfg
         lr = cfg.lr_at(epoch)
         t0 = time.perf_counter()
-        workers = self._refresh_workers()
+        workers = self._await_lost_shards()
         plan, orphans = assign(users, workers)
         by_id = {w.worker_id: w for w in workers}
-        tokens = {int(u): secrets.token_hex(8) for u in users.tolist()}
+        tokens = {int(u): secrets.token_hex(16) for u in users.tolist()}  # one-time: (run, round, user)
         deadline = time.time() + self.settings.round_timeout
         led = Ledger(self.run_id, rid, epoch + 1, "train")
         ctl: dict[str, Any] = {"compression": self._comp, "kind": "control"}
@@ -310,8 +503,7 @@ class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
         calls = {}
         for wid, us in plan.items():
             req = worker_pb2.TrainRequest(
-                run_id=self.run_id, round_id=rid, model_version=rid, aggregator=self.settings.aggregator,
-                deadline_unix=deadline, encoding=cfg.codec, accepted_encodings=list(opened.accepted_encodings),
+                run_id=self.run_id, round_id=rid, model_version=rid, deadline_unix=deadline, encoding=cfg.codec, accepted_encodings=list(opened.accepted_encodings),
                 assignments=[common_pb2.Assignment(user_id=u, token=tokens[u]) for u in us], adversarial=adversarial)
             calls[wid] = by_id[wid].stub.Train.future(req, timeout=self.settings.round_timeout,
                                                       compression=self._grpc_comp)
@@ -365,8 +557,9 @@ class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
         kept = set(s.kept_users) if s.kept_users else None
         accepted_mal = [u for u in in_round if u not in {r.user_id for r in s.rejected} and u not in set(s.missing)]
         record = {
+            # exact: accepted + rejected + missing == users (orphans, whom no worker hosts, are missing)
             "round": rid, "epoch": epoch + 1, "lr": lr, "users": len(users), "accepted": s.accepted,
-            "rejected": len(s.rejected), "missing": len(s.missing) + len(orphans), "orphans": len(orphans),
+            "rejected": len(s.rejected), "missing": len(s.missing), "orphans": len(orphans),
             "failed_workers": failed, "bytes_up": bytes_up, "bytes_down": bytes_down,
             "updates": sum(1 for e in led.entries if e.kind == "update" and e.user >= 0),
             "update_bytes": sum(e.bytes for e in led.entries if e.kind == "update"),
@@ -374,36 +567,75 @@ class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
             "train_seconds": t_train, "worker_timings": timings, "server_timings": dict(s.timings),
             "rule": s.rule, "rule_info": json.loads(s.rule_info_json or "{}"),
             "rejections": [{"user": r.user_id, "reason": r.reason} for r in s.rejected][:20],
+            # every upload the server refused since the last round, by reason (also strangers' and forgeries)
+            "refused": dict(s.refused), "bytes_refused": s.bytes_refused,
+            "refused_sample": [{"user": r.user_id, "reason": r.reason} for r in s.refused_sample],
             "malicious": len(in_round),
             "malicious_kept": len(accepted_mal) if kept is None else len([u for u in accepted_mal if u in kept]),
         }
+        if record["accepted"] + record["rejected"] + record["missing"] != record["users"]:
+            log.error("round %d: accounting does not add up: %s", rid, record)
         self.store.append_record("rounds", record)
         self.round_id = rid + 1
+        observe.ROUNDS.inc()
+        observe.ROUND_SECONDS.observe(record["seconds"])
+        observe.MODEL_VERSION.set(self.round_id)
         self.message = (f"epoch {epoch + 1}/{cfg.epochs} round {rid + 1}: {s.accepted} accepted, "
                         f"{len(s.rejected)} rejected, {record['missing']} missing")
         return record
 
     def _evaluate(self, version: int, led: Ledger) -> MetricSums:
-        workers = self._refresh_workers()
-        benign = self.setup.benign_users
-        plan, orphans = assign(benign, workers)
-        if orphans:
-            log.warning("evaluation: %d benign users have no live worker and are skipped", len(orphans))
-        by_id = {w.worker_id: w for w in workers}
-        ctl: dict[str, Any] = {"compression": self._comp, "kind": "control", "link": "worker-orchestrator"}
-        futs = []
-        for wid, us in plan.items():
-            req = worker_pb2.EvaluateRequest(run_id=self.run_id, model_version=version, users=us)
-            futs.append((wid, by_id[wid].stub.Evaluate.future(req, timeout=self.settings.round_timeout,
-                                                              compression=self._grpc_comp)))
-            led.add_message(req, worker=wid, direction="down", what="Worker.Evaluate request", **ctl)
+        """Federated evaluation of every benign user on ``version``. Users whose host is gone, and
+        those of a worker that fails mid-evaluation, go to the live client workers (each holds the
+        benign users' data), up to :data:`EVAL_ATTEMPTS` times, so an epoch evaluates all users
+        while one client worker lives. Replies are checked (:func:`check_eval_sums`)."""
         total = MetricSums()
-        for wid, f in futs:
-            rep = f.result()
-            total = total + from_proto(rep.sums)
-            for problem in led.add_counts(rep.ledger, worker=wid):
-                log.warning("evaluation: worker %s reported an invalid ledger count: %s", wid, problem)
-            led.add_message(rep, worker=wid, direction="up", what="Worker.Evaluate reply", **ctl)
+        self._eval_refused, self._eval_by_worker = [], {}
+        ctl: dict[str, Any] = {"compression": self._comp, "kind": "control", "link": "worker-orchestrator"}
+        todo = self.setup.benign_users
+        for attempt in range(EVAL_ATTEMPTS):
+            workers = self._refresh_workers()
+            plan, orphans = assign(todo, workers)
+            spares = sorted(w.worker_id for w in workers if w.ready and w.alive and w.kind == "client")
+            for i, u in enumerate(orphans if spares else []):
+                plan.setdefault(spares[i % len(spares)], []).append(u)
+            by_id = {w.worker_id: w for w in workers}
+            futs = []
+            for wid, us in plan.items():
+                req = worker_pb2.EvaluateRequest(run_id=self.run_id, model_version=version, users=sorted(us))
+                futs.append((wid, by_id[wid].stub.Evaluate.future(req, timeout=self.settings.round_timeout,
+                                                                  compression=self._grpc_comp)))
+                led.add_message(req, worker=wid, direction="down", what="Worker.Evaluate request", **ctl)
+            failed: list[int] = [] if spares else list(orphans)
+            for wid, f in futs:
+                try:
+                    rep = f.result()
+                except grpc.RpcError as e:
+                    by_id[wid].alive = by_id[wid].alive and e.code() not in (grpc.StatusCode.UNAVAILABLE,
+                                                                             grpc.StatusCode.DEADLINE_EXCEEDED)
+                    log.warning("evaluation: worker %s failed (%s %s); its %d users go to another worker", wid,
+                                e.code().name, e.details(), len(plan[wid]))
+                    failed += plan[wid]
+                    continue
+                sums = from_proto(rep.sums)
+                problem = check_eval_sums(sums, len(plan[wid]), set(KS))
+                if problem is not None:
+                    with self._lock:
+                        self.refused["evaluation: implausible sums"] += 1
+                    observe.REFUSED.labels("evaluation: implausible sums").inc()
+                    log.warning("evaluation: refused the sums of worker %s: %s", wid, problem)
+                    self._eval_refused.append({"worker": wid, "users": len(plan[wid]), "reason": problem})
+                    continue
+                self._eval_by_worker[wid] = self._eval_by_worker.get(wid, 0) + sums.users
+                total = total + sums
+                for problem in led.add_counts(rep.ledger, worker=wid):
+                    log.warning("evaluation: worker %s reported an invalid ledger count: %s", wid, problem)
+                led.add_message(rep, worker=wid, direction="up", what="Worker.Evaluate reply", **ctl)
+            if not failed:
+                break
+            todo = np.asarray(sorted(failed), dtype=np.int64)
+            if attempt + 1 == EVAL_ATTEMPTS or not spares:
+                log.warning("evaluation: %d benign users could not be evaluated (no live client worker)", len(todo))
         return total
 
     # ------------------------------------------------------------------ ledger
@@ -412,6 +644,8 @@ class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
         entries' (bytes up, bytes down)."""
         self.store.append_records(ledger_mod.STREAM, led.dicts())
         t = ledger_mod.totals(led.entries)
+        for e in led.entries:
+            observe.BYTES.labels(e.direction, e.kind).inc(e.bytes)
         acc = self._epoch_bytes.setdefault(led.epoch, {"up": 0, "down": 0})
         acc["up"] += t["bytes_up"]
         acc["down"] += t["bytes_down"]
@@ -442,6 +676,11 @@ class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
             self._commit(led)
             row.update(sums.means())
             row["eval_users"] = sums.users
+            for k, v in sums.means().items():
+                observe.EXPERIMENT.labels(k).set(v)
+            row["eval_workers"] = dict(self._eval_by_worker)  # who vouched for which share of the metrics
+            if self._eval_refused:
+                row["eval_refused"] = list(self._eval_refused)
             row["eval_seconds"] = time.perf_counter() - t
         row["seconds"] = seconds + row.get("eval_seconds", 0.0)
         eb = self._epoch_bytes.get(epoch + 1, {"up": 0, "down": 0})
@@ -461,7 +700,9 @@ class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
                    "bytes_up": totals["bytes_up"], "bytes_down": totals["bytes_down"],
                    "bytes_per_update": totals["bytes_per_update"], "codec": self.cfg.codec,
                    "compression": self.cfg.compression, "num_parameters": self.num_parameters,
-                   "targets": list(self.setup.targets), "malicious_clients": int(len(self.malicious))}
+                   "targets": list(self.setup.targets), "malicious_clients": int(len(self.malicious)),
+                   "transport": "mtls" if self.identity is not None else "insecure",
+                   "refused": dict(self.refused), "round_retries": self.retries}
         ledger = {"totals": totals, "per_round": ledger_mod.per_round(entries),
                   "definitions": ledger_mod.DEFINITIONS, "entries_file": "ledger.jsonl"}
         self.results = {"config": self.cfg.to_dict(), "epochs": self.epochs, "summary": summary, "ledger": ledger}

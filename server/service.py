@@ -1,9 +1,11 @@
 """The aggregation server (gRPC ``fedseq.v1.Aggregator``).
 
-Opens rounds, receives streamed user updates, validates each one (run, open round, deadline,
-assigned user, token, duplicate, accepted encoding, size, checksum, schema, finite values),
+Opens rounds, receives streamed user updates, validates each one (server/intake.py: run, open
+round, deadline, assigned user, token, duplicate, accepted encoding and declared size from the
+header before any data is buffered; then checksum, schema before decoding, finite values),
 aggregates the accepted ones with the configured rule (server/aggregation), steps the model and
-writes version v+1 to the model store. It never learns which users are malicious.
+writes version v+1 to the model store. It never learns which users are malicious. Every refused
+upload is counted by reason in the next round summary.
 """
 
 from __future__ import annotations
@@ -12,13 +14,14 @@ import json
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import grpc
 import torch
 
-from fedseq import codec
+from fedseq import codec, observe
 from fedseq.config import ExperimentConfig
 from fedseq.delta import make_patch
 from fedseq.models import SeqModel, build_model
@@ -26,12 +29,14 @@ from fedseq.models.common import reference_init
 from fedseq.params import Layout, get_vector
 from fedseq.rpc import CHUNK_BYTES, chunks
 from fedseq.store import RedisStore
+from fedseq.tls import peer_name
 from fedseq.v1 import aggregator_pb2 as pb
 from fedseq.v1 import aggregator_pb2_grpc as pb_grpc
 from fedseq.v1 import common_pb2
 
 from .aggregation import RuleConfigError, make_rule, server_step
 from .aggregation.base import AggregationRule, bind_root, needs_root
+from .intake import OpenRound, StreamLimits, check_schema, precheck, reason, word
 from .root import RootData, load_root, root_update
 
 log = logging.getLogger(__name__)
@@ -53,14 +58,6 @@ def parse_encodings(value: str | Iterable[str] | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def _tensor_encodings(encoding: str) -> set[str]:
-    """Encodings the tensors of an update declared as ``encoding`` may use: the encoding itself and
-    the dense fallback fedseq.codec.encode_state applies to tensors it does not fit."""
-    if encoding.startswith("dense-"):
-        return {encoding, "dense-fp32"}  # integer tensors are stored raw under dense-fp32
-    return {encoding, "dense-fp16" if encoding == "sparse-fp16" else "dense-fp32"}
-
-
 @dataclass
 class _Round:
     round_id: int
@@ -72,16 +69,24 @@ class _Round:
     rows: dict[int, int]  # user -> row of ``matrix``
     updates: dict[int, int] = field(default_factory=dict)  # accepted user -> num_samples
     pending: set[int] = field(default_factory=set)  # users whose update is being decoded
-    rejected: list[tuple[int, str]] = field(default_factory=list)
+    rejected: dict[int, str] = field(default_factory=dict)  # assigned user -> its last refusal reason
     bytes_received: int = 0
     decode_seconds: float = 0.0
 
+    def snapshot(self) -> OpenRound:
+        return OpenRound(self.round_id, self.deadline, self.tokens, frozenset(self.updates) | frozenset(self.pending))
+
+
+REFUSED_SAMPLE = 20  # refused uploads of non-assigned senders listed per round summary
 
 class AggregatorServicer(pb_grpc.AggregatorServicer):
     def __init__(self, store_factory, max_update_bytes: int = 64 << 20,
-                 accept_encodings: str | Iterable[str] | None = None) -> None:
+                 accept_encodings: str | Iterable[str] | None = None, limits: StreamLimits | None = None) -> None:
         self._store_factory = store_factory  # run_id -> RedisStore
         self.max_update_bytes = max_update_bytes
+        self.limits = limits or StreamLimits()
+        self._streams: dict[int, list] = {}  # open upload streams: id -> [context, peer, last chunk time]
+        self._watchdog: threading.Thread | None = None
         self.accepted_encodings = parse_encodings(accept_encodings)
         self._store_read_mark = 0
         self._lock = threading.Lock()
@@ -97,6 +102,11 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         self.root: RootData | None = None
         self.round: _Round | None = None
         self.last_closed = -1
+        # refusals since the last summary (all of them, by reason word), and the bytes and a sample
+        # of those that were not an assigned user's update of the open round
+        self._refused: Counter[str] = Counter()
+        self._refused_bytes = 0
+        self._refused_sample: list[tuple[int, str]] = []
 
     # ------------------------------------------------------------------ run
     def StartRun(self, request, context):
@@ -189,100 +199,175 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
                 self._buffer = buf
         return buf[:rows]
 
+    def _open_stream(self, context) -> int:
+        """Admit an upload stream within :class:`StreamLimits` (else RESOURCE_EXHAUSTED, counted)."""
+        peer = f"{context.peer().rsplit(':', 1)[0]}|{peer_name(context)}"  # host (+ certificate name)
+        with self._lock:
+            mine = sum(1 for s in self._streams.values() if s[1] == peer)
+            if len(self._streams) >= self.limits.max_streams or mine >= self.limits.max_per_peer:
+                self._refused["busy"] += 1
+                busy = True
+            else:
+                busy = False
+                sid = id(context)
+                self._streams[sid] = [context, peer, time.monotonic()]
+                observe.UPLOAD_STREAMS.set(len(self._streams))
+                if self._watchdog is None:
+                    self._watchdog = threading.Thread(target=self._watch, name="upload-watchdog", daemon=True)
+                    self._watchdog.start()
+        if busy:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, reason(
+                "busy", f"{len(self._streams)} upload streams open ({mine} from this peer; limits "
+                        f"{self.limits.max_streams}, {self.limits.max_per_peer} per peer); retry later"))
+        return sid
+
+    def _watch(self) -> None:
+        """Cancel upload streams that sent nothing for ``idle_timeout`` seconds (slow-loris)."""
+        while True:
+            time.sleep(min(1.0, self.limits.idle_timeout / 4))
+            now = time.monotonic()
+            with self._lock:
+                idle = [s for s in self._streams.values() if now - s[2] > self.limits.idle_timeout]
+            for ctx, peer, _ in idle:
+                log.warning("cancelling an upload stream from %s: idle for over %.0f s", peer, self.limits.idle_timeout)
+                with self._lock:
+                    if self._streams.pop(id(ctx), None) is not None:
+                        self._refused["idle"] += 1
+                ctx.cancel()
+
     def SubmitUpdates(self, request_iterator, context):
+        """Uploads, each a header chunk then data chunks. The header is checked first: a refused
+        update's data is read off the stream and counted but never buffered. Streams are capped in
+        number (overall, per peer) and cancelled when idle (:class:`StreamLimits`)."""
+        sid = self._open_stream(context)
+        try:
+            return self._submit(self._tracked(sid, request_iterator), context)
+        finally:
+            with self._lock:
+                self._streams.pop(sid, None)
+                observe.UPLOAD_STREAMS.set(len(self._streams))
+
+    def _tracked(self, sid: int, request_iterator):
+        """The stream's chunks, noting each arrival for the watchdog; ends when the stream is cancelled."""
+        try:
+            for chunk in request_iterator:
+                with self._lock:
+                    s = self._streams.get(sid)
+                    if s is not None:
+                        s[2] = time.monotonic()
+                yield chunk
+        except grpc.RpcError:
+            return
+
+    def _submit(self, request_iterator, context):
         self._compress(context)
         statuses: list[common_pb2.UpdateStatus] = []
         total = 0
         header = None
-        buf = bytearray()
-        wire = 0
+        buf: bytearray | None = None  # None while skipping a refused update's data
+        refusal: str | None = None
+        got = wire = 0
         for chunk in request_iterator:
             size = chunk.ByteSize()
             total += size
             if chunk.HasField("header"):
                 if header is not None:
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                  f"update of user {header.user_id} ended after {len(buf)} of {header.total_bytes} bytes")
-                header, buf, wire = chunk.header, bytearray(), 0
-                if header.total_bytes < 0 or header.total_bytes > self.max_update_bytes:
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                  f"update of user {header.user_id} declares {header.total_bytes} bytes; "
-                                  f"the limit is {self.max_update_bytes}")
+                    statuses.append(self._refuse(header, refusal or reason(
+                        "truncated", f"update of user {header.user_id} ended after {got} of {header.total_bytes} "
+                                     "bytes (the next header came)"), wire))
+                header, got, wire = chunk.header, 0, 0
+                refusal = self._precheck(header)
+                buf = bytearray() if refusal is None else None
             elif header is None:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "data chunk before any update header")
-            assert header is not None  # context.abort() raises
-            buf += chunk.data
+                statuses.append(self._refuse(None, reason("malformed", "data chunk before any update header"), size))
+                continue
+            assert header is not None
+            got += len(chunk.data)
             wire += size
-            if len(buf) > header.total_bytes:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"update of user {header.user_id} is longer than its declared {header.total_bytes} bytes")
-            if len(buf) == header.total_bytes:
-                statuses.append(self._accept(header, bytes(buf), wire))
-                header = None
+            if got > header.total_bytes:
+                refusal = refusal or reason("oversize", f"update of user {header.user_id} is longer than its declared "
+                                                        f"{header.total_bytes} bytes")
+                statuses.append(self._refuse(header, refusal, wire))
+                header, buf = None, None
+                continue
+            if buf is not None:
+                buf += chunk.data
+            if got == header.total_bytes:
+                if refusal is None and buf is not None:
+                    statuses.append(self._accept(header, bytes(buf), wire))
+                else:
+                    statuses.append(self._refuse(header, refusal or reason("malformed", "no data"), wire))
+                header, buf = None, None
         if header is not None:
-            statuses.append(common_pb2.UpdateStatus(user_id=header.user_id, accepted=False, bytes=wire,
-                                                    reason=f"truncated: stream ended after {len(buf)} of "
-                                                           f"{header.total_bytes} bytes"))
+            statuses.append(self._refuse(header, refusal or reason(
+                "truncated", f"stream ended after {got} of {header.total_bytes} bytes"), wire))
         return pb.SubmitReply(statuses=statuses, bytes_received=total)
 
-    def _accept(self, h, data: bytes, wire: int) -> common_pb2.UpdateStatus:
-        def reject(reason: str) -> common_pb2.UpdateStatus:
-            with self._lock:
-                if self.round is not None and h.round_id == self.round.round_id:
-                    self.round.rejected.append((h.user_id, reason))
-                    self.round.bytes_received += wire
-            return common_pb2.UpdateStatus(user_id=h.user_id, accepted=False, reason=reason, bytes=wire)
-
+    def _precheck(self, h) -> str | None:
         with self._lock:
-            rnd, run_id, layout = self.round, self.run_id, self.layout
-        if h.run_id != run_id:
-            return reject(f"unknown run {h.run_id!r}")
-        if rnd is None or h.round_id != rnd.round_id:
-            open_id = "none" if rnd is None else str(rnd.round_id)
-            return reject(f"stale round: round {h.round_id} is not open (open round: {open_id})")
-        if time.time() > rnd.deadline:
-            return reject(f"late: round {h.round_id} deadline passed")
-        if h.user_id not in rnd.tokens:
-            return reject(f"user {h.user_id} is not assigned to round {h.round_id}")
-        if rnd.tokens[h.user_id] != h.token:
-            return reject(f"bad token for user {h.user_id}")
-        if h.user_id in rnd.updates:
-            return reject(f"duplicate update for user {h.user_id} in round {h.round_id}")
-        if h.encoding not in self.accepted_encodings:
-            return reject(f"encoding {h.encoding!r} not accepted (this server accepts "
-                          f"{', '.join(self.accepted_encodings)})")
-        if h.num_samples < 0:
-            return reject("negative num_samples")
+            rnd = None if self.round is None else self.round.snapshot()
+            run_id = self.run_id
+        return precheck(h, run_id, rnd, self.accepted_encodings, self.max_update_bytes)
+
+    def _refuse(self, h, why: str, wire: int) -> common_pb2.UpdateStatus:
+        """Count a refused upload: under its user when it is an assigned user's update of the open
+        round (and that user has none accepted), else in the refused bytes and sample."""
+        user = -1 if h is None else int(h.user_id)
+        observe.UPDATES.labels("refused", word(why)).inc()
+        with self._lock:
+            self._refused[word(why)] += 1
+            rnd = self.round
+            mine = (rnd is not None and h is not None and h.run_id == self.run_id and h.round_id == rnd.round_id
+                    and user in rnd.tokens and rnd.tokens[user] == h.token)
+            if mine and rnd is not None:
+                if user not in rnd.updates:
+                    rnd.rejected[user] = why
+                rnd.bytes_received += wire
+            else:
+                self._refused_bytes += wire
+                if len(self._refused_sample) < REFUSED_SAMPLE:
+                    self._refused_sample.append((user, why))
+        return common_pb2.UpdateStatus(user_id=user, accepted=False, reason=why, bytes=wire)
+
+    def _accept(self, h, data: bytes, wire: int) -> common_pb2.UpdateStatus:
+        why = self._precheck(h)  # again: the round may have changed while the data arrived
+        if why is not None:
+            return self._refuse(h, why, wire)
+        with self._lock:
+            rnd, layout = self.round, self.layout
+        assert rnd is not None and layout is not None
         t0 = time.perf_counter()
         try:
             encoded = codec.unpack(data)
-            allowed = _tensor_encodings(h.encoding)
-            odd = next((e for e in encoded if e.encoding not in allowed), None)
-            if odd is not None:
-                return reject(f"malformed update: tensor {odd.name!r} is encoded {odd.encoding!r} but the update "
-                              f"declares {h.encoding!r} (allowed per tensor: {sorted(allowed)})")
+            why = check_schema(encoded, layout, h.encoding)  # before decoding allocates anything
+            if why is not None:
+                return self._refuse(h, why, wire)
             tensors = codec.decode_state(encoded)
         except (codec.CodecError, ValueError) as e:  # includes non-finite values: codec.decode checks them
-            return reject(f"malformed update: {e}")
+            text = str(e)
+            return self._refuse(h, reason("non-finite" if "non-finite" in text else "malformed", text), wire)
         with self._lock:  # reserve the user's row: a concurrent duplicate must not write into it
             if h.user_id in rnd.updates or h.user_id in rnd.pending:
-                return reject(f"duplicate update for user {h.user_id} in round {h.round_id}")
+                return self._refuse(h, reason("duplicate", f"duplicate update for user {h.user_id} in round "
+                                                           f"{h.round_id}"), wire)
             rnd.pending.add(h.user_id)
         try:
-            assert layout is not None
             layout.flatten_into(tensors, rnd.matrix[rnd.rows[h.user_id]])
         except ValueError as e:
             with self._lock:
                 rnd.pending.discard(h.user_id)
-            return reject(f"malformed update: {e}")
+            return self._refuse(h, reason("malformed", str(e)), wire)
         dt = time.perf_counter() - t0
         with self._lock:
             rnd.pending.discard(h.user_id)
             if self.round is not rnd:
-                return reject(f"stale round: round {h.round_id} closed while the update was decoded")
+                return self._refuse(h, reason("stale", f"round {h.round_id} closed while the update was decoded"),
+                                    wire)
             rnd.updates[h.user_id] = int(h.num_samples)
+            rnd.rejected.pop(h.user_id, None)
             rnd.bytes_received += wire
             rnd.decode_seconds += dt
+        observe.UPDATES.labels("accepted", "").inc()
         return common_pb2.UpdateStatus(user_id=h.user_id, accepted=True, bytes=wire)
 
     def CloseRound(self, request, context):
@@ -296,34 +381,23 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             self.round = None
             if rnd.pending:  # late decodes may still write into this round's rows: never reuse its buffer
                 self._buffer = None
-            users = sorted(rnd.updates)
             timings = {"decode": rnd.decode_seconds}
             t0 = time.perf_counter()
             info_json, kept_users, norm = "{}", [], 0.0
             assert self.params is not None and self.layout is not None and self.store is not None
             old_params = self.params
+            users = sorted(rnd.updates)
             if users:
-                rows = [rnd.rows[u] for u in users]  # ascending: rows follow user ids
-                # [K, D] sorted by user id; no copy when every assigned user's update arrived
-                U = rnd.matrix if len(rows) == rnd.matrix.shape[0] else rnd.matrix[torch.as_tensor(rows)]
-                w = torch.tensor([rnd.updates[u] for u in users], dtype=torch.float32)
-                rule = self.rule
-                assert rule is not None  # set by StartRun with the run id that _check_run just matched
-                if self.root is not None:  # FLTrust: this round's root update from the server's own data
-                    assert self.model is not None and self.cfg is not None  # set by StartRun with self.root
-                    rule = bind_root(rule, root_update(self.model, self.params, self.root, self.cfg, rnd.round_id))
-                res = rule(U, w)
-                del U
+                new, res, users = self._aggregate(rnd, users)
                 t1 = time.perf_counter()
-                new = server_step(self.params, res.vector, rnd.lr)
                 norm = float((new - self.params).norm())
-                if not bool(torch.isfinite(new).all()):
-                    context.abort(grpc.StatusCode.INTERNAL, f"aggregate of round {rnd.round_id} is not finite")
                 self.params = new
                 timings.update(aggregate=t1 - t0, step=time.perf_counter() - t1)
-                info_json = json.dumps(dict(res.info), default=float)
-                if res.kept is not None:
-                    kept_users = [users[i] for i in res.kept]
+                observe.AGGREGATE_SECONDS.observe(time.perf_counter() - t0)
+                if res is not None:
+                    info_json = json.dumps(dict(res.info), default=float)
+                    if res.kept is not None:
+                        kept_users = [users[i] for i in res.kept]
             t2 = time.perf_counter()
             self.version += 1
             store_bytes = self.store.put_model(self.version, self.layout.unflatten(self.params),
@@ -337,16 +411,51 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
                 patch_bytes = self.store.put_patch_bytes(self.version, patch)
                 timings["patch"] = time.perf_counter() - t3
             self.last_closed = rnd.round_id
+            observe.MODEL_VERSION.set(self.version)
             read_now = self.store.io_counters()["bytes_read"]
             store_read, self._store_read_mark = read_now - self._store_read_mark, read_now
+            refused, refused_bytes, sample = dict(self._refused), self._refused_bytes, list(self._refused_sample)
+            self._refused, self._refused_bytes, self._refused_sample = Counter(), 0, []
             self._compress(context)
-            missing = sorted(set(rnd.tokens) - set(rnd.updates) - {u for u, _ in rnd.rejected})
+            missing = sorted(set(rnd.tokens) - set(rnd.updates) - set(rnd.rejected))
             return pb.RoundSummary(
                 round_id=rnd.round_id, new_version=self.version, accepted=len(users),
-                rejected=[pb.Rejection(user_id=u, reason=r) for u, r in rnd.rejected], missing=missing,
+                rejected=[pb.Rejection(user_id=u, reason=r) for u, r in sorted(rnd.rejected.items())], missing=missing,
                 bytes_received=rnd.bytes_received, timings=timings, rule=self.cfg.aggregation if self.cfg else "",
                 rule_info_json=info_json, kept_users=kept_users, store_bytes=store_bytes, update_norm=norm,
-                store_bytes_read=store_read, patch_bytes=patch_bytes)
+                store_bytes_read=store_read, patch_bytes=patch_bytes, refused=refused, bytes_refused=refused_bytes,
+                refused_sample=[pb.Rejection(user_id=u, reason=r) for u, r in sample])
+
+    def _aggregate(self, rnd: _Round, users: list[int]):
+        """The next parameters from the accepted ``users``' updates: ``(params, rule result, users
+        kept in the round)``. An aggregate that is not finite (finite updates can still overflow
+        float32 together) never becomes a version: the updates of the largest norm are refused
+        ("non-finite") one by one until the step is finite, or all are and the model stays."""
+        assert self.params is not None and self.rule is not None
+        while users:
+            rows = [rnd.rows[u] for u in users]  # ascending: rows follow user ids
+            # [K, D] sorted by user id; no copy when every assigned user's update arrived
+            U = rnd.matrix if len(rows) == rnd.matrix.shape[0] else rnd.matrix[torch.as_tensor(rows)]
+            w = torch.tensor([rnd.updates[u] for u in users], dtype=torch.float32)
+            rule = self.rule
+            if self.root is not None:  # FLTrust: this round's root update from the server's own data
+                assert self.model is not None and self.cfg is not None  # set by StartRun with self.root
+                rule = bind_root(rule, root_update(self.model, self.params, self.root, self.cfg, rnd.round_id))
+            res = rule(U, w)
+            new = server_step(self.params, res.vector, rnd.lr)
+            if bool(torch.isfinite(new).all()):
+                return new, res, users
+            worst = users[int(U.double().norm(dim=1).argmax())]
+            del U
+            log.warning("round %d: the aggregate is not finite; refusing the update of user %d (largest norm)",
+                        rnd.round_id, worst)
+            users = [u for u in users if u != worst]
+            del rnd.updates[worst]
+            rnd.rejected[worst] = reason("non-finite", f"the round's aggregate overflows with the update of user {worst}"
+                                                       " (largest norm)")
+            self._refused["non-finite"] += 1
+            observe.UPDATES.labels("refused", "non-finite").inc()
+        return self.params, None, users
 
     # ------------------------------------------------------------------ models
     def GetModel(self, request, context):

@@ -154,17 +154,20 @@ def test_server_rejects_updates_in_encodings_it_does_not_accept_or_did_not_decla
     s = setup(TINY)
     upd = s.layout.unflatten(torch.randn(s.layout.dim, generator=torch.Generator().manual_seed(1)))
     cfg = replace(TINY, run_id="declared", codec="sparse-fp32")
-    tokens = _open(stub, cfg, [1, 2, 3])
+    tokens = _open(stub, cfg, [1, 2, 3, 4])
     int8 = encode_update(upd, "int8-row")
     # Execute
     reply = stub.SubmitUpdates(_stream(cfg, tokens, {1: int8}, "int8-row"))  # not accepted
     reply2 = stub.SubmitUpdates(_stream(cfg, tokens, {2: int8}, "sparse-fp32"))  # declared one, carries another
     reply3 = stub.SubmitUpdates(_stream(cfg, tokens, {3: encode_update(upd, "sparse-fp32")}, "sparse-fp32"))
+    # a dense payload under the sparse label would get dense bytes past a sparse-only accept list
+    reply4 = stub.SubmitUpdates(_stream(cfg, tokens, {4: encode_update(upd, "dense-fp32")}, "sparse-fp32"))
     # Assert
     assert servicer.accepted_encodings == ("dense-fp32", "sparse-fp32")
     r1, r2, r3 = reply.statuses[0], reply2.statuses[0], reply3.statuses[0]
+    assert not reply4.statuses[0].accepted and reply4.statuses[0].reason.startswith("wrong-encoding:")
     assert not r1.accepted and "'int8-row' not accepted" in r1.reason and "dense-fp32, sparse-fp32" in r1.reason
-    assert not r2.accepted and "malformed update" in r2.reason and "encoded 'int8-row'" in r2.reason
+    assert not r2.accepted and r2.reason.startswith("wrong-encoding:") and "encoded 'int8-row'" in r2.reason
     assert r3.accepted, r3.reason
 
 
@@ -190,8 +193,8 @@ def test_truncated_update_payloads_are_rejected_with_a_clear_status(aggregator):
     # Assert
     r1, r2, r3 = cut_stream.statuses[0], cut_container.statuses[0], bad_shape.statuses[0]
     assert not r1.accepted and r1.reason == f"truncated: stream ended after {len(data) // 2} of {len(data)} bytes"
-    assert not r2.accepted and "malformed update" in r2.reason and "truncated" in r2.reason
-    assert not r3.accepted and "malformed update" in r3.reason
+    assert not r2.accepted and r2.reason.startswith("malformed:") and "truncated" in r2.reason
+    assert not r3.accepted and r3.reason.startswith("malformed:") and "shape" in r3.reason
     assert summary.accepted == 0 and summary.new_version == 1
 
 
@@ -225,7 +228,7 @@ def test_refused_train_request_uploads_nothing(aggregator, redis_url):
     cfg = replace(TINY, run_id="direct", codec="dense-fp32")
     tokens = _open(stub, cfg, [0, 1])
     w = WorkerServicer("w")
-    w.attach(cfg.run_id, benign_population(cfg, None), ModelSource(cfg.run_id, redis_url, ""))
+    w.attach(cfg.run_id, benign_population(cfg, None), ModelSource(cfg.run_id, redis_url, ""), "127.0.0.1:1")
     svc = Service([(worker_pb2_grpc.add_WorkerServicer_to_server, w, "fedseq.v1.Worker")], port=0,
                   host="127.0.0.1").start()
     try:
@@ -235,7 +238,7 @@ def test_refused_train_request_uploads_nothing(aggregator, redis_url):
             # Execute
             with pytest.raises(grpc.RpcError) as e:
                 wstub.Train(worker_pb2.TrainRequest(
-                    run_id=cfg.run_id, round_id=0, model_version=0, aggregator="127.0.0.1:1",
+                    run_id=cfg.run_id, round_id=0, model_version=0,
                     deadline_unix=time.time() + 60, encoding="dense-fp32", accepted_encodings=accepted,
                     assignments=[common_pb2.Assignment(user_id=u, token=t) for u, t in tokens.items()]))
             errors.append(e.value)

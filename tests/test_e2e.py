@@ -84,25 +84,35 @@ def _port(path: Path, timeout: float = 60) -> int:
 
 
 def test_killed_worker_is_recorded_and_the_run_finishes_on_the_survivor(tmp_path, redis_url):
-    # Prepare: server, orchestrator and two workers that both host every user
+    # Prepare: server, orchestrator and two workers that both host every user, all on mutual TLS
+    from fedseq.tls import Identity, make_certs
+
+    certs = tmp_path / "tls"
+    make_certs(certs, {"server": "server", "orchestrator": "orchestrator", "operator": "operator", "w0": "worker",
+                       "w1": "worker"})
+
+    def tls(name: str) -> list[str]:
+        return ["--tls-dir", str(certs), "--tls-name", name]
+
     procs = []
     try:
         procs.append(_spawn(["serve-server", "--port", "0", "--port-file", str(tmp_path / "s.port"),
-                             "--store-url", redis_url], tmp_path / "server.log"))
+                             "--store-url", redis_url, *tls("server")], tmp_path / "server.log"))
         agg = f"127.0.0.1:{_port(tmp_path / 's.port')}"
         procs.append(_spawn(["serve-orchestrator", *TINY, "--epochs", "4", "--clients-per-round", "8",
                              "--run-id", "kill", "--port", "0", "--port-file", str(tmp_path / "o.port"),
                              "--aggregator", agg, "--store-url", redis_url, "--min-workers", "2", "--out",
-                             str(tmp_path / "out"), "--exit-when-done", "--round-timeout", "30"],
+                             str(tmp_path / "out"), "--exit-when-done", "--round-timeout", "30", *tls("orchestrator")],
                             tmp_path / "orch.log"))
         orch = f"127.0.0.1:{_port(tmp_path / 'o.port')}"
         workers = [_spawn(["serve-client", "--port", "0", "--orchestrator", orch, "--advertise-host", "127.0.0.1",
-                           "--worker-id", f"w{i}"], tmp_path / f"w{i}.log") for i in range(2)]
+                           "--worker-id", f"w{i}", *tls(f"w{i}")], tmp_path / f"w{i}.log") for i in range(2)]
         procs += workers
         from fedseq.rpc import channel
         from fedseq.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
-        stub = orchestrator_pb2_grpc.OrchestratorStub(channel(orch))
+        stub = orchestrator_pb2_grpc.OrchestratorStub(channel(orch, identity=Identity.load(certs, "operator"),
+                                                              peer="orchestrator"))
         end = time.time() + 120
         while stub.GetStatus(orchestrator_pb2.StatusRequest(), timeout=5).round_id < 3 and time.time() < end:
             time.sleep(0.05)

@@ -142,14 +142,18 @@ def test_stale_round_duplicate_and_bad_updates_are_rejected_with_reasons(aggrega
     reply3 = stub.SubmitUpdates(_stream("r", 1, [(2, t1[2], nan_payload, 3)]))
     summary = stub.CloseRound(agg_pb.CloseRoundRequest(run_id="r", round_id=1))
     # Assert
-    assert not reply.statuses[0].accepted and "stale round" in reply.statuses[0].reason
-    reasons = [(s.accepted, s.reason) for s in reply2.statuses]
-    assert reasons[0] == (True, "")
-    assert not reasons[1][0] and "duplicate" in reasons[1][1]
-    assert "bad token" in reasons[2][1] and "not assigned" in reasons[3][1]
-    assert "malformed" in reasons[4][1] and "malformed" in reasons[5][1]
-    assert not reply3.statuses[0].accepted and "non-finite" in reply3.statuses[0].reason
-    assert summary.accepted == 1 and len(summary.rejected) >= 5
+    assert not reply.statuses[0].accepted and reply.statuses[0].reason.startswith("stale: round 0")
+    reasons = [(s.accepted, s.reason.split(":")[0]) for s in reply2.statuses]
+    assert reasons == [(True, ""), (False, "duplicate"), (False, "bad-token"), (False, "unassigned"),
+                       (False, "malformed"), (False, "malformed")]
+    assert "shape" in reply2.statuses[5].reason  # the schema is checked before decoding
+    assert not reply3.statuses[0].accepted and reply3.statuses[0].reason.startswith("non-finite:")
+    # exact accounting: the assigned users 1..4 are accepted (1) or rejected under their own
+    # token (3: corrupted, 4: bad shape, 2: NaN); the forged and foreign uploads are only refused
+    assert summary.accepted == 1 and {r.user_id for r in summary.rejected} == {2, 3, 4} and not summary.missing
+    assert dict(summary.refused) == {"stale": 1, "duplicate": 1, "bad-token": 1, "unassigned": 1, "malformed": 2,
+                                     "non-finite": 1}
+    assert summary.bytes_refused > 0 and {r.user_id for r in summary.refused_sample} == {1, 2, 9}
 
 
 def test_open_round_on_wrong_version_and_close_of_unknown_round_fail_clearly(aggregator):

@@ -114,7 +114,7 @@ class Rejection(_message.Message):
     def __init__(self, user_id: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class RoundSummary(_message.Message):
-    __slots__ = ("round_id", "new_version", "accepted", "rejected", "missing", "bytes_received", "timings", "rule", "rule_info_json", "kept_users", "store_bytes", "update_norm", "store_bytes_read", "patch_bytes")
+    __slots__ = ("round_id", "new_version", "accepted", "rejected", "missing", "bytes_received", "timings", "rule", "rule_info_json", "kept_users", "store_bytes", "update_norm", "store_bytes_read", "patch_bytes", "refused", "bytes_refused", "refused_sample")
     class TimingsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -122,6 +122,13 @@ class RoundSummary(_message.Message):
         key: str
         value: float
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class RefusedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     NEW_VERSION_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +143,9 @@ class RoundSummary(_message.Message):
     UPDATE_NORM_FIELD_NUMBER: _ClassVar[int]
     STORE_BYTES_READ_FIELD_NUMBER: _ClassVar[int]
     PATCH_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_REFUSED_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_SAMPLE_FIELD_NUMBER: _ClassVar[int]
     round_id: int
     new_version: int
     accepted: int
@@ -150,7 +160,10 @@ class RoundSummary(_message.Message):
     update_norm: float
     store_bytes_read: int
     patch_bytes: int
-    def __init__(self, round_id: _Optional[int] = ..., new_version: _Optional[int] = ..., accepted: _Optional[int] = ..., rejected: _Optional[_Iterable[_Union[Rejection, _Mapping]]] = ..., missing: _Optional[_Iterable[int]] = ..., bytes_received: _Optional[int] = ..., timings: _Optional[_Mapping[str, float]] = ..., rule: _Optional[str] = ..., rule_info_json: _Optional[str] = ..., kept_users: _Optional[_Iterable[int]] = ..., store_bytes: _Optional[int] = ..., update_norm: _Optional[float] = ..., store_bytes_read: _Optional[int] = ..., patch_bytes: _Optional[int] = ...) -> None: ...
+    refused: _containers.ScalarMap[str, int]
+    bytes_refused: int
+    refused_sample: _containers.RepeatedCompositeFieldContainer[Rejection]
+    def __init__(self, round_id: _Optional[int] = ..., new_version: _Optional[int] = ..., accepted: _Optional[int] = ..., rejected: _Optional[_Iterable[_Union[Rejection, _Mapping]]] = ..., missing: _Optional[_Iterable[int]] = ..., bytes_received: _Optional[int] = ..., timings: _Optional[_Mapping[str, float]] = ..., rule: _Optional[str] = ..., rule_info_json: _Optional[str] = ..., kept_users: _Optional[_Iterable[int]] = ..., store_bytes: _Optional[int] = ..., update_norm: _Optional[float] = ..., store_bytes_read: _Optional[int] = ..., patch_bytes: _Optional[int] = ..., refused: _Optional[_Mapping[str, int]] = ..., bytes_refused: _Optional[int] = ..., refused_sample: _Optional[_Iterable[_Union[Rejection, _Mapping]]] = ...) -> None: ...
 
 class GetModelRequest(_message.Message):
     __slots__ = ("run_id", "version")

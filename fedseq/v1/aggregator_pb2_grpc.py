@@ -28,6 +28,8 @@ if _version_not_supported:
 class AggregatorStub:
     """The aggregation server: receives user updates for an open round, aggregates them with the
     configured rule, steps the model and writes the next version to the model store.
+    Who may call what: fedseq/authz.py (round and run control: the orchestrator; SubmitUpdates:
+    workers; GetModel: workers and the orchestrator).
     """
 
     def __init__(self, channel):
@@ -66,6 +68,8 @@ class AggregatorStub:
 class AggregatorServicer:
     """The aggregation server: receives user updates for an open round, aggregates them with the
     configured rule, steps the model and writes the next version to the model store.
+    Who may call what: fedseq/authz.py (round and run control: the orchestrator; SubmitUpdates:
+    workers; GetModel: workers and the orchestrator).
     """
 
     def StartRun(self, request, context):
@@ -142,6 +146,8 @@ def add_AggregatorServicer_to_server(servicer, server):
 class Aggregator:
     """The aggregation server: receives user updates for an open round, aggregates them with the
     configured rule, steps the model and writes the next version to the model store.
+    Who may call what: fedseq/authz.py (round and run control: the orchestrator; SubmitUpdates:
+    workers; GetModel: workers and the orchestrator).
     """
 
     @staticmethod

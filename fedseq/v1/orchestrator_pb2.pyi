@@ -5,26 +5,34 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("worker_id", "address", "device")
+    __slots__ = ("worker_id", "address", "device", "kind", "held_index", "held_count")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    HELD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    HELD_COUNT_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     address: str
     device: str
-    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
+    kind: str
+    held_index: int
+    held_count: int
+    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., device: _Optional[str] = ..., kind: _Optional[str] = ..., held_index: _Optional[int] = ..., held_count: _Optional[int] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
-    __slots__ = ("run_id", "config_json", "store_url", "aggregator")
+    __slots__ = ("run_id", "config_json", "aggregator", "shard_index", "shard_count")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
-    STORE_URL_FIELD_NUMBER: _ClassVar[int]
     AGGREGATOR_FIELD_NUMBER: _ClassVar[int]
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    SHARD_COUNT_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     config_json: str
-    store_url: str
     aggregator: str
-    def __init__(self, run_id: _Optional[str] = ..., config_json: _Optional[str] = ..., store_url: _Optional[str] = ..., aggregator: _Optional[str] = ...) -> None: ...
+    shard_index: int
+    shard_count: int
+    def __init__(self, run_id: _Optional[str] = ..., config_json: _Optional[str] = ..., aggregator: _Optional[str] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()

@@ -27,6 +27,7 @@ if _version_not_supported:
 
 class OrchestratorStub:
     """The orchestrator schedules rounds and epochs of one run; workers register with it.
+    Who may call what: fedseq/authz.py (Register: workers; GetStatus, Stop: the operator).
     """
 
     def __init__(self, channel):
@@ -54,10 +55,12 @@ class OrchestratorStub:
 
 class OrchestratorServicer:
     """The orchestrator schedules rounds and epochs of one run; workers register with it.
+    Who may call what: fedseq/authz.py (Register: workers; GetStatus, Stop: the operator).
     """
 
     def Register(self, request, context):
-        """A worker announces itself (on start and again after a restart); the reply carries the run config.
+        """A worker announces itself (on start, every heartbeat, and again after a restart); the reply
+        carries the run config and the shard of users the orchestrator assigns to it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -104,6 +107,7 @@ def add_OrchestratorServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Orchestrator:
     """The orchestrator schedules rounds and epochs of one run; workers register with it.
+    Who may call what: fedseq/authz.py (Register: workers; GetStatus, Stop: the operator).
     """
 
     @staticmethod

@@ -28,12 +28,11 @@ class DescribeReply(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., users: _Optional[_Iterable[int]] = ..., device: _Optional[str] = ..., threads: _Optional[int] = ..., ready: _Optional[bool] = ..., run_id: _Optional[str] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
-    __slots__ = ("run_id", "round_id", "model_version", "assignments", "aggregator", "deadline_unix", "encoding", "accepted_encodings", "adversarial")
+    __slots__ = ("run_id", "round_id", "model_version", "assignments", "deadline_unix", "encoding", "accepted_encodings", "adversarial")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENTS_FIELD_NUMBER: _ClassVar[int]
-    AGGREGATOR_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_ENCODINGS_FIELD_NUMBER: _ClassVar[int]
@@ -42,12 +41,11 @@ class TrainRequest(_message.Message):
     round_id: int
     model_version: int
     assignments: _containers.RepeatedCompositeFieldContainer[_common_pb2.Assignment]
-    aggregator: str
     deadline_unix: float
     encoding: str
     accepted_encodings: _containers.RepeatedScalarFieldContainer[str]
     adversarial: bool
-    def __init__(self, run_id: _Optional[str] = ..., round_id: _Optional[int] = ..., model_version: _Optional[int] = ..., assignments: _Optional[_Iterable[_Union[_common_pb2.Assignment, _Mapping]]] = ..., aggregator: _Optional[str] = ..., deadline_unix: _Optional[float] = ..., encoding: _Optional[str] = ..., accepted_encodings: _Optional[_Iterable[str]] = ..., adversarial: _Optional[bool] = ...) -> None: ...
+    def __init__(self, run_id: _Optional[str] = ..., round_id: _Optional[int] = ..., model_version: _Optional[int] = ..., assignments: _Optional[_Iterable[_Union[_common_pb2.Assignment, _Mapping]]] = ..., deadline_unix: _Optional[float] = ..., encoding: _Optional[str] = ..., accepted_encodings: _Optional[_Iterable[str]] = ..., adversarial: _Optional[bool] = ...) -> None: ...
 
 class TrainReply(_message.Message):
     __slots__ = ("statuses", "bytes_sent", "model_bytes_read", "timings", "ledger")

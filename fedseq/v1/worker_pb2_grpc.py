@@ -28,6 +28,7 @@ if _version_not_supported:
 class WorkerStub:
     """A worker hosts many simulated users. Benign client workers (client/) and attacker workers
     (attacker/) implement the same contract, so the server cannot tell them apart.
+    Only the orchestrator may call a worker (fedseq/authz.py).
     """
 
     def __init__(self, channel):
@@ -56,6 +57,7 @@ class WorkerStub:
 class WorkerServicer:
     """A worker hosts many simulated users. Benign client workers (client/) and attacker workers
     (attacker/) implement the same contract, so the server cannot tell them apart.
+    Only the orchestrator may call a worker (fedseq/authz.py).
     """
 
     def Describe(self, request, context):
@@ -107,6 +109,7 @@ def add_WorkerServicer_to_server(servicer, server):
 class Worker:
     """A worker hosts many simulated users. Benign client workers (client/) and attacker workers
     (attacker/) implement the same contract, so the server cannot tell them apart.
+    Only the orchestrator may call a worker (fedseq/authz.py).
     """
 
     @staticmethod

@@ -1,0 +1,151 @@
+"""Update intake checks of the aggregation server, in one unit: what is refused, with which reason
+word, and in which order, so that a peer can neither starve nor blow up the server.
+
+Order: everything that the update's *header* alone can refute (run, round, deadline, user, token,
+duplicate, encoding, declared size) is checked before a single data byte is buffered
+(:func:`precheck`); the container's tensor names and shapes are checked against the model layout
+before anything is decoded or allocated (:func:`check_schema`); values last (the codec refuses
+non-finite values and bad sparse indices).
+
+Every refusal reason is ``"<word>: <detail>"`` with a word from :data:`REASONS` and at most
+:data:`MAX_REASON` characters; identifiers a peer chose are shortened before they are quoted.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from fedseq.codec import SPARSE_TABLES, EncodedTensor
+from fedseq.params import Layout
+
+REASONS: dict[str, str] = {
+    "unknown-run": "the update names a run this server is not serving",
+    "stale": "the update's round is closed (or no round is open)",
+    "future": "the update's round has not been opened yet",
+    "late": "the round's deadline passed",
+    "unassigned": "the user is not assigned to the round",
+    "bad-token": "the token is not the user's token for this round",
+    "duplicate": "the user's update for this round already arrived",
+    "wrong-encoding": "the declared encoding is not accepted, or a tensor is encoded otherwise",
+    "oversize": "declared or sent more bytes than allowed or declared",
+    "truncated": "the stream ended before the declared bytes arrived",
+    "malformed": "bad container, schema, sparse indices or sample count",
+    "non-finite": "NaN/inf values, or an aggregate that overflows with this update",
+    "busy": "too many upload streams open (overall, or from this peer)",
+    "idle": "the upload stream sent nothing for too long and was cancelled",
+}
+MAX_REASON = 200
+
+
+def short(value: object, limit: int = 40) -> str:
+    """``repr`` of a peer-chosen value, at most ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 4] + "...'"
+
+
+def reason(word: str, detail: str) -> str:
+    """``"word: detail"``, capped at :data:`MAX_REASON` characters."""
+    if word not in REASONS:
+        raise ValueError(f"unknown reason word {word!r}")
+    text = f"{word}: {detail}"
+    return text if len(text) <= MAX_REASON else text[: MAX_REASON - 3] + "..."
+
+
+def word(text: str) -> str:
+    """The reason word of a reason string."""
+    return text.split(":", 1)[0]
+
+
+@dataclass(frozen=True)
+class OpenRound:
+    """What :func:`precheck` needs of the open round (a snapshot taken under the server's lock)."""
+
+    round_id: int
+    deadline: float
+    tokens: Mapping[int, str]
+    taken: frozenset[int]  # users whose update was accepted or is being decoded
+
+
+def precheck(h, run_id: str | None, rnd: OpenRound | None, accepted_encodings: Iterable[str],
+             max_update_bytes: int, now: float | None = None) -> str | None:
+    """Why the update with header ``h`` is refused before any of its data is read (None: read it)."""
+    if h.run_id != run_id:
+        return reason("unknown-run", f"run {short(h.run_id)} (serving {short(run_id)})")
+    if rnd is None or h.round_id < rnd.round_id:
+        return reason("stale", f"round {h.round_id} is not open (open round: {'none' if rnd is None else rnd.round_id})")
+    if h.round_id > rnd.round_id:
+        return reason("future", f"round {h.round_id} is not open yet (open round: {rnd.round_id})")
+    if (time.time() if now is None else now) > rnd.deadline:
+        return reason("late", f"round {h.round_id} deadline passed")
+    if h.user_id not in rnd.tokens:
+        return reason("unassigned", f"user {h.user_id} is not assigned to round {h.round_id}")
+    if rnd.tokens[h.user_id] != h.token:
+        return reason("bad-token", f"bad token for user {h.user_id} in round {h.round_id}")
+    if h.user_id in rnd.taken:
+        return reason("duplicate", f"duplicate update for user {h.user_id} in round {h.round_id}")
+    accepted = list(accepted_encodings)
+    if h.encoding not in accepted:
+        return reason("wrong-encoding", f"encoding {short(h.encoding)} not accepted (this server accepts "
+                                        f"{', '.join(accepted)})")
+    if h.num_samples < 0:
+        return reason("malformed", "negative num_samples")
+    if h.total_bytes < 0 or h.total_bytes > max_update_bytes:
+        return reason("oversize", f"update of user {h.user_id} declares {h.total_bytes} bytes; the limit is "
+                                  f"{max_update_bytes}")
+    return None
+
+
+def tensor_encodings(encoding: str) -> set[str]:
+    """Encodings the tensors of an update declared as ``encoding`` may use: the encoding itself and
+    the dense fallback fedseq.codec.encode_state applies to tensors it does not fit."""
+    if encoding.startswith("dense-"):
+        return {encoding, "dense-fp32"}  # integer tensors are stored raw under dense-fp32
+    return {encoding, "dense-fp16" if encoding == "sparse-fp16" else "dense-fp32"}
+
+
+def check_schema(encoded: list[EncodedTensor], layout: Layout, encoding: str) -> str | None:
+    """Why the unpacked container cannot be this model's update (None: decode it). Names, shapes
+    and per-tensor encodings are compared with the layout *before* decoding, so a payload that
+    declares a huge shape (a "sparse bomb") allocates nothing."""
+    allowed = tensor_encodings(encoding)
+    odd = next((e for e in encoded if e.encoding not in allowed), None)
+    if odd is None and encoding.startswith("sparse-"):  # the tables must really be sparse: no dense bypass
+        odd = next((e for e in encoded if e.name in SPARSE_TABLES and e.encoding != encoding), None)
+    if odd is None and encoding.startswith("dense-"):  # only integer tensors may fall back to dense-fp32
+        odd = next((e for e in encoded if "float" in e.dtype and e.encoding != encoding), None)
+    if odd is not None:
+        return reason("wrong-encoding", f"tensor {short(odd.name)} is encoded {short(odd.encoding)} but the update "
+                                        f"declares {short(encoding)} (allowed per tensor: {sorted(allowed)}; the "
+                                        f"embedding tables exactly the declared one)")
+    want = dict(zip(layout.names, layout.shapes, strict=True))
+    got = {e.name: tuple(e.shape) for e in encoded}
+    if len(got) != len(encoded):
+        return reason("malformed", "a tensor name appears twice")
+    if set(got) != set(want):
+        missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+        return reason("malformed", f"tensor names differ from the model: missing {short(missing, 60)}, "
+                                   f"unexpected {short(extra, 60)}")
+    bad = next((n for n in want if tuple(want[n]) != got[n]), None)
+    if bad is not None:
+        return reason("malformed", f"tensor {bad!r} has shape {short(list(got[bad]))}, the model's is {list(want[bad])}")
+    return None
+
+
+CONTROL_THREADS = 8  # gRPC threads a server keeps beyond its upload streams
+
+
+@dataclass(frozen=True)
+class StreamLimits:
+    """Upload streams a server keeps open at once (overall and per peer) and how long one may stay
+    silent. The gRPC thread pool is larger than ``max_streams``, so control calls (OpenRound,
+    CloseRound, health) always find a thread however many uploads hang (:data:`CONTROL_THREADS`)."""
+
+    max_streams: int = 16
+    max_per_peer: int = 4
+    idle_timeout: float = 30.0  # seconds without a chunk before a stream is cancelled
+
+    def __post_init__(self) -> None:
+        if self.max_streams < 1 or self.max_per_peer < 1 or self.idle_timeout <= 0:
+            raise ValueError("stream limits must be positive")

@@ -1,0 +1,316 @@
+"""The trust boundary (DESIGN.md, "Trust model"), tried by a real hostile peer: its own process
+(tests/rogue_peer.py) with no certificate, a certificate of another CA, or an ordinary worker
+certificate (what an attacker worker holds), against real services on mutual TLS and a real Redis
+with per-role users. Every action outside the Worker contract must be refused with the right
+status, counted, and leave the run's results exactly as an undisturbed run's."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+import pytest
+from _federation import CountingAggregator, Federation
+
+from fedseq.authz import POLICY
+from fedseq.config import ExperimentConfig
+from fedseq.metrics import KS, MetricSums
+from fedseq.redis_server import RedisServer
+from fedseq.rpc import Service, channel
+from fedseq.tls import Identity, TLSError, cert_role, make_certs
+from fedseq.v1 import aggregator_pb2, orchestrator_pb2, worker_pb2
+from fedseq.worker import WorkerServicer, to_proto
+from orchestrator.service import check_eval_sums
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ExperimentConfig(run_id="t", dataset="synthetic:users=60,items=80", epochs=2, clients_per_round=16,
+                        lr=0.01, num_negatives=50, eval_every=1)
+METRICS = ("hr@10", "ndcg@10", "er@5", "er@10", "er@20", "er@30")
+
+
+@pytest.fixture(scope="module")
+def acl_redis():
+    server = RedisServer(acl=True).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _urls(server: RedisServer) -> dict[str, str]:
+    return {r: server.url_for(r) for r in ("server", "orchestrator", "worker")}
+
+
+class HoldingAggregator(CountingAggregator):
+    """Records each round's tokens, and holds CloseRound of round ``hold`` until ``release`` is set,
+    so that the hostile peer acts while a round is open."""
+
+    hold = 2
+
+    def __init__(self, *a, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.tokens: dict[int, dict[int, str]] = {}
+        self.holding = threading.Event()
+        self.release = threading.Event()
+
+    def OpenRound(self, request, context):
+        self.tokens[request.round_id] = {a.user_id: a.token for a in request.assignments}
+        return super().OpenRound(request, context)
+
+    def CloseRound(self, request, context):
+        if request.round_id == self.hold:
+            self.holding.set()
+            self.release.wait(120)
+        return super().CloseRound(request, context)
+
+
+def test_a_rogue_peer_is_refused_everything_and_the_run_is_undisturbed(tmp_path, acl_redis):
+    # Prepare: an undisturbed run, then the same run (same seed) with a rogue peer acting mid-round
+    calm = Federation(_urls(acl_redis), replace(TINY, run_id="calm"), workers=2, tls_dir=tmp_path / "calm-tls")
+    try:
+        calm.run()
+        assert calm.orch.state == "done", calm.orch.message
+        want = [{k: e[k] for k in METRICS} for e in calm.orch.epochs]
+    finally:
+        calm.close()
+    fed = Federation(_urls(acl_redis), replace(TINY, run_id="storm"), workers=2, tls_dir=tmp_path / "tls",
+                     aggregator=HoldingAggregator)
+    try:
+        fed.identity("rogue", "worker")  # the ordinary worker certificate an attacker worker holds
+        make_certs(tmp_path / "other-ca", {"rogue": "worker"})
+        agg: HoldingAggregator = fed.agg  # type: ignore[assignment]
+        fed.orch.start()
+        assert agg.holding.wait(60), "round 2 never closed"
+        spec = {"aggregator": fed.aggregator, "orchestrator": fed.orchestrator,
+                "worker": f"127.0.0.1:{fed.services[0].port}",
+                "victim_id": "w0", "tls_dir": str(tmp_path / "tls"), "other_ca_dir": str(tmp_path / "other-ca"),
+                "run_id": "storm", "rounds": 4, "redis": f"127.0.0.1:{acl_redis.port}",
+                "redis_worker_url": acl_redis.url_for("worker"),
+                "replay": {"round": 0, "user": next(iter(agg.tokens[0])), "token": next(iter(agg.tokens[0].values()))}}
+        # Execute: the hostile peer in its own process
+        proc = subprocess.run([sys.executable, str(ROOT / "tests" / "rogue_peer.py"), json.dumps(spec)],
+                              capture_output=True, text=True, timeout=180, cwd=ROOT)
+        agg.release.set()
+        fed.orch.join(120)
+        # Assert: the rogue got nothing
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        tried = [json.loads(line) for line in proc.stdout.splitlines()]
+        got = {(t["action"], t["as"]): t for t in tried}
+        for who in ("plaintext", "no-cert", "other-ca"):
+            for action in ("Aggregator.CloseRound", "Orchestrator.Stop", "Orchestrator.Register", "Worker.Train"):
+                assert got[(action, who)]["code"] == "UNAVAILABLE", (action, who)
+        denied = [t for t in tried if t["code"] == "PERMISSION_DENIED"]
+        assert {(t["action"], t["as"]) for t in denied} == {
+            ("Aggregator.CloseRound", "rogue"), ("Aggregator.OpenRound", "rogue"), ("Aggregator.StartRun", "rogue"),
+            ("Orchestrator.Stop", "rogue"), ("Orchestrator.GetStatus", "rogue"), ("Worker.Train", "rogue"),
+            ("Worker.Evaluate", "rogue"), ("Worker.Describe", "rogue"), ("Orchestrator.Register", "operator"),
+            ("Worker.Train", "operator"), ("Aggregator.SubmitUpdates", "operator")}
+        assert all("may not call" in t["detail"] for t in denied)
+        assert got[("Orchestrator.Register", "rogue")]["code"] == "RESOURCE_EXHAUSTED"
+        assert got[("Orchestrator.Register:stolen-id", "rogue")]["code"] == "ALREADY_EXISTS"
+        for action in ("Aggregator.SubmitUpdates:forged", "Aggregator.SubmitUpdates:replayed"):
+            statuses = got[(action, "rogue")]["statuses"]
+            assert statuses and not any(s["accepted"] for s in statuses), action
+        replayed = got[("Aggregator.SubmitUpdates:replayed", "rogue")]["statuses"]
+        assert replayed[0]["reason"].startswith("stale:")  # its own round is closed
+        assert got[("redis.set", "no-credentials")]["code"] in ("AuthenticationError", "ResponseError")
+        for action in ("redis.set", "redis.get-config", "redis.flushall"):
+            assert got[(action, "worker")]["code"] == "NoPermissionError", action
+        # ...every refusal was counted where it happened...
+        assert fed.agg_svc.refusals.total() == 3 + 2 + 1  # CloseRound x3, OpenRound, StartRun; operator's upload
+        assert fed.orch_svc.refusals.total() == 3  # Stop, GetStatus (worker); Register (operator)
+        assert fed.services[0].refusals.total() == 4  # Train, Evaluate, Describe (worker); Train (operator)
+        assert fed.orch.refused == {"register: RESOURCE_EXHAUSTED": 1, "register: ALREADY_EXISTS": 1}
+        held = fed.orch.store.records("rounds")[HoldingAggregator.hold]  # the round open while the rogue acted
+        assert held["rejected"] == 0 and held["accepted"] == held["users"]
+        assert not held["rejections"]  # forged tokens never count against an assigned user
+        # every forged and replayed upload is counted in the record of the round open when it came
+        uploads = got[("Aggregator.SubmitUpdates:forged", "rogue")]["statuses"] + replayed
+        assert sum(held["refused"].values()) == len(uploads) == 12
+        assert {"stale", "future"} <= set(held["refused"]) <= {"stale", "future", "bad-token", "unassigned"}
+        # ...and the run is exactly the undisturbed one
+        assert fed.orch.state == "done", fed.orch.message
+        assert [{k: e[k] for k in METRICS} for e in fed.orch.epochs] == want
+        assert fed.orch.results is not None and fed.orch.results["summary"]["transport"] == "mtls"
+    finally:
+        fed.agg.release.set()  # type: ignore[attr-defined]
+        fed.close()
+
+
+class LyingWorker(WorkerServicer):
+    """A worker (it could be an attacker's) that reports perfect HR@10 for the users it evaluates."""
+
+    def Evaluate(self, request, context):
+        reply = super().Evaluate(request, context)
+        reply.sums.CopyFrom(to_proto(MetricSums(len(request.users) * 3, 3.0 * len(request.users),
+                                                1.0 * len(request.users), {k: 0.0 for k in KS})))
+        return reply
+
+
+def test_implausible_evaluation_sums_are_refused_and_recorded(redis_url):
+    # Prepare: two workers, the first of which inflates its evaluation sums
+    fed = Federation(redis_url, replace(TINY, run_id="liar", epochs=1), workers=2, worker_classes=(LyingWorker,))
+    try:
+        # Execute
+        fed.run()
+        # Assert: the liar's share is refused, named and left out; the honest share is the metric
+        assert fed.orch.state == "done", fed.orch.message
+        row = fed.orch.epochs[-1]
+        assert [r["worker"] for r in row["eval_refused"]] == ["w0"]
+        assert "reports" in row["eval_refused"][0]["reason"]
+        assert row["eval_users"] == 30 and row["eval_workers"] == {"w1": 30}
+        assert row["hr@10"] <= 1.0
+        assert fed.orch.refused["evaluation: implausible sums"] == 1
+    finally:
+        fed.close()
+
+
+@pytest.mark.parametrize("sums, problem", [
+    (MetricSums(4, 2.0, 1.0, {k: 1.0 for k in KS}), None),
+    (MetricSums(5, 2.0, 1.0, {k: 1.0 for k in KS}), "reports 5 users"),
+    (MetricSums(4, 4.5, 1.0, {k: 1.0 for k in KS}), "hr@10 sum 4.5"),
+    (MetricSums(4, 2.0, -0.1, {k: 1.0 for k in KS}), "ndcg@10 sum -0.1"),
+    (MetricSums(4, 2.0, 1.0, {k: float("nan") for k in KS}), "er@5 sum nan"),
+    (MetricSums(4, 2.0, 1.0, {5: 1.0}), "ER@K for K in [5]"),
+])
+def test_check_eval_sums(sums, problem):
+    got = check_eval_sums(sums, 4, set(KS))
+    assert (got is None) if problem is None else (problem in got)
+
+
+def test_every_rpc_of_the_protos_has_a_role_policy():
+    from fedseq.v1 import aggregator_pb2, orchestrator_pb2, worker_pb2
+
+    methods = {f"/{s.full_name}/{m.name}" for mod, name in ((aggregator_pb2, "Aggregator"),
+                                                          (orchestrator_pb2, "Orchestrator"), (worker_pb2, "Worker"))
+               for s in [mod.DESCRIPTOR.services_by_name[name]] for m in s.methods}
+    assert methods <= set(POLICY)
+    assert all(POLICY[m] for m in methods)
+
+
+def test_certificates_carry_exactly_one_role_and_reserved_names_are_refused(tmp_path):
+    made = make_certs(tmp_path, {"client-0": "worker", "server": "server"})
+    assert cert_role(made["client-0"].read_bytes()) == "worker"
+    assert Identity.load(tmp_path, "server").role == "server"
+    assert oct((tmp_path / "client-0.key").stat().st_mode & 0o777) == "0o600"
+    with pytest.raises(TLSError, match="reserved"):
+        make_certs(tmp_path, {"x": "worker"}, hosts=["server.fedseq"])
+    with pytest.raises(TLSError, match="unknown role"):
+        make_certs(tmp_path, {"x": "admin"})
+    with pytest.raises(TLSError, match="fedseq certs"):
+        Identity.load(tmp_path, "missing")
+
+
+def test_a_worker_uploads_only_to_its_own_aggregator_and_checks_its_role(tmp_path, redis_url):
+    """A worker's uploads go where it was configured; a listener without a server certificate
+    (here: another worker's) gets no connection, so no gradient leaves the worker."""
+    make_certs(tmp_path, {"orchestrator": "orchestrator", "w": "worker", "impostor": "worker"})
+    from fedseq.v1 import aggregator_pb2_grpc
+
+    got_uploads: list[int] = []
+
+    class Impostor(aggregator_pb2_grpc.AggregatorServicer):
+        def SubmitUpdates(self, request_iterator, context):
+            got_uploads.extend(c.header.user_id for c in request_iterator if c.HasField("header"))
+            return aggregator_pb2.SubmitReply()
+
+    impostor = Service([(aggregator_pb2_grpc.add_AggregatorServicer_to_server, Impostor(), "fedseq.v1.Aggregator")],
+                       identity=Identity.load(tmp_path, "impostor"), policy={
+                           "/fedseq.v1.Aggregator/SubmitUpdates": frozenset({"worker"})}).start()
+    from client.service import benign_population
+    from fedseq.v1 import common_pb2, worker_pb2_grpc
+    from fedseq.worker import ModelSource
+
+    cfg = replace(TINY, run_id="impostor", codec="dense-fp32")
+    from fedseq.experiment import setup
+    from fedseq.store import RedisStore
+
+    s = setup(cfg)
+    RedisStore.from_url(redis_url, cfg.run_id).put_model(0, s.layout.unflatten(s.initial_params()))
+    ident = Identity.load(tmp_path, "w")
+    w = WorkerServicer("w", identity=ident)
+    w.attach(cfg.run_id, benign_population(cfg, None), ModelSource(cfg.run_id, redis_url, ""),
+             f"127.0.0.1:{impostor.port}")
+    svc = Service([(worker_pb2_grpc.add_WorkerServicer_to_server, w, "fedseq.v1.Worker")], identity=ident).start()
+    try:
+        stub = worker_pb2_grpc.WorkerStub(channel(f"127.0.0.1:{svc.port}", identity=Identity.load(
+            tmp_path, "orchestrator"), peer="worker"))
+        # Execute
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Train(worker_pb2.TrainRequest(
+                run_id=cfg.run_id, round_id=0, model_version=0, deadline_unix=time.time() + 3, encoding="dense-fp32",
+                accepted_encodings=["dense-fp32"], assignments=[common_pb2.Assignment(user_id=0, token="t")]),
+                timeout=60)
+        # Assert: the worker's upload channel refused the impostor's certificate (until the round's
+        # deadline: it waits for a real server); nothing arrived
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert got_uploads == []
+    finally:
+        svc.stop(0)
+        impostor.stop(0)
+
+
+def test_services_listen_on_loopback_and_refuse_a_port_in_use():
+    from fedseq.v1 import worker_pb2_grpc
+
+    first = Service([(worker_pb2_grpc.add_WorkerServicer_to_server, WorkerServicer("a"), "fedseq.v1.Worker")]).start()
+    try:
+        assert first.host == "127.0.0.1"
+        with pytest.raises(OSError, match="in use"):
+            Service([(worker_pb2_grpc.add_WorkerServicer_to_server, WorkerServicer("b"), "fedseq.v1.Worker")],
+                    port=first.port)
+    finally:
+        first.stop(0)
+
+
+@pytest.mark.parametrize("cmd", ["serve-server", "serve-client", "serve-orchestrator"])
+def test_a_service_without_certificates_or_insecure_fails_fast(cmd, tmp_path):
+    args = {"serve-server": ["--store-url", "redis://127.0.0.1:1/0"],
+            "serve-client": ["--orchestrator", "127.0.0.1:1"],
+            "serve-orchestrator": ["--aggregator", "127.0.0.1:1", "--store-url", "redis://127.0.0.1:1/0"]}[cmd]
+    env = {"PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-m", "fedseq.cli", cmd, *args], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT, env=env)
+    assert proc.returncode == 2
+    assert "mutual TLS needs --tls-dir" in proc.stderr and "Traceback" not in proc.stderr
+    make_certs(tmp_path, {"server": "server"})
+    if cmd != "serve-server":  # a certificate of another role is refused
+        proc = subprocess.run([sys.executable, "-m", "fedseq.cli", cmd, *args, "--tls-dir", str(tmp_path),
+                               "--tls-name", "server"], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+        assert proc.returncode == 2 and "has role 'server'" in proc.stderr
+
+
+def test_fedseq_certs_command(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fedseq.cli", "certs", str(tmp_path), "--name", "client-0:worker",
+                           "--name", "server", "--hosts", "fedseq-server,10.0.0.5"], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert "client-0.pem  role worker" in proc.stdout and "server.pem  role server" in proc.stdout
+    assert Identity.load(tmp_path, "client-0").role == "worker"
+    bad = subprocess.run([sys.executable, "-m", "fedseq.cli", "certs", str(tmp_path), "--name", "x:root"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert bad.returncode == 2 and "unknown role 'root'" in bad.stderr
+
+
+def test_describe_and_status_with_the_right_roles_work(tmp_path, redis_url):
+    fed = Federation(redis_url, replace(TINY, run_id="roles", epochs=1), workers=1, tls_dir=tmp_path)
+    try:
+        d = fed.orch._refresh_workers()
+        assert d and d[0].ready  # the orchestrator's certificate may call Describe
+        status = fed.orch_stub.GetStatus(orchestrator_pb2.StatusRequest(), timeout=10)  # the operator's may poll
+        assert status.run_id == "roles"
+        worker_stub = __import__("fedseq.v1.worker_pb2_grpc", fromlist=["x"]).WorkerStub(channel(
+            f"127.0.0.1:{fed.services[0].port}", identity=fed.identity("operator"), peer="worker"))
+        with pytest.raises(grpc.RpcError) as err:
+            worker_stub.Describe(worker_pb2.DescribeRequest(), timeout=10)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert fed.services[0].refusals.snapshot() == {
+            ("/fedseq.v1.Worker/Describe", "operator", "PERMISSION_DENIED"): 1}
+    finally:
+        fed.close()
