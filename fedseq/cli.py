@@ -81,9 +81,13 @@ def experiment_config(args: argparse.Namespace, quickstart: bool) -> ExperimentC
     return build_config(args.config, {**base, **overrides})
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+def _setup_logging(level: str, fmt: str = "text", service: str = "") -> None:
+    from .observe import set_context, setup_logging
+
+    if fmt not in ("text", "json"):
+        raise ConfigError(f"--log-format must be text or json, got {fmt!r}")
+    setup_logging(level, fmt)
+    set_context(service=service)
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
@@ -146,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="fedseq", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--log-level", default=os.environ.get("FEDSEQ_LOG_LEVEL", "warning"))
+    ap.add_argument("--log-format", default=os.environ.get("FEDSEQ_LOG_FORMAT", "text"),
+                    help="text, or json: one object per line with service, run and round ids (FEDSEQ_LOG_FORMAT)")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("run", help="run a networked federation on this machine (the main job)")
@@ -196,7 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     services.add_parsers(sub, add_experiment_flags)
 
     args = ap.parse_args(argv)
-    _setup_logging(args.log_level)
+    try:
+        _setup_logging(args.log_level, args.log_format, args.cmd)
+    except ConfigError as e:
+        print(f"fedseq: configuration error: {e}", file=sys.stderr)
+        return 2
     try:
         return int(args.fn(args) or 0)
     except ConfigError as e:

@@ -5,7 +5,10 @@ where)."""
 
 from __future__ import annotations
 
+import contextvars
+import json
 import logging
+import time
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
@@ -45,3 +48,52 @@ def serve_metrics(port: int | None, host: str = "127.0.0.1") -> int | None:
     bound = int(server.server_port)
     log.info("Prometheus metrics on http://%s:%d/metrics", host, bound)
     return bound
+
+
+# ---------------------------------------------------------------------------- structured logs
+RUN: contextvars.ContextVar[str] = contextvars.ContextVar("fedseq_run", default="")
+ROUND: contextvars.ContextVar[int] = contextvars.ContextVar("fedseq_round", default=-1)
+_SERVICE = {"name": ""}
+
+
+def set_context(service: str | None = None, run: str | None = None, round_id: int | None = None) -> None:
+    """What every later log line of this process (run, round: of this thread) is tagged with."""
+    if service is not None:
+        _SERVICE["name"] = service
+    if run is not None:
+        RUN.set(run)
+    if round_id is not None:
+        ROUND.set(round_id)
+
+
+class _Context(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.service, record.run, record.round = _SERVICE["name"], RUN.get(), ROUND.get()
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, service, run, round, message."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+               "level": record.levelname, "logger": record.name, "service": getattr(record, "service", ""),
+               "run": getattr(record, "run", ""), "round": getattr(record, "round", -1),
+               "message": record.getMessage()}
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def setup_logging(level: str, fmt: str = "text") -> None:
+    """Log to stderr as text (``service run/round`` in each line) or JSON lines (``fmt="json"``)."""
+    handler = logging.StreamHandler()
+    handler.addFilter(_Context())
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(service)s[%(run)s r%(round)s] "
+                                               "%(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))

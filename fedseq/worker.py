@@ -203,6 +203,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     def Train(self, request, context):
         hosted = self._need(request.run_id, context)
+        observe.set_context(run=self.run_id, round_id=request.round_id)
         assert self.models is not None
         encoding = request.encoding or "dense-fp32"
         accepted = list(request.accepted_encodings)

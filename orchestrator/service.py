@@ -361,6 +361,7 @@ class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
 
     def run(self) -> None:
         cfg = self.cfg
+        observe.set_context(run=self.run_id)
         self.store.put_config(cfg.to_dict())
         self._wait_for_workers()
         if self._stop.is_set():
@@ -483,6 +484,7 @@ class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
 
     def _round(self, rid: int, epoch: int, users: np.ndarray, adversarial: bool = False) -> dict[str, Any]:
         cfg = self.cfg
+        observe.set_context(round_id=rid)
         lr = cfg.lr_at(epoch)
         t0 = time.perf_counter()
         workers = self._await_lost_shards()

@@ -163,6 +163,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
 
     # ------------------------------------------------------------------ rounds
     def OpenRound(self, request, context):
+        observe.set_context(run=request.run_id[:64], round_id=request.round_id)
         with self._lock:
             self._check_run(request.run_id, context)
             if request.model_version != self.version:
@@ -371,6 +372,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         return common_pb2.UpdateStatus(user_id=h.user_id, accepted=True, bytes=wire)
 
     def CloseRound(self, request, context):
+        observe.set_context(run=request.run_id[:64], round_id=request.round_id)
         with self._lock:
             self._check_run(request.run_id, context)
             rnd = self.round

@@ -433,3 +433,51 @@ def test_bad_data_and_unreachable_store_are_one_line_errors_at_the_cli(tmp_path,
     proc = subprocess.run([sys.executable, "-m", "fedseq.cli", "serve-server", "--insecure", "--store-url",
                            "redis://127.0.0.1:1/0"], capture_output=True, text=True, timeout=120, cwd=root)
     assert proc.returncode == 2 and "cannot reach Redis" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_metrics_endpoint_serves_the_fedseq_metrics(redis_url):
+    import urllib.request
+
+    from fedseq.observe import NAMES, serve_metrics
+
+    # Prepare: one refused upload so the counters have a sample
+    svc, stub, _ = _server(redis_url)
+    try:
+        _start(stub, "metrics")
+        _open(stub, "metrics", 0, [1])
+        stub.SubmitUpdates(iter(_msgs(_header("metrics", 0, 5, "x", 1), b"x")))
+        # Execute
+        port = serve_metrics(0)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    finally:
+        svc.stop(0)
+    # Assert
+    assert 'fedseq_updates_total{outcome="refused",reason="unassigned"}' in text
+    assert all(name in text for name in NAMES if name != "fedseq_rpc_refused_total")
+
+
+def test_json_logs_carry_service_run_and_round():
+    import io
+    import json
+    import logging
+
+    from fedseq.observe import JsonFormatter, _Context, set_context
+
+    # Prepare
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    handler.addFilter(_Context())
+    handler.setFormatter(JsonFormatter())
+    log = logging.getLogger("fedseq.test-json")
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        # Execute
+        set_context(service="serve-server", run="r1", round_id=7)
+        log.warning("refused %d uploads", 3)
+    finally:
+        log.removeHandler(handler)
+    # Assert
+    line = json.loads(buf.getvalue())
+    assert (line["service"], line["run"], line["round"], line["message"]) == ("serve-server", "r1", 7,
+                                                                              "refused 3 uploads")
