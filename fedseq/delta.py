@@ -21,7 +21,7 @@ Format: a :func:`fedseq.codec.pack` container (CRC32 per record, never pickle) o
 
 The aggregator writes the patch of every new version next to it (``fedseq:{run}:patch:{v}``,
 same retention as the version); the store-reading :class:`fedseq.worker.ModelSource` uses it. Models
-served by the aggregator's GetModel (``--serve-models``) are always sent whole.
+served by the aggregator's GetModel (workers without ``--store-url``) are always sent whole.
 """
 
 from __future__ import annotations
