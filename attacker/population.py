@@ -46,15 +46,6 @@ class MaliciousPopulation:
     def size(self) -> int:
         return len(self.ids)
 
-    @property
-    def first_id(self) -> int:
-        """The smallest malicious id (= N, the number of benign users)."""
-        return int(self.ids[0]) if len(self.ids) else -1
-
-    def is_malicious(self, clients: np.ndarray) -> np.ndarray:
-        """``[K]`` bool: which of ``clients`` belong to this population."""
-        return np.isin(np.asarray(clients, dtype=np.int64), self.ids)
-
     def sequences_of(self, clients: Sequence[int] | np.ndarray) -> list[np.ndarray]:
         """The training sequences of malicious ``clients`` (ids in :attr:`ids`)."""
         index = {int(c): i for i, c in enumerate(self.ids)}
