@@ -157,14 +157,19 @@ def serve_until_signal(service: Service, on_stop=None, port_file: str | None = N
         tmp.write_text(str(service.port))
         tmp.replace(port_file)
     parent = os.environ.get("FEDSEQ_PARENT_PID")  # set by `fedseq run`: exit with the launcher
+    orphaned = False
     while not done.is_set():
         done.wait(0.5)
         if parent and os.getppid() != int(parent):
             log.warning("launcher (pid %s) is gone: shutting down", parent)
+            orphaned = True
             break
     if on_stop:
         on_stop()
-    service.stop()
+    service.stop(grace=2.0 if orphaned else 5.0)
+    if orphaned:  # do not wait for handler threads still computing or uploading (their peers are gone too)
+        logging.shutdown()
+        os._exit(0)
 
 
 def deadline_left(deadline_unix: float, floor: float = 1.0) -> float:
