@@ -79,6 +79,9 @@ def add_security_flags(p, role: str) -> None:
                         "(FEDSEQ_INSECURE=1); only for a network you trust")
     p.add_argument("--metrics-port", default=_env("METRICS_PORT"),
                    help="serve Prometheus metrics on this port at /metrics (0: any free port; FEDSEQ_METRICS_PORT)")
+    p.add_argument("--metrics-host", default=_env("METRICS_HOST", "127.0.0.1"),
+                   help="interface of the metrics endpoint (default loopback: it is plain HTTP without "
+                        "authentication, and the orchestrator's shows the run's ER@K; FEDSEQ_METRICS_HOST)")
     p.set_defaults(tls_role=role)
 
 
@@ -88,8 +91,8 @@ def start_metrics(args: argparse.Namespace) -> None:
 
     if args.metrics_port in (None, ""):
         return
-    port = serve_metrics(_int(args.metrics_port, "--metrics-port"), args.host)
-    log.warning("%s: Prometheus metrics on http://%s:%s/metrics", args.cmd, args.host, port)
+    port = serve_metrics(_int(args.metrics_port, "--metrics-port"), args.metrics_host)
+    log.warning("%s: Prometheus metrics on http://%s:%s/metrics", args.cmd, args.metrics_host, port)
     if args.port_file:
         Path(args.port_file + ".metrics").write_text(str(port))
 

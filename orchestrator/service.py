@@ -39,7 +39,7 @@ from fedseq.ledger import Ledger
 from fedseq.metrics import KS, MetricSums
 from fedseq.results import write_results
 from fedseq.rpc import CONTROL_TIMEOUT, channel, grpc_compression
-from fedseq.store import RedisStore, patient
+from fedseq.store import RedisStore, StoreError, patient
 from fedseq.tls import Identity, peer_name
 from fedseq.v1 import aggregator_pb2 as agg_pb
 from fedseq.v1 import aggregator_pb2_grpc as agg_grpc
@@ -420,9 +420,14 @@ class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
         for rid in range(head):
             if rid not in have:
                 log.warning("round %d was applied but its record was lost in a crash", rid)
-                self.store.append_record("rounds", {"round": rid, "epoch": schedule[rid][0] + 1,
-                                                    "users": len(schedule[rid][2]), "summary_lost": True,
-                                                    "accepted": 0, "rejected": 0, "missing": 0})
+                self._record_lost(rid, schedule[rid][0], len(schedule[rid][2]))
+
+    def _record_lost(self, rid: int, epoch: int, users: int) -> dict[str, Any]:
+        """The record of round ``rid``, applied by the server, whose summary never reached us."""
+        record = {"round": rid, "epoch": epoch + 1, "users": users, "accepted": 0, "rejected": 0, "missing": 0,
+                  "malicious": 0, "malicious_kept": 0, "summary_lost": True}
+        self.store.append_record("rounds", record)
+        return record
 
     def _start_run(self):
         """Bind the aggregator to this run (new, or resumed from the store head); (request, reply)."""
@@ -445,8 +450,6 @@ class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
         server has lost the open round; Redis may be restarting): wait, bind the server to the run
         again and rerun the round from the store head, up to :data:`ROUND_RETRIES` times. A round
         the server finished before it failed (head already past it) is not run twice."""
-        from fedseq.store import StoreError
-
         delay = 1.0
         for attempt in range(ROUND_RETRIES + 1):
             try:
@@ -473,11 +476,8 @@ class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
             head = int(start.head_version)
             if head == rid + 1:  # the server wrote this round's version before it failed
                 log.warning("round %d was completed by the server before the failure; its summary is lost", rid)
-                record = {"round": rid, "epoch": epoch + 1, "users": len(users), "accepted": 0, "rejected": 0,
-                          "missing": 0, "malicious": 0, "malicious_kept": 0, "summary_lost": True}
-                self.store.append_record("rounds", record)
                 self.round_id = rid + 1
-                return record
+                return self._record_lost(rid, epoch, len(users))
             if head != rid:
                 raise RuntimeError(f"round {rid}: the store head is {head} after the aggregator came back")
         raise AssertionError("unreachable")

@@ -24,7 +24,7 @@ from fedseq.metrics import KS, MetricSums
 from fedseq.redis_server import RedisServer
 from fedseq.rpc import Service, channel
 from fedseq.tls import Identity, TLSError, cert_role, make_certs
-from fedseq.v1 import aggregator_pb2, orchestrator_pb2, worker_pb2
+from fedseq.v1 import aggregator_pb2, orchestrator_pb2, worker_pb2, worker_pb2_grpc
 from fedseq.worker import WorkerServicer, to_proto
 from orchestrator.service import check_eval_sums
 
@@ -305,7 +305,7 @@ def test_describe_and_status_with_the_right_roles_work(tmp_path, redis_url):
         assert d and d[0].ready  # the orchestrator's certificate may call Describe
         status = fed.orch_stub.GetStatus(orchestrator_pb2.StatusRequest(), timeout=10)  # the operator's may poll
         assert status.run_id == "roles"
-        worker_stub = __import__("fedseq.v1.worker_pb2_grpc", fromlist=["x"]).WorkerStub(channel(
+        worker_stub = worker_pb2_grpc.WorkerStub(channel(
             f"127.0.0.1:{fed.services[0].port}", identity=fed.identity("operator"), peer="worker"))
         with pytest.raises(grpc.RpcError) as err:
             worker_stub.Describe(worker_pb2.DescribeRequest(), timeout=10)
