@@ -8,8 +8,7 @@ Keys of run ``R`` (all under ``fedseq:R:``)::
     fedseq:R:versions       sorted set of the stored versions (score = version)
     fedseq:R:head           newest version written (only ever moves forward)
     fedseq:R:config         JSON of the run config
-    fedseq:R:state:K        JSON of a state record K (e.g. round counter, resume point)
-    fedseq:R:log:S          list of JSON records of stream S (e.g. rounds, metrics, ledger)
+    fedseq:R:log:S          list of JSON records of stream S (e.g. rounds, epochs, ledger)
     fedseq:runs             set of run ids that have written anything
 
 Writing a version is one atomic server-side step (a Lua script): store blob and info, add to the
@@ -17,6 +16,10 @@ version set, move the head if the version is newer. Re-writing an existing versi
 only with identical bytes (an idempotent retry); anything else raises :class:`StoreError`.
 Retention then deletes versions that are neither among the ``keep_last`` newest, nor
 checkpoints (``v % checkpoint_every == 0``), nor the head.
+
+A run resumes from its config, its head and its record streams (e.g. ``rounds``). Blobs are
+serialized by :mod:`fedseq.codec` (:func:`model_to_bytes` / :func:`model_from_bytes`, re-exported
+here).
 """
 
 from __future__ import annotations
@@ -33,10 +36,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-import safetensors.torch
 import torch
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
+
+from .codec import CodecError, model_from_bytes, model_to_bytes, read_model_header
 
 __all__ = [
     "CachedModelReader",
@@ -49,7 +53,6 @@ __all__ = [
 ]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
-_MAX_HEADER = 100 * 1024 * 1024
 
 
 # redis-py options for long-running services: reconnect and retry each command for about 30 s, so
@@ -69,74 +72,6 @@ class StoreError(RuntimeError):
 
 class StoreArgumentError(StoreError, ValueError):
     """An argument is invalid (bad run id or name, negative version, non-tensor value...)."""
-
-
-# ---------------------------------------------------------------------------- codec
-def model_to_bytes(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str] | None = None) -> bytes:
-    """Serialize named tensors (and string metadata) to safetensors bytes.
-
-    Tensors are detached, moved to CPU and made contiguous; tensors sharing memory (tied
-    weights) are copied so each name gets its own data. Deterministic for equal input.
-    """
-    if not isinstance(tensors, Mapping):
-        raise StoreArgumentError(
-            f"tensors must be a mapping name -> torch.Tensor, got {type(tensors).__name__}"
-        )
-    flat: dict[str, torch.Tensor] = {}
-    seen_storage: set[int] = set()
-    for name, value in tensors.items():
-        if not isinstance(name, str) or not name:
-            raise StoreArgumentError(f"tensor names must be non-empty strings, got {name!r}")
-        if not isinstance(value, torch.Tensor):
-            raise StoreArgumentError(f"tensor {name!r} is a {type(value).__name__}, not a torch.Tensor")
-        if value.layout != torch.strided:
-            raise StoreArgumentError(
-                f"tensor {name!r} has layout {value.layout}; only dense tensors are stored"
-            )
-        t = value.detach().to("cpu").contiguous()
-        if t.numel():
-            ptr = t.untyped_storage().data_ptr()
-            if ptr in seen_storage or t.untyped_storage().nbytes() != t.numel() * t.element_size():
-                t = t.clone()
-                ptr = t.untyped_storage().data_ptr()
-            seen_storage.add(ptr)
-        flat[name] = t
-    metadata: dict[str, str] | None = None
-    if meta:
-        metadata = {}
-        for key, val in meta.items():
-            if not isinstance(key, str) or not isinstance(val, str):
-                raise StoreArgumentError(f"model metadata must map str -> str, got {key!r}: {val!r}")
-            metadata[key] = val
-    return safetensors.torch.save(flat, metadata=metadata)
-
-
-def _read_header(blob: bytes) -> dict[str, Any]:
-    if len(blob) < 8:
-        raise ValueError(
-            f"not a safetensors blob: {len(blob)} bytes is shorter than its 8-byte header length"
-        )
-    n = int.from_bytes(blob[:8], "little")
-    if n > _MAX_HEADER or 8 + n > len(blob):
-        raise ValueError(f"not a safetensors blob: header length {n} does not fit in {len(blob)} bytes")
-    try:
-        header = json.loads(blob[8 : 8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"not a safetensors blob: header is not JSON ({exc})") from exc
-    if not isinstance(header, dict):
-        raise ValueError("not a safetensors blob: header is not a JSON object")
-    return header
-
-
-def model_from_bytes(blob: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Inverse of :func:`model_to_bytes`: ``(tensors on CPU, metadata)``. ValueError if malformed."""
-    header = _read_header(bytes(blob))
-    meta = header.get("__metadata__") or {}
-    try:
-        tensors = safetensors.torch.load(bytes(blob))
-    except Exception as exc:  # SafetensorError is not exported under a stable name
-        raise ValueError(f"not a valid safetensors blob: {exc}") from exc
-    return tensors, {str(k): str(v) for k, v in meta.items()}
 
 
 # ---------------------------------------------------------------------------- store
@@ -364,15 +299,19 @@ class RedisStore:
         The head moves to ``version`` if it is newer. Re-putting an existing version is a no-op
         when the bytes are identical and a StoreError otherwise. Retention runs afterwards.
         """
-        return self.put_model_bytes(version, model_to_bytes(tensors, meta))
+        try:
+            blob = model_to_bytes(tensors, meta)
+        except CodecError as exc:
+            raise StoreArgumentError(str(exc)) from exc
+        return self.put_model_bytes(version, blob)
 
     def put_model_bytes(self, version: int, blob: bytes) -> int:
         """Like :meth:`put_model` for an already serialized safetensors blob (validated)."""
         version = _check_version(version)
         blob = bytes(blob)
         try:
-            header = _read_header(blob)
-        except ValueError as exc:
+            header = read_model_header(blob)
+        except CodecError as exc:
             raise StoreArgumentError(f"model version {version} of run {self.run_id}: {exc}") from exc
         meta_json = json.dumps(header.get("__metadata__") or {}, sort_keys=True)
         sha = hashlib.sha256(blob).hexdigest()
@@ -516,14 +455,6 @@ class RedisStore:
 
     def get_config(self) -> dict[str, Any] | None:
         return self._get_json(self._key("config"), "config")
-
-    def put_state(self, key: str, value: Mapping[str, Any]) -> None:
-        _check_name("state key", key)
-        self._put_json(self._key("state", key), f"state {key!r}", value)
-
-    def get_state(self, key: str) -> dict[str, Any] | None:
-        _check_name("state key", key)
-        return self._get_json(self._key("state", key), f"state {key!r}")
 
     def append_record(self, stream: str, record: Mapping[str, Any]) -> int:
         """Append a JSON record to ``stream`` (e.g. "rounds", "metrics", "ledger"); returns its new length."""

@@ -257,23 +257,24 @@ def test_store_roles_are_refused_dangerous_commands_and_foreign_keys(
 
 
 # ---------------------------------------------------------------------------- orchestrator role
-def test_orchestrator_role_writes_config_records_and_state_and_reads_the_head(
+def test_orchestrator_role_writes_config_and_records_and_reads_what_a_resume_needs(
     acl_server: RedisServer, published: dict[int, dict[str, torch.Tensor]]
 ) -> None:
     # Prepare
     store = RedisStore.from_url(acl_server.url_for("orchestrator"), RUN)
 
     # Execute
+    before = store.get_config()
     store.put_config({"lr": 0.5, "epochs": 2})
-    store.put_state("resume", {"round": 3})
     length_one = store.append_record("rounds", {"round": 1})
     length_many = store.append_records("ledger", [{"i": 0}, {"i": 1}])
-    config, state, head = store.get_config(), store.get_state("resume"), store.head()
+    config, head, versions = store.get_config(), store.head(), store.versions()
     rounds, ledger, count = store.records("rounds"), store.records("ledger"), store.record_count("ledger")
     store.close()
 
     # Assert
-    assert config == {"lr": 0.5, "epochs": 2} and state == {"round": 3} and head == 2
+    assert before == {"lr": 0.1}  # written by the server role in the fixture
+    assert config == {"lr": 0.5, "epochs": 2} and head == 2 and versions == [0, 1, 2]
     assert length_one == 2 and rounds == [{"round": 0}, {"round": 1}]
     assert length_many == 2 == count and ledger == [{"i": 0}, {"i": 1}]
 
@@ -316,7 +317,6 @@ def test_worker_role_is_refused_writes_scripts_and_other_keys(
         "eval": lambda: client.eval("return 1", 0),
         "flushall": lambda: client.flushall(),
         "get-config": lambda: client.get(f"fedseq:{RUN}:config"),
-        "get-state": lambda: client.get(f"fedseq:{RUN}:state:resume"),
         "lrange-log": lambda: client.lrange(f"fedseq:{RUN}:log:rounds", 0, -1),
         "smembers-runs": lambda: client.smembers("fedseq:runs"),
         "scan": lambda: client.scan(0),

@@ -11,6 +11,7 @@ import pytest
 import redis
 import torch
 
+from fedseq import codec
 from fedseq.redis_server import RedisServer
 from fedseq.store import (
     CachedModelReader,
@@ -133,21 +134,28 @@ def test_run_resumes_after_a_persistent_redis_restart(tmp_path: Path) -> None:
     # Prepare
     with RedisServer(data_dir=tmp_path / "redis") as server:
         store = RedisStore.from_url(server.url, "resume")
+        store.put_config({"model": "sasrec", "rounds": 4})
         store.put_model(0, _model(0))
         store.put_model(1, _model(1))
-        store.put_state("orchestrator", {"round": 2})
-        store.append_record("rounds", {"round": 1})
+        store.append_records("rounds", [{"round": 0}, {"round": 1}])
+        store.append_record("epochs", {"epoch": 0, "hr": 0.25})
         store.close()
 
-    # Execute
+    # Execute: what an orchestrator reads to resume (config, head, round and epoch streams)
     with RedisServer(data_dir=tmp_path / "redis") as server:
         store = RedisStore.from_url(server.url, "resume")
-        state = (store.head(), store.versions(), store.get_state("orchestrator"), store.records("rounds"))
+        state = (store.get_config(), store.head(), store.versions(), store.records("rounds"), store.records("epochs"))
         model = store.get_model(1)
         store.close()
 
     # Assert
-    assert state == (1, [0, 1], {"round": 2}, [{"round": 1}])
+    assert state == (
+        {"model": "sasrec", "rounds": 4},
+        1,
+        [0, 1],
+        [{"round": 0}, {"round": 1}],
+        [{"epoch": 0, "hr": 0.25}],
+    )
     assert _bitwise_equal(model, _model(1))
 
 
@@ -191,22 +199,22 @@ def test_missing_version_error_lists_available_versions(redis_url: str) -> None:
         empty.get_model(0)
 
 
-def test_config_state_and_records_round_trip(redis_url: str) -> None:
+def test_config_and_records_round_trip(redis_url: str) -> None:
     # Prepare
     store = RedisStore.from_url(redis_url, "r1")
     config = {"model": "sasrec", "lr": 0.001, "clients_per_round": 256, "nested": {"a": [1, 2]}}
+    before = store.get_config()
 
     # Execute
-    store.put_config(config)
-    store.put_state("orchestrator", {"epoch": 3, "round": 12})
-    store.put_state("orchestrator", {"epoch": 3, "round": 13})
+    store.put_config({"model": "bert4rec"})
+    store.put_config(config)  # the last write wins
     lengths = [store.append_record("rounds", {"round": r, "bytes": r * 10}) for r in range(4)]
 
     # Assert
+    assert before is None
     assert store.get_config() == config
-    assert store.get_state("orchestrator") == {"epoch": 3, "round": 13}
-    assert store.get_state("server") is None
     assert lengths == [1, 2, 3, 4]
+    assert store.record_count("rounds") == 4
     assert store.records("rounds") == [{"round": r, "bytes": r * 10} for r in range(4)]
     assert store.records("rounds", 2) == [{"round": 2, "bytes": 20}, {"round": 3, "bytes": 30}]
     assert store.records("rounds", -1) == [{"round": 3, "bytes": 30}]
@@ -219,8 +227,8 @@ def test_non_json_values_are_rejected(redis_url: str) -> None:
     store = RedisStore.from_url(redis_url, "r1")
 
     # Execute / Assert
-    with pytest.raises(StoreArgumentError, match="not JSON-serializable"):
-        store.put_state("s", {"t": torch.zeros(1)})
+    with pytest.raises(StoreArgumentError, match="config is not JSON-serializable"):
+        store.put_config({"t": torch.zeros(1)})
     with pytest.raises(StoreArgumentError, match="mapping"):
         store.append_record("rounds", [1, 2])  # type: ignore[arg-type]
 
@@ -263,8 +271,8 @@ def test_bad_versions_and_names_are_rejected(redis_url: str) -> None:
         store.put_model(-1, _model(0))
     with pytest.raises(StoreArgumentError, match="version"):
         store.get_model(True)  # type: ignore[arg-type]
-    with pytest.raises(StoreArgumentError, match="state key"):
-        store.put_state("a:b", {})
+    with pytest.raises(StoreArgumentError, match="invalid stream"):
+        store.append_record("a:b", {})
     with pytest.raises(StoreArgumentError, match="not a torch.Tensor"):
         store.put_model(0, {"w": [1.0]})  # type: ignore[dict-item]
     with pytest.raises(StoreArgumentError, match="not a safetensors blob"):
@@ -312,18 +320,16 @@ def test_cached_reader_counts_hits_misses_and_evicts_lru(redis_url: str) -> None
     assert _bitwise_equal(got, _model(1)) and _bitwise_equal(head, _model(2))
 
 
-def test_codec_helpers_handle_views_and_tied_weights() -> None:
-    # Prepare: a non-contiguous view and two names for one tensor (tied embeddings)
-    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
-    tensors = {"t": base.t(), "tied.a": base, "tied.b": base, "slice": base[1:3]}
+def test_serializer_is_the_codecs_and_stored_blobs_are_its_bytes(redis_url: str) -> None:
+    # Prepare
+    store = RedisStore.from_url(redis_url, "r1")
+    tensors = _model(3)
 
     # Execute
-    blob = model_to_bytes(tensors, {"m": "1"})
-    loaded, meta = model_from_bytes(blob)
+    store.put_model(0, tensors, meta={"round": "0"})
+    blob = store.get_model_bytes(0)
 
-    # Assert
-    assert meta == {"m": "1"}
-    assert all(torch.equal(loaded[k], tensors[k]) for k in tensors)
-    assert model_to_bytes(tensors, {"m": "1"}) == blob  # deterministic
-    with pytest.raises(ValueError, match="not a safetensors blob"):
-        model_from_bytes(b"\x00" * 4)
+    # Assert: fedseq.store re-exports the codec's serializer (other modules import it from here)
+    assert model_to_bytes is codec.model_to_bytes and model_from_bytes is codec.model_from_bytes
+    assert blob == codec.model_to_bytes(tensors, {"round": "0"})
+    assert _bitwise_equal(model_from_bytes(blob)[0], tensors)

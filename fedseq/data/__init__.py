@@ -1,0 +1,49 @@
+"""Interaction data: loaders, the leave-one-out split, a synthetic generator, stats and sharding.
+
+Every data set ends up as a :class:`SeqDataset`: one chronological item sequence per user, split
+leave-one-out (the last item is the held-out test item, everything before it is training data).
+Item ids are ``1..M``; ``0`` is padding and ``M + 1`` is reserved as the BERT4Rec mask token, so a
+model's token table has ``M + 2`` rows.
+
+One module per job; import from the package (``from fedseq.data import load_dataset``):
+
+- :mod:`.base`: :class:`SeqDataset`, :class:`DataError` and the array types;
+- :mod:`.loaders`: the file formats (:func:`load_sequences`, :func:`load_movielens`,
+  :func:`load_csv`), the named sets ``steam`` and ``ml-1m``, and :func:`load_dataset`, which maps
+  a spec (``"synthetic"``, ``"steam"``, ``"ml-1m"`` or a file path) to a :class:`SeqDataset`;
+- :mod:`.split`: :func:`leave_one_out`;
+- :mod:`.generator`: :func:`synthetic`, the project's default data set (Markov-structured
+  sequences with latent clusters and Zipf popularity, small enough to train in seconds);
+- :mod:`.summary`: :func:`stats` and :func:`least_popular_item` (the default attack target);
+- :mod:`.sharding`: :func:`shard` and :func:`parse_shard`.
+
+Malformed files raise :class:`DataError` with ``path:line: reason``.
+"""
+
+from __future__ import annotations
+
+from .base import DataError, IntArray, SeqDataset, UserSequences
+from .generator import synthetic
+from .loaders import DATA_ROOT_ENV, load_csv, load_dataset, load_movielens, load_sequences
+from .sharding import parse_shard, shard
+from .split import leave_one_out
+from .summary import DatasetStats, least_popular_item, stats
+
+__all__ = [
+    "DATA_ROOT_ENV",
+    "DataError",
+    "DatasetStats",
+    "IntArray",
+    "SeqDataset",
+    "UserSequences",
+    "least_popular_item",
+    "leave_one_out",
+    "load_csv",
+    "load_dataset",
+    "load_movielens",
+    "load_sequences",
+    "parse_shard",
+    "shard",
+    "stats",
+    "synthetic",
+]
