@@ -34,7 +34,7 @@ protos: setup
 
 lint: setup
 	$(BIN)/ruff check .
-	$(BIN)/mypy fedseq server client attacker orchestrator
+	$(BIN)/mypy fedseq server client attacker orchestrator cli
 
 test: check-protos lint
 	$(BIN)/python -m pytest -q

@@ -15,13 +15,21 @@ so later fake users also hold the earlier ones' items; fedseq does not reproduce
 
 from __future__ import annotations
 
-import math
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
+from fedseq.config import ConfigError
 from fedseq.data import SeqDataset
+from fedseq.experiment import Setup, check_ratio, population_size  # noqa: F401 - check_ratio re-exported
+from fedseq.training import UpdateBatch
+
+from .attacks import Attack, AttackConfigError, make_attack
+
+log = logging.getLogger(__name__)
 
 POPULATION_KEY = 0x4D414C  # seed stream of the population draw ("MAL")
 RANDOM_ATTACK_KEY = 0x5241  # seed stream of the random attack's fake profiles ("RA")
@@ -54,29 +62,6 @@ class MaliciousPopulation:
         except KeyError as e:
             raise KeyError(f"client {e.args[0]} is not in the malicious population "
                            f"{self.ids.tolist()}") from None
-
-
-def check_ratio(ratio: float) -> float:
-    """``ratio`` as a float in [0, 1), or ValueError naming the accepted range."""
-    try:
-        r = float(ratio)
-    except (TypeError, ValueError):
-        raise ValueError(f"malicious ratio must be a number in [0, 1), got {ratio!r}") from None
-    if not (math.isfinite(r) and 0.0 <= r < 1.0):
-        raise ValueError(f"malicious ratio must be in [0, 1) (a share of the benign users), got {ratio!r}")
-    return r
-
-
-def population_size(num_users: int, ratio: float) -> tuple[int, str]:
-    """``(m, note)``: m = floor(N * ratio), at least 1 when ratio > 0."""
-    r = check_ratio(ratio)
-    m = int(math.floor(num_users * r + 1e-9))  # + 1e-9: 3753 * 0.001 must not round down to 3 - eps
-    if r == 0.0:
-        return 0, "no malicious clients (ratio 0)"
-    if m == 0:
-        return 1, (f"floor({num_users} * {r:g}) = 0 malicious clients; using 1 "
-                   "(the smallest attack at a ratio > 0)")
-    return m, f"{m} malicious clients = floor({num_users} * {r:g})"
 
 
 def _ids(num_users: int, m: int) -> np.ndarray:
@@ -152,3 +137,39 @@ def build_population(attack, dataset: SeqDataset, ratio: float, seed: int,
     if getattr(attack, "fake_users", False):
         return fake_population(dataset, ratio, seed, targets, getattr(attack, "profile_length", 50))
     return malicious_population(dataset, ratio, seed, reference_draw)
+
+
+@dataclass(frozen=True, eq=False)
+class Adversary:
+    """The run's attack and the malicious clients it drives: what an attacker worker hosts (a
+    shard of it) and what the in-process runner calls for the malicious users of a round."""
+
+    attack: Attack
+    population: MaliciousPopulation
+
+    def updates(self, s: Setup, params: torch.Tensor, users: Sequence[int] | np.ndarray, round_key: int) -> UpdateBatch:
+        """The attack's updates of malicious ``users`` at the global weights ``params``."""
+        cfg = s.cfg
+        users = np.asarray(users, dtype=np.int64)
+        return self.attack.updates(s.model, params, self.population.sequences_of(users), users, s.targets, cfg.seed,
+                                   round_key, cfg.local(), cfg.compat)
+
+
+def make_adversary(s: Setup) -> Adversary | None:
+    """The configured attack (validated) and its malicious population for setup ``s``; None for
+    ``attack="none"``. Raises :class:`ConfigError` naming the accepted names, options or range."""
+    cfg = s.cfg
+    if cfg.attack == "none":
+        return None
+    try:
+        attack = make_attack(cfg.attack, dict(cfg.attack_opts))
+    except AttackConfigError as e:
+        raise ConfigError(f"{e} (config keys 'attack' / 'attack_opts'; 'none' for no attack)") from None
+    try:
+        population = build_population(attack, s.dataset, cfg.malicious_ratio, cfg.seed, s.targets,
+                                      reference_draw=cfg.compat.attacker_draw)
+    except ValueError as e:
+        raise ConfigError(f"malicious population: {e}") from None
+    if population.ids.tolist() != s.malicious_users.tolist():
+        raise AssertionError("the population's ids differ from the run's malicious client ids")
+    return Adversary(attack, population)

@@ -4,7 +4,7 @@ Steam SASRec (or any dataset), with encode and decode time per update. Writes a 
 The updates are computed in process with ``fedseq.training.compute_updates`` (the functions the
 workers call), round by round, with the server step applied between rounds (FedSGD, the paper's
 setting), so they are the updates one networked epoch would upload. Each update is encoded the
-way a worker does it (``fedseq.worker.encode_update``: sparse encodings only on the embedding
+way a worker does it (``client.worker.encode_update``: sparse encodings only on the embedding
 tables) and decoded the way the aggregator does it (``unpack`` + ``decode_state`` + layout
 flatten). Sizes:
 
@@ -35,15 +35,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from client.worker import SPARSE_TABLES, encode_update  # noqa: E402
 from fedseq import codec, ledger  # noqa: E402
 from fedseq.config import build_config  # noqa: E402
 from fedseq.delta import make_patch  # noqa: E402
-from fedseq.experiment import epoch_rounds, setup  # noqa: E402
+from fedseq.engine import epoch_rounds  # noqa: E402
+from fedseq.experiment import setup  # noqa: E402
 from fedseq.rpc import chunks  # noqa: E402
 from fedseq.store import model_to_bytes  # noqa: E402
 from fedseq.training import compute_updates  # noqa: E402
 from fedseq.v1 import aggregator_pb2 as agg_pb  # noqa: E402
-from fedseq.worker import SPARSE_TABLES, encode_update  # noqa: E402
 from server.aggregation import make_rule, server_step  # noqa: E402
 
 

@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fedseq.config import build_config  # noqa: E402
-from fedseq.experiment import epoch_rounds, setup  # noqa: E402
+from fedseq.engine import epoch_rounds  # noqa: E402
+from fedseq.experiment import setup  # noqa: E402
 from fedseq.metrics import Evaluator  # noqa: E402
 from fedseq.training import compute_updates  # noqa: E402
 from server.aggregation import make_rule, server_step  # noqa: E402
@@ -74,7 +75,7 @@ def inprocess(cfg, epochs: int) -> dict:
 def services(args, epochs: int, extra: tuple[str, ...] = ()) -> dict:
     """``fedseq run`` for ``epochs`` epochs (``extra``: more flags, e.g. ``--insecure``)."""
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "fedseq.cli", "run", "--dataset", args.dataset, "--model", args.model,
+        cmd = [sys.executable, "-m", "cli.main", "run", "--dataset", args.dataset, "--model", args.model,
                "--epochs", str(epochs), "--workers", str(args.workers), "--codec", args.codec, "--out", tmp,
                "--eval-every", str(epochs), "--threads", str(args.threads), *extra]
         if args.data_root:

@@ -28,7 +28,7 @@ def main() -> int:
     for codec in args.codecs.split(","):
         for attack in ("none", "dv-fsr"):
             with tempfile.TemporaryDirectory() as tmp:
-                cmd = [sys.executable, "-m", "fedseq.cli", "run", "--codec", codec, "--attack", attack, "--out", tmp,
+                cmd = [sys.executable, "-m", "cli.main", "run", "--codec", codec, "--attack", attack, "--out", tmp,
                        *extra]
                 subprocess.run(cmd, check=True, capture_output=True)
                 res = json.loads(Path(tmp, "results.json").read_text())

@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fedseq.cli import QUICKSTART
+from cli.flags import QUICKSTART
+from cli.sim import run_inprocess
 from fedseq.config import build_config
-from fedseq.sim import run_inprocess
 
 RULES = [("fedavg", {}), ("rfa", {}), ("mixed-rfa", {}), ("median", {}), ("trimmed-mean", {"beta": "0.1"}),
          ("krum", {"m": "8"}), ("norm-clip", {"bound": "1.0"}), ("foolsgold", {}), ("fltrust", {})]

@@ -1,20 +1,23 @@
-"""Benign client worker (gRPC ``fedseq.v1.Worker``): hosts a shard of the dataset's users,
-computes their updates on the model versions the orchestrator names, streams them to the
-aggregation server, and evaluates them (HR@10, NDCG@10, ER@K)."""
+"""Benign client worker (gRPC ``fedseq.v1.Worker``, servicer in client/worker.py): hosts a shard
+of the dataset's users, computes their updates on the model versions the orchestrator names,
+streams them to the aggregation server, and evaluates them (HR@10, NDCG@10, ER@K). This module
+is its population plug-in; client/app.py builds the service."""
 
 from __future__ import annotations
 
 import logging
 
 from fedseq.adv_train import adversarial_updates
+from fedseq.config import ExperimentConfig
 from fedseq.experiment import setup, worker_users
 from fedseq.training import compute_updates
-from fedseq.worker import Hosted
+
+from .worker import Hosted
 
 log = logging.getLogger(__name__)
 
 
-def benign_population(cfg, shard_spec: tuple[int, int] | None) -> Hosted:
+def benign_population(cfg: ExperimentConfig, shard_spec: tuple[int, int] | None) -> Hosted:
     """The users a benign worker hosts: shard ``i/n`` of the dataset's users (the orchestrator's
     assignment), or all of them."""
     s = setup(cfg)
@@ -37,3 +40,4 @@ def benign_population(cfg, shard_spec: tuple[int, int] | None) -> Hosted:
     # orchestrator moves a lost worker's evaluation here, so every epoch evaluates all users
     return Hosted(setup=s, users=users, sequences=seqs, compute=compute, evaluate_users=s.benign_users,
                   compute_adversarial=compute_adversarial)
+

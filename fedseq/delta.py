@@ -20,7 +20,7 @@ Format: a :func:`fedseq.codec.pack` container (CRC32 per record, never pickle) o
     "<tensor>"      float32, the tensor's shape: the new tensor (tensors that are not row tables)
 
 The aggregator writes the patch of every new version next to it (``fedseq:{run}:patch:{v}``,
-same retention as the version); the store-reading :class:`fedseq.worker.ModelSource` uses it. Models
+same retention as the version); the store-reading :class:`client.worker.ModelSource` uses it. Models
 served by the aggregator's GetModel (workers without ``--store-url``) are always sent whole.
 """
 

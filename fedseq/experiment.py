@@ -1,22 +1,21 @@
-"""What every runner shares: the experiment's dataset, model, initial weights, targets, malicious
-population and attack, schedule and learning rate, built from an :class:`ExperimentConfig` the same
-way everywhere, so the in-process runner and the networked services compute the same experiment.
+"""What every runner shares: the experiment's dataset, model, initial weights, targets and client
+ids, built from an :class:`ExperimentConfig` the same way everywhere, so the in-process runner and
+the networked services compute the same experiment.
 
-Clients: the N benign users have ids ``0..N-1``; with an attack, the malicious clients follow with
-ids ``N..N+m-1`` (:mod:`attacker.population`), and :func:`all_clients` lists both, so every epoch
-shuffles them together as in the paper."""
+Clients: the N benign users have ids ``0..N-1``; with an attack, the m malicious clients follow
+with ids ``N..N+m-1`` (m from :func:`population_size`; their data and updates are the attacker's
+business, :mod:`attacker.population`), and :func:`all_clients` lists both, so every epoch shuffles
+them together as in the paper. The library never imports a service: rules and attacks are
+plug-ins that the services (and the ``fedseq`` command) pass in."""
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-
-from attacker.attacks import Attack, AttackConfigError, make_attack
-from attacker.population import MaliciousPopulation, build_population
-from server.aggregation import RuleConfigError, make_rule
 
 from .config import ConfigError, ExperimentConfig
 from .data import SeqDataset, least_popular_item, load_dataset
@@ -27,8 +26,6 @@ from .params import Layout, get_vector
 
 log = logging.getLogger(__name__)
 
-SCHEDULE_KEY = 0x5C4ED  # stream of the epoch shuffles
-
 
 @dataclass
 class Setup:
@@ -37,8 +34,8 @@ class Setup:
     model: SeqModel
     layout: Layout
     targets: tuple[int, ...]
-    population: MaliciousPopulation | None = None  # None when cfg.attack == "none"
-    attack: Attack | None = None
+    num_malicious: int = 0  # m: malicious clients of the run (0 without an attack)
+    population_note: str = ""  # how m was chosen, for the run summary
 
     @property
     def benign_users(self) -> np.ndarray:
@@ -47,9 +44,8 @@ class Setup:
     @property
     def malicious_users(self) -> np.ndarray:
         """Ids of the malicious clients (``N..N+m-1``; empty without an attack)."""
-        if self.population is None:
-            return np.zeros(0, dtype=np.int64)
-        return self.population.ids
+        n = self.dataset.num_users
+        return np.arange(n, n + self.num_malicious, dtype=np.int64)
 
     def eval_config(self) -> EvalConfig:
         c = self.cfg
@@ -77,36 +73,45 @@ def setup(cfg: ExperimentConfig, dataset: SeqDataset | None = None) -> Setup:
             raise ConfigError(f"target item {t} is outside the catalogue 1..{ds.num_items} "
                               f"of dataset {ds.name!r}")
     targets = tuple(int(t) for t in targets)
-    try:  # the server builds the rule; validate it here too so every runner fails before starting
-        make_rule(cfg.aggregation, dict(cfg.aggregation_opts))
-    except RuleConfigError as e:
-        raise ConfigError(f"{e} (config keys 'aggregation' / 'aggregation_opts', flags --defense / --defense-opt)") \
-            from None
-    attack, population = make_population(cfg, ds, targets)
-    return Setup(cfg, ds, model, Layout.of(model), targets, population, attack)
+    m, note = malicious_count(cfg, ds)
+    return Setup(cfg, ds, model, Layout.of(model), targets, m, note)
 
 
-def make_population(cfg: ExperimentConfig, ds: SeqDataset, targets: tuple[int, ...]
-                    ) -> tuple[Attack | None, MaliciousPopulation | None]:
-    """The configured attack (validated) and its malicious population; ``(None, None)`` for
-    ``attack="none"``. Raises :class:`ConfigError` with the accepted names/options/range."""
+def check_ratio(ratio: float) -> float:
+    """``ratio`` as a float in [0, 1), or ValueError naming the accepted range."""
+    try:
+        r = float(ratio)
+    except (TypeError, ValueError):
+        raise ValueError(f"malicious ratio must be a number in [0, 1), got {ratio!r}") from None
+    if not (math.isfinite(r) and 0.0 <= r < 1.0):
+        raise ValueError(f"malicious ratio must be in [0, 1) (a share of the benign users), got {ratio!r}")
+    return r
+
+
+def population_size(num_users: int, ratio: float) -> tuple[int, str]:
+    """``(m, note)``: m = floor(N * ratio), at least 1 when ratio > 0 (the DV-FSR paper and its
+    public code: Steam, N = 3,753: 0.1% -> 3, 0.05% -> 1)."""
+    r = check_ratio(ratio)
+    m = int(math.floor(num_users * r + 1e-9))  # + 1e-9: 3753 * 0.001 must not round down to 3 - eps
+    if r == 0.0:
+        return 0, "no malicious clients (ratio 0)"
+    if m == 0:
+        return 1, (f"floor({num_users} * {r:g}) = 0 malicious clients; using 1 "
+                   "(the smallest attack at a ratio > 0)")
+    return m, f"{m} malicious clients = floor({num_users} * {r:g})"
+
+
+def malicious_count(cfg: ExperimentConfig, ds: SeqDataset) -> tuple[int, str]:
+    """``(m, note)`` of the run: 0 without an attack. Raises :class:`ConfigError` for a ratio
+    outside (0, 1) with an attack."""
     if cfg.attack == "none":
         if cfg.malicious_ratio not in (0.0, 0.001):
             log.warning("malicious_ratio=%g is ignored: attack is 'none'", cfg.malicious_ratio)
-        return None, None
-    try:
-        attack = make_attack(cfg.attack, dict(cfg.attack_opts))
-    except AttackConfigError as e:
-        raise ConfigError(f"{e} (config keys 'attack' / 'attack_opts'; 'none' for no attack)") from None
+        return 0, ""
     if not 0.0 < cfg.malicious_ratio < 1.0:
         raise ConfigError(f"attack {cfg.attack!r} needs malicious_ratio in (0, 1) (a share of the "
                           f"{ds.num_users} benign users, e.g. 0.001), got {cfg.malicious_ratio}")
-    try:
-        population = build_population(attack, ds, cfg.malicious_ratio, cfg.seed, targets,
-                                      reference_draw=cfg.compat.attacker_draw)
-    except ValueError as e:
-        raise ConfigError(f"malicious population: {e}") from None
-    return attack, population
+    return population_size(ds.num_users, cfg.malicious_ratio)
 
 
 def all_clients(s: Setup) -> np.ndarray:
@@ -131,22 +136,3 @@ def worker_users(s: Setup, kind: str, shard_spec: tuple[int, int] | None) -> np.
     if not 0 <= i < n:
         raise ValueError(f"shard {i}/{n}: need 0 <= i < n")
     return ids[np.arange(len(ids)) % n == i]
-
-
-def epoch_rounds(cfg: ExperimentConfig, clients: np.ndarray, epoch: int) -> list[np.ndarray]:
-    """The rounds of 0-based ``epoch``.
-
-    Paper mode (``fraction == 0``): shuffle every client and cut into rounds of
-    ``clients_per_round`` (the last round may be smaller). FedAvg sampling (``fraction > 0``):
-    ``ceil(1 / fraction)`` rounds, each an independent sample of ``max(1, fraction * n)`` clients.
-    Each round's clients are returned sorted by id.
-    """
-    rng = np.random.default_rng(np.random.SeedSequence([cfg.seed & 0xFFFFFFFF, SCHEDULE_KEY, epoch]))
-    clients = np.sort(np.asarray(clients, dtype=np.int64))
-    if cfg.fraction <= 0:
-        order = rng.permutation(clients)
-        B = cfg.clients_per_round
-        return [np.sort(order[i : i + B]) for i in range(0, len(order), B)]
-    per_round = max(1, int(round(cfg.fraction * len(clients))))
-    n_rounds = int(np.ceil(1.0 / cfg.fraction))
-    return [np.sort(rng.choice(clients, size=per_round, replace=False)) for _ in range(n_rounds)]

@@ -28,6 +28,7 @@ from .models import BERT4Rec, SeqModel
 from .models.common import Drop, keep_masks
 from .params import set_vector
 from .training import micro_batches, user_rng
+from .v1 import common_pb2
 
 KS = (5, 10, 20, 30)
 EVAL_KEY = 0x5EED_E7A1  # round key of the evaluation candidate sampler (never a training round)
@@ -209,3 +210,13 @@ class Evaluator:
             s = scores[:, t]
             target_ranks.append(torch.where(s == -math.inf, torch.full_like(test, M), (scores > s[:, None]).sum(1)))
         return metric_sums(test_rank, torch.stack(target_ranks, dim=1))
+
+
+def sums_to_proto(m: MetricSums) -> common_pb2.MetricSums:
+    """``m`` as the wire message of an EvaluateReply."""
+    return common_pb2.MetricSums(users=m.users, hr10=m.hr10, ndcg10=m.ndcg10, er={int(k): v for k, v in m.er.items()})
+
+
+def sums_from_proto(p: common_pb2.MetricSums) -> MetricSums:
+    """The sums of an EvaluateReply (check them with ``orchestrator.service.check_eval_sums``)."""
+    return MetricSums(int(p.users), p.hr10, p.ndcg10, {int(k): v for k, v in p.er.items()})

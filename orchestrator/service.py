@@ -32,19 +32,18 @@ import numpy as np
 
 from fedseq import ledger as ledger_mod
 from fedseq import observe
-from fedseq.adv_train import pick_adv_users
 from fedseq.config import ExperimentConfig
-from fedseq.experiment import WORKER_KINDS, Setup, all_clients, epoch_rounds, setup, worker_users
+from fedseq.engine import RoundPlan, eval_due, last_of_epoch, malicious_kept, plan_run
+from fedseq.experiment import WORKER_KINDS, Setup, all_clients, setup, worker_users
 from fedseq.ledger import Ledger
-from fedseq.metrics import KS, MetricSums
+from fedseq.metrics import KS, MetricSums, sums_from_proto
 from fedseq.results import write_results
-from fedseq.rpc import CONTROL_TIMEOUT, channel, grpc_compression
+from fedseq.rpc import CONTROL_TIMEOUT, LOOPBACK, channel, grpc_compression
 from fedseq.store import RedisStore, StoreError, patient
 from fedseq.tls import Identity, peer_name
 from fedseq.v1 import aggregator_pb2 as agg_pb
 from fedseq.v1 import aggregator_pb2_grpc as agg_grpc
 from fedseq.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc, worker_pb2, worker_pb2_grpc
-from fedseq.worker import from_proto
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +62,8 @@ class OrchestratorSettings:
     attacker_shards: int = 0
     identity: Identity | None = None  # mutual TLS for the calls to the server and the workers
     shard_grace: float = 30.0  # seconds a lost worker's shard waits for a worker before rounds go on
+    port: int = 50050  # where the Orchestrator service listens (0: any free port)
+    host: str = LOOPBACK
 
     def __post_init__(self) -> None:
         if self.min_workers < 1:
@@ -158,6 +159,7 @@ class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
         self.aggregator = agg_grpc.AggregatorStub(channel(settings.aggregator, identity=self.identity, peer="server"))
         self.clients = all_clients(self.setup)
         self.malicious = self.clients[self.clients >= self.setup.dataset.num_users]
+        self.plan = plan_run(cfg, self.clients, self.setup.dataset.num_users)  # every round of the run (engine)
         self.refused: Counter[str] = Counter()  # what this orchestrator refused from workers, by reason
         self.retries = 0  # rounds rerun after an aggregator or store failure
         self._shards = {"client": settings.client_shards, "attacker": settings.attacker_shards}
@@ -194,7 +196,7 @@ class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
         kind = request.kind or "client"
         if kind not in WORKER_KINDS:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"unknown worker kind {kind[:32]!r}; kinds: {WORKER_KINDS}")
-        if kind == "attacker" and self.setup.population is None:
+        if kind == "attacker" and self.setup.num_malicious == 0:
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION, "this run has no attack: no users for an attacker worker")
         with self._lock:
             w = self.workers.get(request.worker_id)
@@ -344,21 +346,6 @@ class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
             self.message = f"waiting for workers ({len(ready)}/{self.settings.min_workers} ready)"
             time.sleep(0.2)
 
-    def _schedule(self) -> list[tuple[int, int, np.ndarray]]:
-        """(epoch, round in epoch, users) for every round of the run, in order. With adversarial
-        training each round is followed by an adversarial round (its own round id and version) of
-        ``users_per_round`` of that round's benign users, as the in-process runner does."""
-        out = []
-        cfg = self.cfg
-        adv = cfg.adv_config() if cfg.adv_train and not cfg.compat.advtrain_noop else None
-        for e in range(cfg.epochs):
-            for r, users in enumerate(epoch_rounds(cfg, self.clients, e)):
-                out.append((e, r, users))
-                if adv is not None:
-                    benign = users[users < self.setup.dataset.num_users]
-                    out.append((e, -1, pick_adv_users(benign, cfg.seed, len(out), adv.users_per_round)))
-        return out
-
     def run(self) -> None:
         cfg = self.cfg
         observe.set_context(run=self.run_id)
@@ -369,10 +356,10 @@ class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
             return
         start_req, start = self._start_run()
         self.num_parameters = int(start.num_parameters)
-        schedule = self._schedule()
+        schedule = self.plan
         done = int(start.head_version)
         self._load_ledger()
-        led = Ledger(self.run_id, done, schedule[done][0] + 1 if done < len(schedule) else cfg.epochs, "setup")
+        led = Ledger(self.run_id, done, schedule[done].epoch + 1 if done < len(schedule) else cfg.epochs, "setup")
         led.add_message(start_req, compression=self._comp, kind="control", direction="internal",
                         link="orchestrator-aggregator", what="Aggregator.StartRun request")
         led.add_message(start, compression=self._comp, kind="control", direction="internal",
@@ -390,9 +377,9 @@ class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
         self.epochs_done = len(self.epochs)
         self.state = "running"
         # an epoch whose rounds all finished before a crash but whose evaluation did not
-        if done > 0 and done < len(schedule) + 1:
-            prev_epoch = schedule[done - 1][0]
-            if (done == len(schedule) or schedule[done][0] != prev_epoch) and len(self.epochs) <= prev_epoch:
+        if 0 < done <= len(schedule):
+            prev_epoch = schedule[done - 1].epoch
+            if last_of_epoch(schedule, done - 1) and len(self.epochs) <= prev_epoch:
                 self._end_epoch(prev_epoch, 0.0, {})
         epoch_t0 = time.perf_counter()
         acc: dict[str, float] = {}
@@ -401,26 +388,26 @@ class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
                 self.state = "stopped"
                 self._write()
                 return
-            epoch, r, users = schedule[rid]
-            summary = self._round_retrying(rid, epoch, users, adversarial=r < 0)
+            rp = schedule[rid]
+            summary = self._round_retrying(rp)
+            acc["rounds"] = acc.get("rounds", 0) + (0 if rp.adversarial else 1)
             for k in ("accepted", "rejected", "missing", "malicious", "malicious_kept"):
                 key = "malicious_updates" if k == "malicious" else k  # the in-process runner's key
                 acc[key] = acc.get(key, 0) + summary[k]
-            last_of_epoch = rid + 1 == len(schedule) or schedule[rid + 1][0] != epoch
-            if last_of_epoch:
-                self._end_epoch(epoch, time.perf_counter() - epoch_t0, acc)
+            if last_of_epoch(schedule, rid):
+                self._end_epoch(rp.epoch, time.perf_counter() - epoch_t0, acc)
                 epoch_t0, acc = time.perf_counter(), {}
         self.state = "done"
         self._write()
 
-    def _reconcile_rounds(self, head: int, schedule: list) -> None:
+    def _reconcile_rounds(self, head: int, schedule: list[RoundPlan]) -> None:
         """A round the server applied (head past it) whose record a crashed orchestrator never
         wrote gets a record saying so: every round id below the head has exactly one record."""
         have = {int(r["round"]) for r in self.store.records("rounds")}
         for rid in range(head):
             if rid not in have:
                 log.warning("round %d was applied but its record was lost in a crash", rid)
-                self._record_lost(rid, schedule[rid][0], len(schedule[rid][2]))
+                self._record_lost(rid, schedule[rid].epoch, len(schedule[rid].users))
 
     def _record_lost(self, rid: int, epoch: int, users: int) -> dict[str, Any]:
         """The record of round ``rid``, applied by the server, whose summary never reached us."""
@@ -445,15 +432,16 @@ class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
                              f"{', '.join(start.accepted_encodings)}); pick one of those with --codec")
         return start_req, start
 
-    def _round_retrying(self, rid: int, epoch: int, users: np.ndarray, adversarial: bool) -> dict[str, Any]:
+    def _round_retrying(self, rp: RoundPlan) -> dict[str, Any]:
         """:meth:`_round`, retried when the aggregator or the store fails under it (a restarted
         server has lost the open round; Redis may be restarting): wait, bind the server to the run
         again and rerun the round from the store head, up to :data:`ROUND_RETRIES` times. A round
         the server finished before it failed (head already past it) is not run twice."""
+        rid = rp.round_id
         delay = 1.0
         for attempt in range(ROUND_RETRIES + 1):
             try:
-                return self._round(rid, epoch, users, adversarial)
+                return self._round(rp)
             except (grpc.RpcError, StoreError) as e:
                 code = e.code() if isinstance(e, grpc.RpcError) else None
                 if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED,
@@ -477,15 +465,15 @@ class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
             if head == rid + 1:  # the server wrote this round's version before it failed
                 log.warning("round %d was completed by the server before the failure; its summary is lost", rid)
                 self.round_id = rid + 1
-                return self._record_lost(rid, epoch, len(users))
+                return self._record_lost(rid, rp.epoch, len(rp.users))
             if head != rid:
                 raise RuntimeError(f"round {rid}: the store head is {head} after the aggregator came back")
         raise AssertionError("unreachable")
 
-    def _round(self, rid: int, epoch: int, users: np.ndarray, adversarial: bool = False) -> dict[str, Any]:
+    def _round(self, rp: RoundPlan) -> dict[str, Any]:
         cfg = self.cfg
+        rid, epoch, users, lr, adversarial = rp.round_id, rp.epoch, rp.users, rp.lr, rp.adversarial
         observe.set_context(round_id=rid)
-        lr = cfg.lr_at(epoch)
         t0 = time.perf_counter()
         workers = self._await_lost_shards()
         plan, orphans = assign(users, workers)
@@ -556,8 +544,9 @@ class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
         bytes_up, bytes_down = self._commit(led)
         mal = set(self.malicious.tolist())
         in_round = [u for u in users.tolist() if u in mal]
-        kept = set(s.kept_users) if s.kept_users else None
-        accepted_mal = [u for u in in_round if u not in {r.user_id for r in s.rejected} and u not in set(s.missing)]
+        not_in = {r.user_id for r in s.rejected} | set(s.missing)
+        _, n_kept = malicious_kept([u for u in users.tolist() if u not in not_in], list(s.kept_users) if s.kept_reported else None,
+                                   mal)
         record = {
             # exact: accepted + rejected + missing == users (orphans, whom no worker hosts, are missing)
             "round": rid, "epoch": epoch + 1, "lr": lr, "users": len(users), "accepted": s.accepted,
@@ -573,7 +562,7 @@ class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
             "refused": dict(s.refused), "bytes_refused": s.bytes_refused,
             "refused_sample": [{"user": r.user_id, "reason": r.reason} for r in s.refused_sample],
             "malicious": len(in_round),
-            "malicious_kept": len(accepted_mal) if kept is None else len([u for u in accepted_mal if u in kept]),
+            "malicious_kept": n_kept,
         }
         if record["accepted"] + record["rejected"] + record["missing"] != record["users"]:
             log.error("round %d: accounting does not add up: %s", rid, record)
@@ -619,7 +608,7 @@ class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
                                 e.code().name, e.details(), len(plan[wid]))
                     failed += plan[wid]
                     continue
-                sums = from_proto(rep.sums)
+                sums = sums_from_proto(rep.sums)
                 problem = check_eval_sums(sums, len(plan[wid]), set(KS))
                 if problem is not None:
                     with self._lock:
@@ -671,7 +660,7 @@ class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
         cfg = self.cfg
         row: dict[str, Any] = {"epoch": epoch + 1, "lr": cfg.lr_at(epoch), "train_seconds": seconds,
                                "round_id": self.round_id, **acc}
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+        if eval_due(cfg, epoch):
             t = time.perf_counter()
             led = Ledger(self.run_id, self.round_id - 1, epoch + 1, "eval")
             sums = self._evaluate(self.round_id, led)

@@ -24,9 +24,11 @@ import torch
 from fedseq import codec, observe
 from fedseq.config import ExperimentConfig
 from fedseq.delta import make_patch
+from fedseq.engine import AggregationRule, RootUpdate, aggregate_round
 from fedseq.models import SeqModel, build_model
 from fedseq.models.common import reference_init
 from fedseq.params import Layout, get_vector
+from fedseq.root import root_source
 from fedseq.rpc import CHUNK_BYTES, chunks
 from fedseq.store import RedisStore
 from fedseq.tls import peer_name
@@ -34,10 +36,8 @@ from fedseq.v1 import aggregator_pb2 as pb
 from fedseq.v1 import aggregator_pb2_grpc as pb_grpc
 from fedseq.v1 import common_pb2
 
-from .aggregation import RuleConfigError, make_rule, server_step
-from .aggregation.base import AggregationRule, bind_root, needs_root
+from .aggregation import RuleConfigError, make_rule
 from .intake import OpenRound, StreamLimits, check_schema, precheck, reason, word
-from .root import RootData, load_root, root_update
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         self.rule: AggregationRule | None = None
         self._buffer: torch.Tensor | None = None  # reused round matrix
         self.model: SeqModel | None = None
-        self.root: RootData | None = None
+        self.root: RootUpdate | None = None  # FLTrust's root update from the server's own data
         self.round: _Round | None = None
         self.last_closed = -1
         # refusals since the last summary (all of them, by reason word), and the bytes and a sample
@@ -140,7 +140,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             self.run_id, self.cfg, self.layout, self.params = request.run_id, cfg, layout, params
             self.version, self.store, self.rule, self.round = version, store, rule, None
             self.model = model
-            self.root = load_root(cfg, getattr(rule, "root_users", 10)) if needs_root(rule) else None
+            self.root = root_source(rule, cfg, model)
             self.last_closed = version - 1  # round r produces version r + 1 (a new run on this server starts over)
             self._store_read_mark = store.io_counters()["bytes_read"]
             log.info("run %s: %s at version %d (%s)", request.run_id, cfg.model, version,
@@ -385,21 +385,22 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
                 self._buffer = None
             timings = {"decode": rnd.decode_seconds}
             t0 = time.perf_counter()
-            info_json, kept_users, norm = "{}", [], 0.0
+            info_json, kept_users, kept_reported, norm = "{}", [], False, 0.0
             assert self.params is not None and self.layout is not None and self.store is not None
             old_params = self.params
             users = sorted(rnd.updates)
             if users:
-                new, res, users = self._aggregate(rnd, users)
+                out = self._aggregate(rnd, users)
+                users = list(out.users)
                 t1 = time.perf_counter()
-                norm = float((new - self.params).norm())
-                self.params = new
+                norm = float((out.params - self.params).norm())
+                self.params = out.params
                 timings.update(aggregate=t1 - t0, step=time.perf_counter() - t1)
                 observe.AGGREGATE_SECONDS.observe(time.perf_counter() - t0)
-                if res is not None:
-                    info_json = json.dumps(dict(res.info), default=float)
-                    if res.kept is not None:
-                        kept_users = [users[i] for i in res.kept]
+                if out.result is not None:
+                    info_json = json.dumps(out.info, default=float)
+                    if out.kept_users is not None:
+                        kept_users, kept_reported = list(out.kept_users), True
             t2 = time.perf_counter()
             self.version += 1
             store_bytes = self.store.put_model(self.version, self.layout.unflatten(self.params),
@@ -424,40 +425,27 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
                 round_id=rnd.round_id, new_version=self.version, accepted=len(users),
                 rejected=[pb.Rejection(user_id=u, reason=r) for u, r in sorted(rnd.rejected.items())], missing=missing,
                 bytes_received=rnd.bytes_received, timings=timings, rule=self.cfg.aggregation if self.cfg else "",
-                rule_info_json=info_json, kept_users=kept_users, store_bytes=store_bytes, update_norm=norm,
+                rule_info_json=info_json, kept_users=kept_users, kept_reported=kept_reported, store_bytes=store_bytes, update_norm=norm,
                 store_bytes_read=store_read, patch_bytes=patch_bytes, refused=refused, bytes_refused=refused_bytes,
                 refused_sample=[pb.Rejection(user_id=u, reason=r) for u, r in sample])
 
     def _aggregate(self, rnd: _Round, users: list[int]):
-        """The next parameters from the accepted ``users``' updates: ``(params, rule result, users
-        kept in the round)``. An aggregate that is not finite (finite updates can still overflow
-        float32 together) never becomes a version: the updates of the largest norm are refused
-        ("non-finite") one by one until the step is finite, or all are and the model stays."""
+        """The round engine's step (fedseq/engine.py) on the accepted ``users``' updates:
+        ``(params, rule result, users aggregated)``. Updates refused because the aggregate
+        overflowed are recorded as rejected ("non-finite")."""
         assert self.params is not None and self.rule is not None
-        while users:
-            rows = [rnd.rows[u] for u in users]  # ascending: rows follow user ids
-            # [K, D] sorted by user id; no copy when every assigned user's update arrived
-            U = rnd.matrix if len(rows) == rnd.matrix.shape[0] else rnd.matrix[torch.as_tensor(rows)]
-            w = torch.tensor([rnd.updates[u] for u in users], dtype=torch.float32)
-            rule = self.rule
-            if self.root is not None:  # FLTrust: this round's root update from the server's own data
-                assert self.model is not None and self.cfg is not None  # set by StartRun with self.root
-                rule = bind_root(rule, root_update(self.model, self.params, self.root, self.cfg, rnd.round_id))
-            res = rule(U, w)
-            new = server_step(self.params, res.vector, rnd.lr)
-            if bool(torch.isfinite(new).all()):
-                return new, res, users
-            worst = users[int(U.double().norm(dim=1).argmax())]
-            del U
-            log.warning("round %d: the aggregate is not finite; refusing the update of user %d (largest norm)",
-                        rnd.round_id, worst)
-            users = [u for u in users if u != worst]
+        rows = [rnd.rows[u] for u in users]  # ascending: rows follow user ids
+        # [K, D] sorted by user id; no copy when every assigned user's update arrived
+        U = rnd.matrix if len(rows) == rnd.matrix.shape[0] else rnd.matrix[torch.as_tensor(rows)]
+        w = torch.tensor([rnd.updates[u] for u in users], dtype=torch.float32)
+        out = aggregate_round(self.rule, self.params, U, w, users, rnd.lr, rnd.round_id, self.root)
+        for worst in out.overflow:
             del rnd.updates[worst]
             rnd.rejected[worst] = reason("non-finite", f"the round's aggregate overflows with the update of user {worst}"
                                                        " (largest norm)")
             self._refused["non-finite"] += 1
             observe.UPDATES.labels("refused", "non-finite").inc()
-        return self.params, None, users
+        return out
 
     # ------------------------------------------------------------------ models
     def GetModel(self, request, context):

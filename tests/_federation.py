@@ -1,26 +1,27 @@
 """A whole federation in this process for the service, ledger, codec and adversary tests:
 aggregator, orchestrator and workers, each a real gRPC server on its own loopback port, with a
 real Redis (the caller's URL), and with ``tls_dir`` mutual TLS on every channel (one certificate
-per service, as ``fedseq run`` makes them). The aggregator and worker servicers can be subclasses
+per service, as ``fedseq run`` makes them). Every service is made by its folder's ``build``, as
+the ``fedseq serve-*`` commands make them; the aggregator and worker servicers can be subclasses
 that record what they see."""
 
 from __future__ import annotations
 
-import json
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from client.service import benign_population
+from attacker import app as attacker_app
+from client import app as client_app
+from client.worker import WorkerServicer
 from fedseq.config import ExperimentConfig
-from fedseq.rpc import Service, channel
-from fedseq.store import RedisStore
+from fedseq.rpc import channel
 from fedseq.tls import Identity, make_certs
-from fedseq.v1 import aggregator_pb2_grpc as agg_grpc
-from fedseq.v1 import orchestrator_pb2, orchestrator_pb2_grpc, worker_pb2_grpc
-from fedseq.worker import ModelSource, WorkerServicer, shard_from_reply
-from orchestrator.service import Orchestrator, OrchestratorSettings
+from fedseq.v1 import orchestrator_pb2_grpc
+from orchestrator import app as orchestrator_app
+from orchestrator.service import Orchestrator
+from server import app as server_app
 from server.service import AggregatorServicer
 
 
@@ -81,21 +82,20 @@ class Federation:
         self.tls_dir = Path(tls_dir) if tls_dir else None
         if self.tls_dir:
             make_certs(self.tls_dir, {"server": "server", "orchestrator": "orchestrator", "operator": "operator"})
-        self.agg = aggregator(lambda run_id: RedisStore.from_url(urls["server"], run_id), **agg_kw)
-        self.agg_svc = Service([(agg_grpc.add_AggregatorServicer_to_server, self.agg, "fedseq.v1.Aggregator")],
-                               port=0, identity=self.identity("server")).start()
-        self.aggregator = f"127.0.0.1:{self.agg_svc.port}"
-        settings = OrchestratorSettings(aggregator=self.aggregator, store_url=urls["orchestrator"],
-                                        min_workers=min_workers or max(workers, 1), round_timeout=60, worker_wait=60,
-                                        out_dir=str(out_dir) if out_dir else None, client_shards=workers,
-                                        identity=self.identity("orchestrator"))
-        self.orch = Orchestrator(cfg, settings)
-        self.orch_svc = Service([(orchestrator_pb2_grpc.add_OrchestratorServicer_to_server, self.orch,
-                                  "fedseq.v1.Orchestrator")], port=0, identity=self.identity("orchestrator")).start()
-        self.orchestrator = f"127.0.0.1:{self.orch_svc.port}"
+        self.server = server_app.build(server_app.ServerSettings(urls["server"], port=0, identity=self.identity("server"),
+                                                                 **agg_kw), servicer_class=aggregator)
+        self.agg, self.agg_svc = self.server.servicer, self.server.service
+        self.aggregator = self.server.address
+        settings = orchestrator_app.OrchestratorSettings(
+            aggregator=self.aggregator, store_url=urls["orchestrator"], min_workers=min_workers or max(workers, 1),
+            round_timeout=60, worker_wait=60, out_dir=str(out_dir) if out_dir else None, client_shards=workers,
+            identity=self.identity("orchestrator"), port=0)
+        self.orch_app = orchestrator_app.build(cfg, settings)
+        self.orch, self.orch_svc = self.orch_app.servicer, self.orch_app.service
+        self.orchestrator = self.orch_app.address
         self.orch_stub = orchestrator_pb2_grpc.OrchestratorStub(
             channel(self.orchestrator, identity=self.identity("operator"), peer="orchestrator"))
-        self.services: list[Service] = []
+        self.handles: list[client_app.Worker] = []
         self.workers: list[WorkerServicer] = []
         for i in range(workers):
             self.add_worker(f"w{i}", servicer=worker_classes[i] if i < len(worker_classes) else RecordingWorker)
@@ -110,22 +110,15 @@ class Federation:
 
     def add_worker(self, name: str, kind: str = "client",
                    servicer: Callable[..., WorkerServicer] = RecordingWorker) -> WorkerServicer:
-        """A worker registered as the worker processes do: the orchestrator names its shard."""
-        ident = self.identity(name, "worker")
-        w = servicer(name, identity=ident)
-        svc = Service([(worker_pb2_grpc.add_WorkerServicer_to_server, w, "fedseq.v1.Worker")], port=0,
-                      identity=ident).start()
-        stub = orchestrator_pb2_grpc.OrchestratorStub(channel(self.orchestrator, identity=ident, peer="orchestrator"))
-        reply = stub.Register(orchestrator_pb2.RegisterRequest(
-            worker_id=name, address=f"127.0.0.1:{svc.port}", device="cpu", kind=kind))
-        cfg = ExperimentConfig.from_dict(json.loads(reply.config_json))
-        store = None if self.serve_models else self.redis_url
-        w.attach(reply.run_id, benign_population(cfg, shard_from_reply(reply)),
-                 ModelSource(reply.run_id, store, reply.aggregator, cfg.compression, cfg.model_delta, ident),
-                 reply.aggregator)
-        self.services.append(svc)
-        self.workers.append(w)
-        return w
+        """A worker built as ``fedseq serve-client``/``serve-attacker`` builds one; it registers and
+        the orchestrator names its shard. Returns once it holds its population."""
+        settings = client_app.WorkerSettings(self.orchestrator, kind=kind, identity=self.identity(name, "worker"),
+                                             worker_id=name, store_url=None if self.serve_models else self.redis_url)
+        build = client_app.build if kind == "client" else attacker_app.build
+        handle = build(settings, servicer_class=servicer).wait_attached(60)
+        self.handles.append(handle)
+        self.workers.append(handle.servicer)
+        return handle.servicer
 
     def run(self, timeout: float = 120) -> Orchestrator:
         self.orch.start()
@@ -135,7 +128,7 @@ class Federation:
     def close(self) -> None:
         self.orch.stop()
         self.orch.join(30)
-        for svc in self.services:
-            svc.stop(0)
+        for h in self.handles:
+            h.stop(0)
         self.orch_svc.stop(0)
         self.agg_svc.stop(0)

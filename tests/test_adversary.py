@@ -18,14 +18,15 @@ import grpc
 import pytest
 from _federation import CountingAggregator, Federation
 
+from client.worker import WorkerServicer
 from fedseq.authz import POLICY
 from fedseq.config import ExperimentConfig
 from fedseq.metrics import KS, MetricSums
+from fedseq.metrics import sums_to_proto as to_proto
 from fedseq.redis_server import RedisServer
 from fedseq.rpc import Service, channel
 from fedseq.tls import Identity, TLSError, cert_role, make_certs
 from fedseq.v1 import aggregator_pb2, orchestrator_pb2, worker_pb2, worker_pb2_grpc
-from fedseq.worker import WorkerServicer, to_proto
 from orchestrator.service import check_eval_sums
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,7 +89,7 @@ def test_a_rogue_peer_is_refused_everything_and_the_run_is_undisturbed(tmp_path,
         fed.orch.start()
         assert agg.holding.wait(60), "round 2 never closed"
         spec = {"aggregator": fed.aggregator, "orchestrator": fed.orchestrator,
-                "worker": f"127.0.0.1:{fed.services[0].port}",
+                "worker": f"127.0.0.1:{fed.handles[0].service.port}",
                 "victim_id": "w0", "tls_dir": str(tmp_path / "tls"), "other_ca_dir": str(tmp_path / "other-ca"),
                 "run_id": "storm", "rounds": 4, "redis": f"127.0.0.1:{acl_redis.port}",
                 "redis_worker_url": acl_redis.url_for("worker"),
@@ -125,7 +126,7 @@ def test_a_rogue_peer_is_refused_everything_and_the_run_is_undisturbed(tmp_path,
         # ...every refusal was counted where it happened...
         assert fed.agg_svc.refusals.total() == 3 + 2 + 1  # CloseRound x3, OpenRound, StartRun; operator's upload
         assert fed.orch_svc.refusals.total() == 3  # Stop, GetStatus (worker); Register (operator)
-        assert fed.services[0].refusals.total() == 4  # Train, Evaluate, Describe (worker); Train (operator)
+        assert fed.handles[0].service.refusals.total() == 4  # Train, Evaluate, Describe (worker); Train (operator)
         assert fed.orch.refused == {"register: RESOURCE_EXHAUSTED": 1, "register: ALREADY_EXISTS": 1}
         held = fed.orch.store.records("rounds")[HoldingAggregator.hold]  # the round open while the rogue acted
         assert held["rejected"] == 0 and held["accepted"] == held["users"]
@@ -224,8 +225,8 @@ def test_a_worker_uploads_only_to_its_own_aggregator_and_checks_its_role(tmp_pat
                        identity=Identity.load(tmp_path, "impostor"), policy={
                            "/fedseq.v1.Aggregator/SubmitUpdates": frozenset({"worker"})}).start()
     from client.service import benign_population
+    from client.worker import ModelSource
     from fedseq.v1 import common_pb2, worker_pb2_grpc
-    from fedseq.worker import ModelSource
 
     cfg = replace(TINY, run_id="impostor", codec="dense-fp32")
     from fedseq.experiment import setup
@@ -275,25 +276,25 @@ def test_a_service_without_certificates_or_insecure_fails_fast(cmd, tmp_path):
             "serve-client": ["--orchestrator", "127.0.0.1:1"],
             "serve-orchestrator": ["--aggregator", "127.0.0.1:1", "--store-url", "redis://127.0.0.1:1/0"]}[cmd]
     env = {"PATH": "/usr/bin:/bin"}
-    proc = subprocess.run([sys.executable, "-m", "fedseq.cli", cmd, *args], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "cli.main", cmd, *args], capture_output=True, text=True,
                           timeout=120, cwd=ROOT, env=env)
     assert proc.returncode == 2
     assert "mutual TLS needs --tls-dir" in proc.stderr and "Traceback" not in proc.stderr
     make_certs(tmp_path, {"server": "server"})
     if cmd != "serve-server":  # a certificate of another role is refused
-        proc = subprocess.run([sys.executable, "-m", "fedseq.cli", cmd, *args, "--tls-dir", str(tmp_path),
+        proc = subprocess.run([sys.executable, "-m", "cli.main", cmd, *args, "--tls-dir", str(tmp_path),
                                "--tls-name", "server"], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
         assert proc.returncode == 2 and "has role 'server'" in proc.stderr
 
 
 def test_fedseq_certs_command(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "fedseq.cli", "certs", str(tmp_path), "--name", "client-0:worker",
+    proc = subprocess.run([sys.executable, "-m", "cli.main", "certs", str(tmp_path), "--name", "client-0:worker",
                            "--name", "server", "--hosts", "fedseq-server,10.0.0.5"], capture_output=True, text=True,
                           timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert "client-0.pem  role worker" in proc.stdout and "server.pem  role server" in proc.stdout
     assert Identity.load(tmp_path, "client-0").role == "worker"
-    bad = subprocess.run([sys.executable, "-m", "fedseq.cli", "certs", str(tmp_path), "--name", "x:root"],
+    bad = subprocess.run([sys.executable, "-m", "cli.main", "certs", str(tmp_path), "--name", "x:root"],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert bad.returncode == 2 and "unknown role 'root'" in bad.stderr
 
@@ -306,11 +307,11 @@ def test_describe_and_status_with_the_right_roles_work(tmp_path, redis_url):
         status = fed.orch_stub.GetStatus(orchestrator_pb2.StatusRequest(), timeout=10)  # the operator's may poll
         assert status.run_id == "roles"
         worker_stub = worker_pb2_grpc.WorkerStub(channel(
-            f"127.0.0.1:{fed.services[0].port}", identity=fed.identity("operator"), peer="worker"))
+            f"127.0.0.1:{fed.handles[0].service.port}", identity=fed.identity("operator"), peer="worker"))
         with pytest.raises(grpc.RpcError) as err:
             worker_stub.Describe(worker_pb2.DescribeRequest(), timeout=10)
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        assert fed.services[0].refusals.snapshot() == {
+        assert fed.handles[0].service.refusals.snapshot() == {
             ("/fedseq.v1.Worker/Describe", "operator", "PERMISSION_DENIED"): 1}
     finally:
         fed.close()

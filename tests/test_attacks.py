@@ -26,13 +26,15 @@ from attacker.population import (
     population_size,
     random_attack_sequences,
 )
+from cli.plugins import prepare
+from cli.sim import run_inprocess
 from fedseq.config import Compat, ConfigError, build_config
 from fedseq.data import SeqDataset
-from fedseq.experiment import all_clients, epoch_rounds, setup
+from fedseq.engine import epoch_rounds
+from fedseq.experiment import all_clients, setup
 from fedseq.models import build_model
 from fedseq.models.common import reference_init
 from fedseq.params import get_vector, set_vector
-from fedseq.sim import run_inprocess
 from fedseq.training import LocalConfig, compute_updates
 
 M = 30  # tiny catalogue
@@ -414,18 +416,19 @@ def test_registry_errors_name_what_is_accepted():
 def test_setup_validates_the_attack_and_adds_the_population():
     base = dict(dataset="synthetic", model="sasrec", seed=0)
     with pytest.raises(ConfigError, match="unknown attack 'dv'"):
-        setup(build_config(None, {**base, "attack": "dv", "malicious_ratio": 0.01}))
+        prepare(build_config(None, {**base, "attack": "dv", "malicious_ratio": 0.01}))
     with pytest.raises(ConfigError, match="needs malicious_ratio in"):
-        setup(build_config(None, {**base, "attack": "dv-fsr", "malicious_ratio": 0.0}))
+        prepare(build_config(None, {**base, "attack": "dv-fsr", "malicious_ratio": 0.0}))
     with pytest.raises(ConfigError, match="has no option"):
-        setup(build_config(None, {**base, "attack": "eb", "attack_opts": {"k": "1"},
+        prepare(build_config(None, {**base, "attack": "eb", "attack_opts": {"k": "1"},
                                   "malicious_ratio": 0.01}))
     with pytest.raises(ConfigError, match="outside the catalogue"):
-        setup(build_config(None, {**base, "attack": "eb", "malicious_ratio": 0.01, "targets": [10_000]}))
+        prepare(build_config(None, {**base, "attack": "eb", "malicious_ratio": 0.01, "targets": [10_000]}))
 
-    s = setup(build_config(None, {**base, "attack": "dv-fsr", "malicious_ratio": 0.01}))
+    p = prepare(build_config(None, {**base, "attack": "dv-fsr", "malicious_ratio": 0.01}))
+    s = p.setup
     N = s.dataset.num_users
-    assert s.population is not None and s.population.ids.tolist() == list(range(N, N + 4))
+    assert p.adversary is not None and p.adversary.population.ids.tolist() == list(range(N, N + 4))
     clients = all_clients(s)
     assert clients.tolist() == list(range(N + 4))
     rounds = epoch_rounds(s.cfg, clients, 0)

@@ -13,8 +13,9 @@ import pytest
 import torch
 from _federation import CountingAggregator, Federation
 
+from cli.main import main as cli_main
+from client.worker import SPARSE_TABLES, encode_update
 from fedseq import codec
-from fedseq.cli import main as cli_main
 from fedseq.config import ConfigError, ExperimentConfig
 from fedseq.experiment import setup
 from fedseq.rpc import Service, channel, chunks
@@ -23,7 +24,6 @@ from fedseq.training import compute_updates
 from fedseq.v1 import aggregator_pb2 as agg_pb
 from fedseq.v1 import aggregator_pb2_grpc as agg_grpc
 from fedseq.v1 import common_pb2
-from fedseq.worker import SPARSE_TABLES, encode_update
 from server.service import AggregatorServicer
 
 TINY = ExperimentConfig(run_id="cs", dataset="synthetic:users=60,items=80", epochs=1, clients_per_round=16,
@@ -220,8 +220,8 @@ def test_config_rejects_unknown_codec_and_compression():
 def test_refused_train_request_uploads_nothing(aggregator, redis_url):
     """A direct Train call whose encoding is not in its accepted list (or whose list is empty)."""
     from client.service import benign_population
+    from client.worker import ModelSource, WorkerServicer
     from fedseq.v1 import worker_pb2, worker_pb2_grpc
-    from fedseq.worker import ModelSource, WorkerServicer
 
     # Prepare
     stub, servicer = aggregator()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from fedseq import cli
+import cli.main as cli
 from fedseq.config import ExperimentConfig, build_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,14 +78,20 @@ def _interpolate(value: str) -> str:
 # ------------------------------------------------------------------ what the code reads
 
 
-def _env_read_by_code() -> tuple[set[str], set[str]]:
-    """(FEDSEQ_* names the serve-* commands read, FEDSEQ_<KEY> names of experiment keys)."""
-    src = "\n".join(p.read_text() for p in (ROOT / "fedseq").glob("*.py"))
-    names = {f"FEDSEQ_{n}" for n in re.findall(r'_env\("([A-Z0-9_]+)"', src)}
-    names |= set(re.findall(r'"(FEDSEQ_[A-Z0-9_]+)"', src))
-    names |= {"FEDSEQ_" + v for v in re.findall(r'_ENV\s*=\s*"FEDSEQ_([A-Z0-9_]+)"', src)}
-    experiment = {f"FEDSEQ_{f.name.upper()}" for f in fields(ExperimentConfig)}
-    return names, experiment
+def _reads(cmd: str, var: str, value: str, monkeypatch) -> bool:
+    """Whether ``fedseq CMD`` takes ``var`` from the environment: its parsed arguments differ with
+    ``var=value`` from without it (the parser reads FEDSEQ_* defaults when it is built)."""
+    monkeypatch.delenv(var, raising=False)
+    without = vars(cli.parser().parse_args([cmd]))
+    changed = False
+    for v in (value, "17"):  # "17": a value no default has (the compose value may equal the default)
+        monkeypatch.setenv(var, v)
+        changed = changed or vars(cli.parser().parse_args([cmd])) != without
+    monkeypatch.delenv(var)
+    return changed
+
+
+EXPERIMENT_ENV = {f"FEDSEQ_{f.name.upper()}" for f in fields(ExperimentConfig)}  # read by build_config
 
 
 # ------------------------------------------------------------------ tests
@@ -126,20 +132,30 @@ def test_every_command_is_a_real_fedseq_subcommand(path, capsys):
 
 
 @pytest.mark.parametrize("path", [COMPOSE, GPU], ids=lambda p: p.name)
-def test_every_fedseq_env_var_is_read_by_the_code(path):
-    settings, experiment = _env_read_by_code()
-    assert {"FEDSEQ_PORT", "FEDSEQ_STORE_URL", "FEDSEQ_ORCHESTRATOR", "FEDSEQ_AGGREGATOR"} <= settings
+def test_every_fedseq_env_var_is_read_by_the_code(path, monkeypatch):
+    checked = 0
     for name, svc in _services(path).items():
-        for var in svc["environment"]:
+        if "command" not in svc:
+            continue
+        cmd = svc["command"][0]
+        for var, raw in svc["environment"].items():
             if not var.startswith("FEDSEQ_"):
                 continue
-            if name == "orchestrator":
-                ok = var in settings or var in experiment
-            else:
-                # workers and the server take the experiment from the orchestrator: an experiment
-                # key set on them would be silently ignored, so only their own settings are allowed
-                ok = var in settings
-            assert ok, f"{path.name}: service {name} sets {var}, which the code does not read there"
+            value = _interpolate(raw)
+            if cmd == "serve-orchestrator" and var in EXPERIMENT_ENV:
+                continue  # an experiment key: build_config reads it (test below builds that config)
+            # workers and the server take the experiment from the orchestrator: an experiment key
+            # set on them would be silently ignored, so each variable must change what CMD parses
+            assert _reads(cmd, var, value, monkeypatch), f"{path.name}: {name} ({cmd}) sets {var}={value!r}, " \
+                "which that command does not read"
+            checked += 1
+    assert checked >= (20 if path == COMPOSE else 0)
+
+
+def test_env_check_catches_a_variable_no_command_reads(monkeypatch):
+    assert _reads("serve-client", "FEDSEQ_ORCHESTRATOR", "orch:1", monkeypatch)
+    assert not _reads("serve-client", "FEDSEQ_NOT_A_SETTING", "1", monkeypatch)
+    assert not _reads("serve-server", "FEDSEQ_ORCHESTRATOR", "orch:1", monkeypatch)
 
 
 def test_orchestrator_default_experiment_is_valid():

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from cli.sim import run_inprocess
 from fedseq.config import build_config
-from fedseq.sim import run_inprocess
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +25,7 @@ METRICS = ("hr@10", "ndcg@10", "er@5", "er@10", "er@20", "er@30")
 
 def _cli(*args: str, **kw) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDSEQ_")}
-    return subprocess.run([sys.executable, "-m", "fedseq.cli", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, env=env,
                           timeout=300, **kw)
 
 
@@ -70,7 +70,7 @@ def test_bad_configuration_fails_fast_with_a_clear_message(tmp_path, flags, mess
 
 def _spawn(args: list[str], log: Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDSEQ_")}
-    return subprocess.Popen([sys.executable, "-m", "fedseq.cli", "--log-level", "info", *args],
+    return subprocess.Popen([sys.executable, "-m", "cli.main", "--log-level", "info", *args],
                             stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env)  # noqa: SIM115
 
 

@@ -28,7 +28,7 @@ USERS, ROUNDS = 200, 3 * 5
 
 def _launch(out: Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDSEQ_")}
-    return subprocess.Popen([sys.executable, "-m", "fedseq.cli", "run", *RUN, "--out", str(out)], cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, "-m", "cli.main", "run", *RUN, "--out", str(out)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from client.worker import encode_update
 from fedseq import codec
 from fedseq.config import ExperimentConfig
 from fedseq.rpc import Service, channel, chunks
@@ -27,7 +28,6 @@ from fedseq.store import RedisStore
 from fedseq.v1 import aggregator_pb2 as agg_pb
 from fedseq.v1 import aggregator_pb2_grpc as agg_grpc
 from fedseq.v1 import common_pb2
-from fedseq.worker import encode_update
 from server.intake import REASONS, StreamLimits, precheck, reason
 from server.service import AggregatorServicer
 
@@ -426,11 +426,11 @@ def test_bad_data_and_unreachable_store_are_one_line_errors_at_the_cli(tmp_path,
     root = Path(__file__).resolve().parents[1]
     path = tmp_path / "seqs.txt"
     path.write_text(content)
-    proc = subprocess.run([sys.executable, "-m", "fedseq.cli", "data", str(path)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "cli.main", "data", str(path)], capture_output=True, text=True,
                           timeout=120, cwd=root)
     assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
-    proc = subprocess.run([sys.executable, "-m", "fedseq.cli", "serve-server", "--insecure", "--store-url",
+    proc = subprocess.run([sys.executable, "-m", "cli.main", "serve-server", "--insecure", "--store-url",
                            "redis://127.0.0.1:1/0"], capture_output=True, text=True, timeout=120, cwd=root)
     assert proc.returncode == 2 and "cannot reach Redis" in proc.stderr and "Traceback" not in proc.stderr
 

@@ -18,9 +18,10 @@ from dataclasses import replace
 import pytest
 from _federation import CountingAggregator, Federation
 
+from cli.main import main as cli_main
 from client.service import benign_population
+from client.worker import ModelSource, WorkerServicer
 from fedseq import ledger
-from fedseq.cli import main as cli_main
 from fedseq.config import ExperimentConfig
 from fedseq.report import report
 from fedseq.rpc import Service, channel
@@ -28,7 +29,6 @@ from fedseq.store import RedisStore
 from fedseq.v1 import aggregator_pb2 as agg_pb
 from fedseq.v1 import aggregator_pb2_grpc as agg_grpc
 from fedseq.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from fedseq.worker import ModelSource, WorkerServicer
 
 TINY = ExperimentConfig(run_id="led", dataset="synthetic:users=60,items=80", epochs=2, clients_per_round=16,
                         lr=0.01, num_negatives=50, eval_every=1, codec="sparse-fp32")
@@ -359,7 +359,7 @@ def test_report_cli_takes_several_dirs_or_their_parent_and_fails_clearly(runs, t
 
 
 def test_fedseq_run_summary_prints_bytes_per_user_update(runs):
-    from fedseq.launcher import update_line
+    from cli.launcher import update_line
 
     _, results, _ = runs["dense-gz"]
     line = update_line(results)

@@ -14,6 +14,7 @@ from _federation import Federation
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from client.worker import encode_update
 from fedseq import codec
 from fedseq.config import ExperimentConfig
 from fedseq.models import build_model
@@ -24,7 +25,6 @@ from fedseq.store import RedisStore
 from fedseq.v1 import aggregator_pb2 as agg_pb
 from fedseq.v1 import aggregator_pb2_grpc as agg_grpc
 from fedseq.v1 import common_pb2, orchestrator_pb2, worker_pb2, worker_pb2_grpc
-from fedseq.worker import encode_update
 from server.service import AggregatorServicer
 
 TINY = ExperimentConfig(run_id="t", dataset="synthetic:users=60,items=80", epochs=2, clients_per_round=16,
@@ -208,14 +208,14 @@ def test_worker_registering_mid_run_gets_users(redis_url):
         assert fed.orch.state == "done", fed.orch.message
         assert second.stats["users_trained"] > 0 and first.stats["users_trained"] > 0
         status = fed.orch_stub.GetStatus(orchestrator_pb2.StatusRequest())
-        assert status.workers == 2 and status.round_id == len(fed.orch._schedule())
+        assert status.workers == 2 and status.round_id == len(fed.orch.plan)
         assert RedisStore.from_url(redis_url, "mid").head() == status.round_id
     finally:
         fed.close()
 
 
 def test_orchestrated_run_matches_the_inprocess_runner(redis_url):
-    from fedseq.sim import run_inprocess
+    from cli.sim import run_inprocess
 
     # Prepare
     cfg = replace(TINY, run_id="parity")
@@ -266,7 +266,7 @@ def test_describe_reports_hosted_users(redis_url):
     fed = Federation(redis_url, replace(TINY, run_id="desc"), workers=0)
     try:
         fed.add_worker("w")
-        svc = fed.services[0]
+        svc = fed.handles[0].service
         d = worker_pb2_grpc.WorkerStub(channel(f"127.0.0.1:{svc.port}")).Describe(worker_pb2.DescribeRequest())
         assert d.ready and d.worker_id == "w" and len(d.users) == 60
     finally:
@@ -277,8 +277,8 @@ def test_describe_reports_hosted_users(redis_url):
 
 @pytest.mark.parametrize("rule", ["fltrust", "mixed-rfa"])
 def test_robust_rules_through_the_services_match_the_inprocess_runner(redis_url, rule):
-    """FLTrust needs the server's own root data (server/root.py); mixed-RFA is the paper's defense."""
-    from fedseq.sim import run_inprocess
+    """FLTrust needs the server's own root data (fedseq/root.py); mixed-RFA is the paper's defense."""
+    from cli.sim import run_inprocess
 
     cfg = replace(TINY, run_id=f"rule-{rule}", aggregation=rule, epochs=1)
     fed = Federation(redis_url, cfg, workers=0)
@@ -298,7 +298,7 @@ def test_robust_rules_through_the_services_match_the_inprocess_runner(redis_url,
 
 
 def test_adversarial_training_rounds_through_the_services_match_the_inprocess_runner(redis_url):
-    from fedseq.sim import run_inprocess
+    from cli.sim import run_inprocess
 
     cfg = replace(TINY, run_id="adv", epochs=1, adv_train=True, adv_train_opts=(("users_per_round", "4"),))
     fed = Federation(redis_url, cfg, workers=0)

@@ -15,42 +15,19 @@ aggregate and a small record of what it did, for the round summary.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
+
+from fedseq.engine import AggregationResult, AggregationRule, bind_root, needs_root  # noqa: F401 - the contract
 
 
 class RuleConfigError(ValueError):
     """A rule name or option is unknown or invalid (message says which and why)."""
 
 
-@dataclass(frozen=True)
-class AggregationResult:
-    """What a rule returns.
-
-    vector: ``[D]`` aggregate; the server steps ``w <- w - lr * vector``.
-    kept: indices (into the K stacked updates) that the rule kept / gave weight to, or ``None``
-        when every update contributed. Used by the experiment's own report to say whether a
-        malicious update was among those kept (the rule itself never knows who is malicious).
-    info: JSON-serialisable facts about the run of the rule (iterations, clipped count, ...).
-    """
-
-    vector: torch.Tensor
-    kept: tuple[int, ...] | None = None
-    info: Mapping[str, Any] = field(default_factory=dict)
-
-
-class AggregationRule(Protocol):
-    """A configured rule: ``rule(updates [K, D], weights [K]) -> AggregationResult``."""
-
-    @property
-    def name(self) -> str: ...  # read-only, so frozen dataclasses satisfy the protocol
-
-    def __call__(self, updates: torch.Tensor, weights: torch.Tensor) -> AggregationResult: ...
-
-
+# the rule contract is the round engine's (fedseq/engine.py): rules are plug-ins of the library
 RuleFactory = Callable[[Mapping[str, str]], AggregationRule]
 
 
@@ -237,15 +214,3 @@ def column_mean64(updates: torch.Tensor, use_numpy: bool | None = None) -> torch
     for start in range(0, k, rows):
         acc += updates[start : start + rows].to(torch.float64).sum(dim=0)
     return (acc / k).to(updates.dtype)
-
-
-def needs_root(rule: AggregationRule) -> bool:
-    """True when ``rule`` needs a server-computed root update (FLTrust) bound before each call."""
-    return bool(getattr(rule, "needs_root", False))
-
-
-def bind_root(rule: AggregationRule, root: torch.Tensor) -> AggregationRule:
-    """Return ``rule`` bound to this round's root update ``root [D]`` (``rule`` itself if it needs none)."""
-    if not needs_root(rule):
-        return rule
-    return rule.with_root(root)  # type: ignore[attr-defined]

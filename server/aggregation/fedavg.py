@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fedseq.engine import server_step  # noqa: F401 - re-exported: the step is the engine's
+
 from .base import AggregationResult, RuleConfigError, check_inputs, parse_options
 
 
@@ -37,13 +39,6 @@ def fedavg(
             raise ValueError("reduce=mean with weighted=true needs a positive total weight")
         return (w / total) @ updates
     raise ValueError(f"reduce must be 'sum' or 'mean', got {reduce!r}")
-
-
-def server_step(params: torch.Tensor, aggregate: torch.Tensor, lr: float) -> torch.Tensor:
-    """The server's step ``w <- w - lr * aggregate`` on flat ``[D]`` vectors (new tensor)."""
-    if params.shape != aggregate.shape:
-        raise ValueError(f"params {tuple(params.shape)} and aggregate {tuple(aggregate.shape)} differ")
-    return params - lr * aggregate.to(params.dtype)
 
 
 @dataclass(frozen=True)

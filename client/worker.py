@@ -18,21 +18,21 @@ import grpc
 import numpy as np
 import torch
 
-from . import codec, observe
-from . import ledger as ledger_mod
-from .config import ExperimentConfig
-from .delta import PatchError, apply_patch
-from .experiment import Setup
-from .metrics import EvalConfig, Evaluator, MetricSums
-from .rpc import CONTROL_TIMEOUT, channel, chunks, deadline_left
-from .store import CachedModelReader, RedisStore, model_from_bytes, model_to_bytes, patient
-from .tls import Identity
-from .training import UpdateBatch
-from .v1 import aggregator_pb2 as agg_pb
-from .v1 import aggregator_pb2_grpc as agg_grpc
-from .v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from .v1 import orchestrator_pb2 as orch_pb
-from .v1 import orchestrator_pb2_grpc as orch_grpc
+from fedseq import codec, observe
+from fedseq import ledger as ledger_mod
+from fedseq.config import ExperimentConfig
+from fedseq.delta import PatchError, apply_patch
+from fedseq.experiment import Setup
+from fedseq.metrics import EvalConfig, Evaluator, MetricSums, sums_to_proto
+from fedseq.rpc import CONTROL_TIMEOUT, channel, chunks, deadline_left
+from fedseq.store import CachedModelReader, RedisStore, model_from_bytes, model_to_bytes, patient
+from fedseq.tls import Identity
+from fedseq.training import UpdateBatch
+from fedseq.v1 import aggregator_pb2 as agg_pb
+from fedseq.v1 import aggregator_pb2_grpc as agg_grpc
+from fedseq.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from fedseq.v1 import orchestrator_pb2 as orch_pb
+from fedseq.v1 import orchestrator_pb2_grpc as orch_grpc
 
 log = logging.getLogger(__name__)
 
@@ -302,16 +302,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 self._evaluators[key] = ev
             sums = ev(params) if users else MetricSums()
             self.stats["eval_calls"] += 1
-        return worker_pb2.EvaluateReply(sums=to_proto(sums), seconds=time.perf_counter() - t0,
+        return worker_pb2.EvaluateReply(sums=sums_to_proto(sums), seconds=time.perf_counter() - t0,
                                         model_bytes_read=model_bytes, ledger=counts)
-
-
-def to_proto(m: MetricSums) -> common_pb2.MetricSums:
-    return common_pb2.MetricSums(users=m.users, hr10=m.hr10, ndcg10=m.ndcg10, er={int(k): v for k, v in m.er.items()})
-
-
-def from_proto(p: common_pb2.MetricSums) -> MetricSums:
-    return MetricSums(int(p.users), p.hr10, p.ndcg10, {int(k): v for k, v in p.er.items()})
 
 
 REFUSALS = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT,

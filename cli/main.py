@@ -15,74 +15,14 @@ import argparse
 import logging
 import os
 import sys
-from typing import Any
 
-from .config import ConfigError, ExperimentConfig, build_config, parse_opts
+from fedseq.config import ConfigError
 
-# A small synthetic experiment that finishes in about a minute: the no-flag default of run/sim.
-QUICKSTART: dict[str, Any] = {
-    "dataset": "synthetic",
-    "epochs": 8,
-    "clients_per_round": 64,
-    "lr": 0.01,
-    "num_negatives": 100,
-}
-
-EXPERIMENT_FLAGS: list[tuple[str, dict[str, Any]]] = [
-    ("--run-id", {"help": "run id (model store keys fedseq:{run}:...)"}),
-    ("--dataset", {"help": "synthetic | steam | ml-1m | a file path (sequence, ratings.dat or CSV format)"}),
-    ("--data-root", {"help": "folder with steam/ and ml-1m/ (default: $FEDSEQ_DATA_ROOT or ../shared/data)"}),
-    ("--model", {"choices": ["sasrec", "bert4rec"]}),
-    ("--mode", {"choices": ["paper", "fedavg"], "help": "paper: FedSGD gradients; fedavg: local epochs"}),
-    ("--epochs", {"type": int}),
-    ("--clients-per-round", {"type": int}),
-    ("--fraction", {"type": float, "help": "fedavg sampling: share of users per round"}),
-    ("--lr", {"type": float}),
-    ("--lr-decay", {"type": float}),
-    ("--lr-decay-every", {"type": int}),
-    ("--local-epochs", {"type": int}),
-    ("--local-lr", {"type": float}),
-    ("--eval-every", {"type": int}),
-    ("--protocol", {"choices": ["sampled", "full"]}),
-    ("--num-negatives", {"type": int}),
-    ("--targets", {"help": "comma-separated target item ids (default: least popular item)"}),
-    ("--seed", {"type": int}),
-    ("--compat", {"help": "reference-compatibility switches: off | reference | comma list"}),
-    ("--defense", {"dest": "aggregation", "help": "aggregation rule (fedavg = the paper's 'common' sum)"}),
-    ("--defense-opt", {"dest": "aggregation_opts", "action": "append", "metavar": "K=V"}),
-    ("--attack", {"help": "none | an attack name"}),
-    ("--malicious-ratio", {"type": float}),
-    ("--attack-opt", {"dest": "attack_opts", "action": "append", "metavar": "K=V"}),
-    ("--codec", {"help": "update encoding (dense-fp32, sparse-fp32, sparse-fp16, ...)"}),
-    ("--compression", {"choices": ["none", "gzip"], "help": "gRPC message compression of the run's calls"}),
-    ("--model-delta", {"action": "store_true", "help": "download version v as a row patch against v-1 when held"}),
-    ("--threads", {"type": int, "help": "torch threads per process"}),
-]
-
-
-def add_experiment_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="JSON or TOML file of experiment keys (flags override it)")
-    g = p.add_argument_group("experiment (also FEDSEQ_<KEY> environment variables)")
-    for flag, kw in EXPERIMENT_FLAGS:
-        g.add_argument(flag, default=None, **kw)
-
-
-def experiment_config(args: argparse.Namespace, quickstart: bool) -> ExperimentConfig:
-    overrides: dict[str, Any] = {}
-    for flag, kw in EXPERIMENT_FLAGS:
-        dest = kw.get("dest", flag[2:].replace("-", "_"))
-        v = getattr(args, dest, None)
-        if v is not None:
-            overrides[dest] = parse_opts(v) if dest.endswith("_opts") else v
-    base: dict[str, Any] = {}
-    env_keys = {k for k in os.environ if k.startswith("FEDSEQ_")}
-    if quickstart and not args.config and "dataset" not in overrides and "FEDSEQ_DATASET" not in env_keys:
-        base = dict(QUICKSTART)
-    return build_config(args.config, {**base, **overrides})
+from .flags import add_experiment_flags, experiment_config
 
 
 def _setup_logging(level: str, fmt: str = "text", service: str = "") -> None:
-    from .observe import set_context, setup_logging
+    from fedseq.observe import set_context, setup_logging
 
     if fmt not in ("text", "json"):
         raise ConfigError(f"--log-format must be text or json, got {fmt!r}")
@@ -91,7 +31,7 @@ def _setup_logging(level: str, fmt: str = "text", service: str = "") -> None:
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
-    from .sim import run_inprocess
+    from cli.sim import run_inprocess
 
     cfg = experiment_config(args, quickstart=True)
     out = args.out or os.path.join("runs", f"sim-{cfg.dataset.replace('/', '_')}-{cfg.model}")
@@ -101,12 +41,12 @@ def cmd_sim(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .launcher import LaunchSettings, launch
+    from cli.launcher import LaunchSettings, launch
 
     cfg = experiment_config(args, quickstart=True)
-    from .experiment import setup
+    from .plugins import prepare
 
-    setup(cfg)  # fail fast: dataset, model, attack name/options, ratio, targets, before any process starts
+    prepare(cfg)  # fail fast: dataset, model, rule, attack name/options, ratio, targets, before any process starts
     settings = LaunchSettings(workers=args.workers, redis_url=args.redis_url, out_dir=args.out,
                               attackers=args.attackers, round_timeout=args.round_timeout, log_dir=args.log_dir,
                               insecure=args.insecure)
@@ -114,7 +54,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
-    from .tls import DEFAULT_HOSTS, TLSError, make_certs, parse_names
+    from fedseq.tls import DEFAULT_HOSTS, TLSError, make_certs, parse_names
 
     try:
         names = parse_names(args.name) if args.name else None
@@ -122,7 +62,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
         made = make_certs(args.dir, names, hosts=hosts, days=args.days)
     except TLSError as e:
         raise ConfigError(str(e)) from None
-    from .tls import Identity
+    from fedseq.tls import Identity
 
     for name in made:
         print(f"{made[name]}  role {Identity.load(args.dir, name).role}")
@@ -131,7 +71,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from .data import least_popular_item, load_dataset, stats
+    from fedseq.data import least_popular_item, load_dataset, stats
 
     ds = load_dataset(args.dataset, args.data_root)
     print(stats(ds).format())
@@ -140,13 +80,14 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import report
+    from fedseq.report import report
 
     return report(args.run_dir, plot=not args.no_plot, out=args.out)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from . import services
+def parser() -> argparse.ArgumentParser:
+    """The ``fedseq`` argument parser (defaults read ``FEDSEQ_*`` variables when it is built)."""
+    from cli import services
 
     ap = argparse.ArgumentParser(prog="fedseq", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--log-level", default=os.environ.get("FEDSEQ_LOG_LEVEL", "warning"))
@@ -193,15 +134,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-plot", action="store_true")
     p.set_defaults(fn=cmd_report)
 
-    from . import reproduce
+    from cli import reproduce
 
     p = sub.add_parser("reproduce", help="run a named suite of paper-setting runs and write docs/results/SUITE.md")
     reproduce.add_arguments(p)
     p.set_defaults(fn=reproduce.main)
 
     services.add_parsers(sub, add_experiment_flags)
+    return ap
 
-    args = ap.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     try:
         _setup_logging(args.log_level, args.log_format, args.cmd)
     except ConfigError as e:
@@ -213,10 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedseq: configuration error: {e}", file=sys.stderr)
         return 2
     except (OSError, ValueError, RuntimeError) as e:  # data, store, TLS, Redis: one line, no traceback
-        from .data import DataError
-        from .redis_server import RedisServerError
-        from .store import StoreError
-        from .tls import TLSError
+        from fedseq.data import DataError
+        from fedseq.redis_server import RedisServerError
+        from fedseq.store import StoreError
+        from fedseq.tls import TLSError
 
         if not isinstance(e, DataError | StoreError | TLSError | RedisServerError | OSError):
             raise

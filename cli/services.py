@@ -14,15 +14,15 @@ import os
 import socket
 import sys
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .config import ConfigError
-from .tls import Identity, TLSError
+from fedseq.config import ConfigError
+from fedseq.rpc import serve_until_signal
+from fedseq.tls import Identity, TLSError
 
-log = logging.getLogger("fedseq.services")
+log = logging.getLogger("fedseq.cli")
 
 _TRUE = ("1", "true", "yes", "on")
 
@@ -42,27 +42,6 @@ def _int(value: str | int | None, what: str) -> int:
         return int(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise ConfigError(f"{what} must be an integer, got {value!r}") from None
-
-
-@dataclass(frozen=True)
-class ServerSettings:
-    port: int
-    store_url: str
-    max_update_bytes: int
-    port_file: str | None
-    accept_encodings: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class WorkerSettings:
-    port: int
-    orchestrator: str
-    advertise_host: str
-    threads: int
-    worker_id: str | None
-    port_file: str | None
-    aggregator: str | None = None  # where to upload; None: the address the orchestrator names
-    store_url: str | None = None  # read-only model store credentials; None: models through GetModel
 
 
 def add_security_flags(p, role: str) -> None:
@@ -87,7 +66,7 @@ def add_security_flags(p, role: str) -> None:
 
 def start_metrics(args: argparse.Namespace) -> None:
     """The Prometheus endpoint, when ``--metrics-port`` is set; its port goes to ``<port-file>.metrics``."""
-    from .observe import serve_metrics
+    from fedseq.observe import serve_metrics
 
     if args.metrics_port in (None, ""):
         return
@@ -185,104 +164,72 @@ def add_parsers(sub, add_experiment_flags) -> None:
 
 
 def serve_server(args: argparse.Namespace) -> int:
-    from server.intake import CONTROL_THREADS, StreamLimits
-    from server.service import AggregatorServicer, parse_encodings
-
-    from .rpc import Service, serve_until_signal
-    from .store import RedisStore, patient, redact
-    from .v1 import aggregator_pb2, aggregator_pb2_grpc
+    from fedseq.store import RedisStore, redact
+    from server.app import ServerSettings, build
+    from server.intake import StreamLimits
+    from server.service import parse_encodings
 
     try:
         accepted = parse_encodings(args.accept_encodings)
     except ValueError as e:
         raise ConfigError(f"--accept-encodings: {e}") from None
-    s = ServerSettings(_int(args.port, "--port"), _required(args.store_url, "--store-url", "STORE_URL"),
-                       _int(args.max_update_bytes, "--max-update-bytes"), args.port_file, accepted)
-    identity = identity_from(args)
-    RedisStore.from_url(s.store_url, "probe").head()  # fail fast when the store is unreachable
     try:
         limits = StreamLimits(_int(args.max_upload_streams, "--max-upload-streams"),
                               _int(args.max_streams_per_peer, "--max-streams-per-peer"),
                               float(args.upload_idle_timeout))
+        settings = ServerSettings(_required(args.store_url, "--store-url", "STORE_URL"), _int(args.port, "--port"),
+                                  args.host, identity_from(args), _int(args.max_update_bytes, "--max-update-bytes"),
+                                  accepted, limits)
     except ValueError as e:
-        raise ConfigError(f"upload stream limits: {e}") from None
-    servicer = AggregatorServicer(lambda run_id: RedisStore.from_url(s.store_url, run_id, **patient()),
-                                  s.max_update_bytes,
-                                  s.accept_encodings, limits)
-    svc = Service([(aggregator_pb2_grpc.add_AggregatorServicer_to_server, servicer,
-                    aggregator_pb2.DESCRIPTOR.services_by_name["Aggregator"].full_name)], port=s.port,
-                  host=args.host, identity=identity, workers=limits.max_streams + CONTROL_THREADS).start()
-    log.warning("aggregation server listening on %s:%d (%s; store %s; accepts %s)", args.host, svc.port,
-                "mTLS" if identity else "INSECURE", redact(s.store_url), ",".join(s.accept_encodings))
+        raise ConfigError(str(e)) from None
+    RedisStore.from_url(settings.store_url, "probe").head()  # fail fast when the store is unreachable
+    server = build(settings)
+    log.warning("aggregation server listening on %s:%d (%s; store %s; accepts %s)", args.host, server.service.port,
+                "mTLS" if settings.identity else "INSECURE", redact(settings.store_url),
+                ",".join(settings.accept_encodings))
     start_metrics(args)
-    serve_until_signal(svc, port_file=s.port_file)
+    serve_until_signal(server.service, port_file=args.port_file)
     return 0
 
 
 def serve_worker(args: argparse.Namespace) -> int:
-    from .rpc import Service, serve_until_signal
-    from .v1 import worker_pb2, worker_pb2_grpc
-    from .worker import ModelSource, WorkerServicer, config_from_reply, new_worker_id, register_loop, shard_from_reply
+    from client.app import WorkerSettings
 
-    s = WorkerSettings(_int(args.port, "--port"), _required(args.orchestrator, "--orchestrator", "ORCHESTRATOR"),
-                       _advertise_host(args.advertise_host), _int(args.threads, "--threads"),
-                       args.worker_id, args.port_file, args.aggregator or None, args.store_url or None)
-    identity = identity_from(args)
-    if s.store_url:
-        from .store import RedisStore
+    try:
+        settings = WorkerSettings(
+            orchestrator=_required(args.orchestrator, "--orchestrator", "ORCHESTRATOR"), kind=args.kind,
+            port=_int(args.port, "--port"), host=args.host, advertise_host=_advertise_host(args.advertise_host),
+            identity=identity_from(args), worker_id=args.worker_id or None, aggregator=args.aggregator or None,
+            store_url=args.store_url or None, threads=_int(args.threads, "--threads"))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if settings.store_url:
+        from fedseq.store import RedisStore
 
-        RedisStore.from_url(s.store_url, "probe").head()  # fail fast when the store is unreachable
-    if s.threads > 0:
-        torch.set_num_threads(s.threads)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    servicer = WorkerServicer(s.worker_id or new_worker_id(args.kind), device, identity)
-    svc = Service([(worker_pb2_grpc.add_WorkerServicer_to_server, servicer,
-                    worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name)], port=s.port, host=args.host,
-                  identity=identity).start()
-    address = f"{s.advertise_host}:{svc.port}"
+        RedisStore.from_url(settings.store_url, "probe").head()  # fail fast when the store is unreachable
+    if args.kind == "client":
+        from client.app import build as build_client
 
-    def on_config(reply) -> None:
-        cfg = config_from_reply(reply)
-        shard = shard_from_reply(reply)
-        if args.kind == "client":
-            from client.service import benign_population
+        worker = build_client(settings)
+    else:
+        from attacker.app import build as build_attacker
 
-            hosted = benign_population(cfg, shard)
-        else:
-            from attacker.service import malicious_population_hosted
-
-            hosted = malicious_population_hosted(cfg, shard)
-        aggregator = s.aggregator or reply.aggregator
-        servicer.attach(reply.run_id, hosted, ModelSource(reply.run_id, s.store_url, aggregator, cfg.compression,
-                                                          cfg.model_delta, identity), aggregator)
-
-    stop = threading.Event()
-    failure: list[BaseException] = []
-
-    def reg() -> None:
-        try:
-            register_loop(s.orchestrator, servicer.worker_id, address, device, args.kind, on_config, stop, identity)
-        except BaseException as e:  # noqa: BLE001 - reported below, the process exits non-zero
-            failure.append(e)
-            log.error("worker failed: %s", e)
-            stop.set()
-
-    threading.Thread(target=reg, daemon=True, name="register").start()
+        worker = build_attacker(settings)
     start_metrics(args)
-    log.warning("%s worker %s listening on %s", args.kind, servicer.worker_id, address)
-    serve_until_signal(svc, on_stop=stop.set, port_file=s.port_file, until=stop)
-    if failure:
-        print(f"fedseq: {failure[0]}", file=sys.stderr)
+    log.warning("%s worker %s listening on %s", args.kind, worker.servicer.worker_id, worker.address)
+    serve_until_signal(worker.service, on_stop=worker.stop_event.set, port_file=args.port_file,
+                       until=worker.stop_event)
+    if worker.failure:
+        print(f"fedseq: {worker.failure[0]}", file=sys.stderr)
         return 1
     return 0
 
 
 def serve_orchestrator(args: argparse.Namespace) -> int:
-    from orchestrator.service import Orchestrator, OrchestratorSettings
+    from orchestrator.app import OrchestratorSettings, build
 
-    from .cli import experiment_config
-    from .rpc import Service, serve_until_signal
-    from .v1 import orchestrator_pb2, orchestrator_pb2_grpc
+    from .flags import experiment_config
+    from .plugins import prepare
 
     cfg = experiment_config(args, quickstart=False)
     try:
@@ -293,28 +240,26 @@ def serve_orchestrator(args: argparse.Namespace) -> int:
             worker_wait=float(args.worker_wait), out_dir=args.out,
             client_shards=_int(args.client_shards, "--client-shards"),
             attacker_shards=_int(args.attacker_shards, "--attacker-shards"), identity=identity_from(args),
-            shard_grace=float(args.shard_grace))
+            shard_grace=float(args.shard_grace), port=_int(args.port, "--port"), host=args.host)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    from .store import RedisStore
+    from fedseq.store import RedisStore
 
     RedisStore.from_url(settings.store_url, "probe").head()  # fail fast when the store is unreachable
-    orch = Orchestrator(cfg, settings)
-    svc = Service([(orchestrator_pb2_grpc.add_OrchestratorServicer_to_server, orch,
-                    orchestrator_pb2.DESCRIPTOR.services_by_name["Orchestrator"].full_name)],
-                  port=_int(args.port, "--port"), host=args.host, identity=settings.identity).start()
-    log.warning("orchestrator listening on %s:%d (%s; run %s)", args.host, svc.port,
+    app = build(cfg, settings, prepare(cfg).setup)  # prepare: a bad rule or attack fails here, not mid-run
+    orch = app.servicer
+    log.warning("orchestrator listening on %s:%d (%s; run %s)", args.host, app.service.port,
                 "mTLS" if settings.identity else "INSECURE", orch.run_id)
     finished = threading.Event()
     start_metrics(args)
-    orch.start()
+    app.start()
     if args.exit_when_done:
         def watch() -> None:
             orch.join()
             finished.set()
 
         threading.Thread(target=watch, daemon=True).start()
-    serve_until_signal(svc, on_stop=orch.stop, port_file=args.port_file, until=finished)
+    serve_until_signal(app.service, on_stop=orch.stop, port_file=args.port_file, until=finished)
     return 0 if orch.state in ("done", "stopped", "waiting", "running") else 1

@@ -138,7 +138,7 @@ KEYS = ("hr@10", "ndcg@10", "er@5", "er@10", "er@20", "er@30")
 
 def run(suite: str, label: str, flags: list[str], runs_root: Path) -> None:
     out = runs_root / suite / label
-    cmd = [sys.executable, "-m", "fedseq.cli", "sim", *flags, "--out", str(out)]
+    cmd = [sys.executable, "-m", "cli.main", "sim", *flags, "--out", str(out)]
     print("$", " ".join(cmd[2:]), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
 

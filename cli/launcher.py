@@ -24,12 +24,12 @@ from pathlib import Path
 
 import grpc
 
-from .config import ExperimentConfig
-from .redis_server import RedisServer
-from .results import format_table
-from .rpc import channel
-from .tls import Identity, make_certs
-from .v1 import orchestrator_pb2, orchestrator_pb2_grpc
+from fedseq.config import ExperimentConfig
+from fedseq.redis_server import RedisServer
+from fedseq.results import format_table
+from fedseq.rpc import channel
+from fedseq.tls import Identity, make_certs
+from fedseq.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class _Proc:
         self.popen = self._spawn(argv)
 
     def _spawn(self, argv: list[str]) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "fedseq.cli", "--log-level", "info", *argv,
+        return subprocess.Popen([sys.executable, "-m", "cli.main", "--log-level", "info", *argv,
                                  "--port-file", self.port_file, "--metrics-port", "0"], stdout=self.log,
                                 stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
 

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedseq.config import ExperimentConfig
-from fedseq.data import load_dataset
-from fedseq.models import SeqModel
-from fedseq.training import compute_updates
+from .config import ExperimentConfig
+from .data import load_dataset
+from .engine import AggregationRule, RootUpdate, needs_root
+from .models import SeqModel
+from .training import compute_updates
 
 ROOT_KEY = 0x7007F  # seeds the root-user draw and the root updates' randomness
 
@@ -44,3 +45,15 @@ def root_update(model: SeqModel, params: torch.Tensor, root: RootData, cfg: Expe
     ub = compute_updates(model, params, list(root.sequences), root.users.tolist(), cfg.seed ^ ROOT_KEY, round_key,
                          cfg.local())
     return ub.updates.mean(dim=0)
+
+
+def root_source(rule: AggregationRule, cfg: ExperimentConfig, model: SeqModel) -> RootUpdate | None:
+    """The root-update function the engine binds for a rule that needs one (FLTrust), or None."""
+    if not needs_root(rule):
+        return None
+    data = load_root(cfg, int(getattr(rule, "root_users", 10)))
+
+    def root(params: torch.Tensor, round_id: int) -> torch.Tensor:
+        return root_update(model, params, data, cfg, round_id)
+
+    return root

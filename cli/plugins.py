@@ -1,0 +1,36 @@
+"""The plug-ins of a run, built and checked in one place: the aggregation rule (registry
+``server.aggregation.RULES``) and the adversary (attack registry ``attacker.attacks.ATTACKS`` and
+its malicious population). Every runner of the ``fedseq`` command calls :func:`prepare` first,
+so a bad rule, attack, option or ratio fails before any process or round starts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from attacker.population import Adversary, make_adversary
+from fedseq.config import ConfigError, ExperimentConfig
+from fedseq.engine import AggregationRule
+from fedseq.experiment import Setup, setup
+from server.aggregation import RuleConfigError, make_rule
+
+
+@dataclass(frozen=True, eq=False)
+class Prepared:
+    setup: Setup
+    rule: AggregationRule
+    adversary: Adversary | None
+
+
+def make_rule_checked(cfg: ExperimentConfig) -> AggregationRule:
+    """The run's aggregation rule, or :class:`ConfigError` naming the config keys and flags."""
+    try:
+        return make_rule(cfg.aggregation, dict(cfg.aggregation_opts))
+    except RuleConfigError as e:
+        raise ConfigError(f"{e} (config keys 'aggregation' / 'aggregation_opts', flags --defense / --defense-opt)") \
+            from None
+
+
+def prepare(cfg: ExperimentConfig, prepared: Setup | None = None) -> Prepared:
+    """Data, model, rule and adversary of ``cfg`` (deterministic in ``cfg.seed``)."""
+    s = prepared or setup(cfg)
+    return Prepared(s, make_rule_checked(cfg), make_adversary(s))

@@ -1,0 +1,165 @@
+"""The in-process runner: a whole experiment (epochs of rounds, the lr schedule, evaluation) in
+one process, with the same round engine (fedseq/engine.py) the services call. Fast experiments, tests, and the
+yardstick for what the network costs.
+
+With an attack, every epoch shuffles benign and malicious clients together; a round's benign
+users compute honest updates, its malicious users get the attack's updates, the round's updates
+are stacked in client-id order and aggregated, and only benign users are evaluated. Each epoch
+row reports ``malicious_updates`` (malicious updates in the epoch's rounds) and ``malicious_kept``
+(those the rule kept; all of them for a rule that reports no selection)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from attacker.population import Adversary
+from fedseq.adv_train import adversarial_updates
+from fedseq.config import ExperimentConfig
+from fedseq.engine import RoundPlan, aggregate_round, eval_due, last_of_epoch, malicious_kept, plan_run
+from fedseq.experiment import Setup, all_clients
+from fedseq.metrics import Evaluator
+from fedseq.results import format_table, write_results
+from fedseq.root import root_source
+from fedseq.training import LocalConfig, UpdateBatch, compute_updates
+
+from .plugins import prepare
+
+Progress = Callable[[str], None]
+
+
+def stderr_progress(line: str) -> None:
+    end = "\r" if line.startswith("~") and sys.stderr.isatty() else "\n"
+    if line.startswith("~"):
+        if not sys.stderr.isatty():
+            return
+        line = line[1:]
+    sys.stderr.write(line.ljust(100) + end)
+    sys.stderr.flush()
+
+
+def merge_updates(batches: list[UpdateBatch]) -> UpdateBatch:
+    """One batch of all ``batches``' updates, sorted by user id (the server's stacking order)."""
+    if len(batches) == 1:
+        b = batches[0]
+        if bool(np.all(np.diff(b.users) > 0)):
+            return b
+    users = np.concatenate([b.users for b in batches])
+    order = np.argsort(users, kind="stable")
+    return UpdateBatch(
+        users[order],
+        torch.cat([b.updates for b in batches])[torch.as_tensor(order)],
+        np.concatenate([b.num_samples for b in batches])[order],
+        np.concatenate([b.losses for b in batches])[order],
+    )
+
+
+def round_updates(s: Setup, adversary: Adversary | None, params: torch.Tensor, users: np.ndarray, round_key: int,
+                  local: LocalConfig) -> UpdateBatch:
+    """The round's updates, sorted by client id: benign users train honestly, malicious ones (ids
+    ``N..``) get the adversary's updates."""
+    ds = s.dataset
+    users = np.asarray(users, dtype=np.int64)
+    is_mal = users >= ds.num_users
+    benign, mal = users[~is_mal], users[is_mal]
+    batches = []
+    if len(benign) or not len(mal):
+        batches.append(compute_updates(s.model, params, [ds.train[u] for u in benign], benign, s.cfg.seed,
+                                       round_key, local))
+    if len(mal):
+        if adversary is None:
+            raise ValueError(f"clients {mal.tolist()} are not benign users but the run has no attack")
+        batches.append(adversary.updates(s, params, mal, round_key))
+    return merge_updates(batches)
+
+
+def train_round(s: Setup, adversary: Adversary | None, params: torch.Tensor, rp: RoundPlan,
+                local: LocalConfig) -> UpdateBatch:
+    """The updates of round ``rp``: adversarial-training updates of its benign users at the
+    current weights (Yue et al. 2022; ALGORITHMS.md "adv_train"), or the users' ordinary ones."""
+    if rp.adversarial:
+        ds, cfg = s.dataset, s.cfg
+        return adversarial_updates(s.model, params, [ds.train[u] for u in rp.users], rp.users, cfg.seed, rp.round_id,
+                                   local, cfg.adv_config())
+    return round_updates(s, adversary, params, rp.users, rp.round_id, local)
+
+
+def run_inprocess(cfg: ExperimentConfig, out_dir: str | Path | None = None,
+                  progress: Progress = stderr_progress, prepared: Setup | None = None,
+                  on_round: Callable[[RoundPlan, torch.Tensor], None] | None = None) -> dict[str, Any]:
+    """Run ``cfg`` to the end with the round engine (fedseq/engine.py) and return the results
+    dict (also written to ``out_dir``). ``on_round(plan, params)`` sees the weights after each
+    round (model version ``plan.round_id + 1``)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t_setup = time.perf_counter()
+    p = prepare(cfg, prepared)
+    s, rule, adversary = p.setup, p.rule, p.adversary
+    params = s.initial_params()
+    ds = s.dataset
+    evaluator = Evaluator(s.model, ds.train, ds.test, s.benign_users, s.targets, s.eval_config())
+    summary: dict[str, Any] = {"runner": "inprocess"}
+    if adversary is not None:
+        summary.update(attack=cfg.attack, malicious_clients=adversary.population.size,
+                       population=adversary.population.note)
+    progress(f"fedseq sim: {ds.name} ({ds.num_users} users, {ds.num_items} items), {cfg.model}, "
+             f"{cfg.epochs} epochs, rule {cfg.aggregation}, targets {list(s.targets)} "
+             f"(setup {time.perf_counter() - t_setup:.1f}s)")
+    if adversary is not None:
+        progress(f"attack {cfg.attack} {dict(cfg.attack_opts)}: {adversary.population.note}")
+    local = cfg.local()
+    root = root_source(rule, cfg, s.model)
+    malicious = set(s.malicious_users.tolist())
+    plan = plan_run(cfg, all_clients(s), ds.num_users)
+    epochs: list[dict[str, Any]] = []
+    acc: dict[str, float] = {}
+    t0 = time.perf_counter()
+    for i, rp in enumerate(plan):
+        ta = time.perf_counter()
+        ub = train_round(s, adversary, params, rp, local)
+        tb = time.perf_counter()
+        out = aggregate_round(rule, params, ub.updates, torch.as_tensor(ub.num_samples, dtype=torch.float32),
+                              ub.users.tolist(), rp.lr, rp.round_id, root)
+        params = out.params
+        if on_round is not None:
+            on_round(rp, params)
+        n_mal, n_kept = malicious_kept(out.users, out.kept_users, malicious)
+        for k, v in (("rounds", 0 if rp.adversarial else 1), ("accepted", len(out.users)),
+                     ("rejected", len(out.overflow)), ("malicious_updates", n_mal), ("malicious_kept", n_kept),
+                     ("compute_seconds", tb - ta), ("aggregate_seconds", time.perf_counter() - tb)):
+            acc[k] = acc.get(k, 0) + v
+        if len(ub.users):
+            progress(f"~epoch {rp.epoch + 1}/{cfg.epochs} round {rp.round_id + 1}/{len(plan)} "
+                     f"loss {float(np.mean(ub.losses)):.4f}")
+        if not last_of_epoch(plan, i):
+            continue
+        epoch = rp.epoch
+        row: dict[str, Any] = {"epoch": epoch + 1, "lr": rp.lr, "train_seconds": time.perf_counter() - t0, **acc}
+        if adversary is None:
+            for k in ("malicious_updates", "malicious_kept"):
+                row.pop(k)
+        if eval_due(cfg, epoch):
+            te = time.perf_counter()
+            row.update(evaluator(params).means())
+            row["eval_seconds"] = time.perf_counter() - te
+        row["seconds"] = time.perf_counter() - t0
+        epochs.append(row)
+        if "hr@10" in row:
+            mal = ""
+            if adversary is not None:
+                mal = f" malicious updates {row['malicious_updates']} (kept {row['malicious_kept']})"
+            progress(f"epoch {epoch + 1}/{cfg.epochs}: HR@10 {row['hr@10']:.4f} NDCG@10 {row['ndcg@10']:.4f} "
+                     f"ER@5 {row['er@5']:.4f} ER@10 {row['er@10']:.4f}{mal} ({row['seconds']:.1f}s)")
+        if out_dir is not None:
+            write_results(out_dir, cfg.to_dict(), epochs, summary)
+        acc, t0 = {}, time.perf_counter()
+    results = {"config": cfg.to_dict(), "epochs": epochs, "summary": summary}
+    extra = [k for k in ("malicious_updates", "malicious_kept") if any(k in e for e in epochs)]
+    progress(format_table(epochs, extra))
+    return results

@@ -1,0 +1,222 @@
+"""The round engine: what a round *is*, computed in one place for every runner.
+
+The orchestrator (over the network), the aggregation server (over the network) and the
+in-process runner (``fedseq sim``) all call these functions; they add only transport,
+validation and state. A difference between the runners is therefore a bug in a caller, never a
+second implementation (tests/test_engine_equal.py runs every rule through both).
+
+- The schedule: :func:`plan_run` lists every round of a run in order (epoch, users, learning
+  rate, and the adversarial-training rounds that follow each round when ``adv_train`` is on);
+  round ids are global, so round r trains on model version r and produces version r + 1.
+  :func:`eval_due` says after which epochs the benign users are evaluated.
+- The step: :func:`aggregate_round` applies the rule to the round's stacked updates (binding the
+  server's FLTrust root update when the rule needs one), steps ``w <- w - lr * aggregate`` and
+  refuses, one by one from the largest norm, updates whose aggregate overflows float32.
+- The accounting: :func:`malicious_kept` counts the malicious updates the rule kept, by one
+  algorithm (the rule never knows who is malicious; only the experiment's report does).
+
+The rule contract (:class:`AggregationResult`, :class:`AggregationRule`) lives here too: the
+rules themselves (``server/aggregation/``) are plug-ins that the services pass in.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from .adv_train import pick_adv_users
+from .config import ExperimentConfig
+
+log = logging.getLogger(__name__)
+
+SCHEDULE_KEY = 0x5C4ED  # stream of the epoch shuffles
+
+
+# ---------------------------------------------------------------------------- the rule contract
+@dataclass(frozen=True)
+class AggregationResult:
+    """What a rule returns.
+
+    vector: ``[D]`` aggregate; the server steps ``w <- w - lr * vector``.
+    kept: indices (into the K stacked updates) that the rule kept / gave weight to, or ``None``
+        when every update contributed. Used by the experiment's own report to say whether a
+        malicious update was among those kept (the rule itself never knows who is malicious).
+    info: JSON-serialisable facts about the run of the rule (iterations, clipped count, ...).
+    """
+
+    vector: torch.Tensor
+    kept: tuple[int, ...] | None = None
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+
+class AggregationRule(Protocol):
+    """A configured rule: ``rule(updates [K, D], weights [K]) -> AggregationResult``."""
+
+    @property
+    def name(self) -> str: ...  # read-only, so frozen dataclasses satisfy the protocol
+
+    def __call__(self, updates: torch.Tensor, weights: torch.Tensor) -> AggregationResult: ...
+
+
+def needs_root(rule: AggregationRule) -> bool:
+    """True when ``rule`` needs a server-computed root update (FLTrust) bound before each call."""
+    return bool(getattr(rule, "needs_root", False))
+
+
+def bind_root(rule: AggregationRule, root: torch.Tensor) -> AggregationRule:
+    """Return ``rule`` bound to this round's root update ``root [D]`` (``rule`` itself if it needs none)."""
+    if not needs_root(rule):
+        return rule
+    return rule.with_root(root)  # type: ignore[attr-defined]
+
+
+def server_step(params: torch.Tensor, aggregate: torch.Tensor, lr: float) -> torch.Tensor:
+    """The server's step ``w <- w - lr * aggregate`` on flat ``[D]`` vectors (new tensor)."""
+    if params.shape != aggregate.shape:
+        raise ValueError(f"params {tuple(params.shape)} and aggregate {tuple(aggregate.shape)} differ")
+    return params - lr * aggregate.to(params.dtype)
+
+
+# ---------------------------------------------------------------------------- the schedule
+@dataclass(frozen=True, eq=False)
+class RoundPlan:
+    """One round of a run.
+
+    round_id: global id; the round trains on model version ``round_id``.
+    epoch: 0-based epoch; index: position in the epoch (-1 for an adversarial-training round).
+    users: ``[k]`` int64 client ids, sorted (benign ``0..N-1``, malicious ``N..``).
+    lr: the epoch's learning rate. adversarial: an adversarial-training round (benign users only).
+    """
+
+    round_id: int
+    epoch: int
+    index: int
+    users: np.ndarray
+    lr: float
+    adversarial: bool = False
+
+
+def epoch_rounds(cfg: ExperimentConfig, clients: np.ndarray, epoch: int) -> list[np.ndarray]:
+    """The rounds of 0-based ``epoch``.
+
+    Paper mode (``fraction == 0``): shuffle every client and cut into rounds of
+    ``clients_per_round`` (the last round may be smaller). FedAvg sampling (``fraction > 0``):
+    ``ceil(1 / fraction)`` rounds, each an independent sample of ``max(1, fraction * n)`` clients.
+    Each round's clients are returned sorted by id.
+    """
+    rng = np.random.default_rng(np.random.SeedSequence([cfg.seed & 0xFFFFFFFF, SCHEDULE_KEY, epoch]))
+    clients = np.sort(np.asarray(clients, dtype=np.int64))
+    if cfg.fraction <= 0:
+        order = rng.permutation(clients)
+        B = cfg.clients_per_round
+        return [np.sort(order[i : i + B]) for i in range(0, len(order), B)]
+    per_round = max(1, int(round(cfg.fraction * len(clients))))
+    n_rounds = int(np.ceil(1.0 / cfg.fraction))
+    return [np.sort(rng.choice(clients, size=per_round, replace=False)) for _ in range(n_rounds)]
+
+
+def adv_train_on(cfg: ExperimentConfig) -> bool:
+    """Whether the run does adversarial training (``adv_train``, unless the compat switch
+    ``advtrain_noop`` reproduces the public code, whose adversarial step changes nothing)."""
+    return bool(cfg.adv_train and not cfg.compat.advtrain_noop)
+
+
+def plan_run(cfg: ExperimentConfig, clients: np.ndarray, num_benign: int) -> list[RoundPlan]:
+    """Every round of the run, in order. With adversarial training each round is followed by an
+    adversarial round (its own round id and model version) of ``adv_users_per_round`` of that
+    round's benign users (Yue et al. 2022; ALGORITHMS.md "adv_train")."""
+    out: list[RoundPlan] = []
+    adv = cfg.adv_config() if adv_train_on(cfg) else None
+    for e in range(cfg.epochs):
+        lr = cfg.lr_at(e)
+        for r, users in enumerate(epoch_rounds(cfg, clients, e)):
+            out.append(RoundPlan(len(out), e, r, users, lr))
+            if adv is not None:
+                benign = users[users < num_benign]
+                picked = pick_adv_users(benign, cfg.seed, len(out), adv.users_per_round)
+                out.append(RoundPlan(len(out), e, -1, np.asarray(picked, dtype=np.int64), lr, adversarial=True))
+    return out
+
+
+def last_of_epoch(plan: Sequence[RoundPlan], i: int) -> bool:
+    """Whether ``plan[i]`` is the last round of its epoch."""
+    return i + 1 == len(plan) or plan[i + 1].epoch != plan[i].epoch
+
+
+def eval_due(cfg: ExperimentConfig, epoch: int) -> bool:
+    """Whether the benign users are evaluated after 0-based ``epoch``: every ``eval_every``
+    epochs and after the last one."""
+    return (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
+
+
+# ---------------------------------------------------------------------------- the step
+RootUpdate = Callable[[torch.Tensor, int], torch.Tensor]  # (params [D], round id) -> root update [D]
+
+
+@dataclass(frozen=True, eq=False)
+class RoundOutcome:
+    """What :func:`aggregate_round` did.
+
+    params: ``[D]`` weights after the step (the old ones when nothing was aggregated).
+    users: the users whose updates were aggregated (sorted; those refused for overflow removed).
+    kept_users: the users the rule kept, or ``None`` when every aggregated update contributed.
+    overflow: users refused because the aggregate with their update was not finite.
+    result: the rule's result (None when no update was aggregated).
+    """
+
+    params: torch.Tensor
+    users: tuple[int, ...]
+    kept_users: tuple[int, ...] | None
+    overflow: tuple[int, ...] = ()
+    result: AggregationResult | None = None
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return {} if self.result is None else dict(self.result.info)
+
+
+def aggregate_round(rule: AggregationRule, params: torch.Tensor, updates: torch.Tensor, weights: torch.Tensor,
+                    users: Sequence[int], lr: float, round_id: int, root: RootUpdate | None = None) -> RoundOutcome:
+    """One round's aggregation and step.
+
+    ``updates [K, D]`` holds the updates of ``users`` (sorted ids) in that order, ``weights [K]``
+    their sample counts. With a rule that needs a root update (FLTrust), ``root(params,
+    round_id)`` computes it. An aggregate that is not finite (finite updates can still overflow
+    float32 together) never becomes a version: the updates of the largest norm are refused one
+    by one until the step is finite, or all are and the weights stay."""
+    users = [int(u) for u in users]
+    if needs_root(rule) and root is None:
+        raise ValueError(f"rule {rule.name!r} needs a root update and the runner gave none")
+    bound = bind_root(rule, root(params, round_id)) if root is not None and needs_root(rule) else rule
+    overflow: list[int] = []
+    U, w = updates, weights
+    while users:
+        res = bound(U, w)
+        new = server_step(params, res.vector, lr)
+        if bool(torch.isfinite(new).all()):
+            kept = None if res.kept is None else tuple(users[i] for i in res.kept)
+            return RoundOutcome(new, tuple(users), kept, tuple(overflow), res)
+        worst = int(U.double().norm(dim=1).argmax())
+        log.warning("round %d: the aggregate is not finite; refusing the update of user %d (largest norm)",
+                    round_id, users[worst])
+        overflow.append(users.pop(worst))
+        keep = torch.ones(U.shape[0], dtype=torch.bool)
+        keep[worst] = False
+        U, w = U[keep], w[keep]
+    return RoundOutcome(params, (), None, tuple(overflow), None)
+
+
+# ---------------------------------------------------------------------------- the accounting
+def malicious_kept(aggregated: Iterable[int], kept_users: Iterable[int] | None, malicious: set[int]) -> tuple[int, int]:
+    """``(malicious updates aggregated, malicious updates the rule kept)`` of a round: every
+    aggregated malicious update counts as kept when the rule reports no selection."""
+    mal = [u for u in aggregated if u in malicious]
+    if kept_users is None:
+        return len(mal), len(mal)
+    kept = set(kept_users)
+    return len(mal), sum(1 for u in mal if u in kept)
