@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     s = setup(cfg)
     ds, layout = s.dataset, s.layout
     params = s.initial_params()
-    rule = make_rule(cfg.aggregation, dict(cfg.aggregation_opts))
+    rule = make_rule(cfg.defense, dict(cfg.defense_opts))
     rounds = epoch_rounds(cfg, s.benign_users, 0)
     if args.rounds:
         rounds = rounds[: args.rounds]

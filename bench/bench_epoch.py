@@ -38,7 +38,7 @@ def inprocess(cfg, epochs: int) -> dict:
     torch.set_num_threads(cfg.threads)
     s = setup(cfg)
     params = s.initial_params()
-    rule = make_rule(cfg.aggregation, dict(cfg.aggregation_opts))
+    rule = make_rule(cfg.defense, dict(cfg.defense_opts))
     ds = s.dataset
     train_t, eval_t = [], {}
     rk = 0

@@ -38,11 +38,11 @@ def main() -> int:
           "malicious kept / sent |")
     print("|---|---|---|---|---|---|---|---|---|")
     for rule, opts in RULES:
-        cfg0 = build_config(None, {**base, "aggregation": rule, "aggregation_opts": opts})
+        cfg0 = build_config(None, {**base, "defense": rule, "defense_opts": opts})
         lr = cfg0.lr if rule in SUM_SCALE else cfg0.lr * cfg0.clients_per_round
         row = []
         for attack in ("none", "dv-fsr"):
-            cfg = build_config(None, {**base, "aggregation": rule, "aggregation_opts": opts, "lr": lr,
+            cfg = build_config(None, {**base, "defense": rule, "defense_opts": opts, "lr": lr,
                                       "attack": attack, "malicious_ratio": args.ratio})
             res = run_inprocess(cfg, None, progress=lambda _line: None)
             last = res["epochs"][-1]

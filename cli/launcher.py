@@ -223,7 +223,7 @@ def launch(cfg: ExperimentConfig, settings: LaunchSettings) -> int:
     n_workers = settings.workers + (settings.attackers if attack else 0)
     print(f"fedseq run {run_id}: {cfg.dataset} / {cfg.model}, {cfg.epochs} epochs, {settings.workers} client "
           f"workers{f', {settings.attackers} attacker workers ({cfg.attack})' if attack else ''}, "
-          f"rule {cfg.aggregation}, codec {cfg.codec}", file=sys.stderr)
+          f"rule {cfg.defense}, codec {cfg.codec}", file=sys.stderr)
     procs: list[_Proc] = []
     with ExitStack() as stack:
         def cleanup() -> None:

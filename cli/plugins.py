@@ -24,9 +24,9 @@ class Prepared:
 def make_rule_checked(cfg: ExperimentConfig) -> AggregationRule:
     """The run's aggregation rule, or :class:`ConfigError` naming the config keys and flags."""
     try:
-        return make_rule(cfg.aggregation, dict(cfg.aggregation_opts))
+        return make_rule(cfg.defense, dict(cfg.defense_opts))
     except RuleConfigError as e:
-        raise ConfigError(f"{e} (config keys 'aggregation' / 'aggregation_opts', flags --defense / --defense-opt)") \
+        raise ConfigError(f"{e} (config keys 'defense' / 'defense_opts', flags --defense / --defense-opt)") \
             from None
 
 

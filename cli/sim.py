@@ -109,7 +109,7 @@ def run_inprocess(cfg: ExperimentConfig, out_dir: str | Path | None = None,
         summary.update(attack=cfg.attack, malicious_clients=adversary.population.size,
                        population=adversary.population.note)
     progress(f"fedseq sim: {ds.name} ({ds.num_users} users, {ds.num_items} items), {cfg.model}, "
-             f"{cfg.epochs} epochs, rule {cfg.aggregation}, targets {list(s.targets)} "
+             f"{cfg.epochs} epochs, rule {cfg.defense}, targets {list(s.targets)} "
              f"(setup {time.perf_counter() - t_setup:.1f}s)")
     if adversary is not None:
         progress(f"attack {cfg.attack} {dict(cfg.attack_opts)}: {adversary.population.note}")

@@ -82,8 +82,10 @@ class ExperimentConfig:
     lr: float = 0.001
     lr_decay: float = 0.5
     lr_decay_every: int = 5
-    aggregation: str = "fedavg"  # registry name (server/aggregation); the paper's "common" = fedavg sum
-    aggregation_opts: tuple[tuple[str, str], ...] = ()
+    # the defense: an aggregation rule's registry name (server/aggregation; the paper's "common" is
+    # the fedavg sum), or "adv-train" (client-side adversarial training over the sum; read below)
+    defense: str = "fedavg"
+    defense_opts: tuple[tuple[str, str], ...] = ()
     local_epochs: int = 1
     local_lr: float = 0.01
     optimizer: str = "sgd"
@@ -166,7 +168,7 @@ class ExperimentConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["aggregation_opts"] = dict(self.aggregation_opts)
+        d["defense_opts"] = dict(self.defense_opts)
         d["attack_opts"] = dict(self.attack_opts)
         d["adv_train_opts"] = dict(self.adv_train_opts)
         d["targets"] = list(self.targets)
@@ -178,16 +180,17 @@ class ExperimentConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ExperimentConfig:
         known = {f.name: f for f in fields(cls)}
+        data = {LEGACY_KEYS.get(k, k): v for k, v in data.items()}
         unknown = sorted(set(data) - set(known))
         if unknown:
             raise ConfigError(f"unknown config key(s) {unknown}; known keys: {sorted(known)}")
         kw: dict[str, Any] = {}
         for key, value in data.items():
             kw[key] = _coerce(key, value)
-        if kw.get("aggregation") == "adv-train":  # a client-side defense on top of the paper's sum
-            kw["aggregation"], kw["adv_train"] = "fedavg", True
-            if kw.get("aggregation_opts"):  # --defense-opt goes to adv-train then
-                kw["adv_train_opts"] = kw.pop("aggregation_opts")
+        if kw.get("defense") == "adv-train":  # a client-side defense on top of the paper's sum
+            kw["defense"], kw["adv_train"] = "fedavg", True
+            if kw.get("defense_opts"):  # --defense-opt goes to adv-train then
+                kw["adv_train_opts"] = kw.pop("defense_opts")
         return cls(**kw)
 
     @classmethod
@@ -207,6 +210,9 @@ class ExperimentConfig:
         return data
 
 
+LEGACY_KEYS = {"aggregation": "defense", "aggregation_opts": "defense_opts"}  # results written before 2026-11-29
+
+
 def _coerce(key: str, value: Any) -> Any:
     """Turn file/env/CLI values (strings, lists, dicts) into the field's type."""
     try:
@@ -216,7 +222,7 @@ def _coerce(key: str, value: Any) -> Any:
             if isinstance(value, Mapping):
                 return Compat(**{k.replace("-", "_"): bool(v) for k, v in value.items()})
             return Compat.parse(str(value))
-        if key in ("aggregation_opts", "attack_opts", "adv_train_opts"):
+        if key in ("defense_opts", "attack_opts", "adv_train_opts"):
             if isinstance(value, Mapping):
                 return tuple(sorted((str(k), str(v)) for k, v in value.items()))
             if isinstance(value, str):

@@ -126,7 +126,7 @@ def format_run(run: Run) -> str:
     cfg, summ, t = run.config, run.results.get("summary", {}), run.totals
     out = [f"== {run.run_id}  ({run.path})",
            f"dataset {cfg.get('dataset', '?')}, model {cfg.get('model', '?')}, codec {cfg.get('codec', '?')}, "
-           f"compression {cfg.get('compression', 'none')}, rule {cfg.get('aggregation', '?')}, "
+           f"compression {cfg.get('compression', 'none')}, rule {cfg.get('defense', cfg.get('aggregation', '?'))}, "
            f"state {summ.get('state', '?')}, rounds {summ.get('rounds', '?')}", ""]
     epochs = run.results.get("epochs", [])
     if epochs:

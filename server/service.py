@@ -112,7 +112,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
     def StartRun(self, request, context):
         try:
             cfg = ExperimentConfig.from_dict(json.loads(request.config_json))
-            rule = make_rule(cfg.aggregation, dict(cfg.aggregation_opts))
+            rule = make_rule(cfg.defense, dict(cfg.defense_opts))
         except (ValueError, RuleConfigError) as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad run config: {e}")
         if request.num_items < 1:
@@ -424,7 +424,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             return pb.RoundSummary(
                 round_id=rnd.round_id, new_version=self.version, accepted=len(users),
                 rejected=[pb.Rejection(user_id=u, reason=r) for u, r in sorted(rnd.rejected.items())], missing=missing,
-                bytes_received=rnd.bytes_received, timings=timings, rule=self.cfg.aggregation if self.cfg else "",
+                bytes_received=rnd.bytes_received, timings=timings, rule=self.cfg.defense if self.cfg else "",
                 rule_info_json=info_json, kept_users=kept_users, kept_reported=kept_reported, store_bytes=store_bytes, update_norm=norm,
                 store_bytes_read=store_read, patch_bytes=patch_bytes, refused=refused, bytes_refused=refused_bytes,
                 refused_sample=[pb.Rejection(user_id=u, reason=r) for u, r in sample])

@@ -459,7 +459,7 @@ def test_sim_dv_fsr_raises_exposure_and_reports_malicious_updates():
 
 
 def test_sim_reports_how_many_malicious_updates_a_robust_rule_kept():
-    res = _sim("scale", epochs=1, aggregation="krum", aggregation_opts={"m": "32"},
+    res = _sim("scale", epochs=1, defense="krum", defense_opts={"m": "32"},
                attack_opts={"base": "eb", "factor": "50"})
     row = res["epochs"][0]
     assert row["malicious_updates"] == 4 and 0 <= row["malicious_kept"] <= 4

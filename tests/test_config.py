@@ -44,7 +44,7 @@ def test_precedence_file_then_env_then_overrides(tmp_path):
 def test_env_values_are_coerced_to_field_types():
     # Prepare
     env = {"FEDSEQ_DROPOUT": "no", "FEDSEQ_MALICIOUS_RATIO": "0.01", "FEDSEQ_TARGETS": "5,9",
-           "FEDSEQ_COMPAT": "eval-dropout,shared_neg_seed", "FEDSEQ_AGGREGATION_OPTS": "b=2,a=1",
+           "FEDSEQ_COMPAT": "eval-dropout,shared_neg_seed", "FEDSEQ_DEFENSE_OPTS": "b=2,a=1",
            "FEDSEQ_DATA_ROOT": ""}
 
     # Execute
@@ -55,7 +55,7 @@ def test_env_values_are_coerced_to_field_types():
     assert cfg.malicious_ratio == 0.01
     assert cfg.targets == (5, 9)
     assert cfg.compat == Compat(eval_dropout=True, shared_neg_seed=True)
-    assert cfg.aggregation_opts == (("a", "1"), ("b", "2"))
+    assert cfg.defense_opts == (("a", "1"), ("b", "2"))
     assert cfg.data_root is None
     assert env_overrides(environ={"FEDSEQ_SEED": "4", "FEDSEQ_BOGUS": "1"}) == {"seed": "4"}
 
@@ -66,7 +66,7 @@ def test_toml_file_with_a_compat_table(tmp_path):
     path.write_text(
         'model = "sasrec"\nepochs = 4\nlr = 0.002\ntargets = [3, 8]\n'
         "[compat]\neval_mask_token = true\nneg-from-vocab = true\n"
-        '[aggregation_opts]\nreduce = "mean"\n'
+        '[defense_opts]\nreduce = "mean"\n'
     )
 
     # Execute
@@ -75,7 +75,7 @@ def test_toml_file_with_a_compat_table(tmp_path):
     # Assert
     assert (cfg.epochs, cfg.lr, cfg.targets) == (4, 0.002, (3, 8))
     assert cfg.compat.enabled() == ["eval_mask_token", "neg_from_vocab"]
-    assert cfg.aggregation_opts == (("reduce", "mean"),)
+    assert cfg.defense_opts == (("reduce", "mean"),)
     assert cfg.local().neg_from_vocab is True and cfg.local().shared_neg_seed is False
 
 
@@ -116,7 +116,7 @@ def test_unknown_key_is_named():
     ({"targets": "3,0"}, "target items must be >= 1"),
     ({"optimizer": "rmsprop"}, "optimizer must be 'sgd' or 'adam'"),
     ({"local_epochs": 0}, "local_epochs"),
-    ({"aggregation_opts": "reduce"}, "option 'reduce' must look like key=value"),
+    ({"defense_opts": "reduce"}, "option 'reduce' must look like key=value"),
 ])
 def test_invalid_values_raise_config_error(overrides, match):
     with pytest.raises(ConfigError, match=match):
@@ -182,7 +182,7 @@ def test_to_dict_from_dict_round_trip():
     # Prepare
     cfg = build_config(None, {
         "run_id": "r1", "model": "bert4rec", "epochs": 2, "targets": [4, 2], "compat": "eval_dropout",
-        "aggregation": "mixed-rfa", "aggregation_opts": {"lam": "0.3", "eps": "1e-5"},
+        "defense": "mixed-rfa", "defense_opts": {"lam": "0.3", "eps": "1e-5"},
         "attack_opts": ["n=100"], "malicious_ratio": 0.001, "data_root": "/tmp/x",
     }, environ={})
 
@@ -193,7 +193,7 @@ def test_to_dict_from_dict_round_trip():
 
     # Assert
     assert back == cfg and via_json == cfg
-    assert d["compat"]["eval_dropout"] is True and d["aggregation_opts"] == {"eps": "1e-5", "lam": "0.3"}
+    assert d["compat"]["eval_dropout"] is True and d["defense_opts"] == {"eps": "1e-5", "lam": "0.3"}
     assert d["targets"] == [4, 2] and d["attack_opts"] == {"n": "100"}
 
 
@@ -206,3 +206,14 @@ def test_option_lists_as_strings_or_pairs():
     assert from_strings.attack_opts == from_pairs.attack_opts == (("n", "100"), ("s", "10"))
     with pytest.raises(ConfigError, match="config key 'attack_opts': invalid value"):
         build_config(None, {"attack_opts": [["n", "1", "extra"]]}, environ={})
+
+
+def test_the_defense_has_one_name_and_old_results_still_load():
+    # Prepare: a config dict as results.json held it before the key was renamed
+    old = {"aggregation": "mixed-rfa", "aggregation_opts": {"lambda": "0.5"}}
+    # Execute
+    cfg = ExperimentConfig.from_dict(old)
+    # Assert: read under the one name, written under it
+    assert (cfg.defense, cfg.defense_opts) == ("mixed-rfa", (("lambda", "0.5"),))
+    assert "aggregation" not in cfg.to_dict() and cfg.to_dict()["defense"] == "mixed-rfa"
+    assert build_config(None, {}, environ={"FEDSEQ_DEFENSE": "krum"}).defense == "krum"

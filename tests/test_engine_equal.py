@@ -42,7 +42,7 @@ class ParamsRecorder(AggregatorServicer):
 
 
 def _cfg(rule: str, adv: bool, attack: str) -> ExperimentConfig:
-    return replace(BASE, run_id=f"eq-{rule}-{int(adv)}-{attack}", aggregation=rule, aggregation_opts=OPTS.get(rule, ()),
+    return replace(BASE, run_id=f"eq-{rule}-{int(adv)}-{attack}", defense=rule, defense_opts=OPTS.get(rule, ()),
                    adv_train=adv, attack=attack, malicious_ratio=0.1 if attack != "none" else 0.0)
 
 

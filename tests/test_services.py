@@ -280,7 +280,7 @@ def test_robust_rules_through_the_services_match_the_inprocess_runner(redis_url,
     """FLTrust needs the server's own root data (fedseq/root.py); mixed-RFA is the paper's defense."""
     from cli.sim import run_inprocess
 
-    cfg = replace(TINY, run_id=f"rule-{rule}", aggregation=rule, epochs=1)
+    cfg = replace(TINY, run_id=f"rule-{rule}", defense=rule, epochs=1)
     fed = Federation(redis_url, cfg, workers=0)
     try:
         fed.add_worker("a")
