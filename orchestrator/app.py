@@ -11,7 +11,8 @@ from fedseq.experiment import Setup
 from fedseq.rpc import Service
 from fedseq.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
-from .service import Orchestrator, OrchestratorSettings
+from .service import Orchestrator
+from .settings import OrchestratorSettings
 
 __all__ = ["OrchestratorApp", "OrchestratorSettings", "build"]
 

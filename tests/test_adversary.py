@@ -302,7 +302,7 @@ def test_fedseq_certs_command(tmp_path):
 def test_describe_and_status_with_the_right_roles_work(tmp_path, redis_url):
     fed = Federation(redis_url, replace(TINY, run_id="roles", epochs=1), workers=1, tls_dir=tmp_path)
     try:
-        d = fed.orch._refresh_workers()
+        d = fed.orch.pool.refresh()
         assert d and d[0].ready  # the orchestrator's certificate may call Describe
         status = fed.orch_stub.GetStatus(orchestrator_pb2.StatusRequest(), timeout=10)  # the operator's may poll
         assert status.run_id == "roles"

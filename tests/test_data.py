@@ -1,4 +1,4 @@
-"""Tests for fedseq.data: loaders, leave-one-out split, stats, sharding and the synthetic generator."""
+"""Tests for fedseq.data: loaders, leave-one-out split, stats and the synthetic generator."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from fedseq.data import (
     DataError,
@@ -21,8 +19,6 @@ from fedseq.data import (
     load_dataset,
     load_movielens,
     load_sequences,
-    parse_shard,
-    shard,
     stats,
     synthetic,
 )
@@ -470,58 +466,6 @@ def test_least_popular_item_includes_items_without_training_interactions() -> No
 
     # Execute / Assert
     assert least_popular_item(ds) == 3
-
-
-# --------------------------------------------------------------------------------------------
-# shard and parse_shard
-
-
-@given(num_users=st.integers(0, 500), count=st.integers(1, 40))
-def test_shards_partition_users_deterministically(num_users: int, count: int) -> None:
-    # Execute
-    shards = [shard(num_users, i, count) for i in range(count)]
-
-    # Assert
-    joined = np.concatenate(shards)
-    assert np.array_equal(np.sort(joined), np.arange(num_users))  # covering and disjoint
-    for i, part in enumerate(shards):
-        assert part.dtype == np.int64
-        assert np.all(np.diff(part) > 0)
-        assert np.all(part % count == i)
-        assert np.array_equal(part, shard(num_users, i, count))
-
-
-@pytest.mark.parametrize(
-    ("args", "message"), [((10, 0, 0), "count"), ((10, 3, 3), "index"), ((10, -1, 2), "index")]
-)
-def test_shard_rejects_bad_arguments(args: tuple[int, int, int], message: str) -> None:
-    # Execute / Assert
-    with pytest.raises(ValueError, match=message):
-        shard(*args)
-
-
-@pytest.mark.parametrize(("text", "expected"), [("0/1", (0, 1)), (" 3 / 4 ", (3, 4)), ("7/8", (7, 8))])
-def test_parse_shard_valid(text: str, expected: tuple[int, int]) -> None:
-    # Execute / Assert
-    assert parse_shard(text) == expected
-
-
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [
-        ("3", "must look like 'i/n'"),
-        ("1/2/3", "must look like 'i/n'"),
-        ("a/4", "must be integers"),
-        ("1/", "must be integers"),
-        ("0/0", "count n must be >= 1"),
-        ("4/4", "0 <= i < n=4"),
-        ("-1/4", "0 <= i < n=4"),
-    ],
-)
-def test_parse_shard_errors(text: str, message: str) -> None:
-    # Execute / Assert
-    with pytest.raises(ValueError, match=message):
-        parse_shard(text)
 
 
 # --------------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ def _graph() -> dict[str, set[str]]:
 def test_the_scan_sees_every_package_and_known_arrows():
     g = _graph()
     assert {m.split(".")[0] for m in g} == set(PACKAGES)
-    assert "fedseq.engine" in g["server.service"] and "fedseq.engine" in g["orchestrator.service"]
+    assert "fedseq.engine" in g["server.service"] and "fedseq.engine" in g["orchestrator.run"]
     assert "server.aggregation" in g["cli.plugins"] and "client.app" in g["attacker.app"]
 
 

@@ -149,6 +149,7 @@ def test_update_bytes_match_what_the_server_received(runs, which):
     ledger_side = {(e["round"], e["user"]): e["bytes"] for e in entries if e["kind"] == "update"}
     # Assert
     assert ledger_side == server_side
+    assert len(ledger_side) == 60 * 2  # every user once per epoch: not {} == {}
     assert all(v > 0 for v in ledger_side.values())
 
 
@@ -197,7 +198,7 @@ def test_train_messages_match_what_the_workers_saw(runs):
                and e["what"] == "Worker.Train request"}
         rep = {e["round"]: e["bytes"] for e in entries if e["worker"] == w.worker_id
                and e["what"] == "Worker.Train reply"}
-        assert req == seen_req and rep == seen_rep
+        assert len(req) >= 1 and req == seen_req and rep == seen_rep  # not {} == {}: it trained
 
 
 def test_model_delta_reads_patches_and_trains_the_same_models(runs):

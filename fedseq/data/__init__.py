@@ -1,4 +1,4 @@
-"""Interaction data: loaders, the leave-one-out split, a synthetic generator, stats and sharding.
+"""Interaction data: loaders, the leave-one-out split, a synthetic generator and stats.
 
 Every data set ends up as a :class:`SeqDataset`: one chronological item sequence per user, split
 leave-one-out (the last item is the held-out test item, everything before it is training data).
@@ -15,7 +15,6 @@ One module per job; import from the package (``from fedseq.data import load_data
 - :mod:`.generator`: :func:`synthetic`, the project's default data set (Markov-structured
   sequences with latent clusters and Zipf popularity, small enough to train in seconds);
 - :mod:`.summary`: :func:`stats` and :func:`least_popular_item` (the default attack target);
-- :mod:`.sharding`: :func:`shard` and :func:`parse_shard`.
 
 Malformed files raise :class:`DataError` with ``path:line: reason``.
 """
@@ -25,7 +24,6 @@ from __future__ import annotations
 from .base import DataError, IntArray, SeqDataset, UserSequences
 from .generator import synthetic
 from .loaders import DATA_ROOT_ENV, load_csv, load_dataset, load_movielens, load_sequences
-from .sharding import parse_shard, shard
 from .split import leave_one_out
 from .summary import DatasetStats, least_popular_item, stats
 
@@ -42,8 +40,6 @@ __all__ = [
     "load_dataset",
     "load_movielens",
     "load_sequences",
-    "parse_shard",
-    "shard",
     "stats",
     "synthetic",
 ]

@@ -1,0 +1,473 @@
+"""The orchestrator's run loop, top to bottom: wait for workers, bind the aggregation server to
+the run (new, or resumed from the store head), then for every round of the round engine's plan
+(fedseq/engine.py): open it on the server with one-time tokens, ask the workers that host its
+users to train them, close it, record it; after the last round of an epoch, evaluate (when the
+engine says so) and write the results. A round whose server or store fails is rerun from the
+store head; the communication ledger is committed round by round.
+
+Round ids are global: round r trains on model version r and produces version r + 1, so the store
+head *is* the number of completed rounds and a restarted orchestrator continues from it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import secrets
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from fedseq import ledger as ledger_mod
+from fedseq import observe
+from fedseq.config import ExperimentConfig
+from fedseq.engine import RoundPlan, eval_due, last_of_epoch, malicious_kept, plan_run
+from fedseq.experiment import Setup, all_clients
+from fedseq.ledger import Ledger
+from fedseq.metrics import KS, MetricSums, sums_from_proto
+from fedseq.results import write_results
+from fedseq.rpc import CONTROL_TIMEOUT, channel, grpc_compression
+from fedseq.store import RedisStore, StoreError
+from fedseq.v1 import aggregator_pb2 as agg_pb
+from fedseq.v1 import aggregator_pb2_grpc as agg_grpc
+from fedseq.v1 import common_pb2, worker_pb2
+
+from .settings import OrchestratorSettings
+from .workers import WorkerPool, assign
+
+log = logging.getLogger(__name__)
+
+EVAL_ATTEMPTS = 3  # evaluation passes over the users whose worker failed
+
+ROUND_RETRIES = 8  # reruns of a round whose aggregator or store failed (backoff 1, 2, 4, ... 15 s)
+
+
+
+def check_eval_sums(sums: MetricSums, asked: int, ks: set[int]) -> str | None:
+    """Why an evaluation reply for ``asked`` users cannot be true (None: plausible). Every metric
+    is a sum of per-user values in [0, 1], so each must be finite and within [0, users]."""
+    if sums.users != asked:
+        return f"reports {sums.users} users for the {asked} it was asked to evaluate"
+    if set(sums.er) != ks:
+        return f"reports ER@K for K in {sorted(sums.er)}, expected {sorted(ks)}"
+    for name, v in [("hr@10", sums.hr10), ("ndcg@10", sums.ndcg10), *((f"er@{k}", x) for k, x in sums.er.items())]:
+        if not math.isfinite(v) or v < 0 or v > asked + 1e-6 * max(1, asked):
+            return f"{name} sum {v!r} is outside [0, {asked}]"
+    return None
+
+
+
+class RunLoop:
+    """One run: its state (``state``, ``message``, ``round_id``, ``epochs``, bytes, ``results``)
+    and the loop that advances it. The Orchestrator servicer reads the state and starts, stops
+    and joins the loop."""
+
+    def __init__(self, cfg: ExperimentConfig, settings: OrchestratorSettings, setup: Setup, store: RedisStore,
+                 pool: WorkerPool, stop: threading.Event) -> None:
+        self.cfg, self.settings, self.setup, self.store, self.pool = cfg, settings, setup, store, pool
+        self.run_id = cfg.run_id or "run"
+        self._stop = stop
+        self._lock = threading.Lock()
+        self.state = "waiting"
+        self.message = ""
+        self.round_id = 0
+        self.epochs_done = 0
+        self.epochs: list[dict[str, Any]] = []
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.num_parameters = 0
+        self.results: dict[str, Any] | None = None
+        self.retries = 0  # rounds rerun after an aggregator or store failure
+        # the communication ledger (fedseq/ledger.py): entries go to the store's "ledger" stream
+        # round by round; these are running sums of it (rebuilt from the stream on resume)
+        self._comp = cfg.compression
+        self._grpc_comp = grpc_compression(cfg.compression)
+        self._epoch_bytes: dict[int, dict[str, int]] = {}  # 1-based epoch -> {"up", "down"}
+        self.identity = settings.identity
+        self.aggregator = agg_grpc.AggregatorStub(channel(settings.aggregator, identity=self.identity, peer="server"))
+        self.clients = all_clients(setup)
+        self.malicious = self.clients[self.clients >= setup.dataset.num_users]
+        self.plan = plan_run(cfg, self.clients, setup.dataset.num_users)  # every round of the run (engine)
+        self._eval_refused: list[dict[str, Any]] = []  # the last evaluation's refused worker replies
+        self._eval_by_worker: dict[str, int] = {}  # the last evaluation's users per worker
+        self._thread: threading.Thread | None = None
+
+    def _say(self, message: str) -> None:
+        self.message = message
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run_guarded, name="orchestrator-run", daemon=True)
+        self._thread.start()
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread:
+            self._thread.join(timeout)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run_guarded(self) -> None:
+        try:
+            self.run()
+        except Exception as e:  # noqa: BLE001 - the run's failure is reported through GetStatus
+            log.exception("run failed")
+            self.state, self.message = "failed", f"{type(e).__name__}: {e}"
+
+    def run(self) -> None:
+        cfg = self.cfg
+        observe.set_context(run=self.run_id)
+        self.store.put_config(cfg.to_dict())
+        self.pool.wait_for(self.settings.min_workers, self.settings.worker_wait, self._say)
+        if self._stop.is_set():
+            self.state = "stopped"
+            return
+        start_req, start = self._start_run()
+        self.num_parameters = int(start.num_parameters)
+        schedule = self.plan
+        done = int(start.head_version)
+        self._load_ledger()
+        led = Ledger(self.run_id, done, schedule[done].epoch + 1 if done < len(schedule) else cfg.epochs, "setup")
+        led.add_message(start_req, compression=self._comp, kind="control", direction="internal",
+                        link="orchestrator-aggregator", what="Aggregator.StartRun request")
+        led.add_message(start, compression=self._comp, kind="control", direction="internal",
+                        link="orchestrator-aggregator", what="Aggregator.StartRun reply")
+        if start.store_bytes:
+            led.add(kind="model_write", direction="internal", link="aggregator-store", what="store.put model:0",
+                    bytes=start.store_bytes)
+        self._commit(led)
+        self._reconcile_rounds(done, schedule)
+        self.epochs = self.store.records("epochs")
+        if start.resumed:
+            log.info("resuming run %s at round %d of %d", self.run_id, done, len(schedule))
+            self.message = f"resumed at round {done}"
+        self.round_id = done
+        self.epochs_done = len(self.epochs)
+        self.state = "running"
+        # an epoch whose rounds all finished before a crash but whose evaluation did not
+        if 0 < done <= len(schedule):
+            prev_epoch = schedule[done - 1].epoch
+            if last_of_epoch(schedule, done - 1) and len(self.epochs) <= prev_epoch:
+                self._end_epoch(prev_epoch, 0.0, {})
+        epoch_t0 = time.perf_counter()
+        acc: dict[str, float] = {}
+        for rid in range(done, len(schedule)):
+            if self._stop.is_set():
+                self.state = "stopped"
+                self._write()
+                return
+            rp = schedule[rid]
+            summary = self._round_retrying(rp)
+            acc["rounds"] = acc.get("rounds", 0) + (0 if rp.adversarial else 1)
+            for k in ("accepted", "rejected", "missing", "malicious", "malicious_kept"):
+                key = "malicious_updates" if k == "malicious" else k  # the in-process runner's key
+                acc[key] = acc.get(key, 0) + summary[k]
+            if last_of_epoch(schedule, rid):
+                self._end_epoch(rp.epoch, time.perf_counter() - epoch_t0, acc)
+                epoch_t0, acc = time.perf_counter(), {}
+        self.state = "done"
+        self._write()
+
+    def _reconcile_rounds(self, head: int, schedule: list[RoundPlan]) -> None:
+        """A round the server applied (head past it) whose record a crashed orchestrator never
+        wrote gets a record saying so: every round id below the head has exactly one record."""
+        have = {int(r["round"]) for r in self.store.records("rounds")}
+        for rid in range(head):
+            if rid not in have:
+                log.warning("round %d was applied but its record was lost in a crash", rid)
+                self._record_lost(rid, schedule[rid].epoch, len(schedule[rid].users))
+
+    def _record_lost(self, rid: int, epoch: int, users: int) -> dict[str, Any]:
+        """The record of round ``rid``, applied by the server, whose summary never reached us."""
+        record = {"round": rid, "epoch": epoch + 1, "users": users, "accepted": 0, "rejected": 0, "missing": 0,
+                  "malicious": 0, "malicious_kept": 0, "summary_lost": True}
+        self.store.append_record("rounds", record)
+        return record
+
+    def _start_run(self):
+        """Bind the aggregator to this run (new, or resumed from the store head); (request, reply)."""
+        cfg = self.cfg
+        start_req = agg_pb.StartRunRequest(run_id=self.run_id, config_json=cfg.to_json(),
+                                           num_items=self.setup.dataset.num_items)
+        try:
+            start = self.aggregator.StartRun(start_req, timeout=CONTROL_TIMEOUT * 4, compression=self._grpc_comp)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise ValueError(f"the aggregator refused the run: {e.details()}") from None
+            raise
+        if cfg.codec not in start.accepted_encodings:
+            raise ValueError(f"the aggregator does not accept codec {cfg.codec!r} (it accepts "
+                             f"{', '.join(start.accepted_encodings)}); pick one of those with --codec")
+        return start_req, start
+
+    def _round_retrying(self, rp: RoundPlan) -> dict[str, Any]:
+        """:meth:`_round`, retried when the aggregator or the store fails under it (a restarted
+        server has lost the open round; Redis may be restarting): wait, bind the server to the run
+        again and rerun the round from the store head, up to :data:`ROUND_RETRIES` times. A round
+        the server finished before it failed (head already past it) is not run twice."""
+        rid = rp.round_id
+        delay = 1.0
+        for attempt in range(ROUND_RETRIES + 1):
+            try:
+                return self._round(rp)
+            except (grpc.RpcError, StoreError) as e:
+                code = e.code() if isinstance(e, grpc.RpcError) else None
+                if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED,
+                            grpc.StatusCode.INVALID_ARGUMENT) or attempt == ROUND_RETRIES or self._stop.is_set():
+                    raise
+                what = f"{e.code().name} {e.details()}" if isinstance(e, grpc.RpcError) else str(e)
+                log.warning("round %d failed (%s); retrying in %.0f s (%d/%d)", rid, what, delay, attempt + 1,
+                            ROUND_RETRIES)
+                self.message = f"round {rid}: aggregator or store failed ({what[:80]}); retrying"
+                with self._lock:
+                    self.retries += 1
+                observe.ROUND_RETRIES.inc()
+            self._stop.wait(delay)
+            delay = min(delay * 2, 15.0)
+            try:
+                _, start = self._start_run()
+            except (grpc.RpcError, StoreError) as e:
+                log.warning("round %d: the aggregator is not back yet: %s", rid, e)
+                continue
+            head = int(start.head_version)
+            if head == rid + 1:  # the server wrote this round's version before it failed
+                log.warning("round %d was completed by the server before the failure; its summary is lost", rid)
+                self.round_id = rid + 1
+                return self._record_lost(rid, rp.epoch, len(rp.users))
+            if head != rid:
+                raise RuntimeError(f"round {rid}: the store head is {head} after the aggregator came back")
+        raise AssertionError("unreachable")
+
+    def _round(self, rp: RoundPlan) -> dict[str, Any]:
+        cfg = self.cfg
+        rid, epoch, users, lr, adversarial = rp.round_id, rp.epoch, rp.users, rp.lr, rp.adversarial
+        observe.set_context(round_id=rid)
+        t0 = time.perf_counter()
+        workers = self.pool.await_lost_shards(self._say)
+        plan, orphans = assign(users, workers)
+        by_id = {w.worker_id: w for w in workers}
+        tokens = {int(u): secrets.token_hex(16) for u in users.tolist()}  # one-time: (run, round, user)
+        deadline = time.time() + self.settings.round_timeout
+        led = Ledger(self.run_id, rid, epoch + 1, "train")
+        ctl: dict[str, Any] = {"compression": self._comp, "kind": "control"}
+        open_req = agg_pb.OpenRoundRequest(
+            run_id=self.run_id, round_id=rid, model_version=rid, deadline_unix=deadline, lr=lr,
+            assignments=[common_pb2.Assignment(user_id=u, token=t) for u, t in tokens.items()])
+        opened = self.aggregator.OpenRound(open_req, timeout=CONTROL_TIMEOUT, compression=self._grpc_comp)
+        led.add_message(open_req, direction="internal", link="orchestrator-aggregator",
+                        what="Aggregator.OpenRound request", **ctl)
+        led.add_message(opened, direction="internal", link="orchestrator-aggregator",
+                        what="Aggregator.OpenRound reply", **ctl)
+        calls = {}
+        for wid, us in plan.items():
+            req = worker_pb2.TrainRequest(
+                run_id=self.run_id, round_id=rid, model_version=rid, deadline_unix=deadline, encoding=cfg.codec, accepted_encodings=list(opened.accepted_encodings),
+                assignments=[common_pb2.Assignment(user_id=u, token=tokens[u]) for u in us], adversarial=adversarial)
+            calls[wid] = by_id[wid].stub.Train.future(req, timeout=self.settings.round_timeout,
+                                                      compression=self._grpc_comp)
+            led.add_message(req, worker=wid, direction="down", link="worker-orchestrator",
+                            what="Worker.Train request", **ctl)
+        timings: dict[str, float] = {}
+        failed = []
+        refused = []
+        for wid, fut in calls.items():
+            try:
+                rep = fut.result()
+                for problem in led.add_counts(rep.ledger, worker=wid):
+                    log.warning("round %d: worker %s reported an invalid ledger count: %s", rid, wid, problem)
+                led.add_message(rep, worker=wid, direction="up", link="worker-orchestrator",
+                                what="Worker.Train reply", **ctl)
+                for k, v in rep.timings.items():
+                    timings[k] = max(timings.get(k, 0.0), v)
+            except grpc.RpcError as e:
+                failed.append(wid)
+                by_id[wid].alive = e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) \
+                    and by_id[wid].alive
+                log.warning("round %d: worker %s failed: %s %s", rid, wid, e.code().name, e.details())
+                if e.code() == grpc.StatusCode.INVALID_ARGUMENT:  # a contract error: retrying cannot help
+                    refused.append(f"worker {wid}: {e.details()}")
+        if refused:
+            raise RuntimeError(f"round {rid}: the Train request was refused ({'; '.join(refused)})")
+        t_train = time.perf_counter() - t0
+        close_req = agg_pb.CloseRoundRequest(run_id=self.run_id, round_id=rid)
+        s = self.aggregator.CloseRound(close_req, timeout=CONTROL_TIMEOUT * 4, compression=self._grpc_comp)
+        led.add_message(close_req, direction="internal", link="orchestrator-aggregator",
+                        what="Aggregator.CloseRound request", **ctl)
+        led.add_message(s, direction="internal", link="orchestrator-aggregator",
+                        what="Aggregator.CloseRound reply", **ctl)
+        reported = sum(e.bytes for e in led.entries if e.kind == "update")
+        if s.bytes_received > reported:  # uploads of a worker whose Train reply never came back
+            led.add(kind="update", direction="up", link="worker-aggregator", bytes=s.bytes_received - reported,
+                    what="Aggregator.SubmitUpdates (counted by the aggregator; no worker report)")
+        if s.store_bytes:
+            led.add(kind="model_write", direction="internal", link="aggregator-store",
+                    what=f"store.put model:{s.new_version}", bytes=s.store_bytes)
+        if s.patch_bytes:
+            led.add(kind="model_write", direction="internal", link="aggregator-store",
+                    what=f"store.put patch:{s.new_version}", bytes=s.patch_bytes)
+        if s.store_bytes_read:
+            led.add(kind="model_download", direction="internal", link="aggregator-store",
+                    what="store.get (serving GetModel)", bytes=s.store_bytes_read)
+        self.pool.flush_notes(led)
+        bytes_up, bytes_down = self._commit(led)
+        mal = set(self.malicious.tolist())
+        in_round = [u for u in users.tolist() if u in mal]
+        not_in = {r.user_id for r in s.rejected} | set(s.missing)
+        _, n_kept = malicious_kept([u for u in users.tolist() if u not in not_in], list(s.kept_users) if s.kept_reported else None,
+                                   mal)
+        record = {
+            # exact: accepted + rejected + missing == users (orphans, whom no worker hosts, are missing)
+            "round": rid, "epoch": epoch + 1, "lr": lr, "users": len(users), "accepted": s.accepted,
+            "rejected": len(s.rejected), "missing": len(s.missing), "orphans": len(orphans),
+            "failed_workers": failed, "bytes_up": bytes_up, "bytes_down": bytes_down,
+            "updates": sum(1 for e in led.entries if e.kind == "update" and e.user >= 0),
+            "update_bytes": sum(e.bytes for e in led.entries if e.kind == "update"),
+            "bytes_received": s.bytes_received, "store_bytes": s.store_bytes, "seconds": time.perf_counter() - t0,
+            "train_seconds": t_train, "worker_timings": timings, "server_timings": dict(s.timings),
+            "rule": s.rule, "rule_info": json.loads(s.rule_info_json or "{}"),
+            "rejections": [{"user": r.user_id, "reason": r.reason} for r in s.rejected][:20],
+            # every upload the server refused since the last round, by reason (also strangers' and forgeries)
+            "refused": dict(s.refused), "bytes_refused": s.bytes_refused,
+            "refused_sample": [{"user": r.user_id, "reason": r.reason} for r in s.refused_sample],
+            "malicious": len(in_round),
+            "malicious_kept": n_kept,
+        }
+        if record["accepted"] + record["rejected"] + record["missing"] != record["users"]:
+            log.error("round %d: accounting does not add up: %s", rid, record)
+        self.store.append_record("rounds", record)
+        self.round_id = rid + 1
+        observe.ROUNDS.inc()
+        observe.ROUND_SECONDS.observe(record["seconds"])
+        observe.MODEL_VERSION.set(self.round_id)
+        self.message = (f"epoch {epoch + 1}/{cfg.epochs} round {rid + 1}: {s.accepted} accepted, "
+                        f"{len(s.rejected)} rejected, {record['missing']} missing")
+        return record
+
+    def _evaluate(self, version: int, led: Ledger) -> MetricSums:
+        """Federated evaluation of every benign user on ``version``. Users whose host is gone, and
+        those of a worker that fails mid-evaluation, go to the live client workers (each holds the
+        benign users' data), up to :data:`EVAL_ATTEMPTS` times, so an epoch evaluates all users
+        while one client worker lives. Replies are checked (:func:`check_eval_sums`)."""
+        total = MetricSums()
+        self._eval_refused, self._eval_by_worker = [], {}
+        ctl: dict[str, Any] = {"compression": self._comp, "kind": "control", "link": "worker-orchestrator"}
+        todo = self.setup.benign_users
+        for attempt in range(EVAL_ATTEMPTS):
+            workers = self.pool.refresh()
+            plan, orphans = assign(todo, workers)
+            spares = sorted(w.worker_id for w in workers if w.ready and w.alive and w.kind == "client")
+            for i, u in enumerate(orphans if spares else []):
+                plan.setdefault(spares[i % len(spares)], []).append(u)
+            by_id = {w.worker_id: w for w in workers}
+            futs = []
+            for wid, us in plan.items():
+                req = worker_pb2.EvaluateRequest(run_id=self.run_id, model_version=version, users=sorted(us))
+                futs.append((wid, by_id[wid].stub.Evaluate.future(req, timeout=self.settings.round_timeout,
+                                                                  compression=self._grpc_comp)))
+                led.add_message(req, worker=wid, direction="down", what="Worker.Evaluate request", **ctl)
+            failed: list[int] = [] if spares else list(orphans)
+            for wid, f in futs:
+                try:
+                    rep = f.result()
+                except grpc.RpcError as e:
+                    by_id[wid].alive = by_id[wid].alive and e.code() not in (grpc.StatusCode.UNAVAILABLE,
+                                                                             grpc.StatusCode.DEADLINE_EXCEEDED)
+                    log.warning("evaluation: worker %s failed (%s %s); its %d users go to another worker", wid,
+                                e.code().name, e.details(), len(plan[wid]))
+                    failed += plan[wid]
+                    continue
+                sums = sums_from_proto(rep.sums)
+                problem = check_eval_sums(sums, len(plan[wid]), set(KS))
+                if problem is not None:
+                    self.pool.count_refusal("evaluation: implausible sums")
+                    log.warning("evaluation: refused the sums of worker %s: %s", wid, problem)
+                    self._eval_refused.append({"worker": wid, "users": len(plan[wid]), "reason": problem})
+                    continue
+                self._eval_by_worker[wid] = self._eval_by_worker.get(wid, 0) + sums.users
+                total = total + sums
+                for problem in led.add_counts(rep.ledger, worker=wid):
+                    log.warning("evaluation: worker %s reported an invalid ledger count: %s", wid, problem)
+                led.add_message(rep, worker=wid, direction="up", what="Worker.Evaluate reply", **ctl)
+            if not failed:
+                break
+            todo = np.asarray(sorted(failed), dtype=np.int64)
+            if attempt + 1 == EVAL_ATTEMPTS or not spares:
+                log.warning("evaluation: %d benign users could not be evaluated (no live client worker)", len(todo))
+        return total
+
+    def _commit(self, led: Ledger) -> tuple[int, int]:
+        """Store ``led``'s entries (stream "ledger") and add them to the running sums; returns the
+        entries' (bytes up, bytes down)."""
+        self.store.append_records(ledger_mod.STREAM, led.dicts())
+        t = ledger_mod.totals(led.entries)
+        for e in led.entries:
+            observe.BYTES.labels(e.direction, e.kind).inc(e.bytes)
+        acc = self._epoch_bytes.setdefault(led.epoch, {"up": 0, "down": 0})
+        acc["up"] += t["bytes_up"]
+        acc["down"] += t["bytes_down"]
+        self.bytes_up += t["bytes_up"]
+        self.bytes_down += t["bytes_down"]
+        return t["bytes_up"], t["bytes_down"]
+
+    def _load_ledger(self) -> None:
+        """Running sums from the stored ledger (a resumed run continues its accounting)."""
+        self._epoch_bytes, self.bytes_up, self.bytes_down = {}, 0, 0
+        for e in self.store.records(ledger_mod.STREAM):
+            acc = self._epoch_bytes.setdefault(int(e["epoch"]), {"up": 0, "down": 0})
+            if e["direction"] in ("up", "down"):
+                acc[e["direction"]] += int(e["bytes"])
+                if e["direction"] == "up":
+                    self.bytes_up += int(e["bytes"])
+                else:
+                    self.bytes_down += int(e["bytes"])
+
+    def _end_epoch(self, epoch: int, seconds: float, acc: dict[str, float]) -> None:
+        cfg = self.cfg
+        row: dict[str, Any] = {"epoch": epoch + 1, "lr": cfg.lr_at(epoch), "train_seconds": seconds,
+                               "round_id": self.round_id, **acc}
+        if eval_due(cfg, epoch):
+            t = time.perf_counter()
+            led = Ledger(self.run_id, self.round_id - 1, epoch + 1, "eval")
+            sums = self._evaluate(self.round_id, led)
+            self._commit(led)
+            row.update(sums.means())
+            row["eval_users"] = sums.users
+            for k, v in sums.means().items():
+                observe.EXPERIMENT.labels(k).set(v)
+            row["eval_workers"] = dict(self._eval_by_worker)  # who vouched for which share of the metrics
+            if self._eval_refused:
+                row["eval_refused"] = list(self._eval_refused)
+            row["eval_seconds"] = time.perf_counter() - t
+        row["seconds"] = seconds + row.get("eval_seconds", 0.0)
+        eb = self._epoch_bytes.get(epoch + 1, {"up": 0, "down": 0})
+        row["bytes_up"], row["bytes_down"] = eb["up"], eb["down"]
+        self.epochs = [e for e in self.epochs if e["epoch"] != epoch + 1] + [row]
+        self.store.append_record("epochs", row)
+        self.epochs_done = epoch + 1
+        if "hr@10" in row:
+            log.info("epoch %d: HR@10 %.4f NDCG@10 %.4f ER@5 %.4f ER@10 %.4f", epoch + 1, row["hr@10"],
+                     row["ndcg@10"], row["er@5"], row["er@10"])
+        self._write()
+
+    def _write(self) -> None:
+        entries = self.store.records(ledger_mod.STREAM)
+        totals = ledger_mod.totals(entries)
+        summary = {"runner": "services", "run_id": self.run_id, "state": self.state, "rounds": self.round_id,
+                   "bytes_up": totals["bytes_up"], "bytes_down": totals["bytes_down"],
+                   "bytes_per_update": totals["bytes_per_update"], "codec": self.cfg.codec,
+                   "compression": self.cfg.compression, "num_parameters": self.num_parameters,
+                   "targets": list(self.setup.targets), "malicious_clients": int(len(self.malicious)),
+                   "transport": "mtls" if self.identity is not None else "insecure",
+                   "refused": dict(self.pool.refused), "round_retries": self.retries}
+        ledger = {"totals": totals, "per_round": ledger_mod.per_round(entries),
+                  "definitions": ledger_mod.DEFINITIONS, "entries_file": "ledger.jsonl"}
+        self.results = {"config": self.cfg.to_dict(), "epochs": self.epochs, "summary": summary, "ledger": ledger}
+        if self.settings.out_dir:
+            write_results(self.settings.out_dir, self.cfg.to_dict(), self.epochs, summary, extra={"ledger": ledger})
+            Path(self.settings.out_dir, "rounds.jsonl").write_text(
+                "".join(json.dumps(r) + "\n" for r in self.store.records("rounds")))
+            ledger_mod.write_jsonl(Path(self.settings.out_dir, "ledger.jsonl"), entries)
+

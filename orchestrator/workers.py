@@ -1,0 +1,224 @@
+"""The orchestrator's worker pool: who registered, which users each worker hosts (a shard the
+orchestrator decides from its own configuration, never what a worker claims), who is alive and
+ready, and the wait for a lost worker's shard. Registration refusals are counted by reason; the
+Register and Describe messages are noted for the communication ledger of the next round.
+
+Nothing a worker says about itself is trusted beyond its own updates (DESIGN.md, "Trust model"):
+a live worker's id cannot be taken over, a worker must host exactly the users it was given, and
+store credentials are never handed out."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+
+from fedseq import ledger as ledger_mod
+from fedseq import observe
+from fedseq.experiment import WORKER_KINDS, Setup, worker_users
+from fedseq.ledger import Ledger
+from fedseq.rpc import channel
+from fedseq.tls import Identity
+from fedseq.v1 import worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerInfo:
+    worker_id: str
+    address: str
+    device: str
+    stub: Any
+    users: frozenset[int] = frozenset()  # decided by the orchestrator (kind and shard), not claimed
+    ready: bool = False
+    alive: bool = True
+    registered_at: float = field(default_factory=time.time)
+    kind: str = "client"
+    shard: tuple[int, int] | None = None
+    peer: str = ""  # the common name of its certificate ('' without TLS)
+
+
+class Refused(Exception):
+    """A Register call the orchestrator refuses: (status code, reason)."""
+
+    def __init__(self, code: grpc.StatusCode, reason: str) -> None:
+        super().__init__(reason)
+        self.code, self.reason = code, reason
+
+
+def assign(users: np.ndarray, workers: list[WorkerInfo]) -> tuple[dict[str, list[int]], list[int]]:
+    """Map each user to one live, ready worker hosting it (spread evenly and deterministically:
+    the k-th host of a user, in worker-id order, with k = user id mod the number of hosts).
+    Returns (worker_id -> users, users no worker hosts)."""
+    hosts = sorted((w for w in workers if w.ready and w.alive), key=lambda w: w.worker_id)
+    out: dict[str, list[int]] = {}
+    orphans: list[int] = []
+    for u in users.tolist():
+        cands = [w for w in hosts if u in w.users]
+        if not cands:
+            orphans.append(u)
+            continue
+        out.setdefault(cands[u % len(cands)].worker_id, []).append(u)
+    return out, orphans
+
+
+
+class WorkerPool:
+    """The registered workers of one run (thread-safe: the Register handler and the run loop
+    share it)."""
+
+    def __init__(self, setup: Setup, run_id: str, shards: dict[str, int], identity: Identity | None = None,
+                 shard_grace: float = 30.0, stop: threading.Event | None = None) -> None:
+        self.setup, self.run_id, self.identity, self.shard_grace = setup, run_id, identity, shard_grace
+        self._shards = dict(shards)  # kind -> number of shards (0: unsharded)
+        self.stop = stop or threading.Event()
+        self.workers: dict[str, WorkerInfo] = {}
+        self.lock = threading.Lock()
+        self.refused: Counter[str] = Counter()  # what the orchestrator refused from workers, by reason
+        self._pending: list[tuple[str, Any]] = []  # (worker, ByteCount) of Register/Describe calls
+        self._lost_since: dict[tuple[str, tuple[int, int]], float] = {}  # unheld shard -> first seen
+
+    def live(self) -> int:
+        with self.lock:
+            return sum(1 for w in self.workers.values() if w.alive)
+
+    def count_refusal(self, reason: str) -> None:
+        with self.lock:
+            self.refused[reason] += 1
+        observe.REFUSED.labels(reason).inc()
+
+    def admit(self, request, peer: str) -> WorkerInfo:
+        """The registration of a worker: a heartbeat of a known one, or a new one with the users the
+        orchestrator gives it (a free shard of its kind). Refused: bad fields, a kind the run does not
+        have, a worker id held by another live worker, no free shard."""
+        if not request.worker_id or not request.address or len(request.worker_id) > 128 or len(request.address) > 256:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "worker_id (<= 128 chars) and address (<= 256) are required")
+        kind = request.kind or "client"
+        if kind not in WORKER_KINDS:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"unknown worker kind {kind[:32]!r}; kinds: {WORKER_KINDS}")
+        if kind == "attacker" and self.setup.num_malicious == 0:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, "this run has no attack: no users for an attacker worker")
+        with self.lock:
+            w = self.workers.get(request.worker_id)
+            same = w is not None and (w.address, w.kind, w.peer) == (request.address, kind, peer)
+            if w is not None and same and w.alive:
+                return w  # heartbeat
+        if w is not None and not same and w.alive and self._answers(w):
+            raise Refused(grpc.StatusCode.ALREADY_EXISTS,
+                          f"worker id {request.worker_id!r} is held by a live worker at another address or identity")
+        with self.lock:
+            if w is not None:
+                w.alive = False
+            shard = self._free_shard(kind, (int(request.held_index), int(request.held_count)))
+            users = frozenset(worker_users(self.setup, kind, shard).tolist())
+            stub = worker_pb2_grpc.WorkerStub(channel(request.address, identity=self.identity, peer="worker"))
+            info = WorkerInfo(request.worker_id, request.address, request.device[:32], stub, users=users, kind=kind,
+                              shard=shard, peer=peer)
+            self.workers[request.worker_id] = info
+        log.info("%s worker %s registered at %s (shard %s, %d users)", kind, request.worker_id, request.address,
+                 "all" if shard is None else f"{shard[0]}/{shard[1]}", len(users))
+        return info
+
+    def _free_shard(self, kind: str, hint: tuple[int, int] = (0, 0)) -> tuple[int, int] | None:
+        """The shard ``hint`` the worker held before, if no live worker holds it now, else the
+        lowest free shard of ``kind`` (None when the kind is unsharded). Raises :class:`Refused`
+        when every shard is held. Call with the lock held."""
+        n = self._shards[kind]
+        if n == 0:
+            return None
+        held = {w.shard for w in self.workers.values() if w.alive and w.kind == kind}
+        if hint[1] == n and 0 <= hint[0] < n and hint not in held:
+            return hint
+        for i in range(n):
+            if (i, n) not in held:
+                return (i, n)
+        raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                      f"all {n} {kind} shards are held by live workers; this run takes no more {kind} workers")
+
+    @staticmethod
+    def _answers(w: WorkerInfo) -> bool:
+        try:
+            w.stub.Describe(worker_pb2.DescribeRequest(), timeout=3.0)
+            return True
+        except grpc.RpcError as e:
+            return e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+    def note(self, worker: str, msg: Any, direction: str, what: str) -> None:
+        """Count a registration-time message (uncompressed: the worker has no config yet); it goes
+        into the ledger with the next round."""
+        c = ledger_mod.count(msg, kind="control", direction=direction, link="worker-orchestrator", what=what)
+        with self.lock:
+            self._pending.append((worker, c))
+
+    def flush_notes(self, led: Ledger) -> None:
+        with self.lock:
+            pending, self._pending = self._pending, []
+        for worker, c in pending:
+            led.add_count(c, worker=worker, phase="register")
+
+    def refresh(self) -> list[WorkerInfo]:
+        """Every registered worker, after asking the ones not known ready and alive to Describe
+        themselves (a worker is ready when it hosts exactly the users it was given)."""
+        with self.lock:
+            workers = list(self.workers.values())
+        for w in workers:
+            if w.ready and w.alive:
+                continue
+            try:
+                dreq = worker_pb2.DescribeRequest()
+                d = w.stub.Describe(dreq, timeout=5.0)
+                self.note(w.worker_id, dreq, "down", "Worker.Describe request")
+                self.note(w.worker_id, d, "up", "Worker.Describe reply")
+                w.alive = True
+                if d.ready and d.run_id == self.run_id:
+                    if frozenset(d.users) != w.users:  # it must host exactly what it was given
+                        log.warning("worker %s hosts %d users, not the %d of its shard: not used", w.worker_id,
+                                    len(d.users), len(w.users))
+                        continue
+                    w.ready = True
+                    log.info("worker %s ready with %d users", w.worker_id, len(d.users))
+            except grpc.RpcError:
+                w.alive = False
+        for kind in WORKER_KINDS:
+            observe.WORKERS.labels(kind, "live").set(sum(w.alive and w.ready for w in workers if w.kind == kind))
+            observe.WORKERS.labels(kind, "dead").set(sum(not w.alive for w in workers if w.kind == kind))
+        return workers
+
+    def await_lost_shards(self, say: Callable[[str], None]) -> list[WorkerInfo]:
+        """The workers for the next round. A shard whose worker died gets ``shard_grace`` seconds,
+        counted from when it was first found unheld, for a (restarted) worker to take it again
+        before rounds go on without its users; a shard lost for good costs that wait once."""
+        while True:
+            workers = self.refresh()
+            held = {(w.kind, w.shard) for w in workers if w.alive and w.ready and w.shard is not None}
+            now = time.time()
+            lost = [(k, (i, n)) for k, n in self._shards.items() for i in range(n) if (k, (i, n)) not in held]
+            for key in list(self._lost_since):
+                if key not in lost:
+                    del self._lost_since[key]
+            waiting = [key for key in lost if now - self._lost_since.setdefault(key, now) < self.shard_grace]
+            if not waiting or self.stop.is_set():
+                return workers
+            say(f"waiting up to {self.shard_grace:.0f}s for a worker to take shard(s) {waiting}")
+            time.sleep(0.2)
+
+    def wait_for(self, min_workers: int, timeout: float, say: Callable[[str], None]) -> None:
+        """Block until ``min_workers`` workers are ready (TimeoutError after ``timeout`` seconds)."""
+        deadline = time.time() + timeout
+        while not self.stop.is_set():
+            ready = [w for w in self.refresh() if w.ready and w.alive]
+            if len(ready) >= min_workers:
+                return
+            if time.time() > deadline:
+                raise TimeoutError(f"only {len(ready)} of {min_workers} workers became ready within "
+                                   f"{timeout:.0f}s")
+            say(f"waiting for workers ({len(ready)}/{min_workers} ready)")
+            time.sleep(0.2)
