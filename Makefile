@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: setup
-	$(BIN)/fedseq run $(RUN_ARGS)
+	$(BIN)/fedseq sweep mission $(RUN_ARGS)
 
 sim: setup
 	$(BIN)/fedseq sim $(RUN_ARGS)

@@ -134,7 +134,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plot", action="store_true")
     p.set_defaults(fn=cmd_report)
 
-    from cli import reproduce
+    from cli import reproduce, sweep
+
+    p = sub.add_parser("sweep", help="attacks x defenses x ratios x seeds, one run per cell; table and plots "
+                                     "(`fedseq sweep mission` is the main job)")
+    sweep.add_arguments(p)
+    p.set_defaults(fn=sweep.main)
 
     p = sub.add_parser("reproduce", help="run a named suite of paper-setting runs and write docs/results/SUITE.md")
     reproduce.add_arguments(p)

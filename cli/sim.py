@@ -22,7 +22,16 @@ import torch
 from attacker.population import Adversary
 from fedseq.adv_train import adversarial_updates
 from fedseq.config import ExperimentConfig
-from fedseq.engine import RoundPlan, aggregate_round, eval_due, last_of_epoch, malicious_kept, plan_run
+from fedseq.engine import (
+    RoundPlan,
+    aggregate_round,
+    eval_due,
+    last_of_epoch,
+    malicious_kept,
+    plan_run,
+    rule_scale,
+    stall_warning,
+)
 from fedseq.experiment import Setup, all_clients
 from fedseq.metrics import Evaluator
 from fedseq.results import format_table, write_results
@@ -119,13 +128,14 @@ def run_inprocess(cfg: ExperimentConfig, out_dir: str | Path | None = None,
     plan = plan_run(cfg, all_clients(s), ds.num_users)
     epochs: list[dict[str, Any]] = []
     acc: dict[str, float] = {}
+    hr10: list[float] = []  # per evaluated epoch, for the stall warning
     t0 = time.perf_counter()
     for i, rp in enumerate(plan):
         ta = time.perf_counter()
         ub = train_round(s, adversary, params, rp, local)
         tb = time.perf_counter()
         out = aggregate_round(rule, params, ub.updates, torch.as_tensor(ub.num_samples, dtype=torch.float32),
-                              ub.users.tolist(), rp.lr, rp.round_id, root)
+                              ub.users.tolist(), rp.lr, rp.round_id, root, literal_step=cfg.compat.literal_step)
         params = out.params
         if on_round is not None:
             on_round(rp, params)
@@ -148,6 +158,11 @@ def run_inprocess(cfg: ExperimentConfig, out_dir: str | Path | None = None,
             te = time.perf_counter()
             row.update(evaluator(params).means())
             row["eval_seconds"] = time.perf_counter() - te
+            hr10.append(row["hr@10"])
+            warning = stall_warning(cfg, rule.name, rule_scale(rule), hr10, cfg.clients_per_round)
+            if warning:
+                summary.setdefault("warnings", []).append(warning)
+                progress(f"WARNING: {warning}")
         row["seconds"] = time.perf_counter() - t0
         epochs.append(row)
         if "hr@10" in row:

@@ -39,6 +39,7 @@ class Compat:
     attacker_draw: bool = False  # malicious clients copy the users the public code draws (Python random)
     cfsr_label_index: bool = False  # C-FSR: contrastive label on index 1 (first negative)
     advtrain_noop: bool = False  # adv_train applies no update (the public code's behaviour)
+    literal_step: bool = False  # w -= lr * rule output at every scale (mean-scale rules step ~K times less)
 
     @classmethod
     def reference(cls) -> Compat:

@@ -10,8 +10,15 @@ second implementation (tests/test_engine_equal.py runs every rule through both).
   round ids are global, so round r trains on model version r and produces version r + 1.
   :func:`eval_due` says after which epochs the benign users are evaluated.
 - The step: :func:`aggregate_round` applies the rule to the round's stacked updates (binding the
-  server's FLTrust root update when the rule needs one), steps ``w <- w - lr * aggregate`` and
+  server's FLTrust root update when the rule needs one), steps ``w <- w - lr_step * aggregate`` and
   refuses, one by one from the largest norm, updates whose aggregate overflows float32.
+- The step scale: every rule declares whether its output is on the scale of the *sum* of the
+  round's K updates (the paper's "common" FedAvg) or of *one* update (``mean``: RFA, mixed-RFA,
+  median, Krum, ...). :func:`step_lr` multiplies a mean-scale rule's step by K, so swapping the
+  rule at the same ``--lr`` trains at the same speed; the compat switch ``literal_step`` (part of
+  ``--compat reference``) applies ``lr`` as is, as the paper's code does (a mean-scale rule then
+  steps about K times less: mixed-RFA at lr 0.001 barely trains). :func:`stall_warning` names
+  that cause when a run's HR@10 does not move.
 - The accounting: :func:`malicious_kept` counts the malicious updates the rule kept, by one
   algorithm (the rule never knows who is malicious; only the experiment's report does).
 
@@ -55,10 +62,14 @@ class AggregationResult:
 
 
 class AggregationRule(Protocol):
-    """A configured rule: ``rule(updates [K, D], weights [K]) -> AggregationResult``."""
+    """A configured rule: ``rule(updates [K, D], weights [K]) -> AggregationResult``, with
+    ``scale`` ``"sum"`` or ``"mean"`` (see :func:`step_lr`)."""
 
     @property
     def name(self) -> str: ...  # read-only, so frozen dataclasses satisfy the protocol
+
+    @property
+    def scale(self) -> str: ...
 
     def __call__(self, updates: torch.Tensor, weights: torch.Tensor) -> AggregationResult: ...
 
@@ -73,6 +84,21 @@ def bind_root(rule: AggregationRule, root: torch.Tensor) -> AggregationRule:
     if not needs_root(rule):
         return rule
     return rule.with_root(root)  # type: ignore[attr-defined]
+
+
+def rule_scale(rule: AggregationRule) -> str:
+    """``"sum"`` or ``"mean"``: the scale of ``rule``'s output (mean when it does not say)."""
+    scale = str(getattr(rule, "scale", "mean"))
+    if scale not in ("sum", "mean"):
+        raise ValueError(f"rule {rule.name!r} declares scale {scale!r}; expected 'sum' or 'mean'")
+    return scale
+
+
+def step_lr(rule: AggregationRule, lr: float, k: int, literal: bool = False) -> float:
+    """The learning rate the server steps ``rule``'s output of ``k`` updates with: ``lr`` for a
+    sum-scale rule or with ``literal`` (the paper's code), ``lr * k`` for a mean-scale rule, so
+    its step matches the sum's at the same ``lr``."""
+    return lr if literal or rule_scale(rule) == "sum" else lr * k
 
 
 def server_step(params: torch.Tensor, aggregate: torch.Tensor, lr: float) -> torch.Tensor:
@@ -167,6 +193,7 @@ class RoundOutcome:
     kept_users: the users the rule kept, or ``None`` when every aggregated update contributed.
     overflow: users refused because the aggregate with their update was not finite.
     result: the rule's result (None when no update was aggregated).
+    lr_step: the learning rate the step used (:func:`step_lr`; 0 when nothing was aggregated).
     """
 
     params: torch.Tensor
@@ -174,19 +201,24 @@ class RoundOutcome:
     kept_users: tuple[int, ...] | None
     overflow: tuple[int, ...] = ()
     result: AggregationResult | None = None
+    lr_step: float = 0.0
+    scale: str = "sum"  # the rule's output scale (rule_scale)
 
     @property
     def info(self) -> dict[str, Any]:
-        return {} if self.result is None else dict(self.result.info)
+        """The rule's record of the round, with the step's learning rate."""
+        return {} if self.result is None else {**self.result.info, "lr_step": self.lr_step, "scale": self.scale}
 
 
 def aggregate_round(rule: AggregationRule, params: torch.Tensor, updates: torch.Tensor, weights: torch.Tensor,
-                    users: Sequence[int], lr: float, round_id: int, root: RootUpdate | None = None) -> RoundOutcome:
+                    users: Sequence[int], lr: float, round_id: int, root: RootUpdate | None = None,
+                    literal_step: bool = False) -> RoundOutcome:
     """One round's aggregation and step.
 
     ``updates [K, D]`` holds the updates of ``users`` (sorted ids) in that order, ``weights [K]``
     their sample counts. With a rule that needs a root update (FLTrust), ``root(params,
-    round_id)`` computes it. An aggregate that is not finite (finite updates can still overflow
+    round_id)`` computes it. The step's learning rate is :func:`step_lr` of the rule's scale (``lr``
+    as is with ``literal_step``). An aggregate that is not finite (finite updates can still overflow
     float32 together) never becomes a version: the updates of the largest norm are refused one
     by one until the step is finite, or all are and the weights stay."""
     users = [int(u) for u in users]
@@ -197,10 +229,11 @@ def aggregate_round(rule: AggregationRule, params: torch.Tensor, updates: torch.
     U, w = updates, weights
     while users:
         res = bound(U, w)
-        new = server_step(params, res.vector, lr)
+        lr_step = step_lr(rule, lr, len(users), literal_step)
+        new = server_step(params, res.vector, lr_step)
         if bool(torch.isfinite(new).all()):
             kept = None if res.kept is None else tuple(users[i] for i in res.kept)
-            return RoundOutcome(new, tuple(users), kept, tuple(overflow), res)
+            return RoundOutcome(new, tuple(users), kept, tuple(overflow), res, lr_step, rule_scale(rule))
         worst = int(U.double().norm(dim=1).argmax())
         log.warning("round %d: the aggregate is not finite; refusing the update of user %d (largest norm)",
                     round_id, users[worst])
@@ -220,3 +253,24 @@ def malicious_kept(aggregated: Iterable[int], kept_users: Iterable[int] | None, 
         return len(mal), len(mal)
     kept = set(kept_users)
     return len(mal), sum(1 for u in mal if u in kept)
+
+
+STALL_EPOCHS = 3  # evaluated epochs without HR@10 moving before a run warns
+STALL_DELTA = 0.005
+
+
+def stall_warning(cfg: ExperimentConfig, rule: str, scale: str, hr10: Sequence[float], k: int) -> str | None:
+    """A warning when the run's HR@10 (``hr10``: one value per evaluated epoch so far) has not
+    moved by :data:`STALL_DELTA` over its first :data:`STALL_EPOCHS` evaluations, naming the
+    likely cause (``rule`` and its ``scale``; ``k``: updates per round); None while it trains or
+    it is too early to say."""
+    if len(hr10) != STALL_EPOCHS or max(hr10) - min(hr10) >= STALL_DELTA:
+        return None
+    head = (f"HR@10 has not moved in {len(hr10)} evaluated epochs ({hr10[0]:.4f} -> {hr10[-1]:.4f}): the model is "
+            "not training. Likely cause: ")
+    if scale == "mean" and cfg.compat.literal_step:
+        return head + (f"rule {rule!r} returns a mean-scale step and the compat switch literal_step applies "
+                       f"--lr {cfg.lr:g} to it as is, about {k} times smaller than the sum's step; drop literal_step "
+                       f"(the step is then scaled by the round's updates) or raise --lr to about {cfg.lr * k:g}.")
+    return head + (f"--lr {cfg.lr:g} is too small for this data and rule {rule!r} ({scale}-scale "
+                   "step), or the data has too little signal; raise --lr.")

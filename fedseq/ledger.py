@@ -54,15 +54,21 @@ store), ``control`` (every other RPC message).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
+import threading
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 __all__ = [
     "COMPRESSIONS",
+    "CallCounter",
     "DEFINITIONS",
     "DIRECTIONS",
     "KINDS",
@@ -70,8 +76,10 @@ __all__ = [
     "Ledger",
     "by",
     "count",
+    "counted",
     "per_round",
     "read_jsonl",
+    "recording",
     "totals",
     "wire_size",
     "write_jsonl",
@@ -189,6 +197,22 @@ class Ledger:
     def __init__(self, run: str, round: int = -1, epoch: int = 0, phase: str = "train") -> None:
         self.run, self.round, self.epoch, self.phase = run, round, epoch, phase
         self.entries: list[Entry] = []
+        self._calls = 0  # calls in flight whose reply a CallCounter still has to record
+        self._settled = threading.Condition()
+
+    def _call_started(self) -> None:
+        with self._settled:
+            self._calls += 1
+
+    def _call_ended(self) -> None:
+        with self._settled:
+            self._calls -= 1
+            self._settled.notify_all()
+
+    def settle(self, timeout: float = 30.0) -> None:
+        """Wait until every counted call's reply is recorded (replies arrive on gRPC's threads)."""
+        with self._settled:
+            self._settled.wait_for(lambda: self._calls == 0, timeout)
 
     def add(self, *, worker: str = "", user: int = -1, kind: str, direction: str, link: str, what: str,
             bytes: int, wire_bytes: int | None = None, messages: int = 1, phase: str | None = None) -> Entry:
@@ -328,3 +352,66 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{i}: not a JSON ledger entry: {exc}") from None
     return out
+
+
+# ---------------------------------------------------------------------------- the call counter
+_CURRENT: contextvars.ContextVar[Ledger | None] = contextvars.ContextVar("fedseq_ledger", default=None)
+
+
+@contextlib.contextmanager
+def recording(led: Ledger) -> Iterator[Ledger]:
+    """Within the block, every call through a :class:`CallCounter` channel of this thread goes
+    into ``led`` (its request when sent, its reply when it arrives)."""
+    token = _CURRENT.set(led)
+    try:
+        yield led
+    finally:
+        _CURRENT.reset(token)
+
+
+class CallCounter(grpc.UnaryUnaryClientInterceptor):
+    """A client interceptor that accounts each unary call of its channel in the ledger that is
+    :func:`recording` when the call is made: the request (``request_direction``) at once, the
+    reply (``reply_direction``) when it arrives; ``what`` is ``Service.Method request|reply``.
+    Calls made while nothing records go to ``fallback`` (e.g. counts kept for the next round)."""
+
+    def __init__(self, *, link: str, request_direction: str, reply_direction: str, compression: str = "none",
+                 worker: str = "", fallback: Callable[[str, Any], None] | None = None) -> None:
+        self.link, self.worker, self.compression = link, worker, compression
+        self.directions = (request_direction, reply_direction)
+        self.fallback = fallback
+
+    def _record(self, led: Ledger | None, msg: Any, direction: str, what: str, compression: str) -> None:
+        if led is not None:
+            led.add_message(msg, compression=compression, worker=self.worker, kind="control",
+                            direction=direction, link=self.link, what=what)
+        elif self.fallback is not None:
+            self.fallback(self.worker, count(msg, kind="control", direction=direction, link=self.link, what=what,
+                                             compression=compression))
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        led = _CURRENT.get()
+        method = client_call_details.method.rsplit("/", 2)
+        what = f"{method[-2].rsplit('.', 1)[-1]}.{method[-1]}"
+        per_call = getattr(client_call_details, "compression", None)
+        comp = "gzip" if per_call == grpc.Compression.Gzip else self.compression
+        self._record(led, request, self.directions[0], f"{what} request", comp)
+        if led is not None:
+            led._call_started()
+        call = continuation(client_call_details, request)
+
+        def done(f) -> None:
+            try:
+                if f.exception() is None:
+                    self._record(led, f.result(), self.directions[1], f"{what} reply", comp)
+            finally:
+                if led is not None:
+                    led._call_ended()
+
+        call.add_done_callback(done)
+        return call
+
+
+def counted(channel: grpc.Channel, counter: CallCounter) -> grpc.Channel:
+    """``channel`` with its unary calls accounted by ``counter``."""
+    return grpc.intercept_channel(channel, counter)

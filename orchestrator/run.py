@@ -25,7 +25,7 @@ import numpy as np
 from fedseq import ledger as ledger_mod
 from fedseq import observe
 from fedseq.config import ExperimentConfig
-from fedseq.engine import RoundPlan, eval_due, last_of_epoch, malicious_kept, plan_run
+from fedseq.engine import RoundPlan, eval_due, last_of_epoch, malicious_kept, plan_run, stall_warning
 from fedseq.experiment import Setup, all_clients
 from fedseq.ledger import Ledger
 from fedseq.metrics import KS, MetricSums, sums_from_proto
@@ -82,19 +82,35 @@ class RunLoop:
         self.num_parameters = 0
         self.results: dict[str, Any] | None = None
         self.retries = 0  # rounds rerun after an aggregator or store failure
+        self.warnings: list[str] = []  # what the run warned about (stall_warning)
         # the communication ledger (fedseq/ledger.py): entries go to the store's "ledger" stream
         # round by round; these are running sums of it (rebuilt from the stream on resume)
         self._comp = cfg.compression
         self._grpc_comp = grpc_compression(cfg.compression)
         self._epoch_bytes: dict[int, dict[str, int]] = {}  # 1-based epoch -> {"up", "down"}
         self.identity = settings.identity
-        self.aggregator = agg_grpc.AggregatorStub(channel(settings.aggregator, identity=self.identity, peer="server"))
+        # the orchestrator-server calls of a round are accounted by the channel itself (fedseq/ledger.py)
+        counter = ledger_mod.CallCounter(link="orchestrator-aggregator", request_direction="internal",
+                                         reply_direction="internal", compression=cfg.compression)
+        self.aggregator = agg_grpc.AggregatorStub(
+            ledger_mod.counted(channel(settings.aggregator, identity=self.identity, peer="server"), counter))
         self.clients = all_clients(setup)
         self.malicious = self.clients[self.clients >= setup.dataset.num_users]
         self.plan = plan_run(cfg, self.clients, setup.dataset.num_users)  # every round of the run (engine)
         self._eval_refused: list[dict[str, Any]] = []  # the last evaluation's refused worker replies
         self._eval_by_worker: dict[str, int] = {}  # the last evaluation's users per worker
         self._thread: threading.Thread | None = None
+
+    def _check_stall(self, row: dict[str, Any]) -> None:
+        """Warn (log, results summary) when HR@10 does not move (fedseq/engine.py, stall_warning)."""
+        hr10 = [e["hr@10"] for e in self.epochs if "hr@10" in e and e["epoch"] < row["epoch"]] + [row["hr@10"]]
+        last = next(iter(self.store.records("rounds")[-1:]), {})
+        info = last.get("rule_info", {})
+        warning = stall_warning(self.cfg, self.cfg.defense, info.get("scale", "sum"), hr10, self.cfg.clients_per_round)
+        if warning:
+            log.warning("%s", warning)
+            self.warnings.append(warning)
+            row["warning"] = warning
 
     def _say(self, message: str) -> None:
         self.message = message
@@ -251,25 +267,20 @@ class RunLoop:
         by_id = {w.worker_id: w for w in workers}
         tokens = {int(u): secrets.token_hex(16) for u in users.tolist()}  # one-time: (run, round, user)
         deadline = time.time() + self.settings.round_timeout
-        led = Ledger(self.run_id, rid, epoch + 1, "train")
-        ctl: dict[str, Any] = {"compression": self._comp, "kind": "control"}
+        led = Ledger(self.run_id, rid, epoch + 1, "train")  # the channels account the calls made while it records
         open_req = agg_pb.OpenRoundRequest(
             run_id=self.run_id, round_id=rid, model_version=rid, deadline_unix=deadline, lr=lr,
             assignments=[common_pb2.Assignment(user_id=u, token=t) for u, t in tokens.items()])
-        opened = self.aggregator.OpenRound(open_req, timeout=CONTROL_TIMEOUT, compression=self._grpc_comp)
-        led.add_message(open_req, direction="internal", link="orchestrator-aggregator",
-                        what="Aggregator.OpenRound request", **ctl)
-        led.add_message(opened, direction="internal", link="orchestrator-aggregator",
-                        what="Aggregator.OpenRound reply", **ctl)
         calls = {}
-        for wid, us in plan.items():
-            req = worker_pb2.TrainRequest(
-                run_id=self.run_id, round_id=rid, model_version=rid, deadline_unix=deadline, encoding=cfg.codec, accepted_encodings=list(opened.accepted_encodings),
-                assignments=[common_pb2.Assignment(user_id=u, token=tokens[u]) for u in us], adversarial=adversarial)
-            calls[wid] = by_id[wid].stub.Train.future(req, timeout=self.settings.round_timeout,
-                                                      compression=self._grpc_comp)
-            led.add_message(req, worker=wid, direction="down", link="worker-orchestrator",
-                            what="Worker.Train request", **ctl)
+        with ledger_mod.recording(led):
+            opened = self.aggregator.OpenRound(open_req, timeout=CONTROL_TIMEOUT, compression=self._grpc_comp)
+            for wid, us in plan.items():
+                req = worker_pb2.TrainRequest(
+                    run_id=self.run_id, round_id=rid, model_version=rid, deadline_unix=deadline, encoding=cfg.codec,
+                    accepted_encodings=list(opened.accepted_encodings), adversarial=adversarial,
+                    assignments=[common_pb2.Assignment(user_id=u, token=tokens[u]) for u in us])
+                calls[wid] = by_id[wid].stub.Train.future(req, timeout=self.settings.round_timeout,
+                                                          compression=self._grpc_comp)
         timings: dict[str, float] = {}
         failed = []
         refused = []
@@ -278,8 +289,6 @@ class RunLoop:
                 rep = fut.result()
                 for problem in led.add_counts(rep.ledger, worker=wid):
                     log.warning("round %d: worker %s reported an invalid ledger count: %s", rid, wid, problem)
-                led.add_message(rep, worker=wid, direction="up", link="worker-orchestrator",
-                                what="Worker.Train reply", **ctl)
                 for k, v in rep.timings.items():
                     timings[k] = max(timings.get(k, 0.0), v)
             except grpc.RpcError as e:
@@ -293,11 +302,8 @@ class RunLoop:
             raise RuntimeError(f"round {rid}: the Train request was refused ({'; '.join(refused)})")
         t_train = time.perf_counter() - t0
         close_req = agg_pb.CloseRoundRequest(run_id=self.run_id, round_id=rid)
-        s = self.aggregator.CloseRound(close_req, timeout=CONTROL_TIMEOUT * 4, compression=self._grpc_comp)
-        led.add_message(close_req, direction="internal", link="orchestrator-aggregator",
-                        what="Aggregator.CloseRound request", **ctl)
-        led.add_message(s, direction="internal", link="orchestrator-aggregator",
-                        what="Aggregator.CloseRound reply", **ctl)
+        with ledger_mod.recording(led):
+            s = self.aggregator.CloseRound(close_req, timeout=CONTROL_TIMEOUT * 4, compression=self._grpc_comp)
         reported = sum(e.bytes for e in led.entries if e.kind == "update")
         if s.bytes_received > reported:  # uploads of a worker whose Train reply never came back
             led.add(kind="update", direction="up", link="worker-aggregator", bytes=s.bytes_received - reported,
@@ -353,7 +359,6 @@ class RunLoop:
         while one client worker lives. Replies are checked (:func:`check_eval_sums`)."""
         total = MetricSums()
         self._eval_refused, self._eval_by_worker = [], {}
-        ctl: dict[str, Any] = {"compression": self._comp, "kind": "control", "link": "worker-orchestrator"}
         todo = self.setup.benign_users
         for attempt in range(EVAL_ATTEMPTS):
             workers = self.pool.refresh()
@@ -363,11 +368,11 @@ class RunLoop:
                 plan.setdefault(spares[i % len(spares)], []).append(u)
             by_id = {w.worker_id: w for w in workers}
             futs = []
-            for wid, us in plan.items():
-                req = worker_pb2.EvaluateRequest(run_id=self.run_id, model_version=version, users=sorted(us))
-                futs.append((wid, by_id[wid].stub.Evaluate.future(req, timeout=self.settings.round_timeout,
-                                                                  compression=self._grpc_comp)))
-                led.add_message(req, worker=wid, direction="down", what="Worker.Evaluate request", **ctl)
+            with ledger_mod.recording(led):  # the worker channels account requests and replies
+                for wid, us in plan.items():
+                    req = worker_pb2.EvaluateRequest(run_id=self.run_id, model_version=version, users=sorted(us))
+                    futs.append((wid, by_id[wid].stub.Evaluate.future(req, timeout=self.settings.round_timeout,
+                                                                      compression=self._grpc_comp)))
             failed: list[int] = [] if spares else list(orphans)
             for wid, f in futs:
                 try:
@@ -390,7 +395,6 @@ class RunLoop:
                 total = total + sums
                 for problem in led.add_counts(rep.ledger, worker=wid):
                     log.warning("evaluation: worker %s reported an invalid ledger count: %s", wid, problem)
-                led.add_message(rep, worker=wid, direction="up", what="Worker.Evaluate reply", **ctl)
             if not failed:
                 break
             todo = np.asarray(sorted(failed), dtype=np.int64)
@@ -401,6 +405,7 @@ class RunLoop:
     def _commit(self, led: Ledger) -> tuple[int, int]:
         """Store ``led``'s entries (stream "ledger") and add them to the running sums; returns the
         entries' (bytes up, bytes down)."""
+        led.settle()  # replies of counted calls are recorded on gRPC's threads
         self.store.append_records(ledger_mod.STREAM, led.dicts())
         t = ledger_mod.totals(led.entries)
         for e in led.entries:
@@ -441,6 +446,7 @@ class RunLoop:
             if self._eval_refused:
                 row["eval_refused"] = list(self._eval_refused)
             row["eval_seconds"] = time.perf_counter() - t
+            self._check_stall(row)
         row["seconds"] = seconds + row.get("eval_seconds", 0.0)
         eb = self._epoch_bytes.get(epoch + 1, {"up": 0, "down": 0})
         row["bytes_up"], row["bytes_down"] = eb["up"], eb["down"]
@@ -462,6 +468,8 @@ class RunLoop:
                    "targets": list(self.setup.targets), "malicious_clients": int(len(self.malicious)),
                    "transport": "mtls" if self.identity is not None else "insecure",
                    "refused": dict(self.pool.refused), "round_retries": self.retries}
+        if self.warnings:
+            summary["warnings"] = list(self.warnings)
         ledger = {"totals": totals, "per_round": ledger_mod.per_round(entries),
                   "definitions": ledger_mod.DEFINITIONS, "entries_file": "ledger.jsonl"}
         self.results = {"config": self.cfg.to_dict(), "epochs": self.epochs, "summary": summary, "ledger": ledger}

@@ -119,7 +119,13 @@ class WorkerPool:
                 w.alive = False
             shard = self._free_shard(kind, (int(request.held_index), int(request.held_count)))
             users = frozenset(worker_users(self.setup, kind, shard).tolist())
-            stub = worker_pb2_grpc.WorkerStub(channel(request.address, identity=self.identity, peer="worker"))
+            # the channel accounts its calls: in the round's ledger while one records, else noted
+            # for the next round (phase "register"), like this Register call
+            counter = ledger_mod.CallCounter(link="worker-orchestrator", request_direction="down",
+                                             reply_direction="up", worker=request.worker_id,
+                                             fallback=self._note_count)
+            stub = worker_pb2_grpc.WorkerStub(
+                ledger_mod.counted(channel(request.address, identity=self.identity, peer="worker"), counter))
             info = WorkerInfo(request.worker_id, request.address, request.device[:32], stub, users=users, kind=kind,
                               shard=shard, peer=peer)
             self.workers[request.worker_id] = info
@@ -158,6 +164,10 @@ class WorkerPool:
         with self.lock:
             self._pending.append((worker, c))
 
+    def _note_count(self, worker: str, c: Any) -> None:
+        with self.lock:
+            self._pending.append((worker, c))
+
     def flush_notes(self, led: Ledger) -> None:
         with self.lock:
             pending, self._pending = self._pending, []
@@ -173,10 +183,7 @@ class WorkerPool:
             if w.ready and w.alive:
                 continue
             try:
-                dreq = worker_pb2.DescribeRequest()
-                d = w.stub.Describe(dreq, timeout=5.0)
-                self.note(w.worker_id, dreq, "down", "Worker.Describe request")
-                self.note(w.worker_id, d, "up", "Worker.Describe reply")
+                d = w.stub.Describe(worker_pb2.DescribeRequest(), timeout=5.0)  # accounted by the channel
                 w.alive = True
                 if d.ready and d.run_id == self.run_id:
                     if frozenset(d.users) != w.users:  # it must host exactly what it was given

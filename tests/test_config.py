@@ -137,7 +137,7 @@ def test_compat_parse():
     # Execute / Assert
     ref = Compat.parse("reference")
     assert ref == Compat.reference() == Compat.parse("on") == Compat.parse("all")
-    assert ref.enabled() == [f.name for f in fields(Compat)] and len(ref.enabled()) == 10
+    assert ref.enabled() == [f.name for f in fields(Compat)] and len(ref.enabled()) == 11
     assert Compat.parse("off") == Compat() == Compat.parse("") == Compat.parse(" none ")
     assert Compat.parse("attack-leak, cfsr_label_index").enabled() == ["attack_leak", "cfsr_label_index"]
     with pytest.raises(ConfigError, match="unknown compat switch"):

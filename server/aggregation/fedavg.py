@@ -53,6 +53,11 @@ class FedAvg:
         if self.reduce not in ("sum", "mean"):
             raise RuleConfigError(f"rule 'fedavg' option reduce must be 'sum' or 'mean', got {self.reduce!r}")
 
+    @property
+    def scale(self) -> str:
+        """``sum`` (the paper's "common") or ``mean``: the scale of the output (fedseq/engine.py)."""
+        return self.reduce
+
     def __call__(self, updates: torch.Tensor, weights: torch.Tensor) -> AggregationResult:
         vec = fedavg(updates, weights, self.reduce, self.weighted)
         return AggregationResult(vec, None, {"reduce": self.reduce, "weighted": self.weighted})

@@ -72,6 +72,7 @@ class FLTrust:
     root: torch.Tensor | None = field(default=None, compare=False, repr=False)
     root_update_fn: Callable[[], torch.Tensor] | None = field(default=None, compare=False, repr=False)
     name: str = "fltrust"
+    scale: ClassVar[str] = "mean"  # output on the scale of one update (the engine steps it x K, fedseq/engine.py)
     needs_root: ClassVar[bool] = True
 
     def __post_init__(self) -> None:

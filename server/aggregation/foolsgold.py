@@ -96,6 +96,11 @@ class FoolsGold:
     reduce: str = "mean"
     name: str = "foolsgold"
 
+    @property
+    def scale(self) -> str:
+        """``sum`` or ``mean`` (option ``reduce``): the scale of the output (fedseq/engine.py)."""
+        return self.reduce
+
     def __post_init__(self) -> None:
         if not (self.kappa > 0 and math.isfinite(self.kappa)):
             raise option_error(self.name, "kappa", self.kappa, "a finite float > 0")

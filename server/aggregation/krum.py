@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -88,6 +88,7 @@ class Krum:
     m: int = 1
     strict: bool = False
     name: str = field(default="krum")
+    scale: ClassVar[str] = "mean"  # output on the scale of one update (the engine steps it x K, fedseq/engine.py)
 
     def __post_init__(self) -> None:
         if self.f is not None and self.f < 0:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -35,6 +36,7 @@ class Median:
     """Rule object for :func:`coordinate_median` (registry name ``median``). No options."""
 
     name: str = "median"
+    scale: ClassVar[str] = "mean"  # output on the scale of one update (the engine steps it x K, fedseq/engine.py)
 
     def __call__(self, updates: torch.Tensor, weights: torch.Tensor) -> AggregationResult:
         check_inputs(updates, weights)

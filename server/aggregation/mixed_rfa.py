@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -71,6 +72,7 @@ class MixedRFA:
     weighted: bool = True
     mean_weighted: bool = False
     name: str = "mixed-rfa"
+    scale: ClassVar[str] = "mean"  # output on the scale of one update (the engine steps it x K, fedseq/engine.py)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.lam <= 1.0:

@@ -72,6 +72,11 @@ class NormClip:
             raise option_error(self.name, "bound", self.bound, "a float > 0")
 
     @property
+    def scale(self) -> str:
+        """The inner rule's output scale (fedseq/engine.py)."""
+        return str(getattr(self.inner_rule, "scale", "mean"))
+
+    @property
     def needs_root(self) -> bool:
         return _needs_root(self.inner_rule)
 

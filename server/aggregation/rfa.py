@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -125,6 +125,7 @@ class RFA:
     ftol: float = DEFAULT_FTOL
     weighted: bool = True
     name: str = "rfa"
+    scale: ClassVar[str] = "mean"  # output on the scale of one update (the engine steps it x K, fedseq/engine.py)
 
     def __post_init__(self) -> None:
         validate_rfa(self.name, self.maxiter, self.eps, self.ftol)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -69,6 +69,7 @@ class TrimmedMean:
 
     beta: float = DEFAULT_BETA
     name: str = "trimmed-mean"
+    scale: ClassVar[str] = "mean"  # output on the scale of one update (the engine steps it x K, fedseq/engine.py)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.beta < 0.5:

@@ -1,0 +1,535 @@
+"""``fedseq sweep``: attacks x defenses x malicious ratios x seeds (x models, codecs), each cell a
+whole run through the real services (``fedseq run``) or in one process (``--engine inprocess``),
+then one table with the mean and spread over seeds and plots.
+
+    fedseq sweep mission                                   # the main job (make run): clean, DV-FSR, DV-FSR + mixed-RFA
+    fedseq sweep rules --seeds 0-4                         # every rule, clean and under DV-FSR (docs/results/rules-sweep.md)
+    fedseq sweep --attacks none,dv-fsr --defenses fedavg,mixed-rfa --ratios 0.005,0.01 --seeds 0-2 --jobs 2
+    fedseq sweep --spec sweep.toml                         # the same keys from a file
+
+Each cell runs as its own process (``fedseq run`` / ``fedseq sim``) with its results bundle in
+``<out>/<cell>/``; a sweep that was interrupted resumes where it stopped (finished cells are
+kept; unfinished ones run again from the start). ``--jobs`` cells run at once, each with
+``cores // jobs`` torch threads. Results: ``<out>/sweep.md`` (the table), ``<out>/sweep.json``
+(every cell and scenario), and PNG plots: exposure and accuracy over epochs (one line per
+scenario, mean over seeds with its spread), exposure against the malicious ratio (per defense, when
+several ratios), accuracy against exposure, and (services) bytes per round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent import futures
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from fedseq.config import ConfigError, ExperimentConfig, build_config
+
+from .flags import QUICKSTART
+
+ENGINES = ("services", "inprocess")
+CONFIG_KEYS = set(ExperimentConfig.__dataclass_fields__)
+KS = (5, 10, 20, 30)
+METRICS = ("hr@10", "ndcg@10", *(f"er@{k}" for k in KS))
+
+# The main job: the embedded synthetic default, clean, under DV-FSR and under DV-FSR with
+# mixed-RFA, through the services. 0.5% malicious clients (2 of 400): at 0.1% (one attacker) the
+# attack's effect swings with the seed (ER@10 after 8 epochs 0.02-0.37 over seeds 0-4); at 1% (4)
+# it saturates and overwhelms mixed-RFA's mean part (ER@10 0.96 / 0.86 with the defense, seeds 0-1);
+# at 0.5% both effects are clear on every seed 0-4 (docs/results/mission.md).
+MISSION_RATIO = 0.005
+PRESETS: dict[str, dict[str, Any]] = {
+    "mission": {
+        "title": "The mission: DV-FSR against no defense and mixed-RFA (synthetic default, services)",
+        "base": dict(QUICKSTART),
+        "scenarios": [
+            {"name": "clean", "attack": "none", "defense": "fedavg"},
+            {"name": "dv-fsr", "attack": "dv-fsr", "defense": "fedavg", "ratio": MISSION_RATIO},
+            {"name": "dv-fsr + mixed-rfa", "attack": "dv-fsr", "defense": "mixed-rfa", "ratio": MISSION_RATIO},
+        ],
+        "seeds": [0],
+        "engine": "services",
+    },
+    "rules": {
+        "title": "Every aggregation rule: clean accuracy and DV-FSR exposure (synthetic default, in process)",
+        "base": dict(QUICKSTART),
+        "attacks": ["none", "dv-fsr"],
+        "defenses": ["fedavg", "rfa", "mixed-rfa", "median", "trimmed-mean:beta=0.1", "krum:m=8",
+                     "norm-clip:bound=1.0", "foolsgold", "fltrust"],
+        "ratios": [0.005],  # 2 malicious clients of 400
+        "seeds": [0, 1, 2, 3, 4],
+        "engine": "inprocess",
+    },
+}
+
+
+class SweepError(ValueError):
+    """A sweep specification that cannot run (message says which key and why)."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of a sweep."""
+
+    attack: str
+    defense: str  # rule name, with options as "name:k=v,k=v"
+    ratio: float
+    seed: int
+    model: str | None = None
+    codec: str | None = None
+    name: str = ""  # a scenario's display name (presets); empty: built from the fields
+
+    @property
+    def scenario(self) -> str:
+        """What the cell measures, without its seed (the rows of the table)."""
+        if self.name:
+            return self.name
+        parts = [f"attack {self.attack}" + (f" {self.ratio:g}" if self.attack != "none" else ""),
+                 f"defense {self.defense}"]
+        parts += [f"model {self.model}"] if self.model else []
+        parts += [f"codec {self.codec}"] if self.codec else []
+        return ", ".join(parts)
+
+    @property
+    def folder(self) -> str:
+        bits = [self.attack, f"r{self.ratio:g}" if self.attack != "none" else "", self.defense.replace(":", "-"),
+                self.model or "", self.codec or "", f"seed{self.seed}"]
+        return "_".join(b for b in bits if b).replace("=", "").replace(",", "-").replace("/", "-")
+
+    def overrides(self) -> dict[str, Any]:
+        """The experiment keys this cell sets on top of the sweep's base."""
+        rule, _, opts = self.defense.partition(":")
+        out: dict[str, Any] = {"attack": self.attack, "defense": rule, "seed": self.seed,
+                               "defense_opts": [o for o in opts.split(",") if o]}
+        if self.attack != "none":
+            out["malicious_ratio"] = self.ratio
+        if self.model:
+            out["model"] = self.model
+        if self.codec:
+            out["codec"] = self.codec
+        return out
+
+
+def parse_seeds(text: str | Sequence[int]) -> list[int]:
+    """``"0-4"``, ``"0,3,7"`` or a list -> seeds."""
+    if not isinstance(text, str):
+        return [int(s) for s in text]
+    out: list[int] = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        lo, sep, hi = part.partition("-")
+        try:
+            out += list(range(int(lo), int(hi) + 1)) if sep else [int(part)]
+        except ValueError:
+            raise SweepError(f"seeds: {part!r} is not a seed or a range like 0-4") from None
+    if not out:
+        raise SweepError("seeds: none given")
+    return out
+
+
+def _list(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(";" if ":" in value else ",") if v.strip()]
+    return [str(v) for v in value]
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """What a sweep runs: the base experiment keys and the axes (or explicit scenarios)."""
+
+    base: dict[str, Any] = field(default_factory=dict)
+    attacks: tuple[str, ...] = ("none", "dv-fsr")
+    defenses: tuple[str, ...] = ("fedavg",)
+    ratios: tuple[float, ...] = (MISSION_RATIO,)
+    seeds: tuple[int, ...] = (0,)
+    models: tuple[str, ...] = ()
+    codecs: tuple[str, ...] = ()
+    scenarios: tuple[dict[str, Any], ...] = ()  # explicit cells (name, attack, defense, ratio) instead of the product
+    engine: str = "services"
+    title: str = "fedseq sweep"
+
+    def cells(self) -> list[Cell]:
+        if self.engine not in ENGINES:
+            raise SweepError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        out: list[Cell] = []
+        if self.scenarios:
+            combos = [(s.get("attack", "none"), s.get("defense", "fedavg"), float(s.get("ratio", 0.0)), s.get("name", ""))
+                      for s in self.scenarios]
+        else:
+            combos = []
+            for a in self.attacks:
+                for d in self.defenses:
+                    for r in (self.ratios if a != "none" else (0.0,)):
+                        combos.append((a, d, float(r), ""))
+        for a, d, r, name in combos:
+            for m in self.models or (None,):
+                for c in self.codecs or (None,):
+                    for s in self.seeds:
+                        out.append(Cell(a, d, r, s, m, c, name))
+        unique = list({cell.folder: cell for cell in out}.values())  # one cell per folder, in order
+        for cell in unique:  # validate every cell's config before anything runs
+            try:
+                build_config(None, {**self.base, **cell.overrides()}, environ={})
+            except ConfigError as e:
+                raise SweepError(f"cell {cell.folder}: {e}") from None
+        return unique
+
+
+def spec_from(args: argparse.Namespace) -> SweepSpec:
+    """The sweep of ``fedseq sweep``: a preset or ``--spec FILE`` (JSON or TOML), then the flags."""
+    data: dict[str, Any] = {}
+    if args.preset:
+        if args.preset not in PRESETS:
+            raise SweepError(f"unknown preset {args.preset!r}; presets: {', '.join(PRESETS)}")
+        data = json.loads(json.dumps(PRESETS[args.preset]))
+    if args.spec:
+        p = Path(args.spec)
+        try:
+            text = p.read_text()
+            data.update(tomllib.loads(text) if p.suffix == ".toml" else json.loads(text))
+        except (OSError, ValueError) as e:
+            raise SweepError(f"cannot read sweep spec {p}: {e}") from None
+    for key in ("attacks", "defenses", "models", "codecs"):
+        if getattr(args, key):
+            data[key] = _list(getattr(args, key))
+            data.pop("scenarios", None)
+    if args.ratios:
+        try:
+            data["ratios"] = [float(x) for x in args.ratios.split(",")]
+        except ValueError:
+            raise SweepError(f"--ratios: {args.ratios!r} is not a comma list of numbers") from None
+        for s in data.get("scenarios", []):  # a preset's scenarios take the (first) ratio given
+            if s.get("attack", "none") != "none":
+                s["ratio"] = data["ratios"][0]
+    if args.seeds:
+        data["seeds"] = parse_seeds(args.seeds)
+    if args.engine:
+        data["engine"] = args.engine
+    base = dict(data.get("base") or dict(QUICKSTART))
+    for k, v in (args.set or []):
+        base[k] = v
+    known = {f for f in SweepSpec.__dataclass_fields__}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise SweepError(f"unknown sweep key(s) {unknown}; keys: {sorted(known)}")
+    return SweepSpec(base=base, attacks=tuple(_list(data.get("attacks", ["none", "dv-fsr"]))),
+                     defenses=tuple(_list(data.get("defenses", ["fedavg"]))),
+                     ratios=tuple(float(r) for r in data.get("ratios", [MISSION_RATIO])),
+                     seeds=tuple(parse_seeds(data.get("seeds", [0]))), models=tuple(_list(data.get("models"))),
+                     codecs=tuple(_list(data.get("codecs"))), scenarios=tuple(data.get("scenarios", [])),
+                     engine=str(data.get("engine", "services")), title=str(data.get("title", "fedseq sweep")))
+
+
+# ---------------------------------------------------------------------------- running
+def cell_done(folder: Path, epochs: int) -> bool:
+    """A finished cell: its results bundle has every epoch, the last one evaluated."""
+    try:
+        res = json.loads((folder / "results.json").read_text())
+    except (OSError, ValueError):
+        return False
+    rows = res.get("epochs", [])
+    state = res.get("summary", {}).get("state", "done")
+    return len(rows) == epochs and "hr@10" in rows[-1] and state == "done"
+
+
+def cell_command(spec: SweepSpec, cell: Cell, folder: Path, threads: int) -> list[str]:
+    """The ``fedseq run`` / ``fedseq sim`` command line of ``cell`` (config file + output folder)."""
+    cfg = build_config(None, {**spec.base, **cell.overrides(), "threads": threads,
+                              "run_id": f"sweep-{cell.folder}"[:100]}, environ={})
+    (folder / "config.json").write_text(cfg.to_json())
+    sub = "run" if spec.engine == "services" else "sim"
+    return [sys.executable, "-m", "cli.main", sub, "--config", str(folder / "config.json"), "--out", str(folder)]
+
+
+@dataclass
+class Progress:
+    """The overall progress line: cell i of n, elapsed, estimated remaining."""
+
+    total: int
+    done: int = 0
+    skipped: int = 0
+    started: float = field(default_factory=time.time)
+    durations: list[float] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def line(self, what: str, seconds: float | None = None, jobs: int = 1) -> str:
+        with self.lock:
+            self.done += 1
+            if seconds is not None:
+                self.durations.append(seconds)
+            elapsed = time.time() - self.started
+            left = self.total - self.done
+            eta = statistics.mean(self.durations) * left / max(1, jobs) if self.durations and left else 0.0
+            return (f"[sweep {self.done}/{self.total}] {what}; elapsed {_clock(elapsed)}"
+                    + (f", about {_clock(eta)} left" if left else ", all cells done"))
+
+
+def _clock(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def run_sweep(spec: SweepSpec, out: Path, jobs: int = 1, cores: int | None = None,
+              say: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)) -> dict[str, Any]:
+    """Run every unfinished cell of ``spec`` into ``out`` (``jobs`` at once) and summarise all."""
+    cells = spec.cells()
+    out.mkdir(parents=True, exist_ok=True)
+    cores = cores or os.cpu_count() or 1
+    threads = max(1, cores // max(1, jobs))
+    epochs = build_config(None, spec.base, environ={}).epochs
+    (out / "spec.json").write_text(json.dumps(asdict(spec), indent=1, default=list))
+    todo = [c for c in cells if not cell_done(out / c.folder, epochs)]
+    prog = Progress(len(cells))
+    say(f"fedseq sweep: {len(cells)} cells ({len(cells) - len(todo)} already done in {out}), engine {spec.engine}, "
+        f"{jobs} at once x {threads} torch thread(s)")
+    for c in cells:
+        if c not in todo:
+            say(prog.line(f"{c.folder}: done before (kept)"))
+    failed: list[str] = []
+
+    def one(c: Cell) -> None:
+        folder = out / c.folder
+        if folder.exists():
+            shutil.rmtree(folder)  # an unfinished cell starts over: its Redis and partial results are gone
+        folder.mkdir(parents=True)
+        t0 = time.time()
+        cmd = cell_command(spec, c, folder, threads)
+        # the cell's config file is the whole experiment: FEDSEQ_<KEY> variables would override it
+        env = {k: v for k, v in os.environ.items() if not (k.startswith("FEDSEQ_") and k[7:].lower() in CONFIG_KEYS)}
+        with open(folder / "cell.log", "w") as log:
+            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env={**env, "FEDSEQ_LOG_LEVEL": "warning"},
+                                check=False).returncode
+        dt = time.time() - t0
+        if rc != 0 or not cell_done(folder, epochs):
+            failed.append(c.folder)
+            say(prog.line(f"{c.folder}: FAILED (exit {rc}; see {folder / 'cell.log'})", dt, jobs))
+            return
+        last = json.loads((folder / "results.json").read_text())["epochs"][-1]
+        say(prog.line(f"{c.folder}: HR@10 {last['hr@10']:.4f} ER@10 {last['er@10']:.4f} in {dt:.0f}s", dt, jobs))
+
+    with futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        list(pool.map(one, todo))
+    summary = summarise(spec, cells, out)
+    summary["failed"] = failed
+    (out / "sweep.json").write_text(json.dumps(summary, indent=1))
+    (out / "sweep.md").write_text(format_markdown(spec, summary))
+    summary["plots"] = [str(p) for p in plot_sweep(summary, out)]
+    (out / "sweep.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+# ---------------------------------------------------------------------------- summarising
+def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
+    return (statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0) if xs else (math.nan, 0.0)
+
+
+def summarise(spec: SweepSpec, cells: Sequence[Cell], out: Path) -> dict[str, Any]:
+    """Per scenario: final metrics' mean and std over seeds, per-epoch curves, malicious updates
+    kept/sent, bytes per update (services); and the raw per-cell finals."""
+    scenarios: dict[str, dict[str, Any]] = {}
+    rows: list[dict[str, Any]] = []
+    for c in cells:
+        try:
+            res = json.loads((out / c.folder / "results.json").read_text())
+        except (OSError, ValueError):
+            continue
+        epochs = [e for e in res.get("epochs", []) if "hr@10" in e]
+        if not epochs:
+            continue
+        last = epochs[-1]
+        sent = sum(e.get("malicious_updates", 0) for e in res["epochs"])
+        kept = sum(e.get("malicious_kept", e.get("malicious_updates", 0)) for e in res["epochs"])
+        bpu = res.get("summary", {}).get("bytes_per_update")
+        row = {"cell": c.folder, "scenario": c.scenario, "seed": c.seed, "attack": c.attack, "defense": c.defense,
+               "ratio": c.ratio, **{m: last[m] for m in METRICS}, "malicious_sent": sent, "malicious_kept": kept,
+               "bytes_per_update": bpu, "warnings": res.get("summary", {}).get("warnings", []),
+               "curve": {m: [e[m] for e in epochs] for m in ("hr@10", "er@10")},
+               "epochs": [e["epoch"] for e in epochs]}
+        rows.append(row)
+        scenarios.setdefault(c.scenario, {"attack": c.attack, "defense": c.defense, "ratio": c.ratio,
+                                          "cells": []})["cells"].append(row)
+    for s in scenarios.values():
+        cs = s["cells"]
+        s["seeds"] = sorted(r["seed"] for r in cs)
+        for m in METRICS:
+            s[m] = _mean_std([r[m] for r in cs])
+        s["malicious_sent"] = sum(r["malicious_sent"] for r in cs)
+        s["malicious_kept"] = sum(r["malicious_kept"] for r in cs)
+        bpu = [r["bytes_per_update"] for r in cs if r["bytes_per_update"]]
+        s["bytes_per_update"] = statistics.mean(bpu) if bpu else None
+        n = min(len(r["curve"]["er@10"]) for r in cs)
+        s["epochs"] = cs[0]["epochs"][:n]
+        s["curve"] = {m: [_mean_std([r["curve"][m][i] for r in cs]) for i in range(n)] for m in ("hr@10", "er@10")}
+        s["cells"] = [r["cell"] for r in cs]
+    return {"title": spec.title, "engine": spec.engine, "base": spec.base, "scenarios": scenarios,
+            "cells": [{k: v for k, v in r.items() if k != "curve"} for r in rows]}
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """The comparison table: one row per scenario, mean ± std over its seeds."""
+    head = ["scenario", "seeds", "HR@10", "NDCG@10", *(f"ER@{k}" for k in KS), "malicious kept / sent",
+            "bytes/update"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, s in summary["scenarios"].items():
+        def ms(m: str, s: dict[str, Any] = s) -> str:
+            mean, std = s[m]
+            return f"{mean:.4f} ± {std:.4f}" if len(s["seeds"]) > 1 else f"{mean:.4f}"
+
+        kept = f"{s['malicious_kept']} / {s['malicious_sent']}" if s["malicious_sent"] else "-"
+        bpu = f"{s['bytes_per_update']:,.0f}" if s["bytes_per_update"] else "-"
+        seeds = ",".join(map(str, s["seeds"]))
+        lines.append("| " + " | ".join([name, seeds, ms("hr@10"), ms("ndcg@10"), *(ms(f"er@{k}") for k in KS), kept, bpu])
+                     + " |")
+    return "\n".join(lines)
+
+
+def format_markdown(spec: SweepSpec, summary: dict[str, Any]) -> str:
+    base = ", ".join(f"{k}={v}" for k, v in sorted(spec.base.items()))
+    out = [f"# {spec.title}", "",
+           f"Engine: {spec.engine}. Base: {base}. Final epoch; mean ± std over the seeds listed.", "",
+           format_table(summary), ""]
+    warnings = sorted({w for c in summary["cells"] for w in c["warnings"]})
+    if warnings:
+        out += ["Warnings:", *(f"- {w}" for w in warnings), ""]
+    return "\n".join(out)
+
+
+def plot_sweep(summary: dict[str, Any], out: Path) -> list[Path]:
+    """PNG plots of the sweep into ``out`` (see the module docstring); returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths: list[Path] = []
+    scen = summary["scenarios"]
+    if not scen:
+        return paths
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.6))
+    for name, s in scen.items():
+        for ax, m in zip(axes, ("er@10", "hr@10"), strict=True):
+            mean = [v[0] for v in s["curve"][m]]
+            std = [v[1] for v in s["curve"][m]]
+            (line,) = ax.plot(s["epochs"], mean, marker="o", markersize=3, label=name)
+            if len(s["seeds"]) > 1:
+                ax.fill_between(s["epochs"], [a - b for a, b in zip(mean, std, strict=True)],
+                                [a + b for a, b in zip(mean, std, strict=True)], color=line.get_color(), alpha=0.15)
+    axes[0].set_title("exposure of the target: ER@10 per epoch")
+    axes[1].set_title("accuracy: HR@10 per epoch")
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, alpha=0.3)
+        ax.set_ylim(bottom=0)
+    seeds = sorted({s for v in scen.values() for s in v["seeds"]})
+    fig.suptitle(f"{summary['title']} (mean over seeds {seeds}; band: ± std)", fontsize=10)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.1 + 0.03 * (len(labels) // 4), 1, 1))
+    paths.append(out / "epochs.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    for name, s in scen.items():
+        (x, xs), (y, ys) = s["er@10"], s["hr@10"]
+        ax.errorbar([x], [y], xerr=[xs], yerr=[ys], fmt="o", capsize=3, label=name)
+    ax.set_xlabel("exposure ER@10 (final epoch)")
+    ax.set_ylabel("accuracy HR@10 (final epoch)")
+    ax.set_title("accuracy against exposure (mean ± std over seeds)", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    paths.append(out / "accuracy_vs_exposure.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    ratios = sorted({s["ratio"] for s in scen.values() if s["attack"] != "none"})
+    if len(ratios) > 1:
+        fig, ax = plt.subplots(figsize=(6.4, 4.8))
+        by: dict[str, list[tuple[float, float, float]]] = {}
+        for s in scen.values():
+            if s["attack"] != "none":
+                by.setdefault(f"{s['attack']} vs {s['defense']}", []).append((s["ratio"], *s["er@10"]))
+        for label, pts in sorted(by.items()):
+            pts.sort()
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
+                        label=label)
+        ax.set_xscale("log")
+        ax.set_xlabel("malicious ratio")
+        ax.set_ylabel("ER@10 (final epoch)")
+        ax.set_title("exposure against the malicious ratio, per defense", fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        paths.append(out / "exposure_vs_ratio.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+
+    if summary["engine"] == "services":
+        from fedseq.report import load_run, plot_runs
+
+        runs = []
+        for name, s in scen.items():
+            run = load_run(out / s["cells"][0])
+            run.label = name
+            runs.append(run)
+        paths.append(plot_runs(runs, out / "bytes_per_round.png"))
+    return paths
+
+
+# ---------------------------------------------------------------------------- command
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("preset", nargs="?", help=f"a predefined sweep: {', '.join(PRESETS)}")
+    p.add_argument("--spec", help="sweep spec file (JSON or TOML): base, attacks, defenses, ratios, seeds, models, "
+                                  "codecs, engine, scenarios, title")
+    p.add_argument("--attacks", help="comma list, e.g. none,dv-fsr")
+    p.add_argument("--defenses", help="comma list of rules; options after a colon, ';' between rules then: "
+                                      "'fedavg;krum:m=8'")
+    p.add_argument("--ratios", help="comma list of malicious ratios, e.g. 0.005,0.01")
+    p.add_argument("--seeds", help="seeds: 0-4 or 0,3,7")
+    p.add_argument("--models", help="comma list: sasrec,bert4rec")
+    p.add_argument("--codecs", help="comma list of update encodings (services engine)")
+    p.add_argument("--engine", choices=ENGINES, help="services (fedseq run per cell; default) or inprocess")
+    p.add_argument("--set", action="append", type=lambda s: tuple(s.split("=", 1)), metavar="KEY=VALUE",
+                   help="a base experiment key for every cell, e.g. --set epochs=4 --set dataset=steam")
+    p.add_argument("--jobs", type=int, default=1, help="cells at once (each gets cores // jobs torch threads)")
+    p.add_argument("--cores", type=int, help="cores to use (default: all of this machine's)")
+    p.add_argument("--out", help="sweep folder (default runs/sweep-<preset>); an interrupted sweep resumes there")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        spec = spec_from(args)
+        cells = spec.cells()
+    except SweepError as e:
+        raise ConfigError(str(e)) from None
+    if args.jobs < 1:
+        raise ConfigError("--jobs must be >= 1")
+    out = Path(args.out or f"runs/sweep-{args.preset or 'custom'}")
+    summary = run_sweep(spec, out, args.jobs, args.cores)
+    print(format_markdown(spec, summary))
+    for p in summary.get("plots", []):
+        print(f"plot: {p}")
+    print(f"results: {out / 'sweep.md'}, {out / 'sweep.json'} ({len(cells)} cells)")
+    if summary["failed"]:
+        print(f"fedseq sweep: {len(summary['failed'])} cell(s) failed: {', '.join(summary['failed'])} "
+              f"(run the same command again to retry them)", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,93 @@
+"""The round engine's pieces on tiny exact cases: the schedule, the step scale, the overflow
+refusal, the malicious accounting and the stall warning (fedseq/engine.py)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from fedseq.config import Compat, ExperimentConfig
+from fedseq.engine import (
+    aggregate_round,
+    eval_due,
+    malicious_kept,
+    plan_run,
+    rule_scale,
+    stall_warning,
+    step_lr,
+)
+from server.aggregation import make_rule
+
+CFG = ExperimentConfig(dataset="synthetic", epochs=3, clients_per_round=4, lr=0.5, eval_every=2)
+
+
+def test_mean_scale_rules_step_k_times_their_output_unless_literal():
+    # Prepare: four updates; the mean-scale rule's output is their mean
+    U = torch.tensor([[1.0, 0.0], [3.0, 2.0], [1.0, 2.0], [3.0, 0.0]])
+    w = torch.ones(4)
+    params = torch.zeros(2)
+    mean, total = make_rule("fedavg", {"reduce": "mean", "weighted": "false"}), make_rule("fedavg")
+    # Execute
+    scaled = aggregate_round(mean, params, U, w, [0, 1, 2, 3], lr=0.5, round_id=0)
+    literal = aggregate_round(mean, params, U, w, [0, 1, 2, 3], lr=0.5, round_id=0, literal_step=True)
+    summed = aggregate_round(total, params, U, w, [0, 1, 2, 3], lr=0.5, round_id=0)
+    # Assert: mean [2, 1] stepped with lr 0.5 x 4; literally with 0.5; the sum [8, 4] with 0.5
+    assert scaled.params.tolist() == [-4.0, -2.0] == summed.params.tolist()
+    assert literal.params.tolist() == [-1.0, -0.5]
+    assert (scaled.lr_step, literal.lr_step, summed.lr_step) == (2.0, 0.5, 0.5)
+    assert scaled.info["scale"] == "mean" and summed.info["scale"] == "sum"
+
+
+def test_every_rule_declares_its_scale():
+    opts = {"norm-clip": {"bound": "1"}}
+    scales = {n: rule_scale(make_rule(n, opts.get(n, {}))) for n in
+              ("fedavg", "none", "rfa", "mixed-rfa", "median", "trimmed-mean", "krum", "norm-clip", "foolsgold",
+               "fltrust")}
+    assert scales == {"fedavg": "sum", "none": "sum", "rfa": "mean", "mixed-rfa": "mean", "median": "mean",
+                      "trimmed-mean": "mean", "krum": "mean", "norm-clip": "sum", "foolsgold": "mean",
+                      "fltrust": "mean"}
+    assert rule_scale(make_rule("norm-clip", {"bound": "1", "inner": "rfa"})) == "mean"
+    assert step_lr(make_rule("rfa"), 0.01, 64) == pytest.approx(0.64) and step_lr(make_rule("rfa"), 0.01, 64, True) == 0.01
+
+
+def test_an_overflowing_update_is_refused_and_the_rest_aggregated():
+    # Prepare: finite float32 updates whose sum overflows
+    big = torch.full((2,), 3e38)
+    U = torch.stack([big, big, torch.tensor([1.0, 1.0])])
+    # Execute
+    out = aggregate_round(make_rule("fedavg"), torch.zeros(2), U, torch.ones(3), [5, 7, 9], lr=1.0, round_id=3)
+    # Assert: one of the two big ones goes (largest norm, first), then the sum is finite
+    assert out.overflow == (5,) and out.users == (7, 9)
+    assert torch.isfinite(out.params).all()
+
+
+def test_the_plan_has_every_client_once_per_epoch_and_adversarial_rounds_after_each():
+    clients = np.arange(10)
+    plain = plan_run(CFG, clients, num_benign=8)
+    adv = plan_run(replace(CFG, adv_train=True, adv_train_opts=(("users_per_round", "2"),)), clients, num_benign=8)
+    assert [r.round_id for r in plain] == list(range(9))  # 3 rounds (4, 4, 2) x 3 epochs
+    for e in range(3):
+        assert sorted(np.concatenate([r.users for r in plain if r.epoch == e]).tolist()) == list(range(10))
+    assert len(adv) == 18 and all(r.adversarial == (i % 2 == 1) for i, r in enumerate(adv))
+    assert all(len(r.users) <= 2 and (r.users < 8).all() for r in adv if r.adversarial)
+    assert [r.lr for r in plain][:1] == [0.5]
+    assert [eval_due(CFG, e) for e in range(3)] == [False, True, True]  # every 2 epochs and the last
+
+
+def test_malicious_kept_counts_by_one_rule():
+    assert malicious_kept([1, 8, 9], None, {8, 9}) == (2, 2)  # no selection: every aggregated one is kept
+    assert malicious_kept([1, 8, 9], [1, 9], {8, 9}) == (2, 1)
+    assert malicious_kept([1, 8, 9], [], {8, 9}) == (2, 0)  # an empty selection is not "all"
+
+
+def test_a_flat_run_warns_and_names_the_literal_step():
+    literal = replace(CFG, compat=Compat(literal_step=True), lr=0.001)
+    assert stall_warning(literal, "mixed-rfa", "mean", [0.10, 0.10], 64) is None  # too early
+    assert stall_warning(literal, "mixed-rfa", "mean", [0.10, 0.20, 0.30], 64) is None  # it trains
+    w = stall_warning(literal, "mixed-rfa", "mean", [0.100, 0.101, 0.102], 64)
+    assert w is not None and "literal_step" in w and "0.064" in w
+    w2 = stall_warning(CFG, "fedavg", "sum", [0.1, 0.1, 0.1], 64)
+    assert w2 is not None and "--lr 0.5 is too small" in w2

@@ -1,0 +1,120 @@
+"""``fedseq sweep`` (cli/sweep.py): cells of the axes, their folders and configs, the summary
+(mean and spread over seeds), resuming an interrupted sweep, and one real tiny sweep."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from cli.sweep import (
+    PRESETS,
+    Cell,
+    SweepError,
+    SweepSpec,
+    add_arguments,
+    cell_done,
+    format_table,
+    parse_seeds,
+    run_sweep,
+    spec_from,
+    summarise,
+)
+
+TINY = {"dataset": "synthetic:users=30,items=50,max_length=15", "epochs": 2, "clients_per_round": 8,
+        "num_negatives": 20, "lr": 0.01}
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return p.parse_args(list(argv))
+
+
+def test_cells_are_the_product_with_no_ratio_for_no_attack():
+    spec = SweepSpec(base=TINY, attacks=("none", "dv-fsr"), defenses=("fedavg", "krum:m=4"), ratios=(0.05, 0.1),
+                     seeds=(0, 1))
+    cells = spec.cells()
+    assert len(cells) == (1 + 2) * 2 * 2  # none once per defense, dv-fsr per ratio; x seeds
+    assert len({c.folder for c in cells}) == len(cells)
+    krum = next(c for c in cells if c.defense == "krum:m=4" and c.attack == "dv-fsr")
+    assert krum.overrides()["defense"] == "krum" and krum.overrides()["defense_opts"] == ["m=4"]
+    assert "malicious_ratio" not in next(c for c in cells if c.attack == "none").overrides()
+
+
+def test_a_bad_cell_fails_before_anything_runs():
+    with pytest.raises(SweepError, match="cell .*malicious_ratio"):
+        SweepSpec(base=TINY, attacks=("dv-fsr",), ratios=(1.5,)).cells()
+    with pytest.raises(SweepError, match="engine"):
+        SweepSpec(base=TINY, engine="cloud").cells()
+    with pytest.raises(SweepError, match="unknown preset"):
+        spec_from(_args("nope"))
+
+
+def test_seeds_and_flags_and_presets():
+    assert parse_seeds("0-4") == [0, 1, 2, 3, 4] and parse_seeds("0,3,7") == [0, 3, 7]
+    with pytest.raises(SweepError):
+        parse_seeds("a-b")
+    spec = spec_from(_args("mission", "--seeds", "0-2", "--ratios", "0.02", "--set", "epochs=3"))
+    cells = spec.cells()
+    assert [c.name for c in cells[::3]] == [s["name"] for s in PRESETS["mission"]["scenarios"]]
+    assert {c.seed for c in cells} == {0, 1, 2} and {c.ratio for c in cells if c.attack != "none"} == {0.02}
+    assert spec.base["epochs"] == "3" and spec.engine == "services"
+    custom = spec_from(_args("--attacks", "none,dv-fsr", "--defenses", "fedavg;krum:m=8", "--engine", "inprocess"))
+    assert custom.defenses == ("fedavg", "krum:m=8") and custom.engine == "inprocess"
+
+
+def _bundle(folder: Path, hr: list[float], er: list[float], mal: int = 0) -> None:
+    folder.mkdir(parents=True)
+    epochs = [{"epoch": i + 1, "hr@10": h, "ndcg@10": h / 2, "er@5": e / 2, "er@10": e, "er@20": e, "er@30": e,
+               "malicious_updates": mal, "malicious_kept": mal // 2} for i, (h, e) in enumerate(zip(hr, er, strict=True))]
+    (folder / "results.json").write_text(json.dumps({"epochs": epochs, "summary": {"state": "done"}}))
+
+
+def test_summary_is_the_mean_and_spread_over_seeds(tmp_path):
+    # Prepare: two seeds of one scenario with known finals
+    spec = SweepSpec(base=TINY, attacks=("dv-fsr",), ratios=(0.1,), seeds=(0, 1), engine="inprocess")
+    cells = spec.cells()
+    _bundle(tmp_path / cells[0].folder, [0.1, 0.2], [0.3, 0.5], mal=4)
+    _bundle(tmp_path / cells[1].folder, [0.1, 0.4], [0.3, 0.9], mal=4)
+    # Execute
+    s = summarise(spec, cells, tmp_path)
+    # Assert
+    row = s["scenarios"][cells[0].scenario]
+    assert row["hr@10"] == (pytest.approx(0.3), pytest.approx(statistics.stdev([0.2, 0.4])))
+    assert row["er@10"][0] == pytest.approx(0.7) and row["seeds"] == [0, 1]
+    assert row["curve"]["er@10"][0] == (pytest.approx(0.3), 0.0)
+    assert (row["malicious_sent"], row["malicious_kept"]) == (16, 8)
+    assert "0.3000 ± 0.1414" in format_table(s)
+    assert cell_done(tmp_path / cells[0].folder, 2) and not cell_done(tmp_path / cells[0].folder, 3)
+
+
+@pytest.mark.slow
+def test_a_tiny_sweep_runs_and_an_interrupted_one_resumes(tmp_path):
+    # Prepare: two cells in process
+    spec = SweepSpec(base=TINY, attacks=("none", "dv-fsr"), ratios=(0.1,), seeds=(0,), engine="inprocess")
+    lines: list[str] = []
+    # Execute: run, lose one cell's results (as an interrupted sweep would), run again
+    first = run_sweep(spec, tmp_path, jobs=2, cores=2, say=lines.append)
+    lost = spec.cells()[1]
+    (tmp_path / lost.folder / "results.json").unlink()
+    again: list[str] = []
+    second = run_sweep(spec, tmp_path, jobs=1, cores=2, say=again.append)
+    # Assert: both finished; the second run kept the finished cell and ran only the lost one
+    assert not first["failed"] and not second["failed"] and len(second["scenarios"]) == 2
+    assert sum("done before (kept)" in ln for ln in again) == 1 and any(lost.folder in ln and "ER@10" in ln
+                                                                       for ln in again)
+    assert "[sweep 2/2]" in again[-1] and "all cells done" in again[-1]
+    assert (tmp_path / "sweep.md").read_text().count("| attack ") == 2
+    assert (tmp_path / "epochs.png").read_bytes()[:4] == b"\x89PNG"
+    dv = second["scenarios"][lost.scenario]
+    assert dv["malicious_sent"] == 2 * 3  # 3 malicious clients of 30 at 0.1, once per epoch
+
+
+def test_cell_folder_names_are_safe_and_readable():
+    c = Cell("dv-fsr", "norm-clip:bound=1.0,inner=rfa", 0.01, 3, "bert4rec", "sparse-fp16")
+    assert c.folder == "dv-fsr_r0.01_norm-clip-bound1.0-innerrfa_bert4rec_sparse-fp16_seed3"
+    assert "/" not in c.folder and c.scenario.startswith("attack dv-fsr 0.01, defense norm-clip")
