@@ -16,6 +16,7 @@ import json
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path.cwd()  # run from the repository root: runs/ and docs/results/ are relative to it
@@ -192,10 +193,14 @@ def main(args: argparse.Namespace | None = None) -> int:
         args = ap.parse_args()
     runs_root = Path(args.runs)
     if not args.render_only:
-        for label, flags in SUITES[args.suite]["runs"]:
-            if args.only and label not in args.only:
-                continue
+        from .sweep import Progress
+
+        todo = [(label, flags) for label, flags in SUITES[args.suite]["runs"] if not args.only or label in args.only]
+        progress = Progress(len(todo))
+        for label, flags in todo:
+            t0 = time.time()
             run(args.suite, label, flags, runs_root)
+            print(progress.line(f"{args.suite}/{label} done in {time.time() - t0:.0f}s"), file=sys.stderr, flush=True)
     render(args.suite, runs_root, ROOT / "docs" / "results" / f"{args.suite}.md")
     return 0
 

@@ -118,3 +118,25 @@ def test_cell_folder_names_are_safe_and_readable():
     c = Cell("dv-fsr", "norm-clip:bound=1.0,inner=rfa", 0.01, 3, "bert4rec", "sparse-fp16")
     assert c.folder == "dv-fsr_r0.01_norm-clip-bound1.0-innerrfa_bert4rec_sparse-fp16_seed3"
     assert "/" not in c.folder and c.scenario.startswith("attack dv-fsr 0.01, defense norm-clip")
+
+
+@pytest.mark.slow
+def test_the_mission_shows_the_attack_and_the_defense():
+    """The main job's claim (docs/results/mission.md) on seed 0, in process (the services compute
+    the same run: tests/test_engine_equal.py): DV-FSR lifts ER@10 by 0.3 or more over clean, and
+    mixed-RFA holds it to at most half with HR@10 within 0.05 of clean."""
+    from cli.sim import run_inprocess
+    from fedseq.config import build_config
+
+    # Prepare: the mission preset's three scenarios, seed 0
+    spec = spec_from(_args("mission"))
+    final = {}
+    # Execute
+    for cell in spec.cells():
+        cfg = build_config(None, {**spec.base, **cell.overrides(), "threads": 1}, environ={})
+        final[cell.name] = run_inprocess(cfg, None, progress=lambda _line: None)["epochs"][-1]
+    clean, attacked, defended = final["clean"], final["dv-fsr"], final["dv-fsr + mixed-rfa"]
+    # Assert
+    assert attacked["er@10"] >= clean["er@10"] + 0.3
+    assert defended["er@10"] <= attacked["er@10"] / 2
+    assert abs(defended["hr@10"] - clean["hr@10"]) <= 0.05
