@@ -10,7 +10,7 @@ then one table with the mean and spread over seeds and plots.
 Each cell runs as its own process (``fedseq run`` / ``fedseq sim``) with its results bundle in
 ``<out>/<cell>/``; a sweep that was interrupted resumes where it stopped (finished cells are
 kept; unfinished ones run again from the start). ``--jobs`` cells run at once, each with
-``cores // jobs`` torch threads. Results: ``<out>/sweep.md`` (the table), ``<out>/sweep.json``
+``cores // jobs`` torch threads (divided again among a services cell's busy processes). Results: ``<out>/sweep.md`` (the table), ``<out>/sweep.json``
 (every cell and scenario), and PNG plots: exposure and accuracy over epochs (one line per
 scenario, mean over seeds with its spread), exposure against the malicious ratio (per defense, when
 several ratios), accuracy against exposure, and (services) bytes per round.
@@ -42,6 +42,7 @@ from .flags import QUICKSTART
 
 ENGINES = ("services", "inprocess")
 CONFIG_KEYS = set(ExperimentConfig.__dataclass_fields__)
+PROCESSES_PER_SERVICES_CELL = 3  # busy processes of one `fedseq run` cell (two client workers, the server)
 KS = (5, 10, 20, 30)
 METRICS = ("hr@10", "ndcg@10", *(f"er@{k}" for k in KS))
 
@@ -289,7 +290,9 @@ def run_sweep(spec: SweepSpec, out: Path, jobs: int = 1, cores: int | None = Non
     cells = spec.cells()
     out.mkdir(parents=True, exist_ok=True)
     cores = cores or os.cpu_count() or 1
-    threads = max(1, cores // max(1, jobs))
+    # a services cell is several busy processes (server, two client workers, an attacker worker):
+    # more torch threads than cores each would oversubscribe the machine (../shared/notes)
+    threads = max(1, cores // max(1, jobs) // (PROCESSES_PER_SERVICES_CELL if spec.engine == "services" else 1))
     epochs = build_config(None, spec.base, environ={}).epochs
     (out / "spec.json").write_text(json.dumps(asdict(spec), indent=1, default=list))
     todo = [c for c in cells if not cell_done(out / c.folder, epochs)]
