@@ -274,9 +274,9 @@ class Progress:
                 self.durations.append(seconds)
             elapsed = time.time() - self.started
             left = self.total - self.done
-            eta = statistics.mean(self.durations) * left / max(1, jobs) if self.durations and left else 0.0
-            return (f"[sweep {self.done}/{self.total}] {what}; elapsed {_clock(elapsed)}"
-                    + (f", about {_clock(eta)} left" if left else ", all cells done"))
+            eta = statistics.mean(self.durations) * left / max(1, jobs) if self.durations else None
+            tail = ", all cells done" if not left else f", about {_clock(eta)} left" if eta is not None else ""
+            return f"[sweep {self.done}/{self.total}] {what}; elapsed {_clock(elapsed)}{tail}"
 
 
 def _clock(s: float) -> str:

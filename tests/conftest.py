@@ -1,8 +1,11 @@
-"""Shared fixtures: a real Redis server process for the whole test session."""
+"""Shared fixtures: a real Redis server process for the whole test session, and the ``fedseq``
+command run in this process."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+import os
+from collections.abc import Callable, Iterator
 
 import pytest
 import redis
@@ -29,3 +32,36 @@ def redis_url(redis_server: RedisServer) -> str:
     finally:
         client.close()
     return redis_server.url
+
+
+@pytest.fixture
+def fedseq_cli(monkeypatch, capsys) -> Callable[..., tuple[int, str, str]]:
+    """``fedseq ARGS`` in this process: ``run(*args) -> (exit status, stdout, stderr)``.
+
+    It calls ``cli.main.main``, the function the ``fedseq`` script and ``python -m cli.main`` exit
+    with, so the status is the process's; what a test saves is the new interpreter's torch import
+    (3-4 s each). No ``FEDSEQ_*`` variable is set (as in a clean environment), stderr holds what
+    main prints and its log handler writes (it logs to the stderr of the moment, captured here),
+    and the root logger and service name that main sets are put back after each call. Tests whose
+    point is the real process keep a subprocess."""
+    from cli.main import main
+    from fedseq import observe
+
+    for key in list(os.environ):
+        if key.startswith("FEDSEQ_"):
+            monkeypatch.delenv(key)
+
+    def run(*args: object) -> tuple[int, str, str]:
+        root = logging.getLogger()
+        handlers, level, service = root.handlers[:], root.level, dict(observe._SERVICE)
+        capsys.readouterr()  # only this call's output
+        try:
+            rc = main([str(a) for a in args])
+        finally:
+            root.handlers[:] = handlers
+            root.setLevel(level)
+            observe._SERVICE.update(service)
+        out = capsys.readouterr()
+        return rc, out.out, out.err
+
+    return run

@@ -30,7 +30,10 @@ from fedseq.v1 import aggregator_pb2, orchestrator_pb2, worker_pb2, worker_pb2_g
 from orchestrator.service import check_eval_sums
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ExperimentConfig(run_id="t", dataset="synthetic:users=60,items=80", epochs=2, clients_per_round=16,
+# 30 users in 4 rounds of at most 8: a run's cost is its user updates, and 4 rounds are what the
+# rogue peer needs (an earlier round to replay, the round it acts in, a later one to forge)
+USERS = 30
+TINY = ExperimentConfig(run_id="t", dataset=f"synthetic:users={USERS},items=80", epochs=1, clients_per_round=8,
                         lr=0.01, num_negatives=50, eval_every=1)
 METRICS = ("hr@10", "ndcg@10", "er@5", "er@10", "er@20", "er@30")
 
@@ -156,7 +159,7 @@ class LyingWorker(WorkerServicer):
 
 def test_implausible_evaluation_sums_are_refused_and_recorded(redis_url):
     # Prepare: two workers, the first of which inflates its evaluation sums
-    fed = Federation(redis_url, replace(TINY, run_id="liar", epochs=1), workers=2, worker_classes=(LyingWorker,))
+    fed = Federation(redis_url, replace(TINY, run_id="liar"), workers=2, worker_classes=(LyingWorker,))
     try:
         # Execute
         fed.run()
@@ -165,7 +168,7 @@ def test_implausible_evaluation_sums_are_refused_and_recorded(redis_url):
         row = fed.orch.epochs[-1]
         assert [r["worker"] for r in row["eval_refused"]] == ["w0"]
         assert "reports" in row["eval_refused"][0]["reason"]
-        assert row["eval_users"] == 30 and row["eval_workers"] == {"w1": 30}
+        assert row["eval_users"] == USERS // 2 and row["eval_workers"] == {"w1": USERS // 2}
         assert row["hr@10"] <= 1.0
         assert fed.orch.refused["evaluation: implausible sums"] == 1
     finally:
@@ -208,9 +211,15 @@ def test_certificates_carry_exactly_one_role_and_reserved_names_are_refused(tmp_
         Identity.load(tmp_path, "missing")
 
 
-def test_a_worker_uploads_only_to_its_own_aggregator_and_checks_its_role(tmp_path, redis_url):
+def test_a_worker_uploads_only_to_its_own_aggregator_and_checks_its_role(tmp_path, redis_url, monkeypatch):
     """A worker's uploads go where it was configured; a listener without a server certificate
     (here: another worker's) gets no connection, so no gradient leaves the worker."""
+    import client.worker
+    from fedseq import rpc
+
+    # the worker keeps trying (wait_for_ready) until the round's deadline, but at least 5 s; 1 s
+    # here: each refused TLS handshake takes milliseconds, an accepted upload as little
+    monkeypatch.setattr(client.worker, "deadline_left", lambda deadline, floor=5.0: rpc.deadline_left(deadline, 1.0))
     make_certs(tmp_path, {"orchestrator": "orchestrator", "w": "worker", "impostor": "worker"})
     from fedseq.v1 import aggregator_pb2_grpc
 
@@ -245,12 +254,13 @@ def test_a_worker_uploads_only_to_its_own_aggregator_and_checks_its_role(tmp_pat
         # Execute
         with pytest.raises(grpc.RpcError) as err:
             stub.Train(worker_pb2.TrainRequest(
-                run_id=cfg.run_id, round_id=0, model_version=0, deadline_unix=time.time() + 3, encoding="dense-fp32",
+                run_id=cfg.run_id, round_id=0, model_version=0, deadline_unix=time.time() + 1, encoding="dense-fp32",
                 accepted_encodings=["dense-fp32"], assignments=[common_pb2.Assignment(user_id=0, token="t")]),
                 timeout=60)
         # Assert: the worker's upload channel refused the impostor's certificate (until the round's
         # deadline: it waits for a real server); nothing arrived
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert f"upload to the aggregator 127.0.0.1:{impostor.port} failed" in err.value.details()
         assert got_uploads == []
     finally:
         svc.stop(0)
@@ -271,36 +281,37 @@ def test_services_listen_on_loopback_and_refuse_a_port_in_use():
 
 
 @pytest.mark.parametrize("cmd", ["serve-server", "serve-client", "serve-orchestrator"])
-def test_a_service_without_certificates_or_insecure_fails_fast(cmd, tmp_path):
+def test_a_service_without_certificates_or_insecure_fails_fast(cmd, tmp_path, fedseq_cli):
     args = {"serve-server": ["--store-url", "redis://127.0.0.1:1/0"],
             "serve-client": ["--orchestrator", "127.0.0.1:1"],
             "serve-orchestrator": ["--aggregator", "127.0.0.1:1", "--store-url", "redis://127.0.0.1:1/0"]}[cmd]
-    env = {"PATH": "/usr/bin:/bin"}
-    proc = subprocess.run([sys.executable, "-m", "cli.main", cmd, *args], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT, env=env)
-    assert proc.returncode == 2
-    assert "mutual TLS needs --tls-dir" in proc.stderr and "Traceback" not in proc.stderr
+    # in this process (cli.main.main's return value is the command's exit status)...
+    rc, _, err = fedseq_cli(cmd, *args)
+    assert rc == 2
+    assert "mutual TLS needs --tls-dir" in err and "Traceback" not in err
+    if cmd == "serve-server":  # ...and once as the real command, in a clean environment
+        proc = subprocess.run([sys.executable, "-m", "cli.main", cmd, *args], capture_output=True, text=True,
+                              timeout=120, cwd=ROOT, env={"PATH": "/usr/bin:/bin"})
+        assert proc.returncode == 2
+        assert "mutual TLS needs --tls-dir" in proc.stderr and "Traceback" not in proc.stderr
     make_certs(tmp_path, {"server": "server"})
     if cmd != "serve-server":  # a certificate of another role is refused
-        proc = subprocess.run([sys.executable, "-m", "cli.main", cmd, *args, "--tls-dir", str(tmp_path),
-                               "--tls-name", "server"], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
-        assert proc.returncode == 2 and "has role 'server'" in proc.stderr
+        rc, _, err = fedseq_cli(cmd, *args, "--tls-dir", tmp_path, "--tls-name", "server")
+        assert rc == 2 and "has role 'server'" in err
 
 
-def test_fedseq_certs_command(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "cli.main", "certs", str(tmp_path), "--name", "client-0:worker",
-                           "--name", "server", "--hosts", "fedseq-server,10.0.0.5"], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr
-    assert "client-0.pem  role worker" in proc.stdout and "server.pem  role server" in proc.stdout
+def test_fedseq_certs_command(tmp_path, fedseq_cli):
+    rc, out, err = fedseq_cli("certs", tmp_path, "--name", "client-0:worker", "--name", "server",
+                              "--hosts", "fedseq-server,10.0.0.5")
+    assert rc == 0, err
+    assert "client-0.pem  role worker" in out and "server.pem  role server" in out
     assert Identity.load(tmp_path, "client-0").role == "worker"
-    bad = subprocess.run([sys.executable, "-m", "cli.main", "certs", str(tmp_path), "--name", "x:root"],
-                         capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert bad.returncode == 2 and "unknown role 'root'" in bad.stderr
+    rc, _, err = fedseq_cli("certs", tmp_path, "--name", "x:root")
+    assert rc == 2 and "unknown role 'root'" in err
 
 
 def test_describe_and_status_with_the_right_roles_work(tmp_path, redis_url):
-    fed = Federation(redis_url, replace(TINY, run_id="roles", epochs=1), workers=1, tls_dir=tmp_path)
+    fed = Federation(redis_url, replace(TINY, run_id="roles"), workers=1, tls_dir=tmp_path)
     try:
         d = fed.orch.pool.refresh()
         assert d and d[0].ready  # the orchestrator's certificate may call Describe

@@ -436,8 +436,10 @@ def test_setup_validates_the_attack_and_adds_the_population():
     assert all_clients(setup(build_config(None, base))).tolist() == list(range(N))
 
 
-def _sim(attack: str, epochs: int = 3, **extra):
-    cfg = build_config(None, dict(dataset="synthetic", model="sasrec", epochs=epochs, clients_per_round=64,
+def _sim(attack: str, epochs: int = 2, **extra):
+    # the default synthetic data (400 users, so 4 attackers at ratio 0.01) with sequences of at most
+    # 20 items: the cost is the users' training, and the shorter sequences halve it
+    cfg = build_config(None, dict(dataset="synthetic:max_length=20", model="sasrec", epochs=epochs, clients_per_round=64,
                                   lr=0.01, seed=0, threads=1, attack=attack,
                                   malicious_ratio=0.01 if attack != "none" else 0.0, **extra))
     return run_inprocess(cfg, None, progress=lambda _line: None)

@@ -20,10 +20,12 @@ import pytest
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN = ["--dataset", "synthetic:users=200,items=120", "--epochs", "3", "--clients-per-round", "40", "--lr", "0.01",
-       "--num-negatives", "50", "--seed", "3", "--workers", "2", "--round-timeout", "60"]
+# 80 users in 5 rounds of 16 per epoch, 3 epochs: the kill lands in round 4 of 15 with most of the
+# run still to go; a small data set, so that the run's time is mostly the faults and the restarts
+USERS, ROUNDS = 80, 3 * 5
+RUN = ["--dataset", f"synthetic:users={USERS},items=80,max_length=20", "--epochs", "3", "--clients-per-round", "16",
+       "--lr", "0.01", "--num-negatives", "50", "--seed", "3", "--workers", "2", "--round-timeout", "60"]
 METRICS = ("hr@10", "ndcg@10", "er@5", "er@10", "er@20", "er@30")
-USERS, ROUNDS = 200, 3 * 5
 
 
 def _launch(out: Path) -> subprocess.Popen:

@@ -5,6 +5,7 @@ aggregate must stay bit-identical to the undisturbed one."""
 
 from __future__ import annotations
 
+import functools
 import secrets
 import struct
 import threading
@@ -90,10 +91,16 @@ def _msgs(header, data: bytes):
             for i, p in enumerate(chunks(data))]
 
 
-def _update(seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
+@functools.cache
+def _layout():
+    """The model's parameter layout (built once: ``setup`` makes the data set and the model)."""
     from fedseq.experiment import setup
 
-    layout = setup(CFG).layout
+    return setup(CFG).layout
+
+
+def _update(seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    layout = _layout()
     g = torch.Generator().manual_seed(seed)
     return {n: torch.randn(s, generator=g) * scale for n, s in zip(layout.names, layout.shapes, strict=True)}
 
@@ -323,15 +330,21 @@ def _hostile(kind: str, rnd: int, tokens: dict[int, str], bait: list[int], blob:
         data = _nan_payload(len(small) % 7)
         return _msgs(_header("flood", rnd, user, tok, len(data)), data)
     if kind == "bad-shape":
-        upd = _update(5)
-        upd["pos_emb.weight"] = torch.zeros(3, 64)
-        data = encode_update(upd, "dense-fp32")
+        data = _bad_shape_payload()
         return _msgs(_header("flood", rnd, user, tok, len(data)), data)
     if kind == "data-before-header":
         return [agg_pb.UpdateChunk(data=small)]
     if kind == "negative-samples":
         return _msgs(_header("flood", rnd, user, tok, len(blob), n=-5), blob)
     raise AssertionError(kind)
+
+
+@functools.cache
+def _bad_shape_payload() -> bytes:
+    """A well-formed dense container whose position table has the wrong shape."""
+    upd = _update(5)
+    upd["pos_emb.weight"] = torch.zeros(3, 64)
+    return encode_update(upd, "dense-fp32")
 
 
 _NAN: dict[int, bytes] = {}
@@ -419,20 +432,24 @@ def test_a_flood_of_hostile_uploads_is_refused_counted_and_leaves_the_aggregate_
     ("-3 1 2 3\n", "user id -3 is negative"),
     ("1 2 0 4\n", "item id 0 is reserved for padding"),
 ])
-def test_bad_data_and_unreachable_store_are_one_line_errors_at_the_cli(tmp_path, content, says):
-    import subprocess
-    import sys
-
-    root = Path(__file__).resolve().parents[1]
+def test_bad_data_and_unreachable_store_are_one_line_errors_at_the_cli(tmp_path, content, says, fedseq_cli):
     path = tmp_path / "seqs.txt"
     path.write_text(content)
-    proc = subprocess.run([sys.executable, "-m", "cli.main", "data", str(path)], capture_output=True, text=True,
-                          timeout=120, cwd=root)
-    assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
-    proc = subprocess.run([sys.executable, "-m", "cli.main", "serve-server", "--insecure", "--store-url",
-                           "redis://127.0.0.1:1/0"], capture_output=True, text=True, timeout=120, cwd=root)
-    assert proc.returncode == 2 and "cannot reach Redis" in proc.stderr and "Traceback" not in proc.stderr
+    # in this process: cli.main.main's return value is the command's exit status, and its stderr
+    # (what it prints and logs) is captured
+    rc, _, err = fedseq_cli("data", path)
+    assert rc == 2 and says in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    rc, _, err = fedseq_cli("serve-server", "--insecure", "--store-url", "redis://127.0.0.1:1/0")
+    assert rc == 2 and "cannot reach Redis" in err and "Traceback" not in err
+    if says.startswith("user id"):  # once as the real command: its whole stderr is the one line
+        import subprocess
+        import sys
+
+        proc = subprocess.run([sys.executable, "-m", "cli.main", "data", str(path)], capture_output=True, text=True,
+                              timeout=120, cwd=Path(__file__).resolve().parents[1])
+        assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_metrics_endpoint_serves_the_fedseq_metrics(redis_url):

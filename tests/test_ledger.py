@@ -30,7 +30,10 @@ from fedseq.v1 import aggregator_pb2 as agg_pb
 from fedseq.v1 import aggregator_pb2_grpc as agg_grpc
 from fedseq.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
-TINY = ExperimentConfig(run_id="led", dataset="synthetic:users=60,items=80", epochs=2, clients_per_round=16,
+# 30 users, 4 rounds of at most 8 per epoch, 2 epochs: the cost of a run is its user updates (encode,
+# upload, decode), so few users, and still several rounds per epoch and more than one epoch
+USERS, EPOCHS = 30, 2
+TINY = ExperimentConfig(run_id="led", dataset=f"synthetic:users={USERS},items=80", epochs=EPOCHS, clients_per_round=8,
                         lr=0.01, num_negatives=50, eval_every=1, codec="sparse-fp32")
 
 
@@ -130,7 +133,7 @@ def test_ledger_totals_equal_the_sum_of_their_parts(runs, redis_server, which):
     assert sum(e["bytes_down"] for e in epochs) == results["summary"]["bytes_down"] == totals["bytes_down"]
     # one update entry per user per epoch, attributed to a user, a worker and a round
     ups = [e for e in entries if e["kind"] == "update"]
-    assert len(ups) == 60 * 2 == totals["updates"]
+    assert len(ups) == USERS * EPOCHS == totals["updates"]
     assert {e["worker"] for e in ups} == {"w0", "w1"} and all(e["user"] >= 0 for e in ups)
     assert Counter((e["round"], e["user"]) for e in ups).most_common(1)[0][1] == 1
     rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
@@ -149,7 +152,7 @@ def test_update_bytes_match_what_the_server_received(runs, which):
     ledger_side = {(e["round"], e["user"]): e["bytes"] for e in entries if e["kind"] == "update"}
     # Assert
     assert ledger_side == server_side
-    assert len(ledger_side) == 60 * 2  # every user once per epoch: not {} == {}
+    assert len(ledger_side) == USERS * EPOCHS  # every user once per epoch: not {} == {}
     assert all(v > 0 for v in ledger_side.values())
 
 
@@ -365,7 +368,7 @@ def test_fedseq_run_summary_prints_bytes_per_user_update(runs):
     _, results, _ = runs["dense-gz"]
     line = update_line(results)
     assert line.startswith("bytes per user update: ") and "dense-fp32" in line and "after gzip" in line
-    assert "120 updates" in line
+    assert f"{USERS * EPOCHS} updates" in line
 
 
 def test_resumed_run_keeps_its_ledger(redis_url, tmp_path):
@@ -382,4 +385,4 @@ def test_resumed_run_keeps_its_ledger(redis_url, tmp_path):
     for e in entries:
         if e["kind"] == "update":
             per_epoch[e["epoch"]] += 1
-    assert dict(per_epoch) == {1: 60, 2: 60}
+    assert dict(per_epoch) == {1: USERS, 2: USERS}
