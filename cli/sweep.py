@@ -422,15 +422,18 @@ def plot_sweep(summary: dict[str, Any], out: Path) -> list[Path]:
     scen = summary["scenarios"]
     if not scen:
         return paths
+    style = _styles(scen)
+    many = len(scen) > 6  # bands would hide each other: lines only
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.6))
     for name, s in scen.items():
+        color, dash, marker = style[name]
         for ax, m in zip(axes, ("er@10", "hr@10"), strict=True):
             mean = [v[0] for v in s["curve"][m]]
             std = [v[1] for v in s["curve"][m]]
-            (line,) = ax.plot(s["epochs"], mean, marker="o", markersize=3, label=name)
-            if len(s["seeds"]) > 1:
+            ax.plot(s["epochs"], mean, marker=marker, markersize=3, linestyle=dash, color=color, label=name)
+            if len(s["seeds"]) > 1 and not many:
                 ax.fill_between(s["epochs"], [a - b for a, b in zip(mean, std, strict=True)],
-                                [a + b for a, b in zip(mean, std, strict=True)], color=line.get_color(), alpha=0.15)
+                                [a + b for a, b in zip(mean, std, strict=True)], color=color, alpha=0.15)
     axes[0].set_title("exposure of the target: ER@10 per epoch")
     axes[1].set_title("accuracy: HR@10 per epoch")
     from matplotlib.ticker import MaxNLocator
@@ -441,7 +444,8 @@ def plot_sweep(summary: dict[str, Any], out: Path) -> list[Path]:
         ax.grid(True, alpha=0.3)
         ax.set_ylim(bottom=0)
     seeds = sorted({s for v in scen.values() for s in v["seeds"]})
-    fig.suptitle(f"{summary['title']} (mean over seeds {seeds}; band: ± std)", fontsize=10)
+    fig.suptitle(f"{summary['title']}\n(mean over seeds {seeds}" + ("; band: ± std)" if not many else
+                 "; dashed: no attack)"), fontsize=10)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.1 + 0.03 * (len(labels) // 4), 1, 1))
@@ -449,15 +453,17 @@ def plot_sweep(summary: dict[str, Any], out: Path) -> list[Path]:
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    fig, ax = plt.subplots(figsize=(8.4, 5.2))
     for name, s in scen.items():
+        color, _, marker = style[name]
         (x, xs), (y, ys) = s["er@10"], s["hr@10"]
-        ax.errorbar([x], [y], xerr=[xs], yerr=[ys], fmt="o", capsize=3, label=name)
+        ax.errorbar([x], [y], xerr=[xs], yerr=[ys], fmt=marker if s["attack"] != "none" else "s", capsize=3,
+                    color=color, mfc=color if s["attack"] != "none" else "white", label=name)
     ax.set_xlabel("exposure ER@10 (final epoch)")
     ax.set_ylabel("accuracy HR@10 (final epoch)")
     ax.set_title("accuracy against exposure (mean ± std over seeds)", fontsize=10)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     fig.tight_layout()
     paths.append(out / "accuracy_vs_exposure.png")
     fig.savefig(paths[-1], dpi=110)
@@ -495,6 +501,22 @@ def plot_sweep(summary: dict[str, Any], out: Path) -> list[Path]:
             runs.append(run)
         paths.append(plot_runs(runs, out / "bytes_per_round.png"))
     return paths
+
+
+def _styles(scen: dict[str, dict[str, Any]]) -> dict[str, tuple[Any, str, str]]:
+    """(color, line style, marker) per scenario: color by defense, dashed without an attack,
+    marker by ratio, so a plot of many scenarios stays readable (colors repeat only past 20
+    defenses)."""
+    import matplotlib
+
+    defenses = sorted({s["defense"] for s in scen.values()})
+    ratios = sorted({s["ratio"] for s in scen.values()})
+    cmap = matplotlib.colormaps["tab10" if len(defenses) <= 10 else "tab20"]
+    markers = "osD^v<>p*h"
+    if len(scen) <= 6:  # a few scenarios: one color each
+        return {n: (cmap(i % cmap.N), "--" if s["attack"] == "none" else "-", "o") for i, (n, s) in enumerate(scen.items())}
+    return {n: (cmap(defenses.index(s["defense"]) % cmap.N), "--" if s["attack"] == "none" else "-",
+                markers[ratios.index(s["ratio"]) % len(markers)]) for n, s in scen.items()}
 
 
 # ---------------------------------------------------------------------------- command
