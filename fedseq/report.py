@@ -1,6 +1,7 @@
 """``fedseq report RUN_DIR [RUN_DIR ...]``: print results bundles and their communication ledgers,
 and plot bytes per round, one line per run labelled by its codec, so runs with different
-encodings compare on one plot.
+encodings compare on one plot; and exposure (ER@K) and accuracy (HR@10) per epoch, one line per
+run (``metrics_per_epoch.png`` beside the bytes plot).
 
 For each run: the results table (metrics and bytes per epoch), the ledger totals, and the ledger
 broken down per kind, per message, per worker and per round (from ``ledger.jsonl``; see
@@ -240,6 +241,37 @@ def plot_runs(runs: Sequence[Run], path: str | Path) -> Path:
     return p
 
 
+def plot_metrics(runs: Sequence[Run], path: str | Path) -> Path:
+    """Exposure and accuracy per epoch, one line per run: ER@5/10/20/30 of the target (four
+    panels) and HR@10 (the paper's Figure 2 view). Written as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    panels = ("er@5", "er@10", "er@20", "er@30", "hr@10")
+    fig, axes = plt.subplots(1, len(panels), figsize=(19, 4.2))
+    for r in runs:
+        rows = [e for e in r.results.get("epochs", []) if "hr@10" in e]
+        for ax, key in zip(axes, panels, strict=True):
+            ax.plot([e["epoch"] for e in rows], [e[key] for e in rows], marker="o", markersize=3, label=r.label)
+    for ax, key in zip(axes, panels, strict=True):
+        ax.set_title(key.upper() + (" (accuracy)" if key == "hr@10" else " of the target"), fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylim(0, 1.02 if key != "hr@10" else None)
+        ax.grid(True, alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(p, dpi=100)
+    plt.close(fig)
+    return p
+
+
 def default_plot_path(runs: Sequence[Run]) -> Path:
     if len(runs) == 1:
         return runs[0].path / "bytes_per_round.png"
@@ -269,4 +301,5 @@ def report(run_dirs_or_dir: str | Path | Iterable[str | Path], plot: bool = True
     if plot:
         path = plot_runs(runs, out or default_plot_path(runs))
         print(f"plot: {path}", file=stream)
+        print(f"plot: {plot_metrics(runs, path.with_name('metrics_per_epoch.png'))}", file=stream)
     return 0
