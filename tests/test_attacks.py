@@ -437,8 +437,9 @@ def test_setup_validates_the_attack_and_adds_the_population():
 
 
 def _sim(attack: str, epochs: int = 2, **extra):
-    # the default synthetic data (400 users, so 4 attackers at ratio 0.01) with sequences of at most
-    # 20 items: the cost is the users' training, and the shorter sequences halve it
+    # the default synthetic data (400 users: 4 malicious clients at ratio 0.01) with sequences of at
+    # most 20 items (they set the training cost), 2 epochs: at seeds 0-3 DV-FSR's ER@10 is 0.30-0.40,
+    # and at most 0.0025 without attack
     cfg = build_config(None, dict(dataset="synthetic:max_length=20", model="sasrec", epochs=epochs, clients_per_round=64,
                                   lr=0.01, seed=0, threads=1, attack=attack,
                                   malicious_ratio=0.01 if attack != "none" else 0.0, **extra))

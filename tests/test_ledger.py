@@ -18,7 +18,6 @@ from dataclasses import replace
 import pytest
 from _federation import CountingAggregator, Federation
 
-from cli.main import main as cli_main
 from client.service import benign_population
 from client.worker import ModelSource, WorkerServicer
 from fedseq import ledger
@@ -349,14 +348,12 @@ def test_report_prints_the_ledger_totals_and_plots_each_codec(runs, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
 
 
-def test_report_cli_takes_several_dirs_or_their_parent_and_fails_clearly(runs, tmp_path, capsys):
+def test_report_cli_takes_several_dirs_or_their_parent_and_fails_clearly(runs, tmp_path, fedseq_cli):
     # Prepare
     parent = runs["sparse"][2].parent
     # Execute
-    rc = cli_main(["report", str(parent), "--out", str(tmp_path / "p.png")])
-    out = capsys.readouterr().out
-    rc_missing = cli_main(["report", str(tmp_path / "nope"), "--no-plot"])
-    err = capsys.readouterr().err
+    rc, out, _ = fedseq_cli("report", parent, "--out", tmp_path / "p.png")
+    rc_missing, _, err = fedseq_cli("report", tmp_path / "nope", "--no-plot")
     # Assert
     assert rc == 0 and out.count("== led-") == 3 and (tmp_path / "p.png").exists()
     assert rc_missing == 1 and "does not exist" in err
