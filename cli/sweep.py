@@ -328,7 +328,6 @@ def run_sweep(spec: SweepSpec, out: Path, jobs: int = 1, cores: int | None = Non
         list(pool.map(one, todo))
     summary = summarise(spec, cells, out)
     summary["failed"] = failed
-    (out / "sweep.json").write_text(json.dumps(summary, indent=1))
     (out / "sweep.md").write_text(format_markdown(spec, summary))
     summary["plots"] = [str(p) for p in plot_sweep(summary, out)]
     (out / "sweep.json").write_text(json.dumps(summary, indent=1))

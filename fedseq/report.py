@@ -229,14 +229,21 @@ def plot_runs(runs: Sequence[Run], path: str | Path) -> Path:
         ax.tick_params(axis="y", which="both", labelsize=8)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("bytes (serialized messages and store payloads)")
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=9, frameon=False)
     fig.suptitle("fedseq communication per round (evaluation traffic lands on each epoch's last round; "
                  "the last round of an epoch may have fewer users)", fontsize=10)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    return _save(fig, axes[0], path, bottom=0.08, dpi=110)
+
+
+def _save(fig, legend_of, path: str | Path, bottom: float, dpi: int) -> Path:
+    """One legend below the panels (from ``legend_of``'s lines), then the PNG at ``path``."""
+    import matplotlib.pyplot as plt
+
+    handles, labels = legend_of.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, bottom, 1, 1))
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, dpi=110)
+    fig.savefig(p, dpi=dpi)
     plt.close(fig)
     return p
 
@@ -262,14 +269,7 @@ def plot_metrics(runs: Sequence[Run], path: str | Path) -> Path:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylim(0, 1.02 if key != "hr@10" else None)
         ax.grid(True, alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=9, frameon=False)
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, dpi=100)
-    plt.close(fig)
-    return p
+    return _save(fig, axes[0], path, bottom=0.1, dpi=100)
 
 
 def default_plot_path(runs: Sequence[Run]) -> Path:

@@ -83,6 +83,7 @@ class RunLoop:
         self.results: dict[str, Any] | None = None
         self.retries = 0  # rounds rerun after an aggregator or store failure
         self.warnings: list[str] = []  # what the run warned about (stall_warning)
+        self._rule_scale = "sum"  # the rule's output scale, as the server's last round summary said
         # the communication ledger (fedseq/ledger.py): entries go to the store's "ledger" stream
         # round by round; these are running sums of it (rebuilt from the stream on resume)
         self._comp = cfg.compression
@@ -104,9 +105,7 @@ class RunLoop:
     def _check_stall(self, row: dict[str, Any]) -> None:
         """Warn (log, results summary) when HR@10 does not move (fedseq/engine.py, stall_warning)."""
         hr10 = [e["hr@10"] for e in self.epochs if "hr@10" in e and e["epoch"] < row["epoch"]] + [row["hr@10"]]
-        last = next(iter(self.store.records("rounds")[-1:]), {})
-        info = last.get("rule_info", {})
-        warning = stall_warning(self.cfg, self.cfg.defense, info.get("scale", "sum"), hr10, self.cfg.clients_per_round)
+        warning = stall_warning(self.cfg, self.cfg.defense, self._rule_scale, hr10, self.cfg.clients_per_round)
         if warning:
             log.warning("%s", warning)
             self.warnings.append(warning)
@@ -341,6 +340,7 @@ class RunLoop:
             "malicious": len(in_round),
             "malicious_kept": n_kept,
         }
+        self._rule_scale = record["rule_info"].get("scale", self._rule_scale)
         if record["accepted"] + record["rejected"] + record["missing"] != record["users"]:
             log.error("round %d: accounting does not add up: %s", rid, record)
         self.store.append_record("rounds", record)
