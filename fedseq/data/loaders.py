@@ -323,7 +323,9 @@ def load_dataset(spec: str, data_root: str | Path | None = None, seed: int = 0) 
 
     - ``"synthetic"``: :func:`synthetic` with its defaults and ``seed``;
       ``"synthetic:users=N,items=M"`` overrides its integer/float parameters (any keyword of
-      :func:`synthetic`, e.g. ``synthetic:users=2000,items=800,follow_prob=0.6``);
+      :func:`synthetic`, e.g. ``synthetic:users=2000,items=800,follow_prob=0.6``); ``seed=N``
+      draws the data with seed N instead of the run's seed, so runs with different seeds share
+      one data set (as they do on Steam);
     - ``"steam"``: ``<data_root>/steam/sequences.txt`` (sequence format);
     - ``"ml-1m"``: ``<data_root>/ml-1m/ratings.dat`` (MovieLens format);
     - a file path: ``*.csv`` -> :func:`load_csv`; ``*.dat`` whose lines contain ``::`` ->
@@ -341,7 +343,9 @@ def load_dataset(spec: str, data_root: str | Path | None = None, seed: int = 0) 
     if spec == "synthetic":
         return synthetic(seed=seed)
     if spec.startswith("synthetic:"):
-        return synthetic(seed=seed, **_synthetic_params(spec))
+        params = _synthetic_params(spec)
+        data_seed = int(params.pop("seed", seed))  # synthetic:seed=N fixes the data across run seeds
+        return synthetic(seed=data_seed, **params)
     if spec in _NAMED_FILES:
         rel = Path(*_NAMED_FILES[spec])
         tried: list[str] = []
@@ -362,7 +366,7 @@ def _synthetic_params(spec: str) -> dict[str, Any]:
     """Parse ``synthetic:k=v,...`` (``users``/``items`` alias ``num_users``/``num_items``)."""
     import inspect
 
-    allowed = {p for p in inspect.signature(synthetic).parameters if p not in ("seed", "name")}
+    allowed = {p for p in inspect.signature(synthetic).parameters if p != "name"}
     out: dict[str, Any] = {}
     for item in spec.split(":", 1)[1].split(","):
         if not item.strip():
