@@ -4,7 +4,7 @@
     fedseq sim                   the same experiment in one process
     fedseq serve-server|serve-client|serve-attacker|serve-orchestrator   one service (compose)
     fedseq data                  dataset statistics
-    fedseq reproduce SUITE       the paper's runs (learning-core, attacks, defenses) -> docs/results/
+    fedseq reproduce SUITE       the paper's tables and figure (table1, table3, table4, table5, figure2) -> docs/results/
     fedseq report RUN_DIR...     print results bundles and communication ledgers, plot bytes per round
     fedseq certs DIR             a certificate authority and one mTLS certificate per service role
 """
@@ -141,7 +141,7 @@ def parser() -> argparse.ArgumentParser:
     sweep.add_arguments(p)
     p.set_defaults(fn=sweep.main)
 
-    p = sub.add_parser("reproduce", help="run a named suite of paper-setting runs and write docs/results/SUITE.md")
+    p = sub.add_parser("reproduce", help="reproduce a table or figure of the DV-FSR paper (a predefined sweep) and write its page")
     reproduce.add_arguments(p)
     p.set_defaults(fn=reproduce.main)
 

@@ -1,209 +1,419 @@
-"""``fedseq reproduce SUITE``: the paper's settings as named runs, and their pages in docs/results/.
+"""``fedseq reproduce SUITE``: the DV-FSR paper's tables and figure as predefined sweeps, with a
+page that puts the paper's number beside fedseq's.
 
-    fedseq reproduce learning-core                # run the suite (in-process runner), then render
-    fedseq reproduce learning-core --render-only  # re-render from existing run folders
-    fedseq reproduce attacks --only dv-fsr-reference
+    fedseq reproduce table4 --quick               # a first look: 3 epochs, seed 0, the paper's cells only
+    fedseq reproduce table4                       # the paper's settings: Steam, 30 epochs, seeds 0-2, variants
+    fedseq reproduce figure2 --max-cells 2        # two more cells, then the page (resume later)
+    fedseq reproduce table1 --render-only         # the page from the cells already run
+    fedseq reproduce table3 --dataset ml-1m       # any supported data set (its page goes to the run folder)
+    fedseq reproduce table4 --targets popular     # a harder target than the paper's zero-interaction item
 
-Each run is `fedseq sim` with the suite's flags (printed in the page), results in
-<runs>/<suite>/<label>/results.json. Runs are long (SASRec on Steam: ~15 s per epoch here);
-suites run one run at a time (the 2-core machine has no room for two).
+Suites (Yin et al., "Poisoning Attacks and Defenses to Federated Sequential Recommendation"
+(DV-FSR), AAAI 2025): ``table1`` (clean accuracy and the attacks, both models), ``table3`` (SASRec
+against BERT4Rec under DV-FSR), ``table4`` (no defense, adv_train and mixed-RFA at 0.05/0.1/0.2%),
+``table5`` (the ablations C-FSR and S-FSR across ratios), ``figure2`` (DV-FSR's ER@5 over epochs at
+six ratios). Each is a ``fedseq sweep`` (in-process engine: every run equals the services' run,
+tests/test_engine_equal.py) whose cells live in one folder per data set, so a cell that two suites
+share (SASRec, DV-FSR at 0.1%) runs once. Every paper cell runs with the reference-compatibility
+switches (``--compat reference``: the public code's protocol and quirks) and, as variants beside it,
+with ``--compat off`` (fedseq's textbook default) and with the full-ranking protocol, so a reader
+sees which effects are the method and which are the protocol.
+
+Results: ``<out>/cells/<cell>/`` (each run's bundle), ``<out>/<suite>/`` (sweep.md, sweep.json,
+plots) and the page: ``docs/results/<suite>.md`` (+ plots in ``docs/results/<suite>/``) for the
+paper's settings on Steam, ``<out>/<suite>/<suite>.md`` otherwise. A suite stopped part-way resumes:
+finished cells are kept.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import os
+import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
+from typing import Any
+
+from fedseq.config import ConfigError
+from fedseq.data import TARGET_PRESETS
+
+from .sweep import KS, SweepSpec, format_table, parse_seeds, plot_sweep, run_sweep
 
 ROOT = Path.cwd()  # run from the repository root: runs/ and docs/results/ are relative to it
-STEAM = ["--dataset", "steam", "--data-root", "../shared/data", "--epochs", "30"]
 
-SUITES: dict[str, dict] = {
-    "learning-core": {
-        "title": "Learning core: Steam, no attack, paper settings",
-        "intro": "256 users per round, lr 0.001 multiplied by 0.5 every 5 epochs (ALGORITHMS.md: 0.5 for "
-                 "`common`), sum aggregation, 30 epochs, sampled protocol (1,000 negatives + target). "
-                 "`--compat reference` turns on every reference-compatibility switch (evaluation with dropout "
-                 "and an appended mask token for SASRec, one shared negative-sampling seed, negatives from "
-                 "1..M+1); `off` is fedseq's default. Timings: these runs shared the 2-core VM with two or three "
-                 "other runs and test jobs, so their seconds per epoch are inflated; [speed.md](speed.md) has the "
-                 "benchmark on a quiet machine.",
-        "runs": [
-            ("sasrec-reference", [*STEAM, "--model", "sasrec", "--compat", "reference"]),
-            ("sasrec-off", [*STEAM, "--model", "sasrec"]),
-            ("bert4rec-reference", [*STEAM, "--model", "bert4rec", "--compat", "reference"]),
-            ("bert4rec-off", [*STEAM, "--model", "bert4rec"]),
+# The paper's settings (ALGORITHMS.md): Steam, 30 epochs, 256 users per round, lr 0.001 x 0.5 every
+# 5 epochs, the sum ("common"), the sampled protocol with 1,000 negatives.
+PAPER_BASE: dict[str, Any] = {"dataset": "steam", "epochs": 30, "clients_per_round": 256, "lr": 0.001,
+                              "lr_decay": 0.5, "lr_decay_every": 5, "num_negatives": 1000}
+QUICK_EPOCHS = 3
+REFERENCE = "reference"
+# mixed-RFA's output is mean-scale: with the paper's literal step at lr 0.001 the model does not
+# train (HR@10 0.008 after 10 epochs, docs/results/defenses.md), while the paper's Table 4 shows it
+# moving; so its cells take the round engine's step (lr x the round's updates) and every other
+# reference switch.
+REFERENCE_ENGINE_STEP = "reference,!literal_step"
+VARIANTS = {  # name -> (label suffix, keys over the paper cell's)
+    "reference": ("", {}),
+    "off": (" [compat off]", {"compat": "off"}),
+    "full": (" [full ranking]", {"protocol": "full"}),
+}
+METRIC_NAMES = {"hr@10": "HR@10", "ndcg@10": "NDCG@10", **{f"er@{k}": f"ER@{k}" for k in KS}}
+
+
+def _paper(values: str, metrics: str = "er") -> dict[str, float]:
+    """``"0.9169 0.9997 1 1"`` -> ER@5..30 (``metrics="er"``) or HR@10, NDCG@10, ER@5..30 (``"all"``)."""
+    keys = [f"er@{k}" for k in KS] if metrics == "er" else ["hr@10", "ndcg@10", *(f"er@{k}" for k in KS)]
+    nums = [float(x) for x in values.split()]
+    if len(nums) != len(keys):
+        raise ValueError(f"{values!r}: {len(keys)} numbers expected")
+    return dict(zip(keys, nums, strict=True))
+
+
+def _cell(name: str, model: str, attack: str = "none", ratio: float = 0.0, defense: str = "fedavg",
+          paper: dict[str, float] | None = None, compat: str = REFERENCE, **keys: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": name, "model": model, "attack": attack, "defense": defense, "compat": compat,
+                           **keys}
+    if attack != "none":
+        out["ratio"] = ratio
+    if paper:
+        out["paper"] = paper
+    return out
+
+
+SUITES: dict[str, dict[str, Any]] = {
+    "table1": {
+        "title": "Table 1: clean accuracy and the attacks (Steam)",
+        "intro": "Table 1's Steam rows: each model clean, under the data-poisoning baseline RA (Kapoor et al. "
+                 "2017), the model-poisoning baselines EB (PipAttack's explicit boosting, Zhang et al. 2022) and "
+                 "A-ra (Rong et al. 2022), and DV-FSR, at the paper's malicious ratios (SASRec 0.1%, BERT4Rec "
+                 "1%) and DV-FSR's smaller ones (0.05%, 0.2%). Target: the least popular item (1358 on Steam, "
+                 "no training interaction).",
+        "scenarios": [
+            _cell("SASRec clean", "sasrec", paper=_paper("0.3141 0.1546 0 0 0 0", "all")),
+            _cell("SASRec RA 0.1%", "sasrec", "ra", 0.001, paper=_paper("0.3307 0.1732 0 0 0 0", "all")),
+            _cell("SASRec EB 0.1%", "sasrec", "eb", 0.001, paper=_paper("0.3109 0.1591 0 0.0003 0.0144 0.1148", "all")),
+            _cell("SASRec A-ra 0.1%", "sasrec", "a-ra", 0.001,
+                  paper=_paper("0.3131 0.1590 0 0.0003 0.0160 0.1156", "all")),
+            _cell("SASRec DV-FSR 0.1%", "sasrec", "dv-fsr", 0.001,
+                  paper=_paper("0.2944 0.1411 0.9169 0.9997 1 1", "all")),
+            _cell("SASRec DV-FSR 0.05%", "sasrec", "dv-fsr", 0.0005,
+                  paper=_paper("0.3131 0.1623 0.0011 0.0117 0.2950 0.8311", "all")),
+            _cell("BERT4Rec clean", "bert4rec", paper=_paper("0.3293 0.1697 0 0 0 0", "all")),
+            _cell("BERT4Rec RA 1%", "bert4rec", "ra", 0.01, paper=_paper("0.3339 0.1737 0 0 0 0", "all")),
+            _cell("BERT4Rec EB 1%", "bert4rec", "eb", 0.01, paper=_paper("0.3304 0.1700 0 0 0.0037 0.1423", "all")),
+            _cell("BERT4Rec A-ra 1%", "bert4rec", "a-ra", 0.01,
+                  paper=_paper("0.3312 0.1705 0 0 0.0035 0.1335", "all")),
+            _cell("BERT4Rec DV-FSR 1%", "bert4rec", "dv-fsr", 0.01,
+                  paper=_paper("0.3128 0.1417 0.9324 0.9892 1 1", "all")),
+            _cell("BERT4Rec DV-FSR 0.2%", "bert4rec", "dv-fsr", 0.002,
+                  paper=_paper("0.3304 0.1699 0.0059 0.1492 0.9379 1", "all")),
         ],
-        "paper": {"sasrec": "HR@10 0.3141, NDCG@10 0.1546", "bert4rec": "HR@10 0.3293, NDCG@10 0.1697"},
+    },
+    "table3": {
+        "title": "Table 3: SASRec against BERT4Rec under DV-FSR (Steam)",
+        "intro": "DV-FSR at 0.1% malicious clients on each model; the paper's text adds that BERT4Rec needs 0.5% "
+                 "or 1% (its 1% row is Table 1's).",
+        "scenarios": [
+            _cell("SASRec DV-FSR 0.1%", "sasrec", "dv-fsr", 0.001, paper=_paper("0.9169 0.9997 1 1")),
+            _cell("BERT4Rec DV-FSR 0.1%", "bert4rec", "dv-fsr", 0.001, paper=_paper("0 0.0003 0.0059 0.2190")),
+            _cell("BERT4Rec DV-FSR 0.5%", "bert4rec", "dv-fsr", 0.005),
+            _cell("BERT4Rec DV-FSR 1%", "bert4rec", "dv-fsr", 0.01, paper=_paper("0.9324 0.9892 1 1")),
+        ],
+    },
+    "table4": {
+        "title": "Table 4: DV-FSR under no defense, adv_train and mixed-RFA (Steam, SASRec)",
+        "intro": "mixed-RFA (Eq. 10, lambda 0.3) and adv_train (Yue et al. 2022) against the sum at 0.05%, 0.1% "
+                 "and 0.2% malicious clients. mixed-RFA's cells take the round engine's step (its mean-scale "
+                 f"output x the round's updates; compat `{REFERENCE_ENGINE_STEP}`): with the paper's literal step "
+                 "at lr 0.001 the model does not train and exposure stays 0 trivially. Under `--compat "
+                 "reference` adv_train applies no update, as the public code's (`advtrain_noop`), so its rows "
+                 "equal no defense; the `[compat off]` variant is the real adversarial training (several times "
+                 "slower per epoch).",
+        "scenarios": [
+            *(c for r, pct, none, adv, mrfa in (
+                (0.0005, "0.05%", "0.0011 0.0117 0.2950 0.8311", "0 0.0080 0.2241 0.7445", "0 0 0 0.0005"),
+                (0.001, "0.1%", "0.9169 0.9997 1 1", "0.9217 0.9992 1 1", "0.0578 0.4391 0.9739 0.9995"),
+                (0.002, "0.2%", "1 1 1 1", "1 1 1 1", "0.9526 1 1 1"))
+              for c in (
+                _cell(f"SASRec DV-FSR {pct}", "sasrec", "dv-fsr", r, paper=_paper(none)),
+                _cell(f"SASRec DV-FSR {pct} + adv_train", "sasrec", "dv-fsr", r, "adv-train", paper=_paper(adv)),
+                _cell(f"SASRec DV-FSR {pct} + mixed-RFA", "sasrec", "dv-fsr", r, "mixed-rfa", paper=_paper(mrfa),
+                      compat=REFERENCE_ENGINE_STEP),
+            )),
+        ],
+    },
+    "table5": {
+        "title": "Table 5: the ablations C-FSR and S-FSR across ratios (Steam)",
+        "intro": "C-FSR drops the explicit view (item substitution), S-FSR the implicit view (L_con). The paper's "
+                 "rows: SASRec at 0.05%, BERT4Rec at 0.2%; fedseq adds SASRec at 0.1% and 0.2% (the issue: "
+                 "across ratios).",
+        "scenarios": [
+            *(_cell(f"SASRec {a} {pct}", "sasrec", a.lower(), r, paper=_paper(p) if p else None)
+              for r, pct, rows in ((0.0005, "0.05%", {"C-FSR": "0 0 0 0", "S-FSR": "0 0.0013 0.0184 0.1010",
+                                                      "DV-FSR": "0.0011 0.0117 0.2950 0.8311"}),
+                                   (0.001, "0.1%", {}), (0.002, "0.2%", {}))
+              for a in ("C-FSR", "S-FSR", "DV-FSR") for p in [rows.get(a)]),
+            *(_cell(f"BERT4Rec {a} 0.2%", "bert4rec", a.lower(), 0.002, paper=_paper(p))
+              for a, p in (("C-FSR", "0 0 0 0.0003"), ("S-FSR", "0.0037 0.1276 0.9233 0.9997"),
+                           ("DV-FSR", "0.0059 0.1492 0.9379 1")))
+        ],
+    },
+    "figure2": {
+        "title": "Figure 2: DV-FSR's ER@5 over epochs at six malicious ratios (Steam, SASRec)",
+        "intro": "The paper plots ER@5 per epoch for 1%, 0.5%, 0.4%, 0.3%, 0.2% and 0.1% malicious clients (its "
+                 "text: the higher the ratio, the sooner the attack peaks, and it stays there). The paper gives "
+                 "no numbers for the curves, so the page shows the plot and the epoch at which each ratio first "
+                 "reaches ER@5 >= 0.9.",
+        "scenarios": [_cell(f"SASRec DV-FSR {pct}", "sasrec", "dv-fsr", r)
+                      for r, pct in ((0.01, "1%"), (0.005, "0.5%"), (0.004, "0.4%"), (0.003, "0.3%"),
+                                     (0.002, "0.2%"), (0.001, "0.1%"))],
+        "figure": "er@5",
     },
 }
-
-ATK = ["--dataset", "steam", "--data-root", "../shared/data", "--epochs", "10", "--model", "sasrec"]
-SUITES["attacks"] = {
-    "title": "Attacks: Steam, SASRec, 0.1% malicious clients (3), sum aggregation, 10 epochs",
-    "intro": "DV-FSR and its ablations (C-FSR: no explicit view; S-FSR: no implicit view) and the baselines EB and "
-             "A-ra, each with the reference-compatibility switches on (`--compat reference`: above all DV-FSR's "
-             "leaked substitution cross-entropy gradient, attack forwards without dropout, C-FSR's label on "
-             "index 1) and off. ER@K is measured on the target item 1358 (least popular, zero training "
-             "interactions) over the 3,753 benign users. 10 epochs instead of the paper's 30 to fit this "
-             "machine (each run ~4 min).",
-    "runs": [(f"{a}-{c}", [*ATK, "--attack", a, "--malicious-ratio", "0.001", "--compat", c])
-             for a in ("dv-fsr", "c-fsr", "s-fsr", "eb", "a-ra") for c in ("reference", "off")],
-    "paper": {"DV-FSR 0.1%": "ER@5 0.9169, ER@10 0.9997, HR@10 0.2944", "EB/A-ra": "ER@30 about 0.11"},
-    "notes": """eb-reference and a-ra-reference ran before the `attacker_draw` switch existed, so their
-malicious clients copy the seed-0 users (305, 2608, 3229); every other `reference` run copies the
-public code's users.
-
-## Which effects depend on the switches
-
-- DV-FSR: ER@5 0.88 with the switches, 0.08 without; ER@10 0.9992 vs 0.61. The leaked
-  substitution cross-entropy gradient and the copied users carry the early, top-5 exposure.
-- The ablations (Table 5's ordering DV-FSR > S-FSR > C-FSR) hold only with the switches. With them,
-  S-FSR (no L_con) keeps most of the effect (ER@10 0.98) because the leak rides on the substitution,
-  and C-FSR is about 0 because its contrastive label sits on a random negative. Without them, S-FSR
-  is about 0 (the substitution alone adds nothing) and C-FSR (BCE + a correct L_con) equals DV-FSR
-  (ER@10 0.61 vs 0.61): the implicit view is what carries the attack.
-- EB and A-ra stay near 0 either way (ER@30 0.02-0.03; paper about 0.11).
-
-## What the reference switches change
-
-`--compat reference` includes `attacker_draw`: the three malicious clients copy the users the public
-code copies (`random.seed(20000000)`: users 26, 3021, 3417 with 32, 5 and 6 training items); with
-switches off they copy the users drawn with the run seed (seed 0: users 305, 2608, 3229 with 31,
-277 and 5 items). Without the leaked cross-entropy gradient (`attack_leak`) and the rest, DV-FSR
-still reaches ER@10 0.61 after 10 epochs, far above EB and A-ra, but ER@5 stays low: the leak and
-the copied users carry most of the early exposure, as ALGORITHMS.md measured on the public code
-(ER@10 after epoch 4: 0.994 with the leak, 0.408 without).
-
-Probe runs (4 epochs, in-process, helper investigation; epochs 2/3/4):
-
-| attackers copy | benign negatives | ER@5 | ER@10 |
-|---|---|---|---|
-| users 305, 2608, 3229 (seed 0) | per-round seed | .011/.089/.41 | .03/.31/.88 |
-| users 26, 3021, 3417 (reference draw) | per-round seed | .048/.316/.630 | .168/.635/.957 |
-| reference draw | the public code's persistent `Random(2024)` stream per client | .025/.443/.707 | .126/.853/.992 |
-| public code (ALGORITHMS.md) | | ?/.55-.64/? | ?/?/.994 |
-
-The last fedseq row reproduces the public code's curve; it needs each client's sampler to persist
-across its participations, which fedseq's stateless per-round seeding (`shared_neg_seed`) does not
-do yet (it also makes benign learning faster than the reference's measured no-attack curve).
-""",
-}
-SUITES["defenses"] = {
-    "title": "Defenses: Steam, SASRec, DV-FSR (reference switches), 10 epochs",
-    "intro": "mixed-RFA (lambda 0.3, Eq. 10) against no defense (sum aggregation) at 0.05% (1 attacker) and 0.1% "
-             "(3 attackers); lr 0.001 halved every 5 epochs as in the paper for SASRec. Clean HR@10 under each "
-             "rule without attack for reference.",
-    "runs": [
-        ("none-0.05", [*ATK, "--attack", "dv-fsr", "--malicious-ratio", "0.0005", "--compat", "reference"]),
-        ("mixed-rfa-0.05", [*ATK, "--attack", "dv-fsr", "--malicious-ratio", "0.0005", "--compat", "reference",
-                            "--defense", "mixed-rfa"]),
-        ("mixed-rfa-0.1", [*ATK, "--attack", "dv-fsr", "--malicious-ratio", "0.001", "--compat", "reference",
-                           "--defense", "mixed-rfa"]),
-        ("mixed-rfa-clean-lr0.256", [*ATK, "--compat", "reference", "--defense", "mixed-rfa", "--lr", "0.256"]),
-        # mixed-RFA's step is a mean, ~B = 256 times smaller than the sum's: the same lr barely trains,
-        # so also with lr scaled by 256
-        ("mixed-rfa-0.1-lr0.256", [*ATK, "--attack", "dv-fsr", "--malicious-ratio", "0.001", "--compat", "reference",
-                                   "--defense", "mixed-rfa", "--lr", "0.256"]),
-        ("mixed-rfa-0.05-lr0.256", [*ATK, "--attack", "dv-fsr", "--malicious-ratio", "0.0005", "--compat",
-                                    "reference", "--defense", "mixed-rfa", "--lr", "0.256"]),
-        ("adv-train-0.1-4ep", ["--dataset", "steam", "--data-root", "../shared/data", "--epochs", "4", "--model",
-                               "sasrec", "--attack", "dv-fsr", "--malicious-ratio", "0.001", "--compat",
-                               "eval_dropout,eval_mask_token,shared_neg_seed,neg_from_vocab,attack_leak,"
-                               "attack_eval_mode,substitution_fill,attacker_draw", "--defense", "adv-train"]),
-    ],
-    "paper": {"Table 4": "ER@5 no defense 0.0011 (0.05%) / 0.9169 (0.1%); mixed-RFA 0.0000 / 0.0578"},
-    "notes": """No defense at 0.1% is the attack page's `dv-fsr-reference` run: ER@5 0.8841, ER@10 0.9992,
-HR@10 0.3088 after 10 epochs.
-
-mixed-RFA's aggregate is a mean-scale vector (0.3 x mean + 0.7 x geometric median), about B = 256
-times smaller than the paper's sum, so at the paper's lr 0.001 the model does not train (HR@10 0.008
-after 10 epochs) and exposure stays 0 trivially. With the lr scaled by 256 (0.256) it trains like
-the sum (HR@10 0.32) and still holds DV-FSR down: ER@5 0.0157 at 0.1% against 0.8841 without
-defense (paper 0.0578 vs 0.9169) and 0 at 0.05%.
-
-adv-train (`--defense adv-train`, Yue et al. 2022) adds one adversarial round per round (32 users
-with a full-vocabulary one-hot input each), which makes a Steam epoch several times longer; its
-run below is 4 epochs, against DV-FSR's 4-epoch exposure without defense (ER@5 0.63, ER@10 0.96 at
-epoch 4 in `dv-fsr-reference`). The public code's adv_train applies no update (compat
-`advtrain_noop`), so the paper's adv_train rows equal no defense.
-""",
-}
-
-KEYS = ("hr@10", "ndcg@10", "er@5", "er@10", "er@20", "er@30")
+SUITE_NAMES = tuple(SUITES)
 
 
-def run(suite: str, label: str, flags: list[str], runs_root: Path) -> None:
-    out = runs_root / suite / label
-    cmd = [sys.executable, "-m", "cli.main", "sim", *flags, "--out", str(out)]
-    print("$", " ".join(cmd[2:]), flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT)
-
-
-def render(suite: str, runs_root: Path, dest: Path) -> None:
-    spec = SUITES[suite]
-    lines = [f"# {spec['title']}", "", spec["intro"], ""]
-    if spec.get("paper"):
-        lines += ["Paper: " + "; ".join(f"{k}: {v}" for k, v in spec["paper"].items()), ""]
-    lines += ["| run | command | epochs | final HR@10 | final NDCG@10 | best HR@10 (epoch) | ER@5 | ER@10 | ER@30 | "
-              "median s/epoch (train + eval) |", "|---|---|---|---|---|---|---|---|---|---|"]
-    curves = []
-    for label, flags in spec["runs"]:
-        path = runs_root / suite / label / "results.json"
-        if not path.exists():
-            lines.append(f"| {label} | `fedseq sim {' '.join(flags)}` | not run | | | | | | | |")
+def suite_spec(suite: str, seeds: list[int], quick: bool = False, dataset: str | None = None,
+               data_root: str | None = None, target_preset: str | None = None,
+               variants: tuple[str, ...] = ("reference", "off", "full"), only: list[str] | None = None,
+               epochs: int | None = None) -> SweepSpec:
+    """The sweep of ``suite``: its paper cells (and their ``variants``) on the paper's base,
+    narrowed by ``only`` (scenario names, or a substring of them)."""
+    if suite not in SUITES:
+        raise ConfigError(f"unknown suite {suite!r}; suites: {', '.join(SUITES)}")
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad or not variants:
+        raise ConfigError(f"variants: {bad or 'none'}; choose from {', '.join(VARIANTS)}")
+    base = dict(PAPER_BASE)
+    if dataset:
+        base["dataset"] = dataset
+    if data_root:
+        base["data_root"] = data_root
+    if target_preset:
+        if target_preset not in TARGET_PRESETS:
+            raise ConfigError(f"--targets {target_preset!r}: presets are {', '.join(TARGET_PRESETS)}")
+        base["target_preset"] = target_preset
+    if quick:
+        base["epochs"] = QUICK_EPOCHS
+    if epochs:
+        base["epochs"] = epochs
+    scenarios = []
+    for sc in SUITES[suite]["scenarios"]:
+        if only and not any(o == sc["name"] or o.lower() in sc["name"].lower() for o in only):
             continue
-        res = json.loads(path.read_text())
-        ep = [e for e in res["epochs"] if "hr@10" in e]
-        last = ep[-1]
-        best = max(ep, key=lambda e: e["hr@10"])
-        sec = statistics.median(e["seconds"] for e in ep)
-        lines.append(f"| {label} | `fedseq sim {' '.join(flags)}` | {len(ep)} | {last['hr@10']:.4f} | "
-                     f"{last['ndcg@10']:.4f} | {best['hr@10']:.4f} ({best['epoch']}) | {last['er@5']:.4f} | "
-                     f"{last['er@10']:.4f} | {last['er@30']:.4f} | {sec:.1f} |")
-        curves.append((label, ep))
-    if spec.get("notes"):
-        lines += ["", spec["notes"].rstrip()]
-    for label, ep in curves:
-        lines += ["", f"## {label}: per-epoch curve", "", "| epoch | lr | " + " | ".join(KEYS) + " | seconds |",
-                  "|---" * (len(KEYS) + 3) + "|"]
-        for e in ep:
-            lines.append(f"| {e['epoch']} | {e.get('lr', 0):.6g} | " + " | ".join(f"{e[k]:.4f}" for k in KEYS) +
-                         f" | {e['seconds']:.1f} |")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text("\n".join(lines) + "\n")
-    print(f"wrote {dest}")
+        for v in ("reference",) if quick else variants:
+            suffix, keys = VARIANTS[v]
+            cell = {**sc, **keys, "name": sc["name"] + suffix}
+            if v != "reference":
+                cell.pop("paper", None)
+            scenarios.append(cell)
+    if not scenarios:
+        raise ConfigError(f"--only {only}: no scenario of {suite} matches; scenarios: "
+                          + "; ".join(s["name"] for s in SUITES[suite]["scenarios"]))
+    return SweepSpec(base=base, scenarios=tuple(scenarios), seeds=tuple(seeds), engine="inprocess",
+                     title=SUITES[suite]["title"])
+
+
+# ---------------------------------------------------------------------------- the page
+def _fmt(mean_std: tuple[float, float], n: int) -> str:
+    mean, std = mean_std
+    return f"{mean:.4f} ± {std:.4f}" if n > 1 else f"{mean:.4f}"
+
+
+def comparison_table(summary: dict[str, Any], scenarios: list[dict[str, Any]]) -> list[str]:
+    """Per paper cell: fedseq (mean ± std over seeds), the paper's number and the difference."""
+    keys = [m for m in METRIC_NAMES if any(m in sc.get("paper", {}) for sc in scenarios)] or list(METRIC_NAMES)
+    lines = ["| scenario | seeds | " + " | ".join(f"{METRIC_NAMES[m]}: fedseq (paper, diff)" for m in keys) +
+             " | minutes per run |", "|---|---|" + "---|" * len(keys) + "---|"]
+    for sc in scenarios:
+        got = summary["scenarios"].get(sc["name"])
+        paper = sc.get("paper", {})
+        if not got:
+            lines.append(f"| {sc['name']} | not run | " + " | ".join(
+                f"({paper[m]:.4f})" if m in paper else "" for m in keys) + " | |")
+            continue
+        n = len(got["seeds"])
+        cols = []
+        for m in keys:
+            text = _fmt(got[m], n)
+            if m in paper:
+                text += f" ({paper[m]:.4f}, {got[m][0] - paper[m]:+.4f})"
+            cols.append(text)
+        seeds = ",".join(map(str, got["seeds"]))
+        lines.append(f"| {sc['name']} | {seeds} | " + " | ".join(cols) + f" | {got['seconds'][0] / 60:.1f} |")
+    return lines
+
+
+def variants_table(summary: dict[str, Any], scenarios: list[dict[str, Any]]) -> list[str]:
+    """Each paper cell beside its variants: HR@10, ER@5 and ER@10 (mean over seeds)."""
+    labels = [(v, suffix) for v, (suffix, _) in VARIANTS.items()]
+    lines = ["| scenario | " + " | ".join(f"{v}: HR@10 / ER@5 / ER@10" for v, _ in labels) + " |",
+             "|---|" + "---|" * len(labels)]
+    for sc in scenarios:
+        cols = []
+        for _, suffix in labels:
+            got = summary["scenarios"].get(sc["name"] + suffix)
+            cols.append(" / ".join(f"{got[m][0]:.4f}" for m in ("hr@10", "er@5", "er@10")) if got else "not run")
+        lines.append(f"| {sc['name']} | " + " | ".join(cols) + " |")
+    return lines
+
+
+def first_epoch_at(curve: list[tuple[float, float]], epochs: list[int], level: float) -> str:
+    for e, (mean, _) in zip(epochs, curve, strict=False):
+        if mean >= level:
+            return str(e)
+    return f"not within {epochs[-1]}" if epochs else "-"
+
+
+def plot_figure2(summary: dict[str, Any], scenarios: list[dict[str, Any]], path: Path, metric: str = "er@5") -> Path:
+    """The paper's Figure 2 layout: ER@5 per epoch, one line per malicious ratio."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    for sc in scenarios:
+        got = summary["scenarios"].get(sc["name"])
+        if not got:
+            continue
+        mean = [v[0] for v in got["curve"][metric]]
+        ax.plot(got["epochs"], mean, marker="o", markersize=3, label=f"{sc['ratio'] * 100:g}%")
+        if len(got["seeds"]) > 1:
+            std = [v[1] for v in got["curve"][metric]]
+            ax.fill_between(got["epochs"], [a - b for a, b in zip(mean, std, strict=True)],
+                            [a + b for a, b in zip(mean, std, strict=True)], alpha=0.15)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(METRIC_NAMES[metric])
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(True, alpha=0.3)
+    seeds = sorted({s for v in summary["scenarios"].values() for s in v["seeds"]})
+    ax.set_title(f"Changes in {METRIC_NAMES[metric]} under DV-FSR (Steam, SASRec; seeds {seeds})", fontsize=10)
+    ax.legend(title="malicious clients", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def render(suite: str, spec: SweepSpec, summary: dict[str, Any], page: Path, plots: list[Path],
+           command: str) -> Path:
+    """The suite's page: the comparison, the variants, the config of every cell, run times, plots."""
+    info = SUITES[suite]
+    paper_cells = [sc for sc in info["scenarios"] if any(sc["name"] == s["name"] for s in spec.scenarios)]
+    seeds = ",".join(map(str, spec.seeds))
+    base = ", ".join(f"{k}={v}" for k, v in sorted(spec.base.items()))
+    lines = [f"# {info['title']}", "", info["intro"], "",
+             f"Command: `{command}` (commit {_commit()}). Engine: in process (equal to the services). Seeds: {seeds}. "
+             f"Base: {base}. Final epoch; mean ± std over the seeds run; the paper's number and fedseq's "
+             "minus the paper's in brackets.", "", *comparison_table(summary, paper_cells), ""]
+    if any(s["name"].endswith(VARIANTS["off"][0]) or s["name"].endswith(VARIANTS["full"][0]) for s in spec.scenarios):
+        lines += ["## The same cells without the reference switches, and with full ranking", "",
+                  "`reference`: the public code's protocol and quirks (`--compat reference`); `off`: fedseq's "
+                  "textbook default (`--compat off`); `full`: the reference switches with every item ranked "
+                  "(`--protocol full`) instead of 1,000 sampled negatives.", "",
+                  *variants_table(summary, paper_cells), ""]
+    if info.get("figure"):
+        lines += [f"## First epoch with mean {METRIC_NAMES[info['figure']]} >= 0.9", "",
+                  "| scenario | epoch |", "|---|---|"]
+        for sc in paper_cells:
+            got = summary["scenarios"].get(sc["name"])
+            lines.append(f"| {sc['name']} | " + (first_epoch_at(got["curve"][info["figure"]], got["epochs"], 0.9)
+                                                 if got else "not run") + " |")
+        lines.append("")
+    if info.get("notes"):
+        lines += ["## Notes", "", info["notes"].strip(), ""]
+    lines += ["## Every cell", "", "All metrics (final epoch):", "", format_table(summary), "",
+              "| scenario | experiment keys over the base | cells |", "|---|---|---|"]
+    for name, got in summary["scenarios"].items():
+        keys = ", ".join(f"{k}={v}" for k, v in sorted(got["overrides"].items()) if k != "seed" and v not in ([], ""))
+        lines.append(f"| {name} | {keys} | {', '.join(got['cells'])} |")
+    missing = [s["name"] for s in spec.scenarios if s["name"] not in summary["scenarios"]]
+    if missing:
+        lines += ["", f"Not run yet ({len(missing)}): " + "; ".join(missing) + ". `" + command +
+                  "` runs them (finished cells are kept)."]
+    if plots:
+        lines += ["", "Plots: " + ", ".join(f"[{p.stem}]({os.path.relpath(p, page.parent)})" for p in plots)]
+    page.parent.mkdir(parents=True, exist_ok=True)
+    page.write_text("\n".join(lines) + "\n")
+    return page
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("suite", choices=sorted(SUITES))
-    ap.add_argument("--runs", default=str(ROOT / "runs" / "fidelity"), help="run folders (default runs/fidelity)")
-    ap.add_argument("--render-only", action="store_true", help="only re-render the page from existing runs")
-    ap.add_argument("--only", action="append", help="run only these labels (repeatable)")
+    ap.add_argument("suite", choices=SUITE_NAMES)
+    ap.add_argument("--quick", action="store_true",
+                    help=f"a first look: {QUICK_EPOCHS} epochs, seed 0, the paper cells only (no variants)")
+    ap.add_argument("--seeds", help="seeds (default 0-2; --quick: 0)")
+    ap.add_argument("--dataset", help="steam (default) | ml-1m | a sequence/ratings file")
+    ap.add_argument("--data-root", help="folder with steam/ and ml-1m/")
+    ap.add_argument("--targets", choices=TARGET_PRESETS,
+                    help="target preset (default least-popular, the paper's zero-interaction item)")
+    ap.add_argument("--variants", default="reference,off,full",
+                    help="comma list of reference (the paper cell), off (--compat off), full (full ranking)")
+    ap.add_argument("--only", action="append", help="scenarios whose name contains this (repeatable)")
+    ap.add_argument("--epochs", type=int, help="override the paper's 30 epochs")
+    ap.add_argument("--max-cells", type=int, help="run at most this many unfinished cells, then write the page")
+    ap.add_argument("--jobs", type=int, default=1, help="cells at once")
+    ap.add_argument("--cores", type=int, help="cores to use (default all)")
+    ap.add_argument("--out", help="run folder (default runs/reproduce/<dataset>[-<targets>][-quick])")
+    ap.add_argument("--page", help="where to write the page (default docs/results/<suite>.md for the paper's "
+                                   "settings on Steam, else <out>/<suite>/<suite>.md)")
+    ap.add_argument("--render-only", action="store_true", help="write the page from the cells already run")
 
 
-def main(args: argparse.Namespace | None = None) -> int:
-    if args is None:
-        ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-        add_arguments(ap)
-        args = ap.parse_args()
-    runs_root = Path(args.runs)
-    if not args.render_only:
-        from .sweep import Progress
+def main(args: argparse.Namespace) -> int:
+    seeds = parse_seeds(args.seeds or ("0" if args.quick else "0-2"))
+    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    spec = suite_spec(args.suite, seeds, args.quick, args.dataset, args.data_root, args.targets, variants, args.only,
+                      args.epochs)
+    ds = spec.base["dataset"]
+    tag = Path(ds).stem if ("/" in ds or "." in ds) else ds.replace(":", "-")
+    out = Path(args.out or ROOT / "runs" / "reproduce" / "-".join(
+        [tag, *([args.targets] if args.targets else []), *(["quick"] if args.quick else [])]))
+    paper_settings = ds == "steam" and not args.quick and not args.targets and not args.epochs
+    page = Path(args.page) if args.page else (ROOT / "docs" / "results" / f"{args.suite}.md" if paper_settings
+                                              else out / args.suite / f"{args.suite}.md")
+    command = "fedseq reproduce " + " ".join(a for a in sys.argv[2:]) if sys.argv[1:2] == ["reproduce"] else \
+        f"fedseq reproduce {args.suite}"
+    if args.max_cells is not None and args.max_cells < 0:
+        raise ConfigError("--max-cells must be >= 0")
+    summary_dir = out / args.suite
+    if args.render_only:
+        from .sweep import summarise
 
-        todo = [(label, flags) for label, flags in SUITES[args.suite]["runs"] if not args.only or label in args.only]
-        progress = Progress(len(todo))
-        for label, flags in todo:
-            t0 = time.time()
-            run(args.suite, label, flags, runs_root)
-            print(progress.line(f"{args.suite}/{label} done in {time.time() - t0:.0f}s"), file=sys.stderr, flush=True)
-    render(args.suite, runs_root, ROOT / "docs" / "results" / f"{args.suite}.md")
+        summary = summarise(spec, spec.cells(), out / "cells")
+        summary_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        summary = run_sweep(spec, summary_dir, args.jobs, args.cores, cells_root=out / "cells",
+                            max_cells=args.max_cells)
+    plots = [Path(p) for p in plot_sweep(summary, summary_dir)] if summary["scenarios"] else []
+    if SUITES[args.suite].get("figure") and summary["scenarios"]:
+        paper_cells = [s for s in spec.scenarios if not s["name"].endswith("]")]
+        plots.insert(0, plot_figure2(summary, paper_cells, summary_dir / f"{args.suite}.png",
+                                     SUITES[args.suite]["figure"]))
+    (summary_dir / "sweep.json").write_text(json.dumps(summary, indent=1))
+    if page.parent != summary_dir:
+        dest = page.parent / page.stem
+        dest.mkdir(parents=True, exist_ok=True)
+        for p in plots:
+            shutil.copy(p, dest / p.name)
+        plots = [dest / p.name for p in plots]
+    render(args.suite, spec, summary, page, plots, command)
+    runs = sum(len(s["seeds"]) for s in summary["scenarios"].values())
+    total = len(spec.cells())
+    print(f"wrote {page} ({runs} of {total} runs done)")
+    if summary.get("failed"):
+        print(f"fedseq reproduce: {len(summary['failed'])} run(s) failed: {', '.join(summary['failed'])}",
+              file=sys.stderr)
+        return 1
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -19,6 +19,7 @@ several ratios), accuracy against exposure, and (services) bytes per round.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -45,6 +46,9 @@ CONFIG_KEYS = set(ExperimentConfig.__dataclass_fields__)
 PROCESSES_PER_SERVICES_CELL = 3  # busy processes of one `fedseq run` cell (two client workers, the server)
 KS = (5, 10, 20, 30)
 METRICS = ("hr@10", "ndcg@10", *(f"er@{k}" for k in KS))
+CURVES = ("hr@10", "er@5", "er@10")  # per-epoch curves kept per scenario (Figure 2 plots ER@5)
+# scenario keys that are not experiment keys: display name, the axes, and reference numbers
+SCENARIO_KEYS = {"name", "attack", "defense", "ratio", "paper"}
 
 # The main job: the embedded synthetic generator, clean, under DV-FSR and under DV-FSR with
 # mixed-RFA, through the services. 0.5% malicious clients (2 of 400): at 0.1% (one attacker) the
@@ -95,6 +99,7 @@ class Cell:
     model: str | None = None
     codec: str | None = None
     name: str = ""  # a scenario's display name (presets); empty: built from the fields
+    keys: tuple[tuple[str, Any], ...] = ()  # further experiment keys of the scenario (sorted), e.g. compat
 
     @property
     def scenario(self) -> str:
@@ -105,13 +110,21 @@ class Cell:
                  f"defense {self.defense}"]
         parts += [f"model {self.model}"] if self.model else []
         parts += [f"codec {self.codec}"] if self.codec else []
+        parts += [f"{k} {v}" for k, v in self.keys]
         return ", ".join(parts)
 
     @property
     def folder(self) -> str:
+        """The cell's folder name: from what it runs (not its display name), so two sweeps that
+        share a cells folder (``fedseq reproduce``) run a shared cell once."""
         bits = [self.attack, f"r{self.ratio:g}" if self.attack != "none" else "", self.defense.replace(":", "-"),
-                self.model or "", self.codec or "", f"seed{self.seed}"]
-        return "_".join(b for b in bits if b).replace("=", "").replace(",", "-").replace("/", "-")
+                self.model or "", self.codec or ""]
+        for k, v in self.keys:
+            text = ",".join(map(str, v)) if isinstance(v, list | tuple) else str(v)
+            bit = f"{k.replace('_', '')}-{text}"
+            bits.append(bit if len(bit) <= 32 else f"{k.replace('_', '')}-{hashlib.sha1(text.encode()).hexdigest()[:8]}")
+        bits.append(f"seed{self.seed}")
+        return "_".join(b for b in bits if b).replace("=", "").replace(",", "-").replace("/", "-").replace(":", "-")
 
     def overrides(self) -> dict[str, Any]:
         """The experiment keys this cell sets on top of the sweep's base."""
@@ -124,6 +137,7 @@ class Cell:
             out["model"] = self.model
         if self.codec:
             out["codec"] = self.codec
+        out.update(self.keys)
         return out
 
 
@@ -170,20 +184,26 @@ class SweepSpec:
         if self.engine not in ENGINES:
             raise SweepError(f"engine must be one of {ENGINES}, got {self.engine!r}")
         out: list[Cell] = []
+        combos: list[tuple[str, str, float, str, tuple[tuple[str, Any], ...]]] = []
         if self.scenarios:
-            combos = [(s.get("attack", "none"), s.get("defense", "fedavg"), float(s.get("ratio", 0.0)), s.get("name", ""))
-                      for s in self.scenarios]
+            for sc in self.scenarios:
+                extra = {k: v for k, v in sc.items() if k not in SCENARIO_KEYS}
+                unknown = sorted(set(extra) - CONFIG_KEYS)
+                if unknown:
+                    raise SweepError(f"scenario {sc.get('name', sc)!r}: unknown key(s) {unknown}; a scenario holds "
+                                     f"{sorted(SCENARIO_KEYS)} and experiment keys")
+                combos.append((sc.get("attack", "none"), sc.get("defense", "fedavg"), float(sc.get("ratio", 0.0)),
+                               sc.get("name", ""), tuple(sorted(extra.items()))))
         else:
-            combos = []
             for a in self.attacks:
                 for d in self.defenses:
                     for r in (self.ratios if a != "none" else (0.0,)):
-                        combos.append((a, d, float(r), ""))
-        for a, d, r, name in combos:
+                        combos.append((a, d, float(r), "", ()))
+        for a, d, r, name, keys in combos:
             for m in self.models or (None,):
                 for c in self.codecs or (None,):
                     for s in self.seeds:
-                        out.append(Cell(a, d, r, s, m, c, name))
+                        out.append(Cell(a, d, r, s, m, c, name, keys))
         unique = list({cell.folder: cell for cell in out}.values())  # one cell per folder, in order
         for cell in unique:  # validate every cell's config before anything runs
             try:
@@ -288,27 +308,34 @@ def _clock(s: float) -> str:
 
 
 def run_sweep(spec: SweepSpec, out: Path, jobs: int = 1, cores: int | None = None,
-              say: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)) -> dict[str, Any]:
-    """Run every unfinished cell of ``spec`` into ``out`` (``jobs`` at once) and summarise all."""
+              say: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
+              cells_root: Path | None = None, max_cells: int | None = None) -> dict[str, Any]:
+    """Run every unfinished cell of ``spec`` (``jobs`` at once; at most ``max_cells`` of them) into
+    ``cells_root`` (default ``out``) and summarise all into ``out``."""
     cells = spec.cells()
     out.mkdir(parents=True, exist_ok=True)
+    root = cells_root or out
+    root.mkdir(parents=True, exist_ok=True)
     cores = cores or os.cpu_count() or 1
     # a services cell is several busy processes (server, two client workers, an attacker worker):
     # more torch threads than cores each would oversubscribe the machine (../shared/notes)
     threads = max(1, cores // max(1, jobs) // (PROCESSES_PER_SERVICES_CELL if spec.engine == "services" else 1))
-    epochs = build_config(None, spec.base, environ={}).epochs
+    epochs = {c: build_config(None, {**spec.base, **c.overrides()}, environ={}).epochs for c in cells}
     (out / "spec.json").write_text(json.dumps(asdict(spec), indent=1, default=list))
-    todo = [c for c in cells if not cell_done(out / c.folder, epochs)]
-    prog = Progress(len(cells))
-    say(f"fedseq sweep: {len(cells)} cells ({len(cells) - len(todo)} already done in {out}), engine {spec.engine}, "
+    done = [c for c in cells if cell_done(root / c.folder, epochs[c])]
+    todo = [c for c in cells if c not in done]
+    later = todo[max_cells:] if max_cells is not None else []
+    todo = todo[:max_cells] if max_cells is not None else todo
+    prog = Progress(len(done) + len(todo))
+    say(f"fedseq sweep: {len(cells)} cells ({len(done)} already done in {root}"
+        + (f"; {len(later)} left for a later call" if later else "") + f"), engine {spec.engine}, "
         f"{jobs} at once x {threads} torch thread(s)")
-    for c in cells:
-        if c not in todo:
-            say(prog.line(f"{c.folder}: done before (kept)"))
+    for c in done:
+        say(prog.line(f"{c.folder}: done before (kept)"))
     failed: list[str] = []
 
     def one(c: Cell) -> None:
-        folder = out / c.folder
+        folder = root / c.folder
         if folder.exists():
             shutil.rmtree(folder)  # an unfinished cell starts over: its Redis and partial results are gone
         folder.mkdir(parents=True)
@@ -320,7 +347,7 @@ def run_sweep(spec: SweepSpec, out: Path, jobs: int = 1, cores: int | None = Non
             rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env={**env, "FEDSEQ_LOG_LEVEL": "warning"},
                                 check=False).returncode
         dt = time.time() - t0
-        if rc != 0 or not cell_done(folder, epochs):
+        if rc != 0 or not cell_done(folder, epochs[c]):
             failed.append(c.folder)
             say(prog.line(f"{c.folder}: FAILED (exit {rc}; see {folder / 'cell.log'})", dt, jobs))
             return
@@ -329,7 +356,7 @@ def run_sweep(spec: SweepSpec, out: Path, jobs: int = 1, cores: int | None = Non
 
     with futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         list(pool.map(one, todo))
-    summary = summarise(spec, cells, out)
+    summary = summarise(spec, cells, root)
     summary["failed"] = failed
     (out / "sweep.md").write_text(format_markdown(spec, summary))
     summary["plots"] = [str(p) for p in plot_sweep(summary, out)]
@@ -362,10 +389,12 @@ def summarise(spec: SweepSpec, cells: Sequence[Cell], out: Path) -> dict[str, An
         row = {"cell": c.folder, "scenario": c.scenario, "seed": c.seed, "attack": c.attack, "defense": c.defense,
                "ratio": c.ratio, **{m: last[m] for m in METRICS}, "malicious_sent": sent, "malicious_kept": kept,
                "bytes_per_update": bpu, "warnings": res.get("summary", {}).get("warnings", []),
-               "curve": {m: [e[m] for e in epochs] for m in ("hr@10", "er@10")},
+               "seconds": sum(e.get("seconds", 0.0) for e in res["epochs"]),
+               "curve": {m: [e[m] for e in epochs] for m in CURVES},
                "epochs": [e["epoch"] for e in epochs]}
         rows.append(row)
         scenarios.setdefault(c.scenario, {"attack": c.attack, "defense": c.defense, "ratio": c.ratio,
+                                          "overrides": c.overrides() | {"seed": "*"},
                                           "cells": []})["cells"].append(row)
     for s in scenarios.values():
         cs = s["cells"]
@@ -378,10 +407,15 @@ def summarise(spec: SweepSpec, cells: Sequence[Cell], out: Path) -> dict[str, An
         s["bytes_per_update"] = statistics.mean(bpu) if bpu else None
         n = min(len(r["curve"]["er@10"]) for r in cs)
         s["epochs"] = cs[0]["epochs"][:n]
-        s["curve"] = {m: [_mean_std([r["curve"][m][i] for r in cs]) for i in range(n)] for m in ("hr@10", "er@10")}
+        s["curve"] = {m: [_mean_std([r["curve"][m][i] for r in cs]) for i in range(n)] for m in CURVES}
+        s["seconds"] = _mean_std([r["seconds"] for r in cs])
         s["cells"] = [r["cell"] for r in cs]
+    paper = {sc["name"]: sc["paper"] for sc in spec.scenarios if sc.get("name") and sc.get("paper")}
+    for name, ref in paper.items():
+        if name in scenarios:
+            scenarios[name]["paper"] = ref
     return {"title": spec.title, "engine": spec.engine, "base": spec.base, "scenarios": scenarios,
-            "cells": [{k: v for k, v in r.items() if k != "curve"} for r in rows]}
+            "cells_root": str(out), "cells": [{k: v for k, v in r.items() if k != "curve"} for r in rows]}
 
 
 def format_table(summary: dict[str, Any]) -> str:
@@ -498,7 +532,7 @@ def plot_sweep(summary: dict[str, Any], out: Path) -> list[Path]:
 
         runs = []
         for name, s in scen.items():
-            run = load_run(out / s["cells"][0])
+            run = load_run(Path(summary.get("cells_root", out)) / s["cells"][0])
             run.label = name
             runs.append(run)
         paths.append(plot_runs(runs, out / "bytes_per_round.png"))

@@ -17,6 +17,7 @@ from typing import Any
 import tomllib
 
 from .codec import ENCODINGS
+from .data.summary import TARGET_PRESETS
 from .training import LocalConfig
 
 
@@ -47,18 +48,28 @@ class Compat:
 
     @classmethod
     def parse(cls, text: str) -> Compat:
-        """``"off"``, ``"reference"``/``"on"``, or a comma list of switch names."""
+        """``"off"``, ``"reference"``/``"on"``, or a comma list of switch names, where
+        ``reference`` stands for all of them and ``!name`` takes one away (``"reference,!literal_step"``:
+        every switch but the paper's literal step)."""
         text = text.strip()
         if text in ("", "off", "none"):
             return cls()
         if text in ("reference", "on", "all"):
             return cls.reference()
         names = {f.name for f in fields(cls)}
-        chosen = [t.strip().replace("-", "_") for t in text.split(",") if t.strip()]
-        bad = [c for c in chosen if c not in names]
-        if bad:
-            raise ConfigError(f"unknown compat switch(es) {bad}; known: {sorted(names)} (or 'reference', 'off')")
-        return cls(**{c: True for c in chosen})
+        chosen: set[str] = set()
+        removed: set[str] = set()
+        for t in (t.strip() for t in text.split(",") if t.strip()):
+            if t in ("reference", "on", "all"):
+                chosen |= set(cls.reference().enabled())
+                continue
+            drop = t.startswith("!")
+            name = t.lstrip("!").replace("-", "_")
+            if name not in names:
+                raise ConfigError(f"unknown compat switch {name!r}; known: {sorted(names)} (or 'reference', 'off'; "
+                                  f"'!name' removes one)")
+            (removed if drop else chosen).add(name)
+        return cls(**{c: True for c in chosen - removed})
 
     def enabled(self) -> list[str]:
         return [f.name for f in fields(self) if getattr(self, f.name)]
@@ -94,7 +105,8 @@ class ExperimentConfig:
     eval_every: int = 1
     protocol: str = "sampled"
     num_negatives: int = 1000
-    targets: tuple[int, ...] = ()  # empty: the least popular training item
+    targets: tuple[int, ...] = ()  # empty: the items of target_preset
+    target_preset: str = "least-popular"  # least-popular | popular | mid-tail | several (fedseq.data.preset_targets)
     seed: int = 0
     compat: Compat = field(default_factory=Compat)
     adv_train: bool = False  # client-side adversarial training (Yue et al. 2022); `--defense adv-train`
@@ -131,6 +143,8 @@ class ExperimentConfig:
         need(self.compression in COMPRESSIONS,
              f"compression must be one of {COMPRESSIONS}, got {self.compression!r}")
         need(all(int(t) >= 1 for t in self.targets), f"target items must be >= 1, got {self.targets}")
+        need(self.target_preset in TARGET_PRESETS,
+             f"target_preset must be one of {TARGET_PRESETS}, got {self.target_preset!r}")
         try:
             self.local()
             self.adv_config()

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError, ExperimentConfig
-from .data import SeqDataset, least_popular_item, load_dataset
+from .data import SeqDataset, load_dataset, preset_targets
 from .metrics import EvalConfig
 from .models import SeqModel, build_model
 from .models.common import reference_init
@@ -67,7 +67,10 @@ def setup(cfg: ExperimentConfig, dataset: SeqDataset | None = None) -> Setup:
     """Load the data and build the model for ``cfg`` (deterministic in ``cfg.seed``)."""
     ds = dataset if dataset is not None else load_dataset(cfg.dataset, cfg.data_root, seed=cfg.seed)
     model = build_model(cfg.model, ds.num_items)
-    targets = cfg.targets or (least_popular_item(ds),)
+    try:
+        targets = cfg.targets or preset_targets(ds, cfg.target_preset)
+    except ValueError as e:
+        raise ConfigError(f"target_preset {cfg.target_preset!r}: {e}") from None
     for t in targets:
         if not 1 <= t <= ds.num_items:
             raise ConfigError(f"target item {t} is outside the catalogue 1..{ds.num_items} "

@@ -14,7 +14,8 @@ One module per job; import from the package (``from fedseq.data import load_data
 - :mod:`.split`: :func:`leave_one_out`;
 - :mod:`.generator`: :func:`synthetic`, the project's default data set (Markov-structured
   sequences with latent clusters and Zipf popularity, small enough to train in seconds);
-- :mod:`.summary`: :func:`stats` and :func:`least_popular_item` (the default attack target);
+- :mod:`.summary`: :func:`stats`, :func:`least_popular_item` (the default attack target) and
+  :func:`preset_targets` (named harder targets: popular, mid-tail, several);
 
 Malformed files raise :class:`DataError` with ``path:line: reason``.
 """
@@ -25,16 +26,18 @@ from .base import DataError, IntArray, SeqDataset, UserSequences
 from .generator import synthetic
 from .loaders import DATA_ROOT_ENV, load_csv, load_dataset, load_movielens, load_sequences
 from .split import leave_one_out
-from .summary import DatasetStats, least_popular_item, stats
+from .summary import TARGET_PRESETS, DatasetStats, least_popular_item, preset_targets, stats
 
 __all__ = [
     "DATA_ROOT_ENV",
+    "TARGET_PRESETS",
     "DataError",
     "DatasetStats",
     "IntArray",
     "SeqDataset",
     "UserSequences",
     "least_popular_item",
+    "preset_targets",
     "leave_one_out",
     "load_csv",
     "load_dataset",

@@ -81,3 +81,35 @@ def least_popular_item(ds: SeqDataset) -> int:
     """
     counts = ds.item_counts()
     return int(np.argmin(counts[1:])) + 1
+
+
+TARGET_PRESETS = ("least-popular", "popular", "mid-tail", "several")
+
+
+def preset_targets(ds: SeqDataset, preset: str, several: int = 5) -> tuple[int, ...]:
+    """The attack targets of a named preset, by training-set popularity (ties to the lower id):
+
+    - ``least-popular``: :func:`least_popular_item` (the paper's target; on Steam item 1358, no
+      training interaction);
+    - ``popular``: the most popular item;
+    - ``mid-tail``: the median item of the popularity ranking of the items with at least one
+      training interaction;
+    - ``several``: ``several`` items at once, spread evenly over the tail half of that ranking
+      (from the median to the least popular interacted item).
+    """
+    if preset not in TARGET_PRESETS:
+        raise ValueError(f"unknown target preset {preset!r}; presets: {', '.join(TARGET_PRESETS)}")
+    if preset == "least-popular":
+        return (least_popular_item(ds),)
+    counts = ds.item_counts()[1:]
+    ranked = np.lexsort((np.arange(len(counts)), -counts))  # most popular first, ties to the lower id
+    ranked = ranked[counts[ranked] > 0] + 1
+    if len(ranked) == 0:
+        raise ValueError(f"dataset {ds.name!r} has no item with a training interaction")
+    if preset == "popular":
+        return (int(ranked[0]),)
+    if preset == "mid-tail":
+        return (int(ranked[len(ranked) // 2]),)
+    tail = ranked[len(ranked) // 2:]
+    picks = np.unique(np.linspace(0, len(tail) - 1, num=min(several, len(tail))).round().astype(int))
+    return tuple(int(tail[i]) for i in picks)
