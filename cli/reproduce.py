@@ -199,9 +199,10 @@ def suite_spec(suite: str, seeds: list[int], quick: bool = False, dataset: str |
         base["epochs"] = QUICK_EPOCHS
     if epochs:
         base["epochs"] = epochs
+    names = {sc["name"] for sc in SUITES[suite]["scenarios"]}
     scenarios = []
-    for sc in SUITES[suite]["scenarios"]:
-        if only and not any(o == sc["name"] or o.lower() in sc["name"].lower() for o in only):
+    for sc in SUITES[suite]["scenarios"]:  # --only: a scenario's exact name, else a part of names
+        if only and not any(o == sc["name"] if o in names else o.lower() in sc["name"].lower() for o in only):
             continue
         for v in ("reference",) if quick else variants:
             suffix, keys = VARIANTS[v]
@@ -360,7 +361,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="target preset (default least-popular, the paper's zero-interaction item)")
     ap.add_argument("--variants", default="reference,off,full",
                     help="comma list of reference (the paper cell), off (--compat off), full (full ranking)")
-    ap.add_argument("--only", action="append", help="scenarios whose name contains this (repeatable)")
+    ap.add_argument("--only", action="append",
+                    help="a scenario's name, or a part of names (repeatable): --only '0.2%%'")
     ap.add_argument("--epochs", type=int, help="override the paper's 30 epochs")
     ap.add_argument("--max-cells", type=int, help="run at most this many unfinished cells, then write the page")
     ap.add_argument("--jobs", type=int, default=1, help="cells at once")
