@@ -142,6 +142,11 @@ def test_compat_parse():
     assert Compat.parse("attack-leak, cfsr_label_index").enabled() == ["attack_leak", "cfsr_label_index"]
     with pytest.raises(ConfigError, match="unknown compat switch"):
         Compat.parse("attack_leak,nope")
+    but_one = Compat.parse("reference,!literal_step")
+    assert but_one.enabled() == [n for n in ref.enabled() if n != "literal_step"]
+    assert Compat.parse("attack_leak,!attack_leak") == Compat()
+    with pytest.raises(ConfigError, match="'!name' removes one"):
+        Compat.parse("reference,!nope")
 
 
 def test_parse_opts():

@@ -19,6 +19,7 @@ from fedseq.data import (
     load_dataset,
     load_movielens,
     load_sequences,
+    preset_targets,
     stats,
     synthetic,
 )
@@ -631,3 +632,21 @@ def test_synthetic_seed_key_fixes_the_data_across_run_seeds() -> None:
     assert lists(by_run[1]) != lists(by_run[0])
     with pytest.raises(DataError, match="seed"):
         load_dataset("synthetic:seed=x", seed=0)
+
+
+def test_target_presets_rank_items_by_training_popularity() -> None:
+    """least-popular: the zero-count item; popular: the top item; mid-tail: the median of the
+    interacted items; several: spread over their tail half (ties to the lower id)."""
+    # Prepare: training counts item1: 4, item2: 3, item3: 2, item4: 1, item5: 1, item6: 0
+    seqs = [(0, np.array([1, 2, 3, 4, 9])), (1, np.array([1, 2, 3, 5, 9])), (2, np.array([1, 2, 9])),
+            (3, np.array([1, 9]))]
+    ds = leave_one_out(seqs, name="hand", num_items=9)
+    counts = ds.item_counts()
+    assert counts[1:7].tolist() == [4, 3, 2, 1, 1, 0]
+    # Execute / Assert
+    assert preset_targets(ds, "least-popular") == (6,)
+    assert preset_targets(ds, "popular") == (1,)
+    assert preset_targets(ds, "mid-tail") == (3,)  # ranked 1, 2, 3, 4, 5: the middle
+    assert preset_targets(ds, "several", several=2) == (3, 5)  # tail half 3, 4, 5: its ends
+    with pytest.raises(ValueError, match="presets"):
+        preset_targets(ds, "hot")

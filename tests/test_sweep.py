@@ -121,15 +121,18 @@ def test_cell_folder_names_are_safe_and_readable():
 
 
 @pytest.mark.slow
-def test_the_mission_shows_the_attack_and_the_defense():
-    """The main job's claim (docs/results/mission.md) on seed 0, in process (the services compute
-    the same run: tests/test_engine_equal.py): DV-FSR lifts ER@10 by 0.3 or more over clean, and
-    mixed-RFA holds it to at most half with HR@10 within 0.05 of clean."""
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
+def test_the_mission_shows_the_attack_and_the_defense_on_every_seed(seed):
+    """The main job's claim (docs/results/mission.md) on each of seeds 0-4, in process (the services
+    compute the same run: tests/test_engine_equal.py) and on a smaller configuration, 5 of the 8
+    epochs: DV-FSR lifts ER@10 by 0.3 or more over clean, and mixed-RFA holds it to at most half
+    with HR@10 within 0.05 of clean. (The services' 8-epoch runs meet it from epoch 4 on every seed;
+    at epoch 5 the smallest lift is 0.37, seed 0.)"""
     from cli.sim import run_inprocess
     from fedseq.config import build_config
 
-    # Prepare: the mission preset's three scenarios, seed 0
-    spec = spec_from(_args("mission"))
+    # Prepare: the mission preset's three scenarios on this seed, 5 epochs
+    spec = spec_from(_args("mission", "--seeds", str(seed), "--set", "epochs=5"))
     final = {}
     # Execute
     for cell in spec.cells():
