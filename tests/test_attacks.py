@@ -17,6 +17,7 @@ from attacker.attacks import (
     alie_z,
     contrastive_loss,
     make_attack,
+    max_gamma,
     substitute,
 )
 from attacker.attacks.common import attack_tokens
@@ -325,6 +326,62 @@ def test_generic_model_poisoning_attacks():
     assert torch.allclose(pool[:3], honest)  # view 0: the users' own honest updates
     assert torch.allclose(out, mu + 1.5 * sd * torch.sign(eb), atol=1e-6)
     assert alie_z(256, 1) == 0.0 and alie_z(50, 12) == pytest.approx(0.5828, abs=1e-3)
+
+
+def test_min_max_and_min_sum_gamma_on_a_hand_case():
+    """Three benign updates (0,0), (2,0), (0,2), mean (2/3, 2/3), pushed along (1, 0)."""
+    # Prepare
+    pool = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 2.0]])
+    p = torch.tensor([1.0, 0.0])
+    # Execute
+    g_max, g_sum = max_gamma(pool, p, "min-max"), max_gamma(pool, p, "min-sum")
+    # Assert: Min-Max is bound by (0,2): (2/3 + g)^2 + 16/9 = 8 (the largest pairwise distance^2)
+    assert g_max == pytest.approx((math.sqrt(56) - 2) / 3)
+    m = pool.mean(0) + g_max * p
+    assert float(((m - pool) ** 2).sum(1).max()) == pytest.approx(8.0)
+    # Min-Sum: sum of squared distances up to the largest row sum of the pairwise matrix (12)
+    assert g_sum == pytest.approx(math.sqrt(20 / 9))
+    m = pool.mean(0) + g_sum * p
+    assert float(((m - pool) ** 2).sum()) == pytest.approx(12.0)
+    assert max_gamma(pool, torch.zeros(2), "min-max") == 0.0
+
+
+@pytest.mark.parametrize("mode", ["min-max", "min-sum"])
+def test_min_max_attacks_stay_inside_the_benign_bound_and_push_the_target(mode):
+    # Prepare
+    model, params = tiny()
+    local = LocalConfig()
+    seqs, users, args = sequences(), [90, 91, 92], ((29,), 3, 1, local, Compat())
+    from attacker.attacks.alie import benign_pool
+
+    pool = benign_pool(model, params, seqs, users, 3, 1, local, 4).updates
+    mu = pool.mean(0)
+    pair = torch.cdist(pool.double(), pool.double()) ** 2
+    # Execute
+    untargeted = make_attack(mode, {"direction": "none"}).updates(model, params, seqs, users, *args).updates
+    targeted = make_attack(mode).updates(model, params, seqs, users, *args).updates
+    push = make_attack("dv-fsr").updates(model, params, seqs, users, *args).updates
+    # Assert: the paper's attack sends one update, -mu's direction, on the bound
+    assert torch.equal(untargeted[0], untargeted[1]) and torch.equal(untargeted[0], untargeted[2])
+    step = (untargeted[0] - mu).double()
+    assert float(torch.nn.functional.cosine_similarity(step, -mu.double(), dim=0)) == pytest.approx(1.0, abs=1e-5)
+    for m in (untargeted[0], *targeted):
+        d2 = ((m.double() - pool.double()) ** 2).sum(1)
+        bound = pair.max() if mode == "min-max" else pair.sum(1).max()
+        got = d2.max() if mode == "min-max" else d2.sum()
+        assert float(got) == pytest.approx(float(bound), rel=1e-4)
+    # targeted: each user's step is along its own DV-FSR update
+    for i in range(3):
+        cos = torch.nn.functional.cosine_similarity((targeted[i] - mu).double(), push[i].double(), dim=0)
+        assert float(cos) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_min_max_options_are_checked():
+    with pytest.raises(AttackConfigError, match="perturbation"):
+        make_attack("min-max", {"direction": "none", "perturbation": "sideways"})
+    with pytest.raises(AttackConfigError, match="direction"):
+        make_attack("min-sum", {"direction": "none", "direction.tau": "0.5"})
+    assert make_attack("min-sum", {"direction": "eb"}).direction.name == "eb"
 
 
 # ----------------------------------------------------------------------------- population

@@ -17,16 +17,19 @@ local, compat)`` returns one update per malicious user in the benign convention 
 | ``scale``   | wraps any attack, x factor   | Bagdasaryan et al. 2020; Bhagoji et al. 2019     |
 | ``sign-flip`` | negated honest gradient    | classic Byzantine baseline                       |
 | ``alie``    | adaptive vs robust rules     | Baruch et al., NeurIPS 2019                      |
+| ``min-max`` | adaptive, optimised distance | Shejwalkar & Houmansadr, NDSS 2021 (AGR-agnostic) |
+| ``min-sum`` | adaptive, optimised distance | same paper                                       |
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-from . import a_ra, alie, c_fsr, dv_fsr, eb, ra, s_fsr, scale, sign_flip
+from . import a_ra, alie, c_fsr, dv_fsr, eb, min_max, ra, s_fsr, scale, sign_flip
 from .alie import ALIE, alie_z
 from .base import Attack, AttackConfigError, AttackFactory
 from .dv_fsr import DualViewAttack, Substitution, contrastive_loss, substitute
+from .min_max import MinMax, max_gamma
 from .ra import RandomAttack
 from .scale import Scale
 from .sign_flip import SignFlip
@@ -49,6 +52,8 @@ ATTACKS: dict[str, AttackFactory] = {
     "scale": scale.factory(make_attack),
     "sign-flip": sign_flip.from_options,
     "alie": alie.factory(make_attack),
+    "min-max": min_max.factory("min-max", make_attack),
+    "min-sum": min_max.factory("min-sum", make_attack),
 }
 
 __all__ = [
@@ -57,6 +62,7 @@ __all__ = [
     "Attack",
     "AttackConfigError",
     "DualViewAttack",
+    "MinMax",
     "RandomAttack",
     "Scale",
     "SignFlip",
@@ -64,5 +70,6 @@ __all__ = [
     "alie_z",
     "contrastive_loss",
     "make_attack",
+    "max_gamma",
     "substitute",
 ]

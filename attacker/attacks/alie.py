@@ -60,6 +60,30 @@ def alie_z(n: int, m: int) -> float:
     return max(0.0, NormalDist().inv_cdf(q))
 
 
+def benign_pool(model: SeqModel, params: torch.Tensor, sequences: Sequence[np.ndarray], users: Users, seed: int,
+                round_key: int, local: LocalConfig, views: int) -> UpdateBatch:
+    """Benign-like updates ``[views * B, D]``, the attacker's estimate of the benign updates:
+    view 0 = each user's own honest update; views 1.. = updates on random prefixes of its history
+    (other randomness for negatives and dropout)."""
+    pools = []
+    for v in range(views):
+        if v == 0:
+            seqs, key = list(sequences), round_key
+        else:
+            seqs = []
+            for u, s in zip(users, sequences, strict=True):
+                rng = user_rng(seed, round_key, int(u), STREAM_VIEWS + v)
+                n = len(s)
+                cut = int(rng.integers(min(2, n), n + 1)) if n > 1 else n
+                seqs.append(np.asarray(s)[:cut])
+            key = round_key + ((STREAM_VIEWS + v) << 40)
+        pools.append(compute_updates(model, params, seqs, users, seed, key, local))
+    return UpdateBatch(
+        np.concatenate([p.users for p in pools]), torch.cat([p.updates for p in pools]),
+        np.concatenate([p.num_samples for p in pools]), np.concatenate([p.losses for p in pools]),
+    )
+
+
 @dataclass(frozen=True)
 class ALIE:
     z: float | None = None  # None: the paper's formula
@@ -71,24 +95,7 @@ class ALIE:
 
     def benign_pool(self, model: SeqModel, params: torch.Tensor, sequences: Sequence[np.ndarray],
                     users: Users, seed: int, round_key: int, local: LocalConfig) -> UpdateBatch:
-        """Benign-like updates: view 0 = each user's own honest update; views 1.. = random prefixes."""
-        pools = []
-        for v in range(self.views):
-            if v == 0:
-                seqs, key = list(sequences), round_key
-            else:
-                seqs = []
-                for u, s in zip(users, sequences, strict=True):
-                    rng = user_rng(seed, round_key, int(u), STREAM_VIEWS + v)
-                    n = len(s)
-                    cut = int(rng.integers(min(2, n), n + 1)) if n > 1 else n
-                    seqs.append(np.asarray(s)[:cut])
-                key = round_key + ((STREAM_VIEWS + v) << 40)
-            pools.append(compute_updates(model, params, seqs, users, seed, key, local))
-        return UpdateBatch(
-            np.concatenate([p.users for p in pools]), torch.cat([p.updates for p in pools]),
-            np.concatenate([p.num_samples for p in pools]), np.concatenate([p.losses for p in pools]),
-        )
+        return benign_pool(model, params, sequences, users, seed, round_key, local, self.views)
 
     def updates(self, model: SeqModel, params: torch.Tensor, sequences: Sequence[np.ndarray],
                 users: Users, targets: tuple[int, ...], seed: int, round_key: int,
