@@ -72,13 +72,16 @@ def _paper(values: str, metrics: str = "er") -> dict[str, float]:
 
 
 def _cell(name: str, model: str, attack: str = "none", ratio: float = 0.0, defense: str = "fedavg",
-          paper: dict[str, float] | None = None, compat: str = REFERENCE, **keys: Any) -> dict[str, Any]:
+          paper: dict[str, float] | None = None, ml1m: dict[str, float] | None = None, compat: str = REFERENCE,
+          **keys: Any) -> dict[str, Any]:
+    """A paper cell; ``paper``: its Steam numbers, ``ml1m``: its ML-1M numbers (the paper's tables)."""
     out: dict[str, Any] = {"name": name, "model": model, "attack": attack, "defense": defense, "compat": compat,
                            **keys}
     if attack != "none":
         out["ratio"] = ratio
-    if paper:
-        out["paper"] = paper
+    refs = {k: v for k, v in (("steam", paper), ("ml-1m", ml1m)) if v}
+    if refs:
+        out["paper"] = refs
     return out
 
 
@@ -91,24 +94,24 @@ SUITES: dict[str, dict[str, Any]] = {
                  "1%) and DV-FSR's smaller ones (0.05%, 0.2%). Target: the least popular item (1358 on Steam, "
                  "no training interaction).",
         "scenarios": [
-            _cell("SASRec clean", "sasrec", paper=_paper("0.3141 0.1546 0 0 0 0", "all")),
-            _cell("SASRec RA 0.1%", "sasrec", "ra", 0.001, paper=_paper("0.3307 0.1732 0 0 0 0", "all")),
-            _cell("SASRec EB 0.1%", "sasrec", "eb", 0.001, paper=_paper("0.3109 0.1591 0 0.0003 0.0144 0.1148", "all")),
+            _cell("SASRec clean", "sasrec", paper=_paper("0.3141 0.1546 0 0 0 0", "all"), ml1m=_paper("0.1061 0.0505 0 0 0 0", "all")),
+            _cell("SASRec RA 0.1%", "sasrec", "ra", 0.001, paper=_paper("0.3307 0.1732 0 0 0 0", "all"), ml1m=_paper("0.1061 0.0508 0 0 0 0", "all")),
+            _cell("SASRec EB 0.1%", "sasrec", "eb", 0.001, paper=_paper("0.3109 0.1591 0 0.0003 0.0144 0.1148", "all"), ml1m=_paper("0.1038 0.0499 0.0023 0.0161 0.1068 0.2916", "all")),
             _cell("SASRec A-ra 0.1%", "sasrec", "a-ra", 0.001,
-                  paper=_paper("0.3131 0.1590 0 0.0003 0.0160 0.1156", "all")),
+                  paper=_paper("0.3131 0.1590 0 0.0003 0.0160 0.1156", "all"), ml1m=_paper("0.1050 0.0499 0.0028 0.1062 0.1111 0.3031", "all")),
             _cell("SASRec DV-FSR 0.1%", "sasrec", "dv-fsr", 0.001,
-                  paper=_paper("0.2944 0.1411 0.9169 0.9997 1 1", "all")),
+                  paper=_paper("0.2944 0.1411 0.9169 0.9997 1 1", "all"), ml1m=_paper("0.0929 0.0372 0.9890 0.9981 1 1", "all")),
             _cell("SASRec DV-FSR 0.05%", "sasrec", "dv-fsr", 0.0005,
-                  paper=_paper("0.3131 0.1623 0.0011 0.0117 0.2950 0.8311", "all")),
-            _cell("BERT4Rec clean", "bert4rec", paper=_paper("0.3293 0.1697 0 0 0 0", "all")),
-            _cell("BERT4Rec RA 1%", "bert4rec", "ra", 0.01, paper=_paper("0.3339 0.1737 0 0 0 0", "all")),
-            _cell("BERT4Rec EB 1%", "bert4rec", "eb", 0.01, paper=_paper("0.3304 0.1700 0 0 0.0037 0.1423", "all")),
+                  paper=_paper("0.3131 0.1623 0.0011 0.0117 0.2950 0.8311", "all"), ml1m=_paper("0.0969 0.0421 0.9701 0.9851 1 1", "all")),
+            _cell("BERT4Rec clean", "bert4rec", paper=_paper("0.3293 0.1697 0 0 0 0", "all"), ml1m=_paper("0.1174 0.0564 0 0 0 0", "all")),
+            _cell("BERT4Rec RA 1%", "bert4rec", "ra", 0.01, paper=_paper("0.3339 0.1737 0 0 0 0", "all"), ml1m=_paper("0.1184 0.0567 0 0 0 0", "all")),
+            _cell("BERT4Rec EB 1%", "bert4rec", "eb", 0.01, paper=_paper("0.3304 0.1700 0 0 0.0037 0.1423", "all"), ml1m=_paper("0.1172 0.0571 0.0018 0.0086 0.0526 0.1879", "all")),
             _cell("BERT4Rec A-ra 1%", "bert4rec", "a-ra", 0.01,
-                  paper=_paper("0.3312 0.1705 0 0 0.0035 0.1335", "all")),
+                  paper=_paper("0.3312 0.1705 0 0 0.0035 0.1335", "all"), ml1m=_paper("0.1189 0.0577 0.0012 0.0084 0.0553 0.1930", "all")),
             _cell("BERT4Rec DV-FSR 1%", "bert4rec", "dv-fsr", 0.01,
-                  paper=_paper("0.3128 0.1417 0.9324 0.9892 1 1", "all")),
+                  paper=_paper("0.3128 0.1417 0.9324 0.9892 1 1", "all"), ml1m=_paper("0.1058 0.0422 0.9531 0.9872 1 1", "all")),
             _cell("BERT4Rec DV-FSR 0.2%", "bert4rec", "dv-fsr", 0.002,
-                  paper=_paper("0.3304 0.1699 0.0059 0.1492 0.9379 1", "all")),
+                  paper=_paper("0.3304 0.1699 0.0059 0.1492 0.9379 1", "all"), ml1m=_paper("0.1132 0.0554 0.1152 0.4518 0.9767 1", "all")),
         ],
     },
     "table3": {
@@ -116,10 +119,13 @@ SUITES: dict[str, dict[str, Any]] = {
         "intro": "DV-FSR at 0.1% malicious clients on each model; the paper's text adds that BERT4Rec needs 0.5% "
                  "or 1% (its 1% row is Table 1's).",
         "scenarios": [
-            _cell("SASRec DV-FSR 0.1%", "sasrec", "dv-fsr", 0.001, paper=_paper("0.9169 0.9997 1 1")),
-            _cell("BERT4Rec DV-FSR 0.1%", "bert4rec", "dv-fsr", 0.001, paper=_paper("0 0.0003 0.0059 0.2190")),
+            _cell("SASRec DV-FSR 0.1%", "sasrec", "dv-fsr", 0.001, paper=_paper("0.9169 0.9997 1 1"),
+                  ml1m=_paper("0.9890 0.9981 1 1")),
+            _cell("BERT4Rec DV-FSR 0.1%", "bert4rec", "dv-fsr", 0.001, paper=_paper("0 0.0003 0.0059 0.2190"),
+                  ml1m=_paper("0.0007 0.0046 0.0396 0.1262")),
             _cell("BERT4Rec DV-FSR 0.5%", "bert4rec", "dv-fsr", 0.005),
-            _cell("BERT4Rec DV-FSR 1%", "bert4rec", "dv-fsr", 0.01, paper=_paper("0.9324 0.9892 1 1")),
+            _cell("BERT4Rec DV-FSR 1%", "bert4rec", "dv-fsr", 0.01, paper=_paper("0.9324 0.9892 1 1"),
+                  ml1m=_paper("0.9531 0.9872 1 1")),
         ],
     },
     "table4": {
@@ -132,15 +138,18 @@ SUITES: dict[str, dict[str, Any]] = {
                  "equal no defense; the `[compat off]` variant is the real adversarial training (several times "
                  "slower per epoch).",
         "scenarios": [
-            *(c for r, pct, none, adv, mrfa in (
-                (0.0005, "0.05%", "0.0011 0.0117 0.2950 0.8311", "0 0.0080 0.2241 0.7445", "0 0 0 0.0005"),
-                (0.001, "0.1%", "0.9169 0.9997 1 1", "0.9217 0.9992 1 1", "0.0578 0.4391 0.9739 0.9995"),
-                (0.002, "0.2%", "1 1 1 1", "1 1 1 1", "0.9526 1 1 1"))
+            *(c for r, pct, (none, adv, mrfa), (m_none, m_adv, m_mrfa) in (
+                (0.0005, "0.05%", ("0.0011 0.0117 0.2950 0.8311", "0 0.0080 0.2241 0.7445", "0 0 0 0.0005"),
+                 ("0.9701 0.9851 1 1", "0.9698 0.9838 1 1", "0 0 0 0")),
+                (0.001, "0.1%", ("0.9169 0.9997 1 1", "0.9217 0.9992 1 1", "0.0578 0.4391 0.9739 0.9995"),
+                 ("0.9890 0.9981 1 1", "0.9834 0.9950 1 1", "0.3935 0.8457 0.9997 1")),
+                (0.002, "0.2%", ("1 1 1 1", "1 1 1 1", "0.9526 1 1 1"), ("1 1 1 1", "1 1 1 1", "1 1 1 1")))
               for c in (
-                _cell(f"SASRec DV-FSR {pct}", "sasrec", "dv-fsr", r, paper=_paper(none)),
-                _cell(f"SASRec DV-FSR {pct} + adv_train", "sasrec", "dv-fsr", r, "adv-train", paper=_paper(adv)),
+                _cell(f"SASRec DV-FSR {pct}", "sasrec", "dv-fsr", r, paper=_paper(none), ml1m=_paper(m_none)),
+                _cell(f"SASRec DV-FSR {pct} + adv_train", "sasrec", "dv-fsr", r, "adv-train", paper=_paper(adv),
+                      ml1m=_paper(m_adv)),
                 _cell(f"SASRec DV-FSR {pct} + mixed-RFA", "sasrec", "dv-fsr", r, "mixed-rfa", paper=_paper(mrfa),
-                      compat=REFERENCE_ENGINE_STEP),
+                      ml1m=_paper(m_mrfa), compat=REFERENCE_ENGINE_STEP),
             )),
         ],
     },
@@ -150,14 +159,17 @@ SUITES: dict[str, dict[str, Any]] = {
                  "rows: SASRec at 0.05%, BERT4Rec at 0.2%; fedseq adds SASRec at 0.1% and 0.2% (the issue: "
                  "across ratios).",
         "scenarios": [
-            *(_cell(f"SASRec {a} {pct}", "sasrec", a.lower(), r, paper=_paper(p) if p else None)
-              for r, pct, rows in ((0.0005, "0.05%", {"C-FSR": "0 0 0 0", "S-FSR": "0 0.0013 0.0184 0.1010",
-                                                      "DV-FSR": "0.0011 0.0117 0.2950 0.8311"}),
+            *(_cell(f"SASRec {a} {pct}", "sasrec", a.lower(), r, paper=_paper(p[0]) if p else None,
+                    ml1m=_paper(p[1]) if p else None)
+              for r, pct, rows in ((0.0005, "0.05%", {"C-FSR": ("0 0 0 0", "0 0 0 0"),
+                                                      "S-FSR": ("0 0.0013 0.0184 0.1010", "0.7661 0.9396 1 1"),
+                                                      "DV-FSR": ("0.0011 0.0117 0.2950 0.8311", "0.9701 0.9851 1 1")}),
                                    (0.001, "0.1%", {}), (0.002, "0.2%", {}))
               for a in ("C-FSR", "S-FSR", "DV-FSR") for p in [rows.get(a)]),
-            *(_cell(f"BERT4Rec {a} 0.2%", "bert4rec", a.lower(), 0.002, paper=_paper(p))
-              for a, p in (("C-FSR", "0 0 0 0.0003"), ("S-FSR", "0.0037 0.1276 0.9233 0.9997"),
-                           ("DV-FSR", "0.0059 0.1492 0.9379 1")))
+            *(_cell(f"BERT4Rec {a} 0.2%", "bert4rec", a.lower(), 0.002, paper=_paper(p), ml1m=_paper(m))
+              for a, p, m in (("C-FSR", "0 0 0 0.0003", "0 0 0 0"),
+                              ("S-FSR", "0.0037 0.1276 0.9233 0.9997", "0.0978 0.4081 0.9644 1"),
+                              ("DV-FSR", "0.0059 0.1492 0.9379 1", "0.1152 0.4518 0.9767 1")))
         ],
     },
     "figure2": {
@@ -207,14 +219,18 @@ def suite_spec(suite: str, seeds: list[int], quick: bool = False, dataset: str |
         for v in ("reference",) if quick else variants:
             suffix, keys = VARIANTS[v]
             cell = {**sc, **keys, "name": sc["name"] + suffix}
-            if v != "reference":
-                cell.pop("paper", None)
+            ref = sc.get("paper", {}).get(base["dataset"])  # the paper's numbers for this data set, if any
+            cell.pop("paper", None)
+            if ref and v == "reference":
+                cell["paper"] = ref
             scenarios.append(cell)
     if not scenarios:
         raise ConfigError(f"--only {only}: no scenario of {suite} matches; scenarios: "
                           + "; ".join(s["name"] for s in SUITES[suite]["scenarios"]))
-    return SweepSpec(base=base, scenarios=tuple(scenarios), seeds=tuple(seeds), engine="inprocess",
-                     title=SUITES[suite]["title"])
+    title = SUITES[suite]["title"]
+    if base["dataset"] != "steam":
+        title = title.replace("(Steam", f"({base['dataset']}")
+    return SweepSpec(base=base, scenarios=tuple(scenarios), seeds=tuple(seeds), engine="inprocess", title=title)
 
 
 # ---------------------------------------------------------------------------- the page
@@ -303,10 +319,10 @@ def render(suite: str, spec: SweepSpec, summary: dict[str, Any], page: Path, plo
            command: str) -> Path:
     """The suite's page: the comparison, the variants, the config of every cell, run times, plots."""
     info = SUITES[suite]
-    paper_cells = [sc for sc in info["scenarios"] if any(sc["name"] == s["name"] for s in spec.scenarios)]
+    paper_cells = [s for s in spec.scenarios if any(s["name"] == sc["name"] for sc in info["scenarios"])]
     seeds = ",".join(map(str, spec.seeds))
     base = ", ".join(f"{k}={v}" for k, v in sorted(spec.base.items()))
-    lines = [f"# {info['title']}", "", info["intro"], "",
+    lines = [f"# {spec.title}", "", info["intro"], "",
              f"Command: `{command}` (commit {_commit()}). Engine: in process (equal to the services). Seeds: {seeds}. "
              f"Base: {base}. Final epoch; mean ± std over the seeds run; the paper's number and fedseq's "
              "minus the paper's in brackets.", "", *comparison_table(summary, paper_cells), ""]
