@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -124,7 +125,8 @@ class Cell:
             bit = f"{k.replace('_', '')}-{text}"
             bits.append(bit if len(bit) <= 32 else f"{k.replace('_', '')}-{hashlib.sha1(text.encode()).hexdigest()[:8]}")
         bits.append(f"seed{self.seed}")
-        return "_".join(b for b in bits if b).replace("=", "").replace(",", "-").replace("/", "-").replace(":", "-")
+        name = "_".join(b for b in bits if b).replace("=", "").replace("!", "no")
+        return re.sub(r"[^A-Za-z0-9_.-]", "-", name)  # also a valid run id
 
     def overrides(self) -> dict[str, Any]:
         """The experiment keys this cell sets on top of the sweep's base."""

@@ -24,8 +24,8 @@ def test_every_suite_is_a_valid_sweep_at_the_papers_settings(suite):
     assert spec.base == PAPER_BASE and spec.engine == "inprocess"
     assert len(cells) == len(SUITES[suite]["scenarios"]) * len(VARIANTS) * 3
     for c in cells:
-        cfg = build_config(None, {**spec.base, **c.overrides()}, environ={})
-        assert cfg.epochs == 30 and cfg.dataset == "steam"
+        cfg = build_config(None, {**spec.base, **c.overrides(), "run_id": f"sweep-{c.folder}"[:100]}, environ={})
+        assert cfg.epochs == 30 and cfg.dataset == "steam"  # and the folder makes a valid run id
         if c.name.endswith("[compat off]"):
             assert not cfg.compat.enabled()
         elif c.name.endswith("[full ranking]"):
