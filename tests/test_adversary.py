@@ -99,7 +99,7 @@ def test_a_rogue_peer_is_refused_everything_and_the_run_is_undisturbed(tmp_path,
                 "replay": {"round": 0, "user": next(iter(agg.tokens[0])), "token": next(iter(agg.tokens[0].values()))}}
         # Execute: the hostile peer in its own process
         proc = subprocess.run([sys.executable, str(ROOT / "tests" / "rogue_peer.py"), json.dumps(spec)],
-                              capture_output=True, text=True, timeout=180, cwd=ROOT)
+                              capture_output=True, text=True, timeout=400, cwd=ROOT)
         agg.release.set()
         fed.orch.join(120)
         # Assert: the rogue got nothing
