@@ -635,8 +635,9 @@ def test_synthetic_seed_key_fixes_the_data_across_run_seeds() -> None:
 
 
 def test_target_presets_rank_items_by_training_popularity() -> None:
-    """least-popular: the zero-count item; popular: the top item; mid-tail: the median of the
-    interacted items; several: spread over their tail half (ties to the lower id)."""
+    """least-popular: the zero-count item; popular: the top-5% boundary of the interacted items
+    (here the top one); mid-tail: their median; several: spread over their tail half (ties to the
+    lower id)."""
     # Prepare: training counts item1: 4, item2: 3, item3: 2, item4: 1, item5: 1, item6: 0
     seqs = [(0, np.array([1, 2, 3, 4, 9])), (1, np.array([1, 2, 3, 5, 9])), (2, np.array([1, 2, 9])),
             (3, np.array([1, 9]))]
