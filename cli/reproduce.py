@@ -259,7 +259,8 @@ def comparison_table(summary: dict[str, Any], scenarios: list[dict[str, Any]]) -
                 text += f" ({paper[m]:.4f}, {got[m][0] - paper[m]:+.4f})"
             cols.append(text)
         seeds = ",".join(map(str, got["seeds"]))
-        lines.append(f"| {sc['name']} | {seeds} | " + " | ".join(cols) + f" | {got['seconds'][0] / 60:.1f} |")
+        name = sc["name"] + (f" (unfinished: {got['unfinished']})" if got.get("unfinished") else "")
+        lines.append(f"| {name} | {seeds} | " + " | ".join(cols) + f" | {got['seconds'][0] / 60:.1f} |")
     return lines
 
 

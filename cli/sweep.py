@@ -373,7 +373,8 @@ def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
 
 def summarise(spec: SweepSpec, cells: Sequence[Cell], out: Path) -> dict[str, Any]:
     """Per scenario: final metrics' mean and std over seeds, per-epoch curves, malicious updates
-    kept/sent, bytes per update (services); and the raw per-cell finals."""
+    kept/sent, bytes per update (services); and the raw per-cell finals. A cell still running (or
+    stopped) counts with its last evaluated epoch, and its scenario says so (``unfinished``)."""
     scenarios: dict[str, dict[str, Any]] = {}
     rows: list[dict[str, Any]] = []
     for c in cells:
@@ -392,6 +393,7 @@ def summarise(spec: SweepSpec, cells: Sequence[Cell], out: Path) -> dict[str, An
                "ratio": c.ratio, **{m: last[m] for m in METRICS}, "malicious_sent": sent, "malicious_kept": kept,
                "bytes_per_update": bpu, "warnings": res.get("summary", {}).get("warnings", []),
                "seconds": sum(e.get("seconds", 0.0) for e in res["epochs"]),
+               "planned": build_config(None, {**spec.base, **c.overrides()}, environ={}).epochs,
                "curve": {m: [e[m] for e in epochs] for m in CURVES},
                "epochs": [e["epoch"] for e in epochs]}
         rows.append(row)
@@ -411,6 +413,8 @@ def summarise(spec: SweepSpec, cells: Sequence[Cell], out: Path) -> dict[str, An
         s["epochs"] = cs[0]["epochs"][:n]
         s["curve"] = {m: [_mean_std([r["curve"][m][i] for r in cs]) for i in range(n)] for m in CURVES}
         s["seconds"] = _mean_std([r["seconds"] for r in cs])
+        done, planned = min(r["epochs"][-1] for r in cs), max(r["planned"] for r in cs)
+        s["unfinished"] = f"at epoch {done} of {planned}" if done < planned else ""
         s["cells"] = [r["cell"] for r in cs]
     paper = {sc["name"]: sc["paper"] for sc in spec.scenarios if sc.get("name") and sc.get("paper")}
     for name, ref in paper.items():
@@ -433,6 +437,8 @@ def format_table(summary: dict[str, Any]) -> str:
         kept = f"{s['malicious_kept']} / {s['malicious_sent']}" if s["malicious_sent"] else "-"
         bpu = f"{s['bytes_per_update']:,.0f}" if s["bytes_per_update"] else "-"
         seeds = ",".join(map(str, s["seeds"]))
+        if s.get("unfinished"):
+            name = f"{name} (unfinished: {s['unfinished']})"
         lines.append("| " + " | ".join([name, seeds, ms("hr@10"), ms("ndcg@10"), *(ms(f"er@{k}") for k in KS), kept, bpu])
                      + " |")
     return "\n".join(lines)

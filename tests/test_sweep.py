@@ -92,6 +92,19 @@ def test_summary_is_the_mean_and_spread_over_seeds(tmp_path):
     assert cell_done(tmp_path / cells[0].folder, 2) and not cell_done(tmp_path / cells[0].folder, 3)
 
 
+def test_a_cell_still_running_is_marked_unfinished(tmp_path):
+    # Prepare: one seed finished (2 epochs), the other stopped after its first
+    spec = SweepSpec(base=TINY, attacks=("dv-fsr",), ratios=(0.1,), seeds=(0, 1), engine="inprocess")
+    cells = spec.cells()
+    _bundle(tmp_path / cells[0].folder, [0.1, 0.2], [0.3, 0.5])
+    _bundle(tmp_path / cells[1].folder, [0.1], [0.3])
+    # Execute
+    s = summarise(spec, cells, tmp_path)
+    # Assert
+    assert s["scenarios"][cells[0].scenario]["unfinished"] == "at epoch 1 of 2"
+    assert "(unfinished: at epoch 1 of 2)" in format_table(s)
+
+
 @pytest.mark.slow
 def test_a_tiny_sweep_runs_and_an_interrupted_one_resumes(tmp_path):
     # Prepare: two cells in process
