@@ -20,7 +20,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedseq.engine import AggregationResult, AggregationRule, bind_root, needs_root  # noqa: F401 - the contract
+from fedseq.engine import (  # noqa: F401 - the contract
+    AggregationResult,
+    AggregationRule,
+    bind_layout,
+    bind_root,
+    bind_round,
+    needs_layout,
+    needs_root,
+    needs_round,
+)
 
 
 class RuleConfigError(ValueError):
