@@ -67,7 +67,7 @@ def test_registry_contains_every_rule() -> None:
     # Prepare
     expected = {
         "fedavg", "none", "rfa", "mixed-rfa", "median", "trimmed-mean",
-        "krum", "norm-clip", "foolsgold", "fltrust",
+        "krum", "norm-clip", "foolsgold", "fltrust", "sparse", "bulyan", "flame", "dnc",
     }  # fmt: skip
     # Execute
     names = set(RULES)

@@ -79,7 +79,10 @@ from .base import (
     needs_round,
     parse_options,
 )
+from .bulyan import Bulyan, bulyan
+from .dnc import DnC, dnc
 from .fedavg import FedAvg, fedavg, server_step
+from .flame import Flame, flame, single_cluster
 from .fltrust import FLTrust, MissingRootUpdate, fltrust
 from .foolsgold import FoolsGold, foolsgold, foolsgold_weights
 from .krum import Krum, krum_scores, multi_krum
@@ -109,6 +112,9 @@ RULES: dict[str, RuleFactory] = {
     "foolsgold": FoolsGold.from_options,
     "fltrust": FLTrust.from_options,
     "sparse": SparseAggregation.from_options,
+    "bulyan": Bulyan.from_options,
+    "flame": Flame.from_options,
+    "dnc": DnC.from_options,
 }
 
 
@@ -157,8 +163,11 @@ __all__ = [
     "RFA",
     "AggregationResult",
     "AggregationRule",
+    "Bulyan",
+    "DnC",
     "FLTrust",
     "FedAvg",
+    "Flame",
     "FoolsGold",
     "ItemRows",
     "Krum",
@@ -172,10 +181,13 @@ __all__ = [
     "TrimmedMean",
     "bind_layout",
     "bind_root",
+    "bulyan",
     "bind_round",
     "clip_norms",
     "coordinate_median",
+    "dnc",
     "fedavg",
+    "flame",
     "fltrust",
     "foolsgold",
     "foolsgold_weights",
@@ -189,6 +201,7 @@ __all__ = [
     "needs_round",
     "parse_rule_spec",
     "server_step",
+    "single_cluster",
     "sparse_aggregate",
     "trimmed_mean",
 ]
