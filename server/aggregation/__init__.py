@@ -7,6 +7,7 @@ follows :mod:`server.aggregation.base` (``rule(updates [K, D], weights [K]) -> A
 |----------------|---------------------------------------------------|----------------|--------------|
 | ``fedavg``     | sum (default) or weighted mean                    | mean only      | sum / mean   |
 | ``none``       | the paper's "common": plain sum (no options)      | no             | sum          |
+| ``mean``       | plain unweighted mean (no options)                | no             | mean         |
 | ``rfa``        | geometric median, smoothed Weiszfeld              | yes (alpha)    | mean         |
 | ``mixed-rfa``  | lambda * mean + (1 - lambda) * GM (DV-FSR Eq. 10) | GM (+ option)  | mean         |
 | ``median``     | coordinate-wise median                            | no             | mean         |
@@ -100,9 +101,17 @@ def _none_rule(options: Mapping[str, str]) -> AggregationRule:
     return FedAvg(reduce="sum", weighted=False, name="none")
 
 
+def _mean_rule(options: Mapping[str, str]) -> AggregationRule:
+    """``mean``: the plain unweighted mean of the round's updates (``fedavg`` with ``reduce=mean``,
+    ``weighted=false``; mean scale); ``sparse:mean`` is then the sparse sum."""
+    parse_options("mean", options, {})
+    return FedAvg(reduce="mean", weighted=False, name="mean")
+
+
 RULES: dict[str, RuleFactory] = {
     "fedavg": FedAvg.from_options,
     "none": _none_rule,
+    "mean": _mean_rule,
     "rfa": RFA.from_options,
     "mixed-rfa": MixedRFA.from_options,
     "median": Median.from_options,
