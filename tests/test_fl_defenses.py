@@ -140,6 +140,23 @@ def test_single_cluster_keeps_points_leaving_at_the_final_distance() -> None:
     assert single_cluster(d, 3) == [0, 1, 2, 3]
 
 
+def test_single_cluster_matches_hdbscan_when_installed() -> None:
+    # Prepare: the library is not a dependency (it needs SciPy and scikit-learn); checked when present
+    hdbscan = pytest.importorskip("hdbscan")
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        k, d, n_clusters = int(rng.integers(3, 40)), int(rng.integers(2, 20)), int(rng.integers(1, 5))
+        centres = rng.normal(size=(n_clusters, d))
+        x = centres[rng.integers(0, n_clusters, size=k)] + float(rng.choice([0.05, 0.3, 1.0])) * rng.normal(size=(k, d))
+        dist = cosine_distances(torch.tensor(x, dtype=torch.float32))
+        # Execute
+        labels = hdbscan.HDBSCAN(min_cluster_size=k // 2 + 1, min_samples=1, allow_single_cluster=True,
+                                 metric="precomputed").fit_predict(dist)
+        # Assert
+        values, counts = np.unique(labels[labels >= 0], return_counts=True)
+        assert single_cluster(dist, k // 2 + 1) == np.nonzero(labels == values[np.argmax(counts)])[0].tolist()
+
+
 def test_flame_hand_round_removes_opposite_directions_and_clips_to_the_median_norm() -> None:
     # Prepare: 5 honest along +x (norms 1..5), 2 attackers along -y (norms 10, 20)
     u = torch.tensor([[1.0, 0.0], [2.0, 0.0], [3.0, 0.0], [4.0, 0.0], [5.0, 0.0], [0.0, -10.0], [0.0, -20.0]])

@@ -18,6 +18,12 @@ follows :mod:`server.aggregation.base` (``rule(updates [K, D], weights [K]) -> A
 | ``fltrust``    | FLTrust (needs a server root update per round)    | no             | one update   |
 | ``sparse``     | item-wise sparse: ``inner`` rule per item row over | inner's        | sum          |
 |                | the updates touching it, ``inner`` on the rest     |                |              |
+| ``bulyan``     | Bulyan: recursive Krum, then the beta values      | no             | mean         |
+|                | closest to the coordinate-wise median              |                |              |
+| ``flame``      | FLAME: cosine clustering (HDBSCAN single cluster), | no             | mean         |
+|                | median-norm clipping, seeded Gaussian noise        |                |              |
+| ``dnc``        | DnC: drop top-singular-direction outliers on       | no             | mean         |
+|                | seeded coordinate samples, mean of the rest        |                |              |
 
 Robust rules that estimate a mean ("mean" scale) give steps about K times smaller than the paper's
 sum at the same learning rate; the experiment chooses the learning rate accordingly.
@@ -33,6 +39,9 @@ Round size and memory. The round is one ``[K, D]`` matrix: ``K * D * 4`` bytes i
   K = 256, 200 MB at K = 4,096); no ``[K, K, D]`` or ``[K, D]`` intermediate.
 - norm-clip: a clipped ``[K, D]`` copy (doubles the round) when any update is clipped, plus the
   inner rule's extra.
+- bulyan: the ``[K, K]`` Gram matrix (as krum) and column blocks of the selected rows of a few MiB.
+- flame: the ``[K, K]`` Gram matrix and one ``[D]`` noise vector.
+- dnc: a ``[K, b]`` float64 coordinate sample (20 MB at K = 256, b = 10,000) and ``[K, K]``.
 - sparse: the ``[K, R]`` touched mask of the item table (R rows), the touchers' rows gathered once
   (``touches x W`` floats: about 27,000 x 64 = 7 MB on a Steam round with 3 dense updates), the
   inner rule on the ``[K, D - R W]`` shared part (a view when the table comes first, as in SASRec

@@ -28,8 +28,11 @@ HDBSCAN labels a point as a member of a lone root cluster when it left the clust
 lambda (= 1 / distance) of any of the root's children. That is: walk down the single-linkage tree
 from the root, always into the child with at least ``min_cluster_size`` points, until neither child
 is that big; the points of that last node (and any that left at exactly its distance) are admitted.
-:func:`single_cluster` computes exactly this; it differs from the library only in how ties between
-equal distances order the tree (here: by index).
+:func:`single_cluster` computes exactly this; it can differ from the library only in how ties between
+equal distances order the tree (here: by index). Checked against hdbscan 0.8.44 (``HDBSCAN(
+min_cluster_size=K // 2 + 1, min_samples=1, allow_single_cluster=True, metric="precomputed")``) on
+300 random rounds of 3-59 updates in 1-4 direction clusters: the same admitted set every time
+(tests/test_fl_defenses.py repeats the check when ``hdbscan`` is installed).
 
 Randomness: the noise of round t comes from a generator seeded by (option ``seed``, the round id);
 the engine binds the round id (:func:`fedseq.engine.bind_round`), so both runners add the same noise.
