@@ -99,3 +99,26 @@ def test_inprocess_and_services_compute_the_same_run(redis_url, rule, adv, attac
 def test_the_matrix_covers_every_rule_both_adv_settings_and_an_attack():
     assert {c[0] for c in CASES} == set(RULES) and len(CASES) == 4 * len(RULES)
     assert FAST <= set(CASES)
+
+
+WRAPPED = {  # wrapped inner rules whose bindings compose: layout + root, layout + round id
+    "sparse-fltrust": (("inner", "fltrust"), ("inner.root_users", "4")),
+    "sparse-dnc": (("inner", "dnc"), ("inner.b", "50"), ("inner.seed", "3")),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(WRAPPED))
+def test_sparse_with_a_bound_inner_rule_is_the_same_run_in_both_runners(redis_url, name):
+    # Prepare
+    cfg = replace(BASE, run_id=f"eq-{name}", defense="sparse", defense_opts=WRAPPED[name], attack="dv-fsr",
+                  malicious_ratio=0.1)
+    torch.set_num_threads(1)
+    # Execute
+    net_after, net_epoch, _ = _services(redis_url, cfg)
+    sim_after, sim_epoch = _inprocess(cfg)
+    # Assert
+    assert sorted(net_after) == sorted(sim_after)
+    for rid in sorted(sim_after):
+        assert torch.equal(net_after[rid], sim_after[rid]), f"round {rid}: weights differ"
+    assert net_epoch["hr@10"] == sim_epoch["hr@10"] and net_epoch["er@10"] == sim_epoch["er@10"]

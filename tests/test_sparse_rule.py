@@ -212,3 +212,9 @@ def test_default_inner_is_median_and_spec_builds_the_inner_rule() -> None:
 def test_bad_sparse_options_are_config_errors(spec: str, opts: dict[str, str], pattern: str) -> None:
     with pytest.raises(RuleConfigError, match=pattern):
         make_rule(spec, opts)
+
+
+def test_wrappers_report_the_inner_rules_root_users() -> None:
+    # the runners' root source reads rule.root_users (fedseq/root.py): a wrapper must pass it on
+    assert make_rule("sparse:fltrust", {"inner.root_users": "4"}).root_users == 4  # type: ignore[attr-defined]
+    assert make_rule("norm-clip:fltrust,bound=1,inner.root_users=3").root_users == 3  # type: ignore[attr-defined]

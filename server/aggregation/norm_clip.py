@@ -91,6 +91,11 @@ class NormClip:
         return dataclasses.replace(self, inner_rule=bind_root(self.inner_rule, root))
 
     @property
+    def root_users(self) -> int:
+        """The inner rule's root users (``inner=fltrust``), read by the runners' root source (fedseq/root.py)."""
+        return int(getattr(self.inner_rule, "root_users", 10))
+
+    @property
     def needs_layout(self) -> bool:
         return _needs_layout(self.inner_rule)
 

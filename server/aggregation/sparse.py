@@ -327,6 +327,11 @@ class SparseAggregation:
     def needs_round(self) -> bool:
         return needs_round(self.inner_rule)
 
+    @property
+    def root_users(self) -> int:
+        """The inner rule's root users (FLTrust), read by the runners' root source (fedseq/root.py)."""
+        return int(getattr(self.inner_rule, "root_users", 10))
+
     def with_layout(self, layout: Layout) -> SparseAggregation:
         """This rule bound to the model's flat parameter layout (where the item table sits)."""
         try:
