@@ -21,7 +21,8 @@ with the factors ``n_r`` and ``K`` only when the inner rule's output is on the *
 trimmed mean, Krum, RFA, ...); a sum-scale inner rule (``fedavg``, ``none``) is used as is. So the
 output is always on the **sum** scale (``scale = "sum"``, :func:`fedseq.engine.step_lr` steps it with
 ``lr`` as the paper's "common" sum): a row moves by the robust estimate of its touchers' update times
-how many touched it, as the sum would move it, and ``sparse:inner=fedavg`` *is* the plain sum. Rows
+how many touched it, as the sum would move it: ``sparse:fedavg`` *is* the plain sum, bit for bit
+(``sparse:mean`` equals it up to float rounding). Rows
 nobody touched stay exactly zero. Sample weights go to the inner rule (restricted to the touchers).
 
 Options (``--defense sparse:<inner>``, e.g. ``sparse:median``, ``sparse:trimmed-mean``, ``sparse:krum``,
@@ -33,10 +34,12 @@ Options (``--defense sparse:<inner>``, e.g. ``sparse:median``, ``sparse:trimmed-
                  ``sparse:trimmed-mean --defense-opt inner.beta=0.2``. An inner rule needing FLTrust's
                  root update gets the root's row (or its dense part) alongside.
     table        the parameter holding one row per item (default ``item_emb.weight``).
-    vectorised   true (default): ``median``, ``trimmed-mean``, ``fedavg``/``none``, ``krum`` and ``rfa``
+    vectorised   true (default): ``median``, ``trimmed-mean``, ``fedavg``/``none``/``mean``, ``krum`` and ``rfa``
                  run batched over all rows with the same touch count (one ``[G, n, W]`` block per
                  count n, no Python loop over rows); false, or any other inner rule: the inner rule
                  object is called once per touched row (the reference; tests compare the two).
+                 A seeded inner rule (``flame``, ``dnc``) is bound to the round once, so every
+                 row's call draws the same numbers (FLAME's noise pattern repeats across rows).
 
 Cost. The touched mask is one pass over the item block (``K x R`` booleans); the touchers' rows are
 gathered once (``touches x W`` floats: about 12,000 x 64 for 256 benign Steam updates, plus
