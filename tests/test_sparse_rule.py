@@ -96,8 +96,10 @@ def test_sparse_fedavg_is_exactly_the_plain_sum() -> None:
     u = sparse_round(9, 4, 2, 3, seed=3)
     # Execute
     res = sparse("sparse:fedavg")(u, torch.ones(9))
-    # Assert
+    mean = sparse("sparse:mean")(u, torch.ones(9))
+    # Assert: the sum bit for bit; the mean inner rule (mean scale, x touches) up to rounding
     assert torch.equal(res.vector, u.sum(dim=0))
+    assert torch.allclose(mean.vector, u.sum(dim=0), atol=1e-5)
 
 
 @pytest.mark.parametrize("spec,opts,exact", [
