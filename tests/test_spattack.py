@@ -69,15 +69,23 @@ def test_promote_sends_the_base_rows_on_targets_and_rare_items_only() -> None:
     base = make_attack("eb").updates(model, params, s, users, (29,), 1, 2, LOCAL, Compat()).updates
     # Execute
     out = attack.updates(model, params, s, users, (29,), 1, 2, LOCAL, Compat()).updates
-    # Assert: rows 20, 21, 22 (rarest, lower ids) and the target 29, x 2; every other item row zero;
-    # the shared weights are the base's
-    chosen = [20, 21, 22, 29]
+    # Assert: rows 20, 21, 22 (rarest, lower ids), the target 29 and the mask token 31, x 2; every
+    # other item row zero; the shared weights are the base's
+    chosen = [20, 21, 22, 29, 31]
     rows_out, rows_base = item_rows(out, model), item_rows(base, model)
     assert torch.equal(rows_out[:, chosen], 2 * rows_base[:, chosen])
     others = [r for r in range(rows_out.shape[1]) if r not in chosen]
     assert torch.equal(rows_out[:, others], torch.zeros_like(rows_out[:, others]))
     off, r, w = table_slice(model)
     assert torch.equal(out[:, off + r * w:], base[:, off + r * w:]) and bool(rows_base[:, 29].abs().sum() > 0)
+
+
+def test_token_rows_false_leaves_the_mask_row_alone() -> None:
+    model, params = tiny()
+    attack = make_attack("spattack", {"rows": "2", "base": "eb", "token_rows": "false"})
+    out = attack.updates(model, params, seqs(2, 1), [60, 61], (29,), 1, 2, LOCAL, Compat()).updates
+    touched = (item_rows(out, model)[0].abs().sum(dim=1) > 0).nonzero().flatten().tolist()
+    assert 31 not in touched and 29 in touched
 
 
 def test_shared_false_zeroes_everything_but_the_chosen_rows() -> None:
@@ -101,7 +109,7 @@ def test_disrupt_rows_are_shared_by_all_attackers_and_seeded_by_round() -> None:
     # Assert: identical rows for every attacker and batch; another round, other rows; shared = honest
     ra, rc = item_rows(a, model), item_rows(c, model)
     touched = (ra[0].abs().sum(dim=1) > 0).nonzero().flatten().tolist()
-    assert touched == [1, 2, 3, 4, 29]  # without popularity every item is equally rare: the lowest ids
+    assert touched == [1, 2, 3, 4, 29, 31]  # no popularity: every item equally rare (lowest ids); + mask 31
     assert torch.equal(ra[0], ra[1]) and torch.equal(ra[0], ra[2]) and torch.equal(ra[0], item_rows(b, model)[0])
     assert not torch.equal(ra[0], rc[0])
     off, r, w = table_slice(model)
@@ -124,8 +132,8 @@ def test_concentrated_attackers_own_the_rare_rows_under_sparse_median() -> None:
     # exactly the attackers' value times the touches; a popular row stays benign
     rows_agg, rows_u = item_rows(agg, model), item_rows(u, model)
     benign_touch = (rows_u[:12].abs().sum(dim=2) > 0).sum(dim=0)
-    owned = [r for r in (20, 21, 22, 23, 29) if int(benign_touch[r]) < 3]
-    assert owned, "no chosen row has fewer benign touchers than attackers"
+    owned = [r for r in (20, 21, 22, 23, 29, 31) if int(benign_touch[r]) < 3]
+    assert 31 in owned, "the mask token row: no benign SASRec update touches it"
     for r in owned:
         n = int(benign_touch[r]) + 3
         assert torch.allclose(rows_agg[r], n * rows_u[12, r]), r

@@ -12,7 +12,11 @@ benign touchers and the robust rule returns *their* value.
 fedseq's form. Each round, every malicious update (all of them the same rows, so they concentrate):
 
     rows  = the targets + the ``rows`` items with the fewest training interactions
-            (ties to the lower id; the targets are excluded from the ``rows``)
+            (ties to the lower id; the targets are excluded from the ``rows``) + with
+            ``token_rows=true`` (default) the table's rows of non-item tokens after the items
+            (the mask token M + 1): no benign SASRec client ever touches it, so under sparse
+            aggregation it is the attackers' alone, and the paper's evaluation protocol reads the
+            scores at an appended mask token (ALGORITHMS.md), so it steers every user's query
     goal=promote (default): the base attack's update (``base``, default ``dv-fsr``) on those rows
             times ``factor``; every other item row zero; the shared (Transformer) weights are the
             base's when ``shared=true`` (default) and zero otherwise. A targeted variant: the
@@ -34,7 +38,7 @@ call) it knows nothing and takes every item as equally rare (the lowest ids), so
 still depends on nothing but (weights, the user's data, seed, round, user id), whatever the batch.
 
 Options: ``rows`` (int >= 0, default 64), ``goal`` (``promote`` or ``disrupt``), ``factor`` (float > 0,
-default 1), ``shared`` (bool, default true), ``base`` (attack name, default ``dv-fsr``, promote only)
+default 1), ``shared`` (bool, default true), ``token_rows`` (bool, default true), ``base`` (attack name, default ``dv-fsr``, promote only)
 with its options as ``base.<key>=value``. Models: SASRec and BERT4Rec (the item table
 ``item_emb.weight``, one row per token id).
 """
@@ -93,6 +97,7 @@ class Spattack:
     goal: str = "promote"
     factor: float = 1.0
     shared: bool = True
+    token_rows: bool = True
     popularity: np.ndarray | None = field(default=None, compare=False, repr=False)
     name: str = "spattack"
     fake_users: bool = False
@@ -102,15 +107,19 @@ class Spattack:
         """This attack knowing the training interactions per item id (``[M + 1]``)."""
         return dataclasses.replace(self, popularity=np.asarray(counts, dtype=np.int64))
 
-    def chosen_rows(self, num_items: int, targets: Sequence[int]) -> np.ndarray:
-        """The item ids every malicious update of the round touches: the targets and the rare items."""
+    def chosen_rows(self, num_items: int, targets: Sequence[int], table_rows: int = 0) -> np.ndarray:
+        """The table rows every malicious update of the round touches: the targets, the rare items and
+        (``token_rows``) the non-item token rows ``num_items + 1 .. table_rows - 1``."""
         counts = self.popularity
         if counts is None:
             counts = np.zeros(num_items + 1, dtype=np.int64)
         elif len(counts) != num_items + 1:
             raise ValueError(f"spattack: popularity of {len(counts) - 1} items bound to a model of {num_items}")
         rare = rare_items(counts, self.rows, targets)
-        return np.union1d(np.asarray(targets, dtype=np.int64), rare)
+        chosen = np.union1d(np.asarray(targets, dtype=np.int64), rare)
+        if self.token_rows and table_rows > num_items + 1:
+            chosen = np.union1d(chosen, np.arange(num_items + 1, table_rows, dtype=np.int64))
+        return chosen
 
     def updates(self, model: SeqModel, params: torch.Tensor, sequences: Sequence[np.ndarray],
                 users: Users, targets: tuple[int, ...], seed: int, round_key: int,
@@ -119,7 +128,7 @@ class Spattack:
         num_items = int(model.cfg.num_items)
         target_tensor(targets, num_items)  # validates the targets
         offset, n_rows, width = table_slice(model)
-        chosen = torch.as_tensor(self.chosen_rows(num_items, targets))
+        chosen = torch.as_tensor(self.chosen_rows(num_items, targets, n_rows))
         if self.goal == "promote":
             assert self.base is not None
             ub = self.base.updates(model, params, sequences, users, targets, seed, round_key, local, compat)
@@ -151,6 +160,7 @@ def factory(make: Callable[[str, Mapping[str, str]], Attack]) -> Callable[[Mappi
                            lambda g: g in GOALS, "promote or disrupt"),
             "factor": Option(float, 1.0, "multiplier of the chosen rows", positive, "> 0"),
             "shared": Option(bool, True, "keep the shared (non-item) weights of the update"),
+            "token_rows": Option(bool, True, "also the table's non-item token rows (the mask token)"),
             "base": Option(str, "dv-fsr", "goal=promote: the attack whose item rows are sent"),
         }
         v, nested = parse_options("spattack", options, spec, passthrough=("base",))
@@ -160,6 +170,7 @@ def factory(make: Callable[[str, Mapping[str, str]], Attack]) -> Callable[[Mappi
         if base is not None and base.fake_users:
             raise AttackConfigError(f"attack 'spattack' base={v['base']!r} trains on fabricated users; "
                                     "use a model-poisoning base (dv-fsr, eb, a-ra, ...)")
-        return Spattack(base=base, rows=v["rows"], goal=v["goal"], factor=v["factor"], shared=v["shared"])
+        return Spattack(base=base, rows=v["rows"], goal=v["goal"], factor=v["factor"], shared=v["shared"],
+                        token_rows=v["token_rows"])
 
     return from_options
