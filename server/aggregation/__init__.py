@@ -59,7 +59,13 @@ table, benign updates touching 48 rows on average with Zipf-like popularity, 3 d
 touch count) sparse:fedavg 0.13 s, sparse:trimmed-mean 0.22 s, sparse:rfa 0.32 s, sparse:median
 0.34 s, sparse:krum 0.50 s; the per-row reference path (``vectorised=false``, and every inner rule
 without a batched form) 0.3-0.6 s for fedavg/median/trimmed-mean, 3.5 s for krum, 4.8 s for rfa.
-The touched-mask pass over the 336 MB item block is about 0.13 s of each. Chunked passes on CPU run in NumPy (see
+The touched-mask pass over the 336 MB item block is about 0.13 s of each. The other new rules, same
+bench at K = 256, D = 433,536, one thread, measured on the loaded machine (load 9.6 on 2 cores;
+in the same run fedavg 0.05 s, median 0.58 s, krum 0.82 s): flame 0.79 s (the Gram product; the
+tree is O(K^2)), dnc 1.3 s (5 draws of 10,000 coordinates, a [K, K] float64 eigenproblem each),
+bulyan 2.9 s (the Gram product, 130 Krum selections, a sort and a distance argsort per coordinate
+of the 130 selected), and sparse on a dense round (every update touches all 5,137 rows: its worst
+case, one [5137, 256, 64] block) 4.8 s. Chunked passes on CPU run in NumPy (see
 :func:`base.use_numpy_path`), so they do not suffer from torch thread oversubscription.
 
 Option syntax: ``--defense NAME --defense-opt k=v`` or ``--defense NAME:k=v,k=v`` (the sweep's
