@@ -53,6 +53,23 @@ def test_bulyan_coordinate_step_averages_the_beta_closest_to_the_median(row, bet
     assert float(got_np[0]) == expected and float(got_t[0]) == expected
 
 
+def test_bulyan_window_equals_the_sort_by_distance_reference() -> None:
+    # Prepare: rows with ties (rounded values) and both parities of theta; the reference sorts each
+    # row by distance to its median (stable: ties to the lower position) and averages the beta first
+    rng = np.random.default_rng(7)
+    for theta, beta in ((5, 3), (6, 2), (9, 1), (10, 10), (130, 4), (131, 5)):
+        s = np.sort(np.round(rng.normal(size=(200, theta)), 1), axis=1).astype(np.float32)
+        lo, hi = (theta - 1) // 2, theta // 2
+        med = (s[:, lo] + s[:, hi]) / 2
+        order = np.argsort(np.abs(s - med[:, None]), axis=1, kind="stable")[:, :beta]
+        ref = np.take_along_axis(s, order, axis=1).astype(np.float64).mean(axis=1)
+        # Execute
+        got = closest_to_median_mean(s, beta)
+        got_t = closest_to_median_mean(torch.from_numpy(s), beta).numpy()
+        # Assert
+        assert np.allclose(got, ref, rtol=0, atol=1e-12) and np.allclose(got_t, ref, rtol=0, atol=1e-12)
+
+
 def test_bulyan_honest_majority_wins_against_sybils() -> None:
     # Prepare: 17 honest around 1, 4 sybils at -30 on coordinate 0 (K = 21 >= 4 * 4 + 3)
     u = honest_and_sybils(17, 4, 6, seed=1)

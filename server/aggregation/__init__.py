@@ -63,8 +63,8 @@ The touched-mask pass over the 336 MB item block is about 0.13 s of each. The ot
 bench at K = 256, D = 433,536, one thread, measured on the loaded machine (load 9.6 on 2 cores;
 in the same run fedavg 0.05 s, median 0.58 s, krum 0.82 s): flame 0.79 s (the Gram product; the
 tree is O(K^2)), dnc 1.3 s (5 draws of 10,000 coordinates, a [K, K] float64 eigenproblem each),
-bulyan 2.9 s (the Gram product, 130 Krum selections, a sort and a distance argsort per coordinate
-of the 130 selected), and sparse on a dense round (every update touches all 5,137 rows: its worst
+bulyan 1.8-2.0 s (the Gram product 0.85 s, 130 Krum selections 0.1-0.2 s, a sort per coordinate of
+the 130 selected 0.84 s), and sparse on a dense round (every update touches all 5,137 rows: its worst
 case, one [5137, 256, 64] block) 4.8 s. Chunked passes on CPU run in NumPy (see
 :func:`base.use_numpy_path`), so they do not suffer from torch thread oversubscription.
 

@@ -24,7 +24,8 @@ Options:
 
 Memory: the ``[K, K]`` Gram matrix (one BLAS call, as Krum) and column blocks of the selected rows
 of a few MiB (never a ``[theta, D]`` copy). Time: the Gram product O(K^2 D), ``theta`` Krum passes
-over the ``[K, K]`` distances (O(K^3) with tiny constants) and a sort per coordinate.
+over the ``[K, K]`` distances (O(K^3) with tiny constants) and a sort per coordinate (the window of
+the ``beta`` values closest to the median is found without a second sort).
 """
 
 from __future__ import annotations
@@ -76,15 +77,22 @@ def recursive_krum(d2: torch.Tensor, f: int, theta: int) -> list[int]:
 
 def closest_to_median_mean(s: Any, beta: int) -> Any:
     """Rows of ``s [c, theta]`` (each sorted ascending): the float64 mean of the ``beta`` values closest
-    to the row's median (NumPy array or tensor in, the same kind out)."""
+    to the row's median, ties in distance to the lower position (NumPy array or tensor in, the same
+    kind out).
+
+    In a sorted row the ``beta`` closest values are a window ``[a, a + beta)``; the window starts at
+    ``a`` = the number of ``i < theta - beta`` with ``med - s[i] > s[i + beta] - med`` (the predicate
+    is monotone in i: the "k closest elements" search), so no per-row sort by distance is needed."""
     theta = s.shape[1]
     lo, hi = (theta - 1) // 2, theta // 2
-    if isinstance(s, torch.Tensor):
-        med = s[:, lo] if lo == hi else (s[:, lo] + s[:, hi]) / 2
-        idx = torch.sort((s - med[:, None]).abs(), dim=1, stable=True).indices[:, :beta]
-        return torch.gather(s, 1, idx).to(torch.float64).mean(dim=1)
+    k = theta - beta
     med = s[:, lo] if lo == hi else (s[:, lo] + s[:, hi]) / 2
-    nidx = np.argsort(np.abs(s - med[:, None]), axis=1, kind="stable")[:, :beta]
+    if isinstance(s, torch.Tensor):
+        a = ((med[:, None] - s[:, :k]) > (s[:, beta:beta + k] - med[:, None])).sum(dim=1)
+        idx = a[:, None] + torch.arange(beta, device=s.device)[None, :]
+        return torch.gather(s, 1, idx).to(torch.float64).mean(dim=1)
+    a_np = ((med[:, None] - s[:, :k]) > (s[:, beta:beta + k] - med[:, None])).sum(axis=1)
+    nidx = a_np[:, None] + np.arange(beta)[None, :]
     return np.take_along_axis(s, nidx, axis=1).mean(axis=1, dtype=np.float64)
 
 
