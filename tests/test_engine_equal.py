@@ -101,9 +101,11 @@ def test_the_matrix_covers_every_rule_both_adv_settings_and_an_attack():
     assert FAST <= set(CASES)
 
 
-WRAPPED = {  # wrapped inner rules whose bindings compose: layout + root, layout + round id
-    "sparse-fltrust": (("inner", "fltrust"), ("inner.root_users", "4")),
-    "sparse-dnc": (("inner", "dnc"), ("inner.b", "50"), ("inner.seed", "3")),
+WRAPPED = {  # wrapped inner rules whose bindings compose (layout + root, layout + round id), and the
+    # attack built against sparse aggregation (its popularity bound when each runner builds the adversary)
+    "sparse-fltrust": ((("inner", "fltrust"), ("inner.root_users", "4")), "dv-fsr", ()),
+    "sparse-dnc": ((("inner", "dnc"), ("inner.b", "50"), ("inner.seed", "3")), "dv-fsr", ()),
+    "sparse-median-spattack": ((("inner", "median"),), "spattack", (("factor", "5"), ("rows", "4"))),
 }
 
 
@@ -111,8 +113,9 @@ WRAPPED = {  # wrapped inner rules whose bindings compose: layout + root, layout
 @pytest.mark.parametrize("name", sorted(WRAPPED))
 def test_sparse_with_a_bound_inner_rule_is_the_same_run_in_both_runners(redis_url, name):
     # Prepare
-    cfg = replace(BASE, run_id=f"eq-{name}", defense="sparse", defense_opts=WRAPPED[name], attack="dv-fsr",
-                  malicious_ratio=0.1)
+    opts, attack, attack_opts = WRAPPED[name]
+    cfg = replace(BASE, run_id=f"eq-{name}", defense="sparse", defense_opts=opts, attack=attack,
+                  attack_opts=attack_opts, malicious_ratio=0.1)
     torch.set_num_threads(1)
     # Execute
     net_after, net_epoch, _ = _services(redis_url, cfg)
