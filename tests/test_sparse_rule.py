@@ -220,3 +220,17 @@ def test_wrappers_report_the_inner_rules_root_users() -> None:
     # the runners' root source reads rule.root_users (fedseq/root.py): a wrapper must pass it on
     assert make_rule("sparse:fltrust", {"inner.root_users": "4"}).root_users == 4  # type: ignore[attr-defined]
     assert make_rule("norm-clip:fltrust,bound=1,inner.root_users=3").root_users == 3  # type: ignore[attr-defined]
+
+
+def test_rows_processed_in_small_blocks_give_the_same_aggregate(monkeypatch) -> None:
+    # Prepare: a round with many rows per touch count; blocks of one row each vs one block
+    import server.aggregation.sparse as sp
+
+    layout = Layout(("item_emb.weight", "w"), ((40, 3), (5,)))
+    u = sparse_round(10, 40, 3, 5, seed=21, p=0.5)
+    whole = sparse("sparse:median", layout)(u, torch.ones(10)).vector
+    # Execute
+    monkeypatch.setattr(sp, "GROUP_CHUNK_BYTES", 1)
+    pieces = sparse("sparse:median", layout)(u, torch.ones(10)).vector
+    # Assert
+    assert torch.equal(whole, pieces)

@@ -43,7 +43,8 @@ Options (``--defense sparse:<inner>``, e.g. ``sparse:median``, ``sparse:trimmed-
 
 Cost. The touched mask is one pass over the item block (``K x R`` booleans); the touchers' rows are
 gathered once (``touches x W`` floats: about 12,000 x 64 for 256 benign Steam updates, plus
-``R x W`` per dense update such as DV-FSR's); the dense part is the inner rule on a ``[K, D - R W]``
+``R x W`` per dense update such as DV-FSR's; at most the item block itself when every update is
+dense) and reduced in ``[G, n, W]`` blocks of at most 32 MiB; the dense part is the inner rule on a ``[K, D - R W]``
 view (no copy when the table is the first parameter, as in SASRec and BERT4Rec). Measured on a
 K = 256 Steam-shaped round (bench/bench_sparse.py): see the registry docstring.
 """
@@ -83,6 +84,7 @@ from .trimmed_mean import TrimmedMean, trimmed_count
 INNER_PREFIX = "inner."
 DEFAULT_TABLE = "item_emb.weight"  # fedseq.training.ITEM_TABLE: one row per item id (SASRec, BERT4Rec)
 TOUCH_CHUNK_BYTES = 16 << 20  # scratch of the touched-mask pass
+GROUP_CHUNK_BYTES = 32 << 20  # one [G, n, W] block of rows with the same touch count
 
 
 class MissingLayout(RuntimeError):
@@ -285,17 +287,20 @@ def sparse_aggregate(updates: torch.Tensor, weights: torch.Tensor, inner: Aggreg
     fast = vectorised and batched(inner)
     root_rows = None if root is None else root[rows.offset : rows.end].view(rows.rows, rows.width)
     for n in sorted({int(c) for c in counts.tolist() if c > 0}):
-        sel = torch.nonzero(counts == n).flatten()  # rows touched by exactly n updates
-        index = starts[sel][:, None] + torch.arange(n)[None, :]  # [G, n] into vals
-        block, wblock = vals[index], wts[index]  # [G, n, W], [G, n]
-        if fast:
-            res = batched_rows(inner, block, wblock)
-        else:
-            res = torch.empty(len(sel), rows.width, dtype=updates.dtype, device=updates.device)
-            for j in range(len(sel)):
-                rule = inner if root_rows is None else bind_root(inner, root_rows[int(sel[j])])
-                res[j] = rule(block[j], wblock[j]).vector
-        out_rows[sel] = (res * n if mean_scale else res).to(updates.dtype)
+        rows_n = torch.nonzero(counts == n).flatten()  # rows touched by exactly n updates
+        step = max(1, GROUP_CHUNK_BYTES // (n * rows.width * updates.element_size()))
+        for g0 in range(0, len(rows_n), step):  # bounded [G, n, W] blocks
+            sel = rows_n[g0 : g0 + step]
+            index = starts[sel][:, None] + torch.arange(n)[None, :]  # [G, n] into vals
+            block, wblock = vals[index], wts[index]  # [G, n, W], [G, n]
+            if fast:
+                res = batched_rows(inner, block, wblock)
+            else:
+                res = torch.empty(len(sel), rows.width, dtype=updates.dtype, device=updates.device)
+                for j in range(len(sel)):
+                    rule = inner if root_rows is None else bind_root(inner, root_rows[int(sel[j])])
+                    res[j] = rule(block[j], wblock[j]).vector
+            out_rows[sel] = (res * n if mean_scale else res).to(updates.dtype)
     info: dict[str, Any] = {
         "rows": rows.rows,
         "rows_touched": int((counts > 0).sum()),
