@@ -23,7 +23,8 @@ BASE = ExperimentConfig(run_id="eq", dataset="synthetic:users=24,items=40,max_le
 OPTS = {"krum": (("m", "3"),), "norm-clip": (("bound", "0.05"), ("inner", "fltrust")), "trimmed-mean": (("beta", "0.2"),), "fltrust": (("root_users", "4"),),
         "sparse": (("inner", "trimmed-mean"), ("inner.beta", "0.2")), "dnc": (("b", "200"),)}
 CASES = [(rule, adv, attack) for rule in sorted(RULES) for adv in (False, True) for attack in ("none", "dv-fsr")]
-FAST = {("fltrust", True, "dv-fsr"), ("mixed-rfa", False, "dv-fsr"), ("krum", True, "none")}
+FAST = {("fltrust", True, "dv-fsr"), ("mixed-rfa", False, "dv-fsr"), ("krum", True, "none"),
+        ("sparse", False, "dv-fsr"), ("flame", False, "none")}  # the layout and the round id bound in both runners
 
 
 class ParamsRecorder(AggregatorServicer):

@@ -234,3 +234,10 @@ def test_rows_processed_in_small_blocks_give_the_same_aggregate(monkeypatch) -> 
     pieces = sparse("sparse:median", layout)(u, torch.ones(10)).vector
     # Assert
     assert torch.equal(whole, pieces)
+
+
+def test_touched_mask_torch_path_equals_numpy_path() -> None:
+    # a tensor that requires grad takes the torch path (base.use_numpy_path)
+    u = sparse_round(6, 4, 2, 3, seed=5)
+    rows = ItemRows.of(LAYOUT)
+    assert torch.equal(touched_rows(u, rows), touched_rows(u.clone().requires_grad_(True), rows))
