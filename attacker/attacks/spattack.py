@@ -41,6 +41,8 @@ Options: ``rows`` (int >= 0, default 64), ``goal`` (``promote`` or ``disrupt``),
 default 1), ``shared`` (bool, default true), ``token_rows`` (bool, default true), ``base`` (attack name, default ``dv-fsr``, promote only)
 with its options as ``base.<key>=value``. Models: SASRec and BERT4Rec (the item table
 ``item_emb.weight``, one row per token id).
+
+Measured against DV-FSR and Spattack on the synthetic default: docs/results/issue16-rules.md.
 """
 
 from __future__ import annotations

@@ -47,6 +47,8 @@ gathered once (``touches x W`` floats: about 12,000 x 64 for 256 benign Steam up
 dense) and reduced in ``[G, n, W]`` blocks of at most 32 MiB; the dense part is the inner rule on a ``[K, D - R W]``
 view (no copy when the table is the first parameter, as in SASRec and BERT4Rec). Measured on a
 K = 256 Steam-shaped round (bench/bench_sparse.py): see the registry docstring.
+
+Measured against DV-FSR and Spattack on the synthetic default: docs/results/issue16-rules.md.
 """
 
 from __future__ import annotations
