@@ -27,7 +27,7 @@ from fedseq.data import SeqDataset
 from fedseq.experiment import Setup, check_ratio, population_size  # noqa: F401 - check_ratio re-exported
 from fedseq.training import UpdateBatch
 
-from .attacks import Attack, AttackConfigError, make_attack
+from .attacks import Attack, AttackConfigError, item_counts, make_attack
 
 log = logging.getLogger(__name__)
 
@@ -172,4 +172,6 @@ def make_adversary(s: Setup) -> Adversary | None:
         raise ConfigError(f"malicious population: {e}") from None
     if population.ids.tolist() != s.malicious_users.tolist():
         raise AssertionError("the population's ids differ from the run's malicious client ids")
+    if getattr(attack, "needs_popularity", False):  # Spattack: which items few benign clients touch
+        attack = attack.with_popularity(item_counts(s.dataset))  # type: ignore[attr-defined]
     return Adversary(attack, population)

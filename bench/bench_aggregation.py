@@ -7,7 +7,10 @@ Defaults: K = 256 (the paper's round size B), D = 433,536 (one dense Steam SASRe
 counts are interleaved inside each repeat (A/B on the same noisy machine); the table reports the
 median and the min..max of the repeats, in milliseconds. The round: Gaussian updates with 3
 identical "sybil" rows, sample counts 1..50; ``norm-clip`` uses the median update norm as bound
-(about half clipped); ``fltrust`` gets the mean of 8 rows as its root update. ``--out`` writes the
+(about half clipped); ``fltrust`` gets the mean of 8 rows as its root update; ``sparse`` an item
+table of 64-wide rows over the first 3/4 of the vector (:func:`bench_layout`), which every Gaussian
+update touches in full (for a Steam-shaped sparse round see ``bench/bench_sparse.py``); seeded rules
+(``flame``, ``dnc``) are bound to round 0. ``--out`` writes the
 markdown table to a file (otherwise it is only printed). Benchmarks measure; they do not gate.
 """
 
@@ -25,7 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from server.aggregation import RULES, AggregationRule, bind_root, make_rule  # noqa: E402
+from fedseq.params import Layout  # noqa: E402
+from server.aggregation import RULES, AggregationRule, bind_layout, bind_root, bind_round, make_rule  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,14 +66,26 @@ def make_round(k: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return updates, weights
 
 
+def bench_layout(d: int) -> Layout:
+    """An item table of 64-wide rows over about the first 3/4 of the vector (Steam SASRec: 5,137 x 64
+    of 433,536), for the rules that need a layout (``sparse``; the dense Gaussian round touches
+    every row of every update, its worst case)."""
+    width = min(64, d)
+    rows = max(1, min(5137, (3 * d // 4) // width))
+    rest = d - rows * width
+    return Layout(("item_emb.weight", "rest"), ((rows, width), (rest,))) if rest else \
+        Layout(("item_emb.weight",), ((rows, width),))
+
+
 def build_rules(names: list[str], updates: torch.Tensor) -> dict[str, tuple[str, AggregationRule]]:
     norms = torch.linalg.vector_norm(updates, dim=1)
     options = {"norm-clip": {"bound": f"{float(norms.median()):.6g}"}}
     root = updates[: min(8, updates.shape[0])].mean(dim=0)
+    layout = bench_layout(updates.shape[1])
     rules = {}
     for name in names:
         opts = options.get(name, {})
-        rule = bind_root(make_rule(name, opts), root)
+        rule = bind_round(bind_layout(bind_root(make_rule(name, opts), root), layout), 0)
         label = " ".join(f"{k}={v}" for k, v in opts.items()) or "defaults"
         rules[name] = (label, rule)
     return rules

@@ -135,7 +135,8 @@ def run_inprocess(cfg: ExperimentConfig, out_dir: str | Path | None = None,
         ub = train_round(s, adversary, params, rp, local)
         tb = time.perf_counter()
         out = aggregate_round(rule, params, ub.updates, torch.as_tensor(ub.num_samples, dtype=torch.float32),
-                              ub.users.tolist(), rp.lr, rp.round_id, root, literal_step=cfg.compat.literal_step)
+                              ub.users.tolist(), rp.lr, rp.round_id, root, literal_step=cfg.compat.literal_step,
+                              layout=s.layout)
         params = out.params
         if on_round is not None:
             on_round(rp, params)

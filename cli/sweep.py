@@ -39,6 +39,7 @@ from typing import Any
 import tomllib
 
 from fedseq.config import ConfigError, ExperimentConfig, build_config
+from server.aggregation import RuleConfigError, parse_rule_spec
 
 from .flags import QUICKSTART
 
@@ -130,9 +131,12 @@ class Cell:
 
     def overrides(self) -> dict[str, Any]:
         """The experiment keys this cell sets on top of the sweep's base."""
-        rule, _, opts = self.defense.partition(":")
+        try:  # "name:k=v,k=v", and a wrapping rule's inner shorthand ("sparse:median")
+            rule, opts = parse_rule_spec(self.defense)
+        except RuleConfigError as e:
+            raise ConfigError(str(e)) from None
         out: dict[str, Any] = {"attack": self.attack, "defense": rule, "seed": self.seed,
-                               "defense_opts": [o for o in opts.split(",") if o]}
+                               "defense_opts": [f"{k}={v}" for k, v in opts.items()]}
         if self.attack != "none":
             out["malicious_ratio"] = self.ratio
         if self.model:

@@ -10,7 +10,8 @@ second implementation (tests/test_engine_equal.py runs every rule through both).
   round ids are global, so round r trains on model version r and produces version r + 1.
   :func:`eval_due` says after which epochs the benign users are evaluated.
 - The step: :func:`aggregate_round` applies the rule to the round's stacked updates (binding the
-  server's FLTrust root update when the rule needs one), steps ``w <- w - lr_step * aggregate`` and
+  server's FLTrust root update, the parameter layout and the round id when the rule needs them:
+  :func:`bind_root`, :func:`bind_layout`, :func:`bind_round`), steps ``w <- w - lr_step * aggregate`` and
   refuses, one by one from the largest norm, updates whose aggregate overflows float32.
 - The step scale: every rule declares whether its output is on the scale of the *sum* of the
   round's K updates (the paper's "common" FedAvg) or of *one* update (``mean``: RFA, mixed-RFA,
@@ -38,6 +39,7 @@ import torch
 
 from .adv_train import pick_adv_users
 from .config import ExperimentConfig
+from .params import Layout
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,33 @@ def bind_root(rule: AggregationRule, root: torch.Tensor) -> AggregationRule:
     if not needs_root(rule):
         return rule
     return rule.with_root(root)  # type: ignore[attr-defined]
+
+
+def needs_layout(rule: AggregationRule) -> bool:
+    """True when ``rule`` needs the flat parameter layout (where the item embedding table sits:
+    item-wise sparse aggregation) bound before it is called."""
+    return bool(getattr(rule, "needs_layout", False))
+
+
+def bind_layout(rule: AggregationRule, layout: Layout) -> AggregationRule:
+    """Return ``rule`` bound to the model's parameter ``layout`` (``rule`` itself if it needs none)."""
+    if not needs_layout(rule):
+        return rule
+    return rule.with_layout(layout)  # type: ignore[attr-defined]
+
+
+def needs_round(rule: AggregationRule) -> bool:
+    """True when ``rule`` draws random numbers (FLAME's noise, DnC's coordinate samples): it is
+    bound to the round id before each call, so its stream is a function of (its seed, round id)
+    and the runners (and a resumed run) draw the same numbers."""
+    return bool(getattr(rule, "needs_round", False))
+
+
+def bind_round(rule: AggregationRule, round_id: int) -> AggregationRule:
+    """Return ``rule`` bound to ``round_id`` (``rule`` itself if it draws no random numbers)."""
+    if not needs_round(rule):
+        return rule
+    return rule.with_round(int(round_id))  # type: ignore[attr-defined]
 
 
 def rule_scale(rule: AggregationRule) -> str:
@@ -212,19 +241,25 @@ class RoundOutcome:
 
 def aggregate_round(rule: AggregationRule, params: torch.Tensor, updates: torch.Tensor, weights: torch.Tensor,
                     users: Sequence[int], lr: float, round_id: int, root: RootUpdate | None = None,
-                    literal_step: bool = False) -> RoundOutcome:
+                    literal_step: bool = False, layout: Layout | None = None) -> RoundOutcome:
     """One round's aggregation and step.
 
     ``updates [K, D]`` holds the updates of ``users`` (sorted ids) in that order, ``weights [K]``
     their sample counts. With a rule that needs a root update (FLTrust), ``root(params,
-    round_id)`` computes it. The step's learning rate is :func:`step_lr` of the rule's scale (``lr``
+    round_id)`` computes it; a rule that needs the parameter ``layout`` (item-wise sparse
+    aggregation) is bound to it, and a rule that draws random numbers to ``round_id``. The step's learning rate is :func:`step_lr` of the rule's scale (``lr``
     as is with ``literal_step``). An aggregate that is not finite (finite updates can still overflow
     float32 together) never becomes a version: the updates of the largest norm are refused one
     by one until the step is finite, or all are and the weights stay."""
     users = [int(u) for u in users]
     if needs_root(rule) and root is None:
         raise ValueError(f"rule {rule.name!r} needs a root update and the runner gave none")
+    if needs_layout(rule) and layout is None:
+        raise ValueError(f"rule {rule.name!r} needs the parameter layout and the runner gave none")
     bound = bind_root(rule, root(params, round_id)) if root is not None and needs_root(rule) else rule
+    if layout is not None:
+        bound = bind_layout(bound, layout)
+    bound = bind_round(bound, round_id)
     overflow: list[int] = []
     U, w = updates, weights
     while users:

@@ -439,7 +439,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         U = rnd.matrix if len(rows) == rnd.matrix.shape[0] else rnd.matrix[torch.as_tensor(rows)]
         w = torch.tensor([rnd.updates[u] for u in users], dtype=torch.float32)
         out = aggregate_round(self.rule, self.params, U, w, users, rnd.lr, rnd.round_id, self.root,
-                              literal_step=bool(self.cfg and self.cfg.compat.literal_step))
+                              literal_step=bool(self.cfg and self.cfg.compat.literal_step), layout=self.layout)
         for worst in out.overflow:
             del rnd.updates[worst]
             rnd.rejected[worst] = reason("non-finite", f"the round's aggregate overflows with the update of user {worst}"

@@ -16,13 +16,16 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fedseq.params import Layout
 from server.aggregation import (
     RULES,
     FLTrust,
     Krum,
     MissingRootUpdate,
     RuleConfigError,
+    bind_layout,
     bind_root,
+    bind_round,
     clip_norms,
     coordinate_median,
     fedavg,
@@ -64,7 +67,7 @@ def test_registry_contains_every_rule() -> None:
     # Prepare
     expected = {
         "fedavg", "none", "rfa", "mixed-rfa", "median", "trimmed-mean",
-        "krum", "norm-clip", "foolsgold", "fltrust",
+        "krum", "norm-clip", "foolsgold", "fltrust", "sparse", "bulyan", "flame", "dnc",
     }  # fmt: skip
     # Execute
     names = set(RULES)
@@ -125,10 +128,11 @@ def test_every_rule_returns_a_d_vector_and_json_info() -> None:
     # Prepare
     updates, weights = random_round(9, 40, seed=1)
     options = {"norm-clip": {"bound": "2.0"}}
+    layout = Layout(("item_emb.weight", "w"), ((5, 4), (20,)))  # for the rules that need one (sparse)
     # Execute
     results = {}
     for name in RULES:
-        rule = bind_root(make_rule(name, options.get(name, {})), updates[0])
+        rule = bind_round(bind_layout(bind_root(make_rule(name, options.get(name, {})), updates[0]), layout), 7)
         results[name] = rule(updates, weights)
     # Assert
     for name, res in results.items():

@@ -20,9 +20,11 @@ from server.service import AggregatorServicer
 
 BASE = ExperimentConfig(run_id="eq", dataset="synthetic:users=24,items=40,max_length=20", epochs=1, clients_per_round=8, lr=0.05,
                         num_negatives=20, eval_every=1, threads=1, adv_train_opts=(("users_per_round", "3"),))
-OPTS = {"krum": (("m", "3"),), "norm-clip": (("bound", "0.05"), ("inner", "fltrust")), "trimmed-mean": (("beta", "0.2"),), "fltrust": (("root_users", "4"),)}
+OPTS = {"krum": (("m", "3"),), "norm-clip": (("bound", "0.05"), ("inner", "fltrust")), "trimmed-mean": (("beta", "0.2"),), "fltrust": (("root_users", "4"),),
+        "sparse": (("inner", "trimmed-mean"), ("inner.beta", "0.2")), "dnc": (("b", "200"),)}
 CASES = [(rule, adv, attack) for rule in sorted(RULES) for adv in (False, True) for attack in ("none", "dv-fsr")]
-FAST = {("fltrust", True, "dv-fsr"), ("mixed-rfa", False, "dv-fsr"), ("krum", True, "none")}
+FAST = {("fltrust", True, "dv-fsr"), ("mixed-rfa", False, "dv-fsr"), ("krum", True, "none"),
+        ("sparse", False, "dv-fsr"), ("flame", False, "none")}  # the layout and the round id bound in both runners
 
 
 class ParamsRecorder(AggregatorServicer):
@@ -98,3 +100,29 @@ def test_inprocess_and_services_compute_the_same_run(redis_url, rule, adv, attac
 def test_the_matrix_covers_every_rule_both_adv_settings_and_an_attack():
     assert {c[0] for c in CASES} == set(RULES) and len(CASES) == 4 * len(RULES)
     assert FAST <= set(CASES)
+
+
+WRAPPED = {  # wrapped inner rules whose bindings compose (layout + root, layout + round id), and the
+    # attack built against sparse aggregation (its popularity bound when each runner builds the adversary)
+    "sparse-fltrust": ((("inner", "fltrust"), ("inner.root_users", "4")), "dv-fsr", ()),
+    "sparse-dnc": ((("inner", "dnc"), ("inner.b", "50"), ("inner.seed", "3")), "dv-fsr", ()),
+    "sparse-median-spattack": ((("inner", "median"),), "spattack", (("factor", "5"), ("rows", "4"))),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(WRAPPED))
+def test_sparse_with_a_bound_inner_rule_is_the_same_run_in_both_runners(redis_url, name):
+    # Prepare
+    opts, attack, attack_opts = WRAPPED[name]
+    cfg = replace(BASE, run_id=f"eq-{name}", defense="sparse", defense_opts=opts, attack=attack,
+                  attack_opts=attack_opts, malicious_ratio=0.1)
+    torch.set_num_threads(1)
+    # Execute
+    net_after, net_epoch, _ = _services(redis_url, cfg)
+    sim_after, sim_epoch = _inprocess(cfg)
+    # Assert
+    assert sorted(net_after) == sorted(sim_after)
+    for rid in sorted(sim_after):
+        assert torch.equal(net_after[rid], sim_after[rid]), f"round {rid}: weights differ"
+    assert net_epoch["hr@10"] == sim_epoch["hr@10"] and net_epoch["er@10"] == sim_epoch["er@10"]

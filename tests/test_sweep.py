@@ -45,6 +45,15 @@ def test_cells_are_the_product_with_no_ratio_for_no_attack():
     assert "malicious_ratio" not in next(c for c in cells if c.attack == "none").overrides()
 
 
+def test_a_cells_defense_spec_takes_the_inner_rule_shorthand():
+    spec = SweepSpec(base=TINY, attacks=("none",), defenses=("sparse:median", "sparse:trimmed-mean,inner.beta=0.2"))
+    by = {c.defense: c.overrides() for c in spec.cells()}
+    assert by["sparse:median"]["defense"] == "sparse" and by["sparse:median"]["defense_opts"] == ["inner=median"]
+    assert by["sparse:trimmed-mean,inner.beta=0.2"]["defense_opts"] == ["inner=trimmed-mean", "inner.beta=0.2"]
+    with pytest.raises(SweepError, match="option 'beta' must look like key=value"):
+        SweepSpec(base=TINY, attacks=("none",), defenses=("median:beta",)).cells()
+
+
 def test_a_bad_cell_fails_before_anything_runs():
     with pytest.raises(SweepError, match="cell .*malicious_ratio"):
         SweepSpec(base=TINY, attacks=("dv-fsr",), ratios=(1.5,)).cells()

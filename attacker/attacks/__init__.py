@@ -19,13 +19,14 @@ local, compat)`` returns one update per malicious user in the benign convention 
 | ``alie``    | adaptive vs robust rules     | Baruch et al., NeurIPS 2019                      |
 | ``min-max`` | adaptive, optimised distance | Shejwalkar & Houmansadr, NDSS 2021 (AGR-agnostic) |
 | ``min-sum`` | adaptive, optimised distance | same paper                                       |
+| ``spattack`` | rare item rows, vs sparse agg. | Zhang et al., AAAI 2025 (Spattack)             |
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-from . import a_ra, alie, c_fsr, dv_fsr, eb, min_max, ra, s_fsr, scale, sign_flip
+from . import a_ra, alie, c_fsr, dv_fsr, eb, min_max, ra, s_fsr, scale, sign_flip, spattack
 from .alie import ALIE, alie_z
 from .base import Attack, AttackConfigError, AttackFactory
 from .dv_fsr import DualViewAttack, Substitution, contrastive_loss, substitute
@@ -33,6 +34,7 @@ from .min_max import MinMax, max_gamma
 from .ra import RandomAttack
 from .scale import Scale
 from .sign_flip import SignFlip
+from .spattack import Spattack, item_counts, rare_items
 
 
 def make_attack(name: str, options: Mapping[str, str] | None = None) -> Attack:
@@ -54,6 +56,7 @@ ATTACKS: dict[str, AttackFactory] = {
     "alie": alie.factory(make_attack),
     "min-max": min_max.factory("min-max", make_attack),
     "min-sum": min_max.factory("min-sum", make_attack),
+    "spattack": spattack.factory(make_attack),
 }
 
 __all__ = [
@@ -66,10 +69,13 @@ __all__ = [
     "RandomAttack",
     "Scale",
     "SignFlip",
+    "Spattack",
     "Substitution",
     "alie_z",
     "contrastive_loss",
+    "item_counts",
     "make_attack",
     "max_gamma",
+    "rare_items",
     "substitute",
 ]

@@ -20,7 +20,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedseq.engine import AggregationResult, AggregationRule, bind_root, needs_root  # noqa: F401 - the contract
+from fedseq.engine import (  # noqa: F401 - the contract
+    AggregationResult,
+    AggregationRule,
+    bind_layout,
+    bind_root,
+    bind_round,
+    needs_layout,
+    needs_root,
+    needs_round,
+)
 
 
 class RuleConfigError(ValueError):
@@ -214,3 +223,25 @@ def column_mean64(updates: torch.Tensor, use_numpy: bool | None = None) -> torch
     for start in range(0, k, rows):
         acc += updates[start : start + rows].to(torch.float64).sum(dim=0)
     return (acc / k).to(updates.dtype)
+
+
+def round_generator(seed: int, key: int, round_id: int, i: int = 0) -> torch.Generator:
+    """A CPU generator for draw ``i`` of round ``round_id`` of a seeded rule (FLAME's noise, DnC's
+    coordinate samples; ``key`` separates the rules' streams): a function of its arguments only, so
+    every runner, and a resumed run, draws the same numbers."""
+    state = np.random.SeedSequence([seed & 0xFFFFFFFF, key, round_id & 0xFFFFFFFF, i]).generate_state(2)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def parse_f(rule: str, opts: dict[str, Any]) -> dict[str, Any]:
+    """Turn a parsed string option ``f`` (an integer >= 0 or ``auto``) into an int or None (auto)."""
+    if "f" in opts:
+        raw = str(opts["f"]).strip().lower()
+        if raw == "auto":
+            opts["f"] = None
+        else:
+            try:
+                opts["f"] = int(raw)
+            except ValueError:
+                raise option_error(rule, "f", opts["f"], "an integer >= 0 or 'auto'") from None
+    return opts

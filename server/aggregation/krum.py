@@ -42,6 +42,7 @@ from .base import (
     gram_matrix,
     option_error,
     pairwise_sq_distances,
+    parse_f,
     parse_options,
 )
 
@@ -127,14 +128,4 @@ class Krum:
 
     @classmethod
     def from_options(cls, options: Mapping[str, str]) -> Krum:
-        opts = parse_options("krum", options, {"f": str, "m": int, "strict": bool})
-        if "f" in opts:
-            raw = opts["f"].strip().lower()
-            if raw == "auto":
-                opts["f"] = None
-            else:
-                try:
-                    opts["f"] = int(raw)
-                except ValueError:
-                    raise option_error("krum", "f", opts["f"], "an integer >= 0 or 'auto'") from None
-        return cls(**opts)
+        return cls(**parse_f("krum", parse_options("krum", options, {"f": str, "m": int, "strict": bool})))

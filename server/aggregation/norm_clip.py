@@ -26,17 +26,23 @@ from typing import Any
 
 import torch
 
+from fedseq.params import Layout
+
 from .base import (
     AggregationResult,
     AggregationRule,
     RuleConfigError,
+    bind_layout,
     bind_root,
+    bind_round,
     check_floating,
     check_inputs,
     option_error,
     parse_options,
 )
+from .base import needs_layout as _needs_layout
 from .base import needs_root as _needs_root
+from .base import needs_round as _needs_round
 
 INNER_PREFIX = "inner."
 
@@ -83,6 +89,27 @@ class NormClip:
     def with_root(self, root: torch.Tensor) -> NormClip:
         """This rule with the inner rule bound to the round's root update (for ``inner=fltrust``)."""
         return dataclasses.replace(self, inner_rule=bind_root(self.inner_rule, root))
+
+    @property
+    def root_users(self) -> int:
+        """The inner rule's root users (``inner=fltrust``), read by the runners' root source (fedseq/root.py)."""
+        return int(getattr(self.inner_rule, "root_users", 10))
+
+    @property
+    def needs_layout(self) -> bool:
+        return _needs_layout(self.inner_rule)
+
+    def with_layout(self, layout: Layout) -> NormClip:
+        """This rule with the inner rule bound to the parameter layout (for ``inner=sparse``)."""
+        return dataclasses.replace(self, inner_rule=bind_layout(self.inner_rule, layout))
+
+    @property
+    def needs_round(self) -> bool:
+        return _needs_round(self.inner_rule)
+
+    def with_round(self, round_id: int) -> NormClip:
+        """This rule with the inner rule bound to the round id (for a seeded inner rule: flame, dnc)."""
+        return dataclasses.replace(self, inner_rule=bind_round(self.inner_rule, round_id))
 
     def __call__(self, updates: torch.Tensor, weights: torch.Tensor) -> AggregationResult:
         check_inputs(updates, weights)
