@@ -42,7 +42,7 @@ default 1), ``shared`` (bool, default true), ``token_rows`` (bool, default true)
 with its options as ``base.<key>=value``. Models: SASRec and BERT4Rec (the item table
 ``item_emb.weight``, one row per token id).
 
-Measured against DV-FSR and Spattack on the synthetic default: docs/results/issue16-rules.md.
+Measured against DV-FSR and Spattack on the synthetic default: docs/results/newer-defenses.md.
 """
 
 from __future__ import annotations

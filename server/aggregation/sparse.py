@@ -48,7 +48,7 @@ dense) and reduced in ``[G, n, W]`` blocks of at most 32 MiB; the dense part is 
 view (no copy when the table is the first parameter, as in SASRec and BERT4Rec). Measured on a
 K = 256 Steam-shaped round (bench/bench_sparse.py): see the registry docstring.
 
-Measured against DV-FSR and Spattack on the synthetic default: docs/results/issue16-rules.md.
+Measured against DV-FSR and Spattack on the synthetic default: docs/results/newer-defenses.md.
 """
 
 from __future__ import annotations
