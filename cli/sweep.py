@@ -551,20 +551,37 @@ def plot_sweep(summary: dict[str, Any], out: Path) -> list[Path]:
     return paths
 
 
+AXES = {"attack", "defense", "defense_opts", "malicious_ratio", "seed"}
+
+
 def _styles(scen: dict[str, dict[str, Any]]) -> dict[str, tuple[Any, str, str]]:
-    """(color, line style, marker) per scenario: color by defense, dashed without an attack,
-    marker by ratio, so a plot of many scenarios stays readable (colors repeat only past 20
-    defenses)."""
+    """(color, line style, marker) per scenario, so a plot of many scenarios stays readable:
+    dashed without an attack; when the scenarios differ in other experiment keys (a model, a
+    target preset, compat switches), color by those and marker by defense; else color by defense
+    and marker by ratio (colors repeat only past 20 groups)."""
     import matplotlib
 
-    defenses = sorted({s["defense"] for s in scen.values()})
-    ratios = sorted({s["ratio"] for s in scen.values()})
-    cmap = matplotlib.colormaps["tab10" if len(defenses) <= 10 else "tab20"]
     markers = "osD^v<>p*h"
     if len(scen) <= 6:  # a few scenarios: one color each
+        cmap = matplotlib.colormaps["tab10"]
         return {n: (cmap(i % cmap.N), "--" if s["attack"] == "none" else "-", "o") for i, (n, s) in enumerate(scen.items())}
-    return {n: (cmap(defenses.index(s["defense"]) % cmap.N), "--" if s["attack"] == "none" else "-",
-                markers[ratios.index(s["ratio"]) % len(markers)]) for n, s in scen.items()}
+
+    def other(s: dict[str, Any]) -> str:
+        keys = s.get("overrides", {})
+        return json.dumps({k: v for k, v in sorted(keys.items()) if k not in AXES}, default=str)
+
+    groups = sorted({other(s) for s in scen.values()})
+    defenses = sorted({s["defense"] for s in scen.values()})
+    ratios = sorted({s["ratio"] for s in scen.values()})
+    by_other = len(groups) > 1
+    n = len(groups) if by_other else len(defenses)
+    cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
+    out = {}
+    for name, s in scen.items():
+        color = cmap((groups.index(other(s)) if by_other else defenses.index(s["defense"])) % cmap.N)
+        marker = markers[(defenses.index(s["defense"]) if by_other else ratios.index(s["ratio"])) % len(markers)]
+        out[name] = (color, "--" if s["attack"] == "none" else "-", marker)
+    return out
 
 
 # ---------------------------------------------------------------------------- command
