@@ -384,6 +384,44 @@ def test_min_max_options_are_checked():
     assert make_attack("min-sum", {"direction": "eb"}).direction.name == "eb"
 
 
+def test_pieck_mines_the_rows_that_moved_most_and_pulls_the_target_to_their_centroid():
+    # Prepare: version 0 of seed 5, then items 3 and 7 moved far, item 5 a little, target 29 too
+    from attacker.attacks.pieck import initial_params, mine_popular
+    from attacker.attacks.spattack import table_slice
+
+    model, init = tiny(seed=5)
+    offset, rows, width = table_slice(model)
+    params = init.clone()
+    table = params[offset:offset + rows * width].view(rows, width)
+    table[3] += 1.0
+    table[7] -= 1.0
+    table[5] += 0.1
+    table[29] += 5.0  # the target moved most, but is never its own popular item
+    seqs, users = sequences(), [90, 91]
+    # Execute
+    mined = mine_popular(params, initial_params(model, 5), model, 2, exclude=[29])
+    rows_only = make_attack("pieck", {"base": "none", "popular": "2", "factor": "2"})
+    ub = rows_only.updates(model, params, seqs[:2], users, (29,), 5, 1, LocalConfig(), Compat())
+    with_base = make_attack("pieck", {"base": "eb", "popular": "2"}).updates(
+        model, params, seqs[:2], users, (29,), 5, 1, LocalConfig(), Compat()).updates
+    eb = make_attack("eb").updates(model, params, seqs[:2], users, (29,), 5, 1, LocalConfig(), Compat()).updates
+    # Assert: mining from version 0 (which the call leaves the model without), the pull, the base
+    assert mined.tolist() == [3, 7]
+    assert torch.equal(initial_params(model, 5), init)
+    centroid = (table[3] + table[7]) / 2
+    u = ub.updates.view(2, -1)[:, offset:offset + rows * width].view(2, rows, width)
+    assert torch.allclose(u[:, 29], 2 * (table[29] - centroid).expand(2, -1))
+    assert int((u.abs().sum(2) > 0).sum()) == 2 and float(ub.updates.abs().sum()) == float(u.abs().sum())
+    stepped = table[29] - 0.1 * u[0, 29]  # the server's step moves the target toward the centroid
+    assert (stepped - centroid).norm() < (table[29] - centroid).norm()
+    rows_eb = (with_base - eb)[:, offset:offset + rows * width].view(2, rows, width)
+    assert torch.allclose(rows_eb[:, 29], (table[29] - centroid).expand(2, -1), atol=1e-6)
+    with pytest.raises(AttackConfigError, match="base"):
+        make_attack("pieck", {"base": "none", "base.x": "1"})
+    with pytest.raises(AttackConfigError, match="popular"):
+        make_attack("pieck", {"popular": "0"})
+
+
 # ----------------------------------------------------------------------------- population
 
 
