@@ -174,4 +174,6 @@ def make_adversary(s: Setup) -> Adversary | None:
         raise AssertionError("the population's ids differ from the run's malicious client ids")
     if getattr(attack, "needs_popularity", False):  # Spattack: which items few benign clients touch
         attack = attack.with_popularity(item_counts(s.dataset))  # type: ignore[attr-defined]
+    if getattr(attack, "needs_public", False):  # FedRecAttack: the public share of the benign users' data
+        attack = attack.with_public(s.dataset, cfg.seed)  # type: ignore[attr-defined]
     return Adversary(attack, population)

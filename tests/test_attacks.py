@@ -296,8 +296,10 @@ def test_every_attack_returns_one_finite_update_per_user(name):
     model, params = tiny(name)
     seqs, users = sequences(), [80, 81, 82]
     for attack_name in sorted(ATTACKS):
-        ub = make_attack(attack_name).updates(model, params, seqs, users, (29, 28), 1, 4, LocalConfig(),
-                                              Compat.reference())
+        attack = make_attack(attack_name)
+        if getattr(attack, "needs_public", False):  # what the adversary binds from the data set
+            attack = attack.with_public(tiny_dataset(20), 1)
+        ub = attack.updates(model, params, seqs, users, (29, 28), 1, 4, LocalConfig(), Compat.reference())
         assert ub.updates.shape == (3, params.shape[0]), attack_name
         assert bool(torch.isfinite(ub.updates).all()), attack_name
         assert ub.users.tolist() == users and ub.num_samples.tolist() == [5, 9, 15], attack_name
@@ -420,6 +422,38 @@ def test_pieck_mines_the_rows_that_moved_most_and_pulls_the_target_to_their_cent
         make_attack("pieck", {"base": "none", "base.x": "1"})
     with pytest.raises(AttackConfigError, match="popular"):
         make_attack("pieck", {"popular": "0"})
+
+
+def test_fedrecattack_lifts_the_target_over_the_public_users_top_items():
+    # Prepare: 40 benign users, 10% public (4), a step of the sum of two malicious updates
+    from attacker.attacks.common import Functional, attack_tokens
+    from attacker.attacks.fedrecattack import public_users
+
+    model, params = tiny()
+    data = tiny_dataset(40)
+    attack = make_attack("fedrecattack", {"public": "0.1", "batch": "4", "top_k": "5"}).with_public(data, 3)
+    pub = [np.asarray(data.train[int(u)]) for u in public_users(data, 0.1, 3)]
+
+    def margin(p: torch.Tensor) -> float:  # mean over public users of s_target - mean of the top-5 others
+        s = Functional(model, p).scores(Functional(model, p).hidden(attack_tokens(model, pub), None))[:, 1:M + 1]
+        r = s.clone()
+        for i, seq in enumerate(pub):
+            r[i, torch.as_tensor(seq - 1)] = -math.inf
+        r[:, 28] = -math.inf
+        return float((s[:, 28] - r.topk(5, dim=1).values.mean(1)).mean())
+
+    # Execute
+    ub = attack.updates(model, params, sequences()[:2], [90, 91], (29,), 3, 1, LocalConfig(), Compat())
+    clipped = make_attack("fedrecattack", {"public": "0.1", "clip": "0.01"}).with_public(data, 3).updates(
+        model, params, sequences()[:2], [90, 91], (29,), 3, 1, LocalConfig(), Compat()).updates
+    # Assert
+    assert len(pub) == 4 and public_users(data, 0.1, 3).tolist() == public_users(data, 0.1, 3).tolist()
+    assert margin(params - 0.5 * ub.updates.sum(0)) > margin(params)
+    assert torch.allclose(clipped.norm(dim=1), torch.full((2,), 0.01), rtol=1e-4)
+    with pytest.raises(ValueError, match="public data"):
+        make_attack("fedrecattack").updates(model, params, sequences()[:1], [90], (29,), 3, 1, LocalConfig(), Compat())
+    with pytest.raises(AttackConfigError, match="public"):
+        make_attack("fedrecattack", {"public": "0"})
 
 
 # ----------------------------------------------------------------------------- population

@@ -20,6 +20,7 @@ local, compat)`` returns one update per malicious user in the benign convention 
 | ``min-max`` | adaptive, optimised distance | Shejwalkar & Houmansadr, NDSS 2021 (AGR-agnostic) |
 | ``min-sum`` | adaptive, optimised distance | same paper                                       |
 | ``pieck``   | popular-item embedding (IPE) | Zhang et al., ICDE 2024                          |
+| ``fedrecattack`` | public interactions, top-K | Rong et al., ICDE 2022                         |
 | ``spattack`` | rare item rows, vs sparse agg. | Zhang et al., AAAI 2025 (Spattack)             |
 """
 
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from . import a_ra, alie, c_fsr, dv_fsr, eb, min_max, pieck, ra, s_fsr, scale, sign_flip, spattack
+from . import a_ra, alie, c_fsr, dv_fsr, eb, fedrecattack, min_max, pieck, ra, s_fsr, scale, sign_flip, spattack
 from .alie import ALIE, alie_z
 from .base import Attack, AttackConfigError, AttackFactory
 from .dv_fsr import DualViewAttack, Substitution, contrastive_loss, substitute
@@ -58,6 +59,7 @@ ATTACKS: dict[str, AttackFactory] = {
     "min-max": min_max.factory("min-max", make_attack),
     "min-sum": min_max.factory("min-sum", make_attack),
     "pieck": pieck.factory(make_attack),
+    "fedrecattack": fedrecattack.from_options,
     "spattack": spattack.factory(make_attack),
 }
 
