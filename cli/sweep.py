@@ -86,6 +86,23 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# Every attack against every defense (dense and item-wise sparse), one heat map per ratio. On
+# the mission's data by default; the Steam matrix of docs/results is this preset with
+# --set dataset=steam --set epochs=30 --set clients_per_round=256 --set lr=0.001
+# --set num_negatives=1000 --ratios 0.001,0.01 --seeds 0-2.
+PRESETS["matrix"] = {
+    "title": "Every attack against every defense (heat maps per malicious ratio)",
+    "base": {**QUICKSTART, "dataset": MISSION_DATA},
+    "attacks": ["none", "dv-fsr", "c-fsr", "s-fsr", "eb", "a-ra", "ra", "alie", "min-max", "pieck", "fedrecattack",
+                "spattack"],
+    "defenses": ["fedavg", "mixed-rfa", "rfa", "median", "trimmed-mean:beta=0.1", "krum:m=8", "bulyan", "flame",
+                 "dnc", "foolsgold", "sparse:median", "sparse:trimmed-mean", "sparse:krum"],
+    "ratios": [MISSION_RATIO],
+    "seeds": [0, 1, 2],
+    "engine": "inprocess",
+}
+
+
 class SweepError(ValueError):
     """A sweep specification that cannot run (message says which key and why)."""
 
@@ -539,6 +556,11 @@ def plot_sweep(summary: dict[str, Any], out: Path) -> list[Path]:
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
 
+    grids = matrices(summary)
+    for grid in grids:
+        name = "matrix.png" if len(grids) == 1 else f"matrix_r{grid['ratio']:g}.png"
+        paths.append(plot_matrix(grid, summary["title"], out / name))
+
     if summary["engine"] == "services":
         from fedseq.report import load_run, plot_runs
 
@@ -549,6 +571,64 @@ def plot_sweep(summary: dict[str, Any], out: Path) -> list[Path]:
             runs.append(run)
         paths.append(plot_runs(runs, out / "bytes_per_round.png"))
     return paths
+
+
+def matrices(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Attack x defense grids of the final ER@10 and HR@10 (means over seeds), one per malicious
+    ratio (the no-attack row in each), when the sweep has at least two attacks and two defenses
+    and nothing else varies; else none."""
+    scen = [s for s in summary["scenarios"].values() if not s.get("unfinished")]
+    attacks = sorted({s["attack"] for s in scen}, key=lambda a: (a != "none", a))
+    defenses = list(dict.fromkeys(s["defense"] for s in scen))
+    if len(attacks) < 2 or len(defenses) < 2:
+        return []
+    out = []
+    for ratio in sorted({s["ratio"] for s in scen if s["attack"] != "none"}):
+        cells: dict[tuple[str, str], dict[str, Any]] = {}
+        for s in scen:
+            if s["attack"] != "none" and s["ratio"] != ratio:
+                continue
+            key = (s["attack"], s["defense"])
+            if key in cells:  # other keys vary too: not one grid
+                return []
+            cells[key] = s
+        out.append({"attacks": attacks, "defenses": defenses, "cells": cells, "ratio": ratio})
+    return out
+
+
+def plot_matrix(grid: dict[str, Any], title: str, path: Path) -> Path:
+    """Two heat maps side by side, attacks (rows) x defenses (columns): ER@10 and HR@10."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    A, D = grid["attacks"], grid["defenses"]
+    fig, axes = plt.subplots(1, 2, figsize=(2.2 + 1.1 * len(D) * 2, 1.6 + 0.45 * len(A)))
+    for ax, metric, cmap in zip(axes, ("er@10", "hr@10"), ("Reds", "Greens"), strict=True):
+        values = np.full((len(A), len(D)), np.nan)
+        for (a, d), s in grid["cells"].items():
+            values[A.index(a), D.index(d)] = s[metric][0]
+        im = ax.imshow(values, cmap=cmap, vmin=0, vmax=1 if metric == "er@10" else max(0.01, np.nanmax(values)),
+                       aspect="auto")
+        for i in range(len(A)):
+            for j in range(len(D)):
+                if not np.isnan(values[i, j]):
+                    ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if values[i, j] > 0.6 * (im.norm.vmax or 1) else "black")
+        ax.set_xticks(range(len(D)), D, rotation=40, ha="right", fontsize=7)
+        ax.set_yticks(range(len(A)), A, fontsize=7)
+        ax.set_title(f"{METRIC_LABELS[metric]} (final epoch, mean over seeds)", fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+    fig.suptitle(f"{title}\nattacks (rows) x defenses (columns); malicious ratio {grid['ratio']:g}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+METRIC_LABELS = {"er@10": "exposure ER@10", "hr@10": "accuracy HR@10"}
 
 
 AXES = {"attack", "defense", "defense_opts", "malicious_ratio", "seed"}

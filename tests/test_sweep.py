@@ -114,6 +114,27 @@ def test_a_cell_still_running_is_marked_unfinished(tmp_path):
     assert "(unfinished: at epoch 1 of 2)" in format_table(s)
 
 
+def test_attack_by_defense_heat_maps_one_per_ratio(tmp_path):
+    # Prepare: none/dv-fsr/eb x fedavg/median at two ratios, one seed, hand-made finals
+    from cli.sweep import matrices, plot_matrix
+
+    spec = SweepSpec(base=TINY, attacks=("none", "dv-fsr", "eb"), defenses=("fedavg", "median"),
+                     ratios=(0.05, 0.1), engine="inprocess")
+    for i, c in enumerate(spec.cells()):
+        _bundle(tmp_path / c.folder, [0.1, 0.3], [0.0, i / 10])
+    summary = summarise(spec, spec.cells(), tmp_path)
+    # Execute
+    grids = matrices(summary)
+    # Assert: a grid per ratio, with the no-attack row in each
+    assert [g["ratio"] for g in grids] == [0.05, 0.1]
+    assert grids[0]["attacks"] == ["none", "dv-fsr", "eb"] and grids[0]["defenses"] == ["fedavg", "median"]
+    assert len(grids[1]["cells"]) == 6 and grids[1]["cells"][("none", "median")]["ratio"] == 0.0
+    assert plot_matrix(grids[0], "t", tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
+    one = SweepSpec(base=TINY, attacks=("dv-fsr",), defenses=("fedavg", "median"), engine="inprocess")
+    assert matrices(summarise(one, one.cells(), tmp_path)) == []  # one attack: no grid
+    assert PRESETS["matrix"]["attacks"][0] == "none" and spec_from(_args("matrix")).cells()
+
+
 @pytest.mark.slow
 def test_a_tiny_sweep_runs_and_an_interrupted_one_resumes(tmp_path):
     # Prepare: two cells in process
