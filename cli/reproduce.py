@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -402,8 +403,9 @@ def main(args: argparse.Namespace) -> int:
     paper_settings = ds == "steam" and not args.quick and not args.targets and not args.epochs
     page = Path(args.page) if args.page else (ROOT / "docs" / "results" / f"{args.suite}.md" if paper_settings
                                               else out / args.suite / f"{args.suite}.md")
-    command = "fedseq reproduce " + " ".join(a for a in sys.argv[2:]) if sys.argv[1:2] == ["reproduce"] else \
-        f"fedseq reproduce {args.suite}"
+    # the command that runs (or resumes) the page's cells: as typed, less the page-only flags
+    typed = sys.argv[2:] if sys.argv[1:2] == ["reproduce"] else [args.suite]
+    command = "fedseq reproduce " + " ".join(shlex.quote(a) for a in typed if a != "--render-only")
     if args.max_cells is not None and args.max_cells < 0:
         raise ConfigError("--max-cells must be >= 0")
     summary_dir = out / args.suite
