@@ -238,7 +238,7 @@ def test_dockerfile_is_standard_with_a_wheelhouse_option():
     assert "!deploy/wheelhouse" in ignore or not any(p.startswith("deploy") for p in ignore)
 
 
-@pytest.mark.parametrize("script", ["build-local.sh", "run-local.sh", "down-local.sh", "fault-check.sh"])
+@pytest.mark.parametrize("script", ["build-local.sh", "run-local.sh", "down-local.sh", "fault-check.sh", "k8s/play-local.sh"])
 def test_scripts_are_valid_bash(script):
     path = DEPLOY / script
     assert path.stat().st_mode & 0o111, f"{script} is not executable"

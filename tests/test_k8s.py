@@ -202,3 +202,35 @@ def test_every_fedseq_container_has_its_own_certificate_and_a_health_probe():
     redis = _by_kind("StatefulSet")["redis"]
     assert redis["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
     assert _by_kind("Job")["orchestrator"]["spec"]["backoffLimit"] <= 10
+
+
+def test_podman_rendering_keeps_the_pod_templates_and_stays_valid(tmp_path):
+    """deploy/k8s/podman_kube.py (what play-local.sh feeds to `podman kube play`): every Pod it
+    makes is valid, named so that the Service names resolve, and keeps the manifest's containers."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("podman_kube", ROOT / "deploy" / "k8s" / "podman_kube.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for gen in _kustomization()["secretGenerator"]:
+        (tmp_path / gen["name"]).mkdir()
+        for f in gen["files"]:
+            (tmp_path / gen["name"] / Path(f).name).write_text("x")
+    docs = mod.render(BASE, tmp_path, {"fedseq": "localhost/fedseq:latest"}, {"FEDSEQ_EPOCHS": "2"},
+                      {"client": 3, "attacker": 1})
+    pods = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Pod"}
+    assert set(pods) == {"redis", "server", "orchestrator", "client-0", "client-1", "client-2", "attacker-0"}
+    for d in docs:
+        _validate(d)
+    orch = pods["orchestrator"]["spec"]
+    assert orch["restartPolicy"] == "OnFailure" and orch["initContainers"][0]["name"] == "prepare"
+    env = {e["name"]: e["value"] for e in orch["containers"][0]["env"]}
+    assert env["FEDSEQ_EPOCHS"] == "2" and env["FEDSEQ_TLS_NAME"] == "orchestrator"
+    assert orch["containers"][0]["image"] == "localhost/fedseq:latest"
+    assert pods["redis"]["spec"]["volumes"][-1]["persistentVolumeClaim"]["claimName"] == "data-redis-0"
+    assert {d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"} == {"data-redis-0",
+                                                                                              "fedseq-results"}
+    tls = next(v for v in pods["client-1"]["spec"]["volumes"] if v["name"] == "tls")
+    assert tls["hostPath"]["path"] == str((tmp_path / "fedseq-tls-worker").resolve())
+    with pytest.raises(SystemExit, match="not a key of the ConfigMap"):
+        mod.render(BASE, tmp_path, {}, {"FEDSEQ_NOPE": "1"}, {})
