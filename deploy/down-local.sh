@@ -26,12 +26,15 @@ if command -v podman-compose >/dev/null; then
     podman-compose -p "$PROJECT" -f "$ROOT/deploy/compose.yaml" --profile attack down -v -t "${STOP_TIMEOUT:-10}" \
         >/dev/null 2>&1 || true
 fi
-ids="$(podman ps -a -q --filter "$label")"
-if [ -n "$ids" ]; then
+# --depend: compose's depends_on became podman --requires links, and podman refuses to remove a
+# container that others still require; a few passes catch any order
+for pass in 1 2 3; do
+    ids="$(podman ps -a -q --filter "$label")"
+    [ -n "$ids" ] || break
     say "removing $(echo "$ids" | wc -l) container(s) that 'down' left"
     # shellcheck disable=SC2086
-    podman rm -f -t "${STOP_TIMEOUT:-10}" $ids >/dev/null
-fi
+    podman rm -f --depend -t "${STOP_TIMEOUT:-10}" $ids >/dev/null 2>&1 || true
+done
 for pod in $(podman pod ls -q --filter "name=^pod_${PROJECT}\$" 2>/dev/null); do podman pod rm -f "$pod" >/dev/null; done
 for v in $(podman volume ls -q --filter "$label"); do podman volume rm -f "$v" >/dev/null; done
 for n in $(podman network ls -q --filter "$label"); do podman network rm -f "$n" >/dev/null; done
