@@ -222,7 +222,8 @@ def test_dockerfile_is_standard_with_a_wheelhouse_option():
     text = (DEPLOY / "Dockerfile").read_text()
     assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim$", text, re.M)
     # dependencies exactly as locked, installed without resolving anything new
-    assert "COPY requirements.lock " in text and "-r /src/requirements.lock" in text
+    assert "COPY requirements.lock " in text and "cp /src/requirements.lock /tmp/lock.txt" in text
+    assert text.count("-r /tmp/lock.txt") == 3  # wheelhouse, CPU index, plain
     assert text.count("--no-deps") >= 3
     assert re.search(r'^HEALTHCHECK .*\n\s+CMD \["python", "-m", "fedseq.healthcheck"\]', text, re.M)
     assert re.search(r"^ARG TORCH_INDEX=https://download\.pytorch\.org/whl/cpu$", text, re.M)
