@@ -10,6 +10,7 @@
 #   FEDSEQ_TLS=0 deploy/run-local.sh                      # plaintext, compose.yaml alone
 #
 # Any FEDSEQ_* variable of deploy/compose.yaml passes through (see deploy/README.md).
+# COMPOSE_EXTRA="file ..." adds compose files after the base and the TLS overlay.
 # KEEP_UP=1 leaves the stack running (tear down later: deploy/down-local.sh).
 # RUN_TIMEOUT (seconds, default 1800) bounds the run. RESTART_AFTER (default 5) is how many seconds
 # a container may stay down before the script starts it again (podman restarts a crashed one at
@@ -47,6 +48,11 @@ if [ "$FEDSEQ_TLS" = 1 ]; then
         chmod 0700 "$FEDSEQ_CERTS"
     fi
 fi
+
+for extra in ${COMPOSE_EXTRA:-}; do   # more compose files (for example one that publishes ports)
+    [ -f "$extra" ] || die "COMPOSE_EXTRA: $extra not found"
+    files+=(-f "$extra")
+done
 
 export FEDSEQ_CLIENTS="${FEDSEQ_CLIENTS:-2}"
 export FEDSEQ_ATTACK="${FEDSEQ_ATTACK:-none}"
