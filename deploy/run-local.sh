@@ -109,12 +109,12 @@ t0=$SECONDS
 pc up -d >"$CACHE/compose-up.log" 2>&1 || die "podman-compose up failed; last lines of $CACHE/compose-up.log:
 $(tail -20 "$CACHE/compose-up.log")"
 say "stack up in $((SECONDS - t0)) s; waiting for the orchestrator (timeout ${RUN_TIMEOUT}s)"
-prep="$(podman ps -a "${project[@]}" --filter label=com.docker.compose.service=prepare --format '{{.Names}}' | head -1)"
+prep="$(podman ps -a "${project[@]}" --filter label=com.docker.compose.service=prepare --format '{{.Names}}' | sed -n 1p)"
 if [ -n "$prep" ] && [ "$(podman wait "$prep")" != 0 ]; then
     podman logs "$prep" >&2 || true
     die "the prepare service failed"
 fi
-orch="$(podman ps -a "${project[@]}" --filter label=com.docker.compose.service=orchestrator --format '{{.Names}}' | head -1)"
+orch="$(podman ps -a "${project[@]}" --filter label=com.docker.compose.service=orchestrator --format '{{.Names}}' | sed -n 1p)"
 [ -n "$orch" ] || die "no orchestrator container found after 'up'"
 
 # Podman here has no systemd to run health checks on a timer, so run them: report when every
@@ -136,6 +136,18 @@ while :; do
     if [ -z "$healthy_at" ] && check_health; then
         healthy_at=$((now - t0))
         say "t=${healthy_at}s every service passes its health check"
+        # the store network: the server reaches Redis, a worker must not
+        w="$(podman ps "${project[@]}" --filter label=com.docker.compose.service=client --format '{{.Names}}' | sed -n 1p)"
+        srv="$(podman ps "${project[@]}" --filter label=com.docker.compose.service=server --format '{{.Names}}' | sed -n 1p)"
+        probe='import socket; socket.create_connection(("redis", 6379), 3)'
+        if [ -n "$w" ] && [ -n "$srv" ]; then
+            podman exec "$srv" python -c "$probe" >/dev/null 2>&1 \
+                || die "the isolation probe cannot reach redis:6379 from the server either"
+            if podman exec "$w" python -c "$probe" >/dev/null 2>&1; then
+                die "worker $w can reach redis:6379: the store network is not isolated"
+            fi
+            say "store isolation: $srv reaches redis:6379, worker $w cannot"
+        fi
     fi
     state="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["summary"]["state"])' \
              "$out/results.json" 2>/dev/null || echo none)"

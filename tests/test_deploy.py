@@ -358,3 +358,12 @@ def test_lock_files_pin_everything_and_are_used():
         assert not missing, f"{lock} lacks {sorted(missing)}: run `make lock`"
     make = (ROOT / "Makefile").read_text()
     assert "-r requirements-dev.lock" in make and "$(VENV)/.installed: pyproject.toml requirements-dev.lock" in make
+
+
+def test_only_the_server_and_the_orchestrator_reach_redis():
+    doc = _yaml(COMPOSE)
+    nets = {name: svc.get("networks", ["default"]) for name, svc in doc["services"].items()}
+    assert nets["redis"] == ["store"]
+    assert {n for n, v in nets.items() if "store" in v} == {"redis", "server", "orchestrator"}
+    assert doc["networks"]["store"]["internal"] is True
+    assert "FEDSEQ_STORE_URL" not in doc["services"]["client"]["environment"]
