@@ -5,20 +5,31 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# torch is installed first and pinned, so pip never pulls a multi-GB CUDA build by accident
-TORCH  ?= torch==2.13.0
+# Every dependency comes pinned from requirements-dev.lock (compiled from pyproject.toml and
+# requirements.in by `make lock`), torch included: 2.13.0+cpu, so pip never pulls a multi-GB CUDA
+# build. The fedseq machines find that wheel in /opt/wheels (pip's find-links); elsewhere add the
+# CPU wheel index: make setup PIP_ARGS="--extra-index-url https://download.pytorch.org/whl/cpu"
+PIP_ARGS ?=
 RUN_ARGS ?=
 
-.PHONY: setup run sim test test-fast lint protos check-protos bench clean
+.PHONY: setup lock run sim test test-fast lint protos check-protos bench clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml requirements-dev.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps $(PIP_ARGS) -r requirements-dev.lock
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/pip check
 	touch $@
+
+# Re-pin after changing pyproject.toml or requirements.in (needs PyPI; pip-tools goes into its own venv)
+PIP_COMPILE = $(VENV)-lock/bin/pip-compile -q --strip-extras --allow-unsafe --no-emit-find-links --no-emit-index-url
+lock:
+	test -x $(VENV)-lock/bin/pip-compile || { $(PYTHON) -m venv $(VENV)-lock && $(VENV)-lock/bin/pip install -q "pip-tools==7.6.2"; }
+	$(PIP_COMPILE) $(PIP_ARGS) -o requirements.lock pyproject.toml requirements.in
+	$(PIP_COMPILE) $(PIP_ARGS) --extra dev -o requirements-dev.lock pyproject.toml requirements.in
 
 run: setup
 	$(BIN)/fedseq sweep mission $(RUN_ARGS)
@@ -46,4 +57,4 @@ bench: setup
 	$(BIN)/python bench/bench_epoch.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) $(VENV)-lock .pytest_cache .ruff_cache .mypy_cache

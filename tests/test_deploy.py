@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 COMPOSE = DEPLOY / "compose.yaml"
 GPU = DEPLOY / "compose.gpu.yaml"
+TLS = DEPLOY / "compose.tls.yaml"
 SERVICE_KINDS = {"server", "orchestrator", "client", "attacker"}
 
 # ------------------------------------------------------------------ a small reader for our compose files
@@ -84,7 +85,8 @@ def _reads(cmd: str, var: str, value: str, monkeypatch) -> bool:
     monkeypatch.delenv(var, raising=False)
     without = vars(cli.parser().parse_args([cmd]))
     changed = False
-    for v in (value, "17"):  # "17": a value no default has (the compose value may equal the default)
+    for v in (value, "17", "1"):  # "17": a value no default has (the compose value may equal the default);
+        # "1": a flag an overlay turns back to its default ("0")
         monkeypatch.setenv(var, v)
         changed = changed or vars(cli.parser().parse_args([cmd])) != without
     monkeypatch.delenv(var)
@@ -131,13 +133,15 @@ def test_every_command_is_a_real_fedseq_subcommand(path, capsys):
     capsys.readouterr()
 
 
-@pytest.mark.parametrize("path", [COMPOSE, GPU], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [COMPOSE, GPU, TLS], ids=lambda p: p.name)
 def test_every_fedseq_env_var_is_read_by_the_code(path, monkeypatch):
     checked = 0
+    base = _services(COMPOSE)
     for name, svc in _services(path).items():
-        if "command" not in svc:
+        command = svc.get("command") or base.get(name, {}).get("command")  # an overlay keeps the base's
+        if not command:
             continue
-        cmd = svc["command"][0]
+        cmd = command[0]
         for var, raw in svc["environment"].items():
             if not var.startswith("FEDSEQ_"):
                 continue
@@ -149,7 +153,7 @@ def test_every_fedseq_env_var_is_read_by_the_code(path, monkeypatch):
             assert _reads(cmd, var, value, monkeypatch), f"{path.name}: {name} ({cmd}) sets {var}={value!r}, " \
                 "which that command does not read"
             checked += 1
-    assert checked >= (20 if path == COMPOSE else 0)
+    assert checked >= {COMPOSE: 20, GPU: 0, TLS: 12}[path]
 
 
 def test_env_check_catches_a_variable_no_command_reads(monkeypatch):
@@ -177,7 +181,7 @@ def test_orchestrator_default_experiment_is_valid():
 
 def test_yaml_agrees():
     yaml = pytest.importorskip("yaml")
-    for path in (COMPOSE, GPU):
+    for path in (COMPOSE, GPU, TLS):
         doc = yaml.safe_load(path.read_text())
         assert isinstance(doc["services"], dict)
         mine = _services(path)
@@ -199,15 +203,29 @@ def test_compose_config_with_podman_compose():
     helptext = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60).stdout
     if not re.search(r"\bconfig\b", helptext):
         pytest.skip(f"{exe} is too old to have `config` (Debian's 1.0.3)")
-    for files in (["-f", str(COMPOSE)], ["-f", str(COMPOSE), "-f", str(GPU)]):
+    for files in (["-f", str(COMPOSE)], ["-f", str(COMPOSE), "-f", str(GPU)], ["--profile", "attack", "-f", str(COMPOSE), "-f", str(TLS)]):
         r = subprocess.run([exe, *files, "config"], capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr[-2000:]
         assert "serve-orchestrator" in r.stdout
+        if TLS in map(Path, files):
+            import yaml
+
+            merged = yaml.safe_load(r.stdout)["services"]
+            for name in SERVICE_KINDS:  # the overlay's settings land on top of the base file's
+                env = merged[name]["environment"]
+                assert env["FEDSEQ_INSECURE"] == "0" and env["FEDSEQ_TLS_DIR"] == "/tls", name
+                assert any(str(v).endswith(":/tls:ro") for v in merged[name]["volumes"]), name
+            assert any("/data:ro" in str(v) for v in merged["orchestrator"]["volumes"]), "base volumes kept"
 
 
 def test_dockerfile_is_standard_with_a_wheelhouse_option():
     text = (DEPLOY / "Dockerfile").read_text()
     assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim$", text, re.M)
+    # dependencies exactly as locked, installed without resolving anything new
+    assert "COPY requirements.lock " in text and "cp /src/requirements.lock /tmp/lock.txt" in text
+    assert text.count("-r /tmp/lock.txt") == 3  # wheelhouse, CPU index, plain
+    assert text.count("--no-deps") >= 3
+    assert re.search(r'^HEALTHCHECK .*\n\s+CMD \["python", "-m", "fedseq.healthcheck"\]', text, re.M)
     assert re.search(r"^ARG TORCH_INDEX=https://download\.pytorch\.org/whl/cpu$", text, re.M)
     assert re.search(r"^ARG WHEELHOUSE=$", text, re.M)
     assert "--no-index --find-links" in text
@@ -221,10 +239,131 @@ def test_dockerfile_is_standard_with_a_wheelhouse_option():
     assert "!deploy/wheelhouse" in ignore or not any(p.startswith("deploy") for p in ignore)
 
 
-@pytest.mark.parametrize("script", ["build-local.sh", "run-local.sh"])
+@pytest.mark.parametrize("script", ["build-local.sh", "run-local.sh", "down-local.sh", "fault-check.sh", "k8s/play-local.sh"])
 def test_scripts_are_valid_bash(script):
     path = DEPLOY / script
     assert path.stat().st_mode & 0o111, f"{script} is not executable"
     r = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
     assert "set -Eeuo pipefail" in path.read_text()
+
+
+# ------------------------------------------------------------------ behaviour the compose files promise
+
+
+def _yaml(path: Path) -> dict:
+    yaml = pytest.importorskip("yaml")
+    return yaml.safe_load(path.read_text())
+
+
+def test_compose_health_checks_order_the_start():
+    svcs = _yaml(COMPOSE)["services"]
+    for name in SERVICE_KINDS:
+        test = svcs[name]["healthcheck"]["test"]
+        assert test == ["CMD", "python", "-m", "fedseq.healthcheck"], name
+    assert "redis-cli ping" in " ".join(svcs["redis"]["healthcheck"]["test"])
+    cond = {name: {dep: spec["condition"] for dep, spec in (svc.get("depends_on") or {}).items()}
+            for name, svc in svcs.items()}
+    assert cond["server"] == {"redis": "service_healthy"}
+    assert cond["orchestrator"] == {"prepare": "service_completed_successfully", "redis": "service_healthy",
+                                    "server": "service_healthy"}
+    assert cond["client"] == cond["attacker"] == {"orchestrator": "service_healthy"}
+
+
+def test_compose_restarts_are_bounded_and_signals_reach_the_services():
+    svcs = _yaml(COMPOSE)["services"]
+    for name, svc in svcs.items():
+        if name == "prepare":
+            assert svc["restart"] == "no" and svc["user"] == "0:0"
+            continue
+        assert re.fullmatch(r"on-failure:[1-9]", svc["restart"]), f"{name}: restart {svc['restart']!r} is unbounded"
+        if name in SERVICE_KINDS:
+            assert svc["init"] is True, f"{name} needs an init process as PID 1"
+            assert svc["stop_grace_period"] == "20s"
+
+
+def test_compose_results_and_data_folders():
+    """The orchestrator's results folder is made by the root `prepare` service and given to the
+    orchestrator's user (a bind-mount folder compose creates is root-owned); the default data
+    folder lies inside the checkout and exists in a fresh clone."""
+    svcs = _yaml(COMPOSE)["services"]
+    prep = " ".join(svcs["prepare"]["entrypoint"])
+    assert 'chown "$$OWNER" "/results/$$RUN"' in prep
+    assert svcs["prepare"]["environment"]["OWNER"] == svcs["orchestrator"]["user"] == "${FEDSEQ_USER:-10001:10001}"
+    assert svcs["prepare"]["environment"]["RUN"] == "${FEDSEQ_RUN_ID:-compose}"
+    assert svcs["orchestrator"]["environment"]["FEDSEQ_OUT"] == "/results/${FEDSEQ_RUN_ID:-compose}"
+    for name in ("orchestrator", "client", "attacker"):
+        mounts = [v for v in svcs[name]["volumes"] if v.endswith(":/data:ro")]
+        assert mounts == ["${FEDSEQ_DATA_DIR:-./data}:/data:ro"], name
+    assert (DEPLOY / "data" / "README.md").is_file(), "deploy/data must exist in a fresh clone"
+
+
+def test_tls_overlay_mounts_only_each_services_own_key():
+    doc = _yaml(TLS)
+    svcs = doc["services"]
+    want = {"server": "server", "orchestrator": "orchestrator", "client": "worker", "attacker": "worker"}
+    for name, cert in want.items():
+        env = svcs[name]["environment"]
+        assert env["FEDSEQ_TLS_NAME"] == cert and env["FEDSEQ_TLS_DIR"] == "/tls", name
+        assert svcs[name]["volumes"] == [f"tls-{cert}:/tls:ro"], name
+    script = svcs["prepare"]["entrypoint"][-1]
+    assert "ca.key" not in script and "operator" not in script, "the CA key and operator cert stay out"
+    assert "mode=0400" in script and "mv -f" in script
+    assert set(doc["volumes"]) == {"tls-server", "tls-orchestrator", "tls-worker"}
+    # every certificate the overlay names is one `fedseq certs DIR` makes by default
+    from fedseq.tls import DEFAULT_NAMES
+
+    assert set(want.values()) <= set(DEFAULT_NAMES)
+
+
+def test_tls_overlay_prepare_script_really_fills_the_volumes(tmp_path):
+    """Runs the overlay's `prepare` script (compose's `$$` unescaped) on real certificates in
+    temporary folders standing for the mounts, then loads each service's identity from its copy."""
+    from fedseq.tls import Identity, make_certs
+
+    script = _yaml(TLS)["services"]["prepare"]["entrypoint"][-1].replace("$$", "$")
+    certs, tls, results = tmp_path / "certs", tmp_path / "tls", tmp_path / "results"
+    make_certs(certs)
+    for n in ("server", "orchestrator", "worker"):
+        (tls / n).mkdir(parents=True)
+    me = f"{os.getuid()}:{os.getgid()}"
+    script = (script.replace("/certs", str(certs)).replace("/tls", str(tls)).replace("/results", str(results))
+              .replace("10001:10001", me))
+    r = subprocess.run(["sh", "-ec", script], env={"RUN": "r1", "OWNER": me, "PATH": os.environ["PATH"]},
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert (results / "r1").is_dir()
+    for n in ("server", "orchestrator", "worker"):
+        assert sorted(p.name for p in (tls / n).iterdir()) == sorted(["ca.pem", f"{n}.pem", f"{n}.key"])
+        assert ((tls / n / f"{n}.key").stat().st_mode & 0o777) == 0o400
+        assert Identity.load(tls / n, n).role == n
+    (certs / "worker.key").unlink()
+    r = subprocess.run(["sh", "-ec", script], env={"RUN": "r1", "OWNER": me, "PATH": os.environ["PATH"]},
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "worker.key missing" in r.stderr
+
+
+def test_lock_files_pin_everything_and_are_used():
+    for lock in ("requirements.lock", "requirements-dev.lock"):
+        lines = [ln.split("#")[0].strip() for ln in (ROOT / lock).read_text().splitlines()]
+        pins = dict(ln.split("==", 1) for ln in lines if ln)
+        assert all(ln == "" or "==" in ln for ln in lines), f"{lock}: every requirement is an exact pin"
+        assert pins["torch"] == "2.13.0+cpu", lock
+        import tomllib
+
+        project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+        deps = project["dependencies"] + (project["optional-dependencies"]["dev"] if "dev" in lock else [])
+        names = {re.split(r"[<>=!~;\[ ]", d, maxsplit=1)[0].lower().replace("_", "-") for d in deps}
+        missing = names - {k.lower() for k in pins}
+        assert not missing, f"{lock} lacks {sorted(missing)}: run `make lock`"
+    make = (ROOT / "Makefile").read_text()
+    assert "-r requirements-dev.lock" in make and "$(VENV)/.installed: pyproject.toml requirements-dev.lock" in make
+
+
+def test_only_the_server_and_the_orchestrator_reach_redis():
+    doc = _yaml(COMPOSE)
+    nets = {name: svc.get("networks", ["default"]) for name, svc in doc["services"].items()}
+    assert nets["redis"] == ["store"]
+    assert {n for n, v in nets.items() if "store" in v} == {"redis", "server", "orchestrator"}
+    assert doc["networks"]["store"]["internal"] is True
+    assert "FEDSEQ_STORE_URL" not in doc["services"]["client"]["environment"]

@@ -1,0 +1,137 @@
+"""The container-facing edges of the ``fedseq`` command: the console script handles SIGTERM from
+its first line (cli/entry.py), and ``python -m fedseq.healthcheck`` reports a service's gRPC health,
+over mutual TLS when it has certificates. Real processes, real gRPC servers on port 0."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedseq.healthcheck import check
+from fedseq.rpc import Service
+from fedseq.tls import Identity, make_certs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _catches_sigterm(pid: int) -> bool:
+    """Whether the process has a handler for SIGTERM (bit 15 of SigCgt in /proc/PID/status)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    caught = int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("SigCgt:")), 16)
+    return bool(caught & (1 << (signal.SIGTERM - 1)))
+
+
+def _spawn(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("FEDSEQ_PARENT_PID", None)
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
+def test_sigterm_while_importing_stops_the_command_at_once():
+    # a worker with nowhere to register: it would wait for its orchestrator forever
+    p = _spawn("-m", "cli.entry", "serve-client", "--insecure", "--orchestrator", "127.0.0.1:9", "--port", "0")
+    t0 = time.monotonic()
+    while not _catches_sigterm(p.pid):  # cli.entry installs its handler before importing torch
+        assert p.poll() is None and time.monotonic() - t0 < 30, p.communicate()
+        time.sleep(0.005)
+    handled = time.monotonic()
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 128 + signal.SIGTERM, (p.returncode, err[-2000:])
+    assert "while starting" in err
+    assert time.monotonic() - handled < 5, "the signal waited for torch to load"
+
+
+def test_without_the_entry_point_the_signal_kills_the_process():
+    """The control: plain ``python -m cli.main`` dies of SIGTERM's default action during the
+    import (as PID 1 in a container it would ignore the signal instead)."""
+    p = _spawn("-m", "cli.main", "serve-client", "--insecure", "--orchestrator", "127.0.0.1:9", "--port", "0")
+    time.sleep(0.3)
+    p.send_signal(signal.SIGTERM)
+    p.communicate(timeout=30)
+    assert p.returncode == -signal.SIGTERM
+
+
+def test_sigterm_after_start_shuts_the_service_down_gracefully(tmp_path):
+    port_file = tmp_path / "port"
+    p = _spawn("-m", "cli.entry", "serve-client", "--insecure", "--orchestrator", "127.0.0.1:9", "--port", "0",
+               "--port-file", str(port_file))
+    t0 = time.monotonic()
+    while not port_file.exists():
+        assert p.poll() is None and time.monotonic() - t0 < 120, p.communicate()
+        time.sleep(0.05)
+    assert check(port_file.read_text())[0]
+    p.send_signal(signal.SIGTERM)
+    p.communicate(timeout=30)
+    assert p.returncode == 0  # serve_until_signal's graceful shutdown, not the early exit
+
+
+def test_console_script_is_the_entry_point():
+    text = (ROOT / "pyproject.toml").read_text()
+    assert 'fedseq = "cli.entry:main"' in text
+
+
+def _service(identity=None) -> Service:
+    return Service([], port=0, identity=identity).start()
+
+
+def test_healthcheck_plaintext():
+    svc = _service()
+    try:
+        ok, why = check(str(svc.port))
+        assert ok, why
+        assert "SERVING" in why
+    finally:
+        svc.stop(0)
+    ok, why = check(str(svc.port), timeout=1)
+    assert not ok and "UNAVAILABLE" in why
+    assert check("0") == (True, "no fixed port: nothing to check")
+
+
+def test_healthcheck_over_mtls_with_the_services_own_certificate(tmp_path):
+    make_certs(tmp_path)
+    svc = _service(Identity.load(tmp_path, "server"))
+    try:
+        ok, why = check(str(svc.port), tls_dir=str(tmp_path), tls_name="server")
+        assert ok, why
+        # a plaintext check cannot talk to a TLS-only server
+        assert not check(str(svc.port), timeout=2)[0]
+        # a certificate of another CA is refused
+        other = tmp_path / "other"
+        make_certs(other)
+        ok, why = check(str(svc.port), tls_dir=str(other), tls_name="server", timeout=2)
+        assert not ok, why
+        ok, why = check(str(svc.port), tls_dir=str(tmp_path / "missing"), tls_name="server")
+        assert not ok and "not found" in why
+        assert not check(str(svc.port), tls_dir=str(tmp_path), tls_name=None)[0]
+    finally:
+        svc.stop(0)
+
+
+def test_healthcheck_command_exit_codes(tmp_path):
+    svc = _service()
+    try:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "FEDSEQ_PORT": str(svc.port)}
+        env.pop("FEDSEQ_TLS_DIR", None)
+        r = subprocess.run([sys.executable, "-m", "fedseq.healthcheck"], env=env, capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 0, r.stderr
+        r = subprocess.run([sys.executable, "-X", "importtime", "-m", "fedseq.healthcheck"], env=env,
+                           capture_output=True, text=True, timeout=60)
+        assert "| torch" not in r.stderr, "the health check must stay cheap (no torch)"
+    finally:
+        svc.stop(0)
+    r = subprocess.run([sys.executable, "-m", "fedseq.healthcheck", "--timeout", "1"], env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 1 and "unhealthy" in r.stderr
