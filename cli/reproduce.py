@@ -318,16 +318,17 @@ def plot_figure2(summary: dict[str, Any], scenarios: list[dict[str, Any]], path:
 
 
 def render(suite: str, spec: SweepSpec, summary: dict[str, Any], page: Path, plots: list[Path],
-           command: str) -> Path:
+           command: str, note: str = "") -> Path:
     """The suite's page: the comparison, the variants, the config of every cell, run times, plots."""
     info = SUITES[suite]
     paper_cells = [s for s in spec.scenarios if any(s["name"] == sc["name"] for sc in info["scenarios"])]
     seeds = ",".join(map(str, spec.seeds))
     base = ", ".join(f"{k}={v}" for k, v in sorted(spec.base.items()))
     lines = [f"# {spec.title}", "", info["intro"], "",
-             f"Command: `{command}` (commit {_commit()}). Engine: in process (equal to the services). Seeds: {seeds}. "
-             f"Base: {base}. Final epoch; mean ± std over the seeds run; the paper's number and fedseq's "
-             "minus the paper's in brackets.", "", *comparison_table(summary, paper_cells), ""]
+             f"Command: `{command}` (page written at commit {_commit()}). Engine: in process (equal to the "
+             f"services). Seeds asked: {seeds}; each row lists the seeds that ran. Base: {base}. Final epoch; "
+             "mean ± std over the seeds run; the paper's number and fedseq's minus the paper's in brackets.", "",
+             *([note, ""] if note else []), *comparison_table(summary, paper_cells), ""]
     if any(s["name"].endswith(VARIANTS["off"][0]) or s["name"].endswith(VARIANTS["full"][0]) for s in spec.scenarios):
         lines += ["## The same cells without the reference switches, and with full ranking", "",
                   "`reference`: the public code's protocol and quirks (`--compat reference`); `off`: fedseq's "
@@ -389,6 +390,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--page", help="where to write the page (default docs/results/<suite>.md for the paper's "
                                    "settings on Steam, else <out>/<suite>/<suite>.md)")
     ap.add_argument("--render-only", action="store_true", help="write the page from the cells already run")
+    ap.add_argument("--note", default="", help="a paragraph for the page (how and where its cells ran)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -405,7 +407,9 @@ def main(args: argparse.Namespace) -> int:
                                               else out / args.suite / f"{args.suite}.md")
     # the command that runs (or resumes) the page's cells: as typed, less the page-only flags
     typed = sys.argv[2:] if sys.argv[1:2] == ["reproduce"] else [args.suite]
-    command = "fedseq reproduce " + " ".join(shlex.quote(a) for a in typed if a != "--render-only")
+    skip = {"--render-only"}
+    flags = [a for i, a in enumerate(typed) if a not in skip and not (a == "--note" or typed[i - 1:i] == ["--note"])]
+    command = "fedseq reproduce " + " ".join(shlex.quote(a) for a in flags)
     if args.max_cells is not None and args.max_cells < 0:
         raise ConfigError("--max-cells must be >= 0")
     summary_dir = out / args.suite
@@ -429,7 +433,7 @@ def main(args: argparse.Namespace) -> int:
         for p in plots:
             shutil.copy(p, dest / p.name)
         plots = [dest / p.name for p in plots]
-    render(args.suite, spec, summary, page, plots, command)
+    render(args.suite, spec, summary, page, plots, command, args.note)
     runs = sum(len(s["seeds"]) for s in summary["scenarios"].values())
     total = len(spec.cells())
     print(f"wrote {page} ({runs} of {total} runs done)")
