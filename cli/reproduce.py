@@ -299,7 +299,8 @@ def plot_figure2(summary: dict[str, Any], scenarios: list[dict[str, Any]], path:
         if not got:
             continue
         mean = [v[0] for v in got["curve"][metric]]
-        ax.plot(got["epochs"], mean, marker="o", markersize=3, label=f"{sc['ratio'] * 100:g}%")
+        label = f"{sc['ratio'] * 100:g}%" + (f" ({got['unfinished']})" if got.get("unfinished") else "")
+        ax.plot(got["epochs"], mean, marker="o", markersize=3, label=label)
         if len(got["seeds"]) > 1:
             std = [v[1] for v in got["curve"][metric]]
             ax.fill_between(got["epochs"], [a - b for a, b in zip(mean, std, strict=True)],
