@@ -204,6 +204,11 @@ class UpdateBatch:
     num_samples: np.ndarray  # [K] training items per user (the aggregation weight)
     losses: np.ndarray  # [K] local loss at the global weights
 
+    @classmethod
+    def empty(cls, dim: int) -> UpdateBatch:
+        """No user's update: ``[0, dim]``."""
+        return cls(np.zeros(0, dtype=np.int64), torch.zeros(0, dim), np.zeros(0, dtype=np.int64), np.zeros(0))
+
 
 def micro_batches(lengths: Sequence[int], max_users: int, max_tokens: int) -> list[np.ndarray]:
     """Group indices, sorted by length, so each group pads to its own longest sequence and holds at

@@ -102,8 +102,7 @@ class ALIE:
                 local: LocalConfig, compat: Compat) -> UpdateBatch:
         B = len(users)
         if B == 0:
-            return UpdateBatch(np.zeros(0, dtype=np.int64), torch.zeros(0, params.shape[0]),
-                               np.zeros(0, dtype=np.int64), np.zeros(0))
+            return UpdateBatch.empty(params.shape[0])
         pool = self.benign_pool(model, params, sequences, users, seed, round_key, local)
         mu = pool.updates.mean(0)
         sd = pool.updates.std(0, correction=0)

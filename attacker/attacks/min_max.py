@@ -99,8 +99,7 @@ class MinMax:
                 local: LocalConfig, compat: Compat) -> UpdateBatch:
         B = len(users)
         if B == 0:
-            return UpdateBatch(np.zeros(0, dtype=np.int64), torch.zeros(0, params.shape[0]),
-                               np.zeros(0, dtype=np.int64), np.zeros(0))
+            return UpdateBatch.empty(params.shape[0])
         pool = benign_pool(model, params, sequences, users, seed, round_key, local, self.views)
         g = pool.updates  # [n, D], n = views * B
         mu = g.mean(0)
