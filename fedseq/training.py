@@ -256,7 +256,7 @@ def compute_updates(
     shared_p = {k: v for k, v in global_p.items() if not (local_rows and k == table_key)}
     sites = model.dropout_sites() if cfg.dropout else {}
     K = len(users)
-    out = torch.empty(K, layout.dim)
+    out = _zeros(K, layout.dim)
     losses = np.zeros(K)
     lengths = [min(len(s), model.cfg.max_len) for s in sequences]
     # masks is None when dropout is off: vmap cannot map dim 0 of a None argument
@@ -292,43 +292,53 @@ def compute_updates(
     return UpdateBatch(np.asarray(users, dtype=np.int64), out, n_samples, losses)
 
 
+def _zeros(*shape: int) -> torch.Tensor:
+    """A zero float32 tensor from ``calloc``: a large one is fresh zero pages, so the rows a user
+    never touches cost neither a fill now nor memory until written (``torch.zeros`` fills it)."""
+    return torch.from_numpy(np.zeros(shape, dtype=np.float32))
+
+
 def _localise(batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
     """Rewrite item ids in ``batches`` (in place) to per-user local ids; return ``rows [B, R]``,
-    the global item id of each local row (row 0 is the padding row)."""
+    the global item id of each local row (row 0 is the padding row; unused trailing rows are 0).
+    Local id ``j >= 1`` is the rank of the item among the user's distinct items, so local rows
+    are sorted by global id. All users at once: a row-wise sort, no Python loop per user."""
     keys = ("tokens", "pos", "neg")
-    B = batches[0]["tokens"].shape[0]
-    vocab = []
-    for b in range(B):
-        ids = torch.cat([bt[k][b] for bt in batches for k in keys])
-        vocab.append(torch.unique(ids[ids != 0]))
-    R = 1 + max(len(v) for v in vocab)
-    rows = torch.zeros(B, R, dtype=torch.int64)
-    for b, v in enumerate(vocab):
-        rows[b, 1 : 1 + len(v)] = v
-        for bt in batches:
-            for k in keys:
-                x = bt[k][b]
-                nz = x != 0
-                x[nz] = torch.searchsorted(v, x[nz]) + 1
+    ids = torch.cat([bt[k] for bt in batches for k in keys], dim=1)  # [B, T]
+    srt = ids.sort(dim=1).values
+    first = torch.ones_like(srt, dtype=torch.bool)
+    first[:, 1:] = srt[:, 1:] != srt[:, :-1]
+    first &= srt != 0  # [B, T]: the first copy of each distinct nonzero item
+    slot = torch.cumsum(first, dim=1) * first  # [B, T]: its local id (1..n), 0 elsewhere
+    R = 1 + int(slot.max()) if slot.numel() else 1
+    rows = torch.zeros(ids.shape[0], R, dtype=torch.int64)
+    rows.scatter_(1, slot, srt * first)  # [B, R]; slot 0 collects only zeros
+    # search table: the padding row, the sorted distinct items, then a sentinel above every item
+    table = torch.where((rows == 0) & (torch.arange(R) > 0), torch.iinfo(torch.int64).max, rows)
+    for bt in batches:
+        for k in keys:
+            x = bt[k]
+            x.copy_(torch.searchsorted(table, x) * (x != 0))
     return rows
 
 
 def _scatter(out: torch.Tensor, idx: torch.Tensor, grads: dict[str, torch.Tensor], layout: Layout,
              rows: torch.Tensor | None) -> None:
-    """Write per-user ``grads`` (``{model.name: [B, ...]}``) into rows ``idx`` of ``out [K, D]``."""
-    flat = torch.empty(len(idx), layout.dim)
+    """Write per-user ``grads`` (``{model.name: [B, ...]}``) into rows ``idx`` of ``out [K, D]``
+    (zero-initialised). A localised item table's gradient ``[B, R, d]`` goes straight into the
+    ``R`` rows it names (slot 0 and unused slots name the padding row, whose gradient is zero): no
+    dense ``[B, V, d]`` intermediate, no second copy of the batch's rows."""
     offset = 0
     for name, shape, size in zip(layout.names, layout.shapes, layout.sizes, strict=True):
         g = grads[f"model.{name}"]
-        dst = flat[:, offset : offset + size]
         if rows is not None and name == ITEM_TABLE:
-            dst.zero_()
             V, d = shape
-            dst.view(len(idx), V, d).scatter_add_(1, rows.unsqueeze(-1).expand(-1, -1, d), g)
+            table = out[:, offset : offset + size].view(out.shape[0], V, d)  # [K, V, d], a view of out
+            # a user's rows are distinct but for row 0, where every write is the padding row's zero gradient
+            table.index_put_((idx[:, None].expand_as(rows), rows), g)
         else:
-            dst.copy_(g.reshape(len(idx), -1))
+            out[idx, offset : offset + size] = g.reshape(len(idx), -1)
         offset += size
-    out.index_copy_(0, idx, flat)
 
 
 def _objective_fn(objective: _Objective):

@@ -238,6 +238,45 @@ def test_keep_masks_do_not_depend_on_the_padded_length():
     assert torch.equal(m6["a"][:, :, -n:, -n:], m9["a"][:, :, -n:, -n:])
 
 
+def _hash_definition(sites, seeds, length):
+    """The masks straight from their definition (common.py's docstring): the fast path must equal it."""
+    from fedseq.models.common import _M32, _mix32, _site_code
+
+    out = {}
+    seeds = seeds.to(torch.int64) & _M32
+    from_end = torch.arange(length - 1, -1, -1, dtype=torch.int64)
+    for name, site in sites.items():
+        if site.p <= 0.0:
+            continue
+        base = _mix32(torch.tensor(_site_code(name), dtype=torch.int64) ^ 0x5BD1E995)
+        if site.kind == "seq":
+            pc = _mix32(base ^ _mix32(from_end[:, None] * 65599 + torch.arange(site.channels)[None, :]))
+            h = _mix32(pc[None] ^ _mix32(seeds)[:, None, None])
+        else:
+            q, k = from_end[:, None], from_end[None, :]
+            hh = torch.arange(site.channels, dtype=torch.int64)[:, None, None]
+            h = _mix32(_mix32(base ^ _mix32((q * 4099 + k) * 131 + hh))[None] ^ _mix32(seeds)[:, None, None, None])
+        out[name] = ((h.to(torch.float64) / 4294967296.0) >= site.p).to(torch.float32) / (1.0 - site.p)
+    return out
+
+
+@pytest.mark.parametrize("p", [0.1, 0.2, 0.5, 1.0 / 3.0])
+def test_keep_masks_equal_their_hash_definition_bit_for_bit(p):
+    # Prepare
+    sites = {"emb": DropSite(p, "seq", 64), "b0.attn": DropSite(p, "attn", 2), "b1.ffn_in": DropSite(p, "seq", 7)}
+    seeds = torch.tensor([0, 1, 12345, 2**31, 2**32 - 1, 987654321])
+
+    for length in (1, 7, 50):
+        # Execute
+        got = keep_masks(sites, seeds, length)
+        want = _hash_definition(sites, seeds, length)
+
+        # Assert
+        assert got.keys() == want.keys()
+        for name in want:
+            assert torch.equal(got[name], want[name]), (name, length)
+
+
 def test_keep_masks_differ_between_seeds_and_sites_and_are_scaled():
     # Prepare
     p = 0.25
