@@ -3,10 +3,16 @@ in process and through the services.
 
     python bench/bench_epoch.py --data-root ../shared/data                 # in-process, 3 epochs
     python bench/bench_epoch.py --data-root ../shared/data --services      # also via `fedseq run`
+    python bench/bench_epoch.py --data-root ../shared/data --baseline a7627a9 --repeats 3
+                                      # side by side with an older commit (training epochs only)
 
 Reports medians over epochs, the peak resident memory of the in-process runner, and for the
 services the per-round breakdown (worker compute, encode, upload; server decode, aggregate,
-store) from the run's round records. Benchmarks measure; they do not gate.
+store) from the run's round records. ``--baseline REV`` checks REV out into a temporary git
+worktree and times its training epochs and this tree's in alternating subprocesses (A B B A ...),
+each with ``--epochs`` epochs, so both see the same machine; the first epoch of a process pays for
+imports and first-touch memory and is reported apart from the warm ones. Benchmarks measure; they
+do not gate.
 """
 
 from __future__ import annotations
@@ -24,14 +30,90 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# --tree PATH: import fedseq from another checkout (the baseline worktree), before anything imports it
+TREE = Path(sys.argv[sys.argv.index("--tree") + 1]).resolve() if "--tree" in sys.argv else ROOT
+sys.path.insert(0, str(TREE))
 
 from fedseq.config import build_config  # noqa: E402
-from fedseq.engine import epoch_rounds  # noqa: E402
 from fedseq.experiment import setup  # noqa: E402
 from fedseq.metrics import Evaluator  # noqa: E402
 from fedseq.training import compute_updates  # noqa: E402
 from server.aggregation import make_rule, server_step  # noqa: E402
+
+try:
+    from fedseq.engine import epoch_rounds  # noqa: E402
+except ImportError:  # commits before the round engine (e.g. a7627a9) kept it in fedseq.experiment
+    from fedseq.experiment import epoch_rounds  # type: ignore[no-redef,attr-defined]  # noqa: E402
+
+
+def train_epochs(cfg, epochs: int) -> dict:
+    """Only the training epochs: wall and process-CPU seconds per epoch (works on older commits)."""
+    torch.set_num_threads(cfg.threads)
+    s = setup(cfg)
+    params = s.initial_params()
+    rule = make_rule(*((cfg.defense, dict(cfg.defense_opts)) if hasattr(cfg, "defense")
+                       else (cfg.aggregation, dict(cfg.aggregation_opts))))
+    ds = s.dataset
+    wall, cpu = [], []
+    rk = 0
+    for e in range(epochs):
+        t0, c0 = time.perf_counter(), time.process_time()
+        for users in epoch_rounds(cfg, s.benign_users, e):
+            ub = compute_updates(s.model, params, [ds.train[u] for u in users], users, cfg.seed, rk, cfg.local())
+            params = server_step(params, rule(ub.updates, torch.as_tensor(ub.num_samples, dtype=torch.float32)).vector,
+                                 cfg.lr_at(e))
+            del ub  # as the in-process runner does: one round's matrix alive at a time
+            rk += 1
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return {"train_epoch_s": wall, "train_epoch_cpu_s": cpu,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def side_by_side(args) -> dict:
+    """This tree against ``args.baseline`` in alternating subprocesses; returns both trees' epochs."""
+    import shutil
+
+    rev = subprocess.run(["git", "rev-parse", "--short", args.baseline], cwd=ROOT, check=True, capture_output=True,
+                         text=True).stdout.strip()
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, check=True, capture_output=True,
+                          text=True).stdout.strip()
+    tmp = Path(tempfile.mkdtemp(prefix="fedseq-bench-"))
+    base = tmp / rev
+    subprocess.run(["git", "worktree", "add", "--detach", str(base), rev], cwd=ROOT, check=True, capture_output=True)
+    trees = {f"baseline {rev}": base, f"this tree ({head}{'+' if _dirty() else ''})": ROOT}
+    got: dict[str, list[dict]] = {k: [] for k in trees}
+    try:
+        for r in range(args.repeats):
+            order = list(trees) if r % 2 == 0 else list(reversed(trees))
+            for name in order:
+                out = tmp / f"{len(got[name])}-{name.split()[0]}.json"
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--train-only", "--tree", str(trees[name]),
+                       "--dataset", args.dataset, "--model", args.model, "--epochs", str(args.epochs),
+                       "--threads", str(args.threads), "--json", str(out)]
+                if args.data_root:
+                    cmd += ["--data-root", str(Path(args.data_root).resolve())]
+                subprocess.run(cmd, check=True, capture_output=True, cwd=trees[name])
+                got[name].append(json.loads(out.read_text())["inprocess"])
+                ep = got[name][-1]["train_epoch_s"]
+                print(f"  repeat {r + 1}/{args.repeats} {name}: epochs {', '.join(f'{t:.2f}' for t in ep)} s",
+                      flush=True)
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=ROOT, capture_output=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    summary = {}
+    for name, runs in got.items():
+        warm = [t for run in runs for t in run["train_epoch_s"][1:]]
+        warm_cpu = [t for run in runs for t in run["train_epoch_cpu_s"][1:]]
+        first = [run["train_epoch_s"][0] for run in runs]
+        summary[name] = {"warm_epoch_s": warm, "warm_epoch_cpu_s": warm_cpu, "first_epoch_s": first,
+                         "peak_rss_mb": max(run["peak_rss_mb"] for run in runs)}
+    return summary
+
+
+def _dirty() -> bool:
+    return bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip())
 
 
 def inprocess(cfg, epochs: int) -> dict:
@@ -104,11 +186,40 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--codec", default="sparse-fp32")
     ap.add_argument("--json", help="write the raw numbers here")
+    ap.add_argument("--baseline", metavar="REV", help="also time this commit's training epochs, side by side")
+    ap.add_argument("--repeats", type=int, default=3, help="with --baseline: processes per tree (alternating)")
+    ap.add_argument("--train-only", action="store_true", help="only the in-process training epochs")
+    ap.add_argument("--tree", help="import fedseq from this checkout (used by --baseline)")
     args = ap.parse_args()
+    if args.epochs < 1 or args.repeats < 1:
+        ap.error("--epochs and --repeats must be >= 1")
+    if args.baseline:
+        if args.epochs < 2:
+            ap.error("--baseline needs --epochs >= 2 (the first epoch of a process is reported apart)")
+        print(f"side by side: {args.repeats} processes per tree, {args.epochs} epochs each, "
+              f"{args.threads} thread(s)", flush=True)
+        sbs = side_by_side(args)
+        meds = {}
+        for name, v in sbs.items():
+            meds[name] = statistics.median(v["warm_epoch_s"])
+            print(f"{name}: warm epoch median {meds[name]:.2f} s (n={len(v['warm_epoch_s'])}), "
+                  f"CPU {statistics.median(v['warm_epoch_cpu_s']):.2f} s, first epoch median "
+                  f"{statistics.median(v['first_epoch_s']):.2f} s, peak RSS {v['peak_rss_mb']:.0f} MB")
+        names = list(meds)
+        print(f"ratio this tree / baseline: {meds[names[1]] / meds[names[0]]:.3f}")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"side_by_side": sbs}, indent=2))
+        return 0
     cfg = build_config(None, {"dataset": args.dataset, "data_root": args.data_root, "model": args.model,
                               "threads": args.threads, "codec": args.codec})
-    out = {"machine": f"{Path('/proc/cpuinfo').read_text().count('processor')} CPUs, torch {torch.__version__}",
-           "inprocess": inprocess(cfg, args.epochs)}
+    machine = f"{Path('/proc/cpuinfo').read_text().count('processor')} CPUs, torch {torch.__version__}"
+    if args.train_only:
+        out = {"machine": machine, "inprocess": train_epochs(cfg, args.epochs)}
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=2))
+        print(f"train epochs: {', '.join(f'{t:.2f}' for t in out['inprocess']['train_epoch_s'])} s")
+        return 0
+    out = {"machine": machine, "inprocess": inprocess(cfg, args.epochs)}
     ip = out["inprocess"]
     print(f"in-process: train epoch median {statistics.median(ip['train_epoch_s']):.2f}s "
           f"({', '.join(f'{t:.2f}' for t in ip['train_epoch_s'])}), peak RSS {ip['peak_rss_mb']:.0f} MB")

@@ -61,9 +61,17 @@ def merge_updates(batches: list[UpdateBatch]) -> UpdateBatch:
             return b
     users = np.concatenate([b.users for b in batches])
     order = np.argsort(users, kind="stable")
+    where = np.empty_like(order)
+    where[order] = np.arange(len(order))  # the merged row of each concatenated row
+    # one [K, D] allocation, each batch's rows copied straight to their place (no cat, no gather copy)
+    merged = torch.empty(len(users), batches[0].updates.shape[1], dtype=batches[0].updates.dtype)
+    start = 0
+    for b in batches:
+        merged.index_copy_(0, torch.as_tensor(where[start : start + len(b.users)]), b.updates)
+        start += len(b.users)
     return UpdateBatch(
         users[order],
-        torch.cat([b.updates for b in batches])[torch.as_tensor(order)],
+        merged,
         np.concatenate([b.num_samples for b in batches])[order],
         np.concatenate([b.losses for b in batches])[order],
     )
@@ -148,6 +156,7 @@ def run_inprocess(cfg: ExperimentConfig, out_dir: str | Path | None = None,
         if len(ub.users):
             progress(f"~epoch {rp.epoch + 1}/{cfg.epochs} round {rp.round_id + 1}/{len(plan)} "
                      f"loss {float(np.mean(ub.losses)):.4f}")
+        del ub  # the round's [K, D] matrix is freed before the next round builds its own
         if not last_of_epoch(plan, i):
             continue
         epoch = rp.epoch

@@ -85,6 +85,9 @@ class MetricSums:
         return cls(int(d["users"]), float(d["hr10"]), float(d["ndcg10"]), {k: float(d.get(f"er{k}", 0.0)) for k in KS})
 
 
+SCORE_ROWS = 32  # users per slice when scoring sampled candidates (Evaluator._sampled)
+
+
 def ranks_from_scores(scores: torch.Tensor, col: int) -> torch.Tensor:
     """Rank of column ``col`` in each row of ``scores [B, C]``: how many others score strictly higher."""
     return (scores > scores[:, col : col + 1]).sum(dim=1)
@@ -144,6 +147,7 @@ class Evaluator:
         self.train = [np.asarray(s) for s in train]
         self.test = np.asarray(test, dtype=np.int64)
         self._cands: list[np.ndarray] | None = None
+        self._seen: torch.Tensor | None = None
 
     def _candidates(self) -> list[np.ndarray]:
         if self._cands is None:
@@ -153,6 +157,18 @@ class Evaluator:
                 for u, tr in zip(self.users, self.train, strict=True)
             ]
         return self._cands
+
+    def _seen_items(self) -> torch.Tensor:
+        """``[N, 1 + T]`` bool, cached: whether each user's history holds its test item (column 0)
+        and each target (the data never changes between calls, so neither does this)."""
+        if self._seen is None:
+            targets = self.targets.numpy()
+            seen = np.zeros((len(self.train), 1 + len(targets)), dtype=bool)
+            for i, tr in enumerate(self.train):
+                seen[i, 0] = np.isin(self.test[i], tr)
+                seen[i, 1:] = np.isin(targets, tr)
+            self._seen = torch.from_numpy(seen)
+        return self._seen
 
     @torch.no_grad()
     def __call__(self, params: torch.Tensor) -> MetricSums:
@@ -170,7 +186,7 @@ class Evaluator:
                 seeds = torch.tensor([int(user_rng(self.cfg.seed, EVAL_KEY, int(self.users[i]), 1).integers(0, 2**32))
                                       for i in idx])
                 drop = Drop(keep_masks(sites, seeds, L))
-            h = self.model(tokens, drop)[:, -1]  # [B, d]
+            h = self.model(tokens, drop, last=True)[:, -1]  # [B, d]: the last block runs one query per user
             test = torch.as_tensor(self.test[idx])
             if cands is not None:
                 total = total + self._sampled(h, idx, test, cands)
@@ -182,12 +198,11 @@ class Evaluator:
         B, T = len(idx), len(self.targets)
         negs = torch.as_tensor(np.stack([cands[i] for i in idx]))  # [B, n]
         items = torch.cat([test[:, None], negs, self.targets[None].expand(B, T)], dim=1)  # [B, 1 + n + T]
-        scores = self.model.scores(h, items)
-        seen = torch.zeros(B, T + 1, dtype=torch.bool)
-        for r, i in enumerate(idx):
-            tr = self.train[i]
-            seen[r, 0] = bool(np.isin(self.test[i], tr))
-            seen[r, 1:] = torch.from_numpy(np.isin(self.targets.numpy(), tr))
+        # in slices of SCORE_ROWS users: the gathered [rows, 1 + n + T, d] embeddings stay a few MB that
+        # the allocator reuses (one [B, 1002, 64] gather is ~90 MB of fresh pages per call); same numbers
+        scores = torch.cat([self.model.scores(h[a : a + SCORE_ROWS], items[a : a + SCORE_ROWS])
+                            for a in range(0, B, SCORE_ROWS)])
+        seen = self._seen_items()[torch.as_tensor(idx)]  # [B, 1 + T]
         scores[:, 0] = scores[:, 0].masked_fill(seen[:, 0], -1024.0)
         scores[:, -T:] = scores[:, -T:].masked_fill(seen[:, 1:], -1024.0)
         test_rank = ranks_from_scores(scores, 0)

@@ -293,8 +293,8 @@ def compute_updates(
 
 
 def _zeros(*shape: int) -> torch.Tensor:
-    """A zero float32 tensor from ``calloc``: a large one is fresh zero pages, so the rows a user
-    never touches cost neither a fill now nor memory until written (``torch.zeros`` fills it)."""
+    """A zero float32 tensor from ``calloc``: fresh zero pages, so the rows a user never touches
+    cost no fill now (``torch.zeros`` writes every element first, then the rows are written again)."""
     return torch.from_numpy(np.zeros(shape, dtype=np.float32))
 
 

@@ -47,17 +47,20 @@ class Block(nn.Module):
         self.ln1, self.ln2 = LayerNorm(d), LayerNorm(d)
         self.w1, self.w2 = nn.Linear(d, cfg.ffn), nn.Linear(cfg.ffn, d)
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor, drop: Drop, name: str) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor, drop: Drop, name: str, last: bool = False) -> torch.Tensor:
         # x: [B, L, d]; allowed: [B, 1, 1, L] bool (key not padding)
+        # last: only the last position's output ([B, 1, d]; keys and values still from all of x)
         B, L, d = x.shape
         H, dh = self.heads, d // self.heads
-        q = self.q(x).view(B, L, H, dh).transpose(1, 2)  # [B, H, L, dh]
-        k = self.k(x).view(B, L, H, dh).transpose(1, 2)
+        xq = x[:, -1:] if last else x  # [B, Lq, d]
+        Lq = xq.shape[1]
+        q = self.q(xq).view(B, Lq, H, dh).transpose(1, 2)  # [B, H, Lq, dh]
+        k = self.k(x).view(B, L, H, dh).transpose(1, 2)  # [B, H, L, dh]
         v = self.v(x).view(B, L, H, dh).transpose(1, 2)
-        scores = (q @ k.transpose(-1, -2) / math.sqrt(dh)).masked_fill(~allowed, -1e9)  # [B, H, L, L]
+        scores = (q @ k.transpose(-1, -2) / math.sqrt(dh)).masked_fill(~allowed, -1e9)  # [B, H, Lq, L]
         probs = drop(f"{name}.attn", torch.softmax(scores, dim=-1))
-        a = self.o((probs @ v).transpose(1, 2).reshape(B, L, d))
-        x = self.ln1(x + drop(f"{name}.attn_out", a))
+        a = self.o((probs @ v).transpose(1, 2).reshape(B, Lq, d))
+        x = self.ln1(xq + drop(f"{name}.attn_out", a))
         return self.ln2(x + drop(f"{name}.ffn_out", self.w2(gelu_tanh(self.w1(x)))))
 
 
@@ -87,16 +90,17 @@ class BERT4Rec(nn.Module):
         """Token + position embedding before LayerNorm and dropout: ``[B, L] -> [B, L, d]``."""
         return self.item_emb(tokens) + self.pos_emb(position_ids(tokens))
 
-    def encode(self, tokens: torch.Tensor, x: torch.Tensor, drop: Drop | None = None) -> torch.Tensor:
+    def encode(self, tokens: torch.Tensor, x: torch.Tensor, drop: Drop | None = None, last: bool = False) -> torch.Tensor:
+        """``[B, L, d]`` outputs (``last``: only the last position's, ``[B, 1, d]``)."""
         drop = drop or Drop()
         allowed = (tokens != 0)[:, None, None, :]  # [B, 1, 1, L]
         x = drop("emb", self.emb_ln(x))
         for i, blk in enumerate(self.blocks):
-            x = blk(x, allowed, drop, f"b{i}")
-        return gelu_tanh(self.head(x))  # [B, L, d]
+            x = blk(x, allowed, drop, f"b{i}", last and i == len(self.blocks) - 1)
+        return gelu_tanh(self.head(x))  # [B, L, d] ([B, 1, d] with last)
 
-    def forward(self, tokens: torch.Tensor, drop: Drop | None = None) -> torch.Tensor:
-        return self.encode(tokens, self.embed(tokens), drop)
+    def forward(self, tokens: torch.Tensor, drop: Drop | None = None, last: bool = False) -> torch.Tensor:
+        return self.encode(tokens, self.embed(tokens), drop, last)
 
     def scores(self, h: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
         """Scores ``h . E^T + b``: all items (``[..., V]``) or ``items [..., K]`` (``[..., K]``)."""

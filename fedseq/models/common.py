@@ -201,7 +201,11 @@ class Drop:
     def __call__(self, name: str, x: torch.Tensor) -> torch.Tensor:
         if self.masks is not None:
             m = self.masks.get(name)
-            return x if m is None else x * m
+            if m is None:
+                return x
+            if m.shape != x.shape:  # a block run for its last positions only: their rows of the mask
+                m = m[..., m.shape[-2] - x.shape[-2] :, :]
+            return x * m
         if self.sites is not None and name in self.sites:
             return F.dropout(x, self.sites[name].p, training=True)
         return x

@@ -42,18 +42,21 @@ class Block(nn.Module):
         self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
         self.w1, self.w2 = nn.Linear(d, cfg.ffn), nn.Linear(cfg.ffn, d)
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor, drop: Drop, name: str) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor, drop: Drop, name: str, last: bool = False) -> torch.Tensor:
         # x: [B, L, d]; allowed: [B, 1, L, L] bool (causal and key not padding)
+        # last: only the last position's output ([B, 1, d]; keys and values still from all of x)
         B, L, d = x.shape
         H, dh = self.heads, d // self.heads
-        q_in = self.ln1(x)
-        q = self.q(q_in).view(B, L, H, dh).transpose(1, 2)  # [B, H, L, dh]
-        k = self.k(x).view(B, L, H, dh).transpose(1, 2)
+        xq = x[:, -1:] if last else x  # [B, Lq, d]
+        Lq = xq.shape[1]
+        q_in = self.ln1(xq)
+        q = self.q(q_in).view(B, Lq, H, dh).transpose(1, 2)  # [B, H, Lq, dh]
+        k = self.k(x).view(B, L, H, dh).transpose(1, 2)  # [B, H, L, dh]
         v = self.v(x).view(B, L, H, dh).transpose(1, 2)
-        scores = q @ k.transpose(-1, -2) / math.sqrt(dh)  # [B, H, L, L]
-        scores = scores.masked_fill(~allowed, -1e9)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(dh)  # [B, H, Lq, L]
+        scores = scores.masked_fill(~allowed[:, :, L - Lq :], -1e9)
         probs = drop(f"{name}.attn", torch.softmax(scores, dim=-1))
-        a = (probs @ v).transpose(1, 2).reshape(B, L, d)  # [B, L, d]
+        a = (probs @ v).transpose(1, 2).reshape(B, Lq, d)  # [B, Lq, d]
         x = self.ln2(a + q_in)
         h = drop(f"{name}.ffn_out", self.w2(drop(f"{name}.ffn_in", torch.relu(self.w1(x)))))
         return self.ln3(h + x)
@@ -82,19 +85,21 @@ class SASRec(nn.Module):
         """Token + position embedding before dropout: ``[B, L] -> [B, L, d]``."""
         return self.item_emb(tokens) + self.pos_emb(position_ids(tokens))
 
-    def encode(self, tokens: torch.Tensor, x: torch.Tensor, drop: Drop | None = None) -> torch.Tensor:
-        """Run the blocks on embedded input ``x [B, L, d]`` (``tokens`` gives the padding mask)."""
+    def encode(self, tokens: torch.Tensor, x: torch.Tensor, drop: Drop | None = None, last: bool = False) -> torch.Tensor:
+        """Run the blocks on embedded input ``x [B, L, d]`` (``tokens`` gives the padding mask).
+        ``last``: only the last position's output, ``[B, 1, d]`` (evaluation: the last block then
+        computes one query per user instead of L)."""
         drop = drop or Drop()
         L = tokens.shape[1]
         causal = torch.ones(L, L, dtype=torch.bool, device=tokens.device).tril()
         allowed = causal[None, None] & (tokens != 0)[:, None, None, :]  # [B, 1, L, L]
         x = drop("emb", x)
         for i, blk in enumerate(self.blocks):
-            x = blk(x, allowed, drop, f"b{i}")
+            x = blk(x, allowed, drop, f"b{i}", last and i == len(self.blocks) - 1)
         return x
 
-    def forward(self, tokens: torch.Tensor, drop: Drop | None = None) -> torch.Tensor:
-        return self.encode(tokens, self.embed(tokens), drop)
+    def forward(self, tokens: torch.Tensor, drop: Drop | None = None, last: bool = False) -> torch.Tensor:
+        return self.encode(tokens, self.embed(tokens), drop, last)
 
     def scores(self, h: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
         """Scores: ``h [..., d]`` against all items (``[..., V]``) or ``items [..., K]`` (``[..., K]``)."""
