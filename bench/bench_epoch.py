@@ -90,7 +90,7 @@ def side_by_side(args) -> dict:
                 out = tmp / f"{len(got[name])}-{name.split()[0]}.json"
                 cmd = [sys.executable, str(Path(__file__).resolve()), "--train-only", "--tree", str(trees[name]),
                        "--dataset", args.dataset, "--model", args.model, "--epochs", str(args.epochs),
-                       "--threads", str(args.threads), "--json", str(out)]
+                       "--threads", str(args.threads), "--device", args.device, "--json", str(out)]
                 if args.data_root:
                     cmd += ["--data-root", str(Path(args.data_root).resolve())]
                 subprocess.run(cmd, check=True, capture_output=True, cwd=trees[name])
@@ -154,24 +154,51 @@ def inprocess(cfg, epochs: int) -> dict:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def services(args, epochs: int, extra: tuple[str, ...] = ()) -> dict:
-    """``fedseq run`` for ``epochs`` epochs (``extra``: more flags, e.g. ``--insecure``)."""
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def job(args, epochs: int, command: str, threads: int, extra: tuple[str, ...] = ()) -> tuple[dict, list[dict], float,
+                                                                                               float]:
+    """``fedseq <command>`` (run or sim) for ``epochs`` epochs with one evaluation at the end:
+    (results, round records, wall seconds, CPU seconds of every process it started)."""
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "cli.main", "run", "--dataset", args.dataset, "--model", args.model,
-               "--epochs", str(epochs), "--workers", str(args.workers), "--codec", args.codec, "--out", tmp,
-               "--eval-every", str(epochs), "--threads", str(args.threads), *extra]
+        cmd = [sys.executable, "-m", "cli.main", command, "--dataset", args.dataset, "--model", args.model,
+               "--epochs", str(epochs), "--codec", args.codec, "--out", tmp, "--eval-every", str(epochs),
+               "--threads", str(threads), "--device", args.device, *extra]
+        if command == "run":
+            cmd += ["--workers", str(args.workers)]
         if args.data_root:
             cmd += ["--data-root", args.data_root]
-        t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, capture_output=True)
-        wall = time.perf_counter() - t0
+        t0, c0 = time.perf_counter(), _children_cpu()
+        subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
+        wall, cpu = time.perf_counter() - t0, _children_cpu() - c0
         res = json.loads(Path(tmp, "results.json").read_text())
-        rounds = [json.loads(x) for x in Path(tmp, "rounds.jsonl").read_text().splitlines()]
+        rounds_file = Path(tmp, "rounds.jsonl")
+        rounds = [json.loads(x) for x in rounds_file.read_text().splitlines()] if rounds_file.exists() else []
+    return res, rounds, wall, cpu
+
+
+def whole_jobs(args, epochs: int) -> dict:
+    """The same job in process (``fedseq sim``, ``--workers`` torch threads: the cores the services'
+    workers get) and through the services (``fedseq run``): wall and CPU seconds of each."""
+    out = {}
+    for name, command, threads in (("inprocess", "sim", args.workers), ("services", "run", args.threads)):
+        res, _, wall, cpu = job(args, epochs, command, threads)
+        out[name] = {"wall_s": wall, "cpu_s": cpu, "threads": threads,
+                     "train_epoch_s": [e["train_seconds"] for e in res["epochs"]]}
+    return out
+
+
+def services(args, epochs: int, extra: tuple[str, ...] = ()) -> dict:
+    """``fedseq run`` for ``epochs`` epochs (``extra``: more flags, e.g. ``--insecure``)."""
+    res, rounds, wall, cpu = job(args, epochs, "run", args.threads, extra)
     keys = ("model", "compute", "encode", "upload")
     breakdown = {f"worker_{k}": sum(r["worker_timings"].get(k, 0.0) for r in rounds) / epochs for k in keys}
     for k in ("decode", "aggregate", "step", "store"):
         breakdown[f"server_{k}"] = sum(r["server_timings"].get(k, 0.0) for r in rounds) / epochs
-    return {"train_epoch_s": [e["train_seconds"] for e in res["epochs"]], "wall_s": wall,
+    return {"train_epoch_s": [e["train_seconds"] for e in res["epochs"]], "wall_s": wall, "cpu_s": cpu,
             "breakdown_per_epoch_s": breakdown, "bytes_up_per_epoch": res["summary"]["bytes_up"] / epochs}
 
 
@@ -182,6 +209,7 @@ def main() -> int:
     ap.add_argument("--model", default="sasrec")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N (in-process and services)")
     ap.add_argument("--services", action="store_true")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--codec", default="sparse-fp32")
@@ -210,9 +238,15 @@ def main() -> int:
         if args.json:
             Path(args.json).write_text(json.dumps({"side_by_side": sbs}, indent=2))
         return 0
-    cfg = build_config(None, {"dataset": args.dataset, "data_root": args.data_root, "model": args.model,
-                              "threads": args.threads, "codec": args.codec})
+    over = {"dataset": args.dataset, "data_root": args.data_root, "model": args.model, "threads": args.threads,
+            "codec": args.codec}
+    if args.device != "cpu":  # older commits (--baseline) have no device key; cpu is what they compute on
+        over["device"] = args.device
+    cfg = build_config(None, over)
     machine = f"{Path('/proc/cpuinfo').read_text().count('processor')} CPUs, torch {torch.__version__}"
+    if torch.cuda.is_available():
+        machine += f", {torch.cuda.get_device_name(0)}"
+    machine += f"; device {args.device}"
     if args.train_only:
         out = {"machine": machine, "inprocess": train_epochs(cfg, args.epochs)}
         if args.json:
@@ -234,6 +268,14 @@ def main() -> int:
               f"{sv['bytes_up_per_epoch'] / 1e6:.1f} MB up per epoch")
         for k, v in sv["breakdown_per_epoch_s"].items():
             print(f"  {k}: {v:.2f}s per epoch")
+        jobs = whole_jobs(args, args.epochs)
+        out["same_cores"] = jobs
+        ip_, sv_ = jobs["inprocess"], jobs["services"]
+        print(f"same job, same cores: fedseq sim ({ip_['threads']} threads) train epoch median "
+              f"{statistics.median(ip_['train_epoch_s']):.2f}s, whole job {ip_['wall_s']:.1f}s wall / "
+              f"{ip_['cpu_s']:.1f}s CPU; fedseq run ({args.workers} workers x {sv_['threads']} thread) "
+              f"{statistics.median(sv_['train_epoch_s']):.2f}s, {sv_['wall_s']:.1f}s wall / {sv_['cpu_s']:.1f}s CPU; "
+              f"epoch ratio {statistics.median(sv_['train_epoch_s']) / statistics.median(ip_['train_epoch_s']):.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
     return 0

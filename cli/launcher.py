@@ -259,6 +259,7 @@ def launch(cfg: ExperimentConfig, settings: LaunchSettings) -> int:
                 name = f"{kind}-{i}"
                 procs.append(_Proc(name, [f"serve-{kind}", "--port", "0", "--orchestrator", orch_addr,
                                           "--advertise-host", "127.0.0.1", "--threads", str(cfg.threads),
+                                          "--device", cfg.device,
                                           "--worker-id", name, *security(name)],
                                    log_dir, {**env, "FEDSEQ_STORE_URL": store_urls["worker"]}))
             for p in procs:

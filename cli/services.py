@@ -136,6 +136,9 @@ def add_parsers(sub, add_experiment_flags) -> None:
                        help="read models from this Redis (read-only worker credentials; FEDSEQ_STORE_URL); "
                             "default: through the aggregator's GetModel")
         p.add_argument("--threads", default=_env("THREADS", "1"))
+        p.add_argument("--device", default=_env("DEVICE"),
+                       help="auto | cpu | cuda | cuda:N for this worker's updates and evaluation (FEDSEQ_DEVICE; "
+                            "default: the run config's device, auto)")
         p.add_argument("--worker-id", default=_env("WORKER_ID"))
         p.add_argument("--port-file", default=_env("PORT_FILE"))
         add_security_flags(p, "worker")
@@ -200,7 +203,7 @@ def serve_worker(args: argparse.Namespace) -> int:
             orchestrator=_required(args.orchestrator, "--orchestrator", "ORCHESTRATOR"), kind=args.kind,
             port=_int(args.port, "--port"), host=args.host, advertise_host=_advertise_host(args.advertise_host),
             identity=identity_from(args), worker_id=args.worker_id or None, aggregator=args.aggregator or None,
-            store_url=args.store_url or None, threads=_int(args.threads, "--threads"))
+            store_url=args.store_url or None, threads=_int(args.threads, "--threads"), device=args.device or None)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if settings.store_url:

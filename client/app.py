@@ -10,6 +10,7 @@ authenticated reply, and re-registers as a heartbeat."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fedseq.config import ExperimentConfig
+from fedseq.device import resolve as resolve_device
 from fedseq.rpc import LOOPBACK, Service
 from fedseq.tls import Identity
 from fedseq.v1 import worker_pb2, worker_pb2_grpc
@@ -55,6 +57,7 @@ class WorkerSettings:
     aggregator: str | None = None
     store_url: str | None = None
     threads: int = 0  # torch threads (0: leave as is)
+    device: str | None = None  # auto | cpu | cuda | cuda:N for this worker's compute (None: the run config's)
     heartbeat: float = 10.0
     register_timeout: float = 300.0
 
@@ -63,6 +66,8 @@ class WorkerSettings:
             raise ValueError("a worker needs the orchestrator's address")
         if self.kind not in ("client", "attacker"):
             raise ValueError(f"unknown worker kind {self.kind!r}; kinds: client, attacker")
+        if self.device is not None:
+            resolve_device(self.device)  # fail fast: a malformed name, or a GPU this process cannot use
 
 
 @dataclass(eq=False)
@@ -97,7 +102,7 @@ def build(settings: WorkerSettings, population: Population | None = None,
     population = population or benign_population
     if settings.threads > 0:
         torch.set_num_threads(settings.threads)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(resolve_device(settings.device or "auto"))  # reported at registration; the run's config may say cpu
     servicer = servicer_class(settings.worker_id or new_worker_id(settings.kind), device, settings.identity)
     service = Service([(worker_pb2_grpc.add_WorkerServicer_to_server, servicer,
                         worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name)], port=settings.port,
@@ -106,6 +111,8 @@ def build(settings: WorkerSettings, population: Population | None = None,
 
     def on_config(reply) -> None:
         cfg = config_from_reply(reply)
+        if settings.device is not None:  # this worker's own device wins over the run's
+            cfg = dataclasses.replace(cfg, device=settings.device)
         hosted = population(cfg, shard_from_reply(reply))
         aggregator = settings.aggregator or reply.aggregator
         servicer.attach(reply.run_id, hosted, ModelSource(reply.run_id, settings.store_url, aggregator,

@@ -18,6 +18,7 @@ import tomllib
 
 from .codec import ENCODINGS
 from .data.summary import TARGET_PRESETS
+from .device import check_name as check_device
 from .training import LocalConfig
 
 
@@ -116,6 +117,7 @@ class ExperimentConfig:
     attack_opts: tuple[tuple[str, str], ...] = ()
     codec: str = "sparse-fp32"  # lossless: embedding tables as touched rows only, the rest dense
     threads: int = 1  # torch threads per process (see docs: oversubscription on small machines)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (fedseq/device.py); a worker's own --device wins
     compression: str = "none"  # gRPC message compression of the run's calls: "none" | "gzip"
     model_delta: bool = False  # workers holding version v-1 download v as a row patch (fedseq/delta.py)
 
@@ -139,6 +141,10 @@ class ExperimentConfig:
         need(self.num_negatives >= 1, "num_negatives must be >= 1")
         need(0.0 <= self.malicious_ratio < 1.0, f"malicious_ratio must be in [0, 1), got {self.malicious_ratio}")
         need(self.threads >= 0, "threads must be >= 0 (0 = torch's default)")
+        try:
+            check_device(self.device)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         need(self.codec in ENCODINGS, f"codec must be one of {ENCODINGS}, got {self.codec!r}")
         need(self.compression in COMPRESSIONS,
              f"compression must be one of {COMPRESSIONS}, got {self.compression!r}")
@@ -160,6 +166,7 @@ class ExperimentConfig:
             optimizer=self.optimizer,
             shared_neg_seed=self.compat.shared_neg_seed,
             neg_from_vocab=self.compat.neg_from_vocab,
+            device=self.device,
         )
 
     def adv_config(self):

@@ -55,6 +55,7 @@ class Setup:
             seed=c.seed,
             dropout=c.compat.eval_dropout,
             mask_token_query=c.compat.eval_mask_token,
+            device=c.device,
         )
 
     def initial_params(self) -> torch.Tensor:

@@ -20,10 +20,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import torch
 
+from .device import check_name as check_device
+from .device import model_on, resolve
 from .models import BERT4Rec, SeqModel
 from .models.common import Drop, keep_masks
 from .params import set_vector
@@ -44,8 +47,10 @@ class EvalConfig:
     mask_token_query: bool = False  # compat (SASRec): score at an appended, never-trained mask token
     max_tokens: int = 16384
     batch_size: int = 512
+    device: str = "cpu"  # where the forward passes and scores run (fedseq/device.py); sums return on the CPU
 
     def __post_init__(self) -> None:
+        check_device(self.device)
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
         if self.num_negatives < 1:
@@ -172,7 +177,9 @@ class Evaluator:
 
     @torch.no_grad()
     def __call__(self, params: torch.Tensor) -> MetricSums:
-        set_vector(self.model, params)
+        dev = resolve(self.cfg.device)
+        model = cast(SeqModel, model_on(self.model, dev))
+        set_vector(model, params.to(dev))
         total = MetricSums()
         sites = self.model.dropout_sites() if self.cfg.dropout else {}
         cands = self._candidates() if self.cfg.protocol == "sampled" else None
@@ -184,24 +191,25 @@ class Evaluator:
             drop = None
             if sites:
                 seeds = torch.tensor([int(user_rng(self.cfg.seed, EVAL_KEY, int(self.users[i]), 1).integers(0, 2**32))
-                                      for i in idx])
+                                      for i in idx], device=dev)
                 drop = Drop(keep_masks(sites, seeds, L))
-            h = self.model(tokens, drop, last=True)[:, -1]  # [B, d]: the last block runs one query per user
+            h = model(tokens.to(dev), drop, last=True)[:, -1]  # [B, d]: the last block runs one query per user
             test = torch.as_tensor(self.test[idx])
             if cands is not None:
-                total = total + self._sampled(h, idx, test, cands)
+                total = total + self._sampled(model, h, idx, test, cands)
             else:
-                total = total + self._full(h, idx, test)
+                total = total + self._full(model, h, idx, test)
         return total
 
-    def _sampled(self, h: torch.Tensor, idx: np.ndarray, test: torch.Tensor, cands: list[np.ndarray]) -> MetricSums:
+    def _sampled(self, model: SeqModel, h: torch.Tensor, idx: np.ndarray, test: torch.Tensor,
+                 cands: list[np.ndarray]) -> MetricSums:
         B, T = len(idx), len(self.targets)
         negs = torch.as_tensor(np.stack([cands[i] for i in idx]))  # [B, n]
-        items = torch.cat([test[:, None], negs, self.targets[None].expand(B, T)], dim=1)  # [B, 1 + n + T]
+        items = torch.cat([test[:, None], negs, self.targets[None].expand(B, T)], dim=1).to(h.device)  # [B, 1 + n + T]
         # in slices of SCORE_ROWS users: the gathered [rows, 1 + n + T, d] embeddings stay a few MB that
         # the allocator reuses (one [B, 1002, 64] gather is ~90 MB of fresh pages per call); same numbers
-        scores = torch.cat([self.model.scores(h[a : a + SCORE_ROWS], items[a : a + SCORE_ROWS])
-                            for a in range(0, B, SCORE_ROWS)])
+        scores = torch.cat([model.scores(h[a : a + SCORE_ROWS], items[a : a + SCORE_ROWS])
+                            for a in range(0, B, SCORE_ROWS)]).cpu()
         seen = self._seen_items()[torch.as_tensor(idx)]  # [B, 1 + T]
         scores[:, 0] = scores[:, 0].masked_fill(seen[:, 0], -1024.0)
         scores[:, -T:] = scores[:, -T:].masked_fill(seen[:, 1:], -1024.0)
@@ -209,9 +217,9 @@ class Evaluator:
         target_ranks = torch.stack([ranks_from_scores(scores, scores.shape[1] - T + j) for j in range(T)], dim=1)
         return metric_sums(test_rank, target_ranks)
 
-    def _full(self, h: torch.Tensor, idx: np.ndarray, test: torch.Tensor) -> MetricSums:
+    def _full(self, model: SeqModel, h: torch.Tensor, idx: np.ndarray, test: torch.Tensor) -> MetricSums:
         M = self.model.cfg.num_items
-        scores = self.model.scores(h)[:, : M + 1].clone()  # [B, M + 1]; column = item id
+        scores = model.scores(h)[:, : M + 1].cpu().clone()  # [B, M + 1]; column = item id
         scores[:, 0] = -math.inf
         excluded = torch.zeros_like(scores, dtype=torch.bool)
         for r, i in enumerate(idx):

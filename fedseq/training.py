@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -25,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from .device import check_name as check_device
+from .device import model_on, resolve
 from .models import BERT4Rec, SASRec, SeqModel
 from .models.common import Drop, keep_masks
 from .params import Layout
@@ -45,6 +48,7 @@ class LocalConfig:
     max_tokens: int = 4096  # padded positions per micro-batch
     shared_neg_seed: bool = False  # compat: one constant negative-sampling seed for every client
     neg_from_vocab: bool = False  # compat: negatives drawn from 1..M+1 (mask token included)
+    device: str = "cpu"  # where the per-user gradients are computed (fedseq/device.py); updates return on the CPU
 
     def __post_init__(self) -> None:
         if self.mode not in ("paper", "fedavg"):
@@ -53,6 +57,7 @@ class LocalConfig:
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
         if self.local_epochs < 1 or self.micro_batch < 1 or self.max_tokens < 1 or self.local_lr <= 0:
             raise ValueError("local_epochs and micro_batch must be >= 1 and local_lr > 0")
+        check_device(self.device)
 
 
 def user_rng(seed: int, key: int, user: int, stream: int = 0) -> np.random.Generator:
@@ -249,8 +254,9 @@ def compute_updates(
     dominate the cost); the rows' gradients are scattered back into the dense update.
     """
     layout = Layout.of(model)
-    objective = _Objective(model)
-    global_p = {f"model.{n}": t for n, t in layout.unflatten(params.detach()).items()}
+    dev = resolve(cfg.device)
+    objective = _Objective(cast(SeqModel, model_on(model, dev)))  # functional_call swaps in global_p: the copy's weights are unused
+    global_p = {f"model.{n}": t for n, t in layout.unflatten(params.detach().to(dev)).items()}
     local_rows = isinstance(model, SASRec)
     table_key = f"model.{ITEM_TABLE}"
     shared_p = {k: v for k, v in global_p.items() if not (local_rows and k == table_key)}
@@ -266,8 +272,8 @@ def compute_updates(
     for idx in micro_batches(lengths, cfg.micro_batch, cfg.max_tokens):
         ub = [int(users[i]) for i in idx]
         seqs = [sequences[i] for i in idx]
-        prepared = [_prepare(model, seqs, ub, seed, round_key, e, cfg, sites) for e in range(epochs)]
-        rows = _localise([p[0] for p in prepared]) if local_rows else None
+        prepared = [_prepare(model, seqs, ub, seed, round_key, e, cfg, sites, dev) for e in range(epochs)]
+        rows = _localise([p[0] for p in prepared]) if local_rows else None  # on dev
         user_p: dict[str, torch.Tensor] = {}
         if rows is not None:
             user_p[table_key] = global_p[table_key][rows]  # [B, R, d]
@@ -286,8 +292,11 @@ def compute_updates(
                 loss = lo if loss is None else loss
                 _local_step(user_p, g, state, cfg, e + 1)
             grads = {k: start_p[k] - user_p[k] for k in user_p}
+        if dev.type != "cpu":  # the update matrix (encoding, aggregation) lives on the CPU
+            grads = {k: g.cpu() for k, g in grads.items()}
+            rows = None if rows is None else rows.cpu()
         _scatter(out, torch.as_tensor(idx), grads, layout, rows)
-        losses[idx] = loss.detach().numpy()
+        losses[idx] = loss.detach().cpu().numpy()
     n_samples = np.array([len(s) for s in sequences], dtype=np.int64)
     return UpdateBatch(np.asarray(users, dtype=np.int64), out, n_samples, losses)
 
@@ -311,10 +320,10 @@ def _localise(batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
     first &= srt != 0  # [B, T]: the first copy of each distinct nonzero item
     slot = torch.cumsum(first, dim=1) * first  # [B, T]: its local id (1..n), 0 elsewhere
     R = 1 + int(slot.max()) if slot.numel() else 1
-    rows = torch.zeros(ids.shape[0], R, dtype=torch.int64)
+    rows = torch.zeros(ids.shape[0], R, dtype=torch.int64, device=ids.device)
     rows.scatter_(1, slot, srt * first)  # [B, R]; slot 0 collects only zeros
     # search table: the padding row, the sorted distinct items, then a sentinel above every item
-    table = torch.where((rows == 0) & (torch.arange(R) > 0), torch.iinfo(torch.int64).max, rows)
+    table = torch.where((rows == 0) & (torch.arange(R, device=ids.device) > 0), torch.iinfo(torch.int64).max, rows)
     for bt in batches:
         for k in keys:
             x = bt[k]
@@ -349,7 +358,9 @@ def _objective_fn(objective: _Objective):
     return f
 
 
-def _prepare(model, seqs, users, seed, round_key, local_epoch, cfg: LocalConfig, sites):
+def _prepare(model, seqs, users, seed, round_key, local_epoch, cfg: LocalConfig, sites,
+             device: torch.device | None = None):
+    """A micro-batch's collated examples and dropout masks (on ``device``; default the CPU)."""
     examples = []
     for u, s in zip(users, seqs, strict=True):
         rng = user_rng(seed, round_key, u, local_epoch)
@@ -357,10 +368,13 @@ def _prepare(model, seqs, users, seed, round_key, local_epoch, cfg: LocalConfig,
             rng = user_rng(SHARED_NEG_SEED, round_key, 0, local_epoch)
         examples.append(make_example(model, s, rng, cfg))
     batch = collate(model, examples)
+    if device is not None and device.type != "cpu":
+        batch = {k: v.to(device) for k, v in batch.items()}
     if not sites:
         return batch, None
     dseeds = torch.tensor(
-        [int(user_rng(seed, round_key, u, 1000 + local_epoch).integers(0, 2**32)) for u in users], dtype=torch.int64
+        [int(user_rng(seed, round_key, u, 1000 + local_epoch).integers(0, 2**32)) for u in users], dtype=torch.int64,
+        device=device,
     )
     return batch, keep_masks(sites, dseeds, batch["tokens"].shape[1])
 

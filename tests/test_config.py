@@ -176,11 +176,11 @@ def test_lr_schedule_halves_every_five_epochs():
 def test_local_config_follows_the_experiment():
     # Execute
     cfg = ExperimentConfig(mode="fedavg", local_epochs=3, local_lr=0.2, optimizer="adam", dropout=False,
-                           compat=Compat.reference())
+                           compat=Compat.reference(), device="cpu")
 
     # Assert
     assert cfg.local() == LocalConfig(mode="fedavg", dropout=False, local_epochs=3, local_lr=0.2, optimizer="adam",
-                                      shared_neg_seed=True, neg_from_vocab=True)
+                                      shared_neg_seed=True, neg_from_vocab=True, device="cpu")
 
 
 def test_to_dict_from_dict_round_trip():

@@ -151,9 +151,11 @@ def _mix32_i32_(h: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=512)
-def _position_code(name: str, kind: str, channels: int, length: int) -> torch.Tensor:
+def _position_code(name: str, kind: str, channels: int, length: int, device: torch.device | None = None) -> torch.Tensor:
     """The user-independent part of a site's mask hash, int32 form: ``[L, C]`` ("seq") or ``[H, L, L]``
     ("attn")."""
+    if device is not None and device.type != "cpu":  # computed on the CPU once, kept on the device
+        return _position_code(name, kind, channels, length).to(device)
     base = _mix32(torch.tensor(_site_code(name), dtype=torch.int64) ^ 0x5BD1E995)
     from_end = torch.arange(length - 1, -1, -1, dtype=torch.int64)  # [L]
     if kind == "seq":
@@ -176,14 +178,14 @@ def keep_masks(
     ``h`` has ``h / 2**32 >= p``, i.e. ``h >= ceil(p * 2**32)`` (exact: the scaling is by a power of
     two). The user-independent part of the hash is cached per (site, L); the per-user part runs in
     place on int32 (the unsigned comparison becomes a signed one after flipping the top bit).
-    Returns ``{site: [B, L, C]}`` or ``{site: [B, H, L, L]}`` float32 tensors.
+    Returns ``{site: [B, L, C]}`` or ``{site: [B, H, L, L]}`` float32 tensors on ``seeds``' device.
     """
     out: dict[str, torch.Tensor] = {}
     user = _as_int32(_mix32(seeds.to(torch.int64) & _M32))  # [B]
     for name, site in sites.items():
         if site.p <= 0.0:
             continue
-        pc = _position_code(name, site.kind, site.channels, length)  # [L, C] or [H, L, L], int32
+        pc = _position_code(name, site.kind, site.channels, length, seeds.device)  # [L, C] or [H, L, L], int32
         h = torch.bitwise_xor(pc[None], user.view(-1, *([1] * pc.dim())))  # [B, ...] int32
         _mix32_i32_(h, torch.empty_like(h))
         keep = h.bitwise_xor_(-(2**31)) >= math.ceil(site.p * 4294967296.0) - 2**31  # unsigned h >= ceil(p 2^32)

@@ -1,0 +1,141 @@
+"""Tests for ``--device`` (fedseq.device): name checks, resolution that fails fast for hardware
+this process lacks, the config and worker plumbing, and (marked ``gpu``, run where torch sees a
+GPU) per-user updates and evaluation on CUDA equal to the CPU's within float tolerance."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedseq.config import ConfigError, ExperimentConfig
+from fedseq.device import DeviceError, check_name, model_on, resolve
+from fedseq.metrics import EvalConfig, Evaluator
+from fedseq.models import build_model
+from fedseq.models.common import reference_init
+from fedseq.params import get_vector
+from fedseq.training import LocalConfig, compute_updates
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_CUDA = torch.cuda.is_available()
+# `-m gpu` selects them; without CUDA they skip with the reason
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="torch sees no CUDA device on this machine")
+
+
+def _gpu(f):
+    return pytest.mark.gpu(gpu(f))
+
+
+@pytest.mark.parametrize("name", ["auto", "cpu", "cuda", "cuda:0", "cuda:12"])
+def test_well_formed_names_pass_the_check(name):
+    check_name(name)  # Execute / Assert: no error
+
+
+@pytest.mark.parametrize("name", ["", "gpu", "CUDA", "cuda:", "cuda:x", "tpu", "cpu:0 "])
+def test_malformed_names_are_refused_with_the_accepted_ones(name):
+    with pytest.raises(DeviceError, match="auto, cpu, cuda or cuda:N"):
+        check_name(name)
+
+
+def test_auto_resolves_to_what_this_machine_has_and_cpu_to_the_cpu():
+    # Execute / Assert
+    assert resolve("auto") == torch.device("cuda" if HAS_CUDA else "cpu")
+    assert resolve("cpu") == torch.device("cpu")
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_fails_fast_saying_why():
+    with pytest.raises(DeviceError, match="requested but .*use --device cpu or auto"):
+        resolve("cuda")
+
+
+def test_the_config_carries_the_device_into_local_training_and_evaluation():
+    # Prepare / Execute
+    cfg = ExperimentConfig(device="cpu")
+
+    # Assert
+    assert ExperimentConfig().device == "auto"
+    assert cfg.local().device == "cpu"
+    with pytest.raises(ConfigError, match="device must be"):
+        ExperimentConfig(device="gpu")
+    with pytest.raises(ValueError, match="device must be"):
+        EvalConfig(device="gpu")
+
+
+def test_the_cpu_uses_the_model_itself_and_a_device_copy_is_made_once():
+    model = build_model("sasrec", 10, hidden=8, heads=2, ffn=16, max_len=6)
+    assert model_on(model, torch.device("cpu")) is model
+    if HAS_CUDA:
+        dev = torch.device("cuda")
+        assert model_on(model, dev) is model_on(model, dev) and next(model_on(model, dev).parameters()).is_cuda
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="needs a machine without CUDA")
+def test_a_worker_asked_for_cuda_without_a_gpu_exits_with_the_reason():
+    # Execute: a real worker process (it fails before it registers, so no orchestrator is needed)
+    proc = subprocess.run([sys.executable, "-m", "cli.main", "serve-client", "--orchestrator", "127.0.0.1:1",
+                           "--insecure", "--device", "cuda"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+    # Assert
+    assert proc.returncode != 0
+    assert "device 'cuda' requested but" in proc.stderr, proc.stderr[-2000:]
+
+
+def _tiny(name: str):
+    extra = {"input_len": 8} if name == "bert4rec" else {}
+    model = build_model(name, 20, hidden=8, heads=2, ffn=16, max_len=10, **extra)
+    reference_init(model, 1)
+    return model
+
+
+def _seqs() -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.choice(np.arange(1, 21), size=n, replace=False).astype(np.int64) for n in (2, 4, 7, 13, 3, 9)]
+
+
+@_gpu
+@pytest.mark.parametrize("name", ["sasrec", "bert4rec"])
+@pytest.mark.parametrize("mode", ["paper", "fedavg"])
+def test_updates_on_the_gpu_equal_the_cpus(name, mode):
+    # Prepare
+    model = _tiny(name)
+    params = get_vector(model)
+    users = [5, 0, 42, 7, 1000, 3]
+    base = LocalConfig(mode=mode, local_epochs=2)
+
+    # Execute
+    cpu = compute_updates(model, params, _seqs(), users, 3, 17, dataclasses.replace(base, device="cpu"))
+    gpu_ = compute_updates(model, params, _seqs(), users, 3, 17, dataclasses.replace(base, device="cuda"))
+
+    # Assert: same users, same sparsity, values equal within float32 summation-order noise
+    assert not gpu_.updates.is_cuda
+    torch.testing.assert_close(gpu_.updates, cpu.updates, rtol=1e-4, atol=1e-5)
+    assert torch.equal(gpu_.updates != 0, cpu.updates != 0) or mode == "fedavg"
+    np.testing.assert_allclose(gpu_.losses, cpu.losses, rtol=1e-5)
+
+
+@_gpu
+@pytest.mark.parametrize("name", ["sasrec", "bert4rec"])
+@pytest.mark.parametrize("protocol", ["sampled", "full"])
+def test_evaluation_on_the_gpu_equals_the_cpus(name, protocol):
+    # Prepare
+    model = _tiny(name)
+    seqs = _seqs()
+    test = np.array([int(np.setdiff1d(np.arange(1, 21), s)[0]) for s in seqs], dtype=np.int64)
+    users = np.arange(len(seqs))
+
+    def run(device: str):
+        ev = Evaluator(model, seqs, test, users, [19], EvalConfig(protocol=protocol, num_negatives=10, device=device))
+        return ev(get_vector(model))
+
+    # Execute
+    cpu, gpu_ = run("cpu"), run("cuda")
+
+    # Assert
+    assert gpu_.users == cpu.users
+    assert gpu_.hr10 == pytest.approx(cpu.hr10) and gpu_.ndcg10 == pytest.approx(cpu.ndcg10, abs=1e-9)
