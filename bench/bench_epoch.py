@@ -191,6 +191,15 @@ def whole_jobs(args, epochs: int) -> dict:
     return out
 
 
+def attacked(args, epochs: int) -> dict:
+    """``fedseq sim`` clean and under DV-FSR at ``--malicious-ratio``: training epoch seconds of each."""
+    out = {}
+    for name, extra in (("clean", ()), ("dv-fsr", ("--attack", "dv-fsr", "--malicious-ratio", str(args.malicious_ratio)))):
+        res, _, wall, cpu = job(args, epochs, "sim", args.threads, extra)
+        out[name] = {"train_epoch_s": [e["train_seconds"] for e in res["epochs"]], "wall_s": wall, "cpu_s": cpu}
+    return out
+
+
 def services(args, epochs: int, extra: tuple[str, ...] = ()) -> dict:
     """``fedseq run`` for ``epochs`` epochs (``extra``: more flags, e.g. ``--insecure``)."""
     res, rounds, wall, cpu = job(args, epochs, "run", args.threads, extra)
@@ -214,6 +223,9 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--codec", default="sparse-fp32")
     ap.add_argument("--json", help="write the raw numbers here")
+    ap.add_argument("--attack-check", action="store_true",
+                    help="also time fedseq sim clean against DV-FSR at --malicious-ratio")
+    ap.add_argument("--malicious-ratio", type=float, default=0.01)
     ap.add_argument("--baseline", metavar="REV", help="also time this commit's training epochs, side by side")
     ap.add_argument("--repeats", type=int, default=3, help="with --baseline: processes per tree (alternating)")
     ap.add_argument("--train-only", action="store_true", help="only the in-process training epochs")
@@ -276,6 +288,12 @@ def main() -> int:
               f"{ip_['cpu_s']:.1f}s CPU; fedseq run ({args.workers} workers x {sv_['threads']} thread) "
               f"{statistics.median(sv_['train_epoch_s']):.2f}s, {sv_['wall_s']:.1f}s wall / {sv_['cpu_s']:.1f}s CPU; "
               f"epoch ratio {statistics.median(sv_['train_epoch_s']) / statistics.median(ip_['train_epoch_s']):.2f}x")
+    if args.attack_check:
+        at = attacked(args, args.epochs)
+        out["attacked"] = at
+        c, a = (statistics.median(at[k]["train_epoch_s"]) for k in ("clean", "dv-fsr"))
+        print(f"fedseq sim clean train epoch median {c:.2f}s, DV-FSR at {args.malicious_ratio:.2%} {a:.2f}s "
+              f"= {a / c:.2f}x clean")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
     return 0
