@@ -22,7 +22,7 @@ Malformed files raise :class:`DataError` with ``path:line: reason``.
 
 from __future__ import annotations
 
-from .base import DataError, IntArray, SeqDataset, UserSequences
+from .base import DataError, IntArray, Ragged, SeqDataset, UserSequences
 from .generator import synthetic
 from .loaders import DATA_ROOT_ENV, load_csv, load_dataset, load_movielens, load_sequences
 from .split import leave_one_out
@@ -34,6 +34,7 @@ __all__ = [
     "DataError",
     "DatasetStats",
     "IntArray",
+    "Ragged",
     "SeqDataset",
     "UserSequences",
     "least_popular_item",
