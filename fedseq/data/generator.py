@@ -346,15 +346,27 @@ def _users_vectorized(
         k = np.searchsorted(gcdf, rng.random(n) * gtotal, side="right")
         return np.minimum(k, num_items - 1) + 1
 
-    flats: list[IntArray] = []
-    lens: list[IntArray] = []
-    tests: list[IntArray] = []
-    global_sampler = _Sampler(np.arange(1, num_items + 1, dtype=np.int64), popularity[1:])
-    for chunk, start in enumerate(range(0, num_users, CHUNK)):
+    def chunk_rng(chunk: int) -> tuple[np.random.Generator, IntArray]:
+        """The chunk's random stream after its first draw, the sequence lengths (train + test)."""
         rng = np.random.default_rng(np.random.SeedSequence([seed & 0xFFFFFFFF, SCALE_KEY, chunk]))
-        B = min(CHUNK, num_users - start)
+        B = min(CHUNK, num_users - chunk * CHUNK)
         length = np.clip(np.rint(rng.lognormal(math.log(median_length), length_sigma, size=B)),
                          min_length, max_length).astype(np.int64)
+        return rng, length
+
+    # every chunk's lengths first (their first draw), so the flat array is allocated once and
+    # each chunk writes into it: the peak is the data set plus one chunk, not twice the data set
+    starts = range(0, num_users, CHUNK)
+    offsets = np.zeros(num_users + 1, dtype=np.int64)
+    np.cumsum(np.concatenate([chunk_rng(c)[1] for c in range(len(starts))]) - 1, out=offsets[1:])
+    flat_all = np.empty(int(offsets[-1]), dtype=np.int64)
+    test_all = np.empty(num_users, dtype=np.int64)
+    global_sampler = _Sampler(np.arange(1, num_items + 1, dtype=np.int64), popularity[1:])
+
+    def one_chunk(chunk: int, start: int) -> None:
+        """Draw users ``start..start+B-1`` into ``flat_all`` and ``test_all``."""
+        rng, length = chunk_rng(chunk)
+        B = len(length)
         p1 = rng.integers(num_clusters, size=B)
         if num_clusters >= 2:
             two = rng.random(B) < two_cluster_prob
@@ -364,14 +376,13 @@ def _users_vectorized(
         m1, m2 = mass[p1], mass[p2]
         seqs = np.zeros((B, max_length), dtype=np.int32)  # item ids < 2**31 (half the chunk's bytes)
 
-        def pref_draw(rows: IntArray, rng: np.random.Generator = rng) -> IntArray:
+        def pref_draw(rows: IntArray) -> IntArray:
             # one of the row's preferred clusters by its popularity mass, then an item in it
             tot = m1[rows] + np.where(p2[rows] != p1[rows], m2[rows], 0.0)
             pick2 = (p2[rows] != p1[rows]) & (rng.random(len(rows)) * tot >= m1[rows])
             return draw_cluster(rng, np.where(pick2, p2[rows], p1[rows]))
 
-        def unseen_or_redraw(rows: IntArray, cand: IntArray, t: int, source: str,
-                             rng: np.random.Generator = rng) -> IntArray:
+        def unseen_or_redraw(rows: IntArray, cand: IntArray, t: int, source: str) -> IntArray:
             """``cand`` with items already in a row's sequence redrawn (rejection, then exact)."""
             for _ in range(_Sampler._TRIES):
                 dup = (seqs[rows, :t] == cand[:, None]).any(axis=1)
@@ -420,14 +431,11 @@ def _users_vectorized(
                 nxt[rest] = unseen_or_redraw(rows[rest], pref_draw(rows[rest]), t, "pref")
             seqs[rows, t] = nxt
         keep = np.arange(max_length)[None, :] < (length - 1)[:, None]
-        flats.append(seqs[keep].astype(np.int64))
-        lens.append(length - 1)
-        tests.append(seqs[np.arange(B), length - 1].astype(np.int64))
-        del seqs, keep
-    offsets = np.zeros(num_users + 1, dtype=np.int64)
-    np.cumsum(np.concatenate(lens), out=offsets[1:])
-    train = Ragged(np.concatenate(flats), offsets)
-    del flats
+        flat_all[offsets[start] : offsets[start + B]] = seqs[keep]
+        test_all[start : start + B] = seqs[np.arange(B), length - 1]
+    for chunk, start in enumerate(starts):
+        one_chunk(chunk, start)  # the chunk's matrix is freed with its frame
+    train = Ragged(flat_all, offsets)
     _release_freed_memory()
-    return SeqDataset(name=name, num_items=int(num_items), train=train, test=np.concatenate(tests),
+    return SeqDataset(name=name, num_items=int(num_items), train=train, test=test_all,
                       user_ids=np.arange(num_users, dtype=np.int64))
