@@ -115,6 +115,20 @@ def test_the_spec_string_selects_the_vectorized_generator():
         synthetic(100, 100, vectorized=2)
 
 
+def test_a_data_cache_folder_is_written_once_and_memory_mapped(tmp_path, monkeypatch):
+    spec = "synthetic:users=500,items=100,max_length=30,vectorized=1"
+    direct = load_dataset(spec, seed=3)
+    monkeypatch.setenv("FEDSEQ_DATA_CACHE", str(tmp_path))
+    first, second = load_dataset(spec, seed=3), load_dataset(spec, seed=3)
+    for ds in (first, second):
+        assert isinstance(ds.train.flat, np.memmap) and ds.train == direct.train
+        assert np.array_equal(ds.test, direct.test) and ds.num_items == direct.num_items
+    assert len(list(tmp_path.glob("synthetic-*.flat.npy"))) == 1
+    assert not load_dataset(spec, seed=4).train == direct.train  # another seed, another file
+    assert len(list(tmp_path.glob("synthetic-*.flat.npy"))) == 2
+    assert isinstance(load_dataset("synthetic:users=50,items=60,max_length=20", seed=3).train, tuple)  # default: no cache
+
+
 # ------------------------------------------------------------------ per-user structures
 def _old_assign(users, workers):
     hosts = sorted((w for w in workers if w.ready and w.alive), key=lambda w: w.worker_id)

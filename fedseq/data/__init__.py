@@ -24,11 +24,12 @@ from __future__ import annotations
 
 from .base import DataError, IntArray, Ragged, SeqDataset, UserSequences
 from .generator import synthetic
-from .loaders import DATA_ROOT_ENV, load_csv, load_dataset, load_movielens, load_sequences
+from .loaders import DATA_CACHE_ENV, DATA_ROOT_ENV, load_csv, load_dataset, load_movielens, load_sequences
 from .split import leave_one_out
 from .summary import TARGET_PRESETS, DatasetStats, least_popular_item, preset_targets, stats
 
 __all__ = [
+    "DATA_CACHE_ENV",
     "DATA_ROOT_ENV",
     "TARGET_PRESETS",
     "DataError",
