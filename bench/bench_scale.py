@@ -15,7 +15,9 @@ next to the vectorized one (``vectorized=1``: CSR, numpy).
 client workers as separate processes) on ``synthetic:users=N,items=2000,max_length=60,
 vectorized=1`` with ``max_rounds`` rounds of ``--per-round`` users, one epoch, evaluation on a
 fixed sample of ``--eval-users`` users; it reads per-round seconds from ``rounds.jsonl`` (the first
-round, which warms caches, is left out of the median) and polls every process's VmRSS for its peak.
+round, which warms caches, is left out of the median) and polls every process's VmRSS and RssAnon
+for their peaks. ``--data-cache`` runs with ``FEDSEQ_DATA_CACHE`` (a fresh folder): the first
+process generates the data set and every process memory-maps it.
 Prints one JSON object per measurement and a summary table (markdown).
 """
 
@@ -90,8 +92,9 @@ def memory(args) -> list[dict]:
     return rows
 
 
-def _tree_rss(root_pid: int) -> dict[int, tuple[str, float]]:
-    """VmRSS (MB) of ``root_pid``'s descendants, with a role read from their command lines."""
+def _tree_rss(root_pid: int) -> dict[int, tuple[str, float, float]]:
+    """(role, VmRSS MB, RssAnon MB) of ``root_pid``'s descendants; the role from the command line.
+    RssAnon leaves out file pages (a memory-mapped data cache, shared between processes)."""
     children: dict[int, list[int]] = {}
     for d in os.listdir("/proc"):
         if d.isdigit():
@@ -100,20 +103,22 @@ def _tree_rss(root_pid: int) -> dict[int, tuple[str, float]]:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(d))
-    out: dict[int, tuple[str, float]] = {}
+    out: dict[int, tuple[str, float, float]] = {}
     todo = list(children.get(root_pid, []))
     while todo:
         pid = todo.pop()
         todo += children.get(pid, [])
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            rss = next(int(line.split()[1]) / 1024 for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-                       if line.startswith("VmRSS"))
-        except (OSError, StopIteration):
+            status = {line.split(":")[0]: int(line.split()[1]) / 1024
+                      for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                      if line.startswith(("VmRSS", "RssAnon"))}
+            rss, anon = status["VmRSS"], status["RssAnon"]
+        except (OSError, KeyError):
             continue
         role = next((c.decode() for c in cmd if c.startswith(b"serve-")),
                     "redis-server" if cmd[0].endswith(b"redis-server") else Path(cmd[0].decode()).name)
-        out[pid] = (role, rss)
+        out[pid] = (role, rss, anon)
     return out
 
 
@@ -127,16 +132,23 @@ def one_run(n: int, args, out_dir: Path) -> dict:
            "--epochs", "1", "--clients-per-round", str(args.per_round), "--num-negatives", "100",
            "--workers", str(args.workers), "--threads", "1", "--seed", str(args.seed), "--out", str(run_dir),
            "--run-id", f"scale-{n}", "--round-timeout", "600"]
+    run_env = env()
+    if args.data_cache:
+        cache = out_dir / f"data-cache-{n}"  # fresh: the run's first process generates, the rest map it
+        run_env["FEDSEQ_DATA_CACHE"] = str(cache)
     t0 = time.time()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak: dict[int, tuple[str, float]] = {}
+    peak_anon: dict[int, tuple[str, float]] = {}
     stop = threading.Event()
 
     def poll() -> None:
         while not stop.is_set():
-            for pid, (role, rss) in _tree_rss(proc.pid).items():
+            for pid, (role, rss, anon) in _tree_rss(proc.pid).items():
                 if rss > peak.get(pid, ("", 0.0))[1]:
                     peak[pid] = (role, rss)
+                if anon > peak_anon.get(pid, ("", 0.0))[1]:
+                    peak_anon[pid] = (role, anon)
             stop.wait(1.0)
 
     threading.Thread(target=poll, daemon=True).start()
@@ -152,11 +164,16 @@ def one_run(n: int, args, out_dir: Path) -> dict:
     by_role: dict[str, float] = {}
     for role, rss in peak.values():
         by_role[role] = max(by_role.get(role, 0.0), rss)
+    anon_by_role: dict[str, float] = {}
+    for role, anon in peak_anon.values():
+        anon_by_role[role] = max(anon_by_role.get(role, 0.0), anon)
     row = {"users": n, "workers": args.workers, "per_round": args.per_round, "rounds": len(rounds),
            "round_seconds": [round(s, 3) for s in secs],
            "median_round_s": round(statistics.median(secs[1:] or secs), 3),
            "eval_users": ep.get("eval_users"), "eval_seconds": round(ep.get("eval_seconds", 0.0), 2),
-           "wall_s": round(wall, 1), "peak_rss_mb_by_role": {k: round(v) for k, v in sorted(by_role.items())}}
+           "wall_s": round(wall, 1), "data_cache": bool(args.data_cache),
+           "peak_rss_mb_by_role": {k: round(v) for k, v in sorted(by_role.items())},
+           "peak_anon_mb_by_role": {k: round(v) for k, v in sorted(anon_by_role.items())}}
     print(json.dumps(row), flush=True)
     return row
 
@@ -184,6 +201,8 @@ def main() -> None:
     r.add_argument("--data-seed", type=int, default=0)
     r.add_argument("--timeout", type=float, default=3600)
     r.add_argument("--out", default="")
+    r.add_argument("--data-cache", action="store_true",
+                   help="run with FEDSEQ_DATA_CACHE (a fresh folder): one process generates, all memory-map")
     args = ap.parse_args()
     args.users = [int(x) for x in args.users.split(",") if x]
     print(json.dumps({"machine": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
@@ -198,11 +217,12 @@ def main() -> None:
                   f"{x['rss_mb']} | {x['peak_mb']} | {x['mb_per_100k']} | {x['seconds']} |")
     else:
         print("\n| users | workers | per round | rounds | median s/round (w/o first) | eval users | eval s | "
-              "wall s | peak RSS MB by process |")
-        print("|---|---|---|---|---|---|---|---|---|")
+              "wall s | data cache | peak RSS MB by process | peak RssAnon MB by process |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for x in rows:
             print(f"| {x['users']:,} | {x['workers']} | {x['per_round']} | {x['rounds']} | {x['median_round_s']} | "
-                  f"{x['eval_users']} | {x['eval_seconds']} | {x['wall_s']} | {x['peak_rss_mb_by_role']} |")
+                  f"{x['eval_users']} | {x['eval_seconds']} | {x['wall_s']} | {x['data_cache']} | "
+                  f"{x['peak_rss_mb_by_role']} | {x['peak_anon_mb_by_role']} |")
 
 
 if __name__ == "__main__":
