@@ -8,6 +8,8 @@ model's token table has ``M + 2`` rows.
 One module per job; import from the package (``from fedseq.data import load_dataset``):
 
 - :mod:`.base`: :class:`SeqDataset`, :class:`DataError` and the array types;
+- :mod:`.ragged`: :class:`Ragged`, per-user sequences as one flat array plus offsets (CSR,
+  optionally memory-mapped), which reads like the tuple of arrays it replaces (large data sets);
 - :mod:`.loaders`: the file formats (:func:`load_sequences`, :func:`load_movielens`,
   :func:`load_csv`), the named sets ``steam`` and ``ml-1m``, and :func:`load_dataset`, which maps
   a spec (``"synthetic"``, ``"steam"``, ``"ml-1m"`` or a file path) to a :class:`SeqDataset`;

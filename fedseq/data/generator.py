@@ -261,6 +261,8 @@ def _check_synthetic_params(**p: Any) -> None:
             fail(f"{key} must be >= 1, got {p[key]}")
     if p["vectorized"] not in (0, 1):
         fail(f"vectorized must be 0 or 1, got {p['vectorized']}")
+    if p["vectorized"] and p["num_items"] >= 2**31:
+        fail(f"vectorized=1 draws item ids as int32: num_items must be < 2**31, got {p['num_items']}")
     for key in ("in_cluster_successor_prob", "follow_prob", "cluster_prob", "two_cluster_prob"):
         if not 0.0 <= p[key] <= 1.0:
             fail(f"{key} must be in [0, 1], got {p[key]}")
