@@ -76,6 +76,28 @@ def test_a_dataset_on_ragged_equals_its_tuple_form():
     assert least_popular_item(rg) == least_popular_item(ds)
 
 
+@pytest.mark.filterwarnings("error::UserWarning")  # read-only views must not reach torch.from_numpy
+def test_training_and_evaluation_on_ragged_equal_the_tuple_form():
+    import torch
+
+    from fedseq.metrics import Evaluator
+    from fedseq.training import compute_updates
+
+    cfg = ExperimentConfig(dataset="synthetic:users=90,items=70,max_length=20", num_negatives=20)
+    s = setup(cfg)
+    ds = s.dataset
+    rg = Ragged.from_sequences(ds.train)
+    params = s.initial_params()
+    users = [3, 17, 42, 88]
+    a = compute_updates(s.model, params, [ds.train[u] for u in users], users, 0, 0, cfg.local())
+    b = compute_updates(s.model, params, [rg[u] for u in users], users, 0, 0, cfg.local())
+    assert torch.equal(a.updates, b.updates)
+    ev = s.eval_config()
+    want = Evaluator(s.model, ds.train, ds.test, s.benign_users, s.targets, ev)(params)
+    got = Evaluator(s.model, rg, ds.test, s.benign_users, s.targets, ev)(params)
+    assert got.means() == want.means()
+
+
 # ------------------------------------------------------------------ the generators
 def test_the_default_generator_output_is_unchanged():
     """Pinned from the generator before the vectorized option existed (published results use it)."""
@@ -241,3 +263,33 @@ def test_a_worker_hosting_100k_users_stays_under_the_memory_bound():
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["users"] == got["hosted"] == 100000
     assert got["rss_mb"] < HOST_BOUND_MB, got
+
+
+# ------------------------------------------------------------------ through the services
+@pytest.mark.slow
+def test_a_100k_user_networked_run_with_a_sample_and_max_rounds_matches_the_inprocess_runner(tmp_path):
+    """``fedseq run`` (separate processes, a shared memory-mapped data cache) on 100k vectorized
+    users stops after ``max_rounds``, evaluates the ``eval_users`` sample, and computes what
+    ``fedseq sim`` computes."""
+    import os
+
+    from cli.sim import run_inprocess
+
+    spec = "synthetic:users=100000,items=500,max_length=40,vectorized=1"
+    keys = {"dataset": spec, "epochs": 1, "clients_per_round": 64, "lr": 0.01, "num_negatives": 50,
+            "eval_users": 300, "max_rounds": 3, "threads": 1}
+    (tmp_path / "cfg.json").write_text(json.dumps(keys))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDSEQ_")}
+    env["FEDSEQ_DATA_CACHE"] = str(tmp_path / "cache")
+    proc = subprocess.run([sys.executable, "-m", "cli.main", "run", "--insecure", "--config", str(tmp_path / "cfg.json"),
+                           "--workers", "2", "--out", str(tmp_path / "run")], capture_output=True, text=True, env=env,
+                          timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    rounds = (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()
+    assert len(rounds) == 3 and res["summary"]["rounds"] == 3
+    assert res["epochs"][0]["eval_users"] == 300
+    assert len(list((tmp_path / "cache").glob("synthetic-*.flat.npy"))) == 1  # generated once, mapped by all
+    sim = run_inprocess(ExperimentConfig(**keys), None, progress=lambda _m: None)
+    for k in ("hr@10", "ndcg@10", "er@10"):
+        assert res["epochs"][0][k] == pytest.approx(sim["epochs"][0][k], abs=1e-9), k
