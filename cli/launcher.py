@@ -199,8 +199,8 @@ def launch(cfg: ExperimentConfig, settings: LaunchSettings) -> int:
     log_dir = Path(settings.log_dir or out / "logs")
     log_dir.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDSEQ_") or k in ("FEDSEQ_DATA_ROOT",
-                                                                                       "FEDSEQ_REDIS_SERVER")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDSEQ_") or k in (
+        "FEDSEQ_DATA_ROOT", "FEDSEQ_DATA_CACHE", "FEDSEQ_REDIS_SERVER")}  # machine-local settings pass through
     attack = cfg.attack != "none"
     names = {"server": "server", "orchestrator": "orchestrator", "operator": "operator"}
     names.update({f"client-{i}": "worker" for i in range(settings.workers)})

@@ -120,7 +120,9 @@ def run_inprocess(cfg: ExperimentConfig, out_dir: str | Path | None = None,
     s, rule, adversary = p.setup, p.rule, p.adversary
     params = s.initial_params()
     ds = s.dataset
-    evaluator = Evaluator(s.model, ds.train, ds.test, s.benign_users, s.targets, s.eval_config())
+    ev_users = s.eval_users  # every benign user unless cfg.eval_users samples them
+    evaluator = Evaluator(s.model, [ds.train[u] for u in ev_users] if cfg.eval_users else ds.train,
+                          ds.test[ev_users] if cfg.eval_users else ds.test, ev_users, s.targets, s.eval_config())
     summary: dict[str, Any] = {"runner": "inprocess"}
     if adversary is not None:
         summary.update(attack=cfg.attack, malicious_clients=adversary.population.size,

@@ -12,7 +12,7 @@ from fedseq.config import ExperimentConfig
 from fedseq.experiment import setup, worker_users
 from fedseq.training import compute_updates
 
-from .worker import Hosted
+from .worker import Hosted, ShardSequences
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ def benign_population(cfg: ExperimentConfig, shard_spec: tuple[int, int] | None)
     s = setup(cfg)
     ds = s.dataset
     users = worker_users(s, "client", shard_spec)
-    seqs = {int(u): ds.train[u] for u in users}
+    seqs = ShardSequences(users, ds.train)  # no dict entry per user
     local = cfg.local()
 
     def compute(params, user_ids, round_id):

@@ -11,7 +11,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -39,13 +39,40 @@ log = logging.getLogger(__name__)
 SPARSE_TABLES = codec.SPARSE_TABLES  # row-sparse candidates for sparse encodings
 
 
+class ShardSequences(Mapping[int, np.ndarray]):
+    """The training sequences of the users a worker hosts, by user id, without a dict entry per
+    user: a sorted id array and the data set's ``train`` (a tuple or a :class:`Ragged`) it indexes
+    (``train[u]`` for user ``u``; benign ids are data set indices)."""
+
+    def __init__(self, users: np.ndarray, train: Sequence[np.ndarray]) -> None:
+        self.users = np.unique(np.asarray(users, dtype=np.int64))
+        self.train = train
+
+    def __contains__(self, u: object) -> bool:
+        if not isinstance(u, (int, np.integer)) or not len(self.users):
+            return False
+        i = int(np.searchsorted(self.users, int(u)))
+        return i < len(self.users) and int(self.users[i]) == int(u)
+
+    def __getitem__(self, u: int) -> np.ndarray:
+        if u not in self:
+            raise KeyError(u)
+        return self.train[int(u)]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.users.tolist())
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+
 @dataclass
 class Hosted:
     """A worker's population: user ids, their data, and how their updates are computed."""
 
     setup: Setup
     users: np.ndarray
-    sequences: dict[int, np.ndarray]
+    sequences: Mapping[int, np.ndarray]
     compute: Callable[[torch.Tensor, list[int], int], UpdateBatch]  # (params, users, round_id)
     evaluate_users: np.ndarray  # users this worker may evaluate (benign hosted users)
     # adversarial-training updates (params, users, round_id); None: this worker does not do them
@@ -278,9 +305,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         hosted = self._need(request.run_id, context)
         assert self.models is not None
         t0 = time.perf_counter()
-        allowed = set(hosted.evaluate_users.tolist())
-        users = [u for u in request.users if u in allowed]
-        unknown = [u for u in request.users if u not in allowed]
+        asked = np.asarray(request.users, dtype=np.int64)
+        ok = np.isin(asked, hosted.evaluate_users)  # no Python set of every evaluable user per call
+        users = asked[ok].tolist()
+        unknown = asked[~ok].tolist()
         if unknown:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"{len(unknown)} users are not evaluable here (e.g. {unknown[:5]})")

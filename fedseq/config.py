@@ -120,6 +120,10 @@ class ExperimentConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N (fedseq/device.py); a worker's own --device wins
     compression: str = "none"  # gRPC message compression of the run's calls: "none" | "gzip"
     model_delta: bool = False  # workers holding version v-1 download v as a row patch (fedseq/delta.py)
+    # scale knobs (0 = off, the defaults, which change nothing): evaluate a fixed seeded sample of
+    # this many benign users instead of all of them; stop after this many rounds of the plan
+    eval_users: int = 0
+    max_rounds: int = 0
 
     def __post_init__(self) -> None:
         def need(cond: bool, msg: str) -> None:
@@ -137,6 +141,8 @@ class ExperimentConfig:
         need(0 < self.lr_decay <= 1, f"lr_decay must be in (0, 1], got {self.lr_decay}")
         need(self.lr_decay_every >= 1, "lr_decay_every must be >= 1")
         need(self.eval_every >= 1, "eval_every must be >= 1")
+        need(self.eval_users >= 0, f"eval_users must be >= 0 (0: every benign user), got {self.eval_users}")
+        need(self.max_rounds >= 0, f"max_rounds must be >= 0 (0: every round of the plan), got {self.max_rounds}")
         need(self.protocol in ("sampled", "full"), f"protocol must be 'sampled' or 'full', got {self.protocol!r}")
         need(self.num_negatives >= 1, "num_negatives must be >= 1")
         need(0.0 <= self.malicious_ratio < 1.0, f"malicious_ratio must be in [0, 1), got {self.malicious_ratio}")

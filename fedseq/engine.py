@@ -184,7 +184,8 @@ def adv_train_on(cfg: ExperimentConfig) -> bool:
 def plan_run(cfg: ExperimentConfig, clients: np.ndarray, num_benign: int) -> list[RoundPlan]:
     """Every round of the run, in order. With adversarial training each round is followed by an
     adversarial round (its own round id and model version) of ``adv_users_per_round`` of that
-    round's benign users (Yue et al. 2022; ALGORITHMS.md "adv_train")."""
+    round's benign users (Yue et al. 2022; ALGORITHMS.md "adv_train"). ``max_rounds > 0`` keeps
+    only the first that many rounds (the last one kept then ends its epoch)."""
     out: list[RoundPlan] = []
     adv = cfg.adv_config() if adv_train_on(cfg) else None
     for e in range(cfg.epochs):
@@ -195,6 +196,8 @@ def plan_run(cfg: ExperimentConfig, clients: np.ndarray, num_benign: int) -> lis
                 benign = users[users < num_benign]
                 picked = pick_adv_users(benign, cfg.seed, len(out), adv.users_per_round)
                 out.append(RoundPlan(len(out), e, -1, np.asarray(picked, dtype=np.int64), lr, adversarial=True))
+        if cfg.max_rounds and len(out) >= cfg.max_rounds:
+            return out[: cfg.max_rounds]
     return out
 
 

@@ -26,6 +26,8 @@ from .params import Layout, get_vector
 
 log = logging.getLogger(__name__)
 
+EVAL_SAMPLE_KEY = 0xE5A1  # seeds the evaluated-user sample (cfg.eval_users)
+
 
 @dataclass
 class Setup:
@@ -46,6 +48,18 @@ class Setup:
         """Ids of the malicious clients (``N..N+m-1``; empty without an attack)."""
         n = self.dataset.num_users
         return np.arange(n, n + self.num_malicious, dtype=np.int64)
+
+    @property
+    def eval_users(self) -> np.ndarray:
+        """The benign users evaluated each epoch: all of them, or with ``eval_users = k`` (for
+        huge populations; 0, the default, is all) a fixed sorted sample of k drawn from the run
+        seed, the same every epoch and in every runner."""
+        k = self.cfg.eval_users
+        n = self.dataset.num_users
+        if k <= 0 or k >= n:
+            return self.benign_users
+        rng = np.random.default_rng(np.random.SeedSequence([self.cfg.seed & 0xFFFFFFFF, EVAL_SAMPLE_KEY]))
+        return np.sort(rng.choice(n, size=k, replace=False)).astype(np.int64)
 
     def eval_config(self) -> EvalConfig:
         c = self.cfg

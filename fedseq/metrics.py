@@ -148,7 +148,9 @@ class Evaluator:
         self.model, self.cfg = model, cfg
         self.users = np.asarray(users, dtype=np.int64)
         self.targets = torch.as_tensor(np.asarray(targets, dtype=np.int64))
-        self.inputs = [eval_input(model, np.asarray(s), cfg) for s in train]
+        # read-only inputs (views into a Ragged's flat array) are copied: torch.from_numpy warns on them
+        self.inputs = [x if x.flags.writeable else x.copy()
+                       for x in (eval_input(model, np.asarray(s), cfg) for s in train)]
         self.train = [np.asarray(s) for s in train]
         self.test = np.asarray(test, dtype=np.int64)
         self._cands: list[np.ndarray] | None = None

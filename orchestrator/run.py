@@ -353,13 +353,13 @@ class RunLoop:
         return record
 
     def _evaluate(self, version: int, led: Ledger) -> MetricSums:
-        """Federated evaluation of every benign user on ``version``. Users whose host is gone, and
+        """Federated evaluation of every benign user (or the ``eval_users`` sample) on ``version``. Users whose host is gone, and
         those of a worker that fails mid-evaluation, go to the live client workers (each holds the
         benign users' data), up to :data:`EVAL_ATTEMPTS` times, so an epoch evaluates all users
         while one client worker lives. Replies are checked (:func:`check_eval_sums`)."""
         total = MetricSums()
         self._eval_refused, self._eval_by_worker = [], {}
-        todo = self.setup.benign_users
+        todo = self.setup.eval_users  # every benign user unless cfg.eval_users samples them
         for attempt in range(EVAL_ATTEMPTS):
             workers = self.pool.refresh()
             plan, orphans = assign(todo, workers)

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["DataError", "IntArray", "SeqDataset", "UserSequences"]
+from .ragged import Ragged
+
+__all__ = ["DataError", "IntArray", "Ragged", "SeqDataset", "UserSequences"]
 
 IntArray = NDArray[np.int64]
 UserSequences = list[tuple[int, IntArray]]
@@ -34,7 +36,9 @@ class SeqDataset:
         name: a label for reports (``"steam"``, ``"synthetic"``, a file path ...).
         num_items: ``M``; item ids are ``1..M``, ``0`` is padding, ``M + 1`` is the mask token.
         train: per user (index ``0..N-1``) the int64 chronological training items, i.e. the
-            user's whole history except the last item. Treat the arrays as read-only.
+            user's whole history except the last item. Treat the arrays as read-only. A tuple of
+            arrays, or (large synthetic sets) a :class:`Ragged`, which reads the same: ``train[u]``
+            is a read-only int64 view, ``len``, iteration.
         test: ``[N]`` int64, each user's held-out last item.
         user_ids: ``[N]`` int64, the original user ids (for reporting only; users are addressed
             by index everywhere else).
@@ -42,7 +46,7 @@ class SeqDataset:
 
     name: str
     num_items: int
-    train: tuple[IntArray, ...]
+    train: tuple[IntArray, ...] | Ragged
     test: IntArray
     user_ids: IntArray
 
@@ -65,6 +69,8 @@ class SeqDataset:
 
     def train_lengths(self) -> IntArray:
         """``[N]`` int64: the length of each user's training sequence."""
+        if isinstance(self.train, Ragged):
+            return self.train.lengths()
         return np.fromiter((len(seq) for seq in self.train), dtype=np.int64, count=len(self.train))
 
     def item_counts(self) -> IntArray:
@@ -74,5 +80,5 @@ class SeqDataset:
         """
         if not self.train:
             return np.zeros(self.num_items + 1, dtype=np.int64)
-        flat = np.concatenate(self.train)
+        flat = self.train.flat if isinstance(self.train, Ragged) else np.concatenate(self.train)
         return np.bincount(flat, minlength=self.num_items + 1).astype(np.int64, copy=False)

@@ -27,10 +27,14 @@ from .base import DataError, IntArray, SeqDataset, UserSequences
 from .generator import synthetic
 from .split import leave_one_out
 
-__all__ = ["DATA_ROOT_ENV", "load_csv", "load_dataset", "load_movielens", "load_sequences"]
+__all__ = ["DATA_CACHE_ENV", "DATA_ROOT_ENV", "load_csv", "load_dataset", "load_movielens", "load_sequences"]
 
 DATA_ROOT_ENV = "FEDSEQ_DATA_ROOT"
 """Environment variable naming the folder that holds ``steam/`` and ``ml-1m/``."""
+
+DATA_CACHE_ENV = "FEDSEQ_DATA_CACHE"
+"""Environment variable naming a folder where vectorized synthetic data sets are written once and
+memory-mapped by every process that loads them (unset: each process generates its own)."""
 
 _NAMED_FILES: dict[str, tuple[str, ...]] = {
     "steam": ("steam", "sequences.txt"),
@@ -345,6 +349,9 @@ def load_dataset(spec: str, data_root: str | Path | None = None, seed: int = 0) 
     if spec.startswith("synthetic:"):
         params = _synthetic_params(spec)
         data_seed = int(params.pop("seed", seed))  # synthetic:seed=N fixes the data across run seeds
+        cache = os.environ.get(DATA_CACHE_ENV)
+        if cache and params.get("vectorized"):
+            return _cached_synthetic(Path(cache), data_seed, params)
         return synthetic(seed=data_seed, **params)
     if spec in _NAMED_FILES:
         rel = Path(*_NAMED_FILES[spec])
@@ -360,6 +367,41 @@ def load_dataset(spec: str, data_root: str | Path | None = None, seed: int = 0) 
             f"or give the file path directly as the dataset spec"
         )
     return _load_file(Path(spec), name=spec, min_length=2)
+
+
+def _cached_synthetic(folder: Path, seed: int, params: dict[str, Any]) -> SeqDataset:
+    """The vectorized synthetic data set for ``(seed, params)`` from ``folder``: generated and
+    written by the first process that asks (under a file lock, files renamed into place), then
+    memory-mapped read-only by every process, so processes on one machine share one copy of the
+    training items through the page cache and only the first one pays the generation."""
+    import fcntl
+    import hashlib
+    import json
+
+    from .ragged import Ragged
+
+    key = hashlib.sha256(json.dumps({"seed": seed, **params, "format": 1}, sort_keys=True).encode()).hexdigest()[:20]
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = folder / f"synthetic-{key}"
+    meta_path = stem.with_name(stem.name + ".json")
+    with open(stem.with_name(stem.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not meta_path.exists():
+            ds = synthetic(seed=seed, **params)
+            assert isinstance(ds.train, Ragged)
+            tmp = stem.with_name(stem.name + f".tmp{os.getpid()}")
+            ds.train.save(tmp)
+            np.save(tmp.with_name(tmp.name + ".test.npy"), ds.test)
+            for suffix in (".flat.npy", ".offsets.npy", ".test.npy"):
+                os.replace(tmp.with_name(tmp.name + suffix), stem.with_name(stem.name + suffix))
+            meta_path.write_text(json.dumps({"seed": seed, "params": params, "num_items": ds.num_items,
+                                             "name": ds.name}))
+            del ds
+    meta = json.loads(meta_path.read_text())
+    train = Ragged.load(stem, mmap=True)
+    test = np.load(stem.with_name(stem.name + ".test.npy"))
+    return SeqDataset(name=meta["name"], num_items=int(meta["num_items"]), train=train, test=test,
+                      user_ids=np.arange(len(train), dtype=np.int64))
 
 
 def _synthetic_params(spec: str) -> dict[str, Any]:
