@@ -11,7 +11,7 @@ from attacker.population import Adversary, make_adversary
 from fedseq.config import ConfigError, ExperimentConfig
 from fedseq.engine import AggregationRule
 from fedseq.experiment import Setup, setup
-from server.aggregation import RuleConfigError, make_rule
+from server.aggregation import RuleConfigError, make_run_rule
 
 
 @dataclass(frozen=True, eq=False)
@@ -24,7 +24,7 @@ class Prepared:
 def make_rule_checked(cfg: ExperimentConfig) -> AggregationRule:
     """The run's aggregation rule, or :class:`ConfigError` naming the config keys and flags."""
     try:
-        return make_rule(cfg.defense, dict(cfg.defense_opts))
+        return make_run_rule(cfg.defense, dict(cfg.defense_opts), cfg.seed)
     except RuleConfigError as e:
         raise ConfigError(f"{e} (config keys 'defense' / 'defense_opts', flags --defense / --defense-opt)") \
             from None

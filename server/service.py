@@ -36,7 +36,7 @@ from fedseq.v1 import aggregator_pb2 as pb
 from fedseq.v1 import aggregator_pb2_grpc as pb_grpc
 from fedseq.v1 import common_pb2
 
-from .aggregation import RuleConfigError, make_rule
+from .aggregation import RuleConfigError, make_run_rule
 from .intake import OpenRound, StreamLimits, check_schema, precheck, reason, word
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
     def StartRun(self, request, context):
         try:
             cfg = ExperimentConfig.from_dict(json.loads(request.config_json))
-            rule = make_rule(cfg.defense, dict(cfg.defense_opts))
+            rule = make_run_rule(cfg.defense, dict(cfg.defense_opts), cfg.seed)
         except (ValueError, RuleConfigError) as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad run config: {e}")
         if request.num_items < 1:

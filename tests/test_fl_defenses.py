@@ -229,3 +229,27 @@ def test_flame_honest_majority_wins_against_sybils() -> None:
 def test_bad_options_are_config_errors(name: str, options: dict[str, str], pattern: str) -> None:
     with pytest.raises(RuleConfigError, match=pattern):
         make_rule(name, options)
+
+
+@pytest.mark.parametrize("defense, inner", [("flame", False), ("dnc:b=3", False), ("norm-clip:flame,bound=10", True),
+                                             ("norm-clip:dnc,bound=10,inner.b=3", True)])
+def test_a_runs_seed_reaches_the_rules_draws_unless_its_options_name_one(defense, inner) -> None:
+    # Prepare: a round the rules draw on (FLAME's noise, DnC's coordinate subsets)
+    from fedseq.engine import bind_round
+    from server.aggregation import make_run_rule
+
+    U = torch.randn(12, 6, generator=torch.Generator().manual_seed(5))
+    w = torch.ones(12)
+
+    def seed_of(rule):
+        return (rule.inner_rule if inner else rule).seed
+
+    # Execute
+    s0, s7 = make_run_rule(defense, {}, 0), make_run_rule(defense, {}, 7)
+    pinned = make_run_rule(defense, {"inner.seed" if inner else "seed": "0"}, 7)
+
+    # Assert: the rule draws from the run's seed, an explicit seed wins, and the draws follow it
+    assert (seed_of(s0), seed_of(s7), seed_of(pinned)) == (0, 7, 0)
+    assert torch.equal(bind_round(pinned, 3)(U, w).vector, bind_round(s0, 3)(U, w).vector)
+    if "flame" in defense:  # FLAME's noise differs between seeds (DnC's subsets may agree on 6 coordinates)
+        assert not torch.equal(bind_round(s7, 3)(U, w).vector, bind_round(s0, 3)(U, w).vector)

@@ -173,6 +173,21 @@ def parse_rule_spec(spec: str, options: Mapping[str, str] | None = None) -> tupl
     return name, merged
 
 
+SEEDED_RULES = frozenset({"flame", "dnc"})  # rules with a ``seed`` option for their random draws
+
+
+def make_run_rule(defense: str, options: Mapping[str, str], run_seed: int) -> AggregationRule:
+    """The rule of a run: :func:`make_rule`, and a seeded rule (:data:`SEEDED_RULES`, also as the
+    inner rule of ``sparse:``/``norm-clip``) draws from the run's seed unless its options name one,
+    so runs with different seeds draw different noise and subsets (and runs of one seed the same)."""
+    name, opts = parse_rule_spec(defense, options)
+    if name in SEEDED_RULES:
+        opts.setdefault("seed", str(int(run_seed)))
+    elif name in INNER_SHORTHAND and opts.get("inner", "").split(":", 1)[0] in SEEDED_RULES:
+        opts.setdefault("inner.seed", str(int(run_seed)))  # the inner rule's options carry the "inner." prefix
+    return make_rule(name, opts)
+
+
 def make_rule(name: str, options: Mapping[str, str] | None = None) -> AggregationRule:
     """Build the rule registered as ``name`` with string ``options`` (validated, clear errors).
     ``name`` may carry options as ``name:k=v,k=v`` (:func:`parse_rule_spec`)."""
@@ -218,6 +233,7 @@ __all__ = [
     "geometric_median",
     "krum_scores",
     "make_rule",
+    "make_run_rule",
     "mixed_rfa",
     "multi_krum",
     "needs_layout",

@@ -30,7 +30,7 @@ Options:
     c       filtering fraction, float > 0 (default 1.0): ``floor(c * f)`` updates removed per iteration
     niters  iterations, integer >= 1 (default 5)
     b       coordinates per iteration, integer >= 1 (default 10,000, the paper's)
-    seed    integer seed of the coordinate draws (default 0)
+    seed    integer seed of the coordinate draws (default: the run's seed, via make_run_rule; 0 outside a run)
 
 Memory: the ``[K, b]`` float64 sample (20 MB at K = 256, b = 10,000) and ``[K, K]``; time
 O(niters * (K b + K^2 b)) plus one ``[K] @ [K, D]`` product for the mean.

@@ -36,8 +36,9 @@ min_cluster_size=K // 2 + 1, min_samples=1, allow_single_cluster=True, metric="p
 
 Randomness: the noise of round t comes from a generator seeded by (option ``seed``, the round id);
 the engine binds the round id (:func:`fedseq.engine.bind_round`), so both runners add the same noise.
+In a run the seed defaults to the run's seed (:func:`make_run_rule`), so seeds differ in noise too.
 
-Options: ``noise`` (lambda, float >= 0, default 0.001), ``seed`` (int, default 0). Sample weights are
+Options: ``noise`` (lambda, float >= 0, default 0.001), ``seed`` (int; default the run's seed, 0 outside a run). Sample weights are
 ignored (as in the paper); the output is on the scale of a mean. Memory: the ``[K, K]`` Gram matrix
 and one ``[D]`` noise vector; time O(K^2 D) for the Gram product plus O(K^2) for the tree.
 """
