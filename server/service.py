@@ -265,7 +265,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         statuses: list[common_pb2.UpdateStatus] = []
         total = 0
         header = None
-        buf: bytearray | None = None  # None while skipping a refused update's data
+        buf: list[bytes] | None = None  # the update's pieces; None while skipping a refused update's data
         refusal: str | None = None
         got = wire = 0
         for chunk in request_iterator:
@@ -278,7 +278,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
                                      "bytes (the next header came)"), wire))
                 header, got, wire = chunk.header, 0, 0
                 refusal = self._precheck(header)
-                buf = bytearray() if refusal is None else None
+                buf = [] if refusal is None else None
             elif header is None:
                 statuses.append(self._refuse(None, reason("malformed", "data chunk before any update header"), size))
                 continue
@@ -292,10 +292,11 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
                 header, buf = None, None
                 continue
             if buf is not None:
-                buf += chunk.data
+                buf.append(chunk.data)
             if got == header.total_bytes:
                 if refusal is None and buf is not None:
-                    statuses.append(self._accept(header, bytes(buf), wire))
+                    # one piece (the usual update) is passed on as it is: no copy
+                    statuses.append(self._accept(header, buf[0] if len(buf) == 1 else b"".join(buf), wire))
                 else:
                     statuses.append(self._refuse(header, refusal or reason("malformed", "no data"), wire))
                 header, buf = None, None
