@@ -712,6 +712,11 @@ def _sparse_payload(idx: np.ndarray, r: int, vals_bits: np.ndarray) -> bytes:
     return b"".join((_SPARSE_HDR.pack(1 if wide else 0, len(idx)), idx_bytes, pad, vals_bits.tobytes()))
 
 
+_RUN_ENCODINGS = ("dense-fp32", "dense-fp16", "dense-bf16")
+_F16_SAFE = 65504.0  # |x| <= fp16 max converts to a finite fp16 (|x| >= 65520 overflows; between: checked exactly)
+_BF16_SAFE = 3.3895313892515355e38  # bf16 max: the same for bf16
+
+
 @dataclass(frozen=True)
 class _Spec:
     name: str
@@ -763,13 +768,14 @@ class FlatCodec:
         self._specs = tuple(specs)
         self.dim = off
         self._header = _PACK_HDR.pack(_MAGIC, _VERSION, 0, 0, len(specs))
-        # runs [i, j) of consecutive dense-fp32 tensors: one finiteness pass each
+        # runs [i, j) of consecutive tensors in one dense encoding: one finiteness pass (and one
+        # conversion to fp16/bf16) each
         runs: dict[int, int] = {}
         i = 0
         while i < len(specs):
-            if specs[i].encoding == "dense-fp32":
+            if specs[i].encoding in _RUN_ENCODINGS:
                 j = i
-                while j < len(specs) and specs[j].encoding == "dense-fp32":
+                while j < len(specs) and specs[j].encoding == specs[i].encoding:
                     j += 1
                 runs[i] = j
                 i = j
@@ -795,16 +801,14 @@ class FlatCodec:
             return pack(encode_state(self._split(vec), self.encoding, sparse_ok=self._ok))
         a = vec.detach().cpu().contiguous().numpy()
         parts: list[Any] = [self._header]
+        run, run_at = a, 0  # the current run's payload values (bit patterns) and its offset in `a`
         for i, s in enumerate(self._specs):
             seg = a[s.offset : s.offset + s.size]
-            if s.encoding == "dense-fp32":
+            if s.encoding in _RUN_ENCODINGS:
                 j = self._runs.get(i)
                 if j is not None:
-                    last = self._specs[j - 1]
-                    if not _fast_finite(a[s.offset : last.offset + last.size]):
-                        for t in self._specs[i:j]:  # the exact check, tensor by tensor: raises the usual error
-                            encode(t.name, torch.from_numpy(a[t.offset : t.offset + t.size]).view(t.shape), t.encoding)
-                data: Any = seg.data.cast("B")  # zero-copy: the join below is the one copy
+                    run, run_at = self._run_payload(a, i, j), s.offset
+                data: Any = run[s.offset - run_at : s.offset - run_at + s.size].data.cast("B")  # the join is the copy
             elif s.encoding in ("sparse-fp32", "sparse-fp16"):
                 hint = None if touched is None else touched.get(s.name)
                 if isinstance(hint, torch.Tensor):
@@ -816,6 +820,22 @@ class FlatCodec:
             crc = zlib.crc32(data, zlib.crc32(length, s.prefix_crc))
             parts += (s.prefix, length, data, _U32S.pack(crc))
         return b"".join(parts)
+
+    def _run_payload(self, a: np.ndarray, i: int, j: int) -> np.ndarray:
+        """The payload values of the run of tensors ``[i, j)`` (all in one dense encoding), after
+        the checks :func:`encode` makes on each (a failing run is redone tensor by tensor, which
+        raises the usual error of the first bad tensor)."""
+        first, last = self._specs[i], self._specs[j - 1]
+        x = a[first.offset : last.offset + last.size]
+        limit = {"dense-fp32": math.inf, "dense-fp16": _F16_SAFE, "dense-bf16": _BF16_SAFE}[first.encoding]
+        if not _fast_finite(x) or (limit < math.inf and x.size and not float(np.abs(x).max()) < limit):
+            for t in self._specs[i:j]:  # exact checks, in order (a false alarm passes them all)
+                encode(t.name, torch.from_numpy(a[t.offset : t.offset + t.size]).view(t.shape), t.encoding)
+        if first.encoding == "dense-fp32":
+            return x
+        half = torch.float16 if first.encoding == "dense-fp16" else torch.bfloat16
+        # the conversion encode() makes; finite, as |x| is below the limit or the exact checks passed
+        return torch.from_numpy(x).to(half).view(torch.int16).numpy()
 
     def _sparse(self, s: _Spec, x: np.ndarray, hint: Any) -> bytes:
         r, _c = s.shape
@@ -869,6 +889,12 @@ class FlatCodec:
                 if dlen != 4 * s.size:
                     return False
                 dst[:] = np.frombuffer(data, dtype=_F32)
+            elif s.encoding in _RUN_ENCODINGS:  # fp16 / bf16: widened exactly, as decode() does
+                if dlen != 2 * s.size:
+                    return False
+                raw = torch.from_numpy(np.frombuffer(data, dtype=_I16).copy())
+                out[s.offset : s.offset + s.size].copy_(raw.view(torch.float16 if s.encoding == "dense-fp16"
+                                                                 else torch.bfloat16))
             elif s.encoding in ("sparse-fp32", "sparse-fp16"):
                 if not self._sparse_into(s, data, dst):
                     return False
@@ -880,7 +906,7 @@ class FlatCodec:
             pos = end + 4
         if pos != total:
             return False
-        for i, j in self._runs.items():  # dense-fp32 values: one finiteness pass per run
+        for i, j in self._runs.items():  # dense values: one finiteness pass per run
             last = self._specs[j - 1]
             if not _fast_finite(o[self._specs[i].offset : last.offset + last.size]):
                 return False

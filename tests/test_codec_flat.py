@@ -173,12 +173,16 @@ def test_flat_decode_refuses_non_finite_values_even_with_a_valid_crc():
     assert str(fast.value) == str(general.value)
 
 
-@pytest.mark.parametrize("encoding", ["sparse-fp32", "dense-fp16", "int8-row"])
-def test_flat_encode_raises_the_general_paths_errors(encoding):
-    vec, _ = update(5, 4, 1.0, False, False)
-    vec[-20] = float("inf")
+@pytest.mark.parametrize(("encoding", "at", "value"), [
+    ("sparse-fp32", -20, float("inf")), ("dense-fp16", -20, float("nan")), ("int8-row", -20, float("inf")),
+    ("dense-fp16", -20, 70000.0), ("dense-bf16", -20, 3.4e38), ("sparse-fp16", -20, 70000.0),
+    ("sparse-fp16", None, 70000.0), ("sparse-fp32", None, float("-inf")),
+])
+def test_flat_encode_raises_the_general_paths_errors(encoding, at, value):
+    vec, rows = update(5, 4, 1.0, False, False)
+    vec[int(rows[2]) * HID + 1 if at is None else at] = value  # in a dense tensor, or in a touched item row
     with pytest.raises(CodecError) as fast:
-        FlatCodec(NAMES, SHAPES, encoding, SPARSE).encode(vec)
+        FlatCodec(NAMES, SHAPES, encoding, SPARSE).encode(vec, {ITEM_TABLE: rows})
     with pytest.raises(CodecError) as general:
         reference(vec, encoding)
     assert str(fast.value) == str(general.value)
@@ -228,3 +232,13 @@ def test_compute_updates_item_rows_cover_every_nonzero_item_row():
             blob = flat.encode(ub.updates[i], {ITEM_TABLE: ub.item_rows[i]})
             assert blob == pack(encode_state(layout.unflatten(ub.updates[i]), "sparse-fp32",
                                              sparse_ok=lambda n: n in SPARSE))
+
+
+@pytest.mark.parametrize(("encoding", "value"), [("dense-fp16", 65510.0), ("sparse-fp16", 65519.0),
+                                                 ("dense-bf16", 3.3895e38)])
+def test_values_near_the_half_range_take_the_exact_check(encoding, value):
+    # above the one-pass bound but still finite after rounding: same bytes as the general path
+    vec, rows = update(8, 4, 1.0, False, False)
+    vec[-12:] = value
+    vec[-3] = -value
+    assert FlatCodec(NAMES, SHAPES, encoding, SPARSE).encode(vec, {ITEM_TABLE: rows}) == reference(vec, encoding)
