@@ -11,6 +11,9 @@ Two formats live here:
 - whole-model blobs (:func:`model_to_bytes` / :func:`model_from_bytes`), the format of the model
   store and of model downloads (see "Model blobs" at the end).
 
+:class:`FlatCodec` is a fast path of the first for one model layout's flat update vectors: the
+same container bytes, and a decode straight into a round-matrix row.
+
 An :class:`EncodedTensor` mirrors the protobuf message
 ``Tensor { string name = 1; string dtype = 2; repeated int64 shape = 3; string encoding = 4;
 bytes data = 5; }``. ``dtype`` is the dtype of the *original* tensor, ``shape`` its shape, and
@@ -734,9 +737,10 @@ class FlatCodec:
     :meth:`encode` returns exactly the bytes of
     ``pack(encode_state(split(vec), encoding, sparse_ok=lambda n: n in sparse))`` (``split``: the
     layout's views of ``vec``) without building those tensors: record headers and their CRC
-    prefixes are computed once, dense-fp32 tensors go from the vector's memory straight into the
-    one output join (one finiteness pass over each run of them), and the sparse tables' stored rows
-    are found from a hint of touched rows when the hint provably covers them.
+    prefixes are computed once, dense tensors are checked and converted by runs of consecutive
+    tensors in one encoding (dense-fp32 ones go from the vector's memory straight into the one
+    output join), and the sparse tables' stored rows are found from a hint of touched rows when the
+    hint provably covers them. int8-row tensors take :func:`encode` one by one.
 
     :meth:`decode_into` decodes a container of exactly that form straight into a ``[D]`` row
     (sparse rows into their slots, no per-tensor dense tensor); a container in any other form, or
