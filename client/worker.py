@@ -27,7 +27,7 @@ from fedseq.metrics import EvalConfig, Evaluator, MetricSums, sums_to_proto
 from fedseq.rpc import CONTROL_TIMEOUT, channel, chunks, deadline_left
 from fedseq.store import CachedModelReader, RedisStore, model_from_bytes, model_to_bytes, patient
 from fedseq.tls import Identity
-from fedseq.training import UpdateBatch
+from fedseq.training import ITEM_TABLE, UpdateBatch
 from fedseq.v1 import aggregator_pb2 as agg_pb
 from fedseq.v1 import aggregator_pb2_grpc as agg_grpc
 from fedseq.v1 import common_pb2, worker_pb2, worker_pb2_grpc
@@ -265,13 +265,17 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         observe.WORKER_USERS.inc(len(local))
         t2 = time.perf_counter()
         layout = hosted.setup.layout
+        # the bytes of encode_update(layout.unflatten(update), encoding), from the flat update and the
+        # item rows its user touched (when the computation names them), without per-tensor copies
+        flat = codec.FlatCodec.of(layout.names, layout.shapes, encoding, frozenset(SPARSE_TABLES))
+        item_rows = ub.item_rows
         encode_seconds = [0.0]
         sent = [0]
 
         def stream():
             for i, a in enumerate(local):
                 te = time.perf_counter()
-                data = encode_update(layout.unflatten(ub.updates[i]), encoding)
+                data = flat.encode(ub.updates[i], None if item_rows is None else {ITEM_TABLE: item_rows[i]})
                 encode_seconds[0] += time.perf_counter() - te
                 header = agg_pb.UpdateHeader(run_id=request.run_id, round_id=request.round_id, user_id=a.user_id,
                                              token=a.token, num_samples=int(ub.num_samples[i]),

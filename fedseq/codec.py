@@ -11,6 +11,9 @@ Two formats live here:
 - whole-model blobs (:func:`model_to_bytes` / :func:`model_from_bytes`), the format of the model
   store and of model downloads (see "Model blobs" at the end).
 
+:class:`FlatCodec` is a fast path of the first for one model layout's flat update vectors: the
+same container bytes, and a decode straight into a round-matrix row.
+
 An :class:`EncodedTensor` mirrors the protobuf message
 ``Tensor { string name = 1; string dtype = 2; repeated int64 shape = 3; string encoding = 4;
 bytes data = 5; }``. ``dtype`` is the dtype of the *original* tensor, ``shape`` its shape, and
@@ -94,6 +97,7 @@ metadata key give equal bytes, so the store can compare versions by sha256 (see
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import struct
@@ -111,6 +115,7 @@ __all__ = [
     "MAX_NUMEL",
     "CodecError",
     "EncodedTensor",
+    "FlatCodec",
     "decode",
     "decode_state",
     "encode",
@@ -487,9 +492,13 @@ def _resolve(name: str, t: torch.Tensor, requested: str, sparse_ok: Callable[[st
     _check_encoding(name, requested)
     if t.dtype not in _FLOAT_DTYPES.values():
         return "dense-fp32"  # integer/bool: raw values in their own dtype, lossless
+    return _resolve_float(name, t.dim(), requested, sparse_ok)
+
+
+def _resolve_float(name: str, ndim: int, requested: str, sparse_ok: Callable[[str], bool]) -> str:
     if requested.startswith("sparse-"):
-        return requested if t.dim() == 2 and sparse_ok(name) else _DENSE_OF[requested]
-    if requested == "int8-row" and t.dim() == 0:
+        return requested if ndim == 2 and sparse_ok(name) else _DENSE_OF[requested]
+    if requested == "int8-row" and ndim == 0:
         return "dense-fp32"
     return requested
 
@@ -543,40 +552,44 @@ def decode_state(encs: Iterable[EncodedTensor], *, max_numel: int = MAX_NUMEL) -
     return out
 
 
-def _ascii(enc: EncodedTensor, field: str, value: str) -> bytes:
+def _ascii(name: str, field: str, value: str) -> bytes:
     try:
         b = value.encode("ascii")
     except UnicodeEncodeError:
-        raise CodecError(f"pack: tensor {enc.name!r}: {field} {value!r} is not ASCII") from None
+        raise CodecError(f"pack: tensor {name!r}: {field} {value!r} is not ASCII") from None
     if len(b) > 255:
-        raise CodecError(f"pack: tensor {enc.name!r}: {field} longer than 255 bytes")
+        raise CodecError(f"pack: tensor {name!r}: {field} longer than 255 bytes")
     return b
+
+
+def _meta_prefix(name: str, dtype: str, encoding: str, shape: Sequence[int]) -> bytes:
+    """A container record's bytes up to (not including) its data length."""
+    name_b = name.encode("utf-8")
+    if len(name_b) > 0xFFFF:
+        raise CodecError(f"pack: tensor name {name[:40]!r}... longer than 65535 bytes")
+    dtype_b = _ascii(name, "dtype", dtype)
+    encoding_b = _ascii(name, "encoding", encoding)
+    if len(shape) > _MAX_NDIM:
+        raise CodecError(f"pack: tensor {name!r}: more than {_MAX_NDIM} dimensions")
+    return b"".join(
+        (
+            _U16S.pack(len(name_b)),
+            name_b,
+            _U8.pack(len(dtype_b)),
+            dtype_b,
+            _U8.pack(len(encoding_b)),
+            encoding_b,
+            _U8.pack(len(shape)),
+            struct.pack(f"<{len(shape)}q", *shape),
+        )
+    )
 
 
 def pack(encs: Sequence[EncodedTensor]) -> bytes:
     """Serialise encoded tensors into the self-describing container (see module docstring)."""
     parts = [_PACK_HDR.pack(_MAGIC, _VERSION, 0, 0, len(encs))]
     for enc in encs:
-        name = enc.name.encode("utf-8")
-        if len(name) > 0xFFFF:
-            raise CodecError(f"pack: tensor name {enc.name[:40]!r}... longer than 65535 bytes")
-        dtype = _ascii(enc, "dtype", enc.dtype)
-        encoding = _ascii(enc, "encoding", enc.encoding)
-        if len(enc.shape) > _MAX_NDIM:
-            raise CodecError(f"pack: tensor {enc.name!r}: more than {_MAX_NDIM} dimensions")
-        meta = b"".join(
-            (
-                _U16S.pack(len(name)),
-                name,
-                _U8.pack(len(dtype)),
-                dtype,
-                _U8.pack(len(encoding)),
-                encoding,
-                _U8.pack(len(enc.shape)),
-                struct.pack(f"<{len(enc.shape)}q", *enc.shape),
-                _U64S.pack(len(enc.data)),
-            )
-        )
+        meta = _meta_prefix(enc.name, enc.dtype, enc.encoding, enc.shape) + _U64S.pack(len(enc.data))
         crc = zlib.crc32(enc.data, zlib.crc32(meta))
         parts += (meta, enc.data, _U32S.pack(crc))
     return b"".join(parts)
@@ -660,6 +673,282 @@ def unpack(buf: bytes | bytearray | memoryview) -> list[EncodedTensor]:
             f"pack container has {total - pos} trailing bytes after its {count} records (corrupted length?)"
         )
     return out
+
+
+# ---------------------------------------------------------------------------- flat updates
+def _fast_finite(a: np.ndarray) -> bool:
+    """True only if every value of the float32 array ``a`` is finite. One pass (a dot product):
+    NaN and inf propagate into it, but huge finite values can overflow it too, so False means
+    "check exactly", never "refuse"."""
+    if a.size == 0:
+        return True
+    with np.errstate(over="ignore", invalid="ignore"):
+        return bool(np.isfinite(np.dot(a, a)))
+
+
+def _nonzero_rows(bits: np.ndarray, hint: np.ndarray | None) -> np.ndarray:
+    """Sorted indices (int64) of the rows of ``bits [R, C]`` (the values' integer bit patterns)
+    that hold any nonzero element.
+
+    ``hint`` names candidate rows (any order, repeats allowed), e.g. the rows a user's gradient
+    touched. It is used only when it provably covers every nonzero row: the whole table must hold
+    exactly as many nonzero elements as the candidate rows (one vectorised count, no per-row
+    reduction over the table); otherwise, or without a hint, every row is scanned."""
+    r, c = bits.shape
+    if hint is not None:
+        cand = np.unique(np.asarray(hint, dtype=np.int64))
+        if cand.size == 0 or (cand[0] >= 0 and cand[-1] < r):
+            sub = bits[cand]
+            if np.count_nonzero(bits) == np.count_nonzero(sub):
+                return cand[sub.any(axis=1)] if c else cand[:0]
+    if c == 0:
+        return np.zeros(0, dtype=np.int64)
+    if bits.itemsize == 4 and c % 2 == 0 and bits.flags.c_contiguous:
+        bits = bits.view(np.uint64)  # half the elements to OR together
+    return np.flatnonzero(np.bitwise_or.reduce(bits, axis=1)).astype(np.int64, copy=False)
+
+
+def _sparse_payload(idx: np.ndarray, r: int, vals_bits: np.ndarray) -> bytes:
+    wide = r > _U16_MAX_ROWS
+    idx_bytes = idx.astype(_U32 if wide else _U16).tobytes()
+    pad = b"\0" * (-len(idx_bytes) % 4)
+    return b"".join((_SPARSE_HDR.pack(1 if wide else 0, len(idx)), idx_bytes, pad, vals_bits.tobytes()))
+
+
+_RUN_ENCODINGS = ("dense-fp32", "dense-fp16", "dense-bf16")
+_F16_SAFE = 65504.0  # |x| <= fp16 max converts to a finite fp16 (|x| >= 65520 overflows; between: checked exactly)
+_BF16_SAFE = 3.3895313892515355e38  # bf16 max: the same for bf16
+
+
+@dataclass(frozen=True)
+class _Spec:
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+    size: int
+    encoding: str  # resolved for a float32 tensor of this shape
+    prefix: bytes  # the container record up to its data length
+    prefix_crc: int
+
+
+class FlatCodec:
+    """Encode and decode the flat ``[D]`` float32 update vectors of one model layout, fast.
+
+    :meth:`encode` returns exactly the bytes of
+    ``pack(encode_state(split(vec), encoding, sparse_ok=lambda n: n in sparse))`` (``split``: the
+    layout's views of ``vec``) without building those tensors: record headers and their CRC
+    prefixes are computed once, dense tensors are checked and converted by runs of consecutive
+    tensors in one encoding (dense-fp32 ones go from the vector's memory straight into the one
+    output join), and the sparse tables' stored rows are found from a hint of touched rows when the
+    hint provably covers them. int8-row tensors take :func:`encode` one by one.
+
+    :meth:`decode_into` decodes a container of exactly that form straight into a ``[D]`` row
+    (sparse rows into their slots, no per-tensor dense tensor); a container in any other form, or
+    one with any fault, is left to the general path (:func:`unpack`, :func:`decode_state`), which
+    gives the verdict.
+    """
+
+    def __init__(self, names: Sequence[str], shapes: Sequence[Sequence[int]], encoding: str,
+                 sparse: Iterable[str] | None = None) -> None:
+        _check_encoding("*", encoding)
+        self.names = tuple(names)
+        self.shapes = tuple(tuple(int(d) for d in s) for s in shapes)
+        if len(self.names) != len(self.shapes):
+            raise CodecError("FlatCodec: names and shapes differ in length")
+        self.encoding = encoding
+        self.sparse = None if sparse is None else frozenset(sparse)
+        ok: Callable[[str], bool] = (lambda _n: True) if self.sparse is None else self.sparse.__contains__
+        self._ok = ok
+        specs: list[_Spec] = []
+        off = 0
+        for name, shape in zip(self.names, self.shapes, strict=True):
+            if any(d < 0 for d in shape):
+                raise CodecError(f"FlatCodec: tensor {name!r} has a negative dimension {list(shape)}")
+            n = math.prod(shape)
+            enc = _resolve_float(name, len(shape), encoding, ok)
+            prefix = _meta_prefix(name, "float32", enc, shape)
+            specs.append(_Spec(name, shape, off, n, enc, prefix, zlib.crc32(prefix)))
+            off += n
+        self._specs = tuple(specs)
+        self.dim = off
+        self._header = _PACK_HDR.pack(_MAGIC, _VERSION, 0, 0, len(specs))
+        # runs [i, j) of consecutive tensors in one dense encoding: one finiteness pass (and one
+        # conversion to fp16/bf16) each
+        runs: dict[int, int] = {}
+        i = 0
+        while i < len(specs):
+            if specs[i].encoding in _RUN_ENCODINGS:
+                j = i
+                while j < len(specs) and specs[j].encoding == specs[i].encoding:
+                    j += 1
+                runs[i] = j
+                i = j
+            else:
+                i += 1
+        self._runs = runs
+        self._decodable = len(set(self.names)) == len(self.names) and all(s.size <= MAX_NUMEL for s in specs)
+
+    # ------------------------------------------------------------------ encode
+    def _split(self, vec: torch.Tensor) -> dict[str, torch.Tensor]:
+        parts = torch.split(vec.reshape(-1), [s.size for s in self._specs])
+        return {s.name: p.view(s.shape) for s, p in zip(self._specs, parts, strict=True)}
+
+    def encode(self, vec: torch.Tensor, touched: Mapping[str, Any] | None = None) -> bytes:
+        """The packed container of ``vec`` (see the class docstring); ``touched`` maps a sparse
+        table's name to candidate rows (an int tensor or array) said to hold all its nonzero rows,
+        e.g. the item rows a user's gradient was scattered into. A wrong hint costs only time."""
+        if not isinstance(vec, torch.Tensor):
+            raise CodecError(f"FlatCodec.encode: expected a torch.Tensor, got {type(vec).__name__}")
+        if vec.dtype != torch.float32 or vec.dim() != 1 or vec.numel() != self.dim:
+            if vec.numel() != self.dim:
+                raise CodecError(f"FlatCodec.encode: expected {self.dim} values, got shape {list(vec.shape)}")
+            return pack(encode_state(self._split(vec), self.encoding, sparse_ok=self._ok))
+        a = vec.detach().cpu().contiguous().numpy()
+        parts: list[Any] = [self._header]
+        run, run_at = a, 0  # the current run's payload values (bit patterns) and its offset in `a`
+        for i, s in enumerate(self._specs):
+            seg = a[s.offset : s.offset + s.size]
+            if s.encoding in _RUN_ENCODINGS:
+                j = self._runs.get(i)
+                if j is not None:
+                    run, run_at = self._run_payload(a, i, j), s.offset
+                data: Any = run[s.offset - run_at : s.offset - run_at + s.size].data.cast("B")  # the join is the copy
+            elif s.encoding in ("sparse-fp32", "sparse-fp16"):
+                hint = None if touched is None else touched.get(s.name)
+                if isinstance(hint, torch.Tensor):
+                    hint = hint.detach().cpu().numpy()
+                data = self._sparse(s, seg.reshape(s.shape), hint)
+            else:
+                data = encode(s.name, torch.from_numpy(seg).view(s.shape), s.encoding).data
+            length = _U64S.pack(len(data))
+            crc = zlib.crc32(data, zlib.crc32(length, s.prefix_crc))
+            parts += (s.prefix, length, data, _U32S.pack(crc))
+        return b"".join(parts)
+
+    def _run_payload(self, a: np.ndarray, i: int, j: int) -> np.ndarray:
+        """The payload values of the run of tensors ``[i, j)`` (all in one dense encoding), after
+        the checks :func:`encode` makes on each (a failing run is redone tensor by tensor, which
+        raises the usual error of the first bad tensor)."""
+        first, last = self._specs[i], self._specs[j - 1]
+        x = a[first.offset : last.offset + last.size]
+        limit = {"dense-fp32": math.inf, "dense-fp16": _F16_SAFE, "dense-bf16": _BF16_SAFE}[first.encoding]
+        if not _fast_finite(x) or (limit < math.inf and x.size and not float(np.abs(x).max()) < limit):
+            for t in self._specs[i:j]:  # exact checks, in order (a false alarm passes them all)
+                encode(t.name, torch.from_numpy(a[t.offset : t.offset + t.size]).view(t.shape), t.encoding)
+        if first.encoding == "dense-fp32":
+            return x
+        half = torch.float16 if first.encoding == "dense-fp16" else torch.bfloat16
+        # the conversion encode() makes; finite, as |x| is below the limit or the exact checks passed
+        return torch.from_numpy(x).to(half).view(torch.int16).numpy()
+
+    def _sparse(self, s: _Spec, x: np.ndarray, hint: Any) -> bytes:
+        r, _c = s.shape
+        rows = _nonzero_rows(x.view(np.uint32), hint)  # every row that is not all +0.0
+        vals = x[rows]
+        if not np.isfinite(vals).all():  # a NaN/inf row is among them: the general path raises the usual error
+            return encode(s.name, torch.from_numpy(x), s.encoding).data
+        if s.encoding == "sparse-fp32":
+            return _sparse_payload(rows, r, vals)
+        h = torch.from_numpy(vals).to(torch.float16)  # rows outside `rows` are +0.0, in fp16 too
+        if not bool(torch.isfinite(h).all()):  # fp16 overflow: the general path raises the usual error
+            return encode(s.name, torch.from_numpy(x), s.encoding).data
+        hb = h.view(torch.int16).numpy()
+        keep = hb.any(axis=1)  # a row is stored iff its fp16 bits are not all zero
+        return _sparse_payload(rows[keep], r, hb[keep])
+
+    # ------------------------------------------------------------------ decode
+    def decode_into(self, buf: bytes | bytearray | memoryview, out: torch.Tensor) -> bool:
+        """Decode the container ``buf`` into ``out`` (a contiguous float32 ``[D]`` tensor).
+
+        True: ``out`` holds what ``decode_state(unpack(buf))`` gives, flattened in layout order,
+        and every check of :func:`unpack` and :func:`decode` passed (CRCs, lengths, sparse header
+        and indices, finite values). False: ``buf`` is not exactly in the form :meth:`encode`
+        writes (other record order, dtype or encodings) or has a fault; ``out`` may be partly
+        overwritten, and the general path must decide (it refuses or accepts as always)."""
+        if out.dtype != torch.float32 or out.shape != (self.dim,) or not out.is_contiguous() or out.device.type != "cpu":
+            raise ValueError(f"FlatCodec.decode_into: out must be a contiguous CPU float32 [{self.dim}] tensor")
+        if not self._decodable:
+            return False
+        mv = memoryview(buf).cast("B")
+        total = len(mv)
+        hdr = len(self._header)
+        if total < hdr or mv[:hdr] != self._header:
+            return False
+        o = out.numpy()
+        pos = hdr
+        for s in self._specs:
+            dpos = pos + len(s.prefix) + 8
+            if dpos > total or mv[pos : dpos - 8] != s.prefix:
+                return False
+            (dlen,) = _U64S.unpack_from(mv, dpos - 8)
+            end = dpos + dlen
+            if end + 4 > total:
+                return False
+            (crc,) = _U32S.unpack_from(mv, end)
+            if crc != zlib.crc32(mv[pos:end]):
+                return False
+            data = mv[dpos:end]
+            dst = o[s.offset : s.offset + s.size]
+            if s.encoding == "dense-fp32":
+                if dlen != 4 * s.size:
+                    return False
+                dst[:] = np.frombuffer(data, dtype=_F32)
+            elif s.encoding in _RUN_ENCODINGS:  # fp16 / bf16: widened exactly, as decode() does
+                if dlen != 2 * s.size:
+                    return False
+                raw = torch.from_numpy(np.frombuffer(data, dtype=_I16).copy())
+                out[s.offset : s.offset + s.size].copy_(raw.view(torch.float16 if s.encoding == "dense-fp16"
+                                                                 else torch.bfloat16))
+            elif s.encoding in ("sparse-fp32", "sparse-fp16"):
+                if not self._sparse_into(s, data, dst):
+                    return False
+            else:
+                try:
+                    dst[:] = decode(EncodedTensor(s.name, "float32", s.shape, s.encoding, bytes(data))).reshape(-1).numpy()
+                except CodecError:
+                    return False
+            pos = end + 4
+        if pos != total:
+            return False
+        for i, j in self._runs.items():  # dense values: one finiteness pass per run
+            last = self._specs[j - 1]
+            if not _fast_finite(o[self._specs[i].offset : last.offset + last.size]):
+                return False
+        return True
+
+    def _sparse_into(self, s: _Spec, data: memoryview, dst: np.ndarray) -> bool:
+        """The checks of the general sparse decode, then the stored rows straight into ``dst``."""
+        r, c = s.shape
+        if len(data) < _SPARSE_HDR.size or data[1:4] != b"\0\0\0":
+            return False
+        flags, k = _SPARSE_HDR.unpack_from(data)
+        wide = r > _U16_MAX_ROWS
+        if flags != (1 if wide else 0) or k > r:
+            return False
+        idt, vdt = (_U32 if wide else _U16), (_F32 if s.encoding == "sparse-fp32" else _F16)
+        idx_len = k * idt.itemsize
+        vals_off = _SPARSE_HDR.size + idx_len + (-idx_len % 4)
+        if len(data) != vals_off + k * c * vdt.itemsize or any(data[_SPARSE_HDR.size + idx_len : vals_off]):
+            return False
+        idx = np.frombuffer(data, dtype=idt, count=k, offset=_SPARSE_HDR.size).astype(np.int64)
+        if k and (int(idx[-1]) >= r or (k > 1 and int(np.diff(idx).min()) <= 0)):
+            return False
+        vals = np.frombuffer(data, dtype=vdt, count=k * c, offset=vals_off).reshape(k, c)
+        if vdt is _F16:
+            vals = vals.astype(np.float32)
+        if not np.isfinite(vals).all():
+            return False
+        table = dst.reshape(r, c)
+        table.fill(0.0)
+        table[idx] = vals
+        return True
+
+    @staticmethod
+    @functools.lru_cache(maxsize=64)
+    def of(names: tuple[str, ...], shapes: tuple[tuple[int, ...], ...], encoding: str,
+           sparse: frozenset[str] | None = None) -> FlatCodec:
+        """A cached :class:`FlatCodec` (arguments hashable: tuples, a frozenset)."""
+        return FlatCodec(names, shapes, encoding, sparse)
 
 
 # ---------------------------------------------------------------------------- model blobs

@@ -52,6 +52,9 @@ def chunks(data: bytes, size: int = CHUNK_BYTES) -> Iterator[bytes]:
     if not data:
         yield b""
         return
+    if len(data) <= size:  # one piece: the bytes themselves, no copy (the usual update fits one chunk)
+        yield data if isinstance(data, bytes) else bytes(data)
+        return
     view = memoryview(data)
     for i in range(0, len(data), size):
         yield bytes(view[i : i + size])

@@ -211,6 +211,10 @@ class UpdateBatch:
     updates: torch.Tensor  # [K, D]
     num_samples: np.ndarray  # [K] training items per user (the aggregation weight)
     losses: np.ndarray  # [K] local loss at the global weights
+    # optional, per user: the item-table rows (global ids, repeats allowed) the update was written
+    # into; every other row of its item table is zero. An encoder may use it to find the nonzero
+    # rows without scanning the table (fedseq.codec.FlatCodec checks that it covers them all).
+    item_rows: list[torch.Tensor] | None = None
 
     @classmethod
     def empty(cls, dim: int) -> UpdateBatch:
@@ -272,6 +276,7 @@ def compute_updates(
     step = vmap(grad(_objective_fn(objective), argnums=(0, 1), has_aux=True),
                 in_dims=(None, 0, 0, 0 if sites else None))
     epochs = 1 if cfg.mode == "paper" else cfg.local_epochs
+    item_rows: list[torch.Tensor] = [torch.zeros(0, dtype=torch.int64)] * K  # only SASRec localises rows
     for idx in micro_batches(lengths, cfg.micro_batch, cfg.max_tokens):
         ub = [int(users[i]) for i in idx]
         seqs = [sequences[i] for i in idx]
@@ -299,9 +304,12 @@ def compute_updates(
             grads = {k: g.cpu() for k, g in grads.items()}
             rows = None if rows is None else rows.cpu()
         _scatter(out, torch.as_tensor(idx), grads, layout, rows)
+        if rows is not None:
+            for j, i in enumerate(idx):
+                item_rows[i] = rows[j]
         losses[idx] = loss.detach().cpu().numpy()
     n_samples = np.array([len(s) for s in sequences], dtype=np.int64)
-    return UpdateBatch(np.asarray(users, dtype=np.int64), out, n_samples, losses)
+    return UpdateBatch(np.asarray(users, dtype=np.int64), out, n_samples, losses, item_rows if local_rows else None)
 
 
 def _zeros(*shape: int) -> torch.Tensor:

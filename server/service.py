@@ -265,7 +265,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         statuses: list[common_pb2.UpdateStatus] = []
         total = 0
         header = None
-        buf: bytearray | None = None  # None while skipping a refused update's data
+        buf: list[bytes] | None = None  # the update's pieces; None while skipping a refused update's data
         refusal: str | None = None
         got = wire = 0
         for chunk in request_iterator:
@@ -278,7 +278,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
                                      "bytes (the next header came)"), wire))
                 header, got, wire = chunk.header, 0, 0
                 refusal = self._precheck(header)
-                buf = bytearray() if refusal is None else None
+                buf = [] if refusal is None else None
             elif header is None:
                 statuses.append(self._refuse(None, reason("malformed", "data chunk before any update header"), size))
                 continue
@@ -292,10 +292,11 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
                 header, buf = None, None
                 continue
             if buf is not None:
-                buf += chunk.data
+                buf.append(chunk.data)
             if got == header.total_bytes:
                 if refusal is None and buf is not None:
-                    statuses.append(self._accept(header, bytes(buf), wire))
+                    # one piece (the usual update) is passed on as it is: no copy
+                    statuses.append(self._accept(header, buf[0] if len(buf) == 1 else b"".join(buf), wire))
                 else:
                     statuses.append(self._refuse(header, refusal or reason("malformed", "no data"), wire))
                 header, buf = None, None
@@ -337,27 +338,17 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         with self._lock:
             rnd, layout = self.round, self.layout
         assert rnd is not None and layout is not None
-        t0 = time.perf_counter()
-        try:
-            encoded = codec.unpack(data)
-            why = check_schema(encoded, layout, h.encoding)  # before decoding allocates anything
-            if why is not None:
-                return self._refuse(h, why, wire)
-            tensors = codec.decode_state(encoded)
-        except (codec.CodecError, ValueError) as e:  # includes non-finite values: codec.decode checks them
-            text = str(e)
-            return self._refuse(h, reason("non-finite" if "non-finite" in text else "malformed", text), wire)
-        with self._lock:  # reserve the user's row: a concurrent duplicate must not write into it
+        with self._lock:  # reserve the user's row before decoding into it: a concurrent duplicate must not write there
             if h.user_id in rnd.updates or h.user_id in rnd.pending:
                 return self._refuse(h, reason("duplicate", f"duplicate update for user {h.user_id} in round "
                                                            f"{h.round_id}"), wire)
             rnd.pending.add(h.user_id)
-        try:
-            layout.flatten_into(tensors, rnd.matrix[rnd.rows[h.user_id]])
-        except ValueError as e:
+        t0 = time.perf_counter()
+        why = self._decode(h, data, layout, rnd.matrix[rnd.rows[h.user_id]])
+        if why is not None:
             with self._lock:
                 rnd.pending.discard(h.user_id)
-            return self._refuse(h, reason("malformed", str(e)), wire)
+            return self._refuse(h, why, wire)
         dt = time.perf_counter() - t0
         with self._lock:
             rnd.pending.discard(h.user_id)
@@ -370,6 +361,33 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             rnd.decode_seconds += dt
         observe.UPDATES.labels("accepted", "").inc()
         return common_pb2.UpdateStatus(user_id=h.user_id, accepted=True, bytes=wire)
+
+    @staticmethod
+    def _decode(h, data: bytes, layout: Layout, row: torch.Tensor) -> str | None:
+        """Decode an update into its round-matrix row; why it is refused (None: decoded). Updates
+        in the form the workers write are decoded straight into the row (codec.FlatCodec); any
+        other container, and any fault, goes the general way (unpack, schema, decode), which
+        decides exactly as it always did."""
+        try:
+            if codec.FlatCodec.of(layout.names, layout.shapes, h.encoding,
+                                  frozenset(codec.SPARSE_TABLES)).decode_into(data, row):
+                return None
+        except codec.CodecError:
+            pass
+        try:
+            encoded = codec.unpack(data)
+            why = check_schema(encoded, layout, h.encoding)  # before decoding allocates anything
+            if why is not None:
+                return why
+            tensors = codec.decode_state(encoded)
+        except (codec.CodecError, ValueError) as e:  # includes non-finite values: codec.decode checks them
+            text = str(e)
+            return reason("non-finite" if "non-finite" in text else "malformed", text)
+        try:
+            layout.flatten_into(tensors, row)
+        except ValueError as e:
+            return reason("malformed", str(e))
+        return None
 
     def CloseRound(self, request, context):
         observe.set_context(run=request.run_id[:64], round_id=request.round_id)

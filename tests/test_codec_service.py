@@ -282,3 +282,45 @@ def test_model_patch_rebuilds_the_new_version_bit_for_bit():
     bad[len(bad) // 2] ^= 0x40
     with pytest.raises(PatchError, match="corrupted"):
         apply_patch(old, bytes(bad), base_version=7)
+
+
+# ---------------------------------------------------------------------------- fast decode path
+
+
+@pytest.mark.parametrize("encoding", codec.ENCODINGS)
+def test_server_rows_equal_the_general_decode_on_both_paths(aggregator, encoding, monkeypatch):
+    # Prepare: real updates, half in the workers' form (the server's fast path) and half with the
+    # records reversed (valid, but only the general path decodes them)
+    stub, servicer = aggregator()
+    s = setup(TINY)
+    users = list(range(8))
+    ub = compute_updates(s.model, s.initial_params(), [s.dataset.train[u] for u in users], np.array(users), 0, 0,
+                         TINY.local())
+    cfg = replace(TINY, run_id=f"fast-{encoding}", codec=encoding)
+    tokens = _open(stub, cfg, users)
+    flat = codec.FlatCodec.of(s.layout.names, s.layout.shapes, encoding, frozenset(SPARSE_TABLES))
+    payloads = {}
+    for i, u in enumerate(users):
+        if u % 2:
+            payloads[u] = codec.pack(codec.encode_state(dict(reversed(s.layout.unflatten(ub.updates[i]).items())),
+                                                        encoding, sparse_ok=lambda n: n in SPARSE_TABLES))
+        else:
+            payloads[u] = flat.encode(ub.updates[i], {"item_emb.weight": ub.item_rows[i]})
+    fast_answers = []
+    decode_into = codec.FlatCodec.decode_into
+
+    def spy(self, buf, out):
+        fast_answers.append(decode_into(self, buf, out))
+        return fast_answers[-1]
+
+    monkeypatch.setattr(codec.FlatCodec, "decode_into", spy)
+    # Execute
+    reply = stub.SubmitUpdates(_stream(cfg, tokens, payloads, encoding))
+    # Assert: the workers' form took the fast path, the other the general one, and every row holds
+    # exactly the general decode of its payload
+    assert all(st.accepted for st in reply.statuses)
+    assert fast_answers == [u % 2 == 0 for u in users]
+    rnd = servicer.round
+    for u, data in payloads.items():
+        want = s.layout.flatten(codec.decode_state(codec.unpack(data)))
+        assert np.array_equal(_bits(rnd.matrix[rnd.rows[u]]), _bits(want)), u
