@@ -130,6 +130,7 @@ def inprocess(cfg, epochs: int) -> dict:
             ub = compute_updates(s.model, params, [ds.train[u] for u in users], users, cfg.seed, rk, cfg.local())
             params = server_step(params, rule(ub.updates, torch.as_tensor(ub.num_samples, dtype=torch.float32)).vector,
                                  cfg.lr_at(e))
+            del ub  # as the in-process runner does: one round's matrix alive at a time
             rk += 1
         train_t.append(time.perf_counter() - t0)
     for name, ecfg in (("standard", s.eval_config()),):
