@@ -19,7 +19,7 @@ import tomllib
 from .codec import ENCODINGS
 from .data.summary import TARGET_PRESETS
 from .device import check_name as check_device
-from .training import LocalConfig
+from .training import LocalConfig, PieckReg
 
 
 class ConfigError(ValueError):
@@ -96,7 +96,8 @@ class ExperimentConfig:
     lr_decay: float = 0.5
     lr_decay_every: int = 5
     # the defense: an aggregation rule's registry name (server/aggregation; the paper's "common" is
-    # the fedavg sum), or "adv-train" (client-side adversarial training over the sum; read below)
+    # the fedavg sum), "adv-train" (client-side adversarial training over the sum; read below) or
+    # "pieck-reg" (PIECK's client-side regularisers over the sum, fedseq/training.py PieckReg)
     defense: str = "fedavg"
     defense_opts: tuple[tuple[str, str], ...] = ()
     local_epochs: int = 1
@@ -112,6 +113,8 @@ class ExperimentConfig:
     compat: Compat = field(default_factory=Compat)
     adv_train: bool = False  # client-side adversarial training (Yue et al. 2022); `--defense adv-train`
     adv_train_opts: tuple[tuple[str, str], ...] = ()  # steps, step_size, switch_prob, users_per_round
+    pieck_reg: bool = False  # PIECK's client-side regularisers (Zhang et al., ICDE 2024); `--defense pieck-reg`
+    pieck_reg_opts: tuple[tuple[str, str], ...] = ()  # size, ipe_mu, uea_mu
     attack: str = "none"
     malicious_ratio: float = 0.001  # the paper's main setting; used only when attack != "none"
     attack_opts: tuple[tuple[str, str], ...] = ()
@@ -173,7 +176,24 @@ class ExperimentConfig:
             shared_neg_seed=self.compat.shared_neg_seed,
             neg_from_vocab=self.compat.neg_from_vocab,
             device=self.device,
+            pieck=self.pieck_config() if self.pieck_reg else None,
         )
+
+    def pieck_config(self) -> PieckReg:
+        """PIECK's client-side regularisers (``fedseq.training.PieckReg``) from ``pieck_reg_opts``, validated."""
+        known = {"size": int, "ipe_mu": float, "uea_mu": float}
+        kw: dict[str, Any] = {}
+        for k, v in self.pieck_reg_opts:
+            if k not in known:
+                raise ConfigError(f"pieck-reg has no option {k!r}; options: {sorted(known)}")
+            try:
+                kw[k] = known[k](v)
+            except ValueError:
+                raise ConfigError(f"pieck-reg option {k}={v!r} is not a valid {known[k].__name__}") from None
+        try:
+            return PieckReg(init_seed=self.seed, **kw)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     def adv_config(self):
         """The adversarial-training settings (``fedseq.adv_train.AdvTrainConfig``), validated."""
@@ -199,6 +219,7 @@ class ExperimentConfig:
         d["defense_opts"] = dict(self.defense_opts)
         d["attack_opts"] = dict(self.attack_opts)
         d["adv_train_opts"] = dict(self.adv_train_opts)
+        d["pieck_reg_opts"] = dict(self.pieck_reg_opts)
         d["targets"] = list(self.targets)
         return d
 
@@ -219,6 +240,10 @@ class ExperimentConfig:
             kw["defense"], kw["adv_train"] = "fedavg", True
             if kw.get("defense_opts"):  # --defense-opt goes to adv-train then
                 kw["adv_train_opts"] = kw.pop("defense_opts")
+        if kw.get("defense") == "pieck-reg":  # PIECK's client-side defense on top of the paper's sum
+            kw["defense"], kw["pieck_reg"] = "fedavg", True
+            if kw.get("defense_opts"):
+                kw["pieck_reg_opts"] = kw.pop("defense_opts")
         return cls(**kw)
 
     @classmethod
@@ -250,7 +275,7 @@ def _coerce(key: str, value: Any) -> Any:
             if isinstance(value, Mapping):
                 return Compat(**{k.replace("-", "_"): bool(v) for k, v in value.items()})
             return Compat.parse(str(value))
-        if key in ("defense_opts", "attack_opts", "adv_train_opts"):
+        if key in ("defense_opts", "attack_opts", "adv_train_opts", "pieck_reg_opts"):
             if isinstance(value, Mapping):
                 return tuple(sorted((str(k), str(v)) for k, v in value.items()))
             if isinstance(value, str):

@@ -36,6 +36,41 @@ SHARED_NEG_SEED = 2024  # the public code seeds every client's negative sampler 
 
 
 @dataclass(frozen=True)
+class PieckReg:
+    """PIECK's client-side defense: two regularisers on every benign user's local loss.
+
+    Zhang, Li, Rong, Zhao, Chen, Shou, "Preventing the Popular Item Embedding Based Attack in
+    Federated Recommendations", ICDE 2024 (public code: ``FedRecClientDefense`` in DL-FRS/client.py).
+    Each round the user mines the ``size`` most popular items, the rows that moved most since
+    version 0 (:mod:`fedseq.popularity`), ``e_1..e_s`` most moved first, weighted
+    ``w_j = exp(s - j + 1) / sum_k exp(k)``, and adds to its loss
+
+    * ``ipe_mu * L_ipe``, ``L_ipe = -sum_j w_j mean_i cos(e_j, E_i)`` over the user's training items
+      ``i`` that are not popular (SASRec: positives and negatives; BERT4Rec: the input items), which
+      spreads the popular items' region over ordinary items so that a target pulled next to the
+      popular items gains less (item popularity enhancement is what PIECK-IPE exploits);
+    * ``uea_mu * L_uea``, ``L_uea = -sum_j w_j mean_c softmax(u)_c (log softmax(u)_c - log softmax(e_j)_c)``
+      with ``u`` the user's representation (the sequence output at its last position), which keeps
+      users away from the popular items' embeddings (user embedding approximation, PIECK-UEA).
+
+    ``e_j`` are constants (the global weights); the gradient flows through ``E_i`` and ``u``.
+    Defaults are the public code's (``regula_size`` 10, ``ipe_mu`` = ``uea_mu`` = 45)."""
+
+    size: int = 10
+    ipe_mu: float = 45.0
+    uea_mu: float = 45.0
+    init_seed: int = 0  # the run seed: version 0 is its seeded initialisation
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ValueError(f"pieck-reg size must be >= 1, got {self.size}")
+        for name in ("ipe_mu", "uea_mu"):
+            v = getattr(self, name)
+            if not (v >= 0.0 and v < float("inf")):
+                raise ValueError(f"pieck-reg {name} must be finite and >= 0, got {v}")
+
+
+@dataclass(frozen=True)
 class LocalConfig:
     """How users compute their updates."""
 
@@ -49,6 +84,7 @@ class LocalConfig:
     shared_neg_seed: bool = False  # compat: one constant negative-sampling seed for every client
     neg_from_vocab: bool = False  # compat: negatives drawn from 1..M+1 (mask token included)
     device: str = "cpu"  # where the per-user gradients are computed (fedseq/device.py); updates return on the CPU
+    pieck: PieckReg | None = None  # PIECK's client-side regularisers (a defense), off by default
 
     def __post_init__(self) -> None:
         if self.mode not in ("paper", "fedavg"):
@@ -165,7 +201,8 @@ def make_example(model: nn.Module, train: np.ndarray, rng: np.random.Generator, 
 
 
 def user_losses(
-    model: SeqModel, batch: dict[str, torch.Tensor], drop: Drop | None, x: torch.Tensor | None = None
+    model: SeqModel, batch: dict[str, torch.Tensor], drop: Drop | None, x: torch.Tensor | None = None,
+    reg: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Per-user local losses ``[B]`` for a collated batch (works for B = 1 inside vmap).
 
@@ -181,13 +218,34 @@ def user_losses(
         lp = F.binary_cross_entropy_with_logits(pos, torch.ones_like(pos), reduction="none")
         ln = F.binary_cross_entropy_with_logits(neg, torch.zeros_like(neg), reduction="none")
         # mean over the 2 * count positive and negative logits (BCEWithLogitsLoss on both, as the reference)
-        return ((lp * valid).sum(-1) + (ln * valid).sum(-1)) / (2.0 * count)
-    where, labels = batch["where"], batch["labels"]  # [B, K]
-    hs = torch.gather(h, 1, where.unsqueeze(-1).expand(-1, -1, h.shape[-1]))  # [B, K, d]
-    logits = model.scores(hs)  # [B, K, V]
-    ce = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=0, reduction="none")  # [B, K]
-    real = (labels != 0).to(h.dtype)
-    return (ce * real).sum(-1) / real.sum(-1).clamp(min=1.0)
+        loss = ((lp * valid).sum(-1) + (ln * valid).sum(-1)) / (2.0 * count)
+    else:
+        where, labels = batch["where"], batch["labels"]  # [B, K]
+        hs = torch.gather(h, 1, where.unsqueeze(-1).expand(-1, -1, h.shape[-1]))  # [B, K, d]
+        logits = model.scores(hs)  # [B, K, V]
+        ce = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=0, reduction="none")  # [B, K]
+        real = (labels != 0).to(h.dtype)
+        loss = (ce * real).sum(-1) / real.sum(-1).clamp(min=1.0)
+    return loss if reg is None else loss + pieck_terms(model, batch, h, reg)
+
+
+def pieck_terms(model: SeqModel, batch: dict[str, torch.Tensor], h: torch.Tensor,
+                reg: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``ipe_mu * L_ipe + uea_mu * L_uea`` of :class:`PieckReg` per user, ``[B]``.
+
+    ``reg``: ``pop [s, d]`` the popular rows (constants), ``w [s]`` their weights, ``mu [2]``;
+    ``batch["reg_keep"] [B, T]`` marks which of the items ``batch["reg_items"] [B, T]`` (model ids,
+    local ones for SASRec) count: real and not popular."""
+    pop, w = reg["pop"], reg["w"]
+    e = model.item_emb(batch["reg_items"])  # [B, T, d]
+    keep = batch["reg_keep"]  # [B, T]
+    cos = F.cosine_similarity(e.unsqueeze(2), pop[None, None], dim=-1)  # [B, T, s]
+    mean_cos = (cos * keep.unsqueeze(-1)).sum(1) / keep.sum(1, keepdim=True).clamp(min=1.0)  # [B, s]
+    ipe = -(mean_cos * w).sum(-1)  # [B]
+    log_p = F.log_softmax(h[:, -1], dim=-1)  # [B, d]: the user's representation
+    kl = (log_p.exp().unsqueeze(1) * (log_p.unsqueeze(1) - F.log_softmax(pop, dim=-1)[None])).mean(-1)  # [B, s]
+    uea = -(kl * w).sum(-1)
+    return reg["mu"][0] * ipe + reg["mu"][1] * uea
 
 
 class _Objective(nn.Module):
@@ -197,10 +255,11 @@ class _Objective(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batch: dict[str, torch.Tensor], masks: dict[str, torch.Tensor] | None) -> torch.Tensor:
+    def forward(self, batch: dict[str, torch.Tensor], masks: dict[str, torch.Tensor] | None,
+                reg: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         one = {k: v.unsqueeze(0) for k, v in batch.items()}
         drop = None if masks is None else Drop({k: v.unsqueeze(0) for k, v in masks.items()})
-        return user_losses(self.model, one, drop)[0]
+        return user_losses(self.model, one, drop, reg=reg)[0]
 
 
 @dataclass
@@ -274,20 +333,24 @@ def compute_updates(
     lengths = [min(len(s), model.cfg.max_len) for s in sequences]
     # masks is None when dropout is off: vmap cannot map dim 0 of a None argument
     step = vmap(grad(_objective_fn(objective), argnums=(0, 1), has_aux=True),
-                in_dims=(None, 0, 0, 0 if sites else None))
+                in_dims=(None, 0, 0, 0 if sites else None, None))
+    reg, popular = _pieck_inputs(model, params, cfg.pieck, dev) if cfg.pieck is not None else (None, None)
     epochs = 1 if cfg.mode == "paper" else cfg.local_epochs
     item_rows: list[torch.Tensor] = [torch.zeros(0, dtype=torch.int64)] * K  # only SASRec localises rows
     for idx in micro_batches(lengths, cfg.micro_batch, cfg.max_tokens):
         ub = [int(users[i]) for i in idx]
         seqs = [sequences[i] for i in idx]
         prepared = [_prepare(model, seqs, ub, seed, round_key, e, cfg, sites, dev) for e in range(epochs)]
+        if popular is not None:  # on global ids, before the item ids go local
+            for batch, _ in prepared:
+                _mark_reg_items(model, batch, popular)
         rows = _localise([p[0] for p in prepared]) if local_rows else None  # on dev
         user_p: dict[str, torch.Tensor] = {}
         if rows is not None:
             user_p[table_key] = global_p[table_key][rows]  # [B, R, d]
         if cfg.mode == "paper":
             batch, masks = prepared[0]
-            (g_shared, g_own), loss = step(shared_p, user_p, batch, masks)
+            (g_shared, g_own), loss = step(shared_p, user_p, batch, masks, reg)
             grads = {**g_shared, **g_own}
         else:
             for name in shared_p:
@@ -296,7 +359,7 @@ def compute_updates(
             state = {n: (torch.zeros_like(t), torch.zeros_like(t)) for n, t in user_p.items()}
             loss = None
             for e, (batch, masks) in enumerate(prepared):
-                (_, g), lo = step({}, user_p, batch, masks)
+                (_, g), lo = step({}, user_p, batch, masks, reg)
                 loss = lo if loss is None else loss
                 _local_step(user_p, g, state, cfg, e + 1)
             grads = {k: start_p[k] - user_p[k] for k in user_p}
@@ -312,6 +375,34 @@ def compute_updates(
     return UpdateBatch(np.asarray(users, dtype=np.int64), out, n_samples, losses, item_rows if local_rows else None)
 
 
+def _pieck_inputs(model: SeqModel, params: torch.Tensor, pr: PieckReg,
+                  dev: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The round's :class:`PieckReg` constants (popular rows, weights, mu) and the popular ids."""
+    from .popularity import initial_params, item_table_slice, mine_popular
+
+    ids = mine_popular(params, initial_params(model, pr.init_seed), model, pr.size)  # most moved first
+    offset, rows, width = item_table_slice(model)
+    pop = params[offset:offset + rows * width].view(rows, width)[torch.as_tensor(ids)].detach()  # [s, d]
+    e = np.exp(np.arange(len(ids), 0, -1, dtype=np.float64))
+    w = torch.as_tensor(e / e.sum(), dtype=pop.dtype)
+    reg = {"pop": pop, "w": w, "mu": torch.tensor([pr.ipe_mu, pr.uea_mu], dtype=pop.dtype)}
+    return {k: v.to(dev) for k, v in reg.items()}, torch.as_tensor(ids).to(dev)
+
+
+def _mark_reg_items(model: SeqModel, batch: dict[str, torch.Tensor], popular: torch.Tensor) -> None:
+    """Add ``reg_items [B, T]`` (the items :func:`pieck_terms` averages over, still global ids) and
+    ``reg_keep [B, T]`` (1 where real and not popular) to a collated batch."""
+    if isinstance(model, SASRec):
+        items = torch.cat([batch["pos"], batch["neg"]], dim=1)  # [B, 2L]
+        real = items != 0
+    else:
+        items = batch["tokens"].clone()  # the inputs: masked positions hold the mask token, not an item
+        real = (items != 0) & (items != model.cfg.mask_token)
+        items[~real] = 0
+    batch["reg_items"] = items
+    batch["reg_keep"] = (real & ~torch.isin(items, popular)).to(torch.float32)
+
+
 def _zeros(*shape: int) -> torch.Tensor:
     """A zero float32 tensor from ``calloc``: fresh zero pages, so the rows a user never touches
     cost no fill now (``torch.zeros`` writes every element first, then the rows are written again)."""
@@ -323,7 +414,7 @@ def _localise(batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
     the global item id of each local row (row 0 is the padding row; unused trailing rows are 0).
     Local id ``j >= 1`` is the rank of the item among the user's distinct items, so local rows
     are sorted by global id. All users at once: a row-wise sort, no Python loop per user."""
-    keys = ("tokens", "pos", "neg")
+    keys = ("tokens", "pos", "neg") + (("reg_items",) if "reg_items" in batches[0] else ())
     ids = torch.cat([bt[k] for bt in batches for k in keys], dim=1)  # [B, T]
     srt = ids.sort(dim=1).values
     first = torch.ones_like(srt, dtype=torch.bool)
@@ -362,8 +453,8 @@ def _scatter(out: torch.Tensor, idx: torch.Tensor, grads: dict[str, torch.Tensor
 
 
 def _objective_fn(objective: _Objective):
-    def f(shared, own, batch, masks):
-        loss = functional_call(objective, {**shared, **own}, (batch, masks))
+    def f(shared, own, batch, masks, reg=None):
+        loss = functional_call(objective, {**shared, **own}, (batch, masks, reg))
         return loss, loss.detach()
 
     return f

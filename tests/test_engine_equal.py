@@ -126,3 +126,20 @@ def test_sparse_with_a_bound_inner_rule_is_the_same_run_in_both_runners(redis_ur
     for rid in sorted(sim_after):
         assert torch.equal(net_after[rid], sim_after[rid]), f"round {rid}: weights differ"
     assert net_epoch["hr@10"] == sim_epoch["hr@10"] and net_epoch["er@10"] == sim_epoch["er@10"]
+
+
+def test_pieck_client_regularisers_are_the_same_run_in_both_runners(redis_url):
+    # Prepare: PIECK's client-side defense on the benign workers, the PIECK attack on the attacker
+    cfg = replace(BASE, run_id="eq-pieck-reg", pieck_reg=True, pieck_reg_opts=(("size", "4"),), attack="pieck",
+                  attack_opts=(("popular", "4"),), malicious_ratio=0.1)
+    torch.set_num_threads(1)
+    # Execute
+    net_after, net_epoch, _ = _services(redis_url, cfg)
+    sim_after, sim_epoch = _inprocess(cfg)
+    plain_after, _ = _inprocess(replace(cfg, pieck_reg=False, run_id="eq-pieck-plain"))
+    # Assert: equal runs, and the regularisers change what is learned
+    assert sorted(net_after) == sorted(sim_after)
+    for rid in sorted(sim_after):
+        assert torch.equal(net_after[rid], sim_after[rid]), f"round {rid}: weights differ"
+    assert net_epoch["hr@10"] == sim_epoch["hr@10"] and net_epoch["er@10"] == sim_epoch["er@10"]
+    assert not torch.equal(plain_after[max(plain_after)], sim_after[max(sim_after)])

@@ -418,3 +418,76 @@ def test_zero_dropout_rates_equal_dropout_off():
 
     # Assert
     torch.testing.assert_close(on.updates, off.updates, rtol=0, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- PIECK's client-side defense
+
+
+@pytest.mark.parametrize("name", ["sasrec", "bert4rec"])
+@pytest.mark.parametrize("dropout", [False, True])
+def test_pieck_regularised_update_equals_autograd_of_the_written_out_loss(name, dropout):
+    # Prepare: global weights where items 4, 9, 2 moved most since version 0 (seed 1), in that order
+    from fedseq.popularity import initial_params, item_table_slice
+    from fedseq.training import PieckReg
+
+    model = tiny(name)  # version 0 of seed 1
+    init = initial_params(model, 1)
+    params = init.clone()
+    offset, rows, width = item_table_slice(model)
+    table = params[offset:offset + rows * width].view(rows, width)
+    for item, amount in ((4, 0.9), (9, 0.6), (2, 0.3)):
+        table[item] += amount
+    pr = PieckReg(size=3, ipe_mu=2.0, uea_mu=3.0, init_seed=1)
+    cfg = LocalConfig(dropout=dropout, pieck=pr)
+    seqs = sequences()
+    i = 3
+
+    # Execute
+    up = compute_updates(model, params, seqs, USERS, SEED, ROUND, cfg)
+    probe = copy.deepcopy(model)
+    with torch.no_grad():
+        for p, v in zip(probe.parameters(), Layout.of(probe).unflatten(params).values(), strict=True):
+            p.copy_(v)
+    ex = make_example(probe, seqs[i], user_rng(SEED, ROUND, USERS[i], 0), cfg)
+    batch = collate(probe, [ex])
+    drop = None
+    if dropout:
+        dseed = int(user_rng(SEED, ROUND, USERS[i], 1000).integers(0, 2**32))
+        drop = Drop(keep_masks(probe.dropout_sites(), torch.tensor([dseed]), batch["tokens"].shape[1]))
+    h = probe(batch["tokens"], drop)  # [1, L, d]
+    base = user_losses(probe, batch, drop)[0]
+    # the loss written out: popular rows most moved first, weights exp(3, 2, 1) / sum
+    pop = table[[4, 9, 2]].detach()
+    w = torch.tensor([np.e**3, np.e**2, np.e]) / (np.e**3 + np.e**2 + np.e)
+    if name == "sasrec":
+        items = torch.cat([batch["pos"][0], batch["neg"][0]])
+    else:
+        items = batch["tokens"][0]
+        items = items[items != probe.cfg.mask_token]
+    items = items[(items != 0) & ~torch.isin(items, torch.tensor([4, 9, 2]))]
+    e = probe.item_emb(items)  # [n, d]
+    ipe = -sum(w[j] * torch.nn.functional.cosine_similarity(e, pop[j][None], dim=-1).mean() for j in range(3))
+    p = torch.softmax(h[0, -1], -1)
+    uea = -sum(w[j] * (p * (p.log() - torch.log_softmax(pop[j], -1))).mean() for j in range(3))
+    expected = grads_of(probe, base + 2.0 * ipe + 3.0 * uea)
+
+    # Assert
+    torch.testing.assert_close(up.updates[i], expected, rtol=1e-4, atol=2e-5)
+    assert up.losses[i] == pytest.approx(float((base + 2.0 * ipe + 3.0 * uea).detach()), abs=1e-5)
+
+
+def test_pieck_reg_is_off_by_default_and_the_defense_name_turns_it_on():
+    from fedseq.config import ConfigError, build_config
+    from fedseq.training import PieckReg
+
+    # Execute
+    plain = build_config(None, {"dataset": "synthetic"})
+    on = build_config(None, {"dataset": "synthetic", "defense": "pieck-reg", "defense_opts": {"size": "5"}})
+
+    # Assert
+    assert plain.local().pieck is None and not plain.pieck_reg
+    assert on.defense == "fedavg" and on.local().pieck == PieckReg(size=5, init_seed=on.seed)
+    with pytest.raises(ConfigError, match="pieck-reg has no option 'k'"):
+        build_config(None, {"dataset": "synthetic", "defense": "pieck-reg", "defense_opts": {"k": "5"}})
+    with pytest.raises(ConfigError, match="size must be >= 1"):
+        build_config(None, {"dataset": "synthetic", "defense": "pieck-reg", "defense_opts": {"size": "0"}})

@@ -27,7 +27,6 @@ The paper's defense (a client-side regulariser against the popularity pattern) i
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -36,35 +35,12 @@ import torch
 
 from fedseq.config import Compat
 from fedseq.models import SeqModel
-from fedseq.models.common import reference_init
-from fedseq.params import get_vector
+from fedseq.popularity import initial_params, mine_popular
+from fedseq.popularity import item_table_slice as table_slice
 from fedseq.training import LocalConfig, UpdateBatch
 
 from .base import Attack, AttackConfigError, Option, Users, parse_options, positive, sub_options
 from .common import num_samples, target_tensor
-from .spattack import table_slice
-
-
-def initial_params(model: SeqModel, seed: int) -> torch.Tensor:
-    """Version 0 of a run with ``seed`` (the seeded reference initialisation), ``[D]``; ``model`` is
-    not changed."""
-    fresh = copy.deepcopy(model)
-    reference_init(fresh, seed)
-    return get_vector(fresh)
-
-
-def mine_popular(params: torch.Tensor, init: torch.Tensor, model: SeqModel, k: int,
-                 exclude: Sequence[int] = ()) -> np.ndarray:
-    """The ``k`` item ids (1..M, not in ``exclude``) whose embedding rows moved the most from
-    ``init`` to ``params`` (ties to the lower id), sorted."""
-    offset, rows, width = table_slice(model)
-    num_items = int(model.cfg.num_items)
-    moved = (params[offset:offset + rows * width] - init[offset:offset + rows * width]).view(rows, width).norm(dim=1)
-    ids = np.arange(1, num_items + 1)
-    ids = ids[~np.isin(ids, np.asarray(exclude, dtype=np.int64))]
-    dist = moved[torch.as_tensor(ids)].double().numpy()
-    order = np.lexsort((ids, -dist))
-    return np.sort(ids[order[:k]])
 
 
 @dataclass(frozen=True)
@@ -90,7 +66,7 @@ class PieckIPE:
         if B == 0:
             return batch
         offset, rows, width = table_slice(model)
-        popular = mine_popular(params, initial_params(model, seed), model, self.popular, tgt.tolist())
+        popular = np.sort(mine_popular(params, initial_params(model, seed), model, self.popular, tgt.tolist()))
         table = params[offset:offset + rows * width].view(rows, width)
         centroid = table[torch.as_tensor(popular)].mean(0)  # [H]
         view = batch.updates[:, offset:offset + rows * width].view(B, rows, width)

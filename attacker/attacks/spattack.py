@@ -57,8 +57,8 @@ import torch
 from fedseq.config import Compat
 from fedseq.data import SeqDataset
 from fedseq.models import SeqModel
-from fedseq.params import Layout
-from fedseq.training import ITEM_TABLE, LocalConfig, UpdateBatch, compute_updates
+from fedseq.popularity import item_table_slice as table_slice
+from fedseq.training import LocalConfig, UpdateBatch, compute_updates
 
 from .base import Attack, AttackConfigError, Option, Users, non_negative, parse_options, positive, sub_options
 from .common import num_samples, target_tensor
@@ -82,14 +82,6 @@ def rare_items(counts: np.ndarray, k: int, exclude: Sequence[int]) -> np.ndarray
     ids = ids[keep]
     order = np.lexsort((ids, counts[ids]))
     return np.sort(ids[order[:k]])
-
-
-def table_slice(model: SeqModel) -> tuple[int, int, int]:
-    """``(offset, rows, width)`` of the item table in the model's flat layout."""
-    layout = Layout.of(model)
-    i = layout.names.index(ITEM_TABLE)
-    rows, width = layout.shapes[i]
-    return sum(layout.sizes[:i]), int(rows), int(width)
 
 
 @dataclass(frozen=True)
