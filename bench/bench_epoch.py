@@ -46,8 +46,9 @@ except ImportError:  # commits before the round engine (e.g. a7627a9) kept it in
     from fedseq.experiment import epoch_rounds  # type: ignore[no-redef,attr-defined]  # noqa: E402
 
 
-def train_epochs(cfg, epochs: int) -> dict:
-    """Only the training epochs: wall and process-CPU seconds per epoch (works on older commits)."""
+def _train(cfg, epochs: int):
+    """``epochs`` training epochs of ``cfg`` in process: (setup, final weights, wall and process-CPU
+    seconds per epoch). Works on older commits (``--baseline``)."""
     torch.set_num_threads(cfg.threads)
     s = setup(cfg)
     params = s.initial_params()
@@ -66,6 +67,12 @@ def train_epochs(cfg, epochs: int) -> dict:
             rk += 1
         wall.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
+    return s, params, wall, cpu
+
+
+def train_epochs(cfg, epochs: int) -> dict:
+    """Only the training epochs: wall and process-CPU seconds per epoch, peak memory."""
+    _, _, wall, cpu = _train(cfg, epochs)
     return {"train_epoch_s": wall, "train_epoch_cpu_s": cpu,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -117,22 +124,10 @@ def _dirty() -> bool:
 
 
 def inprocess(cfg, epochs: int) -> dict:
-    torch.set_num_threads(cfg.threads)
-    s = setup(cfg)
-    params = s.initial_params()
-    rule = make_rule(cfg.defense, dict(cfg.defense_opts))
+    """Training epochs, then three evaluation passes each with the standard and the reference settings."""
+    s, params, train_t, _ = _train(cfg, epochs)
     ds = s.dataset
-    train_t, eval_t = [], {}
-    rk = 0
-    for e in range(epochs):
-        t0 = time.perf_counter()
-        for users in epoch_rounds(cfg, s.benign_users, e):
-            ub = compute_updates(s.model, params, [ds.train[u] for u in users], users, cfg.seed, rk, cfg.local())
-            params = server_step(params, rule(ub.updates, torch.as_tensor(ub.num_samples, dtype=torch.float32)).vector,
-                                 cfg.lr_at(e))
-            del ub  # as the in-process runner does: one round's matrix alive at a time
-            rk += 1
-        train_t.append(time.perf_counter() - t0)
+    eval_t: dict[str, list[float]] = {}
     for name, ecfg in (("standard", s.eval_config()),):
         ev = Evaluator(s.model, ds.train, ds.test, s.benign_users, s.targets, ecfg)
         times = []

@@ -80,6 +80,20 @@ MODES = ("paper", "fedavg")
 COMPRESSIONS = ("none", "gzip")  # gRPC message compression (fedseq.ledger computes its sizes)
 
 
+def _typed_opts(what: str, opts: tuple[tuple[str, str], ...], known: Mapping[str, type]) -> dict[str, Any]:
+    """String options of a client-side defense as typed values; unknown keys and bad values are
+    :class:`ConfigError`s naming ``what``, the key and the options."""
+    kw: dict[str, Any] = {}
+    for k, v in opts:
+        if k not in known:
+            raise ConfigError(f"{what} has no option {k!r}; options: {sorted(known)}")
+        try:
+            kw[k] = known[k](v)
+        except ValueError:
+            raise ConfigError(f"{what} option {k}={v!r} is not a valid {known[k].__name__}") from None
+    return kw
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     """Everything that defines an experiment (the paper's settings are the defaults)."""
@@ -181,15 +195,7 @@ class ExperimentConfig:
 
     def pieck_config(self) -> PieckReg:
         """PIECK's client-side regularisers (``fedseq.training.PieckReg``) from ``pieck_reg_opts``, validated."""
-        known = {"size": int, "ipe_mu": float, "uea_mu": float}
-        kw: dict[str, Any] = {}
-        for k, v in self.pieck_reg_opts:
-            if k not in known:
-                raise ConfigError(f"pieck-reg has no option {k!r}; options: {sorted(known)}")
-            try:
-                kw[k] = known[k](v)
-            except ValueError:
-                raise ConfigError(f"pieck-reg option {k}={v!r} is not a valid {known[k].__name__}") from None
+        kw = _typed_opts("pieck-reg", self.pieck_reg_opts, {"size": int, "ipe_mu": float, "uea_mu": float})
         try:
             return PieckReg(init_seed=self.seed, **kw)
         except ValueError as e:
@@ -200,15 +206,7 @@ class ExperimentConfig:
         from .adv_train import AdvTrainConfig
 
         known = {"steps": int, "step_size": float, "switch_prob": float, "users_per_round": int}
-        kw = {}
-        for k, v in self.adv_train_opts:
-            if k not in known:
-                raise ConfigError(f"adv-train has no option {k!r}; options: {sorted(known)}")
-            try:
-                kw[k] = known[k](v)
-            except ValueError:
-                raise ConfigError(f"adv-train option {k}={v!r} is not a valid {known[k].__name__}") from None
-        return AdvTrainConfig(**kw)
+        return AdvTrainConfig(**_typed_opts("adv-train", self.adv_train_opts, known))
 
     def lr_at(self, epoch: int) -> float:
         """Learning rate of 0-based ``epoch``: multiplied by ``lr_decay`` every ``lr_decay_every`` epochs."""
