@@ -96,7 +96,7 @@ PRESETS["matrix"] = {
     "attacks": ["none", "dv-fsr", "c-fsr", "s-fsr", "eb", "a-ra", "ra", "alie", "min-max", "pieck", "fedrecattack",
                 "spattack"],
     "defenses": ["fedavg", "mixed-rfa", "rfa", "median", "trimmed-mean:beta=0.1", "krum:m=8", "bulyan", "flame",
-                 "dnc", "foolsgold", "sparse:median", "sparse:trimmed-mean", "sparse:krum"],
+                 "dnc", "foolsgold", "sparse:median", "sparse:trimmed-mean", "sparse:krum", "pieck-reg"],
     "ratios": [MISSION_RATIO],
     "seeds": [0, 1, 2],
     "engine": "inprocess",
