@@ -135,8 +135,9 @@ SUITES: dict[str, dict[str, Any]] = {
                  "and 0.2% malicious clients. mixed-RFA's cells take the round engine's step (its mean-scale "
                  f"output x the round's updates; compat `{REFERENCE_ENGINE_STEP}`): with the paper's literal step "
                  "at lr 0.001 the model does not train and exposure stays 0 trivially. Under `--compat "
-                 "reference` adv_train applies no update, as the public code's (`advtrain_noop`), so its rows "
-                 "equal no defense; the `[compat off]` variant is the real adversarial training (several times "
+                 "reference` adv_train applies no update, as the public code's (`advtrain_noop`): the run is the "
+                 "no-defense run to the last bit, so those rows are the no-defense cells (run once, shared); the "
+                 "`[compat off]` variant is the real adversarial training (several times "
                  "slower per epoch).",
         "scenarios": [
             *(c for r, pct, (none, adv, mrfa), (m_none, m_adv, m_mrfa) in (

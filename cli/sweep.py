@@ -32,13 +32,14 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent import futures
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import tomllib
 
 from fedseq.config import ConfigError, ExperimentConfig, build_config
+from fedseq.engine import adv_train_on
 from server.aggregation import RuleConfigError, parse_rule_spec
 
 from .flags import QUICKSTART
@@ -119,6 +120,7 @@ class Cell:
     codec: str | None = None
     name: str = ""  # a scenario's display name (presets); empty: built from the fields
     keys: tuple[tuple[str, Any], ...] = ()  # further experiment keys of the scenario (sorted), e.g. compat
+    same_as: str = ""  # the folder of another cell whose run this one is, to the last bit (see SweepSpec.cells)
 
     @property
     def scenario(self) -> str:
@@ -135,7 +137,10 @@ class Cell:
     @property
     def folder(self) -> str:
         """The cell's folder name: from what it runs (not its display name), so two sweeps that
-        share a cells folder (``fedseq reproduce``) run a shared cell once."""
+        share a cells folder (``fedseq reproduce``) run a shared cell once; a cell that is the
+        same run as another (``same_as``) has that cell's folder."""
+        if self.same_as:
+            return self.same_as
         bits = [self.attack, f"r{self.ratio:g}" if self.attack != "none" else "", self.defense.replace(":", "-"),
                 self.model or "", self.codec or ""]
         for k, v in self.keys:
@@ -227,12 +232,17 @@ class SweepSpec:
                 for c in self.codecs or (None,):
                     for s in self.seeds:
                         out.append(Cell(a, d, r, s, m, c, name, keys))
-        unique = list({cell.folder: cell for cell in out}.values())  # one cell per folder, in order
-        for cell in unique:  # validate every cell's config before anything runs
+        unique = list({(cell.folder, cell.scenario): cell for cell in out}.values())  # in order
+        for i, cell in enumerate(unique):  # validate every cell's config before anything runs
             try:
-                build_config(None, {**self.base, **cell.overrides()}, environ={})
+                cfg = build_config(None, {**self.base, **cell.overrides()}, environ={})
             except ConfigError as e:
                 raise SweepError(f"cell {cell.folder}: {e}") from None
+            if cfg.adv_train and not adv_train_on(cfg):
+                # adv_train under the compat switch advtrain_noop (the public code's no-op) plans no
+                # adversarial round: the run is the same cell without the defense, bit for bit
+                # (tests/test_sweep.py), so it shares that cell's folder and runs once
+                unique[i] = replace(cell, same_as=replace(cell, defense="fedavg").folder)
         return unique
 
 
@@ -343,14 +353,18 @@ def run_sweep(spec: SweepSpec, out: Path, jobs: int = 1, cores: int | None = Non
     # a services cell is several busy processes (server, two client workers, an attacker worker):
     # more torch threads than cores each would oversubscribe the machine (../shared/notes)
     threads = max(1, cores // max(1, jobs) // (PROCESSES_PER_SERVICES_CELL if spec.engine == "services" else 1))
-    epochs = {c: build_config(None, {**spec.base, **c.overrides()}, environ={}).epochs for c in cells}
     (out / "spec.json").write_text(json.dumps(asdict(spec), indent=1, default=list))
-    done = [c for c in cells if cell_done(root / c.folder, epochs[c])]
-    todo = [c for c in cells if c not in done]
+    runs: list[Cell] = []  # one run per folder; a cell that is another's run (same_as) runs as that one
+    for c in cells:
+        if c.folder not in {r.folder for r in runs}:
+            runs.append(replace(c, defense="fedavg", same_as="") if c.same_as else c)
+    epochs = {c: build_config(None, {**spec.base, **c.overrides()}, environ={}).epochs for c in runs}
+    done = [c for c in runs if cell_done(root / c.folder, epochs[c])]
+    todo = [c for c in runs if c not in done]
     later = todo[max_cells:] if max_cells is not None else []
     todo = todo[:max_cells] if max_cells is not None else todo
     prog = Progress(len(done) + len(todo))
-    say(f"fedseq sweep: {len(cells)} cells ({len(done)} already done in {root}"
+    say(f"fedseq sweep: {len(runs)} cells ({len(done)} already done in {root}"
         + (f"; {len(later)} left for a later call" if later else "") + f"), engine {spec.engine}, "
         f"{jobs} at once x {threads} torch thread(s)")
     for c in done:

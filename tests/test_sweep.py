@@ -157,6 +157,60 @@ def test_a_tiny_sweep_runs_and_an_interrupted_one_resumes(tmp_path):
     assert dv["malicious_sent"] == 2 * 3  # 3 malicious clients of 30 at 0.1, once per epoch
 
 
+def test_adv_train_under_the_no_op_switch_is_the_no_defense_cell():
+    # Prepare: adv_train and no defense, under the reference switches (advtrain_noop) and without
+    scen = tuple({"name": f"{d} {c}", "attack": "dv-fsr", "ratio": 0.1, "defense": d, "compat": c}
+                 for c in ("reference", "off") for d in ("fedavg", "adv-train"))
+    # Execute
+    cells = {c.scenario: c for c in SweepSpec(base=TINY, scenarios=scen, seeds=(0,), engine="inprocess").cells()}
+    # Assert: four scenarios; the no-op adv_train shares the no-defense folder, the real one does not
+    assert len(cells) == 4
+    assert cells["adv-train reference"].folder == cells["fedavg reference"].folder
+    assert cells["adv-train off"].folder != cells["fedavg off"].folder
+    assert cells["adv-train reference"].overrides()["defense"] == "adv-train"  # the row still says what it is
+
+
+@pytest.mark.slow
+def test_a_no_op_adv_train_cell_runs_once_and_equals_its_own_run(tmp_path):
+    # Prepare: the alias alone, then the cell it stands for, both sweeps in one folder
+    base = {**TINY, "compat": "reference"}
+    alias = SweepSpec(base=base, scenarios=({"name": "adv", "attack": "dv-fsr", "ratio": 0.1,
+                                             "defense": "adv-train"},), engine="inprocess")
+    plain = SweepSpec(base=base, scenarios=({"name": "none", "attack": "dv-fsr", "ratio": 0.1},), engine="inprocess")
+    real = SweepSpec(base=base, scenarios=({"name": "adv", "attack": "dv-fsr", "ratio": 0.1, "defense": "adv-train",
+                                            "compat": "reference,!advtrain_noop"},), engine="inprocess")
+    # Execute: the alias runs (as the plain cell); the plain sweep then finds it done
+    first = run_sweep(alias, tmp_path, cores=1, say=lambda _ln: None)
+    lines: list[str] = []
+    second = run_sweep(plain, tmp_path, cores=1, say=lines.append)
+    (tmp_path / "real").mkdir()
+    third = run_sweep(real, tmp_path / "real", cores=1, say=lambda _ln: None)
+    # Assert: one run, kept; its config is the plain cell's; the numbers are those of the run as
+    # configured with adv_train (the switch turns it into the same run), and a real adv_train differs
+    cell = plain.cells()[0]
+    assert sum("done before (kept)" in ln for ln in lines) == 1
+    assert not json.loads((tmp_path / cell.folder / "config.json").read_text())["adv_train"]
+    a, b = first["scenarios"]["adv"], second["scenarios"]["none"]
+    assert [a[m] for m in ("hr@10", "er@10")] == [b[m] for m in ("hr@10", "er@10")]
+    direct = _sim(tmp_path / "direct", {**base, "attack": "dv-fsr", "malicious_ratio": 0.1, "defense": "adv-train"})
+    assert direct["epochs"][-1]["hr@10"] == a["hr@10"][0] and direct["epochs"][-1]["er@10"] == a["er@10"][0]
+    assert third["scenarios"]["adv"]["hr@10"] != a["hr@10"] or third["scenarios"]["adv"]["er@10"] != a["er@10"]
+
+
+def _sim(out: Path, keys: dict) -> dict:
+    """``fedseq sim`` of ``keys`` (a config file) in ``out``: its results."""
+    import subprocess
+    import sys
+
+    from fedseq.config import build_config
+
+    out.mkdir(parents=True)
+    (out / "config.json").write_text(build_config(None, keys, environ={}).to_json())
+    subprocess.run([sys.executable, "-m", "cli.main", "sim", "--config", str(out / "config.json"), "--out", str(out)],
+                   check=True, capture_output=True, cwd=Path(__file__).resolve().parents[1])
+    return json.loads((out / "results.json").read_text())
+
+
 def test_cell_folder_names_are_safe_and_readable():
     c = Cell("dv-fsr", "norm-clip:bound=1.0,inner=rfa", 0.01, 3, "bert4rec", "sparse-fp16")
     assert c.folder == "dv-fsr_r0.01_norm-clip-bound1.0-innerrfa_bert4rec_sparse-fp16_seed3"
