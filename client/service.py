@@ -10,7 +10,7 @@ import logging
 from fedseq.adv_train import adversarial_updates
 from fedseq.config import ExperimentConfig
 from fedseq.experiment import setup, worker_users
-from fedseq.training import compute_updates
+from fedseq.training import compute_updates, iter_updates
 
 from .worker import Hosted, ShardSequences
 
@@ -29,6 +29,9 @@ def benign_population(cfg: ExperimentConfig, shard_spec: tuple[int, int] | None)
     def compute(params, user_ids, round_id):
         return compute_updates(s.model, params, [seqs[u] for u in user_ids], user_ids, cfg.seed, round_id, local)
 
+    def compute_pieces(params, user_ids, round_id):
+        return iter_updates(s.model, params, [seqs[u] for u in user_ids], user_ids, cfg.seed, round_id, local)
+
     adv = cfg.adv_config()
 
     def compute_adversarial(params, user_ids, round_id):
@@ -39,5 +42,5 @@ def benign_population(cfg: ExperimentConfig, shard_spec: tuple[int, int] | None)
     # it trains only its shard, but may evaluate any benign user (it holds the data set): the
     # orchestrator moves a lost worker's evaluation here, so every epoch evaluates all users
     return Hosted(setup=s, users=users, sequences=seqs, compute=compute, evaluate_users=s.benign_users,
-                  compute_adversarial=compute_adversarial)
+                  compute_adversarial=compute_adversarial, compute_pieces=compute_pieces)
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -37,6 +38,7 @@ from fedseq.v1 import orchestrator_pb2_grpc as orch_grpc
 log = logging.getLogger(__name__)
 
 SPARSE_TABLES = codec.SPARSE_TABLES  # row-sparse candidates for sparse encodings
+UPLOAD_QUEUE = 64  # encoded updates a worker keeps ready for sending (about 25 MB at Steam's 390 KB)
 
 
 class ShardSequences(Mapping[int, np.ndarray]):
@@ -77,6 +79,10 @@ class Hosted:
     evaluate_users: np.ndarray  # users this worker may evaluate (benign hosted users)
     # adversarial-training updates (params, users, round_id); None: this worker does not do them
     compute_adversarial: Callable[[torch.Tensor, list[int], int], UpdateBatch] | None = None
+    # ``compute`` a piece at a time (fedseq.training.iter_updates): each piece's updates are sent
+    # while the next is computed, and the worker never holds the whole [K, D] matrix. None: one
+    # piece, ``compute``'s
+    compute_pieces: Callable[[torch.Tensor, list[int], int], Iterable[UpdateBatch]] | None = None
 
 
 def encode_update(tensors: dict[str, torch.Tensor], encoding: str) -> bytes:
@@ -252,42 +258,84 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     for a in request.assignments if a.user_id not in hosted_set]
         if not local:
             return worker_pb2.TrainReply(statuses=statuses, model_bytes_read=model_bytes, ledger=counts)
-        compute = hosted.compute
+        pieces: Callable[[torch.Tensor, list[int], int], Iterable[UpdateBatch]]
         if request.adversarial:
             if hosted.compute_adversarial is None:
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this worker does no adversarial training")
             assert hosted.compute_adversarial is not None  # context.abort() raises
-            compute = hosted.compute_adversarial
-        with self._compute:
-            ub = compute(params, [a.user_id for a in local], request.round_id)
-            self.stats["train_calls"] += 1
-            self.stats["users_trained"] += len(local)
-        observe.WORKER_USERS.inc(len(local))
-        t2 = time.perf_counter()
+            adversarial = hosted.compute_adversarial
+            pieces = lambda p, u, r: (adversarial(p, u, r),)  # noqa: E731
+        else:
+            compute = hosted.compute
+            pieces = hosted.compute_pieces or (lambda p, u, r: (compute(p, u, r),))
         layout = hosted.setup.layout
         # the bytes of encode_update(layout.unflatten(update), encoding), from the flat update and the
         # item rows its user touched (when the computation names them), without per-tensor copies
         flat = codec.FlatCodec.of(layout.names, layout.shapes, encoding, frozenset(SPARSE_TABLES))
-        item_rows = ub.item_rows
-        encode_seconds = [0.0]
+        tokens = {a.user_id: a.token for a in local}
+        took = {"compute": 0.0, "encode": 0.0}
         sent = [0]
+        done_at = [t1]
+        # Pieces are computed and encoded here (a thread of their own) while gRPC sends the ones
+        # before: the upload overlaps the computation instead of following it.
+        out: queue.Queue = queue.Queue(maxsize=UPLOAD_QUEUE)
+        stop = threading.Event()
+        failure: list[BaseException] = []
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.2)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def produce() -> None:
+            try:
+                with self._compute:
+                    it = iter(pieces(params, [a.user_id for a in local], request.round_id))
+                    while True:
+                        tc = time.perf_counter()
+                        ub = next(it, None)
+                        took["compute"] += time.perf_counter() - tc
+                        if ub is None:
+                            break
+                        for i, u in enumerate(ub.users.tolist()):
+                            te = time.perf_counter()
+                            rows = None if ub.item_rows is None else {ITEM_TABLE: ub.item_rows[i]}
+                            data = flat.encode(ub.updates[i], rows)
+                            took["encode"] += time.perf_counter() - te
+                            header = agg_pb.UpdateHeader(run_id=request.run_id, round_id=request.round_id, user_id=u,
+                                                         token=tokens[u], num_samples=int(ub.num_samples[i]),
+                                                         total_bytes=len(data), encoding=encoding,
+                                                         loss=float(ub.losses[i]))
+                            msgs = [agg_pb.UpdateChunk(header=header, data=piece) if j == 0
+                                    else agg_pb.UpdateChunk(data=piece) for j, piece in enumerate(chunks(data))]
+                            c = ledger_mod.count(msgs, kind="update", direction="up", link="worker-aggregator",
+                                                 what="Aggregator.SubmitUpdates", compression=comp, user=u)
+                            counts.append(c)
+                            sent[0] += c.bytes
+                            if not put(msgs):
+                                return
+                        observe.WORKER_USERS.inc(len(ub.users))
+                    self.stats["train_calls"] += 1
+                    self.stats["users_trained"] += len(local)
+            except BaseException as e:  # noqa: BLE001 - re-raised by the handler
+                failure.append(e)
+            finally:
+                done_at[0] = time.perf_counter()
+                put(None)
 
         def stream():
-            for i, a in enumerate(local):
-                te = time.perf_counter()
-                data = flat.encode(ub.updates[i], None if item_rows is None else {ITEM_TABLE: item_rows[i]})
-                encode_seconds[0] += time.perf_counter() - te
-                header = agg_pb.UpdateHeader(run_id=request.run_id, round_id=request.round_id, user_id=a.user_id,
-                                             token=a.token, num_samples=int(ub.num_samples[i]),
-                                             total_bytes=len(data), encoding=encoding, loss=float(ub.losses[i]))
-                msgs = [agg_pb.UpdateChunk(header=header, data=piece) if j == 0 else agg_pb.UpdateChunk(data=piece)
-                        for j, piece in enumerate(chunks(data))]
-                c = ledger_mod.count(msgs, kind="update", direction="up", link="worker-aggregator",
-                                     what="Aggregator.SubmitUpdates", compression=comp, user=a.user_id)
-                counts.append(c)
-                sent[0] += c.bytes
+            while True:
+                msgs = out.get()
+                if msgs is None:  # the end, or a failed computation (the handler raises its error)
+                    return
                 yield from msgs
 
+        producer = threading.Thread(target=produce, name=f"train-{request.round_id}", daemon=True)
+        producer.start()
         try:
             # wait_for_ready: a restarting aggregator is waited for (within the round's deadline)
             reply = self._aggregator(comp).SubmitUpdates(
@@ -297,13 +345,20 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                         e.details())
             context.abort(grpc.StatusCode.UNAVAILABLE,
                           f"upload to the aggregator {self.aggregator} failed: {e.code().name}: {e.details()}")
+        finally:
+            stop.set()
+            producer.join()
+        if failure:  # the updates computed before the failure were sent; the round goes on without the rest
+            raise failure[0]
         t3 = time.perf_counter()
         counts.append(ledger_mod.count(reply, kind="control", direction="down", link="worker-aggregator",
                                        what="Aggregator.SubmitUpdates reply", compression=comp))
         statuses.extend(reply.statuses)
+        # compute and encode: seconds spent on them; upload: the part of the upload that followed the
+        # last encoded update (the rest overlapped the computation)
         return worker_pb2.TrainReply(statuses=statuses, bytes_sent=sent[0], model_bytes_read=model_bytes,
-                                     timings={"model": t1 - t0, "compute": t2 - t1, "encode": encode_seconds[0],
-                                              "upload": t3 - t2 - encode_seconds[0]}, ledger=counts)
+                                     timings={"model": t1 - t0, "compute": took["compute"], "encode": took["encode"],
+                                              "upload": t3 - done_at[0]}, ledger=counts)
 
     def Evaluate(self, request, context):
         hosted = self._need(request.run_id, context)

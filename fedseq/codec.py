@@ -857,14 +857,21 @@ class FlatCodec:
         return _sparse_payload(rows[keep], r, hb[keep])
 
     # ------------------------------------------------------------------ decode
-    def decode_into(self, buf: bytes | bytearray | memoryview, out: torch.Tensor) -> bool:
+    def decode_into(self, buf: bytes | bytearray | memoryview, out: torch.Tensor,
+                    dirty: dict[str, np.ndarray] | None = None) -> bool:
         """Decode the container ``buf`` into ``out`` (a contiguous float32 ``[D]`` tensor).
 
         True: ``out`` holds what ``decode_state(unpack(buf))`` gives, flattened in layout order,
         and every check of :func:`unpack` and :func:`decode` passed (CRCs, lengths, sparse header
         and indices, finite values). False: ``buf`` is not exactly in the form :meth:`encode`
         writes (other record order, dtype or encodings) or has a fault; ``out`` may be partly
-        overwritten, and the general path must decide (it refuses or accepts as always)."""
+        overwritten, and the general path must decide (it refuses or accepts as always).
+
+        ``dirty`` (a reused ``out``): for a sparse table, the rows of it in ``out`` that may be
+        nonzero (a table not named: any row may be). Only those rows are cleared before the stored
+        rows are written, instead of the whole table; on True it is updated to the rows now
+        written (a table written whole is dropped from it). On False its content is undefined:
+        clear it."""
         if out.dtype != torch.float32 or out.shape != (self.dim,) or not out.is_contiguous() or out.device.type != "cpu":
             raise ValueError(f"FlatCodec.decode_into: out must be a contiguous CPU float32 [{self.dim}] tensor")
         if not self._decodable:
@@ -876,6 +883,7 @@ class FlatCodec:
             return False
         o = out.numpy()
         pos = hdr
+        rows_written: dict[str, np.ndarray] = {}
         for s in self._specs:
             dpos = pos + len(s.prefix) + 8
             if dpos > total or mv[pos : dpos - 8] != s.prefix:
@@ -900,8 +908,10 @@ class FlatCodec:
                 out[s.offset : s.offset + s.size].copy_(raw.view(torch.float16 if s.encoding == "dense-fp16"
                                                                  else torch.bfloat16))
             elif s.encoding in ("sparse-fp32", "sparse-fp16"):
-                if not self._sparse_into(s, data, dst):
+                written = self._sparse_into(s, data, dst, None if dirty is None else dirty.get(s.name))
+                if written is None:
                     return False
+                rows_written[s.name] = written
             else:
                 try:
                     dst[:] = decode(EncodedTensor(s.name, "float32", s.shape, s.encoding, bytes(data))).reshape(-1).numpy()
@@ -914,34 +924,43 @@ class FlatCodec:
             last = self._specs[j - 1]
             if not _fast_finite(o[self._specs[i].offset : last.offset + last.size]):
                 return False
+        if dirty is not None:
+            dirty.clear()
+            dirty.update(rows_written)
         return True
 
-    def _sparse_into(self, s: _Spec, data: memoryview, dst: np.ndarray) -> bool:
-        """The checks of the general sparse decode, then the stored rows straight into ``dst``."""
+    def _sparse_into(self, s: _Spec, data: memoryview, dst: np.ndarray,
+                     nonzero: np.ndarray | None = None) -> np.ndarray | None:
+        """The checks of the general sparse decode, then the stored rows straight into ``dst``
+        (cleared first: only its rows ``nonzero`` when given, else all of it). The rows written,
+        or None when a check fails."""
         r, c = s.shape
         if len(data) < _SPARSE_HDR.size or data[1:4] != b"\0\0\0":
-            return False
+            return None
         flags, k = _SPARSE_HDR.unpack_from(data)
         wide = r > _U16_MAX_ROWS
         if flags != (1 if wide else 0) or k > r:
-            return False
+            return None
         idt, vdt = (_U32 if wide else _U16), (_F32 if s.encoding == "sparse-fp32" else _F16)
         idx_len = k * idt.itemsize
         vals_off = _SPARSE_HDR.size + idx_len + (-idx_len % 4)
         if len(data) != vals_off + k * c * vdt.itemsize or any(data[_SPARSE_HDR.size + idx_len : vals_off]):
-            return False
+            return None
         idx = np.frombuffer(data, dtype=idt, count=k, offset=_SPARSE_HDR.size).astype(np.int64)
         if k and (int(idx[-1]) >= r or (k > 1 and int(np.diff(idx).min()) <= 0)):
-            return False
+            return None
         vals = np.frombuffer(data, dtype=vdt, count=k * c, offset=vals_off).reshape(k, c)
         if vdt is _F16:
             vals = vals.astype(np.float32)
         if not np.isfinite(vals).all():
-            return False
+            return None
         table = dst.reshape(r, c)
-        table.fill(0.0)
+        if nonzero is None:
+            table.fill(0.0)
+        else:
+            table[nonzero] = 0.0
         table[idx] = vals
-        return True
+        return idx
 
     @staticmethod
     @functools.lru_cache(maxsize=64)

@@ -16,7 +16,7 @@ seeded per user (:mod:`fedseq.models.common`), so batching never changes a user'
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -320,6 +320,78 @@ def compute_updates(
     dominate the cost); the rows' gradients are scattered back into the dense update.
     """
     layout = Layout.of(model)
+    K = len(users)
+    out = _zeros(K, layout.dim)
+    losses = np.zeros(K)
+    item_rows: list[torch.Tensor] = [torch.zeros(0, dtype=torch.int64)] * K  # only SASRec localises rows
+    for idx, grads, rows, loss in _micro_batch_grads(model, params, sequences, users, seed, round_key, cfg):
+        _scatter(out, torch.as_tensor(idx), grads, layout, rows)
+        if rows is not None:
+            for j, i in enumerate(idx):
+                item_rows[i] = rows[j]
+        losses[idx] = loss
+    n_samples = np.array([len(s) for s in sequences], dtype=np.int64)
+    return UpdateBatch(np.asarray(users, dtype=np.int64), out, n_samples, losses,
+                       item_rows if isinstance(model, SASRec) else None)
+
+
+def iter_updates(
+    model: SeqModel,
+    params: torch.Tensor,
+    sequences: Sequence[np.ndarray],
+    users: Sequence[int] | np.ndarray,
+    seed: int,
+    round_key: int,
+    cfg: LocalConfig = LocalConfig(),
+) -> Iterator[UpdateBatch]:
+    """:func:`compute_updates`, one micro-batch at a time: each item is an :class:`UpdateBatch` of
+    that micro-batch's users (in micro-batch order, not request order) whose rows are exactly
+    their rows of ``compute_updates``'s result. A consumer that sends updates as they come (a
+    worker) never holds the whole ``[K, D]`` matrix, and can send one micro-batch while the next
+    is computed.
+
+    The ``updates`` tensor is a view of one buffer that the next item overwrites: use (or copy)
+    each item before asking for the next. Only the item-table rows the previous occupant of a
+    buffer row was written into are cleared (every other tensor is written whole), so the buffer
+    stays warm and costs no page faults or full clears."""
+    layout = Layout.of(model)
+    users = np.asarray(users, dtype=np.int64)
+    n_samples = np.array([len(s) for s in sequences], dtype=np.int64)
+    buf: torch.Tensor | None = None
+    dirty: list[torch.Tensor | None] = []  # per buffer row: the item rows written there last
+    if isinstance(model, SASRec):
+        from .popularity import item_table_slice
+
+        start, V, d = item_table_slice(model)
+    for idx, grads, rows, loss in _micro_batch_grads(model, params, sequences, users, seed, round_key, cfg):
+        b = len(idx)
+        if buf is None or buf.shape[0] < b:
+            buf = _zeros(max(b, 0 if buf is None else buf.shape[0]), layout.dim)
+            dirty = [None] * buf.shape[0]
+        if rows is not None:
+            view = buf[:, start:start + V * d].view(buf.shape[0], V, d)
+            for j in range(b):
+                if dirty[j] is not None:
+                    view[j, dirty[j]] = 0.0
+                dirty[j] = rows[j]
+        _scatter(buf, torch.arange(b), grads, layout, rows)
+        yield UpdateBatch(users[idx], buf[:b], n_samples[idx], np.asarray(loss, dtype=np.float64),
+                          None if rows is None else [rows[j] for j in range(b)])
+
+
+def _micro_batch_grads(
+    model: SeqModel,
+    params: torch.Tensor,
+    sequences: Sequence[np.ndarray],
+    users: Sequence[int] | np.ndarray,
+    seed: int,
+    round_key: int,
+    cfg: LocalConfig,
+) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor], torch.Tensor | None, np.ndarray]]:
+    """Per micro-batch: ``(idx, grads, rows, losses)``: the positions in ``users`` of its users,
+    their updates per parameter (``{model.name: [B, ...]}``, on the CPU; a localised item table's
+    as ``[B, R, d]`` for the global rows ``rows [B, R]``, else ``rows`` is None) and local losses."""
+    layout = Layout.of(model)
     dev = resolve(cfg.device)
     objective = _Objective(cast(SeqModel, model_on(model, dev)))  # functional_call swaps in global_p: the copy's weights are unused
     global_p = {f"model.{n}": t for n, t in layout.unflatten(params.detach().to(dev)).items()}
@@ -327,16 +399,12 @@ def compute_updates(
     table_key = f"model.{ITEM_TABLE}"
     shared_p = {k: v for k, v in global_p.items() if not (local_rows and k == table_key)}
     sites = model.dropout_sites() if cfg.dropout else {}
-    K = len(users)
-    out = _zeros(K, layout.dim)
-    losses = np.zeros(K)
     lengths = [min(len(s), model.cfg.max_len) for s in sequences]
     # masks is None when dropout is off: vmap cannot map dim 0 of a None argument
     step = vmap(grad(_objective_fn(objective), argnums=(0, 1), has_aux=True),
                 in_dims=(None, 0, 0, 0 if sites else None, None))
     reg, popular = _pieck_inputs(model, params, cfg.pieck, dev) if cfg.pieck is not None else (None, None)
     epochs = 1 if cfg.mode == "paper" else cfg.local_epochs
-    item_rows: list[torch.Tensor] = [torch.zeros(0, dtype=torch.int64)] * K  # only SASRec localises rows
     for idx in micro_batches(lengths, cfg.micro_batch, cfg.max_tokens):
         ub = [int(users[i]) for i in idx]
         seqs = [sequences[i] for i in idx]
@@ -366,13 +434,7 @@ def compute_updates(
         if dev.type != "cpu":  # the update matrix (encoding, aggregation) lives on the CPU
             grads = {k: g.cpu() for k, g in grads.items()}
             rows = None if rows is None else rows.cpu()
-        _scatter(out, torch.as_tensor(idx), grads, layout, rows)
-        if rows is not None:
-            for j, i in enumerate(idx):
-                item_rows[i] = rows[j]
-        losses[idx] = loss.detach().cpu().numpy()
-    n_samples = np.array([len(s) for s in sequences], dtype=np.int64)
-    return UpdateBatch(np.asarray(users, dtype=np.int64), out, n_samples, losses, item_rows if local_rows else None)
+        yield idx, grads, rows, loss.detach().cpu().numpy()
 
 
 def _pieck_inputs(model: SeqModel, params: torch.Tensor, pr: PieckReg,

@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import grpc
+import numpy as np
 import torch
 
 from fedseq import codec, observe
@@ -67,6 +68,9 @@ class _Round:
     lr: float
     matrix: torch.Tensor  # [assigned, D]: row i holds the update of the i-th assigned user by id
     rows: dict[int, int]  # user -> row of ``matrix``
+    # per row of ``matrix``: the rows of each sparse table that may be nonzero there (a reused
+    # buffer holds earlier rounds' updates; codec.FlatCodec.decode_into clears only those)
+    dirty: list[dict[str, np.ndarray]]
     updates: dict[int, int] = field(default_factory=dict)  # accepted user -> num_samples
     pending: set[int] = field(default_factory=set)  # users whose update is being decoded
     rejected: dict[int, str] = field(default_factory=dict)  # assigned user -> its last refusal reason
@@ -98,6 +102,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         self.store: RedisStore | None = None
         self.rule: AggregationRule | None = None
         self._buffer: torch.Tensor | None = None  # reused round matrix
+        self._dirty: list[dict[str, np.ndarray]] = []  # its rows' dirty tables
         self.model: SeqModel | None = None
         self.root: RootUpdate | None = None  # FLTrust's root update from the server's own data
         self.round: _Round | None = None
@@ -181,24 +186,27 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             assert self.layout is not None
             order = sorted(tokens)
             prev, self.round = self.round, None
+            matrix, dirty = self._matrix(len(order), busy=prev is not None and bool(prev.pending))
             self.round = _Round(request.round_id, request.model_version, tokens, request.deadline_unix, request.lr,
-                                self._matrix(len(order), busy=prev is not None and bool(prev.pending)),
-                                {u: i for i, u in enumerate(order)})
+                                matrix, {u: i for i, u in enumerate(order)}, dirty)
             self._compress(context)
             return pb.OpenRoundReply(round_id=request.round_id, expected=len(tokens), max_chunk_bytes=CHUNK_BYTES,
                                      accepted_encodings=list(self.accepted_encodings))
 
-    def _matrix(self, rows: int, busy: bool) -> torch.Tensor:
-        """The round matrix ``[rows, D]``: updates are decoded straight into their row. The buffer is
-        reused across rounds (fresh pages cost more than the decoding), unless a replaced round may
-        still be writing into it (``busy``)."""
+    def _matrix(self, rows: int, busy: bool) -> tuple[torch.Tensor, list[dict[str, np.ndarray]]]:
+        """The round matrix ``[rows, D]`` and its rows' dirty tables (see :class:`_Round`): updates
+        are decoded straight into their row. The buffer is reused across rounds (fresh pages cost
+        more than the decoding), unless a replaced round may still be writing into it (``busy``)."""
         assert self.layout is not None
         buf = self._buffer
         if busy or buf is None or buf.shape[0] < rows or buf.shape[1] != self.layout.dim:
             buf = torch.empty(rows, self.layout.dim)
+            dirty: list[dict[str, np.ndarray]] = [{} for _ in range(rows)]  # {}: any row may be nonzero
             if not busy:
-                self._buffer = buf
-        return buf[:rows]
+                self._buffer, self._dirty = buf, dirty
+        else:
+            dirty = self._dirty
+        return buf[:rows], dirty
 
     def _open_stream(self, context) -> int:
         """Admit an upload stream within :class:`StreamLimits` (else RESOURCE_EXHAUSTED, counted)."""
@@ -344,7 +352,8 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
                                                            f"{h.round_id}"), wire)
             rnd.pending.add(h.user_id)
         t0 = time.perf_counter()
-        why = self._decode(h, data, layout, rnd.matrix[rnd.rows[h.user_id]])
+        row = rnd.rows[h.user_id]
+        why = self._decode(h, data, layout, rnd.matrix[row], rnd.dirty[row])
         if why is not None:
             with self._lock:
                 rnd.pending.discard(h.user_id)
@@ -363,17 +372,19 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         return common_pb2.UpdateStatus(user_id=h.user_id, accepted=True, bytes=wire)
 
     @staticmethod
-    def _decode(h, data: bytes, layout: Layout, row: torch.Tensor) -> str | None:
+    def _decode(h, data: bytes, layout: Layout, row: torch.Tensor, dirty: dict[str, np.ndarray]) -> str | None:
         """Decode an update into its round-matrix row; why it is refused (None: decoded). Updates
-        in the form the workers write are decoded straight into the row (codec.FlatCodec); any
-        other container, and any fault, goes the general way (unpack, schema, decode), which
-        decides exactly as it always did."""
+        in the form the workers write are decoded straight into the row (codec.FlatCodec), which
+        clears only the ``dirty`` table rows an earlier update left there and records its own;
+        any other container, and any fault, goes the general way (unpack, schema, decode), which
+        decides exactly as it always did and writes the whole row."""
         try:
             if codec.FlatCodec.of(layout.names, layout.shapes, h.encoding,
-                                  frozenset(codec.SPARSE_TABLES)).decode_into(data, row):
+                                  frozenset(codec.SPARSE_TABLES)).decode_into(data, row, dirty):
                 return None
         except codec.CodecError:
             pass
+        dirty.clear()  # the row is partly written, or written whole below
         try:
             encoded = codec.unpack(data)
             why = check_schema(encoded, layout, h.encoding)  # before decoding allocates anything

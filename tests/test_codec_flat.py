@@ -99,6 +99,38 @@ def test_flat_decode_equals_the_general_path_bit_for_bit(encoding):
 
 
 @pytest.mark.parametrize("encoding", ENCODINGS)
+def test_a_reused_row_clears_only_its_dirty_table_rows_and_still_decodes_bit_for_bit(encoding):
+    # Prepare: one row decoded into again and again (the server's reused round matrix), with
+    # different touched rows each time; between them a refused container and a general-path write
+    flat = FlatCodec(NAMES, SHAPES, encoding, SPARSE)
+    row = torch.full((DIM,), float("nan"))
+    dirty: dict = {}
+    for seed in range(8):
+        vec, _ = update(seed, 3 + 4 * (seed % 3), 1.0, False, seed % 2 == 1)
+        blob = reference(vec, encoding)
+        if seed == 3:  # a refused container leaves the row partly written: the caller clears dirty
+            bad = bytearray(blob)
+            bad[-1] ^= 0xFF
+            assert not flat.decode_into(bytes(bad), row, dirty)
+            dirty.clear()
+        if seed == 5:  # the general path writes the whole row (dirty stays cleared)
+            Layout(NAMES, SHAPES).flatten_into(decode_state(unpack(blob)), row)
+            dirty.clear()
+            row[:] = float("nan")
+        # Execute
+        ok = flat.decode_into(blob, row, dirty)
+        # Assert: the row equals a fresh decode; dirty names the stored rows of the sparse tables
+        assert ok
+        assert np.array_equal(row.numpy().view(np.uint32), general_decode(blob).numpy().view(np.uint32)), seed
+        if encoding.startswith("sparse-"):
+            table = row[: ITEMS * HID].view(ITEMS, HID)
+            assert set(dirty) == {"item_emb.weight", "pos_emb.weight"}
+            assert set(np.flatnonzero(table.numpy().view(np.uint32).any(axis=1))) <= set(dirty[ITEM_TABLE].tolist())
+        else:
+            assert dirty == {}  # dense tables are written whole
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
 def test_flat_output_passes_the_server_schema_check(encoding):
     blob = FlatCodec(NAMES, SHAPES, encoding, SPARSE).encode(update(1, 9, 1.0, False, False)[0])
     assert check_schema(unpack(blob), Layout(NAMES, SHAPES), encoding) is None

@@ -251,6 +251,64 @@ def test_refused_train_request_uploads_nothing(aggregator, redis_url):
     assert w.stats["users_trained"] == 0 and servicer.round is not None and not servicer.round.updates
 
 
+def test_a_worker_sends_pieces_as_they_come_and_a_failed_piece_fails_the_call(redis_url):
+    """A worker sends each computed piece while the next is computed; when a later piece fails,
+    the users sent before are in the round, the call fails with the error, and the worker is free
+    for the next call."""
+    from dataclasses import replace as dc_replace
+
+    from client.service import benign_population
+    from client.worker import ModelSource, WorkerServicer
+    from fedseq.v1 import worker_pb2, worker_pb2_grpc
+
+    # Prepare: a population whose pieces are its users' real updates, in pieces of 2; the third
+    # piece fails (the first call only)
+    servicer = AggregatorServicer(lambda run_id: RedisStore.from_url(redis_url, run_id))
+    agg = Service([(agg_grpc.add_AggregatorServicer_to_server, servicer, "fedseq.v1.Aggregator")], port=0,
+                  host="127.0.0.1").start()
+    stub = agg_grpc.AggregatorStub(channel(f"127.0.0.1:{agg.port}"))
+    cfg = replace(TINY, run_id="pieces", codec="sparse-fp32")
+    users = [0, 1, 2, 3, 4, 5, 6]
+    tokens = _open(stub, cfg, users)
+    hosted = benign_population(cfg, None)
+    calls = []
+
+    def pieces(params, ids, round_id):
+        calls.append(list(ids))
+        for k, i in enumerate(range(0, len(ids), 2)):
+            if k == 2 and len(calls) == 1:
+                raise RuntimeError("piece 3 failed")
+            yield hosted.compute(params, ids[i:i + 2], round_id)
+
+    w = WorkerServicer("w")
+    w.attach(cfg.run_id, dc_replace(hosted, compute_pieces=pieces), ModelSource(cfg.run_id, redis_url, ""),
+             f"127.0.0.1:{agg.port}")
+    svc = Service([(worker_pb2_grpc.add_WorkerServicer_to_server, w, "fedseq.v1.Worker")], port=0,
+                  host="127.0.0.1").start()
+
+    def train(ids):
+        return wstub.Train(worker_pb2.TrainRequest(
+            run_id=cfg.run_id, round_id=0, model_version=0, deadline_unix=time.time() + 60,
+            encoding="sparse-fp32", accepted_encodings=["sparse-fp32"],
+            assignments=[common_pb2.Assignment(user_id=u, token=tokens[u]) for u in ids]), timeout=60)
+
+    try:
+        wstub = worker_pb2_grpc.WorkerStub(channel(f"127.0.0.1:{svc.port}"))
+        # Execute: the failing call, then the users it did not send
+        with pytest.raises(grpc.RpcError) as e:
+            train(users)
+        landed = set(servicer.round.updates)
+        reply = train([u for u in users if u not in landed])
+    finally:
+        svc.stop(0)
+        agg.stop(0)
+    # Assert: the first two pieces landed, the error names the failure, the retry sent the rest
+    assert landed == {0, 1, 2, 3} and "piece 3 failed" in e.value.details()
+    assert all(s.accepted for s in reply.statuses) and len(reply.statuses) == 3
+    assert set(servicer.round.updates) == set(users)
+    assert {"compute", "encode", "upload", "model"} <= set(reply.timings)
+
+
 # ---------------------------------------------------------------------------- model deltas
 
 
@@ -309,8 +367,8 @@ def test_server_rows_equal_the_general_decode_on_both_paths(aggregator, encoding
     fast_answers = []
     decode_into = codec.FlatCodec.decode_into
 
-    def spy(self, buf, out):
-        fast_answers.append(decode_into(self, buf, out))
+    def spy(self, buf, out, dirty=None):
+        fast_answers.append(decode_into(self, buf, out, dirty))
         return fast_answers[-1]
 
     monkeypatch.setattr(codec.FlatCodec, "decode_into", spy)
