@@ -36,7 +36,7 @@ from fedseq.experiment import Setup, all_clients
 from fedseq.metrics import Evaluator
 from fedseq.results import format_table, write_results
 from fedseq.root import root_source
-from fedseq.training import LocalConfig, UpdateBatch, compute_updates
+from fedseq.training import LocalConfig, UpdateBatch, UpdateMatrix, compute_updates
 
 from .plugins import prepare
 
@@ -78,33 +78,51 @@ def merge_updates(batches: list[UpdateBatch]) -> UpdateBatch:
 
 
 def round_updates(s: Setup, adversary: Adversary | None, params: torch.Tensor, users: np.ndarray, round_key: int,
-                  local: LocalConfig) -> UpdateBatch:
+                  local: LocalConfig, matrix: UpdateMatrix | None = None) -> UpdateBatch:
     """The round's updates, sorted by client id: benign users train honestly, malicious ones (ids
-    ``N..``) get the adversary's updates."""
+    ``N..``) get the adversary's updates. With ``matrix`` (the runner's, reused every round) the
+    updates are written straight into their rows of it: no fresh ``[K, D]`` matrix, no merge copy;
+    the result is then valid until the next call."""
     ds = s.dataset
     users = np.asarray(users, dtype=np.int64)
     is_mal = users >= ds.num_users
     benign, mal = users[~is_mal], users[is_mal]
+    if len(mal) and adversary is None:
+        raise ValueError(f"clients {mal.tolist()} are not benign users but the run has no attack")
+    if matrix is not None and len(users) and bool(np.all(np.diff(users) > 0)):
+        M = matrix.take(len(users))
+        ub = compute_updates(s.model, params, [ds.train[u] for u in benign], benign, s.cfg.seed, round_key, local,
+                             into=(matrix, np.flatnonzero(~is_mal)))
+        n_samples, losses = np.zeros(len(users), dtype=np.int64), np.zeros(len(users))
+        n_samples[~is_mal], losses[~is_mal] = ub.num_samples, ub.losses
+        if len(mal):
+            assert adversary is not None
+            bad = adversary.updates(s, params, mal, round_key)
+            where = {int(u): j for j, u in enumerate(bad.users)}
+            for row in np.flatnonzero(is_mal).tolist():
+                j = where[int(users[row])]
+                matrix.put(row, bad.updates[j])
+                n_samples[row], losses[row] = bad.num_samples[j], bad.losses[j]
+        return UpdateBatch(users, M, n_samples, losses)
     batches = []
     if len(benign) or not len(mal):
         batches.append(compute_updates(s.model, params, [ds.train[u] for u in benign], benign, s.cfg.seed,
                                        round_key, local))
     if len(mal):
-        if adversary is None:
-            raise ValueError(f"clients {mal.tolist()} are not benign users but the run has no attack")
+        assert adversary is not None
         batches.append(adversary.updates(s, params, mal, round_key))
     return merge_updates(batches)
 
 
 def train_round(s: Setup, adversary: Adversary | None, params: torch.Tensor, rp: RoundPlan,
-                local: LocalConfig) -> UpdateBatch:
+                local: LocalConfig, matrix: UpdateMatrix | None = None) -> UpdateBatch:
     """The updates of round ``rp``: adversarial-training updates of its benign users at the
     current weights (Yue et al. 2022; ALGORITHMS.md "adv_train"), or the users' ordinary ones."""
     if rp.adversarial:
         ds, cfg = s.dataset, s.cfg
         return adversarial_updates(s.model, params, [ds.train[u] for u in rp.users], rp.users, cfg.seed, rp.round_id,
                                    local, cfg.adv_config())
-    return round_updates(s, adversary, params, rp.users, rp.round_id, local)
+    return round_updates(s, adversary, params, rp.users, rp.round_id, local, matrix)
 
 
 def run_inprocess(cfg: ExperimentConfig, out_dir: str | Path | None = None,
@@ -136,13 +154,14 @@ def run_inprocess(cfg: ExperimentConfig, out_dir: str | Path | None = None,
     root = root_source(rule, cfg, s.model)
     malicious = set(s.malicious_users.tolist())
     plan = plan_run(cfg, all_clients(s), ds.num_users)
+    matrix = UpdateMatrix.of(s.model)  # every round's updates are written into it (warm pages)
     epochs: list[dict[str, Any]] = []
     acc: dict[str, float] = {}
     hr10: list[float] = []  # per evaluated epoch, for the stall warning
     t0 = time.perf_counter()
     for i, rp in enumerate(plan):
         ta = time.perf_counter()
-        ub = train_round(s, adversary, params, rp, local)
+        ub = train_round(s, adversary, params, rp, local, matrix)
         tb = time.perf_counter()
         out = aggregate_round(rule, params, ub.updates, torch.as_tensor(ub.num_samples, dtype=torch.float32),
                               ub.users.tolist(), rp.lr, rp.round_id, root, literal_step=cfg.compat.literal_step,
@@ -158,7 +177,7 @@ def run_inprocess(cfg: ExperimentConfig, out_dir: str | Path | None = None,
         if len(ub.users):
             progress(f"~epoch {rp.epoch + 1}/{cfg.epochs} round {rp.round_id + 1}/{len(plan)} "
                      f"loss {float(np.mean(ub.losses)):.4f}")
-        del ub  # the round's [K, D] matrix is freed before the next round builds its own
+        del ub  # the round's updates live in ``matrix``, which the next round writes again
         if not last_of_epoch(plan, i):
             continue
         epoch = rp.epoch

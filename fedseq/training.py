@@ -301,6 +301,61 @@ def micro_batches(lengths: Sequence[int], max_users: int, max_tokens: int) -> li
 ITEM_TABLE = "item_emb.weight"
 
 
+class UpdateMatrix:
+    """A ``[K, D]`` update matrix that is written again and again (a round's, a micro-batch's):
+    after the first use its pages are warm, so writing the next updates costs no page faults
+    and no full clear. Every tensor of a benign update is written whole but a localised item
+    table (SASRec: only the rows a user's items name), so a row only needs its previous
+    occupant's item rows cleared (:meth:`prepare`); a row written whole by someone else (an
+    attacker's update copied in: :meth:`put`) is cleared whole before a localised write.
+
+    ``table``: ``(offset, rows, width)`` of the localised item table in the layout (None: the
+    model writes every tensor whole, BERT4Rec)."""
+
+    ALL = None  # a row's item table may hold anything: clear it whole
+
+    def __init__(self, dim: int, table: tuple[int, int, int] | None) -> None:
+        self.dim = dim
+        self.table = table
+        self._buf = _zeros(0, dim)
+        self._dirty: list[torch.Tensor | None] = []  # per row: item rows written there (ALL: unknown)
+        self.current = self._buf  # the rows of the last take()
+
+    @classmethod
+    def of(cls, model: SeqModel) -> UpdateMatrix:
+        from .popularity import item_table_slice
+
+        return cls(Layout.of(model).dim, item_table_slice(model) if isinstance(model, SASRec) else None)
+
+    def take(self, k: int) -> torch.Tensor:
+        """The first ``k`` rows, ``[k, D]`` (a fresh zeroed matrix when it has fewer rows)."""
+        if self._buf.shape[0] < k:
+            self._buf = _zeros(k, self.dim)
+            self._dirty = [torch.zeros(0, dtype=torch.int64) for _ in range(k)]
+        self.current = self._buf[:k]
+        return self.current
+
+    def prepare(self, rows: Sequence[int], item_rows: Sequence[torch.Tensor] | None) -> None:
+        """Before a localised write of ``item_rows[j]`` into row ``rows[j]``: clear what the row's
+        previous occupant left in its item table, and remember the new rows."""
+        if self.table is None or item_rows is None:
+            return
+        offset, V, d = self.table
+        view = self._buf[:, offset:offset + V * d].view(self._buf.shape[0], V, d)
+        for j, r in enumerate(rows):
+            old = self._dirty[r]
+            if old is self.ALL:
+                view[r].zero_()
+            elif len(old):
+                view[r, old] = 0.0
+            self._dirty[r] = item_rows[j]
+
+    def put(self, row: int, update: torch.Tensor) -> None:
+        """Write a whole update into ``row`` (its item table may hold anything afterwards)."""
+        self._buf[row].copy_(update)
+        self._dirty[row] = self.ALL
+
+
 def compute_updates(
     model: SeqModel,
     params: torch.Tensor,
@@ -309,6 +364,7 @@ def compute_updates(
     seed: int,
     round_key: int,
     cfg: LocalConfig = LocalConfig(),
+    into: tuple[UpdateMatrix, np.ndarray] | None = None,
 ) -> UpdateBatch:
     """Compute every user's update at the global weights ``params [D]``.
 
@@ -318,14 +374,29 @@ def compute_updates(
     SASRec's loss reads only the item rows a user's sequence and negatives name, so each user gets
     a local item table of just those rows (per-sample gradients of the full 5,000-row table would
     dominate the cost); the rows' gradients are scattered back into the dense update.
+
+    ``into=(matrix, at)``: write user ``i``'s update into row ``at[i]`` of ``matrix``'s current
+    rows (:meth:`UpdateMatrix.take`; a runner that reuses one matrix every round) instead of a
+    fresh ``[K, D]`` matrix; the result's ``updates`` is then that ``[k, D]`` matrix, whose other
+    rows are the caller's.
     """
     layout = Layout.of(model)
     K = len(users)
-    out = _zeros(K, layout.dim)
+    if into is None:
+        matrix, at = UpdateMatrix(layout.dim, None), np.arange(K)
+        out = matrix.take(K)
+    else:
+        matrix, at = into[0], np.asarray(into[1], dtype=np.int64)
+        out = matrix.current
+        if len(at) != K or (K and not 0 <= int(at.min()) <= int(at.max()) < out.shape[0]):
+            raise ValueError(f"into: {len(at)} rows for {K} users, within the matrix's {out.shape[0]} rows")
     losses = np.zeros(K)
     item_rows: list[torch.Tensor] = [torch.zeros(0, dtype=torch.int64)] * K  # only SASRec localises rows
     for idx, grads, rows, loss in _micro_batch_grads(model, params, sequences, users, seed, round_key, cfg):
-        _scatter(out, torch.as_tensor(idx), grads, layout, rows)
+        dest = at[idx]
+        if into is not None:
+            matrix.prepare(dest.tolist(), None if rows is None else [rows[j] for j in range(len(idx))])
+        _scatter(out, torch.as_tensor(dest), grads, layout, rows)
         if rows is not None:
             for j, i in enumerate(idx):
                 item_rows[i] = rows[j]
@@ -350,33 +421,19 @@ def iter_updates(
     worker) never holds the whole ``[K, D]`` matrix, and can send one micro-batch while the next
     is computed.
 
-    The ``updates`` tensor is a view of one buffer that the next item overwrites: use (or copy)
-    each item before asking for the next. Only the item-table rows the previous occupant of a
-    buffer row was written into are cleared (every other tensor is written whole), so the buffer
-    stays warm and costs no page faults or full clears."""
+    The ``updates`` tensor is a view of one :class:`UpdateMatrix` that the next item overwrites:
+    use (or copy) each item before asking for the next."""
     layout = Layout.of(model)
     users = np.asarray(users, dtype=np.int64)
     n_samples = np.array([len(s) for s in sequences], dtype=np.int64)
-    buf: torch.Tensor | None = None
-    dirty: list[torch.Tensor | None] = []  # per buffer row: the item rows written there last
-    if isinstance(model, SASRec):
-        from .popularity import item_table_slice
-
-        start, V, d = item_table_slice(model)
+    matrix = UpdateMatrix.of(model)
     for idx, grads, rows, loss in _micro_batch_grads(model, params, sequences, users, seed, round_key, cfg):
         b = len(idx)
-        if buf is None or buf.shape[0] < b:
-            buf = _zeros(max(b, 0 if buf is None else buf.shape[0]), layout.dim)
-            dirty = [None] * buf.shape[0]
-        if rows is not None:
-            view = buf[:, start:start + V * d].view(buf.shape[0], V, d)
-            for j in range(b):
-                if dirty[j] is not None:
-                    view[j, dirty[j]] = 0.0
-                dirty[j] = rows[j]
+        buf = matrix.take(b)
+        item_rows = None if rows is None else [rows[j] for j in range(b)]
+        matrix.prepare(range(b), item_rows)
         _scatter(buf, torch.arange(b), grads, layout, rows)
-        yield UpdateBatch(users[idx], buf[:b], n_samples[idx], np.asarray(loss, dtype=np.float64),
-                          None if rows is None else [rows[j] for j in range(b)])
+        yield UpdateBatch(users[idx], buf, n_samples[idx], np.asarray(loss, dtype=np.float64), item_rows)
 
 
 def _micro_batch_grads(

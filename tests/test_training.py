@@ -165,6 +165,36 @@ def test_updates_a_micro_batch_at_a_time_are_the_same_rows_bit_for_bit(name, cfg
             assert rows is None and whole.item_rows is None
 
 
+@pytest.mark.parametrize("attack", ["dv-fsr", "none"])
+def test_rounds_written_into_one_reused_matrix_equal_fresh_matrices_bit_for_bit(attack):
+    # Prepare: the in-process runner's round updates on a small synthetic run, rounds of changing
+    # users (benign rows follow attackers' whole rows and vice versa), one matrix for all rounds
+    from cli.plugins import prepare
+    from cli.sim import round_updates
+    from fedseq.config import ExperimentConfig
+    from fedseq.training import UpdateMatrix
+
+    cfg = ExperimentConfig(dataset="synthetic:users=40,items=60,max_length=12", clients_per_round=9,
+                           num_negatives=20, attack=attack, malicious_ratio=0.1 if attack != "none" else 0.0)
+    p = prepare(cfg)
+    s = p.setup
+    params = s.initial_params()
+    everyone = np.arange(s.dataset.num_users + len(s.malicious_users))
+    matrix = UpdateMatrix.of(s.model)
+    rng = np.random.default_rng(0)
+    for r in range(6):
+        users = np.sort(rng.choice(everyone, size=9 - (r % 3), replace=False))
+        # Execute
+        fresh = round_updates(s, p.adversary, params, users, r, cfg.local())
+        reused = round_updates(s, p.adversary, params, users, r, cfg.local(), matrix)
+        # Assert
+        assert reused.users.tolist() == fresh.users.tolist() == users.tolist()
+        assert torch.equal(reused.updates, fresh.updates), r
+        assert reused.num_samples.tolist() == fresh.num_samples.tolist()
+        assert np.array_equal(reused.losses, fresh.losses)
+        params = params - 0.05 * fresh.updates.sum(0)  # the next round sees other weights
+
+
 # ----------------------------------------------------------------------------- against plain autograd
 
 
