@@ -650,9 +650,10 @@ AXES = {"attack", "defense", "defense_opts", "malicious_ratio", "seed"}
 
 def _styles(scen: dict[str, dict[str, Any]]) -> dict[str, tuple[Any, str, str]]:
     """(color, line style, marker) per scenario, so a plot of many scenarios stays readable:
-    dashed without an attack; when the scenarios differ in other experiment keys (a model, a
-    target preset, compat switches), color by those and marker by defense; else color by defense
-    and marker by ratio (colors repeat only past 20 groups)."""
+    dashed without an attack; a color per (other experiment keys such as the model or the compat
+    switches, attack, defense) and a marker per ratio while there are at most 20 such lines; past
+    that, when the scenarios differ in other keys, color by those and marker by defense, else
+    color by defense and marker by ratio."""
     import matplotlib
 
     markers = "osD^v<>p*h"
@@ -667,6 +668,12 @@ def _styles(scen: dict[str, dict[str, Any]]) -> dict[str, tuple[Any, str, str]]:
     groups = sorted({other(s) for s in scen.values()})
     defenses = sorted({s["defense"] for s in scen.values()})
     ratios = sorted({s["ratio"] for s in scen.values()})
+    lines = sorted({(other(s), s["attack"], s["defense"]) for s in scen.values()})
+    if len(lines) <= 20:  # a color per (other keys, attack, defense), a marker per ratio
+        cmap = matplotlib.colormaps["tab10" if len(lines) <= 10 else "tab20"]
+        return {name: (cmap(lines.index((other(s), s["attack"], s["defense"])) % cmap.N),
+                       "--" if s["attack"] == "none" else "-", markers[ratios.index(s["ratio"]) % len(markers)])
+                for name, s in scen.items()}
     by_other = len(groups) > 1
     n = len(groups) if by_other else len(defenses)
     cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
