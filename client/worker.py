@@ -329,7 +329,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
         def stream():
             while True:
-                msgs = out.get()
+                try:
+                    msgs = out.get(timeout=0.2)
+                except queue.Empty:
+                    if stop.is_set():  # the call ended without us (a failed upload): no thread left waiting
+                        return
+                    continue
                 if msgs is None:  # the end, or a failed computation (the handler raises its error)
                     return
                 yield from msgs
