@@ -309,6 +309,62 @@ def test_a_worker_sends_pieces_as_they_come_and_a_failed_piece_fails_the_call(re
     assert {"compute", "encode", "upload", "model"} <= set(reply.timings)
 
 
+def test_a_failed_upload_leaves_no_thread_waiting_for_pieces(redis_url):
+    """The aggregator cannot be reached while the worker is still computing: the call fails
+    (UNAVAILABLE, after the deadline's floor), the computation stops at its next piece, and no
+    gRPC thread stays blocked waiting for pieces that will never come."""
+    import threading
+    from dataclasses import replace as dc_replace
+
+    from client.service import benign_population
+    from client.worker import ModelSource, WorkerServicer
+    from fedseq.v1 import worker_pb2, worker_pb2_grpc
+
+    # Prepare: a model in the store, an aggregator address nobody listens on, slow pieces
+    servicer = AggregatorServicer(lambda run_id: RedisStore.from_url(redis_url, run_id))
+    agg = Service([(agg_grpc.add_AggregatorServicer_to_server, servicer, "fedseq.v1.Aggregator")], port=0,
+                  host="127.0.0.1").start()
+    cfg = replace(TINY, run_id="gone", codec="sparse-fp32")
+    tokens = _open(agg_grpc.AggregatorStub(channel(f"127.0.0.1:{agg.port}")), cfg, [0, 1, 2])
+    dead = f"127.0.0.1:{agg.port}"
+    agg.stop(0)  # the round's model stays in Redis; the aggregator is gone
+    hosted = benign_population(cfg, None)
+    computed = []
+
+    def pieces(params, ids, round_id):
+        for u in ids:
+            time.sleep(6.0)  # the call's deadline (its 5 s floor) passes while the first piece is computed
+            computed.append(u)
+            yield hosted.compute(params, [u], round_id)
+
+    w = WorkerServicer("w")
+    w.attach(cfg.run_id, dc_replace(hosted, compute_pieces=pieces), ModelSource(cfg.run_id, redis_url, ""), dead)
+    svc = Service([(worker_pb2_grpc.add_WorkerServicer_to_server, w, "fedseq.v1.Worker")], port=0,
+                  host="127.0.0.1").start()
+    try:
+        wstub = worker_pb2_grpc.WorkerStub(channel(f"127.0.0.1:{svc.port}"))
+        before = set(threading.enumerate())
+        # Execute
+        with pytest.raises(grpc.RpcError) as e:
+            wstub.Train(worker_pb2.TrainRequest(
+                run_id=cfg.run_id, round_id=0, model_version=0, deadline_unix=time.time() + 1,
+                encoding="sparse-fp32", accepted_encodings=["sparse-fp32"],
+                assignments=[common_pb2.Assignment(user_id=u, token=t) for u, t in tokens.items()]), timeout=60)
+        def waiting():  # threads the call started that are still there (the pools' own threads stay by design)
+            return [t.name for t in threading.enumerate() if t not in before and not t.name.startswith("ThreadPool")]
+
+        deadline = time.time() + 5
+        while waiting() and time.time() < deadline:
+            time.sleep(0.1)
+        left = waiting()
+    finally:
+        svc.stop(0)
+    # Assert: the upload failed, the computation stopped early, and the threads it used are gone
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "upload to the aggregator" in e.value.details()
+    assert len(computed) == 1  # the piece in progress ends; no other starts
+    assert left == []
+
+
 # ---------------------------------------------------------------------------- model deltas
 
 
