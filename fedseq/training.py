@@ -382,20 +382,16 @@ def compute_updates(
     """
     layout = Layout.of(model)
     K = len(users)
-    if into is None:
-        matrix, at = UpdateMatrix(layout.dim, None), np.arange(K)
-        out = matrix.take(K)
-    else:
-        matrix, at = into[0], np.asarray(into[1], dtype=np.int64)
-        out = matrix.current
-        if len(at) != K or (K and not 0 <= int(at.min()) <= int(at.max()) < out.shape[0]):
-            raise ValueError(f"into: {len(at)} rows for {K} users, within the matrix's {out.shape[0]} rows")
+    matrix, at = into if into is not None else (UpdateMatrix.of(model), np.arange(K))
+    at = np.asarray(at, dtype=np.int64)
+    out = matrix.current if into is not None else matrix.take(K)
+    if len(at) != K or (K and not 0 <= int(at.min()) <= int(at.max()) < out.shape[0]):
+        raise ValueError(f"into: {len(at)} rows for {K} users, within the matrix's {out.shape[0]} rows")
     losses = np.zeros(K)
     item_rows: list[torch.Tensor] = [torch.zeros(0, dtype=torch.int64)] * K  # only SASRec localises rows
     for idx, grads, rows, loss in _micro_batch_grads(model, params, sequences, users, seed, round_key, cfg):
         dest = at[idx]
-        if into is not None:
-            matrix.prepare(dest.tolist(), None if rows is None else [rows[j] for j in range(len(idx))])
+        matrix.prepare(dest.tolist(), None if rows is None else [rows[j] for j in range(len(idx))])
         _scatter(out, torch.as_tensor(dest), grads, layout, rows)
         if rows is not None:
             for j, i in enumerate(idx):
