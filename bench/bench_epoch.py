@@ -27,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +39,11 @@ from fedseq.config import build_config  # noqa: E402
 from fedseq.experiment import setup  # noqa: E402
 from fedseq.metrics import Evaluator  # noqa: E402
 from fedseq.training import compute_updates  # noqa: E402
+
+try:
+    from fedseq.training import UpdateMatrix  # noqa: E402
+except ImportError:  # commits before the reused round matrix (e.g. a7627a9)
+    UpdateMatrix = None  # type: ignore[assignment,misc]
 from server.aggregation import make_rule, server_step  # noqa: E402
 
 try:
@@ -55,12 +61,21 @@ def _train(cfg, epochs: int):
     rule = make_rule(*((cfg.defense, dict(cfg.defense_opts)) if hasattr(cfg, "defense")
                        else (cfg.aggregation, dict(cfg.aggregation_opts))))
     ds = s.dataset
+    # as the commit's own in-process runner computes a round: into one reused matrix where the
+    # commit has one (fedseq.training.UpdateMatrix, cli/sim.py), else a fresh matrix per round
+    matrix = UpdateMatrix.of(s.model) if UpdateMatrix is not None else None
     wall, cpu = [], []
     rk = 0
     for e in range(epochs):
         t0, c0 = time.perf_counter(), time.process_time()
         for users in epoch_rounds(cfg, s.benign_users, e):
-            ub = compute_updates(s.model, params, [ds.train[u] for u in users], users, cfg.seed, rk, cfg.local())
+            if matrix is not None:
+                matrix.take(len(users))
+                into = {"into": (matrix, np.arange(len(users)))}
+            else:
+                into = {}
+            ub = compute_updates(s.model, params, [ds.train[u] for u in users], users, cfg.seed, rk, cfg.local(),
+                                 **into)
             params = server_step(params, rule(ub.updates, torch.as_tensor(ub.num_samples, dtype=torch.float32)).vector,
                                  cfg.lr_at(e))
             del ub  # as the in-process runner does: one round's matrix alive at a time
