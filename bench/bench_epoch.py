@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -64,25 +65,50 @@ def _train(cfg, epochs: int):
     # as the commit's own in-process runner computes a round: into one reused matrix where the
     # commit has one (fedseq.training.UpdateMatrix, cli/sim.py), else a fresh matrix per round
     matrix = UpdateMatrix.of(s.model) if UpdateMatrix is not None else None
+    procs = getattr(cfg, "procs", 1)
+    pool = None
+    if procs > 1:  # fedseq sim --procs: forked processes write the rows (CPU counted over all of them)
+        from fedseq.compute_pool import ComputePool
+
+        pool = ComputePool(s.model, ds.train, cfg.seed, procs, cfg.clients_per_round)
+        matrix = pool.matrix
+        torch.set_num_threads(max(cfg.threads, procs))  # as cli/sim.py: aggregation while the children wait
+
+    def cpu_now() -> float:
+        children = sum(_cpu_of(p.pid) for p in pool._procs) if pool is not None else 0.0
+        return time.process_time() + children
+
     wall, cpu = [], []
     rk = 0
     for e in range(epochs):
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0, c0 = time.perf_counter(), cpu_now()
         for users in epoch_rounds(cfg, s.benign_users, e):
             if matrix is not None:
-                matrix.take(len(users))
+                M = matrix.take(len(users))
                 into = {"into": (matrix, np.arange(len(users)))}
             else:
                 into = {}
-            ub = compute_updates(s.model, params, [ds.train[u] for u in users], users, cfg.seed, rk, cfg.local(),
-                                 **into)
-            params = server_step(params, rule(ub.updates, torch.as_tensor(ub.num_samples, dtype=torch.float32)).vector,
-                                 cfg.lr_at(e))
-            del ub  # as the in-process runner does: one round's matrix alive at a time
+            if pool is not None:
+                pool.compute(params, np.asarray(users), np.arange(len(users)), rk, cfg.local())
+                updates, n = M, torch.as_tensor([len(ds.train[u]) for u in users], dtype=torch.float32)
+            else:
+                ub = compute_updates(s.model, params, [ds.train[u] for u in users], users, cfg.seed, rk, cfg.local(),
+                                     **into)
+                updates, n = ub.updates, torch.as_tensor(ub.num_samples, dtype=torch.float32)
+                del ub  # as the in-process runner does: one round's matrix alive at a time
+            params = server_step(params, rule(updates, n).vector, cfg.lr_at(e))
             rk += 1
         wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
+        cpu.append(cpu_now() - c0)
+    if pool is not None:
+        pool.close()
     return s, params, wall, cpu
+
+
+def _cpu_of(pid: int) -> float:
+    """User + system CPU seconds of a live process (``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def train_epochs(cfg, epochs: int) -> dict:
@@ -115,6 +141,8 @@ def side_by_side(args) -> dict:
                        "--threads", str(args.threads), "--device", args.device, "--json", str(out)]
                 if args.data_root:
                     cmd += ["--data-root", str(Path(args.data_root).resolve())]
+                if args.procs != 1 and trees[name] == ROOT:  # the baseline times its own runner's way
+                    cmd += ["--procs", str(args.procs)]
                 subprocess.run(cmd, check=True, capture_output=True, cwd=trees[name])
                 got[name].append(json.loads(out.read_text())["inprocess"])
                 ep = got[name][-1]["train_epoch_s"]
@@ -195,8 +223,11 @@ def whole_jobs(args, epochs: int) -> dict:
     """The same job in process (``fedseq sim``, ``--workers`` torch threads: the cores the services'
     workers get) and through the services (``fedseq run``): wall and CPU seconds of each."""
     out = {}
-    for name, command, threads in (("inprocess", "sim", args.workers), ("services", "run", args.threads)):
-        res, _, wall, cpu = job(args, epochs, command, threads)
+    jobs = [("inprocess", "sim", args.workers, ()), ("services", "run", args.threads, ())]
+    if args.procs > 1:  # the in-process runner with --procs processes of 1 thread (fedseq/compute_pool.py)
+        jobs.append(("inprocess-procs", "sim", 1, ("--procs", str(args.procs))))
+    for name, command, threads, extra in jobs:
+        res, _, wall, cpu = job(args, epochs, command, threads, extra)
         out[name] = {"wall_s": wall, "cpu_s": cpu, "threads": threads,
                      "train_epoch_s": [e["train_seconds"] for e in res["epochs"]]}
     return out
@@ -229,6 +260,8 @@ def main() -> int:
     ap.add_argument("--model", default="sasrec")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--procs", type=int, default=1,
+                    help="in-process: processes computing the updates, 1 thread each (fedseq sim --procs)")
     ap.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N (in-process and services)")
     ap.add_argument("--services", action="store_true")
     ap.add_argument("--workers", type=int, default=2)
@@ -263,6 +296,8 @@ def main() -> int:
         return 0
     over = {"dataset": args.dataset, "data_root": args.data_root, "model": args.model, "threads": args.threads,
             "codec": args.codec}
+    if args.procs != 1:  # older commits (--baseline) have no procs key
+        over["procs"] = args.procs
     if args.device != "cpu":  # older commits (--baseline) have no device key; cpu is what they compute on
         over["device"] = args.device
     cfg = build_config(None, over)
@@ -299,6 +334,11 @@ def main() -> int:
               f"{ip_['cpu_s']:.1f}s CPU; fedseq run ({args.workers} workers x {sv_['threads']} thread) "
               f"{statistics.median(sv_['train_epoch_s']):.2f}s, {sv_['wall_s']:.1f}s wall / {sv_['cpu_s']:.1f}s CPU; "
               f"epoch ratio {statistics.median(sv_['train_epoch_s']) / statistics.median(ip_['train_epoch_s']):.2f}x")
+        if "inprocess-procs" in jobs:
+            pp = jobs["inprocess-procs"]
+            print(f"  fedseq sim --procs {args.procs}: train epoch median {statistics.median(pp['train_epoch_s']):.2f}s, "
+                  f"whole job {pp['wall_s']:.1f}s wall / {pp['cpu_s']:.1f}s CPU; services epoch ratio "
+                  f"{statistics.median(sv_['train_epoch_s']) / statistics.median(pp['train_epoch_s']):.2f}x")
     if args.attack_check:
         at = attacked(args, args.epochs)
         out["attacked"] = at

@@ -50,6 +50,8 @@ EXPERIMENT_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--compression", {"choices": ["none", "gzip"], "help": "gRPC message compression of the run's calls"}),
     ("--model-delta", {"action": "store_true", "help": "download version v as a row patch against v-1 when held"}),
     ("--threads", {"type": int, "help": "torch threads per process"}),
+    ("--procs", {"type": int, "help": "fedseq sim: processes computing the updates, 1 torch thread each "
+                                      "(default 1: in the runner's process with --threads threads)"}),
     ("--device", {"help": "auto | cpu | cuda | cuda:N: where updates and evaluation run (default auto: a GPU if "
                           "torch sees one)"}),
 ]

@@ -44,6 +44,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from cli.launcher import LaunchSettings, launch
 
     cfg = experiment_config(args, quickstart=True)
+    if cfg.procs != 1:
+        raise ConfigError(f"procs {cfg.procs}: --procs is fedseq sim's; fedseq run spreads the users over "
+                          "--workers processes")
     from .plugins import prepare
 
     prepare(cfg)  # fail fast: dataset, model, rule, attack name/options, ratio, targets, before any process starts

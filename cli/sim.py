@@ -21,7 +21,9 @@ import torch
 
 from attacker.population import Adversary
 from fedseq.adv_train import adversarial_updates
-from fedseq.config import ExperimentConfig
+from fedseq.compute_pool import ComputePool
+from fedseq.config import ConfigError, ExperimentConfig
+from fedseq.device import resolve
 from fedseq.engine import (
     RoundPlan,
     aggregate_round,
@@ -78,11 +80,13 @@ def merge_updates(batches: list[UpdateBatch]) -> UpdateBatch:
 
 
 def round_updates(s: Setup, adversary: Adversary | None, params: torch.Tensor, users: np.ndarray, round_key: int,
-                  local: LocalConfig, matrix: UpdateMatrix | None = None) -> UpdateBatch:
+                  local: LocalConfig, matrix: UpdateMatrix | None = None,
+                  pool: ComputePool | None = None) -> UpdateBatch:
     """The round's updates, sorted by client id: benign users train honestly, malicious ones (ids
     ``N..``) get the adversary's updates. With ``matrix`` (the runner's, reused every round) the
     updates are written straight into their rows of it: no fresh ``[K, D]`` matrix, no merge copy;
-    the result is then valid until the next call."""
+    the result is then valid until the next call. With ``pool`` (whose matrix ``matrix`` is) the
+    benign updates are computed by its processes, bit for bit as one 1-thread process would."""
     ds = s.dataset
     users = np.asarray(users, dtype=np.int64)
     is_mal = users >= ds.num_users
@@ -91,10 +95,14 @@ def round_updates(s: Setup, adversary: Adversary | None, params: torch.Tensor, u
         raise ValueError(f"clients {mal.tolist()} are not benign users but the run has no attack")
     if matrix is not None and len(users) and bool(np.all(np.diff(users) > 0)):
         M = matrix.take(len(users))
-        ub = compute_updates(s.model, params, [ds.train[u] for u in benign], benign, s.cfg.seed, round_key, local,
-                             into=(matrix, np.flatnonzero(~is_mal)))
         n_samples, losses = np.zeros(len(users), dtype=np.int64), np.zeros(len(users))
-        n_samples[~is_mal], losses[~is_mal] = ub.num_samples, ub.losses
+        if pool is not None:
+            n_samples[~is_mal] = [len(ds.train[u]) for u in benign]
+            losses[~is_mal] = pool.compute(params, benign, np.flatnonzero(~is_mal), round_key, local)
+        else:
+            ub = compute_updates(s.model, params, [ds.train[u] for u in benign], benign, s.cfg.seed, round_key,
+                                 local, into=(matrix, np.flatnonzero(~is_mal)))
+            n_samples[~is_mal], losses[~is_mal] = ub.num_samples, ub.losses
         if len(mal):
             assert adversary is not None
             bad = adversary.updates(s, params, mal, round_key)
@@ -115,14 +123,15 @@ def round_updates(s: Setup, adversary: Adversary | None, params: torch.Tensor, u
 
 
 def train_round(s: Setup, adversary: Adversary | None, params: torch.Tensor, rp: RoundPlan,
-                local: LocalConfig, matrix: UpdateMatrix | None = None) -> UpdateBatch:
+                local: LocalConfig, matrix: UpdateMatrix | None = None,
+                pool: ComputePool | None = None) -> UpdateBatch:
     """The updates of round ``rp``: adversarial-training updates of its benign users at the
     current weights (Yue et al. 2022; ALGORITHMS.md "adv_train"), or the users' ordinary ones."""
     if rp.adversarial:
         ds, cfg = s.dataset, s.cfg
         return adversarial_updates(s.model, params, [ds.train[u] for u in rp.users], rp.users, cfg.seed, rp.round_id,
                                    local, cfg.adv_config())
-    return round_updates(s, adversary, params, rp.users, rp.round_id, local, matrix)
+    return round_updates(s, adversary, params, rp.users, rp.round_id, local, matrix, pool)
 
 
 def run_inprocess(cfg: ExperimentConfig, out_dir: str | Path | None = None,
@@ -155,56 +164,70 @@ def run_inprocess(cfg: ExperimentConfig, out_dir: str | Path | None = None,
     malicious = set(s.malicious_users.tolist())
     plan = plan_run(cfg, all_clients(s), ds.num_users)
     matrix = UpdateMatrix.of(s.model)  # every round's updates are written into it (warm pages)
+    pool = None
+    if cfg.procs > 1:  # children forked now: they inherit the model and the data set
+        if resolve(local.device).type != "cpu":
+            raise ConfigError(f"procs {cfg.procs} computes on the CPU; the run's device is {local.device}")
+        pool = ComputePool(s.model, ds.train, cfg.seed, cfg.procs, max((len(rp.users) for rp in plan), default=1))
+        matrix = pool.matrix
+        # the runner aggregates and evaluates while its compute processes wait: their cores are free
+        torch.set_num_threads(max(cfg.threads, cfg.procs))
+        progress(f"updates computed by {cfg.procs} processes of 1 torch thread; aggregation and evaluation "
+                 f"with {torch.get_num_threads()} threads")
     epochs: list[dict[str, Any]] = []
     acc: dict[str, float] = {}
     hr10: list[float] = []  # per evaluated epoch, for the stall warning
-    t0 = time.perf_counter()
-    for i, rp in enumerate(plan):
-        ta = time.perf_counter()
-        ub = train_round(s, adversary, params, rp, local, matrix)
-        tb = time.perf_counter()
-        out = aggregate_round(rule, params, ub.updates, torch.as_tensor(ub.num_samples, dtype=torch.float32),
-                              ub.users.tolist(), rp.lr, rp.round_id, root, literal_step=cfg.compat.literal_step,
-                              layout=s.layout)
-        params = out.params
-        if on_round is not None:
-            on_round(rp, params)
-        n_mal, n_kept = malicious_kept(out.users, out.kept_users, malicious)
-        for k, v in (("rounds", 0 if rp.adversarial else 1), ("accepted", len(out.users)),
-                     ("rejected", len(out.overflow)), ("malicious_updates", n_mal), ("malicious_kept", n_kept),
-                     ("compute_seconds", tb - ta), ("aggregate_seconds", time.perf_counter() - tb)):
-            acc[k] = acc.get(k, 0) + v
-        if len(ub.users):
-            progress(f"~epoch {rp.epoch + 1}/{cfg.epochs} round {rp.round_id + 1}/{len(plan)} "
-                     f"loss {float(np.mean(ub.losses)):.4f}")
-        del ub  # the round's updates live in ``matrix``, which the next round writes again
-        if not last_of_epoch(plan, i):
-            continue
-        epoch = rp.epoch
-        row: dict[str, Any] = {"epoch": epoch + 1, "lr": rp.lr, "train_seconds": time.perf_counter() - t0, **acc}
-        if adversary is None:
-            for k in ("malicious_updates", "malicious_kept"):
-                row.pop(k)
-        if eval_due(cfg, epoch):
-            te = time.perf_counter()
-            row.update(evaluator(params).means())
-            row["eval_seconds"] = time.perf_counter() - te
-            hr10.append(row["hr@10"])
-            warning = stall_warning(cfg, rule.name, rule_scale(rule), hr10, cfg.clients_per_round)
-            if warning:
-                summary.setdefault("warnings", []).append(warning)
-                progress(f"WARNING: {warning}")
-        row["seconds"] = time.perf_counter() - t0
-        epochs.append(row)
-        if "hr@10" in row:
-            mal = ""
-            if adversary is not None:
-                mal = f" malicious updates {row['malicious_updates']} (kept {row['malicious_kept']})"
-            progress(f"epoch {epoch + 1}/{cfg.epochs}: HR@10 {row['hr@10']:.4f} NDCG@10 {row['ndcg@10']:.4f} "
-                     f"ER@5 {row['er@5']:.4f} ER@10 {row['er@10']:.4f}{mal} ({row['seconds']:.1f}s)")
-        if out_dir is not None:
-            write_results(out_dir, cfg.to_dict(), epochs, summary)
-        acc, t0 = {}, time.perf_counter()
+    try:
+        t0 = time.perf_counter()
+        for i, rp in enumerate(plan):
+            ta = time.perf_counter()
+            ub = train_round(s, adversary, params, rp, local, matrix, pool)
+            tb = time.perf_counter()
+            out = aggregate_round(rule, params, ub.updates, torch.as_tensor(ub.num_samples, dtype=torch.float32),
+                                  ub.users.tolist(), rp.lr, rp.round_id, root, literal_step=cfg.compat.literal_step,
+                                  layout=s.layout)
+            params = out.params
+            if on_round is not None:
+                on_round(rp, params)
+            n_mal, n_kept = malicious_kept(out.users, out.kept_users, malicious)
+            for k, v in (("rounds", 0 if rp.adversarial else 1), ("accepted", len(out.users)),
+                         ("rejected", len(out.overflow)), ("malicious_updates", n_mal), ("malicious_kept", n_kept),
+                         ("compute_seconds", tb - ta), ("aggregate_seconds", time.perf_counter() - tb)):
+                acc[k] = acc.get(k, 0) + v
+            if len(ub.users):
+                progress(f"~epoch {rp.epoch + 1}/{cfg.epochs} round {rp.round_id + 1}/{len(plan)} "
+                         f"loss {float(np.mean(ub.losses)):.4f}")
+            del ub  # the round's updates live in ``matrix``, which the next round writes again
+            if not last_of_epoch(plan, i):
+                continue
+            epoch = rp.epoch
+            row: dict[str, Any] = {"epoch": epoch + 1, "lr": rp.lr, "train_seconds": time.perf_counter() - t0, **acc}
+            if adversary is None:
+                for k in ("malicious_updates", "malicious_kept"):
+                    row.pop(k)
+            if eval_due(cfg, epoch):
+                te = time.perf_counter()
+                row.update(evaluator(params).means())
+                row["eval_seconds"] = time.perf_counter() - te
+                hr10.append(row["hr@10"])
+                warning = stall_warning(cfg, rule.name, rule_scale(rule), hr10, cfg.clients_per_round)
+                if warning:
+                    summary.setdefault("warnings", []).append(warning)
+                    progress(f"WARNING: {warning}")
+            row["seconds"] = time.perf_counter() - t0
+            epochs.append(row)
+            if "hr@10" in row:
+                mal = ""
+                if adversary is not None:
+                    mal = f" malicious updates {row['malicious_updates']} (kept {row['malicious_kept']})"
+                progress(f"epoch {epoch + 1}/{cfg.epochs}: HR@10 {row['hr@10']:.4f} NDCG@10 {row['ndcg@10']:.4f} "
+                         f"ER@5 {row['er@5']:.4f} ER@10 {row['er@10']:.4f}{mal} ({row['seconds']:.1f}s)")
+            if out_dir is not None:
+                write_results(out_dir, cfg.to_dict(), epochs, summary)
+            acc, t0 = {}, time.perf_counter()
+    finally:
+        if pool is not None:
+            pool.close()
     results = {"config": cfg.to_dict(), "epochs": epochs, "summary": summary}
     extra = [k for k in ("malicious_updates", "malicious_kept") if any(k in e for e in epochs)]
     progress(format_table(epochs, extra))

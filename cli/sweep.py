@@ -10,7 +10,9 @@ then one table with the mean and spread over seeds and plots.
 Each cell runs as its own process (``fedseq run`` / ``fedseq sim``) with its results bundle in
 ``<out>/<cell>/``; a sweep that was interrupted resumes where it stopped (finished cells are
 kept; unfinished ones run again from the start). ``--jobs`` cells run at once, each with
-``cores // jobs`` torch threads (divided again among a services cell's busy processes). Results: ``<out>/sweep.md`` (the table), ``<out>/sweep.json``
+``cores // jobs`` cores: an in-process cell computes its updates in that many 1-thread processes
+(``fedseq sim --procs``; the training is then bit for bit the 1-thread run's), a services cell
+gives each of its busy processes a share as torch threads. Results: ``<out>/sweep.md`` (the table), ``<out>/sweep.json``
 (every cell and scenario), and PNG plots: exposure and accuracy over epochs (one line per
 scenario, mean over seeds with its spread), exposure against the malicious ratio (per defense, when
 several ratios), accuracy against exposure, and (services) bytes per round.
@@ -305,7 +307,11 @@ def cell_done(folder: Path, epochs: int) -> bool:
 
 def cell_command(spec: SweepSpec, cell: Cell, folder: Path, threads: int) -> list[str]:
     """The ``fedseq run`` / ``fedseq sim`` command line of ``cell`` (config file + output folder)."""
-    cfg = build_config(None, {**spec.base, **cell.overrides(), "threads": threads,
+    # an in-process cell with several cores computes its updates in that many 1-thread processes
+    # (fedseq/compute_pool.py): faster than intra-op threads, and the training is bit for bit the
+    # 1-thread run's whatever --cores and --jobs are
+    procs = {"procs": threads} if spec.engine != "services" and threads > 1 else {}
+    cfg = build_config(None, {**spec.base, **cell.overrides(), "threads": threads, **procs,
                               "run_id": f"sweep-{cell.folder}"[:100]}, environ={})
     (folder / "config.json").write_text(cfg.to_json())
     sub = "run" if spec.engine == "services" else "sim"
@@ -366,7 +372,8 @@ def run_sweep(spec: SweepSpec, out: Path, jobs: int = 1, cores: int | None = Non
     prog = Progress(len(done) + len(todo))
     say(f"fedseq sweep: {len(runs)} cells ({len(done)} already done in {root}"
         + (f"; {len(later)} left for a later call" if later else "") + f"), engine {spec.engine}, "
-        f"{jobs} at once x {threads} torch thread(s)")
+        f"{jobs} at once x {threads} " + ("torch thread(s)" if spec.engine == "services" or threads == 1
+                                           else "compute processes"))
     for c in done:
         say(prog.line(f"{c.folder}: done before (kept)"))
     failed: list[str] = []
@@ -700,7 +707,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", choices=ENGINES, help="services (fedseq run per cell; default) or inprocess")
     p.add_argument("--set", action="append", type=lambda s: tuple(s.split("=", 1)), metavar="KEY=VALUE",
                    help="a base experiment key for every cell, e.g. --set epochs=4 --set dataset=steam")
-    p.add_argument("--jobs", type=int, default=1, help="cells at once (each gets cores // jobs torch threads)")
+    p.add_argument("--jobs", type=int, default=1, help="cells at once (each gets cores // jobs cores: compute processes in process, threads in services)")
     p.add_argument("--cores", type=int, help="cores to use (default: all of this machine's)")
     p.add_argument("--out", help="sweep folder (default runs/sweep-<preset>); an interrupted sweep resumes there")
 

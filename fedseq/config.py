@@ -134,6 +134,9 @@ class ExperimentConfig:
     attack_opts: tuple[tuple[str, str], ...] = ()
     codec: str = "sparse-fp32"  # lossless: embedding tables as touched rows only, the rest dense
     threads: int = 1  # torch threads per process (see docs: oversubscription on small machines)
+    # fedseq sim only: processes computing the benign updates (fedseq/compute_pool.py), each with
+    # one torch thread; 1 = in the runner's own process with `threads` threads
+    procs: int = 1
     device: str = "auto"  # auto | cpu | cuda | cuda:N (fedseq/device.py); a worker's own --device wins
     compression: str = "none"  # gRPC message compression of the run's calls: "none" | "gzip"
     model_delta: bool = False  # workers holding version v-1 download v as a row patch (fedseq/delta.py)
@@ -164,6 +167,7 @@ class ExperimentConfig:
         need(self.num_negatives >= 1, "num_negatives must be >= 1")
         need(0.0 <= self.malicious_ratio < 1.0, f"malicious_ratio must be in [0, 1), got {self.malicious_ratio}")
         need(self.threads >= 0, "threads must be >= 0 (0 = torch's default)")
+        need(self.procs >= 1, f"procs must be >= 1, got {self.procs}")
         try:
             check_device(self.device)
         except ValueError as e:

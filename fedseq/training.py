@@ -314,11 +314,20 @@ class UpdateMatrix:
 
     ALL = None  # a row's item table may hold anything: clear it whole
 
-    def __init__(self, dim: int, table: tuple[int, int, int] | None) -> None:
+    def __init__(self, dim: int, table: tuple[int, int, int] | None, buf: torch.Tensor | None = None) -> None:
+        """``buf``: a zeroed ``[rows, dim]`` float32 tensor to write into (e.g. shared memory that
+        other processes write rows of: :mod:`fedseq.compute_pool`); it never grows, so :meth:`take`
+        of more rows than it has fails. None: a private matrix that grows as needed."""
         self.dim = dim
         self.table = table
-        self._buf = _zeros(0, dim)
-        self._dirty: list[torch.Tensor | None] = []  # per row: item rows written there (ALL: unknown)
+        self._fixed = buf is not None
+        if buf is not None and (buf.dtype != torch.float32 or buf.dim() != 2 or buf.shape[1] != dim
+                                or not buf.is_contiguous()):
+            raise ValueError(f"UpdateMatrix: buf must be a contiguous float32 [rows, {dim}] tensor")
+        self._buf = buf if buf is not None else _zeros(0, dim)
+        empty = torch.zeros(0, dtype=torch.int64)
+        # per row: item rows written there (ALL: unknown)
+        self._dirty: list[torch.Tensor | None] = [empty] * self._buf.shape[0]
         self.current = self._buf  # the rows of the last take()
 
     @classmethod
@@ -327,9 +336,16 @@ class UpdateMatrix:
 
         return cls(Layout.of(model).dim, item_table_slice(model) if isinstance(model, SASRec) else None)
 
+    @property
+    def rows(self) -> int:
+        """Rows held now (a fixed ``buf``'s count)."""
+        return int(self._buf.shape[0])
+
     def take(self, k: int) -> torch.Tensor:
         """The first ``k`` rows, ``[k, D]`` (a fresh zeroed matrix when it has fewer rows)."""
         if self._buf.shape[0] < k:
+            if self._fixed:
+                raise ValueError(f"UpdateMatrix: {k} rows asked of a fixed buffer of {self._buf.shape[0]}")
             self._buf = _zeros(k, self.dim)
             self._dirty = [torch.zeros(0, dtype=torch.int64) for _ in range(k)]
         self.current = self._buf[:k]
@@ -340,14 +356,31 @@ class UpdateMatrix:
         previous occupant left in its item table, and remember the new rows."""
         if self.table is None or item_rows is None:
             return
+        self.clear(rows)
+        self.record(rows, item_rows)
+
+    def clear(self, rows: Sequence[int]) -> None:
+        """Clear what each row's previous occupant left in its item table (nothing for a model
+        that writes every tensor whole); the rows are then clean until :meth:`record`."""
+        if self.table is None:
+            return
         offset, V, d = self.table
         view = self._buf[:, offset:offset + V * d].view(self._buf.shape[0], V, d)
-        for j, r in enumerate(rows):
+        empty = torch.zeros(0, dtype=torch.int64)
+        for r in rows:
             old = self._dirty[r]
             if old is self.ALL:
                 view[r].zero_()
             elif len(old):
                 view[r, old] = 0.0
+            self._dirty[r] = empty
+
+    def record(self, rows: Sequence[int], item_rows: Sequence[torch.Tensor]) -> None:
+        """Remember that ``item_rows[j]`` were written into row ``rows[j]`` (by this process or
+        another one writing the same memory)."""
+        if self.table is None:
+            return
+        for j, r in enumerate(rows):
             self._dirty[r] = item_rows[j]
 
     def put(self, row: int, update: torch.Tensor) -> None:

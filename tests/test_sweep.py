@@ -16,6 +16,7 @@ from cli.sweep import (
     SweepError,
     SweepSpec,
     add_arguments,
+    cell_command,
     cell_done,
     format_table,
     parse_seeds,
@@ -240,3 +241,18 @@ def test_the_mission_shows_the_attack_and_the_defense_on_every_seed(seed):
     assert attacked["er@10"] >= clean["er@10"] + 0.3
     assert defended["er@10"] <= attacked["er@10"] / 2
     assert abs(defended["hr@10"] - clean["hr@10"]) <= 0.05
+
+
+@pytest.mark.parametrize("engine,threads,procs", [("inprocess", 2, 2), ("inprocess", 1, 1), ("services", 2, 1)])
+def test_a_cell_gets_its_cores_as_compute_processes_in_process_and_threads_in_services(tmp_path, engine, threads, procs):
+    # Prepare
+    spec = SweepSpec(base=TINY, attacks=("none",), engine=engine)
+    cell = spec.cells()[0]
+
+    # Execute
+    cmd = cell_command(spec, cell, tmp_path, threads)
+
+    # Assert: the cell's config file says how its cores are used
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cmd[cmd.index("--config") + 1] == str(tmp_path / "config.json")
+    assert (cfg["threads"], cfg["procs"]) == (threads, procs)
