@@ -101,8 +101,18 @@ def _train(cfg, epochs: int):
         wall.append(time.perf_counter() - t0)
         cpu.append(cpu_now() - c0)
     if pool is not None:
+        # peak resident memory of each compute process (the shared round matrix counts in every
+        # process that touched its pages, so these do not add up to the memory used)
+        _train.children_peak_mb = [_peak_mb(p.pid) for p in pool._procs]  # type: ignore[attr-defined]
         pool.close()
     return s, params, wall, cpu
+
+
+def _peak_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def _cpu_of(pid: int) -> float:
@@ -114,8 +124,11 @@ def _cpu_of(pid: int) -> float:
 def train_epochs(cfg, epochs: int) -> dict:
     """Only the training epochs: wall and process-CPU seconds per epoch, peak memory."""
     _, _, wall, cpu = _train(cfg, epochs)
-    return {"train_epoch_s": wall, "train_epoch_cpu_s": cpu,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    out = {"train_epoch_s": wall, "train_epoch_cpu_s": cpu,
+           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if hasattr(_train, "children_peak_mb"):
+        out["compute_procs_peak_rss_mb"] = _train.children_peak_mb
+    return out
 
 
 def side_by_side(args) -> dict:
@@ -309,7 +322,9 @@ def main() -> int:
         out = {"machine": machine, "inprocess": train_epochs(cfg, args.epochs)}
         if args.json:
             Path(args.json).write_text(json.dumps(out, indent=2))
-        print(f"train epochs: {', '.join(f'{t:.2f}' for t in out['inprocess']['train_epoch_s'])} s")
+        print(f"train epochs: {', '.join(f'{t:.2f}' for t in out['inprocess']['train_epoch_s'])} s, peak RSS "
+              f"{out['inprocess']['peak_rss_mb']:.0f} MB"
+              + "".join(f", compute process {m:.0f} MB" for m in out["inprocess"].get("compute_procs_peak_rss_mb", [])))
         return 0
     out = {"machine": machine, "inprocess": inprocess(cfg, args.epochs)}
     ip = out["inprocess"]
