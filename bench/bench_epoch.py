@@ -72,7 +72,6 @@ def _train(cfg, epochs: int):
 
         pool = ComputePool(s.model, ds.train, cfg.seed, procs, cfg.clients_per_round)
         matrix = pool.matrix
-        torch.set_num_threads(max(cfg.threads, procs))  # as cli/sim.py: aggregation while the children wait
 
     def cpu_now() -> float:
         children = sum(_cpu_of(p.pid) for p in pool._procs) if pool is not None else 0.0
@@ -237,8 +236,8 @@ def whole_jobs(args, epochs: int) -> dict:
     workers get) and through the services (``fedseq run``): wall and CPU seconds of each."""
     out = {}
     jobs = [("inprocess", "sim", args.workers, ()), ("services", "run", args.threads, ())]
-    if args.procs > 1:  # the in-process runner with --procs processes of 1 thread (fedseq/compute_pool.py)
-        jobs.append(("inprocess-procs", "sim", 1, ("--procs", str(args.procs))))
+    if args.procs > 1:  # --procs compute processes of 1 thread (fedseq/compute_pool.py); the runner's own
+        jobs.append(("inprocess-procs", "sim", args.workers, ("--procs", str(args.procs))))  # work on --workers threads
     for name, command, threads, extra in jobs:
         res, _, wall, cpu = job(args, epochs, command, threads, extra)
         out[name] = {"wall_s": wall, "cpu_s": cpu, "threads": threads,
@@ -351,7 +350,7 @@ def main() -> int:
               f"epoch ratio {statistics.median(sv_['train_epoch_s']) / statistics.median(ip_['train_epoch_s']):.2f}x")
         if "inprocess-procs" in jobs:
             pp = jobs["inprocess-procs"]
-            print(f"  fedseq sim --procs {args.procs}: train epoch median {statistics.median(pp['train_epoch_s']):.2f}s, "
+            print(f"  fedseq sim --procs {args.procs} --threads {args.workers}: train epoch median {statistics.median(pp['train_epoch_s']):.2f}s, "
                   f"whole job {pp['wall_s']:.1f}s wall / {pp['cpu_s']:.1f}s CPU; services epoch ratio "
                   f"{statistics.median(sv_['train_epoch_s']) / statistics.median(pp['train_epoch_s']):.2f}x")
     if args.attack_check:

@@ -170,10 +170,11 @@ def run_inprocess(cfg: ExperimentConfig, out_dir: str | Path | None = None,
             raise ConfigError(f"procs {cfg.procs} computes on the CPU; the run's device is {local.device}")
         pool = ComputePool(s.model, ds.train, cfg.seed, cfg.procs, max((len(rp.users) for rp in plan), default=1))
         matrix = pool.matrix
-        # the runner aggregates and evaluates while its compute processes wait: their cores are free
-        torch.set_num_threads(max(cfg.threads, cfg.procs))
-        progress(f"updates computed by {cfg.procs} processes of 1 torch thread; aggregation and evaluation "
-                 f"with {torch.get_num_threads()} threads")
+        # the runner's own work (attacks, adversarial training, aggregation, evaluation) keeps
+        # --threads: it runs while the compute processes wait, and with --threads 1 every number
+        # is the 1-thread run's (more threads may change float summation order)
+        progress(f"benign updates computed by {cfg.procs} processes of 1 torch thread; attacks, aggregation "
+                 f"and evaluation here with {cfg.threads or torch.get_num_threads()} (--threads)")
     epochs: list[dict[str, Any]] = []
     acc: dict[str, float] = {}
     hr10: list[float] = []  # per evaluated epoch, for the stall warning

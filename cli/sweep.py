@@ -10,9 +10,9 @@ then one table with the mean and spread over seeds and plots.
 Each cell runs as its own process (``fedseq run`` / ``fedseq sim``) with its results bundle in
 ``<out>/<cell>/``; a sweep that was interrupted resumes where it stopped (finished cells are
 kept; unfinished ones run again from the start). ``--jobs`` cells run at once, each with
-``cores // jobs`` cores: an in-process cell computes its updates in that many 1-thread processes
-(``fedseq sim --procs``; the training is then bit for bit the 1-thread run's), a services cell
-gives each of its busy processes a share as torch threads. Results: ``<out>/sweep.md`` (the table), ``<out>/sweep.json``
+``cores // jobs`` cores: an in-process cell computes its benign updates in that many 1-thread
+processes (``fedseq sim --procs``) and the rest with one thread, so its numbers are the 1-thread
+run's bit for bit; a services cell gives each of its busy processes a share as torch threads. Results: ``<out>/sweep.md`` (the table), ``<out>/sweep.json``
 (every cell and scenario), and PNG plots: exposure and accuracy over epochs (one line per
 scenario, mean over seeds with its spread), exposure against the malicious ratio (per defense, when
 several ratios), accuracy against exposure, and (services) bytes per round.
@@ -307,11 +307,11 @@ def cell_done(folder: Path, epochs: int) -> bool:
 
 def cell_command(spec: SweepSpec, cell: Cell, folder: Path, threads: int) -> list[str]:
     """The ``fedseq run`` / ``fedseq sim`` command line of ``cell`` (config file + output folder)."""
-    # an in-process cell with several cores computes its updates in that many 1-thread processes
-    # (fedseq/compute_pool.py): faster than intra-op threads, and the training is bit for bit the
-    # 1-thread run's whatever --cores and --jobs are
-    procs = {"procs": threads} if spec.engine != "services" and threads > 1 else {}
-    cfg = build_config(None, {**spec.base, **cell.overrides(), "threads": threads, **procs,
+    # an in-process cell with several cores computes its benign updates in that many 1-thread
+    # processes (fedseq/compute_pool.py) and does the rest with one thread: every number is then
+    # the 1-thread run's, whatever --cores and --jobs are
+    cores = {"procs": threads, "threads": 1} if spec.engine != "services" and threads > 1 else {"threads": threads}
+    cfg = build_config(None, {**spec.base, **cell.overrides(), **cores,
                               "run_id": f"sweep-{cell.folder}"[:100]}, environ={})
     (folder / "config.json").write_text(cfg.to_json())
     sub = "run" if spec.engine == "services" else "sim"

@@ -93,23 +93,29 @@ def test_pool_rounds_equal_one_process_bit_for_bit(one_thread, model, attack):
 
 
 def test_sim_with_two_processes_equals_one_thread_bit_for_bit(one_thread, tmp_path):
-    # Prepare: a DV-FSR run; every round's weights recorded
-    base = dict(dataset=SMALL, clients_per_round=12, num_negatives=20, epochs=2, attack="dv-fsr",
-                malicious_ratio=0.1, threads=1)
-    weights: dict[int, list[torch.Tensor]] = {1: [], 2: []}
+    # Prepare: a DV-FSR run big enough that torch splits its operators over two threads (so a run
+    # whose runner-side work used two threads would differ: checked below); every round's weights
+    base = dict(dataset="synthetic:users=120,items=3000,max_length=60", clients_per_round=40, num_negatives=50,
+                epochs=1, attack="dv-fsr", malicious_ratio=0.05)
+    runs = {"one thread": (1, 1), "two processes": (2, 1), "two threads": (1, 2)}
+    weights: dict[str, list[torch.Tensor]] = {k: [] for k in runs}
 
     # Execute
     res = {}
-    for procs in (1, 2):
-        cfg = ExperimentConfig(**base, procs=procs)
-        res[procs] = run_inprocess(cfg, tmp_path / str(procs), progress=lambda _m: None,
-                                   on_round=lambda _rp, w, k=procs: weights[k].append(w.clone()))
+    for name, (procs, threads) in runs.items():
+        cfg = ExperimentConfig(**base, procs=procs, threads=threads)
+        res[name] = run_inprocess(cfg, tmp_path / name.replace(" ", "-"), progress=lambda _m: None,
+                                  on_round=lambda _rp, w, k=name: weights[k].append(w.clone()))
 
-    # Assert
-    assert len(weights[1]) == len(weights[2]) > 2
-    for a, b in zip(weights[1], weights[2], strict=True):
-        assert torch.equal(a.view(torch.int32), b.view(torch.int32))
-    for e1, e2 in zip(res[1]["epochs"], res[2]["epochs"], strict=True):
+    # Assert: bit for bit the one-thread run, which two intra-op threads are not
+    def same(a: str, b: str) -> bool:
+        return len(weights[a]) == len(weights[b]) and all(
+            torch.equal(x.view(torch.int32), y.view(torch.int32)) for x, y in zip(weights[a], weights[b], strict=True))
+
+    assert len(weights["one thread"]) >= 3
+    assert same("two processes", "one thread")
+    assert not same("two threads", "one thread")
+    for e1, e2 in zip(res["one thread"]["epochs"], res["two processes"]["epochs"], strict=True):
         assert {k: v for k, v in e1.items() if "seconds" not in k} == {k: v for k, v in e2.items() if "seconds" not in k}
 
 

@@ -243,14 +243,16 @@ def test_the_mission_shows_the_attack_and_the_defense_on_every_seed(seed):
     assert abs(defended["hr@10"] - clean["hr@10"]) <= 0.05
 
 
-@pytest.mark.parametrize("engine,threads,procs", [("inprocess", 2, 2), ("inprocess", 1, 1), ("services", 2, 1)])
-def test_a_cell_gets_its_cores_as_compute_processes_in_process_and_threads_in_services(tmp_path, engine, threads, procs):
+@pytest.mark.parametrize("engine,cores,threads,procs", [("inprocess", 2, 1, 2), ("inprocess", 1, 1, 1),
+                                                        ("services", 2, 2, 1)])
+def test_a_cell_gets_its_cores_as_compute_processes_in_process_and_threads_in_services(tmp_path, engine, cores,
+                                                                                        threads, procs):
     # Prepare
     spec = SweepSpec(base=TINY, attacks=("none",), engine=engine)
     cell = spec.cells()[0]
 
     # Execute
-    cmd = cell_command(spec, cell, tmp_path, threads)
+    cmd = cell_command(spec, cell, tmp_path, cores)
 
     # Assert: the cell's config file says how its cores are used
     cfg = json.loads((tmp_path / "config.json").read_text())
