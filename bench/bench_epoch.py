@@ -55,7 +55,8 @@ except ImportError:  # commits before the round engine (e.g. a7627a9) kept it in
 
 def _train(cfg, epochs: int):
     """``epochs`` training epochs of ``cfg`` in process: (setup, final weights, wall and process-CPU
-    seconds per epoch). Works on older commits (``--baseline``)."""
+    seconds per epoch, peak MB of each ``--procs`` compute process). Works on older commits
+    (``--baseline``)."""
     torch.set_num_threads(cfg.threads)
     s = setup(cfg)
     params = s.initial_params()
@@ -99,12 +100,12 @@ def _train(cfg, epochs: int):
             rk += 1
         wall.append(time.perf_counter() - t0)
         cpu.append(cpu_now() - c0)
+    # peak resident memory of each compute process (the shared round matrix counts in every
+    # process that touched its pages, so these do not add up to the memory used)
+    children_peak = [_peak_mb(p.pid) for p in pool._procs] if pool is not None else []
     if pool is not None:
-        # peak resident memory of each compute process (the shared round matrix counts in every
-        # process that touched its pages, so these do not add up to the memory used)
-        _train.children_peak_mb = [_peak_mb(p.pid) for p in pool._procs]  # type: ignore[attr-defined]
         pool.close()
-    return s, params, wall, cpu
+    return s, params, wall, cpu, children_peak
 
 
 def _peak_mb(pid: int) -> float:
@@ -122,11 +123,11 @@ def _cpu_of(pid: int) -> float:
 
 def train_epochs(cfg, epochs: int) -> dict:
     """Only the training epochs: wall and process-CPU seconds per epoch, peak memory."""
-    _, _, wall, cpu = _train(cfg, epochs)
+    _, _, wall, cpu, children_peak = _train(cfg, epochs)
     out = {"train_epoch_s": wall, "train_epoch_cpu_s": cpu,
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    if hasattr(_train, "children_peak_mb"):
-        out["compute_procs_peak_rss_mb"] = _train.children_peak_mb
+    if children_peak:
+        out["compute_procs_peak_rss_mb"] = children_peak
     return out
 
 
@@ -180,7 +181,7 @@ def _dirty() -> bool:
 
 def inprocess(cfg, epochs: int) -> dict:
     """Training epochs, then three evaluation passes each with the standard and the reference settings."""
-    s, params, train_t, _ = _train(cfg, epochs)
+    s, params, train_t, _, _ = _train(cfg, epochs)
     ds = s.dataset
     eval_t: dict[str, list[float]] = {}
     for name, ecfg in (("standard", s.eval_config()),):

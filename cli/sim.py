@@ -163,18 +163,18 @@ def run_inprocess(cfg: ExperimentConfig, out_dir: str | Path | None = None,
     root = root_source(rule, cfg, s.model)
     malicious = set(s.malicious_users.tolist())
     plan = plan_run(cfg, all_clients(s), ds.num_users)
-    matrix = UpdateMatrix.of(s.model)  # every round's updates are written into it (warm pages)
     pool = None
     if cfg.procs > 1:  # children forked now: they inherit the model and the data set
         if resolve(local.device).type != "cpu":
             raise ConfigError(f"procs {cfg.procs} computes on the CPU; the run's device is {local.device}")
         pool = ComputePool(s.model, ds.train, cfg.seed, cfg.procs, max((len(rp.users) for rp in plan), default=1))
-        matrix = pool.matrix
         # the runner's own work (attacks, adversarial training, aggregation, evaluation) keeps
         # --threads: it runs while the compute processes wait, and with --threads 1 every number
         # is the 1-thread run's (more threads may change float summation order)
         progress(f"benign updates computed by {cfg.procs} processes of 1 torch thread; attacks, aggregation "
                  f"and evaluation here with {cfg.threads or torch.get_num_threads()} (--threads)")
+    # every round's updates are written into one matrix (warm pages; the pool's is shared with its processes)
+    matrix = pool.matrix if pool is not None else UpdateMatrix.of(s.model)
     epochs: list[dict[str, Any]] = []
     acc: dict[str, float] = {}
     hr10: list[float] = []  # per evaluated epoch, for the stall warning

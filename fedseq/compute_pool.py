@@ -25,6 +25,7 @@ from __future__ import annotations
 import mmap
 import multiprocessing as mp
 import os
+import signal
 import traceback
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
@@ -85,7 +86,8 @@ class ComputePool:
         self.sequences = sequences
         self.seed = seed
         proto = UpdateMatrix.of(model)
-        self.matrix = UpdateMatrix(proto.dim, proto.table, _shared_zeros(max(rows, 1), proto.dim))
+        self._shared = _shared_zeros(max(rows, 1), proto.dim)  # the round matrix every process writes
+        self.matrix = UpdateMatrix(proto.dim, proto.table, self._shared)
         self._params = _shared_zeros(proto.dim)
         ctx = mp.get_context("fork")
         self._conns: list[Connection] = []
@@ -194,8 +196,6 @@ class ComputePool:
     def _serve(self, conn: Connection, parent_end: Connection) -> None:
         """A child's loop: one round's share at a time, until ``None`` or the parent is gone."""
         parent_end.close()
-        import signal
-
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
         torch.set_num_threads(1)
         local_rows = isinstance(self.model, SASRec)
@@ -209,7 +209,7 @@ class ComputePool:
             _, users, at, round_key, cfg = msg
             try:
                 # the parent cleared these rows: a fresh bookkeeping view of the shared matrix
-                view = UpdateMatrix(self.matrix.dim, self.matrix.table, self.matrix._buf)
+                view = UpdateMatrix(self.matrix.dim, self.matrix.table, self._shared)
                 ub = compute_updates(self.model, self._params, [self.sequences[int(u)] for u in users], users,
                                      self.seed, round_key, cfg, into=(view, at))
                 rows = [r.numpy() for r in ub.item_rows] if local_rows and ub.item_rows is not None else None

@@ -336,11 +336,6 @@ class UpdateMatrix:
 
         return cls(Layout.of(model).dim, item_table_slice(model) if isinstance(model, SASRec) else None)
 
-    @property
-    def rows(self) -> int:
-        """Rows held now (a fixed ``buf``'s count)."""
-        return int(self._buf.shape[0])
-
     def take(self, k: int) -> torch.Tensor:
         """The first ``k`` rows, ``[k, D]`` (a fresh zeroed matrix when it has fewer rows)."""
         if self._buf.shape[0] < k:
