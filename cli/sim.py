@@ -184,15 +184,16 @@ def run_inprocess(cfg: ExperimentConfig, out_dir: str | Path | None = None,
             ta = time.perf_counter()
             ub = train_round(s, adversary, params, rp, local, matrix, pool)
             tb = time.perf_counter()
+            # the sanity bound checks the rows this runner did not compute with its own training code
             out = aggregate_round(rule, params, ub.updates, torch.as_tensor(ub.num_samples, dtype=torch.float32),
                                   ub.users.tolist(), rp.lr, rp.round_id, root, literal_step=cfg.compat.literal_step,
-                                  layout=s.layout)
+                                  layout=s.layout, bound_rows=np.flatnonzero(ub.users >= ds.num_users).tolist())
             params = out.params
             if on_round is not None:
                 on_round(rp, params)
             n_mal, n_kept = malicious_kept(out.users, out.kept_users, malicious)
             for k, v in (("rounds", 0 if rp.adversarial else 1), ("accepted", len(out.users)),
-                         ("rejected", len(out.overflow)), ("malicious_updates", n_mal), ("malicious_kept", n_kept),
+                         ("rejected", len(out.refused)), ("malicious_updates", n_mal), ("malicious_kept", n_kept),
                          ("compute_seconds", tb - ta), ("aggregate_seconds", time.perf_counter() - tb)):
                 acc[k] = acc.get(k, 0) + v
             if len(ub.users):

@@ -12,7 +12,12 @@ second implementation (tests/test_engine_equal.py runs every rule through both).
 - The step: :func:`aggregate_round` applies the rule to the round's stacked updates (binding the
   server's FLTrust root update, the parameter layout and the round id when the rule needs them:
   :func:`bind_root`, :func:`bind_layout`, :func:`bind_round`), steps ``w <- w - lr_step * aggregate`` and
-  refuses, one by one from the largest norm, updates whose aggregate overflows float32.
+  refuses, one by one from the largest norm, updates whose step would leave the model non-finite or
+  exploding (:data:`WEIGHT_BOUND`).
+- The sanity bound: :func:`out_of_bounds` refuses absurd updates (a value beyond
+  :data:`UPDATE_BOUND`, or not finite) before any rule sees them. It stops numerical sabotage by an
+  insider (an update of 3e38 is finite, and one such update made every later step overflow); it is
+  no defense: every attack's updates in docs/results pass it.
 - The step scale: every rule declares whether its output is on the scale of the *sum* of the
   round's K updates (the paper's "common" FedAvg) or of *one* update (``mean``: RFA, mixed-RFA,
   median, Krum, ...). :func:`step_lr` multiplies a mean-scale rule's step by K, so swapping the
@@ -30,6 +35,7 @@ rules themselves (``server/aggregation/``) are plug-ins that the services pass i
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -215,15 +221,54 @@ def eval_due(cfg: ExperimentConfig, epoch: int) -> bool:
 # ---------------------------------------------------------------------------- the step
 RootUpdate = Callable[[torch.Tensor, int], torch.Tensor]  # (params [D], round id) -> root update [D]
 
+# The absolute per-update sanity bound: no coordinate of an update may exceed the largest finite
+# float16 value. It is derived from the codecs: dense-fp16 and sparse-fp16 cannot carry a larger
+# value at all, so an update beyond it is one that no fedseq codec carries whole, and far beyond any
+# gradient of these models (the largest coordinate of any attack's update in docs/results is below
+# 1e3; tests/test_insider.py checks every registered attack on a seeded round).
+UPDATE_BOUND = 65504.0
+# The model bound: a step that would leave any weight beyond it (or not finite) is refused. The
+# models' weights start within 0.1 (fedseq/models/common.py reference_init) and stay below 10 in
+# every run in docs/results; 1e4 leaves every honest run three orders of magnitude of room while
+# keeping every score, softmax and norm of the models finite in float32.
+WEIGHT_BOUND = 1.0e4
+
+
+def out_of_bounds(updates: torch.Tensor, rows: Iterable[int] | None = None) -> list[int]:
+    """The rows of ``updates [K, D]`` (all, or only ``rows``) that are not finite or hold a value
+    beyond :data:`UPDATE_BOUND` in magnitude. One max/min pass over the rows checked; the per-row
+    pass only when that finds something."""
+    idx = list(range(updates.shape[0])) if rows is None else [int(r) for r in rows]
+    if not idx or updates.shape[1] == 0:
+        return []
+    U = updates if rows is None else updates[torch.as_tensor(idx, dtype=torch.long)]
+    hi, lo = U.max(), U.min()
+    if bool(torch.isfinite(hi)) and bool(torch.isfinite(lo)) and float(hi) <= UPDATE_BOUND \
+            and float(lo) >= -UPDATE_BOUND:
+        return []
+    bad = ~torch.isfinite(U).all(dim=1) | (U.abs().nan_to_num(nan=math.inf).amax(dim=1) > UPDATE_BOUND)
+    return [idx[i] for i in torch.nonzero(bad).flatten().tolist()]
+
+
+def model_sane(params: torch.Tensor) -> bool:
+    """Whether weights ``params [D]`` are all finite and within :data:`WEIGHT_BOUND`."""
+    if params.numel() == 0:
+        return True
+    hi, lo = params.max(), params.min()
+    return bool(torch.isfinite(hi)) and bool(torch.isfinite(lo)) and float(hi) <= WEIGHT_BOUND \
+        and float(lo) >= -WEIGHT_BOUND
+
 
 @dataclass(frozen=True, eq=False)
 class RoundOutcome:
     """What :func:`aggregate_round` did.
 
     params: ``[D]`` weights after the step (the old ones when nothing was aggregated).
-    users: the users whose updates were aggregated (sorted; those refused for overflow removed).
+    users: the users whose updates were aggregated (sorted; those refused removed).
     kept_users: the users the rule kept, or ``None`` when every aggregated update contributed.
-    overflow: users refused because the aggregate with their update was not finite.
+    overflow: users refused because the step with their update would leave the model non-finite
+        or beyond :data:`WEIGHT_BOUND` (the largest norms first).
+    out_of_bounds: users refused by the sanity bound (:func:`out_of_bounds`) before the rule ran.
     result: the rule's result (None when no update was aggregated).
     lr_step: the learning rate the step used (:func:`step_lr`; 0 when nothing was aggregated).
     """
@@ -235,6 +280,16 @@ class RoundOutcome:
     result: AggregationResult | None = None
     lr_step: float = 0.0
     scale: str = "sum"  # the rule's output scale (rule_scale)
+    out_of_bounds: tuple[int, ...] = ()
+
+    @property
+    def refused(self) -> dict[int, str]:
+        """Every update the engine refused, with its reason word and why (server/intake.py words)."""
+        out = {u: f"out-of-bounds: the update of user {u} holds a value beyond {UPDATE_BOUND:g} or not finite"
+               for u in self.out_of_bounds}
+        out.update({u: f"non-finite: the step with the update of user {u} (largest norm) leaves the model "
+                       f"non-finite or beyond {WEIGHT_BOUND:g}" for u in self.overflow})
+        return out
 
     @property
     def info(self) -> dict[str, Any]:
@@ -244,17 +299,35 @@ class RoundOutcome:
 
 def aggregate_round(rule: AggregationRule, params: torch.Tensor, updates: torch.Tensor, weights: torch.Tensor,
                     users: Sequence[int], lr: float, round_id: int, root: RootUpdate | None = None,
-                    literal_step: bool = False, layout: Layout | None = None) -> RoundOutcome:
+                    literal_step: bool = False, layout: Layout | None = None,
+                    bound_rows: Iterable[int] | None = None) -> RoundOutcome:
     """One round's aggregation and step.
 
     ``updates [K, D]`` holds the updates of ``users`` (sorted ids) in that order, ``weights [K]``
     their sample counts. With a rule that needs a root update (FLTrust), ``root(params,
     round_id)`` computes it; a rule that needs the parameter ``layout`` (item-wise sparse
     aggregation) is bound to it, and a rule that draws random numbers to ``round_id``. The step's learning rate is :func:`step_lr` of the rule's scale (``lr``
-    as is with ``literal_step``). An aggregate that is not finite (finite updates can still overflow
-    float32 together) never becomes a version: the updates of the largest norm are refused one
-    by one until the step is finite, or all are and the weights stay."""
+    as is with ``literal_step``).
+
+    First the sanity bound (:func:`out_of_bounds`) refuses absurd rows: ``bound_rows`` names the
+    rows to check (None: all). The server passes ``()``: it checked every row with the same
+    function as it was decoded; the in-process runner passes its malicious rows, the only ones that
+    do not come from its own training code. Then a step that would leave the model non-finite or
+    beyond :data:`WEIGHT_BOUND` (finite updates can still overflow together) never becomes a
+    version: the updates of the largest norm are refused one by one and the rule is run again
+    without them, until the step is sane, or all are refused and the weights stay."""
     users = [int(u) for u in users]
+    bad = out_of_bounds(updates, bound_rows)
+    if bad:
+        log.warning("round %d: refusing %d update(s) beyond the sanity bound %g: users %s", round_id, len(bad),
+                    UPDATE_BOUND, [users[i] for i in bad][:10])
+        keep_rows = torch.ones(updates.shape[0], dtype=torch.bool)
+        keep_rows[torch.as_tensor(bad, dtype=torch.long)] = False
+        refused_bound = tuple(users[i] for i in bad)
+        updates, weights = updates[keep_rows], weights[keep_rows]
+        users = [u for i, u in enumerate(users) if bool(keep_rows[i])]
+    else:
+        refused_bound = ()
     if needs_root(rule) and root is None:
         raise ValueError(f"rule {rule.name!r} needs a root update and the runner gave none")
     if needs_layout(rule) and layout is None:
@@ -269,17 +342,18 @@ def aggregate_round(rule: AggregationRule, params: torch.Tensor, updates: torch.
         res = bound(U, w)
         lr_step = step_lr(rule, lr, len(users), literal_step)
         new = server_step(params, res.vector, lr_step)
-        if bool(torch.isfinite(new).all()):
+        if model_sane(new):
             kept = None if res.kept is None else tuple(users[i] for i in res.kept)
-            return RoundOutcome(new, tuple(users), kept, tuple(overflow), res, lr_step, rule_scale(rule))
+            return RoundOutcome(new, tuple(users), kept, tuple(overflow), res, lr_step, rule_scale(rule),
+                                refused_bound)
         worst = int(U.double().norm(dim=1).argmax())
-        log.warning("round %d: the aggregate is not finite; refusing the update of user %d (largest norm)",
-                    round_id, users[worst])
+        log.warning("round %d: the step is not finite or exceeds the model bound %g; refusing the update of "
+                    "user %d (largest norm) and aggregating again", round_id, WEIGHT_BOUND, users[worst])
         overflow.append(users.pop(worst))
         keep = torch.ones(U.shape[0], dtype=torch.bool)
         keep[worst] = False
         U, w = U[keep], w[keep]
-    return RoundOutcome(params, (), None, tuple(overflow), None)
+    return RoundOutcome(params, (), None, tuple(overflow), None, out_of_bounds=refused_bound)
 
 
 # ---------------------------------------------------------------------------- the accounting

@@ -94,8 +94,14 @@ SCORE_ROWS = 32  # users per slice when scoring sampled candidates (Evaluator._s
 
 
 def ranks_from_scores(scores: torch.Tensor, col: int) -> torch.Tensor:
-    """Rank of column ``col`` in each row of ``scores [B, C]``: how many others score strictly higher."""
-    return (scores > scores[:, col : col + 1]).sum(dim=1)
+    """Rank of column ``col`` in each row of ``scores [B, C]``: how many others score strictly higher.
+    A NaN score ranks worst (``C - 1``) and a NaN among the others ranks below every number: a
+    broken model never looks like a perfect one (NaN compares false, so a NaN score would
+    otherwise rank first)."""
+    own = scores[:, col : col + 1]
+    others = scores.masked_fill(torch.isnan(scores), -math.inf) if bool(torch.isnan(scores).any()) else scores
+    rank = (others > own).sum(dim=1)
+    return torch.where(torch.isnan(own[:, 0]), torch.full_like(rank, scores.shape[1] - 1), rank)
 
 
 def metric_sums(test_rank: torch.Tensor, target_ranks: torch.Tensor) -> MetricSums:
@@ -222,6 +228,7 @@ class Evaluator:
     def _full(self, model: SeqModel, h: torch.Tensor, idx: np.ndarray, test: torch.Tensor) -> MetricSums:
         M = self.model.cfg.num_items
         scores = model.scores(h)[:, : M + 1].cpu().clone()  # [B, M + 1]; column = item id
+        scores = scores.masked_fill(torch.isnan(scores), -math.inf)  # NaN ranks worst, like an excluded item
         scores[:, 0] = -math.inf
         excluded = torch.zeros_like(scores, dtype=torch.bool)
         for r, i in enumerate(idx):

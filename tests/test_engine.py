@@ -11,9 +11,13 @@ import torch
 
 from fedseq.config import Compat, ExperimentConfig
 from fedseq.engine import (
+    UPDATE_BOUND,
+    WEIGHT_BOUND,
     aggregate_round,
     eval_due,
     malicious_kept,
+    model_sane,
+    out_of_bounds,
     plan_run,
     rule_scale,
     stall_warning,
@@ -53,15 +57,38 @@ def test_every_rule_declares_its_scale():
     assert step_lr(make_rule("rfa"), 0.01, 64) == pytest.approx(0.64) and step_lr(make_rule("rfa"), 0.01, 64, True) == 0.01
 
 
-def test_an_overflowing_update_is_refused_and_the_rest_aggregated():
-    # Prepare: finite float32 updates whose sum overflows
+def test_updates_beyond_the_sanity_bound_are_refused_before_the_rule():
+    # Prepare: finite float32 updates of 3e38 (one alone would make the next step overflow), a NaN one,
+    # and an honest one
     big = torch.full((2,), 3e38)
-    U = torch.stack([big, big, torch.tensor([1.0, 1.0])])
+    U = torch.stack([big, big, torch.tensor([float("nan"), 0.0]), torch.tensor([1.0, 1.0])])
+    # Execute
+    out = aggregate_round(make_rule("fedavg"), torch.zeros(2), U, torch.ones(4), [5, 7, 8, 9], lr=1.0, round_id=3)
+    # Assert: the absurd ones never reach the rule; the honest one is the step
+    assert out.out_of_bounds == (5, 7, 8) and out.overflow == () and out.users == (9,)
+    assert torch.equal(out.params, torch.tensor([-1.0, -1.0]))
+    assert set(out.refused) == {5, 7, 8} and all(r.startswith("out-of-bounds: ") for r in out.refused.values())
+
+
+def test_only_the_named_rows_are_checked_against_the_bound():
+    U = torch.stack([torch.full((2,), 1e6), torch.full((2,), 2e6)])
+    assert out_of_bounds(U) == [0, 1]
+    assert out_of_bounds(U, rows=[1]) == [1]
+    assert out_of_bounds(U, rows=()) == []
+    assert out_of_bounds(torch.full((3, 2), UPDATE_BOUND)) == []  # the bound itself is allowed
+
+
+def test_a_step_that_would_explode_the_model_is_refused_largest_norm_first_and_rerun():
+    # Prepare: updates within the sanity bound whose sum steps the weights past WEIGHT_BOUND
+    big = torch.full((2,), 6e4)
+    U = torch.stack([big, big * 0.9, torch.tensor([1.0, 1.0])])
     # Execute
     out = aggregate_round(make_rule("fedavg"), torch.zeros(2), U, torch.ones(3), [5, 7, 9], lr=1.0, round_id=3)
-    # Assert: one of the two big ones goes (largest norm, first), then the sum is finite
-    assert out.overflow == (5,) and out.users == (7, 9)
-    assert torch.isfinite(out.params).all()
+    # Assert: the largest goes first, then the next, then the step is sane
+    assert out.overflow == (5, 7) and out.users == (9,)
+    assert model_sane(out.params) and torch.equal(out.params, torch.tensor([-1.0, -1.0]))
+    assert out.refused[5].startswith("non-finite: ")
+    assert not model_sane(torch.tensor([WEIGHT_BOUND * 1.01])) and not model_sane(torch.tensor([float("inf")]))
 
 
 def test_the_plan_has_every_client_once_per_epoch_and_adversarial_rounds_after_each():

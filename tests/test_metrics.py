@@ -316,3 +316,21 @@ def test_eval_config_validation():
         EvalConfig(protocol="leave-one-out")
     with pytest.raises(ValueError, match="num_negatives"):
         EvalConfig(num_negatives=0)
+
+
+def test_a_nan_score_ranks_worst_and_never_looks_perfect():
+    # Prepare: a broken model's scores over 12 candidates (NaN compares false, so a NaN would
+    # otherwise rank 0: a hit)
+    nan = float("nan")
+    scores = torch.arange(12, dtype=torch.float32).repeat(3, 1)  # item 0 scores lowest: rank 11
+    scores[0, 0] = nan                # the ranked item itself is NaN
+    scores[1, 0] = 20.0
+    scores[1, 5] = nan                # another item is NaN: below every number
+    scores[2, :] = nan                # everything is NaN
+    # Execute
+    ranks = ranks_from_scores(scores, 0)
+    sums = metric_sums(ranks, ranks[:, None])
+    # Assert: worst rank (C - 1) for a NaN item; only the healthy row hits
+    assert ranks.tolist() == [11, 0, 11]
+    assert sums.hr10 == 1.0 and sums.er[10] == 1.0 and sums.users == 3
+    assert ranks_from_scores(torch.tensor([[1.0, 2.0, 0.5]]), 0).tolist() == [1]  # unchanged without NaN

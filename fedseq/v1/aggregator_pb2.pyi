@@ -114,7 +114,7 @@ class Rejection(_message.Message):
     def __init__(self, user_id: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class RoundSummary(_message.Message):
-    __slots__ = ("round_id", "new_version", "accepted", "rejected", "missing", "bytes_received", "timings", "rule", "rule_info_json", "kept_users", "store_bytes", "update_norm", "store_bytes_read", "patch_bytes", "refused", "bytes_refused", "refused_sample", "kept_reported")
+    __slots__ = ("round_id", "new_version", "accepted", "rejected", "missing", "bytes_received", "timings", "rule", "rule_info_json", "kept_users", "store_bytes", "update_norm", "store_bytes_read", "patch_bytes", "refused", "bytes_refused", "refused_sample", "kept_reported", "user_bytes", "refused_by_engine")
     class TimingsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -129,6 +129,13 @@ class RoundSummary(_message.Message):
         key: str
         value: int
         def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class UserBytesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: int
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     NEW_VERSION_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
@@ -147,6 +154,8 @@ class RoundSummary(_message.Message):
     BYTES_REFUSED_FIELD_NUMBER: _ClassVar[int]
     REFUSED_SAMPLE_FIELD_NUMBER: _ClassVar[int]
     KEPT_REPORTED_FIELD_NUMBER: _ClassVar[int]
+    USER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_BY_ENGINE_FIELD_NUMBER: _ClassVar[int]
     round_id: int
     new_version: int
     accepted: int
@@ -165,7 +174,9 @@ class RoundSummary(_message.Message):
     bytes_refused: int
     refused_sample: _containers.RepeatedCompositeFieldContainer[Rejection]
     kept_reported: bool
-    def __init__(self, round_id: _Optional[int] = ..., new_version: _Optional[int] = ..., accepted: _Optional[int] = ..., rejected: _Optional[_Iterable[_Union[Rejection, _Mapping]]] = ..., missing: _Optional[_Iterable[int]] = ..., bytes_received: _Optional[int] = ..., timings: _Optional[_Mapping[str, float]] = ..., rule: _Optional[str] = ..., rule_info_json: _Optional[str] = ..., kept_users: _Optional[_Iterable[int]] = ..., store_bytes: _Optional[int] = ..., update_norm: _Optional[float] = ..., store_bytes_read: _Optional[int] = ..., patch_bytes: _Optional[int] = ..., refused: _Optional[_Mapping[str, int]] = ..., bytes_refused: _Optional[int] = ..., refused_sample: _Optional[_Iterable[_Union[Rejection, _Mapping]]] = ..., kept_reported: _Optional[bool] = ...) -> None: ...
+    user_bytes: _containers.ScalarMap[int, int]
+    refused_by_engine: int
+    def __init__(self, round_id: _Optional[int] = ..., new_version: _Optional[int] = ..., accepted: _Optional[int] = ..., rejected: _Optional[_Iterable[_Union[Rejection, _Mapping]]] = ..., missing: _Optional[_Iterable[int]] = ..., bytes_received: _Optional[int] = ..., timings: _Optional[_Mapping[str, float]] = ..., rule: _Optional[str] = ..., rule_info_json: _Optional[str] = ..., kept_users: _Optional[_Iterable[int]] = ..., store_bytes: _Optional[int] = ..., update_norm: _Optional[float] = ..., store_bytes_read: _Optional[int] = ..., patch_bytes: _Optional[int] = ..., refused: _Optional[_Mapping[str, int]] = ..., bytes_refused: _Optional[int] = ..., refused_sample: _Optional[_Iterable[_Union[Rejection, _Mapping]]] = ..., kept_reported: _Optional[bool] = ..., user_bytes: _Optional[_Mapping[int, int]] = ..., refused_by_engine: _Optional[int] = ...) -> None: ...
 
 class GetModelRequest(_message.Message):
     __slots__ = ("run_id", "version")

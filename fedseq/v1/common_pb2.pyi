@@ -40,12 +40,14 @@ class MetricSums(_message.Message):
     def __init__(self, users: _Optional[int] = ..., hr10: _Optional[float] = ..., ndcg10: _Optional[float] = ..., er: _Optional[_Mapping[int, float]] = ...) -> None: ...
 
 class Assignment(_message.Message):
-    __slots__ = ("user_id", "token")
+    __slots__ = ("user_id", "token", "weight")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
     user_id: int
     token: str
-    def __init__(self, user_id: _Optional[int] = ..., token: _Optional[str] = ...) -> None: ...
+    weight: int
+    def __init__(self, user_id: _Optional[int] = ..., token: _Optional[str] = ..., weight: _Optional[int] = ...) -> None: ...
 
 class UpdateStatus(_message.Message):
     __slots__ = ("user_id", "accepted", "reason", "bytes")
