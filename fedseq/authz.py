@@ -50,12 +50,15 @@ POLICY: Mapping[str, frozenset[str]] = {
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": ANY_ROLE,
 }
 
-REFUSED_METRIC = PromCounter("fedseq_rpc_refused_total", "RPCs refused by the role policy",
+REFUSED_METRIC = PromCounter("fedseq_rpc_refused_total",
+                             "RPCs refused by the role policy, or beyond the caller's fair share (RESOURCE_EXHAUSTED)",
                              ["method", "role", "code"])
 
 
 class Refusals:
-    """Refused calls of one service, by (method, caller role or 'none', status code name)."""
+    """Refused calls of one service, by (method, caller role or 'none', status code name): the role
+    policy's (UNAUTHENTICATED, PERMISSION_DENIED) and the fair share's (RESOURCE_EXHAUSTED,
+    :mod:`fedseq.fairshare`)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()

@@ -1,6 +1,7 @@
 """gRPC plumbing shared by every service: server construction with the standard health and
-reflection services, mutual TLS and the role policy (fedseq/tls.py, fedseq/authz.py), channel
-options, chunking, deadlines, and SIGTERM-driven shutdown."""
+reflection services, mutual TLS and the role policy (fedseq/tls.py, fedseq/authz.py), the
+per-identity fair share of the thread pool (fedseq/fairshare.py), channel options, chunking,
+deadlines, and SIGTERM-driven shutdown."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .authz import POLICY, Refusals, RoleInterceptor
+from .fairshare import FairShare, FairShareInterceptor, default_limit
 from .tls import Identity, channel_options
 
 log = logging.getLogger(__name__)
@@ -68,13 +70,29 @@ class Service:
     deliberate setting (``--host``/``FEDSEQ_HOST``). With ``identity`` the server speaks mutual TLS
     only and checks every call against the role policy (:attr:`refusals` counts what it refused);
     without, it is plaintext and open to any peer (``--insecure``).
+
+    Every call of every service here (health and reflection too) counts against its caller's fair
+    share (:mod:`fedseq.fairshare`): at most ``max_calls_per_identity`` in flight per certificate
+    common name (per host without TLS), beyond that ``RESOURCE_EXHAUSTED``, counted in
+    :attr:`refusals`. None: ``FEDSEQ_MAX_CALLS_PER_IDENTITY``, else
+    :data:`fedseq.fairshare.DEFAULT_MAX_CALLS` (8, a third of the default 24 threads). It must be
+    below ``workers``: one identity never holds the whole pool.
     """
 
     def __init__(self, services: Sequence[tuple], port: int = 0, host: str = LOOPBACK, workers: int = 24,
                  compression: grpc.Compression | None = None, identity: Identity | None = None,
-                 policy=POLICY) -> None:
+                 policy=POLICY, max_calls_per_identity: int | None = None) -> None:
         self.refusals = Refusals()
-        interceptors = [RoleInterceptor(policy, self.refusals)] if identity is not None else []
+        cap = default_limit() if max_calls_per_identity is None else max_calls_per_identity
+        if not 1 <= cap < workers:
+            raise ValueError(f"max calls per identity must be in 1..{workers - 1} (below the {workers} threads of "
+                             f"the service, so that one identity never holds them all), got {cap}")
+        self.fair_share = FairShare(cap)
+        self.workers = workers  # the thread pool's size
+        # the role check first: a call its role may not make is refused without taking a slot
+        interceptors: list[grpc.ServerInterceptor] = [RoleInterceptor(policy, self.refusals)] \
+            if identity is not None else []
+        interceptors.append(FairShareInterceptor(self.fair_share, self.refusals))
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=SERVER_OPTIONS,
                                   compression=compression, interceptors=interceptors)
         names = []

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from fedseq.fairshare import default_limit
 from fedseq.rpc import LOOPBACK, Service
 from fedseq.store import RedisStore, patient
 from fedseq.tls import Identity
@@ -20,7 +21,11 @@ from .service import ACCEPTED_ENCODINGS, AggregatorServicer
 class ServerSettings:
     """store_url: the Redis the server writes model versions to (role ``server`` credentials).
     accept_encodings: update encodings it accepts (a run asking for another is refused at StartRun).
-    limits: concurrent upload streams, per peer, and their idle timeout."""
+    limits: concurrent upload streams, per certificate, and the byte rate below which one is cut.
+    max_calls_per_identity: calls one certificate may have in flight, whatever the method
+    (fedseq/fairshare.py; None: FEDSEQ_MAX_CALLS_PER_IDENTITY, else 8). The thread pool holds
+    ``limits.max_streams`` + this + ``CONTROL_THREADS`` (32 by default): all upload slots taken and
+    one identity's whole share of other calls still leave the control reserve to the orchestrator."""
 
     store_url: str
     port: int = 50051
@@ -29,10 +34,13 @@ class ServerSettings:
     max_update_bytes: int = 64 << 20
     accept_encodings: tuple[str, ...] = ACCEPTED_ENCODINGS
     limits: StreamLimits = field(default_factory=StreamLimits)
+    max_calls_per_identity: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_update_bytes < 1:
             raise ValueError("max_update_bytes must be >= 1")
+        if self.max_calls_per_identity is not None and self.max_calls_per_identity < 1:
+            raise ValueError(f"max_calls_per_identity must be >= 1, got {self.max_calls_per_identity}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
 
@@ -55,10 +63,11 @@ class Server:
 def build(settings: ServerSettings, servicer_class: Callable[..., AggregatorServicer] = AggregatorServicer) -> Server:
     """A started aggregation server (gRPC ``Aggregator`` plus health and reflection)."""
     url = settings.store_url
+    share = default_limit() if settings.max_calls_per_identity is None else settings.max_calls_per_identity
     servicer = servicer_class(lambda run_id: RedisStore.from_url(url, run_id, **patient()), settings.max_update_bytes,
                               settings.accept_encodings, settings.limits)
     service = Service([(aggregator_pb2_grpc.add_AggregatorServicer_to_server, servicer,
                         aggregator_pb2.DESCRIPTOR.services_by_name["Aggregator"].full_name)], port=settings.port,
-                      host=settings.host, identity=settings.identity,
-                      workers=settings.limits.max_streams + CONTROL_THREADS).start()
+                      host=settings.host, identity=settings.identity, max_calls_per_identity=share,
+                      workers=settings.limits.max_streams + share + CONTROL_THREADS).start()
     return Server(settings, servicer, service)

@@ -45,13 +45,22 @@ def aggregator(redis_url):
         svc.stop(0)
 
 
-def _open(stub, cfg: ExperimentConfig, users: list[int], lr: float = 0.5) -> dict[int, str]:
+def _open(stub, cfg: ExperimentConfig, users: list[int], lr: float = 0.5,
+          weights: dict[int, int] | None = None) -> dict[int, str]:
+    """Start the run and open its round 0 of ``users``, each of weight 3 (what :func:`_stream`
+    declares) unless ``weights`` names it (a real worker declares its users' training items)."""
     stub.StartRun(agg_pb.StartRunRequest(run_id=cfg.run_id, config_json=cfg.to_json(), num_items=80))
     tokens = {u: secrets.token_hex(4) for u in users}
     stub.OpenRound(agg_pb.OpenRoundRequest(
         run_id=cfg.run_id, round_id=0, model_version=0, deadline_unix=time.time() + 60, lr=lr,
-        assignments=[common_pb2.Assignment(user_id=u, token=t) for u, t in tokens.items()]))
+        assignments=[common_pb2.Assignment(user_id=u, token=t, weight=(weights or {}).get(u, 3))
+                     for u, t in tokens.items()]))
     return tokens
+
+
+def _train_weights(hosted, users: list[int]) -> dict[int, int]:
+    """The weights the orchestrator assigns ``users``: their training items, which a worker declares."""
+    return {u: len(hosted.setup.dataset.train[u]) for u in users}
 
 
 def _stream(cfg, tokens, payloads: dict[int, bytes], encoding: str, num_samples: int = 3, cut: int | None = None):
@@ -269,8 +278,9 @@ def test_a_worker_sends_pieces_as_they_come_and_a_failed_piece_fails_the_call(re
     stub = agg_grpc.AggregatorStub(channel(f"127.0.0.1:{agg.port}"))
     cfg = replace(TINY, run_id="pieces", codec="sparse-fp32")
     users = [0, 1, 2, 3, 4, 5, 6]
-    tokens = _open(stub, cfg, users)
     hosted = benign_population(cfg, None)
+    weights = _train_weights(hosted, users)
+    tokens = _open(stub, cfg, users, weights=weights)
     calls = []
 
     def pieces(params, ids, round_id):
@@ -290,7 +300,8 @@ def test_a_worker_sends_pieces_as_they_come_and_a_failed_piece_fails_the_call(re
         return wstub.Train(worker_pb2.TrainRequest(
             run_id=cfg.run_id, round_id=0, model_version=0, deadline_unix=time.time() + 60,
             encoding="sparse-fp32", accepted_encodings=["sparse-fp32"],
-            assignments=[common_pb2.Assignment(user_id=u, token=tokens[u]) for u in ids]), timeout=60)
+            assignments=[common_pb2.Assignment(user_id=u, token=tokens[u], weight=weights[u]) for u in ids]),
+            timeout=60)
 
     try:
         wstub = worker_pb2_grpc.WorkerStub(channel(f"127.0.0.1:{svc.port}"))

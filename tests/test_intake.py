@@ -73,11 +73,12 @@ def _server(redis_url, limits: StreamLimits | None = None, accept=("dense-fp32",
     return svc, agg_grpc.AggregatorStub(channel(f"127.0.0.1:{svc.port}")), servicer
 
 
-def _open(stub, run_id: str, round_id: int, users: list[int]) -> dict[int, str]:
+def _open(stub, run_id: str, round_id: int, users: list[int], weight: int = 3) -> dict[int, str]:
+    """Open a round of ``users``, each assigned ``weight`` (what :func:`_header` declares by default)."""
     tokens = {u: secrets.token_hex(16) for u in users}
     stub.OpenRound(agg_pb.OpenRoundRequest(
         run_id=run_id, round_id=round_id, model_version=round_id, deadline_unix=time.time() + 300, lr=0.5,
-        assignments=[common_pb2.Assignment(user_id=u, token=t) for u, t in tokens.items()]))
+        assignments=[common_pb2.Assignment(user_id=u, token=t, weight=weight) for u, t in tokens.items()]))
     return tokens
 
 
@@ -128,7 +129,7 @@ def test_every_reason_word_is_documented_and_reasons_are_capped():
 def test_precheck_order_and_words():
     from server.intake import OpenRound
 
-    rnd = OpenRound(5, time.time() + 60, {1: "t1", 2: "t2"}, frozenset({2}))
+    rnd = OpenRound(5, time.time() + 60, {1: "t1", 2: "t2"}, frozenset({2}), {1: 1, 2: 1})
 
     def h(**kw):
         base = {"run_id": "r", "round_id": 5, "user_id": 1, "token": "t1", "num_samples": 1, "total_bytes": 10,
@@ -146,7 +147,90 @@ def test_precheck_order_and_words():
     assert check(h(user_id=9)) == "unassigned" and check(h(token="t2")) == "bad-token"
     assert check(h(user_id=2, token="t2")) == "duplicate" and check(h(encoding="int8-row")) == "wrong-encoding"
     assert check(h(total_bytes=101)) == "oversize" and check(h(num_samples=-1)) == "malformed"
+    assert check(h(num_samples=10**9)) == "weight" and check(h(num_samples=0)) == "weight"
+    assert check(h(num_samples=2, total_bytes=101)) == "weight"  # the claim first, then the size
     assert check(h(), replace(rnd, deadline=time.time() - 1)) == "late"
+
+
+# ---------------------------------------------------------------------------- weights and sizes
+def test_a_num_samples_other_than_the_assigned_weight_is_refused_and_aggregation_uses_the_orchestrators(redis_url):
+    """num_samples was the aggregation weight with no bound: 1e9 gave one update the whole weighted
+    mean. The weight is now the orchestrator's; a header that claims another is refused ("weight"),
+    counted, and the step uses the assigned weights. Every assigned user's upload is in user_bytes."""
+    # Prepare: a weighted mean (fedavg reduce=mean); users 1, 2, 3 of weights 1, 3, 2
+    svc, stub, servicer = _server(redis_url)
+    try:
+        cfg = replace(CFG, run_id="weights", defense_opts=(("reduce", "mean"),))
+        stub.StartRun(agg_pb.StartRunRequest(run_id="weights", config_json=cfg.to_json(), num_items=NUM_ITEMS))
+        weights = {1: 1, 2: 3, 3: 2}
+        tokens = {u: secrets.token_hex(16) for u in weights}
+        stub.OpenRound(agg_pb.OpenRoundRequest(
+            run_id="weights", round_id=0, model_version=0, deadline_unix=time.time() + 300, lr=0.5,
+            assignments=[common_pb2.Assignment(user_id=u, token=tokens[u], weight=w) for u, w in weights.items()]))
+        data = {u: encode_update(_update(u), "dense-fp32") for u in weights}
+        claims = {1: 1, 2: 3, 3: 10**9}  # user 3 claims a billion samples
+        # Execute
+        reply = stub.SubmitUpdates(iter([m for u in weights for m in _msgs(
+            _header("weights", 0, u, tokens[u], len(data[u]), n=claims[u]), data[u])]))
+        summary = stub.CloseRound(agg_pb.CloseRoundRequest(run_id="weights", round_id=0))
+        with pytest.raises(grpc.RpcError) as light:
+            stub.OpenRound(agg_pb.OpenRoundRequest(
+                run_id="weights", round_id=1, model_version=1, deadline_unix=time.time() + 300, lr=0.5,
+                assignments=[common_pb2.Assignment(user_id=1, token="t", weight=4),
+                             common_pb2.Assignment(user_id=2, token="u")]))  # no weight: 0
+    finally:
+        svc.stop(0)
+    # Assert
+    assert [st.accepted for st in reply.statuses] == [True, True, False]
+    assert reply.statuses[2].reason.startswith("weight: ") and "assigned weight 2" in reply.statuses[2].reason
+    assert dict(summary.refused) == {"weight": 1} and summary.accepted == 2
+    assert [(r.user_id, r.reason.split(":")[0]) for r in summary.rejected] == [(3, "weight")]
+    store = RedisStore.from_url(redis_url, "weights")
+    layout = _layout()
+    w0, w1 = layout.flatten(store.get_model(0)), layout.flatten(store.get_model(1))
+    u1, u2 = layout.flatten(_update(1)), layout.flatten(_update(2))
+    # mean-scale rule: the step is lr x K (fedseq/engine.py step_lr), K = 2 updates
+    assert torch.allclose(w1, w0 - 0.5 * 2 * (1 * u1 + 3 * u2) / 4, atol=1e-5)
+    assert dict(summary.user_bytes) == {u: st.bytes for u, st in zip(weights, reply.statuses, strict=True)}
+    assert sum(summary.user_bytes.values()) == summary.bytes_received == reply.bytes_received
+    assert light.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "weight 0" in light.value.details()
+
+
+def test_the_update_limit_is_the_runs_largest_honest_update_and_the_cap_still_caps(redis_url):
+    """64 MiB per update for a 0.4 MB model let one stream make the server buffer 64 MiB. The limit
+    is now the largest update the workers' encoder can write for the run's model (every coordinate
+    nonzero, every sparse row stored) x 1.1 + 4 KiB; max_update_bytes stays the upper cap."""
+    from server.intake import UPDATE_FRAMING, UPDATE_MARGIN
+
+    # Prepare
+    svc, stub, servicer = _server(redis_url)
+    small_svc, small_stub, small = _server(redis_url, max_bytes=1000)
+    try:
+        _start(stub, "limit")
+        _start(small_stub, "limit-cap")
+        tokens = _open(stub, "limit", 0, [1, 2, 3])
+        layout = _layout()
+        full = {n: torch.randn(s, generator=torch.Generator().manual_seed(7)) for n, s in
+                zip(layout.names, layout.shapes, strict=True)}
+        largest = {e: len(encode_update({n: torch.ones(s) for n, s in zip(layout.names, layout.shapes, strict=True)},
+                                        e)) for e in ("dense-fp32", "sparse-fp32")}
+        limit = servicer.update_limit
+        data = encode_update(full, "dense-fp32")
+        # Execute: the largest honest update, one that declares a byte over the limit, one that sends more
+        reply = stub.SubmitUpdates(iter(_msgs(_header("limit", 0, 1, tokens[1], len(data)), data)
+                                        + [agg_pb.UpdateChunk(header=_header("limit", 0, 2, tokens[2], limit + 1),
+                                                              data=b"")]
+                                        + _msgs(_header("limit", 0, 3, tokens[3], 10), b"x" * 4000)))
+    finally:
+        svc.stop(0)
+        small_svc.stop(0)
+    # Assert
+    assert servicer.update_limits == {e: int(n * UPDATE_MARGIN) + UPDATE_FRAMING for e, n in largest.items()}
+    assert limit == servicer.update_limits["dense-fp32"] and len(data) == largest["dense-fp32"]
+    assert limit < 600_000 and small.update_limit == 1000
+    assert [st.reason.split(":")[0] for st in reply.statuses] == ["", "oversize", "oversize"]
+    assert reply.statuses[0].accepted and f"the limit is {limit}" in reply.statuses[1].reason
+    print(f"\nupdate limit of the test model: {limit} bytes (largest dense-fp32 update {largest['dense-fp32']})")
 
 
 # ---------------------------------------------------------------------------- single attacks
@@ -201,27 +285,49 @@ def test_a_sparse_bomb_is_refused_before_decoding(redis_url):
         svc.stop(0)
 
 
-def test_an_overflowing_aggregate_refuses_the_largest_update_instead_of_failing_the_round(redis_url):
-    # Prepare: two assigned users send finite updates of 3e38 (their sum overflows float32), one normal
+def test_updates_beyond_the_sanity_bound_are_refused_as_they_arrive(redis_url):
+    # Prepare: two assigned users send finite updates of 3e38 (one alone would have made every later
+    # step overflow), one a normal update
     svc, stub, _ = _server(redis_url)
     try:
         _start(stub, "ovf")
         tokens = _open(stub, "ovf", 0, [1, 2, 3])
         huge = {n: torch.full_like(t, 3e38) for n, t in _update(1).items()}
+        replies = []
         for u, upd in ((1, huge), (2, huge), (3, _update(3))):
             data = encode_update(upd, "dense-fp32")
-            stub.SubmitUpdates(iter(_msgs(_header("ovf", 0, u, tokens[u], len(data)), data)))
+            replies.append(stub.SubmitUpdates(iter(_msgs(_header("ovf", 0, u, tokens[u], len(data)), data))))
         # Execute
         summary = stub.CloseRound(agg_pb.CloseRoundRequest(run_id="ovf", round_id=0))
-        # Assert: a new, finite version; updates are refused (largest norm first) only until the
-        # aggregate is finite: one of the two 3e38 updates, counted
-        assert summary.new_version == 1
-        assert [r.user_id for r in summary.rejected] == [1] and summary.rejected[0].reason.startswith("non-finite:")
-        assert summary.accepted == 2 and summary.refused["non-finite"] == 1
+        # Assert: refused at intake with their reason, counted; the round goes on with the normal one
+        assert [r.statuses[0].reason.split(":")[0] for r in replies[:2]] == ["out-of-bounds"] * 2
+        assert replies[2].statuses[0].accepted
+        assert summary.new_version == 1 and summary.accepted == 1 and summary.refused["out-of-bounds"] == 2
+        assert [r.user_id for r in summary.rejected] == [1, 2]
+    finally:
+        svc.stop(0)
+
+
+def test_a_step_that_would_explode_the_model_refuses_the_largest_update_instead_of_failing_the_round(redis_url):
+    # Prepare: updates within the sanity bound whose step (lr 0.5, the sum) leaves weights past 1e4
+    svc, stub, _ = _server(redis_url)
+    try:
+        _start(stub, "boom")
+        tokens = _open(stub, "boom", 0, [1, 2, 3])
+        for u, upd in ((1, {n: torch.full_like(t, 6e4) for n, t in _update(1).items()}),
+                       (2, {n: torch.full_like(t, 5e4) for n, t in _update(2).items()}), (3, _update(3))):
+            data = encode_update(upd, "dense-fp32")
+            assert stub.SubmitUpdates(iter(_msgs(_header("boom", 0, u, tokens[u], len(data)), data))).statuses[0].accepted
+        # Execute
+        summary = stub.CloseRound(agg_pb.CloseRoundRequest(run_id="boom", round_id=0))
+        # Assert: refused one at a time from the largest norm, the rule run again without them
+        assert summary.new_version == 1 and summary.accepted == 1 and summary.refused_by_engine == 2
+        assert [r.user_id for r in summary.rejected] == [1, 2]
+        assert all(r.reason.startswith("non-finite:") for r in summary.rejected)
+        from fedseq.engine import model_sane
         from fedseq.experiment import setup
 
-        v1 = setup(CFG).layout.flatten(RedisStore.from_url(redis_url, "ovf").get_model(1))
-        assert bool(torch.isfinite(v1).all())
+        assert model_sane(setup(CFG).layout.flatten(RedisStore.from_url(redis_url, "boom").get_model(1)))
     finally:
         svc.stop(0)
 
@@ -373,14 +479,14 @@ def test_a_flood_of_hostile_uploads_is_refused_counted_and_leaves_the_aggregate_
             _start(s, run)
             s.OpenRound(agg_pb.OpenRoundRequest(run_id=run, round_id=0, model_version=0, lr=0.5,
                                                 deadline_unix=time.time() + 600,
-                                                assignments=[common_pb2.Assignment(user_id=u, token="w")
+                                                assignments=[common_pb2.Assignment(user_id=u, token="w", weight=3)
                                                              for u in legit_users + bait]))
             s.CloseRound(agg_pb.CloseRoundRequest(run_id=run, round_id=0))
         tokens = {u: secrets.token_hex(16) for u in legit_users + bait}
         for s, run in ((calm, "calm-flood"), (stub, "flood")):
             s.OpenRound(agg_pb.OpenRoundRequest(run_id=run, round_id=1, model_version=1, lr=0.5,
                                                 deadline_unix=time.time() + 600,
-                                                assignments=[common_pb2.Assignment(user_id=u, token=t)
+                                                assignments=[common_pb2.Assignment(user_id=u, token=t, weight=3)
                                                              for u, t in tokens.items()]))
 
         @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
@@ -498,3 +604,48 @@ def test_json_logs_carry_service_run_and_round():
     line = json.loads(buf.getvalue())
     assert (line["service"], line["run"], line["round"], line["message"]) == ("serve-server", "r1", 7,
                                                                               "refused 3 uploads")
+
+
+class _SlowDecode(AggregatorServicer):
+    """Decodes every update slowly: two uploads of one user are then decoded at the same time."""
+
+    @staticmethod
+    def _decode(h, data, layout, row, dirty):
+        time.sleep(0.5)
+        return AggregatorServicer._decode(h, data, layout, row, dirty)
+
+
+def test_two_concurrent_uploads_of_one_user_get_one_row(redis_url):
+    # Prepare: an insider opens two streams for one of its users and finishes both at once, so both
+    # pass every header check before either is decoded
+    servicer = _SlowDecode(lambda run_id: RedisStore.from_url(redis_url, run_id), 64 << 20, ("dense-fp32",))
+    svc = Service([(agg_grpc.add_AggregatorServicer_to_server, servicer, "fedseq.v1.Aggregator")], workers=24).start()
+    stub = agg_grpc.AggregatorStub(channel(f"127.0.0.1:{svc.port}"))
+    try:
+        _start(stub, "dup2")
+        tokens = _open(stub, "dup2", 0, [1, 2])
+        data = encode_update(_update(1), "dense-fp32")
+        go = threading.Barrier(2)
+
+        def one(out: list) -> None:
+            def gen():
+                yield agg_pb.UpdateChunk(header=_header("dup2", 0, 1, tokens[1], len(data)), data=data[:100])
+                go.wait(10)  # both headers are in: both passed the precheck
+                yield agg_pb.UpdateChunk(data=data[100:])
+
+            out.append(stub.SubmitUpdates(gen()))
+
+        replies: list = []
+        threads = [threading.Thread(target=one, args=(replies,)) for _ in range(2)]
+        # Execute
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        summary = stub.CloseRound(agg_pb.CloseRoundRequest(run_id="dup2", round_id=0))
+        # Assert: one accepted, the other refused as a duplicate (the row is reserved before decoding)
+        verdicts = sorted((s.accepted, s.reason.split(":")[0]) for r in replies for s in r.statuses)
+        assert verdicts == [(False, "duplicate"), (True, "")]
+        assert summary.accepted == 1 and summary.refused["duplicate"] == 1
+    finally:
+        svc.stop(0)

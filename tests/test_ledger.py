@@ -286,12 +286,14 @@ def test_gzip_upload_wire_bytes_match_a_tcp_proxy(redis_url):
             agg.StartRun(agg_pb.StartRunRequest(run_id=cfg.run_id, config_json=cfg.to_json(), num_items=80))
             users = list(range(6))
             tokens = {u: secrets.token_hex(4) for u in users}
+            hosted = benign_population(cfg, None)
+            weights = {u: len(hosted.setup.dataset.train[u]) for u in users}  # the orchestrator's: training items
             agg.OpenRound(agg_pb.OpenRoundRequest(
                 run_id=cfg.run_id, round_id=0, model_version=0, deadline_unix=time.time() + 60, lr=0.1,
-                assignments=[common_pb2.Assignment(user_id=u, token=t) for u, t in tokens.items()]))
+                assignments=[common_pb2.Assignment(user_id=u, token=t, weight=weights[u]) for u, t in tokens.items()]))
             proxy = _CountingProxy(svc.port)
             w = WorkerServicer("w")
-            w.attach(cfg.run_id, benign_population(cfg, None), ModelSource(cfg.run_id, redis_url, "", comp),
+            w.attach(cfg.run_id, hosted, ModelSource(cfg.run_id, redis_url, "", comp),
                      f"127.0.0.1:{proxy.port}")
             wsvc = Service([(worker_pb2_grpc.add_WorkerServicer_to_server, w, "fedseq.v1.Worker")], port=0,
                            host="127.0.0.1").start()
@@ -300,7 +302,8 @@ def test_gzip_upload_wire_bytes_match_a_tcp_proxy(redis_url):
                 reply = worker_pb2_grpc.WorkerStub(channel(f"127.0.0.1:{wsvc.port}")).Train(worker_pb2.TrainRequest(
                     run_id=cfg.run_id, round_id=0, model_version=0,
                     deadline_unix=time.time() + 60, encoding="dense-fp32", accepted_encodings=["dense-fp32"],
-                    assignments=[common_pb2.Assignment(user_id=u, token=t) for u, t in tokens.items()]))
+                    assignments=[common_pb2.Assignment(user_id=u, token=t, weight=weights[u])
+                                 for u, t in tokens.items()]))
                 time.sleep(0.2)
             finally:
                 wsvc.stop(0)

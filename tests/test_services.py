@@ -44,12 +44,16 @@ def _start(stub, cfg: ExperimentConfig, num_items: int) -> agg_pb.StartRunReply:
     return stub.StartRun(agg_pb.StartRunRequest(run_id=cfg.run_id, config_json=cfg.to_json(), num_items=num_items))
 
 
-def _open(stub, run_id: str, round_id: int, users: list[int], version: int | None = None, lr: float = 0.5):
+def _open(stub, run_id: str, round_id: int, users: list[int], version: int | None = None, lr: float = 0.5,
+          weights: dict[int, int] | None = None):
+    """Open a round of ``users`` (weight 3 each unless ``weights`` says otherwise: the orchestrator's
+    weight, which the uploads' num_samples must equal)."""
     tokens = {u: secrets.token_hex(4) for u in users}
     stub.OpenRound(agg_pb.OpenRoundRequest(
         run_id=run_id, round_id=round_id, model_version=round_id if version is None else version,
         deadline_unix=time.time() + 60, lr=lr,
-        assignments=[common_pb2.Assignment(user_id=u, token=t) for u, t in tokens.items()]))
+        assignments=[common_pb2.Assignment(user_id=u, token=t, weight=(weights or {}).get(u, 3))
+                     for u, t in tokens.items()]))
     return tokens
 
 
@@ -79,7 +83,7 @@ def test_round_end_to_end_steps_the_model_and_stores_the_version(aggregator, red
     _, stub, _ = aggregator
     layout, w0 = _initial(50)
     _start(stub, TINY, 50)
-    tokens = _open(stub, "t", 0, [3, 7])
+    tokens = _open(stub, "t", 0, [3, 7], weights={3: 9, 7: 5})
     u3, u7 = _random_update(layout, 1), _random_update(layout, 2)
     # Execute
     reply = stub.SubmitUpdates(_stream("t", 0, [(7, tokens[7], u7, 5), (3, tokens[3], u3, 9)]))
@@ -99,7 +103,7 @@ def test_update_larger_than_4mb_is_chunked_and_accepted(aggregator, redis_url):
     _, stub, _ = aggregator
     layout, w0 = _initial(20_000)
     _start(stub, replace(TINY, run_id="big"), 20_000)
-    tokens = _open(stub, "big", 0, [1])
+    tokens = _open(stub, "big", 0, [1], weights={1: 4})
     upd = _random_update(layout, 3)
     msgs = list(_stream("big", 0, [(1, tokens[1], upd, 4)]))
     # Execute
