@@ -24,6 +24,7 @@ from pathlib import Path
 
 import grpc
 
+from fedseq import roster as roster_mod
 from fedseq.config import ExperimentConfig
 from fedseq.redis_server import RedisServer
 from fedseq.results import format_table
@@ -213,6 +214,8 @@ def launch(cfg: ExperimentConfig, settings: LaunchSettings) -> int:
     else:
         make_certs(tls_dir, names)
         operator = Identity.load(tls_dir, "operator")
+        # the roster is the orchestrator's alone: outside the certificate folder every service reads
+        roster_mod.make(settings.workers, settings.attackers if attack else 0).write(out / roster_mod.ROSTER_FILE)
 
     def security(name: str) -> list[str]:
         return ["--insecure"] if settings.insecure else ["--tls-dir", str(tls_dir), "--tls-name", name]
@@ -234,7 +237,9 @@ def launch(cfg: ExperimentConfig, settings: LaunchSettings) -> int:
         store_urls: dict[str, str]
         redis: _Redis | None = None
         if settings.redis_url:
-            store_urls = dict.fromkeys(("server", "orchestrator", "worker"), settings.redis_url)
+            # the operator's Redis: its credentials go to the server and the orchestrator only; workers
+            # read models through the server's GetModel (no store URL), so an attacker worker holds none
+            store_urls = {**dict.fromkeys(("server", "orchestrator"), settings.redis_url), "worker": ""}
         else:
             redis = _Redis(out, log_dir, acl=not settings.insecure).start()
             stack.callback(redis.stop)
@@ -249,7 +254,9 @@ def launch(cfg: ExperimentConfig, settings: LaunchSettings) -> int:
                                           "--aggregator", agg, "--min-workers", str(n_workers), "--round-timeout",
                                           str(settings.round_timeout), "--client-shards", str(settings.workers),
                                           "--attacker-shards", str(settings.attackers if attack else 0),
-                                          "--out", str(out), "--exit-when-done", *security("orchestrator")],
+                                          "--out", str(out), "--exit-when-done", *security("orchestrator"),
+                                          *([] if settings.insecure else ["--roster",
+                                                                          str(out / roster_mod.ROSTER_FILE)])],
                          log_dir, {**env, "FEDSEQ_STORE_URL": store_urls["orchestrator"]})
             procs.append(orch)
             orch_addr = f"127.0.0.1:{orch.port(settings.startup_timeout)}"

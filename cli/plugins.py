@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from attacker.population import Adversary, make_adversary
 from fedseq.config import ConfigError, ExperimentConfig
 from fedseq.engine import AggregationRule
-from fedseq.experiment import Setup, setup
+from fedseq.experiment import Setup, client_weights, setup
 from server.aggregation import RuleConfigError, make_run_rule
 
 
@@ -33,4 +33,7 @@ def make_rule_checked(cfg: ExperimentConfig) -> AggregationRule:
 def prepare(cfg: ExperimentConfig, prepared: Setup | None = None) -> Prepared:
     """Data, model, rule and adversary of ``cfg`` (deterministic in ``cfg.seed``)."""
     s = prepared or setup(cfg)
-    return Prepared(s, make_rule_checked(cfg), make_adversary(s))
+    adversary = make_adversary(s)
+    if s.weights is None:  # the orchestrator sends these with each round (fedseq/experiment.py client_weights)
+        s.weights = client_weights(s, adversary.population.sequences if adversary is not None else ())
+    return Prepared(s, make_rule_checked(cfg), adversary)

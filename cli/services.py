@@ -119,7 +119,13 @@ def add_parsers(sub, add_experiment_flags) -> None:
     p.add_argument("--max-streams-per-peer", default=_env("MAX_STREAMS_PER_PEER", "4"),
                    help="upload streams one peer may hold open (FEDSEQ_MAX_STREAMS_PER_PEER)")
     p.add_argument("--upload-idle-timeout", default=_env("UPLOAD_IDLE_TIMEOUT", "30"),
-                   help="seconds an upload stream may send nothing before it is cancelled (FEDSEQ_UPLOAD_IDLE_TIMEOUT)")
+                   help="seconds of the window in which an upload stream must send --upload-min-bytes, else it is "
+                        "cancelled (FEDSEQ_UPLOAD_IDLE_TIMEOUT)")
+    p.add_argument("--upload-min-bytes", default=_env("UPLOAD_MIN_BYTES", str(16 << 10)),
+                   help="bytes an upload stream must send per --upload-idle-timeout window (FEDSEQ_UPLOAD_MIN_BYTES)")
+    p.add_argument("--max-calls-per-identity", default=_env("MAX_CALLS_PER_IDENTITY"),
+                   help="calls one certificate (one host with --insecure) may have in flight, any method (default 8; "
+                        "FEDSEQ_MAX_CALLS_PER_IDENTITY, which every service reads); more get RESOURCE_EXHAUSTED")
     p.add_argument("--port-file", default=_env("PORT_FILE"))
     add_security_flags(p, "server")
     p.set_defaults(fn=serve_server)
@@ -160,6 +166,14 @@ def add_parsers(sub, add_experiment_flags) -> None:
                    help="likewise for the malicious clients and attacker workers (FEDSEQ_ATTACKER_SHARDS)")
     p.add_argument("--shard-grace", default=_env("SHARD_GRACE", "30"),
                    help="seconds rounds wait for a worker to take a lost worker's shard again (FEDSEQ_SHARD_GRACE)")
+    p.add_argument("--roster", default=_env("ROSTER"),
+                   help="which worker identity (certificate name) is a client or an attacker worker and which shard "
+                        "it holds (FEDSEQ_ROSTER; default <tls-dir>/roster.json; made by `fedseq certs DIR --clients N "
+                        "--attackers M`); required under mutual TLS")
+    p.add_argument("--metrics-experiment", action="store_true",
+                   default=(_env("METRICS_EXPERIMENT", "") or "").lower() in _TRUE,
+                   help="also export the run's newest HR@10/NDCG@10/ER@K on the (unauthenticated) metrics endpoint "
+                        "(FEDSEQ_METRICS_EXPERIMENT=1; off by default: an attacker would like to see ER@K)")
     p.add_argument("--exit-when-done", action="store_true", default=_env("EXIT_WHEN_DONE") == "1")
     p.add_argument("--port-file", default=_env("PORT_FILE"))
     add_security_flags(p, "orchestrator")
@@ -179,10 +193,11 @@ def serve_server(args: argparse.Namespace) -> int:
     try:
         limits = StreamLimits(_int(args.max_upload_streams, "--max-upload-streams"),
                               _int(args.max_streams_per_peer, "--max-streams-per-peer"),
-                              float(args.upload_idle_timeout))
+                              float(args.upload_idle_timeout), _int(args.upload_min_bytes, "--upload-min-bytes"))
+        calls = args.max_calls_per_identity
         settings = ServerSettings(_required(args.store_url, "--store-url", "STORE_URL"), _int(args.port, "--port"),
                                   args.host, identity_from(args), _int(args.max_update_bytes, "--max-update-bytes"),
-                                  accepted, limits)
+                                  accepted, limits, None if calls in (None, "") else _int(calls, "--max-calls-per-identity"))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     RedisStore.from_url(settings.store_url, "probe").head()  # fail fast when the store is unreachable
@@ -228,6 +243,23 @@ def serve_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _roster(args: argparse.Namespace):
+    """The orchestrator's roster: ``--roster``, else ``<tls-dir>/roster.json`` when it exists (None
+    without TLS, or when neither exists: the settings then say what is missing)."""
+    from fedseq.roster import ROSTER_FILE, RosterError, load
+
+    path = args.roster or (str(Path(args.tls_dir) / ROSTER_FILE) if args.tls_dir and not args.insecure
+                           and (Path(args.tls_dir) / ROSTER_FILE).is_file() else None)
+    if not path:
+        return None
+    if args.insecure:
+        raise ConfigError("--roster needs mutual TLS (without certificates no worker has an identity to check)")
+    try:
+        return load(path)
+    except RosterError as e:
+        raise ConfigError(str(e)) from None
+
+
 def serve_orchestrator(args: argparse.Namespace) -> int:
     from orchestrator.app import OrchestratorSettings, build
 
@@ -243,7 +275,8 @@ def serve_orchestrator(args: argparse.Namespace) -> int:
             worker_wait=float(args.worker_wait), out_dir=args.out,
             client_shards=_int(args.client_shards, "--client-shards"),
             attacker_shards=_int(args.attacker_shards, "--attacker-shards"), identity=identity_from(args),
-            shard_grace=float(args.shard_grace), port=_int(args.port, "--port"), host=args.host)
+            shard_grace=float(args.shard_grace), port=_int(args.port, "--port"), host=args.host,
+            roster=_roster(args), export_experiment=bool(args.metrics_experiment))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if cfg.threads:

@@ -103,7 +103,9 @@ def build(settings: WorkerSettings, population: Population | None = None,
     if settings.threads > 0:
         torch.set_num_threads(settings.threads)
     device = str(resolve_device(settings.device or "auto"))  # reported at registration; the run's config may say cpu
-    servicer = servicer_class(settings.worker_id or new_worker_id(settings.kind), device, settings.identity)
+    # under TLS a worker is its certificate: its id defaults to the certificate's name (the roster's key)
+    worker_id = settings.worker_id or (settings.identity.name if settings.identity else new_worker_id(settings.kind))
+    servicer = servicer_class(worker_id, device, settings.identity)
     service = Service([(worker_pb2_grpc.add_WorkerServicer_to_server, servicer,
                         worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name)], port=settings.port,
                       host=settings.host, identity=settings.identity).start()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +39,9 @@ class Setup:
     targets: tuple[int, ...]
     num_malicious: int = 0  # m: malicious clients of the run (0 without an attack)
     population_note: str = ""  # how m was chosen, for the run summary
+    # [N + m] every client's aggregation weight (:func:`client_weights`); set by cli.plugins.prepare,
+    # which knows the malicious population (the orchestrator sends these with each round)
+    weights: np.ndarray | None = None
 
     @property
     def benign_users(self) -> np.ndarray:
@@ -135,6 +139,20 @@ def malicious_count(cfg: ExperimentConfig, ds: SeqDataset) -> tuple[int, str]:
 def all_clients(s: Setup) -> np.ndarray:
     """Every client id of the run, benign (``0..N-1``) then malicious (``N..N+m-1``)."""
     return np.concatenate([s.benign_users, s.malicious_users])
+
+
+def client_weights(s: Setup, malicious_sequences: Sequence[np.ndarray] = ()) -> np.ndarray:
+    """``[N + m]`` int64: every client's aggregation weight, its training items (the FedAvg n_k):
+    ``len(train[u])`` for benign user u, the length of its (copied or fabricated) sequence for a
+    malicious client. The orchestrator knows the split, so it decides the weights and sends them
+    with each round; an upload's ``num_samples`` is only a claim checked against them."""
+    if len(malicious_sequences) != s.num_malicious:
+        raise ValueError(f"{len(malicious_sequences)} malicious sequences for {s.num_malicious} malicious clients")
+    train = s.dataset.train
+    offsets = getattr(train, "offsets", None)  # a Ragged (the million-user data) answers without a loop
+    benign = np.diff(offsets).astype(np.int64) if offsets is not None else \
+        np.asarray([len(train[u]) for u in range(s.dataset.num_users)], dtype=np.int64)
+    return np.concatenate([benign, np.asarray([len(q) for q in malicious_sequences], dtype=np.int64)])
 
 
 WORKER_KINDS = ("client", "attacker")

@@ -157,6 +157,35 @@ def store_count(nbytes: int, *, kind: str, direction: str, link: str, what: str,
                                 wire_bytes=int(nbytes), messages=1, link=link)
 
 
+SOURCES = ("measured", "reported")
+WIRE_SLACK = 64  # gzip's header and trailer: a compressed message is at most this much larger
+MAX_REPORTED_MESSAGES = 1 << 20
+
+
+@dataclass(frozen=True)
+class ReportBounds:
+    """What one worker reply may report (:meth:`Ledger.add_reported`): ``max_entries`` entries of
+    kinds ``model_download`` (``down``, at most ``max_model_bytes`` each: a whole model version)
+    and ``control`` (at most ``max_control_bytes`` each: gRPC's message limit)."""
+
+    max_entries: int = 8
+    max_model_bytes: int = 1 << 30
+    max_control_bytes: int = 8 << 20
+
+    def why_not(self, c: Any) -> str | None:
+        """Why the reported count ``c`` is not accepted (None: it is)."""
+        if c.kind == "update":
+            return "update uploads are measured by the aggregator, not taken from a worker's report"
+        if c.kind not in ("model_download", "control"):
+            return f"a worker cannot report kind {str(c.kind)[:20]!r}"
+        if c.direction not in ("up", "down") or (c.kind == "model_download" and c.direction != "down"):
+            return f"direction {str(c.direction)[:20]!r} is not a worker's for kind {c.kind}"
+        limit = self.max_model_bytes if c.kind == "model_download" else self.max_control_bytes
+        if not 0 <= c.bytes <= limit or c.wire_bytes < 0:
+            return f"{c.kind} of {c.bytes} bytes is outside [0, {limit}]"
+        return None
+
+
 @dataclass(frozen=True)
 class Entry:
     """One line of the ledger (one JSON record in Redis and in ``ledger.jsonl``)."""
@@ -174,6 +203,10 @@ class Entry:
     bytes: int  # serialized protobuf bytes (or store payload bytes)
     wire_bytes: int  # after gRPC message compression (== bytes without compression)
     messages: int = 1
+    # measured: by the orchestrator's channels or the aggregator (update uploads: the bytes the
+    # aggregator received); reported: a worker's word (its store reads, its own sends), bounded by
+    # :class:`ReportBounds` and never in place of a measured figure
+    source: str = "measured"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -182,6 +215,8 @@ class Entry:
             raise ValueError(f"ledger entry direction must be one of {DIRECTIONS}, got {self.direction!r}")
         if self.bytes < 0 or self.wire_bytes < 0 or self.messages < 0:
             raise ValueError(f"ledger entry sizes must be >= 0: {self}")
+        if self.source not in SOURCES:
+            raise ValueError(f"ledger entry source must be one of {SOURCES}, got {self.source!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -215,9 +250,10 @@ class Ledger:
             self._settled.wait_for(lambda: self._calls == 0, timeout)
 
     def add(self, *, worker: str = "", user: int = -1, kind: str, direction: str, link: str, what: str,
-            bytes: int, wire_bytes: int | None = None, messages: int = 1, phase: str | None = None) -> Entry:
+            bytes: int, wire_bytes: int | None = None, messages: int = 1, phase: str | None = None,
+            source: str = "measured") -> Entry:
         e = Entry(self.run, self.round, self.epoch, phase or self.phase, worker, int(user), kind, direction, link,
-                  what, int(bytes), int(bytes if wire_bytes is None else wire_bytes), int(messages))
+                  what, int(bytes), int(bytes if wire_bytes is None else wire_bytes), int(messages), source)
         self.entries.append(e)
         return e
 
@@ -242,6 +278,61 @@ class Ledger:
                 self.add_count(c, worker=worker, phase=phase)
             except ValueError as e:
                 problems.append(str(e))
+        return problems
+
+    def add_reported(self, counts: Iterable[Any], bounds: ReportBounds, *, worker: str = "",
+                     phase: str | None = None) -> list[str]:
+        """Record what a worker *reports* of one call (its store reads, its requests and acks):
+        never update uploads (the aggregator measures those: :meth:`add_measured_updates`), at most
+        ``bounds.max_entries`` entries, each within its kind's size bound, labelled
+        ``source="reported"``. Everything else is skipped and described in the returned list (a
+        hostile worker's 50,000 fake entries cost the run a list of reasons, not 150 TB)."""
+        problems: list[str] = []
+        n = 0
+        for c in counts:
+            why = bounds.why_not(c)
+            if why is None and n >= bounds.max_entries:
+                why = f"more than {bounds.max_entries} reported entries in one reply"
+            if why is not None:
+                if len(problems) < 20:
+                    problems.append(why)
+                elif len(problems) == 20:
+                    problems.append("... (further problems not listed)")
+                continue
+            try:
+                self.add(worker=worker, user=-1, kind=c.kind, direction=c.direction, link=c.link[:64], what=c.what[:96],
+                         bytes=c.bytes, wire_bytes=min(c.wire_bytes, c.bytes + WIRE_SLACK),
+                         messages=min(max(c.messages, 0), MAX_REPORTED_MESSAGES), phase=phase, source="reported")
+                n += 1
+            except ValueError as e:
+                problems.append(str(e)[:200])
+        return problems
+
+    def add_measured_updates(self, measured: Mapping[int, int], workers: Mapping[int, str],
+                             reported: Iterable[tuple[str, Any]] = (), compression: str = "none") -> list[str]:
+        """One ``update`` entry per user upload the aggregator measured (``measured``: user ->
+        serialized bytes it received), attributed to the worker the user was assigned to
+        (``workers``). A worker's own count of the same upload (``reported``: (worker, ByteCount))
+        supplies only the gRPC message count and, under compression, the compressed size, bounded
+        by the measured size; a report of a user the worker was not given, or a second report of
+        one, is skipped and described in the returned list."""
+        problems: list[str] = []
+        mine: dict[int, Any] = {}
+        for wid, c in reported:
+            u = int(c.user_id)
+            if workers.get(u) != wid or u in mine:
+                if len(problems) < 20:
+                    problems.append(f"worker {wid[:40]!r} reported an upload of user {u} "
+                                    f"({'not its user' if workers.get(u) != wid else 'twice'})")
+                continue
+            mine[u] = c
+        for u in sorted(measured):
+            b = int(measured[u])
+            c = mine.get(u)
+            wire = b if compression == "none" or c is None else min(max(int(c.wire_bytes), 0), b + WIRE_SLACK)
+            msgs = 1 if c is None else min(max(int(c.messages), 1), b // 4 + 1)
+            self.add(worker=workers.get(u, ""), user=u, kind="update", direction="up", link="worker-aggregator",
+                     what="Aggregator.SubmitUpdates", bytes=b, wire_bytes=wire, messages=msgs)
         return problems
 
     def dicts(self) -> list[dict[str, Any]]:

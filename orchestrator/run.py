@@ -101,6 +101,7 @@ class RunLoop:
         self._eval_refused: list[dict[str, Any]] = []  # the last evaluation's refused worker replies
         self._eval_by_worker: dict[str, int] = {}  # the last evaluation's users per worker
         self._thread: threading.Thread | None = None
+        self._report_bounds = ledger_mod.ReportBounds()
 
     def _check_stall(self, row: dict[str, Any]) -> None:
         """Warn (log, results summary) when HR@10 does not move (fedseq/engine.py, stall_warning)."""
@@ -142,6 +143,8 @@ class RunLoop:
             return
         start_req, start = self._start_run()
         self.num_parameters = int(start.num_parameters)
+        # a worker reports at most a whole fp32 model version per read (plus the safetensors header)
+        self._report_bounds = ledger_mod.ReportBounds(max_model_bytes=4 * self.num_parameters + (1 << 20))
         schedule = self.plan
         done = int(start.head_version)
         self._load_ledger()
@@ -265,11 +268,13 @@ class RunLoop:
         plan, orphans = assign(users, workers)
         by_id = {w.worker_id: w for w in workers}
         tokens = {int(u): secrets.token_hex(16) for u in users.tolist()}  # one-time: (run, round, user)
+        weights = self.setup.weights  # the orchestrator's, never the upload's (fedseq/experiment.py client_weights)
+        assert weights is not None
         deadline = time.time() + self.settings.round_timeout
         led = Ledger(self.run_id, rid, epoch + 1, "train")  # the channels account the calls made while it records
         open_req = agg_pb.OpenRoundRequest(
             run_id=self.run_id, round_id=rid, model_version=rid, deadline_unix=deadline, lr=lr,
-            assignments=[common_pb2.Assignment(user_id=u, token=t) for u, t in tokens.items()])
+            assignments=[common_pb2.Assignment(user_id=u, token=t, weight=int(weights[u])) for u, t in tokens.items()])
         calls = {}
         with ledger_mod.recording(led):
             opened = self.aggregator.OpenRound(open_req, timeout=CONTROL_TIMEOUT, compression=self._grpc_comp)
@@ -277,19 +282,25 @@ class RunLoop:
                 req = worker_pb2.TrainRequest(
                     run_id=self.run_id, round_id=rid, model_version=rid, deadline_unix=deadline, encoding=cfg.codec,
                     accepted_encodings=list(opened.accepted_encodings), adversarial=adversarial,
-                    assignments=[common_pb2.Assignment(user_id=u, token=tokens[u]) for u in us])
+                    assignments=[common_pb2.Assignment(user_id=u, token=tokens[u], weight=int(weights[u])) for u in us])
                 calls[wid] = by_id[wid].stub.Train.future(req, timeout=self.settings.round_timeout,
                                                           compression=self._grpc_comp)
         timings: dict[str, float] = {}
         failed = []
         refused = []
+        reported_updates: list[tuple[str, Any]] = []  # (worker, its own count of an upload)
+        ledger_refused: list[str] = []
         for wid, fut in calls.items():
             try:
                 rep = fut.result()
-                for problem in led.add_counts(rep.ledger, worker=wid):
-                    log.warning("round %d: worker %s reported an invalid ledger count: %s", rid, wid, problem)
-                for k, v in rep.timings.items():
-                    timings[k] = max(timings.get(k, 0.0), v)
+                reported_updates += [(wid, c) for c in rep.ledger[: 4 * len(plan[wid]) + 16] if c.kind == "update"]
+                for problem in led.add_reported((c for c in rep.ledger if c.kind != "update"), self._report_bounds,
+                                                worker=wid):
+                    ledger_refused.append(f"{wid}: {problem}")
+                # a worker's timings are its word: bounded to the round's time, kept apart as reported
+                for k, v in list(rep.timings.items())[:8]:
+                    if math.isfinite(v) and 0 <= v <= self.settings.round_timeout:
+                        timings[k[:32]] = max(timings.get(k[:32], 0.0), v)
             except grpc.RpcError as e:
                 failed.append(wid)
                 by_id[wid].alive = e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) \
@@ -303,10 +314,13 @@ class RunLoop:
         close_req = agg_pb.CloseRoundRequest(run_id=self.run_id, round_id=rid)
         with ledger_mod.recording(led):
             s = self.aggregator.CloseRound(close_req, timeout=CONTROL_TIMEOUT * 4, compression=self._grpc_comp)
-        reported = sum(e.bytes for e in led.entries if e.kind == "update")
-        if s.bytes_received > reported:  # uploads of a worker whose Train reply never came back
-            led.add(kind="update", direction="up", link="worker-aggregator", bytes=s.bytes_received - reported,
-                    what="Aggregator.SubmitUpdates (counted by the aggregator; no worker report)")
+        # update uploads as the aggregator measured them, user by user (a worker's count of its own
+        # uploads is never the figure: README "Security model")
+        worker_of = {u: wid for wid, us in plan.items() for u in us}
+        ledger_refused += led.add_measured_updates(dict(s.user_bytes), worker_of, reported_updates, self._comp)
+        if ledger_refused:
+            log.warning("round %d: %d worker ledger report(s) refused, e.g. %s", rid, len(ledger_refused),
+                        ledger_refused[0])
         if s.store_bytes:
             led.add(kind="model_write", direction="internal", link="aggregator-store",
                     what=f"store.put model:{s.new_version}", bytes=s.store_bytes)
@@ -331,7 +345,9 @@ class RunLoop:
             "updates": sum(1 for e in led.entries if e.kind == "update" and e.user >= 0),
             "update_bytes": sum(e.bytes for e in led.entries if e.kind == "update"),
             "bytes_received": s.bytes_received, "store_bytes": s.store_bytes, "seconds": time.perf_counter() - t0,
-            "train_seconds": t_train, "worker_timings": timings, "server_timings": dict(s.timings),
+            "train_seconds": t_train, "worker_timings": timings, "worker_timings_source": "reported",
+            "server_timings": dict(s.timings), "ledger_refused": len(ledger_refused),
+            "ledger_refused_sample": ledger_refused[:5],
             "rule": s.rule, "rule_info": json.loads(s.rule_info_json or "{}"),
             "rejections": [{"user": r.user_id, "reason": r.reason} for r in s.rejected][:20],
             # every upload the server refused since the last round, by reason (also strangers' and forgeries)
@@ -393,8 +409,8 @@ class RunLoop:
                     continue
                 self._eval_by_worker[wid] = self._eval_by_worker.get(wid, 0) + sums.users
                 total = total + sums
-                for problem in led.add_counts(rep.ledger, worker=wid):
-                    log.warning("evaluation: worker %s reported an invalid ledger count: %s", wid, problem)
+                for problem in led.add_reported(rep.ledger, self._report_bounds, worker=wid):
+                    log.warning("evaluation: refused a ledger count worker %s reported: %s", wid, problem)
             if not failed:
                 break
             todo = np.asarray(sorted(failed), dtype=np.int64)
@@ -438,10 +454,15 @@ class RunLoop:
             led = Ledger(self.run_id, self.round_id - 1, epoch + 1, "eval")
             sums = self._evaluate(self.round_id, led)
             self._commit(led)
+            if sums.users == 0 and len(self.setup.eval_users):
+                # metrics of no one would read as zeros (or as NaN): the run has none to report
+                raise RuntimeError(f"epoch {epoch + 1}: no benign user could be evaluated (every evaluation reply "
+                                   f"failed or was refused: {self._eval_refused[:2]}); the run has no metrics")
             row.update(sums.means())
             row["eval_users"] = sums.users
-            for k, v in sums.means().items():
-                observe.EXPERIMENT.labels(k).set(v)
+            if self.settings.export_experiment:  # off by default: the metrics endpoint is unauthenticated
+                for k, v in sums.means().items():
+                    observe.EXPERIMENT.labels(k).set(v)
             row["eval_workers"] = dict(self._eval_by_worker)  # who vouched for which share of the metrics
             if self._eval_refused:
                 row["eval_refused"] = list(self._eval_refused)

@@ -12,7 +12,7 @@ import threading
 from typing import Any
 
 from fedseq.config import ExperimentConfig
-from fedseq.experiment import Setup, setup
+from fedseq.experiment import Setup, client_weights, setup
 from fedseq.store import RedisStore, patient
 from fedseq.tls import peer_name
 from fedseq.v1 import orchestrator_pb2, orchestrator_pb2_grpc
@@ -34,12 +34,16 @@ class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
         self.cfg = cfg
         self.settings = settings
         self.setup = prepared or setup(cfg)
+        if self.setup.weights is None:
+            if self.setup.num_malicious:
+                raise ValueError("the orchestrator decides every client's aggregation weight and needs the malicious "
+                                 "clients' too: build it with cli.plugins.prepare(cfg).setup")
+            self.setup.weights = client_weights(self.setup)
         self.run_id = cfg.run_id or "run"
         self.store = RedisStore.from_url(settings.store_url, self.run_id, **patient())
         self._stop = threading.Event()
-        self.pool = WorkerPool(self.setup, self.run_id,
-                               {"client": settings.client_shards, "attacker": settings.attacker_shards},
-                               settings.identity, settings.shard_grace, self._stop)
+        self.pool = WorkerPool(self.setup, self.run_id, settings.shards(), settings.identity, settings.shard_grace,
+                               self._stop, roster=settings.roster)
         self.loop = RunLoop(cfg, settings, self.setup, self.store, self.pool, self._stop)
 
     # the run's state, as the operator and the tests read it
@@ -89,7 +93,7 @@ class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
         try:
             info = self.pool.admit(request, peer_name(context) if self.settings.identity is not None else "")
         except Refused as e:
-            self.pool.count_refusal(f"register: {e.code.name}")
+            self.pool.count_refusal(f"register: {e.word}")
             log.warning("refused Register of %r from %s: %s", request.worker_id[:64], context.peer(), e.reason)
             context.abort(e.code, e.reason)
         shard = info.shard or (0, 0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fedseq.roster import Roster
 from fedseq.rpc import LOOPBACK
 from fedseq.tls import Identity
 
@@ -25,6 +26,11 @@ class OrchestratorSettings:
     shard_grace: float = 30.0  # seconds a lost worker's shard waits for a worker before rounds go on
     port: int = 50050  # where the Orchestrator service listens (0: any free port)
     host: str = LOOPBACK
+    # which certificate identity is a client or an attacker worker and which shard it holds
+    # (fedseq/roster.py); required under mutual TLS, where it replaces the *_shards settings
+    roster: Roster | None = None
+    # export the newest HR@10/NDCG@10/ER@K as Prometheus gauges (the endpoint is unauthenticated)
+    export_experiment: bool = False
 
     def __post_init__(self) -> None:
         if self.min_workers < 1:
@@ -33,3 +39,21 @@ class OrchestratorSettings:
             raise ValueError("round_timeout and worker_wait must be > 0")
         if self.client_shards < 0 or self.attacker_shards < 0:
             raise ValueError("client_shards and attacker_shards must be >= 0")
+        if self.roster is not None and self.identity is None:
+            raise ValueError("a roster needs mutual TLS: without certificates no worker has an identity to check "
+                             "(drop --insecure, or drop the roster)")
+        if self.identity is not None and self.roster is None:
+            raise ValueError("under mutual TLS the orchestrator needs a roster of the worker identities "
+                             "(--roster FILE or FEDSEQ_ROSTER, default <tls-dir>/roster.json; make one with "
+                             "`fedseq certs DIR --clients N --attackers M`)")
+        if self.roster is not None:
+            for kind, flag in (("client", self.client_shards), ("attacker", self.attacker_shards)):
+                if flag and flag != self.roster.shards(kind):
+                    raise ValueError(f"--{kind}-shards {flag} disagrees with the roster's {self.roster.shards(kind)} "
+                                     f"{kind} shards; drop the flag (the roster decides)")
+
+    def shards(self) -> dict[str, int]:
+        """Shards of each worker kind: the roster's, else the *_shards settings (insecure runs)."""
+        if self.roster is not None:
+            return {k: self.roster.shards(k) for k in ("client", "attacker")}
+        return {"client": self.client_shards, "attacker": self.attacker_shards}

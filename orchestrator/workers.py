@@ -3,9 +3,15 @@ orchestrator decides from its own configuration, never what a worker claims), wh
 ready, and the wait for a lost worker's shard. Registration refusals are counted by reason; the
 Register and Describe messages are noted for the communication ledger of the next round.
 
-Nothing a worker says about itself is trusted beyond its own updates (DESIGN.md, "Trust model"):
-a live worker's id cannot be taken over, a worker must host exactly the users it was given, and
-store credentials are never handed out."""
+Nothing a worker says about itself is trusted beyond its own updates (README "Security model"):
+under mutual TLS its identity is its certificate's common name and the roster (fedseq/roster.py)
+says what that identity is: the worker id must be the identity, the ``kind`` a Register request
+claims must be the roster's, the shard is the roster's (a hint in the request is ignored), one
+identity holds one live registration, and
+a lost shard goes back only to its own identity or to a rostered spare. Without TLS (``--insecure``,
+a private network only) there is no identity and the claims are taken as they come. A live
+worker's id cannot be taken over, a worker must host exactly the users it was given, and store
+credentials are never handed out."""
 
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ from fedseq import ledger as ledger_mod
 from fedseq import observe
 from fedseq.experiment import WORKER_KINDS, Setup, worker_users
 from fedseq.ledger import Ledger
+from fedseq.roster import Roster
 from fedseq.rpc import channel
 from fedseq.tls import Identity
 from fedseq.v1 import worker_pb2, worker_pb2_grpc
@@ -98,11 +105,11 @@ class WorkerInfo:
 
 
 class Refused(Exception):
-    """A Register call the orchestrator refuses: (status code, reason)."""
+    """A Register call the orchestrator refuses: (status code, reason, and a word for the count)."""
 
-    def __init__(self, code: grpc.StatusCode, reason: str) -> None:
+    def __init__(self, code: grpc.StatusCode, reason: str, word: str = "") -> None:
         super().__init__(reason)
-        self.code, self.reason = code, reason
+        self.code, self.reason, self.word = code, reason, word or code.name
 
 
 def assign(users: np.ndarray, workers: list[WorkerInfo]) -> tuple[dict[str, list[int]], list[int]]:
@@ -139,8 +146,9 @@ class WorkerPool:
     share it)."""
 
     def __init__(self, setup: Setup, run_id: str, shards: dict[str, int], identity: Identity | None = None,
-                 shard_grace: float = 30.0, stop: threading.Event | None = None) -> None:
+                 shard_grace: float = 30.0, stop: threading.Event | None = None, roster: Roster | None = None) -> None:
         self.setup, self.run_id, self.identity, self.shard_grace = setup, run_id, identity, shard_grace
+        self.roster = roster
         self._shards = dict(shards)  # kind -> number of shards (0: unsharded)
         self.stop = stop or threading.Event()
         self.workers: dict[str, WorkerInfo] = {}
@@ -160,13 +168,30 @@ class WorkerPool:
 
     def admit(self, request, peer: str) -> WorkerInfo:
         """The registration of a worker: a heartbeat of a known one, or a new one with the users the
-        orchestrator gives it (a free shard of its kind). Refused: bad fields, a kind the run does not
-        have, a worker id held by another live worker, no free shard."""
+        orchestrator gives it (its roster shard, or a free shard of its kind without a roster).
+        Refused: bad fields, an identity not on the roster or a kind other than its roster kind, a
+        kind the run does not have, a worker id or an identity held by another live worker, no
+        free shard."""
         if not request.worker_id or not request.address or len(request.worker_id) > 128 or len(request.address) > 256:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "worker_id (<= 128 chars) and address (<= 256) are required")
         kind = request.kind or "client"
         if kind not in WORKER_KINDS:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"unknown worker kind {kind[:32]!r}; kinds: {WORKER_KINDS}")
+        entry = None
+        if self.roster is not None:
+            entry = self.roster.entry(peer)
+            if entry is None:
+                raise Refused(grpc.StatusCode.PERMISSION_DENIED,
+                              f"identity {peer[:64]!r} is not on this run's roster (README 'Security model')",
+                              "roster")
+            if request.worker_id != peer:
+                raise Refused(grpc.StatusCode.PERMISSION_DENIED,
+                              f"worker id {request.worker_id[:64]!r} is not this worker's identity {peer[:64]!r}: under "
+                              "a roster a worker registers under its certificate's name", "id")
+            if kind != entry.kind:
+                raise Refused(grpc.StatusCode.PERMISSION_DENIED,
+                              f"identity {peer[:64]!r} is rostered as a {entry.kind} worker; it may not register as "
+                              f"a {kind} worker", "kind")
         if kind == "attacker" and self.setup.num_malicious == 0:
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION, "this run has no attack: no users for an attacker worker")
         with self.lock:
@@ -174,13 +199,25 @@ class WorkerPool:
             same = w is not None and (w.address, w.kind, w.peer) == (request.address, kind, peer)
             if w is not None and same and w.alive:
                 return w  # heartbeat
+            # one live registration per identity: another worker id of the same certificate
+            twin = next((x for x in self.workers.values() if entry is not None and x.peer == peer and x.alive
+                         and x.worker_id != request.worker_id), None)
         if w is not None and not same and w.alive and self._answers(w):
             raise Refused(grpc.StatusCode.ALREADY_EXISTS,
                           f"worker id {request.worker_id!r} is held by a live worker at another address or identity")
+        if twin is not None:
+            if self._answers(twin):
+                raise Refused(grpc.StatusCode.ALREADY_EXISTS,
+                              f"identity {peer[:64]!r} is registered already, as live worker {twin.worker_id!r}",
+                              "twin")
+            twin.alive = False
         with self.lock:
             if w is not None:
                 w.alive = False
-            shard = self._free_shard(kind, (int(request.held_index), int(request.held_count)))
+            if entry is not None:
+                shard = self._roster_shard(entry, kind)
+            else:
+                shard = self._free_shard(kind, (int(request.held_index), int(request.held_count)))
             users = UserSet(worker_users(self.setup, kind, shard))
             # the channel accounts its calls: in the round's ledger while one records, else noted
             # for the next round (phase "register"), like this Register call
@@ -195,6 +232,31 @@ class WorkerPool:
         log.info("%s worker %s registered at %s (shard %s, %d users)", kind, request.worker_id, request.address,
                  "all" if shard is None else f"{shard[0]}/{shard[1]}", len(users))
         return info
+
+    def _roster_shard(self, entry, kind: str) -> tuple[int, int] | None:
+        """The shard a rostered identity holds: its own (None when its kind is unsharded), or, for
+        a spare, a client shard no live worker holds and whose owner has been gone for
+        ``shard_grace`` seconds. Raises :class:`Refused`. Call with the lock held."""
+        n = self._shards[kind]
+        if n == 0:
+            return None
+        held = {w.shard: w for w in self.workers.values() if w.alive and w.kind == kind and w.shard is not None}
+        if not entry.spare:
+            shard = (entry.shard, n)
+            if shard in held:
+                raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"shard {entry.shard}/{n} of identity {entry.name!r} is held by live worker "
+                              f"{held[shard].worker_id!r} (a spare that took it while {entry.name!r} was gone)",
+                              "held")
+            return shard
+        now = time.time()
+        for i in range(n):
+            key = (kind, (i, n))
+            if (i, n) not in held and now - self._lost_since.get(key, now) >= self.shard_grace:
+                return (i, n)
+        raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                      f"spare {entry.name!r}: no client shard has been without its worker for {self.shard_grace:.0f} s",
+                      "no-shard")
 
     def _free_shard(self, kind: str, hint: tuple[int, int] = (0, 0)) -> tuple[int, int] | None:
         """The shard ``hint`` the worker held before, if no live worker holds it now, else the

@@ -13,8 +13,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from attacker import app as attacker_app
+from cli.plugins import prepare
 from client import app as client_app
 from client.worker import WorkerServicer
+from fedseq import roster as roster_mod
 from fedseq.config import ExperimentConfig
 from fedseq.rpc import channel
 from fedseq.tls import Identity, make_certs
@@ -74,7 +76,8 @@ class Federation:
                  out_dir: str | Path | None = None,
                  aggregator: Callable[..., AggregatorServicer] = CountingAggregator, serve_models: bool = False,
                  min_workers: int | None = None, tls_dir: str | Path | None = None,
-                 worker_classes: tuple[Callable[..., WorkerServicer], ...] = (), **agg_kw) -> None:
+                 worker_classes: tuple[Callable[..., WorkerServicer], ...] = (),
+                 roster: roster_mod.Roster | None = None, **agg_kw) -> None:
         # one URL for every role, or {"server": ..., "orchestrator": ..., "worker": ...} (Redis ACL users)
         urls = dict.fromkeys(("server", "orchestrator", "worker"), redis_url) if isinstance(redis_url, str) \
             else dict(redis_url)
@@ -86,11 +89,14 @@ class Federation:
                                                                  **agg_kw), servicer_class=aggregator)
         self.agg, self.agg_svc = self.server.servicer, self.server.service
         self.aggregator = self.server.address
+        if self.tls_dir and roster is None:  # the workers w0.. this federation adds, one shard each
+            roster = roster_mod.make(workers, 0, client_names=[f"w{i}" for i in range(workers)])
         settings = orchestrator_app.OrchestratorSettings(
             aggregator=self.aggregator, store_url=urls["orchestrator"], min_workers=min_workers or max(workers, 1),
-            round_timeout=60, worker_wait=60, out_dir=str(out_dir) if out_dir else None, client_shards=workers,
-            identity=self.identity("orchestrator"), port=0)
-        self.orch_app = orchestrator_app.build(cfg, settings)
+            round_timeout=60, worker_wait=60, out_dir=str(out_dir) if out_dir else None,
+            client_shards=0 if roster is not None else workers, identity=self.identity("orchestrator"), port=0,
+            roster=roster)
+        self.orch_app = orchestrator_app.build(cfg, settings, prepare(cfg).setup)
         self.orch, self.orch_svc = self.orch_app.servicer, self.orch_app.service
         self.orchestrator = self.orch_app.address
         self.orch_stub = orchestrator_pb2_grpc.OrchestratorStub(

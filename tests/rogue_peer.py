@@ -88,14 +88,14 @@ def main() -> int:
             agg_pb.CloseRoundRequest(run_id=run_id, round_id=r), timeout=t))
     attempt("Aggregator.OpenRound", w, lambda: agg(w).OpenRound(agg_pb.OpenRoundRequest(
         run_id=run_id, round_id=999, model_version=0, lr=1.0,
-        assignments=[common_pb2.Assignment(user_id=0, token="mine")]), timeout=t))
+        assignments=[common_pb2.Assignment(user_id=0, token="mine", weight=1)]), timeout=t))
     attempt("Aggregator.StartRun", w, lambda: agg(w).StartRun(agg_pb.StartRunRequest(
         run_id=run_id, config_json="{}", num_items=1), timeout=t))
     attempt("Orchestrator.Stop", w, lambda: orch(w).Stop(orchestrator_pb2.StopRequest(reason="rogue"), timeout=t))
     attempt("Orchestrator.GetStatus", w, lambda: orch(w).GetStatus(orchestrator_pb2.StatusRequest(), timeout=t))
     attempt("Worker.Train", w, lambda: worker(w).Train(worker_pb2.TrainRequest(
         run_id=run_id, round_id=0, model_version=0, encoding="dense-fp32", accepted_encodings=["dense-fp32"],
-        deadline_unix=time.time() + 30, assignments=[common_pb2.Assignment(user_id=0, token="x")]), timeout=t))
+        deadline_unix=time.time() + 30, assignments=[common_pb2.Assignment(user_id=0, token="x", weight=1)]), timeout=t))
     attempt("Worker.Evaluate", w, lambda: worker(w).Evaluate(worker_pb2.EvaluateRequest(
         run_id=run_id, model_version=0, users=[0, 1, 2]), timeout=t))
     attempt("Worker.Describe", w, lambda: worker(w).Describe(worker_pb2.DescribeRequest(), timeout=t))

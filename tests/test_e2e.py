@@ -96,6 +96,9 @@ def test_killed_worker_is_recorded_and_the_run_finishes_on_the_survivor(tmp_path
     certs = tmp_path / "tls"
     make_certs(certs, {"server": "server", "orchestrator": "orchestrator", "operator": "operator", "w0": "worker",
                        "w1": "worker"})
+    from fedseq import roster
+
+    roster.make(2, 0, sharded=False, client_names=["w0", "w1"]).write(certs / roster.ROSTER_FILE)  # read from --tls-dir
 
     def tls(name: str) -> list[str]:
         return ["--tls-dir", str(certs), "--tls-name", name]
