@@ -50,26 +50,75 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .plugins import prepare
 
     prepare(cfg)  # fail fast: dataset, model, rule, attack name/options, ratio, targets, before any process starts
-    settings = LaunchSettings(workers=args.workers, redis_url=args.redis_url, out_dir=args.out,
+    settings = LaunchSettings(workers=args.workers, redis_url=redis_url_from(args), out_dir=args.out,
                               attackers=args.attackers, round_timeout=args.round_timeout, log_dir=args.log_dir,
                               insecure=args.insecure)
     return launch(cfg, settings)
 
 
-def cmd_certs(args: argparse.Namespace) -> int:
-    from fedseq.tls import DEFAULT_HOSTS, TLSError, make_certs, parse_names
+def redis_url_from(args: argparse.Namespace) -> str | None:
+    """``--redis-url``, else ``FEDSEQ_REDIS_URL``. A password on the command line is refused: every
+    local user sees a process's argv (``ps``); the environment is the process owner's only."""
+    from urllib.parse import urlsplit
 
+    if args.redis_url:
+        if urlsplit(args.redis_url).password:
+            raise ConfigError("--redis-url carries a password, which every local user can read in the process list; "
+                              "pass the URL in the environment instead: FEDSEQ_REDIS_URL=redis://... fedseq run ...")
+        return args.redis_url
+    return os.environ.get("FEDSEQ_REDIS_URL") or None
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from fedseq.tls import DEFAULT_HOSTS, DEFAULT_NAMES, Identity, TLSError, make_certs, parse_names
+
+    rostered = args.clients is not None or args.attackers is not None or args.spares
+    if args.unsharded and not rostered:
+        raise ConfigError("--unsharded describes the roster: give --clients N and/or --attackers M with it")
+    for flag, n in (("--clients", args.clients), ("--attackers", args.attackers), ("--spares", args.spares)):
+        if n is not None and n < 0:
+            raise ConfigError(f"{flag} {n}: must be 0 or more")
+    roster = None
     try:
         names = parse_names(args.name) if args.name else None
+        if rostered:
+            from fedseq import roster as roster_mod
+
+            try:  # check the roster before any certificate is written
+                roster = roster_mod.make(args.clients or 0, args.attackers or 0, args.spares or 0,
+                                         sharded=not args.unsharded)
+            except roster_mod.RosterError as e:
+                raise ConfigError(str(e)) from None
+            # the services' certificates (or the --name ones), and one of its own for every worker: no
+            # shared `worker` certificate
+            names = dict(names) if names is not None else {n: r for n, r in DEFAULT_NAMES.items() if r != "worker"}
+            for w in roster.names():
+                if names.get(w, "worker") != "worker":
+                    raise ConfigError(f"--name {w}:{names[w]}: {w} is a worker identity of the roster (role worker)")
+                names[w] = "worker"
         hosts = [*DEFAULT_HOSTS, *(h.strip() for h in (args.hosts or "").split(",") if h.strip())]
         made = make_certs(args.dir, names, hosts=hosts, days=args.days)
     except TLSError as e:
         raise ConfigError(str(e)) from None
-    from fedseq.tls import Identity
 
     for name in made:
         print(f"{made[name]}  role {Identity.load(args.dir, name).role}")
     print(f"CA: {os.path.join(args.dir, 'ca.pem')} (its key ca.key signs more with the same command; keep it private)")
+    if roster is not None:
+        path = roster.write(os.path.join(args.dir, "roster.json"))
+        counts = ", ".join(f"{len([n for n in roster.names(k) if not roster.entries[n].spare])} {k}"
+                           for k in ("client", "attacker"))
+        spares = sum(1 for e in roster.entries.values() if e.spare)
+        print(f"roster: {path} ({counts}{f', {spares} spare' if spares else ''}; "
+              f"{'unsharded' if args.unsharded else 'one shard each'}): the orchestrator's only (--roster, "
+              "FEDSEQ_ROSTER, or roster.json in its --tls-dir); never give it to the server or a worker")
+        unrostered = sorted(n for n, r in (names or {}).items() if r == "worker" and roster.entry(n) is None)
+        if unrostered:
+            print(f"not on the roster: {', '.join(unrostered)} (add each to roster.json with its kind)")
+    elif any(r == "worker" for r in (names or DEFAULT_NAMES).values()):
+        print("note: give every worker its own certificate (--clients N --attackers M, or --name NAME:worker) and "
+              "the orchestrator a roster (roster.json) that says which identity is a client and which an attacker; "
+              "under TLS the orchestrator does not start without one (deploy/README.md)", file=sys.stderr)
     return 0
 
 
@@ -102,7 +151,10 @@ def parser() -> argparse.ArgumentParser:
     add_experiment_flags(p)
     p.add_argument("--workers", type=int, default=2, help="benign client worker processes (default 2)")
     p.add_argument("--attackers", type=int, default=1, help="attacker worker processes when --attack is set")
-    p.add_argument("--redis-url", help="use this Redis instead of starting one")
+    p.add_argument("--redis-url", help="use this Redis instead of starting one (FEDSEQ_REDIS_URL; a URL with a "
+                                       "password only through that variable: argv is public). Only the server and "
+                                       "the orchestrator get it; workers then read models through the server's "
+                                       "GetModel")
     p.add_argument("--round-timeout", type=float, default=600.0)
     p.add_argument("--out", help="results bundle folder (default runs/<run-id>)")
     p.add_argument("--log-dir", help="service logs (default <out>/logs)")
@@ -118,6 +170,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--hosts", help="extra DNS names / IPs in every certificate, comma list (default localhost, "
                                    "127.0.0.1, ::1)")
     p.add_argument("--days", type=int, default=365)
+    p.add_argument("--clients", type=int, metavar="N",
+                   help="worker certificates client-0..N-1 (role worker, each its own), and DIR/roster.json naming "
+                        "them clients; with it no shared `worker` certificate is made")
+    p.add_argument("--attackers", type=int, metavar="M",
+                   help="likewise attacker-0..M-1, rostered as attackers")
+    p.add_argument("--spares", type=int, default=0, metavar="K",
+                   help="spare-0..K-1: client identities that may take over the shard of a client that is gone "
+                        "(needs sharded clients; default 0)")
+    p.add_argument("--unsharded", action="store_true",
+                   help="roster without shards: every identity of a kind may host all of its users (compose, "
+                        "Kubernetes); default: shard i for client-i and attacker-i")
     p.set_defaults(fn=cmd_certs)
 
     p = sub.add_parser("sim", help="run the experiment in one process (no network)")

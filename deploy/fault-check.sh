@@ -3,8 +3,11 @@
 # of the run (once the first epoch is recorded). The run must still finish (run-local.sh starts
 # the stopped container again; the orchestrator resumes from Redis) and tear down to nothing.
 #
-#   FAULT=server deploy/fault-check.sh        # or redis, orchestrator, client, attacker
-#   FAULT=client FEDSEQ_CLIENTS=3 FEDSEQ_ATTACK=dv-fsr FEDSEQ_MALICIOUS_RATIO=0.05 deploy/fault-check.sh
+#   FAULT=server deploy/fault-check.sh        # or redis, orchestrator, client-0, client-1, attacker-0, ...
+#   FAULT=client-1 FEDSEQ_CLIENTS=3 FEDSEQ_ATTACK=dv-fsr FEDSEQ_MALICIOUS_RATIO=0.05 deploy/fault-check.sh
+#
+# FAULT=client and FAULT=attacker (the names before each worker had its own service) mean client-0
+# and attacker-0.
 #
 # Every other variable goes to run-local.sh. Exit 0 when the run finished with state done.
 set -Eeuo pipefail
@@ -15,6 +18,7 @@ say() { echo "fault-check: $*" >&2; }
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${FEDSEQ_DEPLOY_CACHE:-/var/tmp/fedseq-deploy}"
 FAULT="${FAULT:-server}"
+case "$FAULT" in client | attacker) FAULT="$FAULT-0" ;; esac   # one service per worker identity
 # a run long enough to stop something in the middle of it
 export FEDSEQ_DATASET="${FEDSEQ_DATASET:-synthetic:users=400,items=200}"
 export FEDSEQ_EPOCHS="${FEDSEQ_EPOCHS:-4}"

@@ -3,13 +3,17 @@
 # running to the end (containers that go down are started again), print the results table and
 # tear everything down to nothing. Build the images first: deploy/build-local.sh.
 #
-#   deploy/run-local.sh                                   # mTLS (deploy/compose.tls.yaml), 2 clients
+#   deploy/run-local.sh                                   # mTLS (deploy/compose.tls.yaml), client-0 and client-1
 #   FEDSEQ_DATASET='synthetic:users=60,items=80' FEDSEQ_EPOCHS=2 FEDSEQ_CLIENTS_PER_ROUND=16 \
 #     FEDSEQ_NUM_NEGATIVES=50 FEDSEQ_CLIENTS=3 deploy/run-local.sh
 #   FEDSEQ_ATTACK=dv-fsr FEDSEQ_MALICIOUS_RATIO=0.05 FEDSEQ_DEFENSE=mixed-rfa deploy/run-local.sh
 #   FEDSEQ_TLS=0 deploy/run-local.sh                      # plaintext, compose.yaml alone
 #
 # Any FEDSEQ_* variable of deploy/compose.yaml passes through (see deploy/README.md).
+# FEDSEQ_CLIENTS (default 2) and FEDSEQ_ATTACKERS (default 1, with FEDSEQ_ATTACK set) pick the worker
+# services client-0.. and attacker-0..; past compose.yaml's own, deploy/compose_workers.py writes
+# them into $FEDSEQ_DEPLOY_CACHE/compose.workers.yaml. With mTLS each worker has its own certificate
+# and the orchestrator a roster (deploy/tls/roster.json) naming each: made here when missing.
 # COMPOSE_EXTRA="file ..." adds compose files after the base and the TLS overlay.
 # KEEP_UP=1 leaves the stack running (tear down later: deploy/down-local.sh).
 # RUN_TIMEOUT (seconds, default 1800) bounds the run. RESTART_AFTER (default 5) is how many seconds
@@ -36,17 +40,59 @@ for img in "$FEDSEQ_IMAGE" "$REDIS_IMAGE"; do
     podman image exists "$img" || die "image $img is missing: run deploy/build-local.sh"
 done
 
+export FEDSEQ_CLIENTS="${FEDSEQ_CLIENTS:-2}"
+export FEDSEQ_ATTACK="${FEDSEQ_ATTACK:-none}"
+export FEDSEQ_ATTACKERS="${FEDSEQ_ATTACKERS:-1}"
+[ "$FEDSEQ_CLIENTS" -ge 1 ] 2>/dev/null || die "FEDSEQ_CLIENTS=$FEDSEQ_CLIENTS: need 1 or more client workers"
+[ "$FEDSEQ_ATTACKERS" -ge 0 ] 2>/dev/null || die "FEDSEQ_ATTACKERS=$FEDSEQ_ATTACKERS is not a number"
+profile_args=()
+workers="$FEDSEQ_CLIENTS"
+# one named service per worker identity: client-0.., attacker-0.. (compose.yaml has client-0,
+# client-1 and attacker-0; compose_workers.py writes the others into an extra compose file)
+worker_services=()
+for ((i = 0; i < FEDSEQ_CLIENTS; i++)); do worker_services+=("client-$i"); done
+if [ "$FEDSEQ_ATTACK" != none ]; then
+    profile_args=(--profile attack)
+    workers=$((FEDSEQ_CLIENTS + FEDSEQ_ATTACKERS))
+    for ((i = 0; i < FEDSEQ_ATTACKERS; i++)); do worker_services+=("attacker-$i"); done
+fi
+# certificates for every worker identity the files name (attacker-0 at least: prepare fills its volume)
+cert_clients=$((FEDSEQ_CLIENTS > 2 ? FEDSEQ_CLIENTS : 2))
+cert_attackers=$((FEDSEQ_ATTACKERS > 1 ? FEDSEQ_ATTACKERS : 1))
+
 files=(-f "$ROOT/deploy/compose.yaml")
 if [ "$FEDSEQ_TLS" = 1 ]; then
     files+=(-f "$ROOT/deploy/compose.tls.yaml")
     export FEDSEQ_CERTS="${FEDSEQ_CERTS:-$ROOT/deploy/tls}"
-    if [ ! -f "$FEDSEQ_CERTS/ca.pem" ]; then
-        say "making certificates in $FEDSEQ_CERTS (fedseq certs, in the image)"
+    # one certificate per worker and the orchestrator's roster naming each: made (again, with the CA
+    # kept) when the CA, a worker's certificate or its roster entry is missing
+    need=()
+    for ((i = 0; i < cert_clients; i++)); do need+=("client-$i"); done
+    for ((i = 0; i < cert_attackers; i++)); do need+=("attacker-$i"); done
+    have=1
+    [ -f "$FEDSEQ_CERTS/ca.pem" ] && [ -f "$FEDSEQ_CERTS/roster.json" ] || have=0
+    for n in "${need[@]}"; do [ -f "$FEDSEQ_CERTS/$n.pem" ] || have=0; done
+    if [ "$have" = 1 ] && ! python3 -c 'import json,sys; w={e["name"]: e["kind"] for e in json.load(open(sys.argv[1]))["workers"]}; sys.exit(0 if all(w.get(n) == n.split("-")[0] for n in sys.argv[2:]) else 1)' \
+            "$FEDSEQ_CERTS/roster.json" "${need[@]}" 2>/dev/null; then
+        have=0
+    fi
+    if [ "$have" = 0 ]; then
+        say "making certificates and the roster in $FEDSEQ_CERTS ($cert_clients client(s), $cert_attackers attacker(s); fedseq certs, in the image)"
         mkdir -p "$FEDSEQ_CERTS"
-        podman run --rm --no-healthcheck --network none --user 0 -v "$FEDSEQ_CERTS:/tls" "$FEDSEQ_IMAGE" certs /tls >/dev/null \
+        podman run --rm --no-healthcheck --network none --user 0 -v "$FEDSEQ_CERTS:/tls" "$FEDSEQ_IMAGE" certs /tls \
+            --clients "$cert_clients" --attackers "$cert_attackers" --unsharded >/dev/null \
             || die "fedseq certs failed"
         chmod 0700 "$FEDSEQ_CERTS"
     fi
+fi
+if [ "$FEDSEQ_CLIENTS" -gt 2 ] || [ "$FEDSEQ_ATTACKERS" -gt 1 ]; then
+    PY="$CACHE/tools/bin/python"   # the podman-compose venv: it has PyYAML
+    extra_file="$CACHE/compose.workers.yaml"
+    tls_flag=()
+    if [ "$FEDSEQ_TLS" = 1 ]; then tls_flag=(--tls); fi
+    "$PY" "$ROOT/deploy/compose_workers.py" "$extra_file" --clients "$cert_clients" --attackers "$cert_attackers" \
+        "${tls_flag[@]}" >/dev/null || die "deploy/compose_workers.py failed"
+    files+=(-f "$extra_file")
 fi
 
 for extra in ${COMPOSE_EXTRA:-}; do   # more compose files (for example one that publishes ports)
@@ -54,15 +100,6 @@ for extra in ${COMPOSE_EXTRA:-}; do   # more compose files (for example one that
     files+=(-f "$extra")
 done
 
-export FEDSEQ_CLIENTS="${FEDSEQ_CLIENTS:-2}"
-export FEDSEQ_ATTACK="${FEDSEQ_ATTACK:-none}"
-export FEDSEQ_ATTACKERS="${FEDSEQ_ATTACKERS:-1}"
-profile_args=()
-workers="$FEDSEQ_CLIENTS"
-if [ "$FEDSEQ_ATTACK" != none ]; then
-    profile_args=(--profile attack)
-    workers=$((FEDSEQ_CLIENTS + FEDSEQ_ATTACKERS))
-fi
 export FEDSEQ_MIN_WORKERS="${FEDSEQ_MIN_WORKERS:-$workers}"
 # A fresh run id per invocation, so a Redis volume left behind never resumes an old run.
 export FEDSEQ_RUN_ID="${FEDSEQ_RUN_ID:-local-$(date +%Y%m%d-%H%M%S)}"
@@ -75,7 +112,7 @@ rm -rf "$out"   # the compose `prepare` service makes it, owned by the orchestra
 
 pc() { podman-compose -p "$PROJECT" "${files[@]}" "${profile_args[@]}" "$@"; }
 project=(--filter "label=io.podman.compose.project=$PROJECT")
-save_logs() {   # every container of the project, `--scale` replicas included
+save_logs() {   # every container of the project
     local c
     for c in $(podman ps -a "${project[@]}" --format '{{.Names}}' | sort); do
         echo "===== $c"
@@ -111,8 +148,7 @@ t0=$SECONDS
 # a crashed orchestrator stayed down ("stopped", restart count 0). Without --requires the policy
 # works (on-failure:5 measured: 5 restarts, then down). The start order and the wait for `prepare`
 # are done here instead (podman 4.3 ignores the service_healthy conditions anyway).
-services=(server orchestrator client)
-if [ "$FEDSEQ_ATTACK" != none ]; then services+=(attacker); fi
+services=(server orchestrator "${worker_services[@]}")
 pc up -d --no-deps prepare redis >"$CACHE/compose-up.log" 2>&1 || die "podman-compose up failed; last lines of $CACHE/compose-up.log:
 $(tail -20 "$CACHE/compose-up.log")"
 prep="$(podman ps -a "${project[@]}" --filter label=com.docker.compose.service=prepare --format '{{.Names}}' | sed -n 1p)"
@@ -146,7 +182,7 @@ while :; do
         healthy_at=$((now - t0))
         say "t=${healthy_at}s every service passes its health check"
         # the store network: the server reaches Redis, a worker must not
-        w="$(podman ps "${project[@]}" --filter label=com.docker.compose.service=client --format '{{.Names}}' | sed -n 1p)"
+        w="$(podman ps "${project[@]}" --filter label=com.docker.compose.service=client-0 --format '{{.Names}}' | sed -n 1p)"
         srv="$(podman ps "${project[@]}" --filter label=com.docker.compose.service=server --format '{{.Names}}' | sed -n 1p)"
         probe='import socket; socket.create_connection(("redis", 6379), 3)'
         if [ -n "$w" ] && [ -n "$srv" ]; then

@@ -25,7 +25,9 @@ DEPLOY = ROOT / "deploy"
 COMPOSE = DEPLOY / "compose.yaml"
 GPU = DEPLOY / "compose.gpu.yaml"
 TLS = DEPLOY / "compose.tls.yaml"
-SERVICE_KINDS = {"server", "orchestrator", "client", "attacker"}
+# one named service per worker identity (its own certificate under compose.tls.yaml)
+WORKERS = {"client-0": "client", "client-1": "client", "attacker-0": "attacker"}
+SERVICE_KINDS = {"server", "orchestrator", *WORKERS}
 
 # ------------------------------------------------------------------ a small reader for our compose files
 
@@ -102,14 +104,16 @@ EXPERIMENT_ENV = {f"FEDSEQ_{f.name.upper()}" for f in fields(ExperimentConfig)} 
 def test_compose_has_the_services_and_the_attack_profile():
     svcs = _services(COMPOSE)
     assert {"redis", *SERVICE_KINDS} <= set(svcs), sorted(svcs)
-    assert svcs["attacker"].get("profiles") == ["attack"], "the attacker must sit behind the 'attack' profile"
-    for name in ("redis", "server", "orchestrator", "client"):
+    assert svcs["attacker-0"].get("profiles") == ["attack"], "the attacker must sit behind the 'attack' profile"
+    for name in ("redis", "server", "orchestrator", "client-0", "client-1"):
         assert not svcs[name].get("profiles"), f"{name} must run in the default profile"
-    for name in ("client", "attacker"):
-        assert "container_name" not in svcs[name]["keys"], f"{name} must stay scalable (no container_name)"
-        # podman-compose >= 1.1 honours deploy.replicas only next to an explicit mode
-        assert any("mode: replicated" in ln for ln in svcs[name]["deploy"]), name
-        assert any("replicas:" in ln for ln in svcs[name]["deploy"]), name
+    workers = {n: s for n, s in svcs.items() if s.get("command", [""])[0] in ("serve-client", "serve-attacker")}
+    assert set(workers) == set(WORKERS), "one named service per worker identity"
+    for name, kind in WORKERS.items():
+        assert workers[name]["command"] == [f"serve-{kind}"], name
+        # one identity per service: never scaled to replicas that would share it
+        assert not workers[name]["deploy"] and "scale" not in workers[name]["keys"], name
+        assert "container_name" not in workers[name]["keys"], name
     assert "${REDIS_IMAGE:-redis:7}" in COMPOSE.read_text()
 
 
@@ -127,7 +131,7 @@ def test_every_command_is_a_real_fedseq_subcommand(path, capsys):
         assert exc.value.code == 0, f"{path.name}: {name} runs {cmd!r}, not a fedseq subcommand"
         seen += 1
     if path == COMPOSE:
-        assert seen == 4
+        assert seen == len(SERVICE_KINDS)
         kinds = {svc["command"][0] for n, svc in _services(path).items() if n in SERVICE_KINDS}
         assert kinds == {"serve-server", "serve-orchestrator", "serve-client", "serve-attacker"}
     capsys.readouterr()
@@ -153,7 +157,7 @@ def test_every_fedseq_env_var_is_read_by_the_code(path, monkeypatch):
             assert _reads(cmd, var, value, monkeypatch), f"{path.name}: {name} ({cmd}) sets {var}={value!r}, " \
                 "which that command does not read"
             checked += 1
-    assert checked >= {COMPOSE: 20, GPU: 0, TLS: 12}[path]
+    assert checked >= {COMPOSE: 24, GPU: 0, TLS: 15}[path]
 
 
 def test_env_check_catches_a_variable_no_command_reads(monkeypatch):
@@ -174,7 +178,7 @@ def test_orchestrator_default_experiment_is_valid():
     host, port = env["FEDSEQ_AGGREGATOR"].split(":")
     assert host == "server" and port == _services(COMPOSE)["server"]["environment"]["FEDSEQ_PORT"]
     orch_port = env["FEDSEQ_PORT"]
-    for worker in ("client", "attacker"):
+    for worker in WORKERS:
         assert _services(COMPOSE)[worker]["environment"]["FEDSEQ_ORCHESTRATOR"] == f"orchestrator:{orch_port}"
         assert _services(COMPOSE)[worker]["environment"]["FEDSEQ_PORT"] != "0", "workers need a fixed port"
 
@@ -267,7 +271,8 @@ def test_compose_health_checks_order_the_start():
     assert cond["server"] == {"redis": "service_healthy"}
     assert cond["orchestrator"] == {"prepare": "service_completed_successfully", "redis": "service_healthy",
                                     "server": "service_healthy"}
-    assert cond["client"] == cond["attacker"] == {"orchestrator": "service_healthy"}
+    for name in WORKERS:
+        assert cond[name] == {"orchestrator": "service_healthy"}, name
 
 
 def test_compose_restarts_are_bounded_and_signals_reach_the_services():
@@ -292,7 +297,7 @@ def test_compose_results_and_data_folders():
     assert svcs["prepare"]["environment"]["OWNER"] == svcs["orchestrator"]["user"] == "${FEDSEQ_USER:-10001:10001}"
     assert svcs["prepare"]["environment"]["RUN"] == "${FEDSEQ_RUN_ID:-compose}"
     assert svcs["orchestrator"]["environment"]["FEDSEQ_OUT"] == "/results/${FEDSEQ_RUN_ID:-compose}"
-    for name in ("orchestrator", "client", "attacker"):
+    for name in ("orchestrator", *WORKERS):
         mounts = [v for v in svcs[name]["volumes"] if v.endswith(":/data:ro")]
         assert mounts == ["${FEDSEQ_DATA_DIR:-./data}:/data:ro"], name
     assert (DEPLOY / "data" / "README.md").is_file(), "deploy/data must exist in a fresh clone"
@@ -301,7 +306,7 @@ def test_compose_results_and_data_folders():
 def test_tls_overlay_mounts_only_each_services_own_key():
     doc = _yaml(TLS)
     svcs = doc["services"]
-    want = {"server": "server", "orchestrator": "orchestrator", "client": "worker", "attacker": "worker"}
+    want = {"server": "server", "orchestrator": "orchestrator", **{w: w for w in WORKERS}}
     for name, cert in want.items():
         env = svcs[name]["environment"]
         assert env["FEDSEQ_TLS_NAME"] == cert and env["FEDSEQ_TLS_DIR"] == "/tls", name
@@ -309,38 +314,115 @@ def test_tls_overlay_mounts_only_each_services_own_key():
     script = svcs["prepare"]["entrypoint"][-1]
     assert "ca.key" not in script and "operator" not in script, "the CA key and operator cert stay out"
     assert "mode=0400" in script and "mv -f" in script
-    assert set(doc["volumes"]) == {"tls-server", "tls-orchestrator", "tls-worker"}
-    # every certificate the overlay names is one `fedseq certs DIR` makes by default
-    from fedseq.tls import DEFAULT_NAMES
+    assert set(doc["volumes"]) == {f"tls-{c}" for c in want.values()}
+    # prepare fills each service's volume, mounted at /tls/<certificate name>
+    assert sorted(svcs["prepare"]["volumes"]) == sorted(["${FEDSEQ_CERTS:-./tls}:/certs:ro",
+                                                         *(f"tls-{c}:/tls/{c}" for c in want.values())])
 
-    assert set(want.values()) <= set(DEFAULT_NAMES)
+
+def test_tls_overlay_gives_every_worker_its_own_identity_and_the_roster_to_the_orchestrator_only():
+    """(a) every worker service runs with its own certificate name, (b) no two services share a
+    certificate or its volume, (c) the roster reaches the orchestrator's volume only: no service but
+    the one-shot `prepare` mounts the certificates folder, and no service mounts another's volume."""
+    base, over = _yaml(COMPOSE)["services"], _yaml(TLS)["services"]
+    workers = [n for n, svc in base.items() if svc.get("command", [""])[0] in ("serve-client", "serve-attacker")]
+    assert sorted(workers) == sorted(WORKERS)
+    names = {n: over[n]["environment"]["FEDSEQ_TLS_NAME"] for n in over if n != "prepare"}
+    for w in workers:
+        assert names[w] == w, f"{w} must use its own certificate (FEDSEQ_TLS_NAME={names.get(w)!r})"
+        assert names[w] != "worker", "no shared worker certificate"
+    assert len(set(names.values())) == len(names), f"two services share a certificate: {names}"
+    mounts = {n: [v.split(":/")[0] for v in (base[n].get("volumes") or []) + (over.get(n, {}).get("volumes") or [])]
+              for n in base}
+    tls_volumes = {n: [v for v in m if v.startswith("tls-")] for n, m in mounts.items() if n != "prepare"}
+    for n, vols in tls_volumes.items():
+        assert vols == ([f"tls-{names[n]}"] if n in names else []), f"{n} mounts {vols}"
+    certs_folder = "${FEDSEQ_CERTS:-./tls}"
+    assert [n for n, m in mounts.items() if certs_folder in m] == ["prepare"]
+    script = over["prepare"]["entrypoint"][-1]
+    # roster.json is copied for the orchestrator's volume and nowhere else
+    assert script.count("roster.json") == 1
+    assert re.search(r'orchestrator\)[^\n]*files="\$\$files roster\.json"', script), script
+    for name in {**base, **over}:
+        env = {**(base.get(name, {}).get("environment") or {}), **(over.get(name, {}).get("environment") or {})}
+        assert "FEDSEQ_ROSTER" not in env or name == "orchestrator", f"{name} must not be given the roster"
 
 
-def test_tls_overlay_prepare_script_really_fills_the_volumes(tmp_path):
-    """Runs the overlay's `prepare` script (compose's `$$` unescaped) on real certificates in
-    temporary folders standing for the mounts, then loads each service's identity from its copy."""
-    from fedseq.tls import Identity, make_certs
-
+def _run_prepare(tmp_path, certs: Path, names: list[str]) -> subprocess.CompletedProcess:
     script = _yaml(TLS)["services"]["prepare"]["entrypoint"][-1].replace("$$", "$")
-    certs, tls, results = tmp_path / "certs", tmp_path / "tls", tmp_path / "results"
-    make_certs(certs)
-    for n in ("server", "orchestrator", "worker"):
-        (tls / n).mkdir(parents=True)
+    tls, results = tmp_path / "tls", tmp_path / "results"
+    for n in names:
+        (tls / n).mkdir(parents=True, exist_ok=True)
     me = f"{os.getuid()}:{os.getgid()}"
     script = (script.replace("/certs", str(certs)).replace("/tls", str(tls)).replace("/results", str(results))
               .replace("10001:10001", me))
-    r = subprocess.run(["sh", "-ec", script], env={"RUN": "r1", "OWNER": me, "PATH": os.environ["PATH"]},
-                       capture_output=True, text=True, timeout=60)
+    return subprocess.run(["sh", "-ec", script], env={"RUN": "r1", "OWNER": me, "PATH": os.environ["PATH"]},
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_tls_overlay_prepare_script_really_fills_the_volumes(tmp_path, fedseq_cli):
+    """Runs the overlay's `prepare` script (compose's `$$` unescaped) on the certificates and roster
+    `fedseq certs DIR --clients 2 --attackers 1 --unsharded` makes, in temporary folders standing for
+    the mounts, then loads each service's identity from its copy."""
+    from fedseq import roster
+    from fedseq.tls import Identity
+
+    certs, tls = tmp_path / "certs", tmp_path / "tls"
+    rc, _, err = fedseq_cli("certs", certs, "--clients", 2, "--attackers", 1, "--unsharded")
+    assert rc == 0, err
+    names = [v.split(":")[1].removeprefix("/tls/") for v in _yaml(TLS)["services"]["prepare"]["volumes"]
+             if v.split(":")[1].startswith("/tls/")]
+    assert sorted(names) == sorted(["server", "orchestrator", *WORKERS])
+    r = _run_prepare(tmp_path, certs, names)
     assert r.returncode == 0, r.stderr
-    assert (results / "r1").is_dir()
-    for n in ("server", "orchestrator", "worker"):
-        assert sorted(p.name for p in (tls / n).iterdir()) == sorted(["ca.pem", f"{n}.pem", f"{n}.key"])
+    assert (tmp_path / "results" / "r1").is_dir()
+    for n in names:
+        extra = ["roster.json"] if n == "orchestrator" else []
+        assert sorted(p.name for p in (tls / n).iterdir()) == sorted(["ca.pem", f"{n}.pem", f"{n}.key", *extra]), n
         assert ((tls / n / f"{n}.key").stat().st_mode & 0o777) == 0o400
-        assert Identity.load(tls / n, n).role == n
-    (certs / "worker.key").unlink()
-    r = subprocess.run(["sh", "-ec", script], env={"RUN": "r1", "OWNER": me, "PATH": os.environ["PATH"]},
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode != 0 and "worker.key missing" in r.stderr
+        ident = Identity.load(tls / n, n)
+        assert ident.role == (n if n in ("server", "orchestrator") else "worker")
+    r_ = roster.load(tls / "orchestrator" / "roster.json")
+    assert {w: r_.entry(w).kind for w in WORKERS} == WORKERS
+    assert not (tls / "server" / "roster.json").exists()
+    (certs / "client-1.key").unlink()
+    r = _run_prepare(tmp_path, certs, names)
+    assert r.returncode != 0 and "client-1.key missing" in r.stderr
+    (certs / "roster.json").unlink()
+    shutil.rmtree(tls)
+    r = _run_prepare(tmp_path, certs, ["orchestrator"])
+    assert r.returncode != 0 and "roster.json missing" in r.stderr
+
+
+def test_compose_workers_writes_more_named_workers(tmp_path):
+    """deploy/compose_workers.py (run-local.sh, FEDSEQ_CLIENTS > 2): each new worker is a copy of
+    client-0 / attacker-0 with its own identity, certificate volume and prepare mount."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compose_workers", DEPLOY / "compose_workers.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    doc = mod.worker_services({"client": 4, "attacker": 2}, tls=True)
+    svcs = doc["services"]
+    assert set(svcs) == {"client-2", "client-3", "attacker-1", "prepare"}
+    base = _yaml(COMPOSE)["services"]
+    for name in ("client-2", "client-3", "attacker-1"):
+        kind = name.split("-")[0]
+        assert svcs[name]["command"] == [f"serve-{kind}"]
+        env = svcs[name]["environment"]
+        assert env["FEDSEQ_TLS_NAME"] == name and env["FEDSEQ_INSECURE"] == "0" and env["FEDSEQ_TLS_DIR"] == "/tls"
+        assert f"tls-{name}:/tls:ro" in svcs[name]["volumes"]
+        assert {k: v for k, v in env.items() if k not in ("FEDSEQ_TLS_NAME", "FEDSEQ_INSECURE", "FEDSEQ_TLS_DIR")} == \
+            {k: v for k, v in base[f"{kind}-0"]["environment"].items() if k != "FEDSEQ_INSECURE"}
+    assert svcs["attacker-1"]["profiles"] == ["attack"]
+    assert sorted(svcs["prepare"]["volumes"]) == sorted(f"tls-{n}:/tls/{n}" for n in ("client-2", "client-3", "attacker-1"))
+    assert set(doc["volumes"]) == {"tls-client-2", "tls-client-3", "tls-attacker-1"}
+    plain = mod.worker_services({"client": 3, "attacker": 1}, tls=False)
+    assert set(plain["services"]) == {"client-2"} and "volumes" not in plain
+    assert plain["services"]["client-2"]["environment"]["FEDSEQ_INSECURE"] == "1"
+    out = tmp_path / "w.yaml"
+    assert mod.main([str(out), "--clients", "3", "--tls"]) == 0
+    assert set(_yaml(out)["services"]) == {"client-2", "prepare"}
 
 
 def test_lock_files_pin_everything_and_are_used():
@@ -366,4 +448,5 @@ def test_only_the_server_and_the_orchestrator_reach_redis():
     assert nets["redis"] == ["store"]
     assert {n for n, v in nets.items() if "store" in v} == {"redis", "server", "orchestrator"}
     assert doc["networks"]["store"]["internal"] is True
-    assert "FEDSEQ_STORE_URL" not in doc["services"]["client"]["environment"]
+    for name in WORKERS:
+        assert "FEDSEQ_STORE_URL" not in doc["services"][name]["environment"], name

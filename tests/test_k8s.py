@@ -15,13 +15,15 @@ import pytest
 import yaml
 
 import cli.main as cli
+from fedseq import roster
 from fedseq.config import build_config
-from fedseq.tls import DEFAULT_NAMES, make_certs
+from fedseq.tls import Identity
 from tests.test_deploy import EXPERIMENT_ENV, _reads
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "deploy" / "k8s" / "base"
 K8S_VERSION = kubernetes_validate.latest_version()  # the newest schemas the package ships
+WORKERS = {"client-0": "client", "client-1": "client", "attacker-0": "attacker"}  # one Deployment each
 
 
 def _kustomization() -> dict:
@@ -96,20 +98,28 @@ def test_every_manifest_is_valid_against_the_kubernetes_schemas():
     docs = _resources()
     kinds = sorted(d["kind"] for d in docs)
     assert kinds == sorted(["ConfigMap", "Service", "StatefulSet", "Service", "Deployment", "Service",
-                            "PersistentVolumeClaim", "Job", "Deployment", "Deployment", "NetworkPolicy"])
+                            "PersistentVolumeClaim", "Job", "Deployment", "Deployment", "Deployment",
+                            "NetworkPolicy"])
     for d in docs:
         _validate(d)
 
 
-def test_generated_certificate_secrets_are_valid(tmp_path):
-    make_certs(tmp_path)
+def test_generated_certificate_secrets_are_valid(tmp_path, fedseq_cli):
+    # what the kustomization's comment says to run
+    rc, _, err = fedseq_cli("certs", tmp_path, "--clients", 2, "--attackers", 1, "--unsharded")
+    assert rc == 0, err
     secrets = _generated_secrets(tmp_path)
-    assert {s["metadata"]["name"] for s in secrets} == {f"fedseq-tls-{r}" for r in ("server", "orchestrator", "worker")}
+    assert {s["metadata"]["name"] for s in secrets} == {f"fedseq-tls-{n}" for n in (
+        "server", "orchestrator", *WORKERS)}
     for s in secrets:
         _validate(s)
-        role = s["metadata"]["name"].removeprefix("fedseq-tls-")
-        assert sorted(s["data"]) == sorted(["ca.pem", f"{role}.pem", f"{role}.key"]), "only the role's own key"
-        assert role in DEFAULT_NAMES, "`fedseq certs DIR` makes it"
+        name = s["metadata"]["name"].removeprefix("fedseq-tls-")
+        extra = ["roster.json"] if name == "orchestrator" else []
+        assert sorted(s["data"]) == sorted(["ca.pem", f"{name}.pem", f"{name}.key", *extra]), "only its own key"
+        role = Identity.load(tmp_path, name).role
+        assert role == (name if name in ("server", "orchestrator") else "worker")
+    r = roster.load(tmp_path / "roster.json")
+    assert {n: r.entry(n).kind for n in WORKERS} == WORKERS
     files = [f for g in _kustomization()["secretGenerator"] for f in g["files"]]
     assert "tls/ca.key" not in files and not any("operator" in f for f in files)
     assert _kustomization()["generatorOptions"]["disableNameSuffixHash"] is True
@@ -147,7 +157,7 @@ def test_services_addresses_and_ports_agree():
     broken = copy.deepcopy(docs)
     next(d for d in broken if d["kind"] == "Service" and d["metadata"]["name"] == "server")["spec"]["ports"][0][
         "targetPort"] = 50052
-    client = next(d for d in broken if d["kind"] == "Deployment" and d["metadata"]["name"] == "client")
+    client = next(d for d in broken if d["kind"] == "Deployment" and d["metadata"]["name"] == "client-0")
     next(e for e in _pod_spec(client)["containers"][0]["env"] if e["name"] == "FEDSEQ_ORCHESTRATOR")["value"] = "orch:1"
     errs = consistency_errors(broken)
     assert any("Service server targets port 50052" in e for e in errs), errs
@@ -185,7 +195,7 @@ def test_containers_run_fedseq_subcommands_that_read_their_variables(monkeypatch
 
 def test_every_fedseq_container_has_its_own_certificate_and_a_health_probe():
     secrets = {g["name"] for g in _kustomization()["secretGenerator"]}
-    want = {"server": "server", "orchestrator": "orchestrator", "client": "worker", "attacker": "worker"}
+    want = {"server": "server", "orchestrator": "orchestrator", **{w: w for w in WORKERS}}
     for d in _resources():
         spec = _pod_spec(d)
         name = d["metadata"]["name"]
@@ -216,10 +226,23 @@ def test_podman_rendering_keeps_the_pod_templates_and_stays_valid(tmp_path):
         (tmp_path / gen["name"]).mkdir()
         for f in gen["files"]:
             (tmp_path / gen["name"] / Path(f).name).write_text("x")
-    docs = mod.render(BASE, tmp_path, {"fedseq": "localhost/fedseq:latest"}, {"FEDSEQ_EPOCHS": "2"},
+    (tmp_path / "fedseq-tls-client-2").mkdir()  # a copied worker's Secret: the caller makes its folder too
+    docs = mod.render(BASE, tmp_path, {"fedseq": "localhost/fedseq:latest"}, {"FEDSEQ_EPOCHS": "2"}, {},
                       {"client": 3, "attacker": 1})
     pods = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Pod"}
     assert set(pods) == {"redis", "server", "orchestrator", "client-0", "client-1", "client-2", "attacker-0"}
+    for name in ("client-0", "client-1", "client-2", "attacker-0"):  # each worker its own identity
+        c = pods[name]["spec"]["containers"][0]
+        assert {e["name"]: e["value"] for e in c["env"]}["FEDSEQ_TLS_NAME"] == name
+        tls = next(v for v in pods[name]["spec"]["volumes"] if v["name"] == "tls")
+        assert tls["hostPath"]["path"] == str((tmp_path / f"fedseq-tls-{name}").resolve())
+    assert pods["client-2"]["metadata"]["labels"]["app.kubernetes.io/instance"] == "client-2"
+    # the base as it is: client-0, client-1; attacker-0 has no replica
+    plain = {d["metadata"]["name"] for d in mod.render(BASE, tmp_path, {}, {}, {}) if d["kind"] == "Pod"}
+    assert plain == {"redis", "server", "orchestrator", "client-0", "client-1"}
+    one = {d["metadata"]["name"] for d in mod.render(BASE, tmp_path, {}, {}, {}, {"client": 1, "attacker": 0})
+           if d["kind"] == "Pod"}
+    assert one == {"redis", "server", "orchestrator", "client-0"}
     for d in docs:
         _validate(d)
     orch = pods["orchestrator"]["spec"]
@@ -230,7 +253,48 @@ def test_podman_rendering_keeps_the_pod_templates_and_stays_valid(tmp_path):
     assert pods["redis"]["spec"]["volumes"][-1]["persistentVolumeClaim"]["claimName"] == "data-redis-0"
     assert {d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"} == {"data-redis-0",
                                                                                               "fedseq-results"}
-    tls = next(v for v in pods["client-1"]["spec"]["volumes"] if v["name"] == "tls")
-    assert tls["hostPath"]["path"] == str((tmp_path / "fedseq-tls-worker").resolve())
     with pytest.raises(SystemExit, match="not a key of the ConfigMap"):
         mod.render(BASE, tmp_path, {}, {"FEDSEQ_NOPE": "1"}, {})
+
+
+def test_every_worker_has_its_own_identity_and_only_the_orchestrator_gets_the_roster():
+    """(a) every worker Deployment runs with its own certificate name, one replica at most, (b) no
+    two pods share a certificate Secret, and each Secret holds only its own certificate's key, (c)
+    the roster is in the orchestrator's Secret only, mounted in the orchestrator's pod and in no other
+    (never the server's)."""
+    docs = _resources()
+    gens = {g["name"]: [Path(f).name for f in g["files"]] for g in _kustomization()["secretGenerator"]}
+    mounted: dict[str, list[str]] = {}
+    workers = {}
+    for d in docs:
+        spec = _pod_spec(d)
+        if spec is None:
+            continue
+        name = d["metadata"]["name"]
+        for v in spec.get("volumes", []):
+            for src in [v] + [s for s in v.get("projected", {}).get("sources", [])]:
+                ref = src.get("secret", {}).get("secretName") or src.get("configMap", {}).get("name")
+                if ref:
+                    mounted.setdefault(ref, []).append(name)
+        if d["kind"] == "Deployment" and d["metadata"]["labels"].get("app.kubernetes.io/component") == "worker":
+            c = spec["containers"][0]
+            env = {e["name"]: e.get("value") for e in c["env"]}
+            workers[name] = (c["args"][0], env["FEDSEQ_TLS_NAME"], d["spec"]["replicas"])
+    assert {n: w[0] for n, w in workers.items()} == {n: f"serve-{k}" for n, k in WORKERS.items()}
+    for name, (_, tls_name, replicas) in workers.items():
+        assert tls_name == name != "worker", f"{name} must use its own certificate"
+        assert replicas <= 1, f"{name}: {replicas} pods would share one identity"
+        assert gens[f"fedseq-tls-{name}"] == ["ca.pem", f"{name}.pem", f"{name}.key"]
+    for secret, users in mounted.items():
+        if secret.startswith("fedseq-tls-"):
+            assert len(users) == 1, f"{secret} is mounted by {users}: no two workloads share a certificate"
+    holders = [g for g, files in gens.items() if "roster.json" in files]
+    assert holders == ["fedseq-tls-orchestrator"]
+    assert mounted["fedseq-tls-orchestrator"] == ["orchestrator"]
+    for cm in _kustomization().get("configMapGenerator", []):
+        assert not any("roster" in str(f) for f in cm.get("files", [])), "the roster stays out of ConfigMaps"
+    assert not any("roster" in str(v) for d in docs if d["kind"] == "ConfigMap" for v in d["data"].values())
+    server = _pod_spec(_by_kind("Deployment")["server"])
+    assert [v["secret"]["secretName"] for v in server["volumes"] if "secret" in v] == ["fedseq-tls-server"]
+    assert "roster.json" not in gens["fedseq-tls-server"]
+    assert not any(e["name"] == "FEDSEQ_ROSTER" for e in server["containers"][0]["env"])

@@ -10,7 +10,8 @@
 #     FEDSEQ_DEFENSE=mixed-rfa deploy/k8s/play-local.sh
 #
 # FEDSEQ_<KEY> variables that are keys of base/configmap.yaml override it; FEDSEQ_CLIENTS and
-# FEDSEQ_ATTACKERS set the worker replicas (attackers only with FEDSEQ_ATTACK set). KEEP_UP=1
+# FEDSEQ_ATTACKERS set the worker Deployments client-0.. and attacker-0.. (attackers only with
+# FEDSEQ_ATTACK set), each with its own certificate; the orchestrator's Secret carries the roster. KEEP_UP=1
 # leaves the pods running (tear down: podman kube down $FEDSEQ_DEPLOY_CACHE/k8s-play.yaml).
 set -Eeuo pipefail
 
@@ -34,20 +35,40 @@ for img in "$FEDSEQ_IMAGE" "$REDIS_IMAGE"; do
 done
 
 # ---------------------------------------------------------------- certificates -> the Secrets' files
+clients="${FEDSEQ_CLIENTS:-2}"
+attackers=0
+[ "${FEDSEQ_ATTACK:-none}" != none ] && attackers="${FEDSEQ_ATTACKERS:-1}"
+[ "$clients" -ge 1 ] 2>/dev/null || die "FEDSEQ_CLIENTS=$clients: need 1 or more client workers"
+# one certificate per worker (the base's client-0, client-1, attacker-0 at least) and the roster
+cert_clients=$((clients > 2 ? clients : 2))
+cert_attackers=$((attackers > 1 ? attackers : 1))
+names=(server orchestrator)
+for ((i = 0; i < cert_clients; i++)); do names+=("client-$i"); done
+for ((i = 0; i < cert_attackers; i++)); do names+=("attacker-$i"); done
 CERTS="${FEDSEQ_CERTS:-$BASE/tls}"
-if [ ! -f "$CERTS/ca.pem" ]; then
-    say "making certificates in $CERTS (fedseq certs, in the image)"
+have=1
+[ -f "$CERTS/ca.pem" ] && [ -f "$CERTS/roster.json" ] || have=0
+for n in "${names[@]}"; do [ -f "$CERTS/$n.pem" ] || have=0; done
+if [ "$have" = 1 ] && ! python3 -c 'import json,sys; w={e["name"]: e["kind"] for e in json.load(open(sys.argv[1]))["workers"]}; sys.exit(0 if all(w.get(n) == n.split("-")[0] for n in sys.argv[2:]) else 1)' \
+        "$CERTS/roster.json" "${names[@]:2}" 2>/dev/null; then
+    have=0
+fi
+if [ "$have" = 0 ]; then
+    say "making certificates and the roster in $CERTS ($cert_clients client(s), $cert_attackers attacker(s); fedseq certs, in the image)"
     mkdir -p "$CERTS"
-    podman run --rm --no-healthcheck --network none --user 0 -v "$CERTS:/tls" "$FEDSEQ_IMAGE" certs /tls >/dev/null \
-        || die "fedseq certs failed"
+    podman run --rm --no-healthcheck --network none --user 0 -v "$CERTS:/tls" "$FEDSEQ_IMAGE" certs /tls \
+        --clients "$cert_clients" --attackers "$cert_attackers" --unsharded >/dev/null || die "fedseq certs failed"
     chmod 0700 "$CERTS"
 fi
 secrets="$CACHE/k8s-secrets"
 rm -rf "$secrets"
-for role in server orchestrator worker; do   # what kubelet mounts from each Secret (fsGroup 10001)
-    d="$secrets/fedseq-tls-$role"; mkdir -p "$d"
-    cp "$CERTS/ca.pem" "$CERTS/$role.pem" "$CERTS/$role.key" "$d/" || die "$CERTS lacks $role's certificate"
-    chown -R 10001:10001 "$d"; chmod 0444 "$d"/*.pem; chmod 0400 "$d/$role.key"
+for n in "${names[@]}"; do   # what kubelet mounts from each Secret (fsGroup 10001)
+    d="$secrets/fedseq-tls-$n"; mkdir -p "$d"
+    cp "$CERTS/ca.pem" "$CERTS/$n.pem" "$CERTS/$n.key" "$d/" || die "$CERTS lacks $n's certificate"
+    # the roster: in the orchestrator's Secret only (kustomization.yaml), never the server's
+    if [ "$n" = orchestrator ]; then cp "$CERTS/roster.json" "$d/" || die "$CERTS lacks roster.json"; fi
+    chown -R 10001:10001 "$d"; chmod 0444 "$d"/*.pem; chmod 0400 "$d/$n.key"
+    if [ -f "$d/roster.json" ]; then chmod 0444 "$d/roster.json"; fi
 done
 
 # ---------------------------------------------------------------- render
@@ -55,15 +76,12 @@ sets=()
 for key in $("$PY" -c 'import sys,yaml; print(" ".join(yaml.safe_load(open(sys.argv[1]))["data"]))' "$BASE/configmap.yaml"); do
     [ -n "${!key+x}" ] && sets+=(--set "$key=${!key}")
 done
-clients="${FEDSEQ_CLIENTS:-2}"
-attackers=0
-[ "${FEDSEQ_ATTACK:-none}" != none ] && attackers="${FEDSEQ_ATTACKERS:-1}"
 [ -n "${FEDSEQ_MIN_WORKERS:-}" ] || sets+=(--set "FEDSEQ_MIN_WORKERS=$((clients + attackers))")
 run_id="${FEDSEQ_RUN_ID:-k8s-$(date +%Y%m%d-%H%M%S)}"
 sets+=(--set "FEDSEQ_RUN_ID=$run_id")
 "$PY" "$ROOT/deploy/k8s/podman_kube.py" "$BASE" "$secrets" "$PLAY" \
     --image "fedseq=$FEDSEQ_IMAGE" --image "redis=$REDIS_IMAGE" \
-    --replicas "client=$clients" --replicas "attacker=$attackers" "${sets[@]}" 2>"$CACHE/k8s-render.log" \
+    --workers "client=$clients" --workers "attacker=$attackers" "${sets[@]}" 2>"$CACHE/k8s-render.log" \
     || die "rendering failed: $(cat "$CACHE/k8s-render.log")"
 pods=$("$PY" -c 'import sys,yaml; print(" ".join(d["metadata"]["name"] for d in yaml.safe_load_all(open(sys.argv[1])) if d["kind"]=="Pod"))' "$PLAY")
 claims=$("$PY" -c 'import sys,yaml; print(" ".join(d["metadata"]["name"] for d in yaml.safe_load_all(open(sys.argv[1])) if d["kind"]=="PersistentVolumeClaim"))' "$PLAY")

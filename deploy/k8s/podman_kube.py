@@ -2,15 +2,21 @@
 would render it for a cluster, then lower the few kinds and fields that podman 4.3 lacks.
 
     python podman_kube.py BASE TLS_DIR OUT.yaml [--image fedseq=IMG] [--image redis=IMG]
-                          [--set KEY=VALUE ...] [--replicas NAME=N ...]
+                          [--set KEY=VALUE ...] [--replicas NAME=N ...] [--workers KIND=N ...]
 
 What kustomize does here: the resources, the `labels`, the secretGenerator (from TLS_DIR), image
 names, ConfigMap values (--set) and replicas (--replicas).
 
+--workers client=3 (what an overlay with more worker Deployments would do): the worker Deployments
+of that kind become exactly client-0..client-2, one replica each; the ones the base lacks are copies
+of client-0 with their own identity (FEDSEQ_TLS_NAME and the Secret fedseq-tls-<name>, which the
+caller provides like the generated ones).
+
 What podman 4.3 lacks, and what this script does instead (the pod templates stay as written):
 - StatefulSet, Job: not played. Each becomes a Pod with the same pod spec (the Job's restartPolicy
   OnFailure kept); a volumeClaimTemplate becomes a PersistentVolumeClaim `<claim>-<name>-0`.
-- Deployment: podman plays one replica. Each replica becomes a Pod `<name>-<i>`.
+- Deployment: podman plays one replica. Each replica becomes a Pod `<name>-<i>`; a single replica
+  that no Service selects (a worker: client-0, attacker-0) becomes the Pod `<name>`.
 - Service: podman has none. A pod's name is its DNS name on podman's kube network, so the Pod of
   the single-replica workload that a Service selects is named after the Service (redis, server,
   orchestrator): the addresses in the manifests resolve unchanged.
@@ -51,21 +57,72 @@ def pod_spec(d: dict) -> dict | None:
     return d["spec"] if d["kind"] == "Pod" else None
 
 
-def render(base: Path, tls: Path, images: dict[str, str], sets: dict[str, str], replicas: dict[str, int]) -> list[dict]:
+def worker_deployment(template: dict, name: str) -> dict:
+    """A copy of the worker Deployment ``template`` (client-0) as the worker ``name`` (client-2):
+    its own instance label, FEDSEQ_TLS_NAME and certificate Secret."""
+    d = copy.deepcopy(template)
+    old = d["metadata"]["name"]
+    d["metadata"]["name"] = name
+    for labels in (d["metadata"]["labels"], d["spec"]["selector"]["matchLabels"], d["spec"]["template"]["metadata"]["labels"]):
+        if "app.kubernetes.io/instance" in labels:
+            labels["app.kubernetes.io/instance"] = name
+    spec = d["spec"]["template"]["spec"]
+    for c in spec["containers"]:
+        for e in c.get("env", []):
+            if e["name"] == "FEDSEQ_TLS_NAME":
+                e["value"] = name
+    for v in spec.get("volumes", []):
+        if v.get("secret", {}).get("secretName") == f"fedseq-tls-{old}":
+            v["secret"]["secretName"] = f"fedseq-tls-{name}"
+    return d
+
+
+def set_workers(docs: list[dict], workers: dict[str, int]) -> list[dict]:
+    """The worker Deployments of each kind in ``workers`` become exactly ``<kind>-0..<kind>-<n-1>``,
+    one replica each (copies of ``<kind>-0`` where the base has no such Deployment)."""
+    out = list(docs)
+    for kind, n in workers.items():
+        mine = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"
+                and d["metadata"]["labels"].get("app.kubernetes.io/component") == "worker"
+                and d["metadata"]["labels"].get("app.kubernetes.io/name") == kind}
+        template = mine.get(f"{kind}-0")
+        if template is None:
+            raise SystemExit(f"--workers {kind}={n}: the base has no worker Deployment {kind}-0 to copy")
+        at = out.index(template)
+        out = [d for d in out if not any(d is m for m in mine.values())]
+        new = []
+        for i in range(n):
+            d = copy.deepcopy(mine[f"{kind}-{i}"]) if f"{kind}-{i}" in mine else worker_deployment(template, f"{kind}-{i}")
+            d["spec"]["replicas"] = 1
+            new.append(d)
+        out[at:at] = new
+    return out
+
+
+def render(base: Path, tls: Path, images: dict[str, str], sets: dict[str, str], replicas: dict[str, int],
+           workers: dict[str, int] | None = None) -> list[dict]:
     kust, docs = load(base)
+    if workers:
+        docs = set_workers(docs, workers)
     config = {d["metadata"]["name"]: dict(d["data"]) for d in docs if d["kind"] == "ConfigMap"}
     for cm in config.values():
         for k, v in sets.items():
             if k not in cm:
                 raise SystemExit(f"--set {k}: not a key of the ConfigMap (keys: {', '.join(sorted(cm))})")
             cm[k] = v
-    secrets = {}
-    for gen in kust.get("secretGenerator", []):
-        folder = tls / gen["name"]
-        for f in gen["files"]:
-            if not (folder / Path(f).name).is_file():
-                raise SystemExit(f"{folder / Path(f).name} missing (the caller copies the Secret's files there)")
-        secrets[gen["name"]] = str(folder.resolve())
+    generated = {gen["name"]: [Path(f).name for f in gen["files"]] for gen in kust.get("secretGenerator", [])}
+
+    def secret_folder(name: str) -> str:
+        """The folder standing for the Secret ``name``: the generator's files (or, for a copied
+        worker's Secret, at least the folder) must be there."""
+        folder = tls / name
+        if not folder.is_dir():
+            raise SystemExit(f"{folder} missing (the caller copies the Secret's files there)")
+        for f in generated.get(name, []):
+            if not (folder / f).is_file():
+                raise SystemExit(f"{folder / f} missing (the caller copies the Secret's files there)")
+        return str(folder.resolve())
+
     services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
     out: list[dict] = []
     for d in docs:
@@ -92,13 +149,14 @@ def render(base: Path, tls: Path, images: dict[str, str], sets: dict[str, str], 
                 env.append(e)
             if env:
                 c["env"] = env
+        n = replicas.get(d["metadata"]["name"], d["spec"].get("replicas", 1) if d["kind"] == "Deployment" else 1)
         for v in spec.get("volumes", []):
             if "secret" in v:
                 v.pop("secret")
-                v["hostPath"] = {"path": secrets[v_name(v, d, spec)], "type": "Directory"}
+                if n:  # a workload with no replica needs no files
+                    v["hostPath"] = {"path": secret_folder(v_name(v, d, spec)), "type": "Directory"}
         labels = d["spec"]["template"]["metadata"]["labels"] if d["kind"] != "Pod" else d["metadata"]["labels"]
         selected = [s for s, svc in services.items() if svc["spec"]["selector"].items() <= labels.items()]
-        n = replicas.get(d["metadata"]["name"], d["spec"].get("replicas", 1) if d["kind"] == "Deployment" else 1)
         if d["kind"] == "Job":
             spec["restartPolicy"] = spec.get("restartPolicy", "OnFailure")
         for claim in d["spec"].get("volumeClaimTemplates", []) if d["kind"] == "StatefulSet" else []:
@@ -109,7 +167,7 @@ def render(base: Path, tls: Path, images: dict[str, str], sets: dict[str, str], 
             spec.setdefault("volumes", []).append({"name": claim["metadata"]["name"],
                                                    "persistentVolumeClaim": {"claimName": pvc["metadata"]["name"]}})
         for i in range(n):
-            name = selected[0] if selected and n == 1 else f"{d['metadata']['name']}-{i}"
+            name = (selected[0] if selected else d["metadata"]["name"]) if n == 1 else f"{d['metadata']['name']}-{i}"
             out.append({"apiVersion": "v1", "kind": "Pod",
                         "metadata": {"name": name, "labels": {**d["metadata"]["labels"], **labels}},
                         "spec": copy.deepcopy(spec)})
@@ -130,9 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--image", action="append", default=[], help="NAME=IMAGE (kustomize's images)")
     ap.add_argument("--set", action="append", default=[], help="ConfigMap KEY=VALUE")
     ap.add_argument("--replicas", action="append", default=[], help="WORKLOAD=N")
+    ap.add_argument("--workers", action="append", default=[],
+                    help="KIND=N: worker Deployments KIND-0..KIND-N-1, one replica each (client=3, attacker=0)")
     a = ap.parse_args(argv)
     kv = lambda items: dict(i.split("=", 1) for i in items)  # noqa: E731
-    docs = render(a.base, a.tls, kv(a.image), kv(a.set), {k: int(v) for k, v in kv(a.replicas).items()})
+    docs = render(a.base, a.tls, kv(a.image), kv(a.set), {k: int(v) for k, v in kv(a.replicas).items()},
+                  {k: int(v) for k, v in kv(a.workers).items()})
     # claims first, then the store, the server, the orchestrator, the workers
     order = {"PersistentVolumeClaim": 0}
     docs.sort(key=lambda d: order.get(d["kind"], 1))
