@@ -31,7 +31,7 @@ from cli.plugins import prepare
 from cli.sim import run_inprocess
 from fedseq.config import Compat, ConfigError, build_config
 from fedseq.data import SeqDataset
-from fedseq.engine import epoch_rounds
+from fedseq.engine import UPDATE_BOUND, epoch_rounds, out_of_bounds
 from fedseq.experiment import all_clients, setup
 from fedseq.models import build_model
 from fedseq.models.common import reference_init
@@ -302,6 +302,8 @@ def test_every_attack_returns_one_finite_update_per_user(name):
         ub = attack.updates(model, params, seqs, users, (29, 28), 1, 4, LocalConfig(), Compat.reference())
         assert ub.updates.shape == (3, params.shape[0]), attack_name
         assert bool(torch.isfinite(ub.updates).all()), attack_name
+        # every attack passes the server's sanity bound with room to spare (it is no defense)
+        assert out_of_bounds(ub.updates) == [] and float(ub.updates.abs().max()) < UPDATE_BOUND / 100, attack_name
         assert ub.users.tolist() == users and ub.num_samples.tolist() == [5, 9, 15], attack_name
 
 
