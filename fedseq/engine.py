@@ -129,6 +129,14 @@ def rule_scale(rule: AggregationRule) -> str:
     return scale
 
 
+def rule_uses_weights(rule: AggregationRule) -> bool:
+    """Whether ``rule`` reads the sample weights at all (each rule declares ``uses_weights``; a rule
+    that does not say is taken to read them). Recorded in every round's rule info: under a rule
+    that ignores them an upload's weight could not matter even if it were believed; under one that
+    reads them it is the orchestrator's (README "Security model")."""
+    return bool(getattr(rule, "uses_weights", True))
+
+
 def step_lr(rule: AggregationRule, lr: float, k: int, literal: bool = False) -> float:
     """The learning rate the server steps ``rule``'s output of ``k`` updates with: ``lr`` for a
     sum-scale rule or with ``literal`` (the paper's code), ``lr * k`` for a mean-scale rule, so
@@ -283,6 +291,7 @@ class RoundOutcome:
     lr_step: float = 0.0
     scale: str = "sum"  # the rule's output scale (rule_scale)
     out_of_bounds: tuple[int, ...] = ()
+    uses_weights: bool = True  # the rule reads the sample weights (rule_uses_weights)
 
     @property
     def refused(self) -> dict[int, str]:
@@ -296,7 +305,8 @@ class RoundOutcome:
     @property
     def info(self) -> dict[str, Any]:
         """The rule's record of the round, with the step's learning rate."""
-        return {} if self.result is None else {**self.result.info, "lr_step": self.lr_step, "scale": self.scale}
+        return {} if self.result is None else {**self.result.info, "lr_step": self.lr_step, "scale": self.scale,
+                                                 "uses_weights": self.uses_weights}
 
 
 def aggregate_round(rule: AggregationRule, params: torch.Tensor, updates: torch.Tensor, weights: torch.Tensor,
@@ -347,7 +357,7 @@ def aggregate_round(rule: AggregationRule, params: torch.Tensor, updates: torch.
         if model_sane(new):
             kept = None if res.kept is None else tuple(users[i] for i in res.kept)
             return RoundOutcome(new, tuple(users), kept, tuple(overflow), res, lr_step, rule_scale(rule),
-                                refused_bound)
+                                refused_bound, rule_uses_weights(rule))
         worst = int(U.double().norm(dim=1).argmax())
         log.warning("round %d: the step is not finite or exceeds the model bound %g; refusing the update of "
                     "user %d (largest norm) and aggregating again", round_id, WEIGHT_BOUND, users[worst])

@@ -348,6 +348,13 @@ class WorkerPool:
         while not self.stop.is_set():
             ready = [w for w in self.refresh() if w.ready and w.alive]
             if len(ready) >= min_workers:
+                # a worker that was ready and has died since (killed before the run started) must not
+                # count: ask each once more before the first round goes to it
+                for w in ready:
+                    if not self._answers(w):
+                        w.alive = False
+                ready = [w for w in ready if w.alive]
+            if len(ready) >= min_workers:
                 return
             if time.time() > deadline:
                 raise TimeoutError(f"only {len(ready)} of {min_workers} workers became ready within "

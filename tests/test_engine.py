@@ -20,6 +20,7 @@ from fedseq.engine import (
     out_of_bounds,
     plan_run,
     rule_scale,
+    rule_uses_weights,
     stall_warning,
     step_lr,
 )
@@ -118,3 +119,17 @@ def test_a_flat_run_warns_and_names_the_literal_step():
     assert w is not None and "literal_step" in w and "0.064" in w
     w2 = stall_warning(CFG, "fedavg", "sum", [0.1, 0.1, 0.1], 64)
     assert w2 is not None and "--lr 0.5 is too small" in w2
+
+
+def test_every_rule_says_whether_it_reads_the_sample_weights():
+    from server.aggregation import make_rule
+
+    reads = {name: rule_uses_weights(make_rule(name)) for name in
+             ("fedavg", "none", "mean", "rfa", "mixed-rfa", "median", "trimmed-mean", "krum", "bulyan", "dnc")}
+    assert reads == {"fedavg": False, "none": False, "mean": False, "rfa": True, "mixed-rfa": True, "median": False,
+                     "trimmed-mean": False, "krum": False, "bulyan": False, "dnc": False}
+    assert rule_uses_weights(make_rule("fedavg", {"reduce": "mean"}))  # the weighted mean
+    assert rule_uses_weights(make_rule("norm-clip", {"inner": "rfa", "bound": "1.0"}))
+    assert not rule_uses_weights(make_rule("sparse", {"inner": "median"}))
+    out = aggregate_round(make_rule("median"), torch.zeros(2), torch.ones(3, 2), torch.ones(3), [1, 2, 3], 0.1, 0)
+    assert out.info["uses_weights"] is False

@@ -210,6 +210,7 @@ def calm(tmp_path_factory, redis_server):
         _wait_for(lambda: (tmp / "takeover.done").exists(), 60, "the takeover attempt")
         fed.procs.pop("client-2").stop()
         fed.client(2)  # the benign identity comes back and gets its own shard again
+        _wait_for(lambda: len(re.findall(r"worker client-2 ready", fed.orch.log())) >= 2, 60, "client-2 to be back")
         fed.client(1)
         results = fed.wait()
         yield {"results": results, "rounds": fed.rounds(), "acts": insider.lines(), "metrics": fed.last_metrics,

@@ -139,3 +139,14 @@ def test_an_unsharded_roster_admits_only_rostered_identities_with_every_user(pre
     w = pool.admit(_req("client-0"), "client-0")
     assert w.shard is None and len(w.users) == prepared.dataset.num_users
     assert _refused(pool, _req("client-9"), "client-9").word == "roster"
+
+
+def test_a_ready_worker_that_died_before_the_run_does_not_count(prepared):
+    # Prepare: a worker registered and ready, then killed before the run starts (its port answers nothing)
+    pool = _pool(prepared, roster_mod.make(2, 1))
+    w = pool.admit(_req("client-0", address="127.0.0.1:9"), "client-0")
+    w.ready = True
+    # Execute / Assert: the run does not start on it
+    with pytest.raises(TimeoutError, match="only 0 of 1"):
+        pool.wait_for(1, timeout=0.5, say=lambda _m: None)
+    assert not w.alive

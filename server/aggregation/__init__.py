@@ -3,7 +3,7 @@
 ``make_rule(name, options)`` builds a configured rule; ``RULES`` lists the names. Every rule
 follows :mod:`server.aggregation.base` (``rule(updates [K, D], weights [K]) -> AggregationResult``).
 
-| name           | rule (paper in the module docstring)              | sample weights | output scale |
+| name           | rule (paper in the module docstring)              | sample weights (``uses_weights``) | output scale |
 |----------------|---------------------------------------------------|----------------|--------------|
 | ``fedavg``     | sum (default) or weighted mean                    | mean only      | sum / mean   |
 | ``none``       | the paper's "common": plain sum (no options)      | no             | sum          |

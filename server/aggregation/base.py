@@ -29,6 +29,7 @@ from fedseq.engine import (  # noqa: F401 - the contract
     needs_layout,
     needs_root,
     needs_round,
+    rule_uses_weights,
 )
 
 

@@ -58,6 +58,11 @@ class FedAvg:
         """``sum`` (the paper's "common") or ``mean``: the scale of the output (fedseq/engine.py)."""
         return self.reduce
 
+    @property
+    def uses_weights(self) -> bool:
+        """Only the weighted mean reads the sample weights (the sum and the plain mean do not)."""
+        return self.reduce == "mean" and self.weighted
+
     def __call__(self, updates: torch.Tensor, weights: torch.Tensor) -> AggregationResult:
         vec = fedavg(updates, weights, self.reduce, self.weighted)
         return AggregationResult(vec, None, {"reduce": self.reduce, "weighted": self.weighted})

@@ -188,6 +188,7 @@ class Flame:
     round_id: int = field(default=0, compare=False)
     name: str = "flame"
     scale: ClassVar[str] = "mean"  # output on the scale of one update (the engine steps it x K, fedseq/engine.py)
+    uses_weights: ClassVar[bool] = False  # sample weights are ignored: a worker's weight cannot move it (fedseq/engine.py rule_uses_weights)
     needs_round: ClassVar[bool] = True
 
     def __post_init__(self) -> None:

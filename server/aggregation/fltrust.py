@@ -73,6 +73,7 @@ class FLTrust:
     root_update_fn: Callable[[], torch.Tensor] | None = field(default=None, compare=False, repr=False)
     name: str = "fltrust"
     scale: ClassVar[str] = "mean"  # output on the scale of one update (the engine steps it x K, fedseq/engine.py)
+    uses_weights: ClassVar[bool] = False  # sample weights are ignored: a worker's weight cannot move it (fedseq/engine.py rule_uses_weights)
     needs_root: ClassVar[bool] = True
 
     def __post_init__(self) -> None:

@@ -90,6 +90,7 @@ class Krum:
     strict: bool = False
     name: str = field(default="krum")
     scale: ClassVar[str] = "mean"  # output on the scale of one update (the engine steps it x K, fedseq/engine.py)
+    uses_weights: ClassVar[bool] = False  # sample weights are ignored: a worker's weight cannot move it (fedseq/engine.py rule_uses_weights)
 
     def __post_init__(self) -> None:
         if self.f is not None and self.f < 0:

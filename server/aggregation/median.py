@@ -37,6 +37,7 @@ class Median:
 
     name: str = "median"
     scale: ClassVar[str] = "mean"  # output on the scale of one update (the engine steps it x K, fedseq/engine.py)
+    uses_weights: ClassVar[bool] = False  # sample weights are ignored: a worker's weight cannot move it (fedseq/engine.py rule_uses_weights)
 
     def __call__(self, updates: torch.Tensor, weights: torch.Tensor) -> AggregationResult:
         check_inputs(updates, weights)

@@ -73,6 +73,7 @@ class MixedRFA:
     mean_weighted: bool = False
     name: str = "mixed-rfa"
     scale: ClassVar[str] = "mean"  # output on the scale of one update (the engine steps it x K, fedseq/engine.py)
+    uses_weights: ClassVar[bool] = True  # the sample weights shape the estimate (fedseq/engine.py rule_uses_weights)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.lam <= 1.0:

@@ -39,6 +39,7 @@ from .base import (
     check_inputs,
     option_error,
     parse_options,
+    rule_uses_weights,
 )
 from .base import needs_layout as _needs_layout
 from .base import needs_root as _needs_root
@@ -81,6 +82,11 @@ class NormClip:
     def scale(self) -> str:
         """The inner rule's output scale (fedseq/engine.py)."""
         return str(getattr(self.inner_rule, "scale", "mean"))
+
+    @property
+    def uses_weights(self) -> bool:
+        """Whether the inner rule reads the sample weights (fedseq/engine.py rule_uses_weights)."""
+        return rule_uses_weights(self.inner_rule)
 
     @property
     def needs_root(self) -> bool:

@@ -126,6 +126,7 @@ class RFA:
     weighted: bool = True
     name: str = "rfa"
     scale: ClassVar[str] = "mean"  # output on the scale of one update (the engine steps it x K, fedseq/engine.py)
+    uses_weights: ClassVar[bool] = True  # the sample weights shape the estimate (fedseq/engine.py rule_uses_weights)
 
     def __post_init__(self) -> None:
         validate_rfa(self.name, self.maxiter, self.eps, self.ftol)

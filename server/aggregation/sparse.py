@@ -75,6 +75,7 @@ from .base import (
     needs_round,
     option_error,
     parse_options,
+    rule_uses_weights,
     use_numpy_path,
 )
 from .fedavg import FedAvg
@@ -327,6 +328,11 @@ class SparseAggregation:
     root: torch.Tensor | None = field(default=None, compare=False, repr=False)
     name: str = "sparse"
     scale: ClassVar[str] = "sum"  # rows x their touch count, dense part x K (module docstring)
+
+    @property
+    def uses_weights(self) -> bool:
+        """Whether the inner rule reads the sample weights (fedseq/engine.py rule_uses_weights)."""
+        return rule_uses_weights(self.inner_rule)
     needs_layout: ClassVar[bool] = True
 
     @property

@@ -70,6 +70,7 @@ class TrimmedMean:
     beta: float = DEFAULT_BETA
     name: str = "trimmed-mean"
     scale: ClassVar[str] = "mean"  # output on the scale of one update (the engine steps it x K, fedseq/engine.py)
+    uses_weights: ClassVar[bool] = False  # sample weights are ignored: a worker's weight cannot move it (fedseq/engine.py rule_uses_weights)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.beta < 0.5:
