@@ -124,9 +124,15 @@ class RoleInterceptor(grpc.ServerInterceptor):
 
             return guarded
 
-        fields = {}
-        for name in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
-            behavior = getattr(handler, name)
-            if behavior is not None:
-                fields[name] = guard(behavior, name.endswith("_stream"))
-        return handler._replace(**fields)
+        return wrap_handler(handler, guard)
+
+
+def wrap_handler(handler: grpc.RpcMethodHandler, wrap: Callable[[Callable, bool], Callable]) -> grpc.RpcMethodHandler:
+    """``handler`` with each of its behaviours replaced by ``wrap(behavior, streaming_response)``:
+    how a server interceptor puts its check around every kind of call (unary or streaming)."""
+    fields = {}
+    for name in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
+        behavior = getattr(handler, name)
+        if behavior is not None:
+            fields[name] = wrap(behavior, name.endswith("_stream"))
+    return handler._replace(**fields)  # type: ignore[attr-defined]

@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 import grpc
 
-from .authz import Refusals
+from .authz import Refusals, wrap_handler
 from .tls import peer_name, peer_role
 
 log = logging.getLogger(__name__)
@@ -152,9 +152,4 @@ class FairShareInterceptor(grpc.ServerInterceptor):
 
             return counted
 
-        fields = {}
-        for name in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
-            behavior = getattr(handler, name)
-            if behavior is not None:
-                fields[name] = wrap(behavior, name.endswith("_stream"))
-        return handler._replace(**fields)
+        return wrap_handler(handler, wrap)

@@ -190,8 +190,8 @@ class WorkerPool:
                               "a roster a worker registers under its certificate's name", "id")
             if kind != entry.kind:
                 raise Refused(grpc.StatusCode.PERMISSION_DENIED,
-                              f"identity {peer[:64]!r} is rostered as a {entry.kind} worker; it may not register as "
-                              f"a {kind} worker", "kind")
+                              f"identity {peer[:64]!r} is rostered as kind {entry.kind!r}; it may not register as "
+                              f"kind {kind!r}", "kind")
         if kind == "attacker" and self.setup.num_malicious == 0:
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION, "this run has no attack: no users for an attacker worker")
         with self.lock:

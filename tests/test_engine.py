@@ -129,6 +129,14 @@ def test_every_rule_says_whether_it_reads_the_sample_weights():
     assert reads == {"fedavg": False, "none": False, "mean": False, "rfa": True, "mixed-rfa": True, "median": False,
                      "trimmed-mean": False, "krum": False, "bulyan": False, "dnc": False}
     assert rule_uses_weights(make_rule("fedavg", {"reduce": "mean"}))  # the weighted mean
+    # every registered rule says it itself (none falls back to the engine's conservative default)
+    from server.aggregation import RULES
+
+    needs = {"norm-clip": {"bound": "1.0"}}
+    for name in RULES:
+        rule = make_rule(name, needs.get(name, {}))
+        assert hasattr(rule, "uses_weights"), name
+    assert not rule_uses_weights(make_rule("foolsgold")) and not rule_uses_weights(make_rule("fltrust"))
     assert rule_uses_weights(make_rule("norm-clip", {"inner": "rfa", "bound": "1.0"}))
     assert not rule_uses_weights(make_rule("sparse", {"inner": "median"}))
     out = aggregate_round(make_rule("median"), torch.zeros(2), torch.ones(3, 2), torch.ones(3), [1, 2, 3], 0.1, 0)

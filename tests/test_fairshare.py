@@ -120,6 +120,19 @@ def _settle(share: fairshare.FairShare, who: str, want: int, timeout: float = 5.
 
 
 # ---------------------------------------------------------------------------- the fair share
+
+def _watch(health, n: int, timeout: float) -> tuple[list, list[str]]:
+    """``n`` Health.Watch streams, and how each began: "OK" (its first message came) or the status."""
+    watches = [health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=timeout) for _ in range(n)]
+    outcomes = []
+    for w in watches:
+        try:
+            next(w)
+            outcomes.append("OK")
+        except grpc.RpcError as e:
+            outcomes.append(e.code().name)
+    return watches, outcomes
+
 def test_forty_health_watch_streams_of_one_certificate_are_capped_and_rounds_stay_fast(server):
     """The reported attack: 40 Health.Watch streams from one worker certificate held all 24
     threads and every round waited 45 s. Now 8 are admitted, 32 refused (counted), and the
@@ -130,15 +143,8 @@ def test_forty_health_watch_streams_of_one_certificate_are_capped_and_rounds_sta
     srv, run = server()
     share, refusals = srv.service.fair_share, srv.service.refusals
     health = health_pb2_grpc.HealthStub(run.channel("attacker-0"))
-    watches = [health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=120) for _ in range(40)]
-    outcomes = []
     # Execute: the 40 streams, then a round of the orchestrator and client-0 while they are held
-    for w in watches:
-        try:
-            next(w)
-            outcomes.append("OK")
-        except grpc.RpcError as e:
-            outcomes.append(e.code().name)
+    watches, outcomes = _watch(health, 40, timeout=120)
     t0 = time.perf_counter()
     tokens = run.open("watch", [1])
     reply = run.agg("client-0").SubmitUpdates(iter(_msgs("watch", 1, tokens[1], _update(1))), timeout=30)
@@ -217,15 +223,8 @@ def test_without_tls_the_share_is_per_host():
     svc = Service([], max_calls_per_identity=3).start()
     try:
         health = health_pb2_grpc.HealthStub(channel(f"127.0.0.1:{svc.port}"))
-        watches = [health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=60) for _ in range(6)]
-        outcomes = []
         # Execute
-        for w in watches:
-            try:
-                next(w)
-                outcomes.append("OK")
-            except grpc.RpcError as e:
-                outcomes.append(e.code().name)
+        watches, outcomes = _watch(health, 6, timeout=60)
         held = svc.fair_share.in_flight()
         for w in watches:
             w.cancel()

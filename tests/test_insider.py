@@ -33,7 +33,6 @@ import pytest
 from cli.sim import run_inprocess
 from fedseq import roster as roster_mod
 from fedseq.config import ExperimentConfig
-from fedseq.engine import UPDATE_BOUND
 from fedseq.tls import make_certs
 
 pytestmark = pytest.mark.slow
@@ -245,8 +244,8 @@ def test_the_calm_run_ends_done_with_the_undisturbed_metrics(calm, undisturbed):
 
 def test_claiming_the_benign_kind_is_refused_and_counted(calm):
     (claim,) = _act(calm, "claim-client")
-    assert claim["code"] == "PERMISSION_DENIED" and "rostered as a attacker" in claim["detail"] \
-        or "rostered as an attacker" in claim["detail"] or "attacker worker" in claim["detail"]
+    assert claim["code"] == "PERMISSION_DENIED"
+    assert "rostered as kind 'attacker'; it may not register as kind 'client'" in claim["detail"]
     assert calm["results"]["summary"]["refused"].get("register: kind", 0) >= 2  # claim-client, claim-shard (+ takeover)
 
 
@@ -280,7 +279,6 @@ def test_weighting_itself_is_refused_with_the_reason_weight(calm):
 def test_an_update_of_3e38_is_refused_by_the_sanity_bound(calm):
     (up,) = _act(calm, "huge")
     assert _words(up["statuses"]) == {"out-of-bounds"}, up
-    assert 3e38 > UPDATE_BOUND
     assert _refused_in_rounds(calm, "out-of-bounds") >= 1
 
 

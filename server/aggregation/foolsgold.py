@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -100,6 +100,8 @@ class FoolsGold:
     def scale(self) -> str:
         """``sum`` or ``mean`` (option ``reduce``): the scale of the output (fedseq/engine.py)."""
         return self.reduce
+
+    uses_weights: ClassVar[bool] = False  # sample weights are ignored: a worker's weight cannot move it
 
     def __post_init__(self) -> None:
         if not (self.kappa > 0 and math.isfinite(self.kappa)):
