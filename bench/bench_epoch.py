@@ -5,6 +5,8 @@ in process and through the services.
     python bench/bench_epoch.py --data-root ../shared/data --services      # also via `fedseq run`
     python bench/bench_epoch.py --data-root ../shared/data --baseline a7627a9 --repeats 3
                                       # side by side with an older commit (training epochs only)
+    python bench/bench_epoch.py --data-root ../shared/data --baseline 4dc5909 --services --repeats 3
+                                      # side by side: `fedseq run` epochs of both trees
 
 Reports medians over epochs, the peak resident memory of the in-process runner, and for the
 services the per-round breakdown (worker compute, encode, upload; server decode, aggregate,
@@ -131,18 +133,47 @@ def train_epochs(cfg, epochs: int) -> dict:
     return out
 
 
-def side_by_side(args) -> dict:
-    """This tree against ``args.baseline`` in alternating subprocesses; returns both trees' epochs."""
-    import shutil
-
-    rev = subprocess.run(["git", "rev-parse", "--short", args.baseline], cwd=ROOT, check=True, capture_output=True,
+def _baseline_tree(rev_name: str) -> tuple[Path, dict[str, Path]]:
+    """A temporary git worktree of ``rev_name``: (its temporary folder, {label: tree} of the
+    baseline and this tree)."""
+    rev = subprocess.run(["git", "rev-parse", "--short", rev_name], cwd=ROOT, check=True, capture_output=True,
                          text=True).stdout.strip()
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, check=True, capture_output=True,
                           text=True).stdout.strip()
     tmp = Path(tempfile.mkdtemp(prefix="fedseq-bench-"))
     base = tmp / rev
     subprocess.run(["git", "worktree", "add", "--detach", str(base), rev], cwd=ROOT, check=True, capture_output=True)
-    trees = {f"baseline {rev}": base, f"this tree ({head}{'+' if _dirty() else ''})": ROOT}
+    return tmp, {f"baseline {rev}": base, f"this tree ({head}{'+' if _dirty() else ''})": ROOT}
+
+
+def services_side_by_side(args) -> dict:
+    """``fedseq run`` of this tree and of ``args.baseline``, alternating (A B B A ...), each for
+    ``--epochs`` epochs: every run's training epoch seconds, by tree."""
+    import shutil
+
+    tmp, trees = _baseline_tree(args.baseline)
+    base = next(iter(trees.values()))
+    got: dict[str, list[float]] = {k: [] for k in trees}
+    try:
+        for r in range(args.repeats):
+            order = list(trees) if r % 2 == 0 else list(reversed(trees))
+            for name in order:
+                res, _, wall, _ = job(args, args.epochs, "run", args.threads, cwd=trees[name])
+                got[name] += [e["train_seconds"] for e in res["epochs"]]
+                epochs = ", ".join(f"{e['train_seconds']:.2f}" for e in res["epochs"])
+                print(f"  repeat {r + 1}/{args.repeats} {name}: epochs {epochs} s ({wall:.0f} s wall)", flush=True)
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=ROOT, capture_output=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return got
+
+
+def side_by_side(args) -> dict:
+    """This tree against ``args.baseline`` in alternating subprocesses; returns both trees' epochs."""
+    import shutil
+
+    tmp, trees = _baseline_tree(args.baseline)
+    base = next(iter(trees.values()))
     got: dict[str, list[dict]] = {k: [] for k in trees}
     try:
         for r in range(args.repeats):
@@ -211,8 +242,8 @@ def _children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def job(args, epochs: int, command: str, threads: int, extra: tuple[str, ...] = ()) -> tuple[dict, list[dict], float,
-                                                                                               float]:
+def job(args, epochs: int, command: str, threads: int, extra: tuple[str, ...] = (),
+        cwd: Path = ROOT) -> tuple[dict, list[dict], float, float]:
     """``fedseq <command>`` (run or sim) for ``epochs`` epochs with one evaluation at the end:
     (results, round records, wall seconds, CPU seconds of every process it started)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -224,7 +255,7 @@ def job(args, epochs: int, command: str, threads: int, extra: tuple[str, ...] = 
         if args.data_root:
             cmd += ["--data-root", args.data_root]
         t0, c0 = time.perf_counter(), _children_cpu()
-        subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
+        subprocess.run(cmd, check=True, capture_output=True, cwd=cwd)  # `-m cli.main` imports cwd's tree
         wall, cpu = time.perf_counter() - t0, _children_cpu() - c0
         res = json.loads(Path(tmp, "results.json").read_text())
         rounds_file = Path(tmp, "rounds.jsonl")
@@ -290,6 +321,19 @@ def main() -> int:
     args = ap.parse_args()
     if args.epochs < 1 or args.repeats < 1:
         ap.error("--epochs and --repeats must be >= 1")
+    if args.baseline and args.services:
+        print(f"services side by side: {args.repeats} `fedseq run` per tree, {args.epochs} epoch(s) each, "
+              f"{args.workers} workers", flush=True)
+        got = services_side_by_side(args)
+        meds = {name: statistics.median(v) for name, v in got.items()}
+        for name, v in got.items():
+            print(f"{name}: services train epoch median {meds[name]:.2f} s (n={len(v)}: "
+                  f"{', '.join(f'{t:.2f}' for t in v)})")
+        names = list(meds)
+        print(f"ratio this tree / baseline: {meds[names[1]] / meds[names[0]]:.3f}")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"services_side_by_side": got}, indent=2))
+        return 0
     if args.baseline:
         if args.epochs < 2:
             ap.error("--baseline needs --epochs >= 2 (the first epoch of a process is reported apart)")

@@ -32,6 +32,8 @@ from fedseq.rpc import channel
 from fedseq.tls import Identity, make_certs
 from fedseq.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
+from .services import EXIT_INTERRUPTED
+
 
 @dataclass(frozen=True)
 class LaunchSettings:
@@ -84,6 +86,15 @@ class _Proc:
         except (OSError, ValueError):
             return ""
 
+    def wait_started(self, timeout: float) -> None:
+        """Wait until the process serves its metrics (a worker listens on no other port)."""
+        end = time.time() + timeout
+        while time.time() < end and not self.metrics_url():
+            self.check()
+            time.sleep(0.05)
+        if not self.metrics_url():
+            raise ServiceFailed(f"{self.name} did not start within {timeout:.0f}s; see {self.log_path}")
+
     def port(self, timeout: float) -> int:
         end = time.time() + timeout
         while time.time() < end:
@@ -105,7 +116,9 @@ class _Proc:
         rc = self.popen.poll()
         if rc is None:
             return None
-        if rc > 0 or (rc < 0 and self.restarts >= MAX_RESTARTS):
+        # killed by a signal, or signalled mid-run (the orchestrator's EXIT_INTERRUPTED): restartable
+        restartable = rc < 0 or rc == EXIT_INTERRUPTED
+        if (rc > 0 and not restartable) or (restartable and self.restarts >= MAX_RESTARTS):
             raise ServiceFailed(f"{self.name} exited with code {rc}"
                                 f"{f' after {self.restarts} restarts' if self.restarts else ''}:\n{self.tail()}")
         if rc == 0:
@@ -116,10 +129,11 @@ class _Proc:
             argv[argv.index("--port") + 1] = str(self.bound)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.port_file)
-        self.log.write(f"\n# fedseq run: {self.name} was killed by signal {-rc}; restart {self.restarts}\n".encode())
+        how = f"was killed by signal {-rc}" if rc < 0 else f"was interrupted (exit {rc})"
+        self.log.write(f"\n# fedseq run: {self.name} {how}; restart {self.restarts}\n".encode())
         self.log.flush()
         self.popen = self._spawn(argv)
-        return f"{self.name} was killed (signal {-rc}); restarted ({self.restarts}/{MAX_RESTARTS})"
+        return f"{self.name} {how}; restarted ({self.restarts}/{MAX_RESTARTS})"
 
     def tail(self, lines: int = 15) -> str:
         try:
@@ -264,14 +278,13 @@ def launch(cfg: ExperimentConfig, settings: LaunchSettings) -> int:
             kinds += [("attacker", i) for i in range(settings.attackers if attack else 0)]
             for kind, i in kinds:
                 name = f"{kind}-{i}"
-                procs.append(_Proc(name, [f"serve-{kind}", "--port", "0", "--orchestrator", orch_addr,
-                                          "--advertise-host", "127.0.0.1", "--threads", str(cfg.threads),
+                procs.append(_Proc(name, [f"serve-{kind}", "--orchestrator", orch_addr, "--threads", str(cfg.threads),
                                           "--device", cfg.device,
                                           "--worker-id", name, *security(name)],
                                    log_dir, {**env, "FEDSEQ_STORE_URL": store_urls["worker"]}))
-            for p in procs:
-                if p is not orch:
-                    p.port(settings.startup_timeout)
+            for p in procs:  # workers listen on no port: started is when their metrics endpoint is up
+                if p is not orch and p is not server:
+                    p.wait_started(settings.startup_timeout)
             print("Prometheus metrics: " + ", ".join(f"{p.name} {p.metrics_url()}" for p in procs), file=sys.stderr)
             status = _follow(orch_addr, procs, orch, operator, redis)
             orch.popen.wait(30)

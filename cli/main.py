@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -141,11 +142,14 @@ def parser() -> argparse.ArgumentParser:
     """The ``fedseq`` argument parser (defaults read ``FEDSEQ_*`` variables when it is built)."""
     from cli import services
 
-    ap = argparse.ArgumentParser(prog="fedseq", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # no abbreviated flags: a flag a command lost (a worker's --port) must fail, not match --port-file
+    ap = argparse.ArgumentParser(prog="fedseq", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)
     ap.add_argument("--log-level", default=os.environ.get("FEDSEQ_LOG_LEVEL", "warning"))
     ap.add_argument("--log-format", default=os.environ.get("FEDSEQ_LOG_FORMAT", "text"),
                     help="text, or json: one object per line with service, run and round ids (FEDSEQ_LOG_FORMAT)")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub = ap.add_subparsers(dest="cmd", required=True,
+                            parser_class=functools.partial(argparse.ArgumentParser, allow_abbrev=False))
 
     p = sub.add_parser("run", help="run a networked federation on this machine (the main job)")
     add_experiment_flags(p)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import socket
 import sys
 import threading
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 
 from fedseq.config import ConfigError
-from fedseq.rpc import serve_until_signal
+from fedseq.rpc import exit_orphaned, serve_until_signal, wait_for_signal
 from fedseq.tls import Identity, TLSError
 
 log = logging.getLogger("fedseq.cli")
@@ -44,11 +43,20 @@ def _int(value: str | int | None, what: str) -> int:
         raise ConfigError(f"{what} must be an integer, got {value!r}") from None
 
 
-def add_security_flags(p, role: str) -> None:
-    """``--host``, ``--tls-dir``, ``--tls-name``, ``--insecure`` (FEDSEQ_HOST, FEDSEQ_TLS_DIR,
-    FEDSEQ_TLS_NAME, FEDSEQ_INSECURE) for a service whose certificate has role ``role``."""
-    p.add_argument("--host", default=_env("HOST", "127.0.0.1"),
-                   help="interface to listen on (default loopback; 0.0.0.0 for all, as in containers)")
+def _float(value: str | float | None, what: str) -> float:
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what} must be a number, got {value!r}") from None
+
+
+def add_security_flags(p, role: str, listens: bool = True) -> None:
+    """``--host`` (for a service that ``listens``), ``--tls-dir``, ``--tls-name``, ``--insecure``
+    (FEDSEQ_HOST, FEDSEQ_TLS_DIR, FEDSEQ_TLS_NAME, FEDSEQ_INSECURE) for a service whose certificate
+    has role ``role``."""
+    if listens:
+        p.add_argument("--host", default=_env("HOST", "127.0.0.1"),
+                       help="interface to listen on (default loopback; 0.0.0.0 for all, as in containers)")
     p.add_argument("--tls-dir", default=_env("TLS_DIR"),
                    help="folder made by `fedseq certs`: ca.pem, NAME.pem, NAME.key (FEDSEQ_TLS_DIR)")
     p.add_argument("--tls-name", default=_env("TLS_NAME", role),
@@ -97,15 +105,6 @@ def identity_from(args: argparse.Namespace) -> Identity | None:
     return ident
 
 
-def _advertise_host(value: str | None) -> str:
-    if value and value != "auto":
-        return value
-    try:
-        return socket.gethostbyname(socket.gethostname())
-    except OSError:
-        return "127.0.0.1"
-
-
 def add_parsers(sub, add_experiment_flags) -> None:
     p = sub.add_parser("serve-server", help="aggregation server (gRPC Aggregator)")
     p.add_argument("--port", default=_env("PORT", "50051"))
@@ -131,11 +130,9 @@ def add_parsers(sub, add_experiment_flags) -> None:
     p.set_defaults(fn=serve_server)
 
     for name, kind in (("serve-client", "client"), ("serve-attacker", "attacker")):
-        p = sub.add_parser(name, help=f"{kind} worker (gRPC Worker)")
-        p.add_argument("--port", default=_env("PORT", "0"))
-        p.add_argument("--orchestrator", default=_env("ORCHESTRATOR"), help="host:port (FEDSEQ_ORCHESTRATOR)")
-        p.add_argument("--advertise-host", default=_env("ADVERTISE_HOST", "auto"),
-                       help="address peers use to reach this worker (default: this host's IP)")
+        p = sub.add_parser(name, help=f"{kind} worker (dials the orchestrator; listens on no port)")
+        p.add_argument("--orchestrator", default=_env("ORCHESTRATOR"),
+                       help="host:port of the orchestrator, which this worker connects to (FEDSEQ_ORCHESTRATOR)")
         p.add_argument("--aggregator", default=_env("AGGREGATOR"),
                        help="host:port to upload to (FEDSEQ_AGGREGATOR; default: the one the orchestrator names)")
         p.add_argument("--store-url", default=_env("STORE_URL"),
@@ -145,9 +142,14 @@ def add_parsers(sub, add_experiment_flags) -> None:
         p.add_argument("--device", default=_env("DEVICE"),
                        help="auto | cpu | cuda | cuda:N for this worker's updates and evaluation (FEDSEQ_DEVICE; "
                             "default: the run config's device, auto)")
-        p.add_argument("--worker-id", default=_env("WORKER_ID"))
-        p.add_argument("--port-file", default=_env("PORT_FILE"))
-        add_security_flags(p, "worker")
+        p.add_argument("--worker-id", default=_env("WORKER_ID"),
+                       help="default: the certificate's name under TLS (FEDSEQ_WORKER_ID)")
+        p.add_argument("--health-file", default=_env("HEALTH_FILE"),
+                       help="write this worker's health here for a container probe: `python -m fedseq.healthcheck "
+                            "--file PATH` (FEDSEQ_HEALTH_FILE)")
+        p.add_argument("--port-file", default=_env("PORT_FILE"),
+                       help="with --metrics-port: the metrics port goes to PATH.metrics (for launchers)")
+        add_security_flags(p, "worker", listens=False)
         p.set_defaults(fn=serve_worker, kind=kind)
 
     p = sub.add_parser("serve-orchestrator", help="orchestrator (gRPC Orchestrator) that runs one experiment")
@@ -174,6 +176,11 @@ def add_parsers(sub, add_experiment_flags) -> None:
                    default=(_env("METRICS_EXPERIMENT", "") or "").lower() in _TRUE,
                    help="also export the run's newest HR@10/NDCG@10/ER@K on the (unauthenticated) metrics endpoint "
                         "(FEDSEQ_METRICS_EXPERIMENT=1; off by default: an attacker would like to see ER@K)")
+    p.add_argument("--heartbeat", default=_env("HEARTBEAT", "5"),
+                   help="seconds between heartbeats on an idle worker stream; three missed end it (FEDSEQ_HEARTBEAT)")
+    p.add_argument("--max-workers", default=_env("MAX_WORKERS", "0"),
+                   help="live worker streams at most, each a thread (FEDSEQ_MAX_WORKERS; 0: one per rostered "
+                        "identity, else 64)")
     p.add_argument("--exit-when-done", action="store_true", default=_env("EXIT_WHEN_DONE") == "1")
     p.add_argument("--port-file", default=_env("PORT_FILE"))
     add_security_flags(p, "orchestrator")
@@ -216,9 +223,9 @@ def serve_worker(args: argparse.Namespace) -> int:
     try:
         settings = WorkerSettings(
             orchestrator=_required(args.orchestrator, "--orchestrator", "ORCHESTRATOR"), kind=args.kind,
-            port=_int(args.port, "--port"), host=args.host, advertise_host=_advertise_host(args.advertise_host),
             identity=identity_from(args), worker_id=args.worker_id or None, aggregator=args.aggregator or None,
-            store_url=args.store_url or None, threads=_int(args.threads, "--threads"), device=args.device or None)
+            store_url=args.store_url or None, threads=_int(args.threads, "--threads"), device=args.device or None,
+            health_file=args.health_file or None)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if settings.store_url:
@@ -234,9 +241,11 @@ def serve_worker(args: argparse.Namespace) -> int:
 
         worker = build_attacker(settings)
     start_metrics(args)
-    log.warning("%s worker %s listening on %s", args.kind, worker.servicer.worker_id, worker.address)
-    serve_until_signal(worker.service, on_stop=worker.stop_event.set, port_file=args.port_file,
-                       until=worker.stop_event)
+    log.warning("%s worker %s connecting to the orchestrator at %s (it listens on no port)", args.kind,
+                worker.tasks.worker_id, settings.orchestrator)
+    if wait_for_signal(worker.stop_event):
+        exit_orphaned()
+    worker.stop(grace=5.0)
     if worker.failure:
         print(f"fedseq: {worker.failure[0]}", file=sys.stderr)
         return 1
@@ -276,7 +285,8 @@ def serve_orchestrator(args: argparse.Namespace) -> int:
             client_shards=_int(args.client_shards, "--client-shards"),
             attacker_shards=_int(args.attacker_shards, "--attacker-shards"), identity=identity_from(args),
             shard_grace=float(args.shard_grace), port=_int(args.port, "--port"), host=args.host,
-            roster=_roster(args), export_experiment=bool(args.metrics_experiment))
+            roster=_roster(args), export_experiment=bool(args.metrics_experiment),
+            heartbeat=_float(args.heartbeat, "--heartbeat"), max_workers=_int(args.max_workers, "--max-workers"))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if cfg.threads:
@@ -297,5 +307,32 @@ def serve_orchestrator(args: argparse.Namespace) -> int:
             finished.set()
 
         threading.Thread(target=watch, daemon=True).start()
-    serve_until_signal(app.service, on_stop=orch.stop, port_file=args.port_file, until=finished)
-    return 0 if orch.state in ("done", "stopped", "waiting", "running") else 1
+
+    def stop() -> None:
+        # the run stops after its current round, if that ends within STOP_GRACE seconds (inside a
+        # container's termination grace); else it exits mid-round, which a restart reruns from the
+        # store head (README "Fault tolerance")
+        orch.stop()
+        orch.join(STOP_GRACE)
+
+    serve_until_signal(app.service, on_stop=stop, port_file=args.port_file, until=finished)
+    return orchestrator_exit(orch.state, stopped_by_operator=orch.loop.message.startswith("stop requested"))
+
+
+STOP_GRACE = 10.0  # seconds a SIGTERM waits for the round in flight (compose grants 20 s in all, k8s 60 s)
+EXIT_STOPPED = 4  # the operator stopped the run (Orchestrator.Stop): not a failure to retry
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: signalled mid-run; a restart resumes the run from the store
+
+
+def orchestrator_exit(state: str, stopped_by_operator: bool = False) -> int:
+    """The orchestrator's exit status: 0 only for a run that is done, so that a supervisor
+    (compose ``restart: on-failure``, a Kubernetes Job) restarts one that is not. 1: the run
+    failed; 4 (:data:`EXIT_STOPPED`): the operator stopped it; 75 (:data:`EXIT_INTERRUPTED`): a
+    signal (SIGTERM of a drain or ``compose stop``) ended it mid-run, and a restart resumes it."""
+    if state == "done":
+        return 0
+    if state == "failed":
+        return 1
+    if state == "stopped" and stopped_by_operator:
+        return EXIT_STOPPED
+    return EXIT_INTERRUPTED

@@ -1,7 +1,12 @@
-"""The ``fedseq.v1.Worker`` service shared by benign client workers (client/) and attacker
-workers (attacker/): the same RPC surface, the same encoding and upload path, so nothing on the
-wire tells them apart. What differs is the :class:`Hosted` population: which users it hosts and
-how their updates are computed."""
+"""The worker shared by benign client workers (client/) and attacker workers (attacker/): the
+same tasks, the same encoding and upload path, so nothing on the wire tells them apart. What
+differs is the :class:`Hosted` population: which users it hosts and how their updates are
+computed.
+
+A worker listens on no port. :func:`connect_loop` dials the orchestrator and keeps one
+``Orchestrator.Connect`` stream open (reconnecting when it breaks); the tasks that come down it
+(Describe, Train, Evaluate) are answered by :class:`WorkerTasks` and go back up the same stream.
+Updates go to the aggregation server (``Aggregator.SubmitUpdates``), as before."""
 
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
@@ -31,7 +36,7 @@ from fedseq.tls import Identity
 from fedseq.training import ITEM_TABLE, UpdateBatch
 from fedseq.v1 import aggregator_pb2 as agg_pb
 from fedseq.v1 import aggregator_pb2_grpc as agg_grpc
-from fedseq.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from fedseq.v1 import common_pb2, worker_pb2
 from fedseq.v1 import orchestrator_pb2 as orch_pb
 from fedseq.v1 import orchestrator_pb2_grpc as orch_grpc
 
@@ -180,10 +185,20 @@ class ModelSource:
                                                       link="worker-store", what=f"store.get model:{version}")]
 
 
-class WorkerServicer(worker_pb2_grpc.WorkerServicer):
-    """The Worker contract. Uploads go only to the aggregator given to :meth:`attach` (from the
-    worker's own configuration or its authenticated orchestrator), never to an address in a request;
-    under TLS the aggregator must prove the server role."""
+class TaskError(Exception):
+    """A task the worker refuses or cannot do: a gRPC status code and the reason (sent back as the
+    task's :class:`TaskError` result)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code, self.details = code, details
+
+
+class WorkerTasks:
+    """The worker's side of its tasks (Describe, Train, Evaluate). Uploads go only to the
+    aggregator given to :meth:`attach` (from the worker's own configuration or its authenticated
+    orchestrator), never to an address in a task; under TLS the aggregator must prove the server
+    role."""
 
     def __init__(self, worker_id: str, device: str = "cpu", identity: Identity | None = None) -> None:
         self.worker_id = worker_id
@@ -204,18 +219,17 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             self.run_id, self.hosted, self.models, self.aggregator = run_id, hosted, models, aggregator
             self._evaluators.clear()
 
-    def Describe(self, request, context):
+    def Describe(self, request):
         h = self.hosted
         return worker_pb2.DescribeReply(worker_id=self.worker_id, users=[] if h is None else h.users.tolist(),
                                         device=self.device, threads=torch.get_num_threads(),
                                         ready=h is not None, run_id=self.run_id)
 
-    def _need(self, run_id: str, context) -> Hosted:
+    def _need(self, run_id: str) -> Hosted:
         if self.hosted is None:
-            context.abort(grpc.StatusCode.UNAVAILABLE, "worker is not ready (no run attached yet)")
+            raise TaskError(grpc.StatusCode.UNAVAILABLE, "worker is not ready (no run attached yet)")
         if run_id != self.run_id:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"unknown run {run_id!r} (attached: {self.run_id!r})")
-        assert self.hosted is not None
+            raise TaskError(grpc.StatusCode.FAILED_PRECONDITION, f"unknown run {run_id!r} (attached: {self.run_id!r})")
         return self.hosted
 
     def _aggregator(self, compression: str) -> agg_grpc.AggregatorStub:
@@ -226,27 +240,19 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     channel(self.aggregator, compression, self.identity, peer="server"))
             return self._agg_channels[key]
 
-    @staticmethod
-    def _compression(hosted: Hosted, context) -> str:
-        """The run's gRPC compression; this call's reply is compressed accordingly."""
-        comp = hosted.setup.cfg.compression
-        if comp == "gzip":
-            context.set_compression(grpc.Compression.Gzip)
-        return comp
-
-    def Train(self, request, context):
-        hosted = self._need(request.run_id, context)
+    def Train(self, request):
+        hosted = self._need(request.run_id)
         observe.set_context(run=self.run_id, round_id=request.round_id)
         assert self.models is not None
         encoding = request.encoding or "dense-fp32"
         accepted = list(request.accepted_encodings)
         if encoding not in accepted:
             # refuse before any work: an encoding the aggregator does not accept would only be rejected there
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"encoding refused: round {request.round_id} asks for updates encoded {encoding!r} but "
-                          f"the aggregator accepts only {accepted or 'nothing (accepted_encodings is empty)'}; "
-                          "nothing was uploaded")
-        comp = self._compression(hosted, context)
+            raise TaskError(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"encoding refused: round {request.round_id} asks for updates encoded {encoding!r} but "
+                            f"the aggregator accepts only {accepted or 'nothing (accepted_encodings is empty)'}; "
+                            "nothing was uploaded")
+        comp = hosted.setup.cfg.compression  # the run's gRPC compression, of the uploads
         t0 = time.perf_counter()
         tensors, counts = self.models.fetch(request.model_version)
         model_bytes = sum(c.bytes for c in counts if c.kind == "model_download")
@@ -261,8 +267,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         pieces: Callable[[torch.Tensor, list[int], int], Iterable[UpdateBatch]]
         if request.adversarial:
             if hosted.compute_adversarial is None:
-                context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this worker does no adversarial training")
-            assert hosted.compute_adversarial is not None  # context.abort() raises
+                raise TaskError(grpc.StatusCode.FAILED_PRECONDITION, "this worker does no adversarial training")
             adversarial = hosted.compute_adversarial
             pieces = lambda p, u, r: (adversarial(p, u, r),)  # noqa: E731
         else:
@@ -348,8 +353,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         except grpc.RpcError as e:  # the aggregator refused or could not be reached (or proved no server role)
             log.warning("upload of round %d to %s failed: %s %s", request.round_id, self.aggregator, e.code().name,
                         e.details())
-            context.abort(grpc.StatusCode.UNAVAILABLE,
-                          f"upload to the aggregator {self.aggregator} failed: {e.code().name}: {e.details()}")
+            raise TaskError(grpc.StatusCode.UNAVAILABLE,
+                            f"upload to the aggregator {self.aggregator} failed: {e.code().name}: {e.details()}") from None
         finally:
             stop.set()
             producer.join()
@@ -365,8 +370,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                                      timings={"model": t1 - t0, "compute": took["compute"], "encode": took["encode"],
                                               "upload": t3 - done_at[0]}, ledger=counts)
 
-    def Evaluate(self, request, context):
-        hosted = self._need(request.run_id, context)
+    def Evaluate(self, request):
+        hosted = self._need(request.run_id)
         assert self.models is not None
         t0 = time.perf_counter()
         asked = np.asarray(request.users, dtype=np.int64)
@@ -374,9 +379,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         users = asked[ok].tolist()
         unknown = asked[~ok].tolist()
         if unknown:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"{len(unknown)} users are not evaluable here (e.g. {unknown[:5]})")
-        self._compression(hosted, context)
+            raise TaskError(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"{len(unknown)} users are not evaluable here (e.g. {unknown[:5]})")
         tensors, counts = self.models.fetch(request.model_version)
         model_bytes = sum(c.bytes for c in counts if c.kind == "model_download")
         params = hosted.setup.layout.flatten(tensors)
@@ -400,37 +404,193 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
 REFUSALS = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT,
             grpc.StatusCode.FAILED_PRECONDITION)
+TASK_THREADS = 4  # tasks run at once (a Describe is answered while a Train computes)
 
 
-def register_loop(orchestrator: str, worker_id: str, address: str, device: str, kind: str, on_config,
-                  stop: threading.Event, identity: Identity | None = None, timeout: float = 300.0,
-                  heartbeat: float = 10.0) -> None:
-    """Register with the orchestrator (retrying until it answers), hand the run config and the
-    orchestrator's shard to ``on_config(reply)`` once (again when the run or the shard changes),
-    then re-register every ``heartbeat`` seconds (this also re-announces the worker to a restarted
-    orchestrator). A refusal (wrong role, a contract error) ends the loop with ConnectionError;
-    no free shard is retried until ``timeout``."""
-    stub = orch_grpc.OrchestratorStub(channel(orchestrator, identity=identity, peer="orchestrator"))
-    start = time.time()
-    attached = None
-    while not stop.is_set():
+class HealthFile:
+    """The worker's health for a container probe (``python -m fedseq.healthcheck --file PATH``):
+    a small JSON file, rewritten every second or two by the connect loop, whether it is connected
+    or retrying: ``time`` (its age says the loop is alive), ``connected`` (its stream is up) and
+    ``ready`` (connected and holding its users). Written atomically (a rename)."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+
+    def write(self, worker: str, connected: bool, ready: bool) -> None:
+        if not self.path:
+            return
+        import json
+
+        tmp = f"{self.path}.tmp"
         try:
-            held = attached[1:] if attached else (0, 0)
-            reply = stub.Register(orch_pb.RegisterRequest(worker_id=worker_id, address=address, device=device,
-                                                          kind=kind, held_index=held[0], held_count=held[1]),
-                                  timeout=CONTROL_TIMEOUT)
-            key = (reply.run_id, reply.shard_index, reply.shard_count)
-            if attached != key:
-                on_config(reply)
-                attached = key
-            stop.wait(heartbeat)
-        except grpc.RpcError as e:
-            if e.code() in REFUSALS:
-                raise ConnectionError(f"orchestrator {orchestrator} refused this worker: {e.code().name}: "
-                                      f"{e.details()}") from None
-            if attached is None and time.time() - start > timeout:
-                raise ConnectionError(f"orchestrator {orchestrator} unreachable for {timeout:.0f}s: {e.details()}") from None
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            with open(tmp, "w") as f:
+                json.dump({"time": time.time(), "worker": worker, "connected": connected, "ready": ready}, f)
+            os.replace(tmp, self.path)
+        except OSError as e:  # a full or read-only disk must not stop the worker; the probe will say it
+            log.warning("could not write the health file %s: %s", self.path, e)
+
+
+def run_task(tasks: WorkerTasks, task: worker_pb2.Task) -> worker_pb2.TaskResult:
+    """``task`` carried out by ``tasks``: its reply, or the error it ended with."""
+    kind = task.WhichOneof("request")
+    handler = {"describe": tasks.Describe, "train": tasks.Train, "evaluate": tasks.Evaluate}.get(kind or "")
+    if handler is None:
+        return worker_pb2.TaskResult(task_id=task.task_id, error=worker_pb2.TaskError(
+            code="UNIMPLEMENTED", details=f"unknown task {kind!r}"))
+    try:
+        reply = handler(getattr(task, kind))
+        return worker_pb2.TaskResult(task_id=task.task_id, **{kind: reply})
+    except TaskError as e:
+        return worker_pb2.TaskResult(task_id=task.task_id, error=worker_pb2.TaskError(code=e.code.name,
+                                                                                      details=e.details[:2000]))
+    except Exception as e:  # noqa: BLE001 - a failed task is reported, the worker goes on
+        log.exception("%s task %d failed", kind, task.task_id)
+        return worker_pb2.TaskResult(task_id=task.task_id, error=worker_pb2.TaskError(
+            code="INTERNAL", details=f"{type(e).__name__}: {e}"[:2000]))
+
+
+@dataclass
+class _Connection:
+    """What the connect loop knows across its streams."""
+
+    attached: tuple[str, int, int] | None = None  # (run, shard index, shard count) the population is built for
+    attaching: tuple[str, int, int] | None = None
+    connected: bool = False
+    last_ok: float = field(default_factory=time.time)  # when the last stream was welcomed (or the loop began)
+    error: str = ""
+    failure: BaseException | None = None
+
+
+class _Refused(Exception):
+    """The orchestrator refused this worker for good (a contract error or a wrong identity)."""
+
+
+def connect_loop(orchestrator: str, tasks: WorkerTasks, kind: str, on_config, stop: threading.Event,
+                 identity: Identity | None = None, timeout: float = 300.0, health: HealthFile | None = None,
+                 heartbeat: float = 5.0) -> None:
+    """Keep one ``Orchestrator.Connect`` stream to ``orchestrator`` open until ``stop``: send the
+    hello, hand the run config and the orchestrator's shard to ``on_config(welcome)`` once (again
+    when the run or the shard changes), answer the tasks that come down the stream, and send a
+    heartbeat every ``heartbeat`` seconds (the welcome's period once connected). A stream that
+    breaks, or is silent for three heartbeats, is opened again (a restarted orchestrator, a
+    network cut) and the worker keeps its users. A refusal (wrong role or identity, a contract
+    error) ends the loop with ConnectionError; an orchestrator that cannot be reached, or has no
+    shard free, is retried until ``timeout`` seconds have passed without a welcome."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    stub = orch_grpc.OrchestratorStub(channel(orchestrator, identity=identity, peer="orchestrator"))
+    health = health or HealthFile(None)
+    pool = ThreadPoolExecutor(max_workers=TASK_THREADS, thread_name_prefix="task")
+    state = _Connection()
+    beat = threading.Event()
+
+    def keep_health() -> None:
+        while not stop.is_set():
+            health.write(tasks.worker_id, state.connected, state.connected and tasks.hosted is not None)
+            beat.wait(1.0)
+        health.write(tasks.worker_id, False, False)
+
+    threading.Thread(target=keep_health, daemon=True, name="health").start()
+    try:
+        while not stop.is_set():
+            try:
+                _session(stub, tasks, kind, on_config, stop, state, pool, heartbeat)
+            except _Refused as e:
+                raise ConnectionError(f"orchestrator {orchestrator} refused this worker: {e}") from None
+            state.connected = False
+            if stop.is_set():
+                break
+            if time.time() - state.last_ok > timeout:
+                raise ConnectionError(f"orchestrator {orchestrator}: no welcome for {timeout:.0f}s ({state.error})")
             stop.wait(1.0)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        beat.set()
+
+
+def _session(stub, tasks: WorkerTasks, kind: str, on_config, stop: threading.Event, state: _Connection, pool,
+             heartbeat: float) -> None:
+    """One stream, from the hello until it ends."""
+    out: queue.Queue = queue.Queue()
+    attached = state.attached
+    held = attached[1:] if attached else (0, 0)
+    out.put(orch_pb.WorkerMessage(hello=orch_pb.RegisterRequest(
+        worker_id=tasks.worker_id, device=tasks.device, kind=kind, held_index=held[0], held_count=held[1])))
+    ended = threading.Event()
+    period = [heartbeat]
+    heard = [time.monotonic()]
+
+    def outgoing():
+        while True:
+            try:
+                msg = out.get(timeout=period[0])
+            except queue.Empty:
+                if ended.is_set():
+                    return
+                msg = orch_pb.WorkerMessage(heartbeat=orch_pb.Heartbeat(sent_unix=time.time()))
+            if msg is None:
+                return
+            yield msg
+
+    call = stub.Connect(outgoing())
+
+    def watch() -> None:  # a silent stream (half-open behind NAT) or a stop ends the call
+        while not ended.wait(min(1.0, period[0])):
+            if stop.is_set() or time.monotonic() - heard[0] > 3 * period[0]:
+                call.cancel()
+                return
+
+    def answer(task) -> None:
+        result = run_task(tasks, task)
+        if not ended.is_set():
+            out.put(orch_pb.WorkerMessage(result=result))
+
+    def attach(welcome, key) -> None:
+        try:
+            on_config(welcome)
+            state.attached = key
+        except BaseException as e:  # noqa: BLE001 - ends the loop (the process exits non-zero)
+            state.failure = e
+            call.cancel()
+        finally:
+            state.attaching = None
+
+    threading.Thread(target=watch, daemon=True, name="connect-watch").start()
+    welcomed = False
+    try:
+        for msg in call:
+            heard[0] = time.monotonic()
+            body = msg.WhichOneof("body")
+            if body == "welcome":
+                w = msg.welcome
+                welcomed = True
+                period[0] = w.heartbeat_seconds or heartbeat
+                key = (w.run_id, w.shard_index, w.shard_count)
+                if state.attached != key and state.attaching != key:
+                    # the population is built on a thread of its own (seconds on a real data set): the
+                    # stream goes on meanwhile and a Describe says "not ready"
+                    state.attaching = key
+                    threading.Thread(target=attach, args=(w, key), daemon=True, name="attach").start()
+                state.connected = True
+                state.last_ok = time.time()
+                log.info("connected to the orchestrator (run %s, shard %s/%s)", w.run_id, w.shard_index,
+                         w.shard_count)
+            elif body == "task" and welcomed:
+                pool.submit(answer, msg.task)
+    except grpc.RpcError as e:
+        state.error = f"{e.code().name}: {e.details()}"
+        if not welcomed and e.code() in REFUSALS:
+            raise _Refused(f"{e.code().name}: {e.details()}") from None
+        if not stop.is_set():
+            log.warning("stream to the orchestrator ended: %s %s; reconnecting", e.code().name, e.details())
+    finally:
+        ended.set()
+        out.put(None)
+        if welcomed:
+            state.last_ok = time.time()
+    if state.failure is not None:
+        raise state.failure
 
 
 def new_worker_id(kind: str) -> str:

@@ -35,14 +35,11 @@ POLICY: Mapping[str, frozenset[str]] = {
     "/fedseq.v1.Aggregator/CloseRound": ORCHESTRATOR,
     "/fedseq.v1.Aggregator/SubmitUpdates": WORKER,
     "/fedseq.v1.Aggregator/GetModel": frozenset({"worker", "orchestrator"}),
-    # workers announce themselves; the operator (a person, `fedseq run`) watches and stops the run
-    "/fedseq.v1.Orchestrator/Register": WORKER,
+    # workers connect (their tasks come down that stream: nothing calls a worker); the operator
+    # (a person, `fedseq run`) watches and stops the run
+    "/fedseq.v1.Orchestrator/Connect": WORKER,
     "/fedseq.v1.Orchestrator/GetStatus": OPERATOR,
     "/fedseq.v1.Orchestrator/Stop": OPERATOR,
-    # a worker takes tasks from the orchestrator alone
-    "/fedseq.v1.Worker/Describe": ORCHESTRATOR,
-    "/fedseq.v1.Worker/Train": ORCHESTRATOR,
-    "/fedseq.v1.Worker/Evaluate": ORCHESTRATOR,
     # standard services: any holder of a run certificate (health checks, grpcurl)
     "/grpc.health.v1.Health/Check": ANY_ROLE,
     "/grpc.health.v1.Health/Watch": ANY_ROLE,

@@ -106,8 +106,10 @@ class FairShare:
 class FairShareInterceptor(grpc.ServerInterceptor):
     """Holds every call of a service to its caller's :class:`FairShare` (see the module docstring)."""
 
-    def __init__(self, share: FairShare, refusals: Refusals | None = None) -> None:
+    def __init__(self, share: FairShare, refusals: Refusals | None = None,
+                 exempt: frozenset[str] = frozenset()) -> None:
         self.share = share
+        self.exempt = exempt  # methods whose servicer bounds them itself
         self.refusals = refusals or Refusals()
         self._warned: dict[str, float] = {}
 
@@ -128,8 +130,8 @@ class FairShareInterceptor(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
-        if handler is None:
-            return None
+        if handler is None or handler_call_details.method in self.exempt:
+            return handler
         method = handler_call_details.method
 
         def wrap(behavior: Callable, streaming_response: bool) -> Callable:

@@ -6,6 +6,12 @@ Exit 0 when it answers SERVING, 1 otherwise (Docker's and Kubernetes' convention
 (``FEDSEQ_TLS_NAME``; set it explicitly, the check cannot guess it), which every fedseq server accepts for Health/Check.
 A port of 0 or none means the service has no fixed port to check, which counts as healthy.
 
+A worker listens on no port (it dials the orchestrator); it writes its health to a file instead
+(``--health-file``/``FEDSEQ_HEALTH_FILE``, client/worker.py ``HealthFile``). ``--file PATH`` checks
+that file: healthy when it was rewritten within ``--max-age`` seconds (the worker's loop is alive,
+connected or retrying), and with ``--ready`` also connected to the orchestrator and holding its
+users. ``--file`` defaults to FEDSEQ_HEALTH_FILE when that is set.
+
 It imports grpc and the TLS helpers only (no torch), so it is cheap to run every few seconds.
 """
 
@@ -48,6 +54,24 @@ def check(port: str, host: str = "127.0.0.1", tls_dir: str | None = None, tls_na
     return resp.status == health_pb2.HealthCheckResponse.SERVING, f"{address}: {status}"
 
 
+def check_file(path: str, max_age: float = 60.0, ready: bool = False) -> tuple[bool, str]:
+    """(healthy, reason) from a worker's health file."""
+    import json
+    import time
+
+    try:
+        with open(path) as f:
+            state = json.load(f)
+        age = time.time() - float(state["time"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return False, f"{path}: {type(e).__name__}: {e}"
+    if age > max_age:
+        return False, f"{path}: written {age:.0f}s ago (more than {max_age:.0f}s): the worker's loop is stuck or gone"
+    if ready and not state.get("ready"):
+        return False, f"{path}: {'connected, still loading its users' if state.get('connected') else 'not connected'}"
+    return True, f"{path}: {'ready' if state.get('ready') else 'connected' if state.get('connected') else 'alive'}"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fedseq.healthcheck", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -57,8 +81,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default=os.environ.get("FEDSEQ_TLS_NAME") or None,
                     help="certificate name in --tls-dir (FEDSEQ_TLS_NAME)")
     ap.add_argument("--timeout", type=float, default=4.0)
+    ap.add_argument("--file", default=os.environ.get("FEDSEQ_HEALTH_FILE") or None,
+                    help="a worker's health file (FEDSEQ_HEALTH_FILE) instead of a gRPC health check")
+    ap.add_argument("--max-age", type=float, default=60.0, help="with --file: seconds the file may be old")
+    ap.add_argument("--ready", action="store_true", help="with --file: also connected and holding its users")
     args = ap.parse_args(argv)
-    ok, why = check(args.port, args.host, args.tls_dir, args.name, args.timeout)
+    if args.file:
+        ok, why = check_file(args.file, args.max_age, args.ready)
+    else:
+        ok, why = check(args.port, args.host, args.tls_dir, args.name, args.timeout)
     print(("healthy: " if ok else "unhealthy: ") + why, file=sys.stdout if ok else sys.stderr)
     return 0 if ok else 1
 

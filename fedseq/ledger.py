@@ -96,10 +96,11 @@ DEFINITIONS = {
              "message prefix, HTTP/2, TCP/IP and Redis protocol overhead",
     "wire_bytes": "bytes after gRPC message compression (gzip level 6, kept only when smaller), computed "
                   "with zlib; equals bytes when compression is none",
-    "bytes_up": "bytes workers send: update uploads + replies to the orchestrator + their requests "
-                "(Register, GetModel)",
+    "bytes_up": "bytes workers send: update uploads + their Orchestrator.Connect stream's hello, task "
+                "results and heartbeats + their GetModel requests",
     "bytes_down": "bytes workers receive: model downloads (store reads or GetModel chunks) + the "
-                  "orchestrator's requests + Register replies + the aggregator's upload acknowledgements",
+                  "Orchestrator.Connect stream's welcome, tasks and heartbeats + the aggregator's upload "
+                  "acknowledgements",
     "bytes_internal": "orchestrator <-> aggregator control and the aggregator's model store writes/reads",
     "bytes_per_update": "mean bytes of one user's update upload (all UpdateChunk messages of the update)",
 }
@@ -447,6 +448,11 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 # ---------------------------------------------------------------------------- the call counter
 _CURRENT: contextvars.ContextVar[Ledger | None] = contextvars.ContextVar("fedseq_ledger", default=None)
+
+
+def current() -> Ledger | None:
+    """The ledger :func:`recording` in this context, if any."""
+    return _CURRENT.get()
 
 
 @contextlib.contextmanager

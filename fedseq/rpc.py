@@ -76,12 +76,15 @@ class Service:
     common name (per host without TLS), beyond that ``RESOURCE_EXHAUSTED``, counted in
     :attr:`refusals`. None: ``FEDSEQ_MAX_CALLS_PER_IDENTITY``, else
     :data:`fedseq.fairshare.DEFAULT_MAX_CALLS` (8, a third of the default 24 threads). It must be
-    below ``workers``: one identity never holds the whole pool.
+    below ``workers``: one identity never holds the whole pool. ``self_bounded`` methods (full
+    names) are left out of the fair share: their servicer bounds them itself (the orchestrator's
+    worker streams, one per identity).
     """
 
     def __init__(self, services: Sequence[tuple], port: int = 0, host: str = LOOPBACK, workers: int = 24,
                  compression: grpc.Compression | None = None, identity: Identity | None = None,
-                 policy=POLICY, max_calls_per_identity: int | None = None) -> None:
+                 policy=POLICY, max_calls_per_identity: int | None = None,
+                 self_bounded: frozenset[str] = frozenset()) -> None:
         self.refusals = Refusals()
         cap = default_limit() if max_calls_per_identity is None else max_calls_per_identity
         if not 1 <= cap < workers:
@@ -92,7 +95,7 @@ class Service:
         # the role check first: a call its role may not make is refused without taking a slot
         interceptors: list[grpc.ServerInterceptor] = [RoleInterceptor(policy, self.refusals)] \
             if identity is not None else []
-        interceptors.append(FairShareInterceptor(self.fair_share, self.refusals))
+        interceptors.append(FairShareInterceptor(self.fair_share, self.refusals, exempt=self_bounded))
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=SERVER_OPTIONS,
                                   compression=compression, interceptors=interceptors)
         names = []
@@ -161,10 +164,9 @@ def grpc_compression(name: str) -> grpc.Compression | None:
     raise ValueError(f"unknown compression {name!r}; known: none, gzip")
 
 
-def serve_until_signal(service: Service, on_stop=None, port_file: str | None = None,
-                       until: threading.Event | None = None) -> None:
-    """Run ``service`` until SIGTERM/SIGINT (or ``until`` is set), then shut down gracefully
-    (``on_stop`` first). ``port_file`` receives the bound port once serving (for launchers)."""
+def wait_for_signal(until: threading.Event | None = None) -> bool:
+    """Block until SIGTERM/SIGINT or ``until`` is set. Returns True when the process was orphaned
+    instead (its ``fedseq run`` launcher, FEDSEQ_PARENT_PID, is gone)."""
     done = until or threading.Event()
 
     def handler(signum, _frame):
@@ -173,24 +175,36 @@ def serve_until_signal(service: Service, on_stop=None, port_file: str | None = N
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
-    if port_file:
-        tmp = Path(port_file + ".tmp")
-        tmp.write_text(str(service.port))
-        tmp.replace(port_file)
     parent = os.environ.get("FEDSEQ_PARENT_PID")  # set by `fedseq run`: exit with the launcher
-    orphaned = False
     while not done.is_set():
         done.wait(0.5)
         if parent and os.getppid() != int(parent):
             log.warning("launcher (pid %s) is gone: shutting down", parent)
-            orphaned = True
-            break
+            return True
+    return False
+
+
+def exit_orphaned() -> None:
+    """Exit at once, without waiting for handler threads still computing or uploading (their
+    peers are gone too)."""
+    logging.shutdown()
+    os._exit(0)
+
+
+def serve_until_signal(service: Service, on_stop=None, port_file: str | None = None,
+                       until: threading.Event | None = None) -> None:
+    """Run ``service`` until SIGTERM/SIGINT (or ``until`` is set), then shut down gracefully
+    (``on_stop`` first). ``port_file`` receives the bound port once serving (for launchers)."""
+    if port_file:
+        tmp = Path(port_file + ".tmp")
+        tmp.write_text(str(service.port))
+        tmp.replace(port_file)
+    orphaned = wait_for_signal(until)
     if on_stop:
         on_stop()
     service.stop(grace=2.0 if orphaned else 5.0)
-    if orphaned:  # do not wait for handler threads still computing or uploading (their peers are gone too)
-        logging.shutdown()
-        os._exit(0)
+    if orphaned:
+        exit_orphaned()
 
 
 def deadline_left(deadline_unix: float, floor: float = 1.0) -> float:

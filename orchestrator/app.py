@@ -16,6 +16,10 @@ from .settings import OrchestratorSettings
 
 __all__ = ["OrchestratorApp", "OrchestratorSettings", "build"]
 
+# the pool bounds the worker streams itself (one per identity, ``worker_limit`` in all): a stream is
+# not a call in flight of the fair share, which would let at most 8 insecure workers share a host
+CONNECT = "/fedseq.v1.Orchestrator/Connect"
+
 
 @dataclass(frozen=True, eq=False)
 class OrchestratorApp:
@@ -45,5 +49,8 @@ def build(cfg: ExperimentConfig, settings: OrchestratorSettings, prepared: Setup
     orch = Orchestrator(cfg, settings, prepared)
     service = Service([(orchestrator_pb2_grpc.add_OrchestratorServicer_to_server, orch,
                         orchestrator_pb2.DESCRIPTOR.services_by_name["Orchestrator"].full_name)],
-                      port=settings.port, host=settings.host, identity=settings.identity).start()
+                      port=settings.port, host=settings.host, identity=settings.identity,
+                      # a thread per worker stream, and 24 for the rest (operator calls, health checks)
+                      workers=24 + settings.worker_limit(),
+                      self_bounded=frozenset({CONNECT})).start()
     return OrchestratorApp(settings, orch, service)

@@ -283,8 +283,7 @@ class RunLoop:
                     run_id=self.run_id, round_id=rid, model_version=rid, deadline_unix=deadline, encoding=cfg.codec,
                     accepted_encodings=list(opened.accepted_encodings), adversarial=adversarial,
                     assignments=[common_pb2.Assignment(user_id=u, token=tokens[u], weight=int(weights[u])) for u in us])
-                calls[wid] = by_id[wid].stub.Train.future(req, timeout=self.settings.round_timeout,
-                                                          compression=self._grpc_comp)
+                calls[wid] = by_id[wid].link.call(req, timeout=self.settings.round_timeout)
         timings: dict[str, float] = {}
         failed = []
         refused = []
@@ -387,8 +386,7 @@ class RunLoop:
             with ledger_mod.recording(led):  # the worker channels account requests and replies
                 for wid, us in plan.items():
                     req = worker_pb2.EvaluateRequest(run_id=self.run_id, model_version=version, users=sorted(us))
-                    futs.append((wid, by_id[wid].stub.Evaluate.future(req, timeout=self.settings.round_timeout,
-                                                                      compression=self._grpc_comp)))
+                    futs.append((wid, by_id[wid].link.call(req, timeout=self.settings.round_timeout)))
             failed: list[int] = [] if spares else list(orphans)
             for wid, f in futs:
                 try:

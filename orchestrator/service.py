@@ -1,5 +1,6 @@
 """The orchestrator (gRPC ``fedseq.v1.Orchestrator``): the RPC handlers of one run. Workers
-register (orchestrator/workers.py decides their users); an operator asks for the status or stops
+connect, each with one stream it opens (orchestrator/link.py carries tasks down it;
+orchestrator/workers.py decides their users); an operator asks for the status or stops
 the run; the run itself is orchestrator/run.py, the round engine's plan carried out over the
 network (schedule, assignment, rounds on the aggregation server, evaluation, results, ledger,
 resume after a crash)."""
@@ -8,8 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import threading
 from typing import Any
+
+import grpc
 
 from fedseq.config import ExperimentConfig
 from fedseq.experiment import Setup, client_weights, setup
@@ -17,6 +21,7 @@ from fedseq.store import RedisStore, patient
 from fedseq.tls import peer_name
 from fedseq.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
+from .link import WorkerLink
 from .run import EVAL_ATTEMPTS, ROUND_RETRIES, RunLoop, check_eval_sums
 from .settings import OrchestratorSettings
 from .workers import Refused, WorkerInfo, WorkerPool, assign
@@ -26,9 +31,11 @@ __all__ = ["EVAL_ATTEMPTS", "ROUND_RETRIES", "Orchestrator", "OrchestratorSettin
 
 log = logging.getLogger(__name__)
 
+HELLO_TIMEOUT = 10.0  # seconds a new stream has to send its hello
+
 
 class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
-    """Register, GetStatus and Stop over a :class:`WorkerPool` and a :class:`RunLoop`."""
+    """Connect, GetStatus and Stop over a :class:`WorkerPool` and a :class:`RunLoop`."""
 
     def __init__(self, cfg: ExperimentConfig, settings: OrchestratorSettings, prepared: Setup | None = None) -> None:
         self.cfg = cfg
@@ -43,7 +50,7 @@ class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
         self.store = RedisStore.from_url(settings.store_url, self.run_id, **patient())
         self._stop = threading.Event()
         self.pool = WorkerPool(self.setup, self.run_id, settings.shards(), settings.identity, settings.shard_grace,
-                               self._stop, roster=settings.roster)
+                               self._stop, roster=settings.roster, max_workers=settings.worker_limit())
         self.loop = RunLoop(cfg, settings, self.setup, self.store, self.pool, self._stop)
 
     # the run's state, as the operator and the tests read it
@@ -89,20 +96,75 @@ class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
         self._stop.set()
 
     # ------------------------------------------------------------------ RPCs
-    def Register(self, request, context):
+    def Connect(self, request_iterator, context):
+        """A worker's stream (protos/fedseq/v1/orchestrator.proto): its hello, our welcome or the
+        refusal, then tasks down and results up (orchestrator/link.py) until either side ends it."""
+        inbox: queue.Queue = queue.Queue(maxsize=1)
+        link_box: list[WorkerLink] = []
+
+        def read() -> None:  # the worker's messages, on a thread of their own
+            try:
+                for msg in request_iterator:
+                    if not link_box:
+                        inbox.put(msg)  # the hello
+                        if not link_box_ready.wait(HELLO_TIMEOUT + 5) or not link_box:
+                            return
+                        continue
+                    link_box[0].received(msg)
+                    if link_box[0].closed:
+                        return
+            except Exception as e:  # noqa: BLE001 - the stream broke (cancelled, reset): the worker is gone
+                why = f"stream broke: {type(e).__name__}"
+            else:
+                why = "the worker ended its stream"
+            if link_box:
+                link_box[0].close(why)
+            else:
+                try:
+                    inbox.put_nowait(None)
+                except queue.Full:
+                    pass
+
+        link_box_ready = threading.Event()
+        threading.Thread(target=read, daemon=True, name="connect-read").start()
         try:
-            info = self.pool.admit(request, peer_name(context) if self.settings.identity is not None else "")
+            first = inbox.get(timeout=HELLO_TIMEOUT)
+        except queue.Empty:
+            first = None
+        if first is None or first.WhichOneof("body") != "hello":
+            self.pool.count_refusal("register: hello")
+            link_box_ready.set()
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"a worker's stream starts with its hello, within {HELLO_TIMEOUT:.0f} s")
+        hello = first.hello
+        compression = self.cfg.compression
+        if compression == "gzip":
+            context.set_compression(grpc.Compression.Gzip)
+        link = WorkerLink(hello.worker_id[:128], peer_name(context) if self.settings.identity is not None else "",
+                          heartbeat=self.settings.heartbeat, compression=compression, fallback=self.pool.note_count)
+        try:
+            info = self.pool.admit(hello, link.peer, link, address=context.peer())
         except Refused as e:
             self.pool.count_refusal(f"register: {e.word}")
-            log.warning("refused Register of %r from %s: %s", request.worker_id[:64], context.peer(), e.reason)
+            log.warning("refused the stream of %r from %s: %s", hello.worker_id[:64], context.peer(), e.reason)
+            link_box_ready.set()
             context.abort(e.code, e.reason)
+        link_box.append(link)
+        link_box_ready.set()
+        context.add_callback(lambda: link.close("the stream closed"))
         shard = info.shard or (0, 0)
-        reply = orchestrator_pb2.RegisterReply(run_id=self.run_id, config_json=self.cfg.to_json(),
-                                               aggregator=self.settings.aggregator, shard_index=shard[0],
-                                               shard_count=shard[1])
-        self.pool.note(info.worker_id, request, "up", "Orchestrator.Register request")
-        self.pool.note(info.worker_id, reply, "down", "Orchestrator.Register reply")
-        return reply
+        welcome = orchestrator_pb2.RegisterReply(run_id=self.run_id, config_json=self.cfg.to_json(),
+                                                 aggregator=self.settings.aggregator, shard_index=shard[0],
+                                                 shard_count=shard[1], heartbeat_seconds=self.settings.heartbeat)
+        reply = orchestrator_pb2.OrchestratorMessage(welcome=welcome)
+        self.pool.note(info.worker_id, first, "up", "Orchestrator.Connect hello")
+        self.pool.note(info.worker_id, reply, "down", "Orchestrator.Connect welcome")
+        try:
+            yield reply
+            yield from link.outgoing()
+        finally:
+            link.close(link.reason or "the stream closed")
+            self.pool.gone(info)
 
     def GetStatus(self, request, context):
         loop, n = self.loop, self.pool.live()

@@ -31,12 +31,19 @@ class OrchestratorSettings:
     roster: Roster | None = None
     # export the newest HR@10/NDCG@10/ER@K as Prometheus gauges (the endpoint is unauthenticated)
     export_experiment: bool = False
+    heartbeat: float = 5.0  # seconds between heartbeats on an idle worker stream (3 missed: the worker is dead)
+    # live worker streams at most (each holds a thread); 0: the roster's identities, else 64
+    max_workers: int = 0
 
     def __post_init__(self) -> None:
         if self.min_workers < 1:
             raise ValueError("min_workers must be >= 1")
         if self.round_timeout <= 0 or self.worker_wait <= 0:
             raise ValueError("round_timeout and worker_wait must be > 0")
+        if not 0.05 <= self.heartbeat <= 300:
+            raise ValueError(f"heartbeat must be in 0.05..300 seconds, got {self.heartbeat}")
+        if self.max_workers < 0:
+            raise ValueError("max_workers must be >= 0 (0: the roster's size, else 64)")
         if self.client_shards < 0 or self.attacker_shards < 0:
             raise ValueError("client_shards and attacker_shards must be >= 0")
         if self.roster is not None and self.identity is None:
@@ -51,6 +58,13 @@ class OrchestratorSettings:
                 if flag and flag != self.roster.shards(kind):
                     raise ValueError(f"--{kind}-shards {flag} disagrees with the roster's {self.roster.shards(kind)} "
                                      f"{kind} shards; drop the flag (the roster decides)")
+
+    def worker_limit(self) -> int:
+        """Live worker streams the orchestrator takes: ``max_workers``, else one per rostered
+        identity, else 64."""
+        if self.max_workers:
+            return self.max_workers
+        return len(self.roster.entries) if self.roster is not None else 64
 
     def shards(self) -> dict[str, int]:
         """Shards of each worker kind: the roster's, else the *_shards settings (insecure runs)."""

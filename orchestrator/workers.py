@@ -1,14 +1,14 @@
 """The orchestrator's worker pool: who registered, which users each worker hosts (a shard the
 orchestrator decides from its own configuration, never what a worker claims), who is alive and
-ready, and the wait for a lost worker's shard. Registration refusals are counted by reason; the
-Register and Describe messages are noted for the communication ledger of the next round.
+ready, and the wait for a lost worker's shard. Registration refusals are counted by reason; each
+stream's hello and welcome, the Describe tasks sent while no round records, and the heartbeats are
+noted for the communication ledger of the next round.
 
 Nothing a worker says about itself is trusted beyond its own updates (README "Security model"):
 under mutual TLS its identity is its certificate's common name and the roster (fedseq/roster.py)
-says what that identity is: the worker id must be the identity, the ``kind`` a Register request
-claims must be the roster's, the shard is the roster's (a hint in the request is ignored), one
-identity holds one live registration, and
-a lost shard goes back only to its own identity or to a rostered spare. Without TLS (``--insecure``,
+says what that identity is: the worker id must be the identity, the ``kind`` a hello
+claims must be the roster's, the shard is the roster's (a hint in the hello is ignored), one
+identity holds one live registration (one stream), and a lost shard goes back only to its own identity or to a rostered spare. Without TLS (``--insecure``,
 a private network only) there is no identity and the claims are taken as they come. A live
 worker's id cannot be taken over, a worker must host exactly the users it was given, and store
 credentials are never handed out."""
@@ -31,9 +31,9 @@ from fedseq import observe
 from fedseq.experiment import WORKER_KINDS, Setup, worker_users
 from fedseq.ledger import Ledger
 from fedseq.roster import Roster
-from fedseq.rpc import channel
 from fedseq.tls import Identity
-from fedseq.v1 import worker_pb2, worker_pb2_grpc
+
+from .link import WorkerLink
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +92,9 @@ class UserSet:
 @dataclass
 class WorkerInfo:
     worker_id: str
-    address: str
+    address: str  # where its stream came from (for the logs; nothing dials it)
     device: str
-    stub: Any
+    link: WorkerLink  # its Connect stream: tasks go down it
     users: UserSet = field(default_factory=UserSet)  # decided by the orchestrator (kind and shard), not claimed
     ready: bool = False
     alive: bool = True
@@ -105,7 +105,7 @@ class WorkerInfo:
 
 
 class Refused(Exception):
-    """A Register call the orchestrator refuses: (status code, reason, and a word for the count)."""
+    """A worker's hello the orchestrator refuses: (status code, reason, and a word for the count)."""
 
     def __init__(self, code: grpc.StatusCode, reason: str, word: str = "") -> None:
         super().__init__(reason)
@@ -142,19 +142,21 @@ def assign(users: np.ndarray, workers: list[WorkerInfo]) -> tuple[dict[str, list
 
 
 class WorkerPool:
-    """The registered workers of one run (thread-safe: the Register handler and the run loop
+    """The registered workers of one run (thread-safe: the Connect handlers and the run loop
     share it)."""
 
     def __init__(self, setup: Setup, run_id: str, shards: dict[str, int], identity: Identity | None = None,
-                 shard_grace: float = 30.0, stop: threading.Event | None = None, roster: Roster | None = None) -> None:
+                 shard_grace: float = 30.0, stop: threading.Event | None = None, roster: Roster | None = None,
+                 max_workers: int = 64) -> None:
         self.setup, self.run_id, self.identity, self.shard_grace = setup, run_id, identity, shard_grace
         self.roster = roster
+        self.max_workers = max_workers  # live streams at most (each holds one of the service's threads)
         self._shards = dict(shards)  # kind -> number of shards (0: unsharded)
         self.stop = stop or threading.Event()
         self.workers: dict[str, WorkerInfo] = {}
         self.lock = threading.Lock()
         self.refused: Counter[str] = Counter()  # what the orchestrator refused from workers, by reason
-        self._pending: list[tuple[str, Any]] = []  # (worker, ByteCount) of Register/Describe calls
+        self._pending: list[tuple[str, Any]] = []  # (worker, ByteCount) of hellos, welcomes, Describes
         self._lost_since: dict[tuple[str, tuple[int, int]], float] = {}  # unheld shard -> first seen
 
     def live(self) -> int:
@@ -166,14 +168,16 @@ class WorkerPool:
             self.refused[reason] += 1
         observe.REFUSED.labels(reason).inc()
 
-    def admit(self, request, peer: str) -> WorkerInfo:
-        """The registration of a worker: a heartbeat of a known one, or a new one with the users the
-        orchestrator gives it (its roster shard, or a free shard of its kind without a roster).
-        Refused: bad fields, an identity not on the roster or a kind other than its roster kind, a
-        kind the run does not have, a worker id or an identity held by another live worker, no
-        free shard."""
-        if not request.worker_id or not request.address or len(request.worker_id) > 128 or len(request.address) > 256:
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "worker_id (<= 128 chars) and address (<= 256) are required")
+    def admit(self, request, peer: str, link: WorkerLink, address: str = "") -> WorkerInfo:
+        """The admission of a worker whose Connect stream is ``link`` (its hello is ``request``),
+        with the users the orchestrator gives it (its roster shard, or a free shard of its kind
+        without a roster). A worker that reconnects (same id, or same identity) replaces its
+        earlier registration once that one no longer answers. Refused: bad fields, an identity not
+        on the roster or a kind other than its roster kind, a kind the run does not have, a worker
+        id or an identity held by another live worker, no free shard, more live workers than
+        ``max_workers``."""
+        if not request.worker_id or len(request.worker_id) > 128:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "worker_id (1-128 chars) is required")
         kind = request.kind or "client"
         if kind not in WORKER_KINDS:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"unknown worker kind {kind[:32]!r}; kinds: {WORKER_KINDS}")
@@ -196,42 +200,46 @@ class WorkerPool:
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION, "this run has no attack: no users for an attacker worker")
         with self.lock:
             w = self.workers.get(request.worker_id)
-            same = w is not None and (w.address, w.kind, w.peer) == (request.address, kind, peer)
-            if w is not None and same and w.alive:
-                return w  # heartbeat
             # one live registration per identity: another worker id of the same certificate
             twin = next((x for x in self.workers.values() if entry is not None and x.peer == peer and x.alive
                          and x.worker_id != request.worker_id), None)
-        if w is not None and not same and w.alive and self._answers(w):
+        if w is not None and w.alive and not w.link.closed and self._answers(w):
             raise Refused(grpc.StatusCode.ALREADY_EXISTS,
-                          f"worker id {request.worker_id!r} is held by a live worker at another address or identity")
+                          f"worker id {request.worker_id!r} is held by a live worker (a second stream of one worker, "
+                          "or another worker under its id)")
         if twin is not None:
-            if self._answers(twin):
+            if not twin.link.closed and self._answers(twin):
                 raise Refused(grpc.StatusCode.ALREADY_EXISTS,
                               f"identity {peer[:64]!r} is registered already, as live worker {twin.worker_id!r}",
                               "twin")
-            twin.alive = False
+            self._lost(twin, "its identity reconnected")
+        if w is not None:
+            self._lost(w, "it reconnected")
         with self.lock:
-            if w is not None:
-                w.alive = False
+            if sum(1 for x in self.workers.values() if x.alive) >= self.max_workers:
+                raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"this orchestrator holds {self.max_workers} live workers, its most (--max-workers)",
+                              "full")
             if entry is not None:
                 shard = self._roster_shard(entry, kind)
             else:
                 shard = self._free_shard(kind, (int(request.held_index), int(request.held_count)))
             users = UserSet(worker_users(self.setup, kind, shard))
-            # the channel accounts its calls: in the round's ledger while one records, else noted
-            # for the next round (phase "register"), like this Register call
-            counter = ledger_mod.CallCounter(link="worker-orchestrator", request_direction="down",
-                                             reply_direction="up", worker=request.worker_id,
-                                             fallback=self._note_count)
-            stub = worker_pb2_grpc.WorkerStub(
-                ledger_mod.counted(channel(request.address, identity=self.identity, peer="worker"), counter))
-            info = WorkerInfo(request.worker_id, request.address, request.device[:32], stub, users=users, kind=kind,
+            info = WorkerInfo(request.worker_id, address[:256], request.device[:32], link, users=users, kind=kind,
                               shard=shard, peer=peer)
             self.workers[request.worker_id] = info
-        log.info("%s worker %s registered at %s (shard %s, %d users)", kind, request.worker_id, request.address,
+        log.info("%s worker %s connected from %s (shard %s, %d users)", kind, request.worker_id, address or "?",
                  "all" if shard is None else f"{shard[0]}/{shard[1]}", len(users))
         return info
+
+    def _lost(self, w: WorkerInfo, why: str) -> None:
+        w.alive = False
+        w.link.close(why)
+
+    def gone(self, info: WorkerInfo) -> None:
+        """``info``'s stream ended: the worker is dead (its shard waits for it, README "Fault tolerance")."""
+        info.alive = False
+        log.warning("%s worker %s disconnected: %s", info.kind, info.worker_id, info.link.reason)
 
     def _roster_shard(self, entry, kind: str) -> tuple[int, int] | None:
         """The shard a rostered identity holds: its own (None when its kind is unsharded), or, for
@@ -276,8 +284,9 @@ class WorkerPool:
 
     @staticmethod
     def _answers(w: WorkerInfo) -> bool:
+        """Whether ``w``'s stream still carries a Describe and its result within 3 s."""
         try:
-            w.stub.Describe(worker_pb2.DescribeRequest(), timeout=3.0)
+            w.link.describe(timeout=3.0)
             return True
         except grpc.RpcError as e:
             return e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -289,13 +298,18 @@ class WorkerPool:
         with self.lock:
             self._pending.append((worker, c))
 
-    def _note_count(self, worker: str, c: Any) -> None:
+    def note_count(self, worker: str, c: Any) -> None:
         with self.lock:
             self._pending.append((worker, c))
 
     def flush_notes(self, led: Ledger) -> None:
+        """The noted registration-time messages and every stream's heartbeats since the last
+        flush, into ``led`` (phase "register")."""
         with self.lock:
             pending, self._pending = self._pending, []
+            workers = list(self.workers.values())
+        for w in workers:
+            pending += [(w.worker_id, c) for c in w.link.take_heartbeats()]
         for worker, c in pending:
             led.add_count(c, worker=worker, phase="register")
 
@@ -305,10 +319,13 @@ class WorkerPool:
         with self.lock:
             workers = list(self.workers.values())
         for w in workers:
+            if w.link.closed:  # its stream is gone: so is the worker (a reconnect is a new registration)
+                w.alive = False
+                continue
             if w.ready and w.alive:
                 continue
             try:
-                d = w.stub.Describe(worker_pb2.DescribeRequest(), timeout=5.0)  # accounted by the channel
+                d = w.link.describe(timeout=5.0)  # accounted by the link
                 w.alive = True
                 if d.ready and d.run_id == self.run_id:
                     if not w.users.same_as(d.users):  # it must host exactly what it was given

@@ -2,7 +2,7 @@
 aggregator, orchestrator and workers, each a real gRPC server on its own loopback port, with a
 real Redis (the caller's URL), and with ``tls_dir`` mutual TLS on every channel (one certificate
 per service, as ``fedseq run`` makes them). Every service is made by its folder's ``build``, as
-the ``fedseq serve-*`` commands make them; the aggregator and worker servicers can be subclasses
+the ``fedseq serve-*`` commands make them; the aggregator servicer and the worker tasks can be subclasses
 that record what they see."""
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from pathlib import Path
 from attacker import app as attacker_app
 from cli.plugins import prepare
 from client import app as client_app
-from client.worker import WorkerServicer
+from client.worker import WorkerTasks
 from fedseq import roster as roster_mod
 from fedseq.config import ExperimentConfig
 from fedseq.rpc import channel
 from fedseq.tls import Identity, make_certs
-from fedseq.v1 import orchestrator_pb2_grpc
+from fedseq.v1 import orchestrator_pb2, orchestrator_pb2_grpc, worker_pb2
 from orchestrator import app as orchestrator_app
 from orchestrator.service import Orchestrator
 from server import app as server_app
@@ -52,16 +52,19 @@ class CountingAggregator(AggregatorServicer):
         return super().SubmitUpdates(counted(), context)
 
 
-class RecordingWorker(WorkerServicer):
-    """Records the serialized size of every Train request it gets and reply it sends."""
+class RecordingWorker(WorkerTasks):
+    """Records the serialized size of every Train task it gets and result it sends, as its
+    stream carries them (the task id, below 128 in these runs, takes one byte)."""
 
     def __init__(self, *a, **kw) -> None:
         super().__init__(*a, **kw)
-        self.train_sizes: list[tuple[int, int, int]] = []  # (round, request bytes, reply bytes)
+        self.train_sizes: list[tuple[int, int, int]] = []  # (round, task message bytes, result message bytes)
 
-    def Train(self, request, context):
-        reply = super().Train(request, context)
-        self.train_sizes.append((request.round_id, len(request.SerializeToString()), len(reply.SerializeToString())))
+    def Train(self, request):
+        reply = super().Train(request)
+        task = orchestrator_pb2.OrchestratorMessage(task=worker_pb2.Task(task_id=1, train=request))
+        result = orchestrator_pb2.WorkerMessage(result=worker_pb2.TaskResult(task_id=1, train=reply))
+        self.train_sizes.append((request.round_id, task.ByteSize(), result.ByteSize()))
         return reply
 
 
@@ -76,7 +79,7 @@ class Federation:
                  out_dir: str | Path | None = None,
                  aggregator: Callable[..., AggregatorServicer] = CountingAggregator, serve_models: bool = False,
                  min_workers: int | None = None, tls_dir: str | Path | None = None,
-                 worker_classes: tuple[Callable[..., WorkerServicer], ...] = (),
+                 worker_classes: tuple[Callable[..., WorkerTasks], ...] = (),
                  roster: roster_mod.Roster | None = None, **agg_kw) -> None:
         # one URL for every role, or {"server": ..., "orchestrator": ..., "worker": ...} (Redis ACL users)
         urls = dict.fromkeys(("server", "orchestrator", "worker"), redis_url) if isinstance(redis_url, str) \
@@ -102,9 +105,9 @@ class Federation:
         self.orch_stub = orchestrator_pb2_grpc.OrchestratorStub(
             channel(self.orchestrator, identity=self.identity("operator"), peer="orchestrator"))
         self.handles: list[client_app.Worker] = []
-        self.workers: list[WorkerServicer] = []
+        self.workers: list[WorkerTasks] = []
         for i in range(workers):
-            self.add_worker(f"w{i}", servicer=worker_classes[i] if i < len(worker_classes) else RecordingWorker)
+            self.add_worker(f"w{i}", tasks=worker_classes[i] if i < len(worker_classes) else RecordingWorker)
 
     def identity(self, name: str, role: str | None = None) -> Identity | None:
         """The TLS identity ``name`` (made on first use with ``role``), or None without TLS."""
@@ -115,16 +118,16 @@ class Federation:
         return Identity.load(self.tls_dir, name)
 
     def add_worker(self, name: str, kind: str = "client",
-                   servicer: Callable[..., WorkerServicer] = RecordingWorker) -> WorkerServicer:
+                   tasks: Callable[..., WorkerTasks] = RecordingWorker) -> WorkerTasks:
         """A worker built as ``fedseq serve-client``/``serve-attacker`` builds one; it registers and
         the orchestrator names its shard. Returns once it holds its population."""
         settings = client_app.WorkerSettings(self.orchestrator, kind=kind, identity=self.identity(name, "worker"),
                                              worker_id=name, store_url=None if self.serve_models else self.redis_url)
         build = client_app.build if kind == "client" else attacker_app.build
-        handle = build(settings, servicer_class=servicer).wait_attached(60)
+        handle = build(settings, tasks_class=tasks).wait_attached(60)
         self.handles.append(handle)
-        self.workers.append(handle.servicer)
-        return handle.servicer
+        self.workers.append(handle.tasks)
+        return handle.tasks
 
     def run(self, timeout: float = 120) -> Orchestrator:
         self.orch.start()

@@ -82,26 +82,30 @@ def upload(stub, act: str, items: list[tuple[agg_pb.UpdateHeader, bytes]], timeo
 
 
 # ---------------------------------------------------------------------------- registration acts
-_real_register_loop = worker_mod.register_loop
+_real_connect_loop = worker_mod.connect_loop
 
 
-def hostile_register_loop(orchestrator, worker_id, address, device, kind, on_config, stop, identity=None, **kw):
+def hostile_connect_loop(orchestrator, tasks, kind, on_config, stop, identity=None, **kw):
     stub = orch_grpc.OrchestratorStub(worker_mod.channel(orchestrator, identity=identity, peer="orchestrator"))
 
     def register(act: str, **fields) -> None:
-        req = orch_pb.RegisterRequest(worker_id=worker_id, address=address, device=device, kind=kind)
+        """A stream opened with a hello of ``fields``: the orchestrator's first answer, then closed."""
+        req = orch_pb.RegisterRequest(worker_id=tasks.worker_id, device=tasks.device, kind=kind)
         for k, v in fields.items():
             setattr(req, k, v)
         for _ in range(60):  # the orchestrator may not listen yet
+            call = stub.Connect(iter([orch_pb.WorkerMessage(hello=req)]), timeout=CONTROL_TIMEOUT)
             try:
-                reply = stub.Register(req, timeout=CONTROL_TIMEOUT)
-                emit(act, "OK", shard=[reply.shard_index, reply.shard_count])
+                first = next(call)
+                emit(act, "OK", shard=[first.welcome.shard_index, first.welcome.shard_count])
                 return
             except grpc.RpcError as e:
                 if e.code() != grpc.StatusCode.UNAVAILABLE:
                     emit(act, e.code().name, e.details() or "")
                     return
                 time.sleep(0.5)
+            finally:
+                call.cancel()
 
     for act in SPEC.get("register", []):
         if act == "claim-client":
@@ -122,14 +126,14 @@ def hostile_register_loop(orchestrator, worker_id, address, device, kind, on_con
             Path(str(trigger) + ".done").write_text("done")
 
         threading.Thread(target=watch, daemon=True).start()
-    return _real_register_loop(orchestrator, worker_id, address, device, kind, on_config, stop, identity, **kw)
+    return _real_connect_loop(orchestrator, tasks, kind, on_config, stop, identity, **kw)
 
 
-client.app.register_loop = hostile_register_loop
+client.app.connect_loop = hostile_connect_loop
 
 
 # ---------------------------------------------------------------------------- Train acts
-_real_train = worker_mod.WorkerServicer.Train
+_real_train = worker_mod.WorkerTasks.Train
 _acts = list(SPEC.get("train", []))
 _seen: list[tuple[int, int, str]] = []  # (round, user, token) of earlier Train calls
 _starved = threading.Event()
@@ -147,7 +151,7 @@ def _dense(servicer, value: float, encoding: str) -> bytes:
                        if r.dtype == "float32" else r for r in records])
 
 
-def hostile_train(self, request, context):
+def hostile_train(self, request):
     stub = self._aggregator("none")
     timeout = deadline_left(request.deadline_unix, floor=5.0)
     enc = request.encoding
@@ -193,7 +197,7 @@ def hostile_train(self, request, context):
         else:
             _acts.insert(0, act)  # nothing seen yet: try again next call
     _seen.extend((request.round_id, x.user_id, x.token) for x in request.assignments)
-    reply = _real_train(self, request, context)
+    reply = _real_train(self, request)
     if act == "duplicate":
         data = _dense(self, 0.0, enc)
         upload(stub, act, [(header(total_bytes=len(data)), data)], timeout)
@@ -239,7 +243,7 @@ def garbage(servicer, stub, request, n: int, timeout: float) -> None:
         t.join()
 
 
-worker_mod.WorkerServicer.Train = hostile_train
+worker_mod.WorkerTasks.Train = hostile_train
 
 
 # ---------------------------------------------------------------------------- starvation from the start

@@ -2,7 +2,8 @@
 trust model forbids (DESIGN.md, "Trust model"; issue "Trust boundary") against real services and
 prints one JSON object per line: ``{"action", "as", "code", "detail", ...}``.
 
-Input (argv[1], JSON): ``aggregator``, ``orchestrator``, ``worker`` (addresses), ``tls_dir`` (the
+Input (argv[1], JSON): ``aggregator``, ``orchestrator`` (addresses; workers listen on no port, so
+there is no worker to call), ``tls_dir`` (the
 run's certificates: the peer uses only the ones it is given, by name), ``other_ca_dir`` (a second
 CA with its own worker certificate), ``run_id``, ``replay`` (a token seen in an earlier round:
 ``{"round", "user", "token"}``), ``redis`` (``host:port``) and ``redis_worker_url`` (the worker
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import grpc
@@ -22,7 +22,7 @@ from fedseq.rpc import GRPC_OPTIONS
 from fedseq.tls import Identity, channel_options
 from fedseq.v1 import aggregator_pb2 as agg_pb
 from fedseq.v1 import aggregator_pb2_grpc as agg_grpc
-from fedseq.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc, worker_pb2, worker_pb2_grpc
+from fedseq.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc
 
 
 def emit(action: str, who: str, code: str, detail: str = "", **extra) -> None:
@@ -69,17 +69,24 @@ def main() -> int:
     def orch(who):
         return orchestrator_pb2_grpc.OrchestratorStub(channels(spec, who, spec["orchestrator"], "orchestrator"))
 
-    def worker(who):
-        return worker_pb2_grpc.WorkerStub(channels(spec, who, spec["worker"], "worker"))
+    def connect(who, **hello):
+        """A worker's stream opened with ``hello``: the orchestrator's first answer (a welcome),
+        or its refusal."""
+        def fn():
+            msg = orchestrator_pb2.WorkerMessage(hello=orchestrator_pb2.RegisterRequest(**hello))
+            call = orch(who).Connect(iter([msg]), timeout=t)
+            try:
+                return next(call)
+            finally:
+                call.cancel()
+        return fn
 
     # 1. strangers without a run certificate: refused at the TLS handshake
     for who in ("plaintext", "no-cert", "other-ca"):
         attempt("Aggregator.CloseRound", who, lambda w=who: agg(w).CloseRound(
             agg_pb.CloseRoundRequest(run_id=run_id, round_id=0), timeout=t))
         attempt("Orchestrator.Stop", who, lambda w=who: orch(w).Stop(orchestrator_pb2.StopRequest(), timeout=t))
-        attempt("Orchestrator.Register", who, lambda w=who: orch(w).Register(orchestrator_pb2.RegisterRequest(
-            worker_id="rogue", address="127.0.0.1:1", kind="client"), timeout=t))
-        attempt("Worker.Train", who, lambda w=who: worker(w).Train(worker_pb2.TrainRequest(run_id=run_id), timeout=t))
+        attempt("Orchestrator.Connect", who, connect(who, worker_id="rogue", kind="client"))
 
     # 2. a worker certificate (what an attacker worker holds) calling what only others may
     w = "rogue"
@@ -93,17 +100,9 @@ def main() -> int:
         run_id=run_id, config_json="{}", num_items=1), timeout=t))
     attempt("Orchestrator.Stop", w, lambda: orch(w).Stop(orchestrator_pb2.StopRequest(reason="rogue"), timeout=t))
     attempt("Orchestrator.GetStatus", w, lambda: orch(w).GetStatus(orchestrator_pb2.StatusRequest(), timeout=t))
-    attempt("Worker.Train", w, lambda: worker(w).Train(worker_pb2.TrainRequest(
-        run_id=run_id, round_id=0, model_version=0, encoding="dense-fp32", accepted_encodings=["dense-fp32"],
-        deadline_unix=time.time() + 30, assignments=[common_pb2.Assignment(user_id=0, token="x", weight=1)]), timeout=t))
-    attempt("Worker.Evaluate", w, lambda: worker(w).Evaluate(worker_pb2.EvaluateRequest(
-        run_id=run_id, model_version=0, users=[0, 1, 2]), timeout=t))
-    attempt("Worker.Describe", w, lambda: worker(w).Describe(worker_pb2.DescribeRequest(), timeout=t))
     # claim users: every client shard is held, and a live worker's id cannot be taken over
-    attempt("Orchestrator.Register", w, lambda: orch(w).Register(orchestrator_pb2.RegisterRequest(
-        worker_id="rogue-claims-all", address="127.0.0.1:1", kind="client"), timeout=t))
-    attempt("Orchestrator.Register:stolen-id", w, lambda: orch(w).Register(orchestrator_pb2.RegisterRequest(
-        worker_id=spec["victim_id"], address="127.0.0.1:1", kind="client"), timeout=t))
+    attempt("Orchestrator.Connect", w, connect(w, worker_id="rogue-claims-all", kind="client"))
+    attempt("Orchestrator.Connect:stolen-id", w, connect(w, worker_id=spec["victim_id"], kind="client"))
     # uploads for users it was never assigned: forged tokens, and a token replayed from an earlier round
     forged = [agg_pb.UpdateChunk(header=agg_pb.UpdateHeader(
         run_id=run_id, round_id=r, user_id=u, token="0" * 32, num_samples=1, total_bytes=1, encoding="dense-fp32"),
@@ -116,10 +115,7 @@ def main() -> int:
     attempt("Aggregator.SubmitUpdates:replayed", w, lambda: agg(w).SubmitUpdates(iter(replayed), timeout=t))
 
     # 3. other roles outside their contract
-    attempt("Orchestrator.Register", "operator", lambda: orch("operator").Register(orchestrator_pb2.RegisterRequest(
-        worker_id="op", address="127.0.0.1:1", kind="client"), timeout=t))
-    attempt("Worker.Train", "operator", lambda: worker("operator").Train(worker_pb2.TrainRequest(run_id=run_id),
-                                                                        timeout=t))
+    attempt("Orchestrator.Connect", "operator", connect("operator", worker_id="op", kind="client"))
     attempt("Aggregator.SubmitUpdates", "operator", lambda: agg("operator").SubmitUpdates(iter(forged[:1]), timeout=t))
 
     # 4. the model store: no credentials, and the workers' read-only ones

@@ -18,15 +18,15 @@ import grpc
 import pytest
 from _federation import CountingAggregator, Federation
 
-from client.worker import WorkerServicer
+from client.worker import WorkerTasks
 from fedseq.authz import POLICY
 from fedseq.config import ExperimentConfig
 from fedseq.metrics import KS, MetricSums
 from fedseq.metrics import sums_to_proto as to_proto
 from fedseq.redis_server import RedisServer
-from fedseq.rpc import Service, channel
+from fedseq.rpc import Service
 from fedseq.tls import Identity, TLSError, cert_role, make_certs
-from fedseq.v1 import aggregator_pb2, orchestrator_pb2, worker_pb2, worker_pb2_grpc
+from fedseq.v1 import aggregator_pb2, orchestrator_pb2, worker_pb2
 from orchestrator.service import check_eval_sums
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,7 +92,6 @@ def test_a_rogue_peer_is_refused_everything_and_the_run_is_undisturbed(tmp_path,
         fed.orch.start()
         assert agg.holding.wait(60), "round 2 never closed"
         spec = {"aggregator": fed.aggregator, "orchestrator": fed.orchestrator,
-                "worker": f"127.0.0.1:{fed.handles[0].service.port}",
                 "victim_id": "w0", "tls_dir": str(tmp_path / "tls"), "other_ca_dir": str(tmp_path / "other-ca"),
                 "run_id": "storm", "rounds": 4, "redis": f"127.0.0.1:{acl_redis.port}",
                 "redis_worker_url": acl_redis.url_for("worker"),
@@ -107,20 +106,19 @@ def test_a_rogue_peer_is_refused_everything_and_the_run_is_undisturbed(tmp_path,
         tried = [json.loads(line) for line in proc.stdout.splitlines()]
         got = {(t["action"], t["as"]): t for t in tried}
         for who in ("plaintext", "no-cert", "other-ca"):
-            for action in ("Aggregator.CloseRound", "Orchestrator.Stop", "Orchestrator.Register", "Worker.Train"):
+            for action in ("Aggregator.CloseRound", "Orchestrator.Stop", "Orchestrator.Connect"):
                 assert got[(action, who)]["code"] == "UNAVAILABLE", (action, who)
         denied = [t for t in tried if t["code"] == "PERMISSION_DENIED"]
         assert {(t["action"], t["as"]) for t in denied} == {
             ("Aggregator.CloseRound", "rogue"), ("Aggregator.OpenRound", "rogue"), ("Aggregator.StartRun", "rogue"),
-            ("Orchestrator.Stop", "rogue"), ("Orchestrator.GetStatus", "rogue"), ("Worker.Train", "rogue"),
-            ("Worker.Evaluate", "rogue"), ("Worker.Describe", "rogue"), ("Orchestrator.Register", "operator"),
-            ("Worker.Train", "operator"), ("Aggregator.SubmitUpdates", "operator"),
-            # a worker certificate that is not on the run's roster registers as nothing (tests/test_roster.py)
-            ("Orchestrator.Register", "rogue"), ("Orchestrator.Register:stolen-id", "rogue")}
-        assert all("may not call" in t["detail"] for t in denied if not t["action"].startswith("Orchestrator.Register")
+            ("Orchestrator.Stop", "rogue"), ("Orchestrator.GetStatus", "rogue"), ("Orchestrator.Connect", "operator"),
+            ("Aggregator.SubmitUpdates", "operator"),
+            # a worker certificate that is not on the run's roster connects as nothing (tests/test_roster.py)
+            ("Orchestrator.Connect", "rogue"), ("Orchestrator.Connect:stolen-id", "rogue")}
+        assert all("may not call" in t["detail"] for t in denied if not t["action"].startswith("Orchestrator.Connect")
                    or t["as"] != "rogue")
-        assert "not on this run's roster" in got[("Orchestrator.Register", "rogue")]["detail"]
-        assert "not on this run's roster" in got[("Orchestrator.Register:stolen-id", "rogue")]["detail"]
+        assert "not on this run's roster" in got[("Orchestrator.Connect", "rogue")]["detail"]
+        assert "not on this run's roster" in got[("Orchestrator.Connect:stolen-id", "rogue")]["detail"]
         for action in ("Aggregator.SubmitUpdates:forged", "Aggregator.SubmitUpdates:replayed"):
             statuses = got[(action, "rogue")]["statuses"]
             assert statuses and not any(s["accepted"] for s in statuses), action
@@ -131,8 +129,7 @@ def test_a_rogue_peer_is_refused_everything_and_the_run_is_undisturbed(tmp_path,
             assert got[(action, "worker")]["code"] == "NoPermissionError", action
         # ...every refusal was counted where it happened...
         assert fed.agg_svc.refusals.total() == 3 + 2 + 1  # CloseRound x3, OpenRound, StartRun; operator's upload
-        assert fed.orch_svc.refusals.total() == 3  # Stop, GetStatus (worker); Register (operator)
-        assert fed.handles[0].service.refusals.total() == 4  # Train, Evaluate, Describe (worker); Train (operator)
+        assert fed.orch_svc.refusals.total() == 3  # Stop, GetStatus (worker); Connect (operator)
         assert fed.orch.refused == {"register: roster": 2}
         held = fed.orch.store.records("rounds")[HoldingAggregator.hold]  # the round open while the rogue acted
         assert held["rejected"] == 0 and held["accepted"] == held["users"]
@@ -150,11 +147,11 @@ def test_a_rogue_peer_is_refused_everything_and_the_run_is_undisturbed(tmp_path,
         fed.close()
 
 
-class LyingWorker(WorkerServicer):
+class LyingWorker(WorkerTasks):
     """A worker (it could be an attacker's) that reports perfect HR@10 for the users it evaluates."""
 
-    def Evaluate(self, request, context):
-        reply = super().Evaluate(request, context)
+    def Evaluate(self, request):
+        reply = super().Evaluate(request)
         reply.sums.CopyFrom(to_proto(MetricSums(len(request.users) * 3, 3.0 * len(request.users),
                                                 1.0 * len(request.users), {k: 0.0 for k in KS})))
         return reply
@@ -192,13 +189,15 @@ def test_check_eval_sums(sums, problem):
 
 
 def test_every_rpc_of_the_protos_has_a_role_policy():
-    from fedseq.v1 import aggregator_pb2, orchestrator_pb2, worker_pb2
+    from fedseq.v1 import aggregator_pb2, orchestrator_pb2
 
-    methods = {f"/{s.full_name}/{m.name}" for mod, name in ((aggregator_pb2, "Aggregator"),
-                                                          (orchestrator_pb2, "Orchestrator"), (worker_pb2, "Worker"))
-               for s in [mod.DESCRIPTOR.services_by_name[name]] for m in s.methods}
+    methods = {f"/{s.full_name}/{m.name}" for mod in (aggregator_pb2, orchestrator_pb2, worker_pb2)
+               for s in mod.DESCRIPTOR.services_by_name.values() for m in s.methods}
+    assert "/fedseq.v1.Orchestrator/Connect" in methods
     assert methods <= set(POLICY)
     assert all(POLICY[m] for m in methods)
+    # a worker offers no service: nothing dials it (its tasks come down the stream it opens)
+    assert not worker_pb2.DESCRIPTOR.services_by_name
 
 
 def test_certificates_carry_exactly_one_role_and_reserved_names_are_refused(tmp_path):
@@ -237,8 +236,8 @@ def test_a_worker_uploads_only_to_its_own_aggregator_and_checks_its_role(tmp_pat
                        identity=Identity.load(tmp_path, "impostor"), policy={
                            "/fedseq.v1.Aggregator/SubmitUpdates": frozenset({"worker"})}).start()
     from client.service import benign_population
-    from client.worker import ModelSource
-    from fedseq.v1 import common_pb2, worker_pb2_grpc
+    from client.worker import ModelSource, TaskError
+    from fedseq.v1 import common_pb2
 
     cfg = replace(TINY, run_id="impostor", codec="dense-fp32")
     from fedseq.experiment import setup
@@ -247,38 +246,36 @@ def test_a_worker_uploads_only_to_its_own_aggregator_and_checks_its_role(tmp_pat
     s = setup(cfg)
     RedisStore.from_url(redis_url, cfg.run_id).put_model(0, s.layout.unflatten(s.initial_params()))
     ident = Identity.load(tmp_path, "w")
-    w = WorkerServicer("w", identity=ident)
+    w = WorkerTasks("w", identity=ident)
     w.attach(cfg.run_id, benign_population(cfg, None), ModelSource(cfg.run_id, redis_url, ""),
              f"127.0.0.1:{impostor.port}")
-    svc = Service([(worker_pb2_grpc.add_WorkerServicer_to_server, w, "fedseq.v1.Worker")], identity=ident).start()
     try:
-        stub = worker_pb2_grpc.WorkerStub(channel(f"127.0.0.1:{svc.port}", identity=Identity.load(
-            tmp_path, "orchestrator"), peer="worker"))
         # Execute
-        with pytest.raises(grpc.RpcError) as err:
-            stub.Train(worker_pb2.TrainRequest(
+        with pytest.raises(TaskError) as err:
+            w.Train(worker_pb2.TrainRequest(
                 run_id=cfg.run_id, round_id=0, model_version=0, deadline_unix=time.time() + 1, encoding="dense-fp32",
-                accepted_encodings=["dense-fp32"], assignments=[common_pb2.Assignment(user_id=0, token="t", weight=1)]),
-                timeout=60)
+                accepted_encodings=["dense-fp32"], assignments=[common_pb2.Assignment(user_id=0, token="t", weight=1)]))
         # Assert: the worker's upload channel refused the impostor's certificate (until the round's
         # deadline: it waits for a real server); nothing arrived
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert f"upload to the aggregator 127.0.0.1:{impostor.port} failed" in err.value.details()
+        assert err.value.code == grpc.StatusCode.UNAVAILABLE
+        assert f"upload to the aggregator 127.0.0.1:{impostor.port} failed" in err.value.details
         assert got_uploads == []
     finally:
-        svc.stop(0)
         impostor.stop(0)
 
 
 def test_services_listen_on_loopback_and_refuse_a_port_in_use():
-    from fedseq.v1 import worker_pb2_grpc
+    from fedseq.v1 import aggregator_pb2_grpc
 
-    first = Service([(worker_pb2_grpc.add_WorkerServicer_to_server, WorkerServicer("a"), "fedseq.v1.Worker")]).start()
+    def service(**kw) -> Service:
+        return Service([(aggregator_pb2_grpc.add_AggregatorServicer_to_server, aggregator_pb2_grpc.AggregatorServicer(),
+                         "fedseq.v1.Aggregator")], **kw)
+
+    first = service().start()
     try:
         assert first.host == "127.0.0.1"
         with pytest.raises(OSError, match="in use"):
-            Service([(worker_pb2_grpc.add_WorkerServicer_to_server, WorkerServicer("b"), "fedseq.v1.Worker")],
-                    port=first.port)
+            service(port=first.port)
     finally:
         first.stop(0)
 
@@ -317,15 +314,15 @@ def test_describe_and_status_with_the_right_roles_work(tmp_path, redis_url):
     fed = Federation(redis_url, replace(TINY, run_id="roles"), workers=1, tls_dir=tmp_path)
     try:
         d = fed.orch.pool.refresh()
-        assert d and d[0].ready  # the orchestrator's certificate may call Describe
+        assert d and d[0].ready  # a Describe down the worker's own stream
         status = fed.orch_stub.GetStatus(orchestrator_pb2.StatusRequest(), timeout=10)  # the operator's may poll
         assert status.run_id == "roles"
-        worker_stub = worker_pb2_grpc.WorkerStub(channel(
-            f"127.0.0.1:{fed.handles[0].service.port}", identity=fed.identity("operator"), peer="worker"))
+        # the operator's certificate may not open a worker's stream
+        hello = orchestrator_pb2.WorkerMessage(hello=orchestrator_pb2.RegisterRequest(worker_id="w0"))
         with pytest.raises(grpc.RpcError) as err:
-            worker_stub.Describe(worker_pb2.DescribeRequest(), timeout=10)
+            next(fed.orch_stub.Connect(iter([hello]), timeout=10))
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        assert fed.handles[0].service.refusals.snapshot() == {
-            ("/fedseq.v1.Worker/Describe", "operator", "PERMISSION_DENIED"): 1}
+        assert fed.orch_svc.refusals.snapshot() == {
+            ("/fedseq.v1.Orchestrator/Connect", "operator", "PERMISSION_DENIED"): 1}
     finally:
         fed.close()

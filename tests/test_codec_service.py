@@ -227,36 +227,31 @@ def test_config_rejects_unknown_codec_and_compression():
 
 
 def test_refused_train_request_uploads_nothing(aggregator, redis_url):
-    """A direct Train call whose encoding is not in its accepted list (or whose list is empty)."""
+    """A Train task whose encoding is not in its accepted list (or whose list is empty), run as the
+    worker's stream runs it."""
     from client.service import benign_population
-    from client.worker import ModelSource, WorkerServicer
-    from fedseq.v1 import worker_pb2, worker_pb2_grpc
+    from client.worker import ModelSource, WorkerTasks, run_task
+    from fedseq.v1 import worker_pb2
 
     # Prepare
     stub, servicer = aggregator()
     cfg = replace(TINY, run_id="direct", codec="dense-fp32")
     tokens = _open(stub, cfg, [0, 1])
-    w = WorkerServicer("w")
+    w = WorkerTasks("w")
     w.attach(cfg.run_id, benign_population(cfg, None), ModelSource(cfg.run_id, redis_url, ""), "127.0.0.1:1")
-    svc = Service([(worker_pb2_grpc.add_WorkerServicer_to_server, w, "fedseq.v1.Worker")], port=0,
-                  host="127.0.0.1").start()
-    try:
-        wstub = worker_pb2_grpc.WorkerStub(channel(f"127.0.0.1:{svc.port}"))
-        errors = []
-        for accepted in (["sparse-fp32"], []):
-            # Execute
-            with pytest.raises(grpc.RpcError) as e:
-                wstub.Train(worker_pb2.TrainRequest(
-                    run_id=cfg.run_id, round_id=0, model_version=0,
-                    deadline_unix=time.time() + 60, encoding="dense-fp32", accepted_encodings=accepted,
-                    assignments=[common_pb2.Assignment(user_id=u, token=t) for u, t in tokens.items()]))
-            errors.append(e.value)
-    finally:
-        svc.stop(0)
+    errors = []
+    for accepted in (["sparse-fp32"], []):
+        # Execute
+        result = run_task(w, worker_pb2.Task(task_id=7, train=worker_pb2.TrainRequest(
+            run_id=cfg.run_id, round_id=0, model_version=0,
+            deadline_unix=time.time() + 60, encoding="dense-fp32", accepted_encodings=accepted,
+            assignments=[common_pb2.Assignment(user_id=u, token=t) for u, t in tokens.items()])))
+        errors.append(result)
     # Assert
-    assert all(e.code() == grpc.StatusCode.INVALID_ARGUMENT for e in errors)
-    assert "encoding refused" in errors[0].details() and "['sparse-fp32']" in errors[0].details()
-    assert "accepted_encodings is empty" in errors[1].details()
+    assert all(r.task_id == 7 and r.WhichOneof("reply") == "error" for r in errors)
+    assert all(r.error.code == "INVALID_ARGUMENT" for r in errors)
+    assert "encoding refused" in errors[0].error.details and "['sparse-fp32']" in errors[0].error.details
+    assert "accepted_encodings is empty" in errors[1].error.details
     assert w.stats["users_trained"] == 0 and servicer.round is not None and not servicer.round.updates
 
 
@@ -267,8 +262,8 @@ def test_a_worker_sends_pieces_as_they_come_and_a_failed_piece_fails_the_call(re
     from dataclasses import replace as dc_replace
 
     from client.service import benign_population
-    from client.worker import ModelSource, WorkerServicer
-    from fedseq.v1 import worker_pb2, worker_pb2_grpc
+    from client.worker import ModelSource, WorkerTasks, run_task
+    from fedseq.v1 import worker_pb2
 
     # Prepare: a population whose pieces are its users' real updates, in pieces of 2; the third
     # piece fails (the first call only)
@@ -290,31 +285,26 @@ def test_a_worker_sends_pieces_as_they_come_and_a_failed_piece_fails_the_call(re
                 raise RuntimeError("piece 3 failed")
             yield hosted.compute(params, ids[i:i + 2], round_id)
 
-    w = WorkerServicer("w")
+    w = WorkerTasks("w")
     w.attach(cfg.run_id, dc_replace(hosted, compute_pieces=pieces), ModelSource(cfg.run_id, redis_url, ""),
              f"127.0.0.1:{agg.port}")
-    svc = Service([(worker_pb2_grpc.add_WorkerServicer_to_server, w, "fedseq.v1.Worker")], port=0,
-                  host="127.0.0.1").start()
 
-    def train(ids):
-        return wstub.Train(worker_pb2.TrainRequest(
+    def train(ids):  # the task as the worker's stream runs it
+        return run_task(w, worker_pb2.Task(task_id=1, train=worker_pb2.TrainRequest(
             run_id=cfg.run_id, round_id=0, model_version=0, deadline_unix=time.time() + 60,
             encoding="sparse-fp32", accepted_encodings=["sparse-fp32"],
-            assignments=[common_pb2.Assignment(user_id=u, token=tokens[u], weight=weights[u]) for u in ids]),
-            timeout=60)
+            assignments=[common_pb2.Assignment(user_id=u, token=tokens[u], weight=weights[u]) for u in ids])))
 
     try:
-        wstub = worker_pb2_grpc.WorkerStub(channel(f"127.0.0.1:{svc.port}"))
         # Execute: the failing call, then the users it did not send
-        with pytest.raises(grpc.RpcError) as e:
-            train(users)
+        failed = train(users)
         landed = set(servicer.round.updates)
-        reply = train([u for u in users if u not in landed])
+        reply = train([u for u in users if u not in landed]).train
     finally:
-        svc.stop(0)
         agg.stop(0)
     # Assert: the first two pieces landed, the error names the failure, the retry sent the rest
-    assert landed == {0, 1, 2, 3} and "piece 3 failed" in e.value.details()
+    assert failed.WhichOneof("reply") == "error" and failed.error.code == "INTERNAL"
+    assert landed == {0, 1, 2, 3} and "piece 3 failed" in failed.error.details
     assert all(s.accepted for s in reply.statuses) and len(reply.statuses) == 3
     assert set(servicer.round.updates) == set(users)
     assert {"compute", "encode", "upload", "model"} <= set(reply.timings)
@@ -328,8 +318,8 @@ def test_a_failed_upload_leaves_no_thread_waiting_for_pieces(redis_url):
     from dataclasses import replace as dc_replace
 
     from client.service import benign_population
-    from client.worker import ModelSource, WorkerServicer
-    from fedseq.v1 import worker_pb2, worker_pb2_grpc
+    from client.worker import ModelSource, TaskError, WorkerTasks
+    from fedseq.v1 import worker_pb2
 
     # Prepare: a model in the store, an aggregator address nobody listens on, slow pieces
     servicer = AggregatorServicer(lambda run_id: RedisStore.from_url(redis_url, run_id))
@@ -348,30 +338,25 @@ def test_a_failed_upload_leaves_no_thread_waiting_for_pieces(redis_url):
             computed.append(u)
             yield hosted.compute(params, [u], round_id)
 
-    w = WorkerServicer("w")
+    w = WorkerTasks("w")
     w.attach(cfg.run_id, dc_replace(hosted, compute_pieces=pieces), ModelSource(cfg.run_id, redis_url, ""), dead)
-    svc = Service([(worker_pb2_grpc.add_WorkerServicer_to_server, w, "fedseq.v1.Worker")], port=0,
-                  host="127.0.0.1").start()
-    try:
-        wstub = worker_pb2_grpc.WorkerStub(channel(f"127.0.0.1:{svc.port}"))
-        before = set(threading.enumerate())
-        # Execute
-        with pytest.raises(grpc.RpcError) as e:
-            wstub.Train(worker_pb2.TrainRequest(
-                run_id=cfg.run_id, round_id=0, model_version=0, deadline_unix=time.time() + 1,
-                encoding="sparse-fp32", accepted_encodings=["sparse-fp32"],
-                assignments=[common_pb2.Assignment(user_id=u, token=t) for u, t in tokens.items()]), timeout=60)
-        def waiting():  # threads the call started that are still there (the pools' own threads stay by design)
-            return [t.name for t in threading.enumerate() if t not in before and not t.name.startswith("ThreadPool")]
+    before = set(threading.enumerate())
+    # Execute
+    with pytest.raises(TaskError) as e:
+        w.Train(worker_pb2.TrainRequest(
+            run_id=cfg.run_id, round_id=0, model_version=0, deadline_unix=time.time() + 1,
+            encoding="sparse-fp32", accepted_encodings=["sparse-fp32"],
+            assignments=[common_pb2.Assignment(user_id=u, token=t) for u, t in tokens.items()]))
 
-        deadline = time.time() + 5
-        while waiting() and time.time() < deadline:
-            time.sleep(0.1)
-        left = waiting()
-    finally:
-        svc.stop(0)
+    def waiting():  # threads the call started that are still there (the pools' own threads stay by design)
+        return [t.name for t in threading.enumerate() if t not in before and not t.name.startswith("ThreadPool")]
+
+    deadline = time.time() + 5
+    while waiting() and time.time() < deadline:
+        time.sleep(0.1)
+    left = waiting()
     # Assert: the upload failed, the computation stopped early, and the threads it used are gone
-    assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "upload to the aggregator" in e.value.details()
+    assert e.value.code == grpc.StatusCode.UNAVAILABLE and "upload to the aggregator" in e.value.details
     assert len(computed) == 1  # the piece in progress ends; no other starts
     assert left == []
 

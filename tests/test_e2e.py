@@ -114,8 +114,8 @@ def test_killed_worker_is_recorded_and_the_run_finishes_on_the_survivor(tmp_path
                              str(tmp_path / "out"), "--exit-when-done", "--round-timeout", "30", *tls("orchestrator")],
                             tmp_path / "orch.log"))
         orch = f"127.0.0.1:{_port(tmp_path / 'o.port')}"
-        workers = [_spawn(["serve-client", "--port", "0", "--orchestrator", orch, "--advertise-host", "127.0.0.1",
-                           "--worker-id", f"w{i}", *tls(f"w{i}")], tmp_path / f"w{i}.log") for i in range(2)]
+        workers = [_spawn(["serve-client", "--orchestrator", orch, "--worker-id", f"w{i}", *tls(f"w{i}")],
+                          tmp_path / f"w{i}.log") for i in range(2)]
         procs += workers
         from fedseq.rpc import channel
         from fedseq.v1 import orchestrator_pb2, orchestrator_pb2_grpc
@@ -125,6 +125,10 @@ def test_killed_worker_is_recorded_and_the_run_finishes_on_the_survivor(tmp_path
         end = time.time() + 120
         while stub.GetStatus(orchestrator_pb2.StatusRequest(), timeout=5).round_id < 3 and time.time() < end:
             time.sleep(0.05)
+        # no worker process listens on any port (it dialled the orchestrator); the check itself sees
+        # the orchestrator's own port
+        assert all(listening_ports(w.pid) == set() for w in workers)
+        assert int(orch.rsplit(":", 1)[1]) in listening_ports(procs[1].pid)
         # Execute: a real kill of one worker process mid-run
         workers[1].send_signal(signal.SIGKILL)
         procs[1].wait(180)
@@ -179,3 +183,23 @@ def test_dv_fsr_through_the_services_raises_exposure_above_no_attack_and_ra(tmp_
     assert final["ra"]["er@10"] <= 0.05
     assert final["dv-fsr"]["er@10"] >= 0.2
     assert final["dv-fsr"]["er@10"] >= 5 * max(final["ra"]["er@10"], final["none"]["er@10"], 0.01)
+
+
+def listening_ports(pid: int) -> set[int]:
+    """The TCP ports process ``pid`` listens on: its own socket descriptors (/proc/PID/fd) matched
+    against the LISTEN rows (state 0A) of /proc/PID/net/tcp and tcp6."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            parts = line.split()
+            if parts[3] == "0A" and parts[9] in inodes:
+                ports.add(int(parts[1].rsplit(":", 1)[1], 16))
+    return ports

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fedseq.healthcheck import check
+from fedseq.healthcheck import check, check_file
 from fedseq.rpc import Service
 from fedseq.tls import Identity, make_certs
 
@@ -56,7 +56,7 @@ def test_sigterm_while_importing_stops_the_command_at_once():
 def test_without_the_entry_point_the_signal_kills_the_process():
     """The control: plain ``python -m cli.main`` dies of SIGTERM's default action during the
     import (as PID 1 in a container it would ignore the signal instead)."""
-    p = _spawn("-m", "cli.main", "serve-client", "--insecure", "--orchestrator", "127.0.0.1:9", "--port", "0")
+    p = _spawn("-m", "cli.main", "serve-client", "--insecure", "--orchestrator", "127.0.0.1:9")
     time.sleep(0.3)
     p.send_signal(signal.SIGTERM)
     p.communicate(timeout=30)
@@ -64,17 +64,37 @@ def test_without_the_entry_point_the_signal_kills_the_process():
 
 
 def test_sigterm_after_start_shuts_the_service_down_gracefully(tmp_path):
-    port_file = tmp_path / "port"
-    p = _spawn("-m", "cli.entry", "serve-client", "--insecure", "--orchestrator", "127.0.0.1:9", "--port", "0",
-               "--port-file", str(port_file))
+    """A worker (which listens on no port) keeps its health file while it retries an orchestrator
+    that is not there, and a SIGTERM ends it at once with status 0."""
+    health = tmp_path / "health.json"
+    p = _spawn("-m", "cli.entry", "serve-client", "--insecure", "--orchestrator", "127.0.0.1:9",
+               "--health-file", str(health))
     t0 = time.monotonic()
-    while not port_file.exists():
+    while not health.exists():
         assert p.poll() is None and time.monotonic() - t0 < 120, p.communicate()
         time.sleep(0.05)
-    assert check(port_file.read_text())[0]
+    alive, why = check_file(str(health), max_age=30)
+    ready, why_not = check_file(str(health), max_age=30, ready=True)
     p.send_signal(signal.SIGTERM)
     p.communicate(timeout=30)
-    assert p.returncode == 0  # serve_until_signal's graceful shutdown, not the early exit
+    assert alive and why.endswith("alive")  # its loop runs...
+    assert not ready and "not connected" in why_not  # ...but it has no orchestrator
+    assert p.returncode == 0  # the graceful shutdown, not the early exit
+
+
+def test_health_file_ages_and_readiness(tmp_path):
+    import json
+
+    path = tmp_path / "h.json"
+    assert not check_file(str(path))[0]  # no file: unhealthy
+    path.write_text(json.dumps({"time": time.time() - 100, "connected": True, "ready": True}))
+    ok, why = check_file(str(path), max_age=60)
+    assert not ok and "100s ago" in why.replace("99s", "100s")
+    path.write_text(json.dumps({"time": time.time(), "connected": True, "ready": False}))
+    assert check_file(str(path)) == (True, f"{path}: connected")
+    assert check_file(str(path), ready=True) == (False, f"{path}: connected, still loading its users")
+    path.write_text("{not json")
+    assert not check_file(str(path))[0]
 
 
 def test_console_script_is_the_entry_point():

@@ -106,13 +106,16 @@ def undisturbed(tmp_path_factory) -> dict:
     return res
 
 
-@pytest.mark.parametrize("victim, marker, exact", [
-    ("server", "logs/server.port", True),
-    ("orchestrator", "logs/orchestrator.port", True),
-    ("redis", "/redis", True),
-    ("client-1", "logs/client-1.port", False),
-])
-def test_a_killed_service_is_restarted_and_the_run_finishes(tmp_path, undisturbed, victim, marker, exact):
+@pytest.mark.parametrize("victim, marker, exact, sig", [
+    ("server", "logs/server.port", True, signal.SIGKILL),
+    ("orchestrator", "logs/orchestrator.port", True, signal.SIGKILL),
+    # a drain's or `compose stop`'s SIGTERM mid-run: the orchestrator exits 75 (not done), which a
+    # supervisor restarts, and the run resumes from the store
+    ("orchestrator", "logs/orchestrator.port", True, signal.SIGTERM),
+    ("redis", "/redis", True, signal.SIGKILL),
+    ("client-1", "logs/client-1.port", False, signal.SIGKILL),
+], ids=["server", "orchestrator", "orchestrator-sigterm", "redis", "client-1"])
+def test_a_killed_service_is_restarted_and_the_run_finishes(tmp_path, undisturbed, victim, marker, exact, sig):
     # Prepare
     out = tmp_path / "run"
     proc = _launch(out)
@@ -126,8 +129,8 @@ def test_a_killed_service_is_restarted_and_the_run_finishes(tmp_path, undisturbe
         else:
             pids = _pids(f"{out}/{marker}")
         assert len(pids) == 1, (victim, pids)
-        # Execute: a real SIGKILL mid-run
-        os.kill(pids[0], signal.SIGKILL)
+        # Execute: a real SIGKILL (or SIGTERM) mid-run
+        os.kill(pids[0], sig)
         res = _finish(proc, out)
     finally:
         if proc.poll() is None:
@@ -135,6 +138,8 @@ def test_a_killed_service_is_restarted_and_the_run_finishes(tmp_path, undisturbe
     # Assert
     _check_complete(res)
     assert f"{victim if victim != 'redis' else 'redis-server'}" in res["_stderr"] and "restarted" in res["_stderr"]
+    if sig == signal.SIGTERM:
+        assert "orchestrator was interrupted (exit 75)" in res["_stderr"]
     got = [{k: e[k] for k in METRICS} for e in res["epochs"]]
     want = [{k: e[k] for k in METRICS} for e in undisturbed["epochs"]]
     if exact:  # the round in flight was rerun from the store head: nothing lost, nothing twice

@@ -63,6 +63,18 @@ class Proc:
                "--port-file", str(self.port_file)]
         self.popen = subprocess.Popen(cmd, stdout=self.out, stderr=self.err, env=env, cwd=ROOT)
 
+    def started(self, timeout: float = 60.0) -> None:
+        """Wait until a worker (which listens on no port) writes its health file."""
+        health = self.logs / f"{self.name}.health"
+        end = time.time() + timeout
+        while time.time() < end:
+            if health.exists():
+                return
+            if self.popen.poll() is not None:
+                raise RuntimeError(f"{self.name} exited {self.popen.returncode}: {self.log()[-2000:]}")
+            time.sleep(0.05)
+        raise TimeoutError(f"{self.name} did not start: {self.log()[-2000:]}")
+
     def port(self, timeout: float = 60.0) -> int:
         end = time.time() + timeout
         while time.time() < end:
@@ -127,19 +139,20 @@ class Federation:
         return p
 
     def worker_argv(self, kind: str, name: str) -> list[str]:
-        return [f"serve-{kind}", "--port", "0", "--orchestrator", self.orchestrator, "--threads", "1",
-                "--worker-id", name, *self._tls(name)]
+        return [f"serve-{kind}", "--orchestrator", self.orchestrator, "--threads", "1",
+                "--worker-id", name, "--health-file", str(self.logs / f"{name}.health"), *self._tls(name)]
 
     def client(self, i: int) -> Proc:
+        (self.logs / f"client-{i}.health").unlink(missing_ok=True)  # a restarted worker writes its own
         p = self._start(f"client-{i}", self.worker_argv("client", f"client-{i}"))
-        p.port()
+        p.started()
         return p
 
     def insider(self) -> Proc:
         spec = json.dumps({**self.spec, "client_shards": self.clients})
         p = self._start("attacker-0", self.worker_argv("attacker", "attacker-0"),
                         script=[str(ROOT / "tests" / "insider_worker.py"), spec])
-        p.port()
+        p.started()
         return p
 
     def wait(self, timeout: float = 240.0) -> dict:
@@ -266,7 +279,7 @@ def test_a_takeover_after_a_benign_crash_is_refused_and_the_shard_goes_back_to_i
     assert as_attacker["code"] == "PERMISSION_DENIED" and "not this worker's identity" in as_attacker["detail"]
     assert calm["results"]["summary"]["refused"].get("register: id", 0) >= 2
     # client-2 got shard 2 of 3 back: every epoch evaluated every benign user
-    assert re.search(r"client worker client-2 registered at .* \(shard 2/3", calm["orch_log"])
+    assert re.search(r"client worker client-2 connected from .* \(shard 2/3", calm["orch_log"])
     assert all(e["eval_users"] == USERS for e in calm["results"]["epochs"])
 
 

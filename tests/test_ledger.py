@@ -19,7 +19,7 @@ import pytest
 from _federation import CountingAggregator, Federation
 
 from client.service import benign_population
-from client.worker import ModelSource, WorkerServicer
+from client.worker import ModelSource, WorkerTasks
 from fedseq import ledger
 from fedseq.config import ExperimentConfig
 from fedseq.report import report
@@ -27,7 +27,7 @@ from fedseq.rpc import Service, channel
 from fedseq.store import RedisStore
 from fedseq.v1 import aggregator_pb2 as agg_pb
 from fedseq.v1 import aggregator_pb2_grpc as agg_grpc
-from fedseq.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from fedseq.v1 import common_pb2, worker_pb2
 
 # 30 users, 4 rounds of at most 8 per epoch, 2 epochs: the cost of a run is its user updates (encode,
 # upload, decode), so few users, and still several rounds per epoch and more than one epoch
@@ -191,15 +191,15 @@ def test_train_messages_match_what_the_workers_saw(runs):
     # Prepare
     fed, _, out = runs["sparse"]
     entries = ledger.read_jsonl(out / "ledger.jsonl")
-    # Execute: each worker recorded the serialized size of its Train requests and replies
+    # Execute: each worker recorded the serialized size of its Train tasks and results
     for w in fed.workers:
         seen_req = {r: q for r, q, _ in w.train_sizes}
         seen_rep = {r: p for r, _, p in w.train_sizes}
         # Assert
         req = {e["round"]: e["bytes"] for e in entries if e["worker"] == w.worker_id
-               and e["what"] == "Worker.Train request"}
+               and e["what"] == "Orchestrator.Connect train task"}
         rep = {e["round"]: e["bytes"] for e in entries if e["worker"] == w.worker_id
-               and e["what"] == "Worker.Train reply"}
+               and e["what"] == "Orchestrator.Connect train result"}
         assert len(req) >= 1 and req == seen_req and rep == seen_rep  # not {} == {}: it trained
 
 
@@ -292,21 +292,18 @@ def test_gzip_upload_wire_bytes_match_a_tcp_proxy(redis_url):
                 run_id=cfg.run_id, round_id=0, model_version=0, deadline_unix=time.time() + 60, lr=0.1,
                 assignments=[common_pb2.Assignment(user_id=u, token=t, weight=weights[u]) for u, t in tokens.items()]))
             proxy = _CountingProxy(svc.port)
-            w = WorkerServicer("w")
+            w = WorkerTasks("w")
             w.attach(cfg.run_id, hosted, ModelSource(cfg.run_id, redis_url, "", comp),
                      f"127.0.0.1:{proxy.port}")
-            wsvc = Service([(worker_pb2_grpc.add_WorkerServicer_to_server, w, "fedseq.v1.Worker")], port=0,
-                           host="127.0.0.1").start()
             try:
                 # Execute
-                reply = worker_pb2_grpc.WorkerStub(channel(f"127.0.0.1:{wsvc.port}")).Train(worker_pb2.TrainRequest(
+                reply = w.Train(worker_pb2.TrainRequest(
                     run_id=cfg.run_id, round_id=0, model_version=0,
                     deadline_unix=time.time() + 60, encoding="dense-fp32", accepted_encodings=["dense-fp32"],
                     assignments=[common_pb2.Assignment(user_id=u, token=t, weight=weights[u])
                                  for u, t in tokens.items()]))
                 time.sleep(0.2)
             finally:
-                wsvc.stop(0)
                 proxy.close()
             ups = [c for c in reply.ledger if c.kind == "update"]
             measured[comp] = (sum(c.bytes for c in ups), sum(c.wire_bytes for c in ups), sum(c.messages for c in ups),

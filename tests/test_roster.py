@@ -13,6 +13,7 @@ from fedseq import roster as roster_mod
 from fedseq.config import ExperimentConfig
 from fedseq.experiment import setup
 from fedseq.v1 import orchestrator_pb2
+from orchestrator.link import WorkerLink
 from orchestrator.settings import OrchestratorSettings
 from orchestrator.workers import Refused, WorkerPool
 
@@ -30,14 +31,18 @@ def _pool(prepared, roster, grace: float = 30.0) -> WorkerPool:
     return WorkerPool(prepared, "r", shards, identity=None, shard_grace=grace, roster=roster)
 
 
-def _req(worker_id: str, kind: str = "client", held=(0, 0), address: str = "127.0.0.1:1"):
-    return orchestrator_pb2.RegisterRequest(worker_id=worker_id, address=address, kind=kind, held_index=held[0],
-                                            held_count=held[1])
+def _req(worker_id: str, kind: str = "client", held=(0, 0)):
+    return orchestrator_pb2.RegisterRequest(worker_id=worker_id, kind=kind, held_index=held[0], held_count=held[1])
+
+
+def _admit(pool, req, peer):
+    """``req``'s admission on a stream of its own (a link no worker answers: it only carries the admission)."""
+    return pool.admit(req, peer, WorkerLink(req.worker_id, peer))
 
 
 def _refused(pool, req, peer) -> Refused:
     with pytest.raises(Refused) as e:
-        pool.admit(req, peer)
+        _admit(pool, req, peer)
     return e.value
 
 
@@ -85,8 +90,8 @@ def test_settings_need_a_roster_under_tls_and_none_without(tmp_path):
 # ---------------------------------------------------------------------------- registration
 def test_each_identity_gets_its_roster_kind_and_shard_whatever_it_claims(prepared):
     pool = _pool(prepared, roster_mod.make(2, 1))
-    w = pool.admit(_req("client-1", held=(0, 2)), "client-1")  # a hint for another shard is ignored
-    a = pool.admit(_req("attacker-0", kind="attacker"), "attacker-0")
+    w = _admit(pool, _req("client-1", held=(0, 2)), "client-1")  # a hint for another shard is ignored
+    a = _admit(pool, _req("attacker-0", kind="attacker"), "attacker-0")
     assert (w.kind, w.shard) == ("client", (1, 2)) and (a.kind, a.shard) == ("attacker", (0, 1))
     assert len(a.users) == prepared.num_malicious and min(a.users) >= prepared.dataset.num_users
 
@@ -112,39 +117,42 @@ def test_a_worker_id_other_than_the_identity_is_refused(prepared):
 
 
 def test_a_lost_shard_goes_back_only_to_its_own_identity(prepared):
-    # Prepare: client-0 registered, then died (its address answers nothing)
+    # Prepare: client-0 registered, then died (its stream ended)
     pool = _pool(prepared, roster_mod.make(2, 1))
-    first = pool.admit(_req("client-0", address="127.0.0.1:9"), "client-0")
-    first.alive = False
+    first = _admit(pool, _req("client-0"), "client-0")
+    first.link.close("killed")
+    pool.gone(first)  # as the servicer does when a stream ends
     # Execute / Assert: client-1 cannot take shard 0 (it gets its own), the attacker cannot either
-    other = pool.admit(_req("client-1", held=(0, 2)), "client-1")
+    other = _admit(pool, _req("client-1", held=(0, 2)), "client-1")
     assert other.shard == (1, 2)
     assert _refused(pool, _req("attacker-0", kind="client", held=(0, 2)), "attacker-0").word == "kind"
-    back = pool.admit(_req("client-0", address="127.0.0.1:10"), "client-0")
+    back = _admit(pool, _req("client-0"), "client-0")
     assert back.shard == (0, 2) and back.users == first.users
 
 
 def test_a_spare_takes_a_lost_client_shard_only_after_the_grace(prepared):
     pool = _pool(prepared, roster_mod.make(2, 0, spares=1), grace=0.0)
-    pool.admit(_req("client-0"), "client-0")
-    pool.admit(_req("client-1"), "client-1")
+    _admit(pool, _req("client-0"), "client-0")
+    _admit(pool, _req("client-1"), "client-1")
     assert _refused(pool, _req("spare-0"), "spare-0").code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    pool.workers["client-1"].alive = False
-    spare = pool.admit(_req("spare-0"), "spare-0")
+    pool.workers["client-1"].link.close("killed")
+    pool.gone(pool.workers["client-1"])
+    spare = _admit(pool, _req("spare-0"), "spare-0")
     assert spare.shard == (1, 2) and spare.kind == "client"
 
 
 def test_an_unsharded_roster_admits_only_rostered_identities_with_every_user(prepared):
     pool = _pool(prepared, roster_mod.make(2, 1, sharded=False))
-    w = pool.admit(_req("client-0"), "client-0")
+    w = _admit(pool, _req("client-0"), "client-0")
     assert w.shard is None and len(w.users) == prepared.dataset.num_users
     assert _refused(pool, _req("client-9"), "client-9").word == "roster"
 
 
 def test_a_ready_worker_that_died_before_the_run_does_not_count(prepared):
-    # Prepare: a worker registered and ready, then killed before the run starts (its port answers nothing)
+    # Prepare: a worker registered and ready, then killed before the run starts (its stream is open
+    # but nothing answers on it)
     pool = _pool(prepared, roster_mod.make(2, 1))
-    w = pool.admit(_req("client-0", address="127.0.0.1:9"), "client-0")
+    w = _admit(pool, _req("client-0"), "client-0")
     w.ready = True
     # Execute / Assert: the run does not start on it
     with pytest.raises(TimeoutError, match="only 0 of 1"):

@@ -24,7 +24,7 @@ from fedseq.rpc import CHUNK_BYTES, Service, channel, chunks
 from fedseq.store import RedisStore
 from fedseq.v1 import aggregator_pb2 as agg_pb
 from fedseq.v1 import aggregator_pb2_grpc as agg_grpc
-from fedseq.v1 import common_pb2, orchestrator_pb2, worker_pb2, worker_pb2_grpc
+from fedseq.v1 import common_pb2, orchestrator_pb2
 from server.service import AggregatorServicer
 
 TINY = ExperimentConfig(run_id="t", dataset="synthetic:users=60,items=80", epochs=2, clients_per_round=16,
@@ -267,12 +267,17 @@ def test_resumed_orchestrator_continues_from_the_store_head(redis_url):
 
 
 def test_describe_reports_hosted_users(redis_url):
+    """A Describe task down the worker's own stream (nothing dials a worker)."""
+    # Prepare
     fed = Federation(redis_url, replace(TINY, run_id="desc"), workers=0)
     try:
         fed.add_worker("w")
-        svc = fed.handles[0].service
-        d = worker_pb2_grpc.WorkerStub(channel(f"127.0.0.1:{svc.port}")).Describe(worker_pb2.DescribeRequest())
+        info = fed.orch.workers["w"]
+        # Execute
+        d = info.link.describe(timeout=10)
+        # Assert
         assert d.ready and d.worker_id == "w" and len(d.users) == 60
+        assert not info.link.closed and info.address.startswith("ipv4:127.0.0.1:")
     finally:
         fed.close()
 

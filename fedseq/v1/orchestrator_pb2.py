@@ -22,27 +22,34 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from fedseq.v1 import worker_pb2 as fedseq_dot_v1_dot_worker__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x66\x65\x64seq/v1/orchestrator.proto\x12\tfedseq.v1\"{\n\x0fRegisterRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\x12\n\nheld_index\x18\x05 \x01(\x05\x12\x12\n\nheld_count\x18\x06 \x01(\x05\"x\n\rRegisterReply\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\t\x12\x12\n\naggregator\x18\x04 \x01(\t\x12\x13\n\x0bshard_index\x18\x05 \x01(\x05\x12\x13\n\x0bshard_count\x18\x06 \x01(\x05J\x04\x08\x03\x10\x04\"\x0f\n\rStatusRequest\"\xeb\x01\n\tRunStatus\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x05\x12\x0e\n\x06\x65pochs\x18\x04 \x01(\x05\x12\x10\n\x08round_id\x18\x05 \x01(\x03\x12\x15\n\rmodel_version\x18\x06 \x01(\x03\x12\x0f\n\x07workers\x18\x07 \x01(\x05\x12\x19\n\x11last_metrics_json\x18\x08 \x01(\t\x12\x0f\n\x07message\x18\t \x01(\t\x12\x10\n\x08\x62ytes_up\x18\n \x01(\x03\x12\x12\n\nbytes_down\x18\x0b \x01(\x03\x12\x14\n\x0cresults_json\x18\x0c \x01(\t\"\x1d\n\x0bStopRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x1d\n\tStopReply\x12\x10\n\x08stopping\x18\x01 \x01(\x08\x32\xc3\x01\n\x0cOrchestrator\x12@\n\x08Register\x12\x1a.fedseq.v1.RegisterRequest\x1a\x18.fedseq.v1.RegisterReply\x12;\n\tGetStatus\x12\x18.fedseq.v1.StatusRequest\x1a\x14.fedseq.v1.RunStatus\x12\x34\n\x04Stop\x12\x16.fedseq.v1.StopRequest\x1a\x14.fedseq.v1.StopReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x66\x65\x64seq/v1/orchestrator.proto\x12\tfedseq.v1\x1a\x16\x66\x65\x64seq/v1/worker.proto\"\x98\x01\n\rWorkerMessage\x12+\n\x05hello\x18\x01 \x01(\x0b\x32\x1a.fedseq.v1.RegisterRequestH\x00\x12\'\n\x06result\x18\x02 \x01(\x0b\x32\x15.fedseq.v1.TaskResultH\x00\x12)\n\theartbeat\x18\x03 \x01(\x0b\x32\x14.fedseq.v1.HeartbeatH\x00\x42\x06\n\x04\x62ody\"\x96\x01\n\x13OrchestratorMessage\x12+\n\x07welcome\x18\x01 \x01(\x0b\x32\x18.fedseq.v1.RegisterReplyH\x00\x12\x1f\n\x04task\x18\x02 \x01(\x0b\x32\x0f.fedseq.v1.TaskH\x00\x12)\n\theartbeat\x18\x03 \x01(\x0b\x32\x14.fedseq.v1.HeartbeatH\x00\x42\x06\n\x04\x62ody\"\x1e\n\tHeartbeat\x12\x11\n\tsent_unix\x18\x01 \x01(\x01\"p\n\x0fRegisterRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\x12\n\nheld_index\x18\x05 \x01(\x05\x12\x12\n\nheld_count\x18\x06 \x01(\x05J\x04\x08\x02\x10\x03\"\x93\x01\n\rRegisterReply\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\t\x12\x12\n\naggregator\x18\x04 \x01(\t\x12\x13\n\x0bshard_index\x18\x05 \x01(\x05\x12\x13\n\x0bshard_count\x18\x06 \x01(\x05\x12\x19\n\x11heartbeat_seconds\x18\x07 \x01(\x01J\x04\x08\x03\x10\x04\"\x0f\n\rStatusRequest\"\xeb\x01\n\tRunStatus\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x05\x12\x0e\n\x06\x65pochs\x18\x04 \x01(\x05\x12\x10\n\x08round_id\x18\x05 \x01(\x03\x12\x15\n\rmodel_version\x18\x06 \x01(\x03\x12\x0f\n\x07workers\x18\x07 \x01(\x05\x12\x19\n\x11last_metrics_json\x18\x08 \x01(\t\x12\x0f\n\x07message\x18\t \x01(\t\x12\x10\n\x08\x62ytes_up\x18\n \x01(\x03\x12\x12\n\nbytes_down\x18\x0b \x01(\x03\x12\x14\n\x0cresults_json\x18\x0c \x01(\t\"\x1d\n\x0bStopRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x1d\n\tStopReply\x12\x10\n\x08stopping\x18\x01 \x01(\x08\x32\xca\x01\n\x0cOrchestrator\x12G\n\x07\x43onnect\x12\x18.fedseq.v1.WorkerMessage\x1a\x1e.fedseq.v1.OrchestratorMessage(\x01\x30\x01\x12;\n\tGetStatus\x12\x18.fedseq.v1.StatusRequest\x1a\x14.fedseq.v1.RunStatus\x12\x34\n\x04Stop\x12\x16.fedseq.v1.StopRequest\x1a\x14.fedseq.v1.StopReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedseq.v1.orchestrator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REGISTERREQUEST']._serialized_start=43
-  _globals['_REGISTERREQUEST']._serialized_end=166
-  _globals['_REGISTERREPLY']._serialized_start=168
-  _globals['_REGISTERREPLY']._serialized_end=288
-  _globals['_STATUSREQUEST']._serialized_start=290
-  _globals['_STATUSREQUEST']._serialized_end=305
-  _globals['_RUNSTATUS']._serialized_start=308
-  _globals['_RUNSTATUS']._serialized_end=543
-  _globals['_STOPREQUEST']._serialized_start=545
-  _globals['_STOPREQUEST']._serialized_end=574
-  _globals['_STOPREPLY']._serialized_start=576
-  _globals['_STOPREPLY']._serialized_end=605
-  _globals['_ORCHESTRATOR']._serialized_start=608
-  _globals['_ORCHESTRATOR']._serialized_end=803
+  _globals['_WORKERMESSAGE']._serialized_start=68
+  _globals['_WORKERMESSAGE']._serialized_end=220
+  _globals['_ORCHESTRATORMESSAGE']._serialized_start=223
+  _globals['_ORCHESTRATORMESSAGE']._serialized_end=373
+  _globals['_HEARTBEAT']._serialized_start=375
+  _globals['_HEARTBEAT']._serialized_end=405
+  _globals['_REGISTERREQUEST']._serialized_start=407
+  _globals['_REGISTERREQUEST']._serialized_end=519
+  _globals['_REGISTERREPLY']._serialized_start=522
+  _globals['_REGISTERREPLY']._serialized_end=669
+  _globals['_STATUSREQUEST']._serialized_start=671
+  _globals['_STATUSREQUEST']._serialized_end=686
+  _globals['_RUNSTATUS']._serialized_start=689
+  _globals['_RUNSTATUS']._serialized_end=924
+  _globals['_STOPREQUEST']._serialized_start=926
+  _globals['_STOPREQUEST']._serialized_end=955
+  _globals['_STOPREPLY']._serialized_start=957
+  _globals['_STOPREPLY']._serialized_end=986
+  _globals['_ORCHESTRATOR']._serialized_start=989
+  _globals['_ORCHESTRATOR']._serialized_end=1191
 # @@protoc_insertion_point(module_scope)

@@ -1,38 +1,66 @@
+from fedseq.v1 import worker_pb2 as _worker_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class WorkerMessage(_message.Message):
+    __slots__ = ("hello", "result", "heartbeat")
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    hello: RegisterRequest
+    result: _worker_pb2.TaskResult
+    heartbeat: Heartbeat
+    def __init__(self, hello: _Optional[_Union[RegisterRequest, _Mapping]] = ..., result: _Optional[_Union[_worker_pb2.TaskResult, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
+
+class OrchestratorMessage(_message.Message):
+    __slots__ = ("welcome", "task", "heartbeat")
+    WELCOME_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    welcome: RegisterReply
+    task: _worker_pb2.Task
+    heartbeat: Heartbeat
+    def __init__(self, welcome: _Optional[_Union[RegisterReply, _Mapping]] = ..., task: _Optional[_Union[_worker_pb2.Task, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
+
+class Heartbeat(_message.Message):
+    __slots__ = ("sent_unix",)
+    SENT_UNIX_FIELD_NUMBER: _ClassVar[int]
+    sent_unix: float
+    def __init__(self, sent_unix: _Optional[float] = ...) -> None: ...
+
 class RegisterRequest(_message.Message):
-    __slots__ = ("worker_id", "address", "device", "kind", "held_index", "held_count")
+    __slots__ = ("worker_id", "device", "kind", "held_index", "held_count")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
-    ADDRESS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     HELD_INDEX_FIELD_NUMBER: _ClassVar[int]
     HELD_COUNT_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
-    address: str
     device: str
     kind: str
     held_index: int
     held_count: int
-    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., device: _Optional[str] = ..., kind: _Optional[str] = ..., held_index: _Optional[int] = ..., held_count: _Optional[int] = ...) -> None: ...
+    def __init__(self, worker_id: _Optional[str] = ..., device: _Optional[str] = ..., kind: _Optional[str] = ..., held_index: _Optional[int] = ..., held_count: _Optional[int] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
-    __slots__ = ("run_id", "config_json", "aggregator", "shard_index", "shard_count")
+    __slots__ = ("run_id", "config_json", "aggregator", "shard_index", "shard_count", "heartbeat_seconds")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     AGGREGATOR_FIELD_NUMBER: _ClassVar[int]
     SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
     SHARD_COUNT_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     config_json: str
     aggregator: str
     shard_index: int
     shard_count: int
-    def __init__(self, run_id: _Optional[str] = ..., config_json: _Optional[str] = ..., aggregator: _Optional[str] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ...) -> None: ...
+    heartbeat_seconds: float
+    def __init__(self, run_id: _Optional[str] = ..., config_json: _Optional[str] = ..., aggregator: _Optional[str] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., heartbeat_seconds: _Optional[float] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()

@@ -26,8 +26,8 @@ if _version_not_supported:
 
 
 class OrchestratorStub:
-    """The orchestrator schedules rounds and epochs of one run; workers register with it.
-    Who may call what: fedseq/authz.py (Register: workers; GetStatus, Stop: the operator).
+    """The orchestrator schedules rounds and epochs of one run; workers connect to it.
+    Who may call what: fedseq/authz.py (Connect: workers; GetStatus, Stop: the operator).
     """
 
     def __init__(self, channel):
@@ -36,10 +36,10 @@ class OrchestratorStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Register = channel.unary_unary(
-                '/fedseq.v1.Orchestrator/Register',
-                request_serializer=fedseq_dot_v1_dot_orchestrator__pb2.RegisterRequest.SerializeToString,
-                response_deserializer=fedseq_dot_v1_dot_orchestrator__pb2.RegisterReply.FromString,
+        self.Connect = channel.stream_stream(
+                '/fedseq.v1.Orchestrator/Connect',
+                request_serializer=fedseq_dot_v1_dot_orchestrator__pb2.WorkerMessage.SerializeToString,
+                response_deserializer=fedseq_dot_v1_dot_orchestrator__pb2.OrchestratorMessage.FromString,
                 _registered_method=True)
         self.GetStatus = channel.unary_unary(
                 '/fedseq.v1.Orchestrator/GetStatus',
@@ -54,13 +54,18 @@ class OrchestratorStub:
 
 
 class OrchestratorServicer:
-    """The orchestrator schedules rounds and epochs of one run; workers register with it.
-    Who may call what: fedseq/authz.py (Register: workers; GetStatus, Stop: the operator).
+    """The orchestrator schedules rounds and epochs of one run; workers connect to it.
+    Who may call what: fedseq/authz.py (Connect: workers; GetStatus, Stop: the operator).
     """
 
-    def Register(self, request, context):
-        """A worker announces itself (on start, every heartbeat, and again after a restart); the reply
-        carries the run config and the shard of users the orchestrator assigns to it.
+    def Connect(self, request_iterator, context):
+        """A worker's one connection, opened by the worker (it listens on no port, so it may sit behind
+        NAT or a firewall). The worker sends `hello` first; the orchestrator answers `welcome` (the
+        run config and the worker's shard) or ends the stream with the refusal. Then the orchestrator
+        sends tasks, the worker answers each with a result of the same id, and both sides send a
+        heartbeat every `heartbeat_seconds` while idle: a side that hears nothing for three of them
+        ends the stream. A lost stream is a dead worker; the same identity reconnecting gets its shard
+        back.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -82,10 +87,10 @@ class OrchestratorServicer:
 
 def add_OrchestratorServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Register': grpc.unary_unary_rpc_method_handler(
-                    servicer.Register,
-                    request_deserializer=fedseq_dot_v1_dot_orchestrator__pb2.RegisterRequest.FromString,
-                    response_serializer=fedseq_dot_v1_dot_orchestrator__pb2.RegisterReply.SerializeToString,
+            'Connect': grpc.stream_stream_rpc_method_handler(
+                    servicer.Connect,
+                    request_deserializer=fedseq_dot_v1_dot_orchestrator__pb2.WorkerMessage.FromString,
+                    response_serializer=fedseq_dot_v1_dot_orchestrator__pb2.OrchestratorMessage.SerializeToString,
             ),
             'GetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStatus,
@@ -106,12 +111,12 @@ def add_OrchestratorServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Orchestrator:
-    """The orchestrator schedules rounds and epochs of one run; workers register with it.
-    Who may call what: fedseq/authz.py (Register: workers; GetStatus, Stop: the operator).
+    """The orchestrator schedules rounds and epochs of one run; workers connect to it.
+    Who may call what: fedseq/authz.py (Connect: workers; GetStatus, Stop: the operator).
     """
 
     @staticmethod
-    def Register(request,
+    def Connect(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -121,12 +126,12 @@ class Orchestrator:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
+        return grpc.experimental.stream_stream(
+            request_iterator,
             target,
-            '/fedseq.v1.Orchestrator/Register',
-            fedseq_dot_v1_dot_orchestrator__pb2.RegisterRequest.SerializeToString,
-            fedseq_dot_v1_dot_orchestrator__pb2.RegisterReply.FromString,
+            '/fedseq.v1.Orchestrator/Connect',
+            fedseq_dot_v1_dot_orchestrator__pb2.WorkerMessage.SerializeToString,
+            fedseq_dot_v1_dot_orchestrator__pb2.OrchestratorMessage.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from fedseq.v1 import common_pb2 as fedseq_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x66\x65\x64seq/v1/worker.proto\x12\tfedseq.v1\x1a\x16\x66\x65\x64seq/v1/common.proto\"\x11\n\x0f\x44\x65scribeRequest\"q\n\rDescribeReply\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05users\x18\x02 \x03(\x03\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x0f\n\x07threads\x18\x04 \x01(\x05\x12\r\n\x05ready\x18\x05 \x01(\x08\x12\x0e\n\x06run_id\x18\x06 \x01(\t\"\xd3\x01\n\x0cTrainRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\x03\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\x12*\n\x0b\x61ssignments\x18\x04 \x03(\x0b\x32\x15.fedseq.v1.Assignment\x12\x15\n\rdeadline_unix\x18\x06 \x01(\x01\x12\x10\n\x08\x65ncoding\x18\x07 \x01(\t\x12\x1a\n\x12\x61\x63\x63\x65pted_encodings\x18\x08 \x03(\t\x12\x13\n\x0b\x61\x64versarial\x18\t \x01(\x08J\x04\x08\x05\x10\x06\"\xf0\x01\n\nTrainReply\x12)\n\x08statuses\x18\x01 \x03(\x0b\x32\x17.fedseq.v1.UpdateStatus\x12\x12\n\nbytes_sent\x18\x02 \x01(\x03\x12\x18\n\x10model_bytes_read\x18\x03 \x01(\x03\x12\x33\n\x07timings\x18\x04 \x03(\x0b\x32\".fedseq.v1.TrainReply.TimingsEntry\x12$\n\x06ledger\x18\x05 \x03(\x0b\x32\x14.fedseq.v1.ByteCount\x1a.\n\x0cTimingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"j\n\x0f\x45valuateRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\r\n\x05users\x18\x03 \x03(\x03\x12\x10\n\x08protocol\x18\x04 \x01(\t\x12\x0f\n\x07targets\x18\x05 \x03(\x03\"\x85\x01\n\rEvaluateReply\x12#\n\x04sums\x18\x01 \x01(\x0b\x32\x15.fedseq.v1.MetricSums\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\x12\x18\n\x10model_bytes_read\x18\x03 \x01(\x03\x12$\n\x06ledger\x18\x04 \x03(\x0b\x32\x14.fedseq.v1.ByteCount2\xc5\x01\n\x06Worker\x12@\n\x08\x44\x65scribe\x12\x1a.fedseq.v1.DescribeRequest\x1a\x18.fedseq.v1.DescribeReply\x12\x37\n\x05Train\x12\x17.fedseq.v1.TrainRequest\x1a\x15.fedseq.v1.TrainReply\x12@\n\x08\x45valuate\x12\x1a.fedseq.v1.EvaluateRequest\x1a\x18.fedseq.v1.EvaluateReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x66\x65\x64seq/v1/worker.proto\x12\tfedseq.v1\x1a\x16\x66\x65\x64seq/v1/common.proto\"\xac\x01\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\x03\x12.\n\x08\x64\x65scribe\x18\x02 \x01(\x0b\x32\x1a.fedseq.v1.DescribeRequestH\x00\x12(\n\x05train\x18\x03 \x01(\x0b\x32\x17.fedseq.v1.TrainRequestH\x00\x12.\n\x08\x65valuate\x18\x04 \x01(\x0b\x32\x1a.fedseq.v1.EvaluateRequestH\x00\x42\t\n\x07request\"\xd1\x01\n\nTaskResult\x12\x0f\n\x07task_id\x18\x01 \x01(\x03\x12,\n\x08\x64\x65scribe\x18\x02 \x01(\x0b\x32\x18.fedseq.v1.DescribeReplyH\x00\x12&\n\x05train\x18\x03 \x01(\x0b\x32\x15.fedseq.v1.TrainReplyH\x00\x12,\n\x08\x65valuate\x18\x04 \x01(\x0b\x32\x18.fedseq.v1.EvaluateReplyH\x00\x12%\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x14.fedseq.v1.TaskErrorH\x00\x42\x07\n\x05reply\"*\n\tTaskError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x65tails\x18\x02 \x01(\t\"\x11\n\x0f\x44\x65scribeRequest\"q\n\rDescribeReply\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05users\x18\x02 \x03(\x03\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x0f\n\x07threads\x18\x04 \x01(\x05\x12\r\n\x05ready\x18\x05 \x01(\x08\x12\x0e\n\x06run_id\x18\x06 \x01(\t\"\xd3\x01\n\x0cTrainRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\x03\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\x12*\n\x0b\x61ssignments\x18\x04 \x03(\x0b\x32\x15.fedseq.v1.Assignment\x12\x15\n\rdeadline_unix\x18\x06 \x01(\x01\x12\x10\n\x08\x65ncoding\x18\x07 \x01(\t\x12\x1a\n\x12\x61\x63\x63\x65pted_encodings\x18\x08 \x03(\t\x12\x13\n\x0b\x61\x64versarial\x18\t \x01(\x08J\x04\x08\x05\x10\x06\"\xf0\x01\n\nTrainReply\x12)\n\x08statuses\x18\x01 \x03(\x0b\x32\x17.fedseq.v1.UpdateStatus\x12\x12\n\nbytes_sent\x18\x02 \x01(\x03\x12\x18\n\x10model_bytes_read\x18\x03 \x01(\x03\x12\x33\n\x07timings\x18\x04 \x03(\x0b\x32\".fedseq.v1.TrainReply.TimingsEntry\x12$\n\x06ledger\x18\x05 \x03(\x0b\x32\x14.fedseq.v1.ByteCount\x1a.\n\x0cTimingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"j\n\x0f\x45valuateRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\r\n\x05users\x18\x03 \x03(\x03\x12\x10\n\x08protocol\x18\x04 \x01(\t\x12\x0f\n\x07targets\x18\x05 \x03(\x03\"\x85\x01\n\rEvaluateReply\x12#\n\x04sums\x18\x01 \x01(\x0b\x32\x15.fedseq.v1.MetricSums\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\x12\x18\n\x10model_bytes_read\x18\x03 \x01(\x03\x12$\n\x06ledger\x18\x04 \x03(\x0b\x32\x14.fedseq.v1.ByteCountb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,20 +34,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TRAINREPLY_TIMINGSENTRY']._loaded_options = None
   _globals['_TRAINREPLY_TIMINGSENTRY']._serialized_options = b'8\001'
-  _globals['_DESCRIBEREQUEST']._serialized_start=61
-  _globals['_DESCRIBEREQUEST']._serialized_end=78
-  _globals['_DESCRIBEREPLY']._serialized_start=80
-  _globals['_DESCRIBEREPLY']._serialized_end=193
-  _globals['_TRAINREQUEST']._serialized_start=196
-  _globals['_TRAINREQUEST']._serialized_end=407
-  _globals['_TRAINREPLY']._serialized_start=410
-  _globals['_TRAINREPLY']._serialized_end=650
-  _globals['_TRAINREPLY_TIMINGSENTRY']._serialized_start=604
-  _globals['_TRAINREPLY_TIMINGSENTRY']._serialized_end=650
-  _globals['_EVALUATEREQUEST']._serialized_start=652
-  _globals['_EVALUATEREQUEST']._serialized_end=758
-  _globals['_EVALUATEREPLY']._serialized_start=761
-  _globals['_EVALUATEREPLY']._serialized_end=894
-  _globals['_WORKER']._serialized_start=897
-  _globals['_WORKER']._serialized_end=1094
+  _globals['_TASK']._serialized_start=62
+  _globals['_TASK']._serialized_end=234
+  _globals['_TASKRESULT']._serialized_start=237
+  _globals['_TASKRESULT']._serialized_end=446
+  _globals['_TASKERROR']._serialized_start=448
+  _globals['_TASKERROR']._serialized_end=490
+  _globals['_DESCRIBEREQUEST']._serialized_start=492
+  _globals['_DESCRIBEREQUEST']._serialized_end=509
+  _globals['_DESCRIBEREPLY']._serialized_start=511
+  _globals['_DESCRIBEREPLY']._serialized_end=624
+  _globals['_TRAINREQUEST']._serialized_start=627
+  _globals['_TRAINREQUEST']._serialized_end=838
+  _globals['_TRAINREPLY']._serialized_start=841
+  _globals['_TRAINREPLY']._serialized_end=1081
+  _globals['_TRAINREPLY_TIMINGSENTRY']._serialized_start=1035
+  _globals['_TRAINREPLY_TIMINGSENTRY']._serialized_end=1081
+  _globals['_EVALUATEREQUEST']._serialized_start=1083
+  _globals['_EVALUATEREQUEST']._serialized_end=1189
+  _globals['_EVALUATEREPLY']._serialized_start=1192
+  _globals['_EVALUATEREPLY']._serialized_end=1325
 # @@protoc_insertion_point(module_scope)
