@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import os
 import sys
@@ -138,6 +137,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     return report(args.run_dir, plot=not args.no_plot, out=args.out)
 
 
+class _StrictParser(argparse.ArgumentParser):
+    """A subcommand's parser that refuses abbreviated flags."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def parser() -> argparse.ArgumentParser:
     """The ``fedseq`` argument parser (defaults read ``FEDSEQ_*`` variables when it is built)."""
     from cli import services
@@ -148,8 +155,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--log-level", default=os.environ.get("FEDSEQ_LOG_LEVEL", "warning"))
     ap.add_argument("--log-format", default=os.environ.get("FEDSEQ_LOG_FORMAT", "text"),
                     help="text, or json: one object per line with service, run and round ids (FEDSEQ_LOG_FORMAT)")
-    sub = ap.add_subparsers(dest="cmd", required=True,
-                            parser_class=functools.partial(argparse.ArgumentParser, allow_abbrev=False))
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_StrictParser)
 
     p = sub.add_parser("run", help="run a networked federation on this machine (the main job)")
     add_experiment_flags(p)
