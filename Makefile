@@ -7,8 +7,10 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # Every dependency comes pinned from requirements-dev.lock (compiled from pyproject.toml and
 # requirements.in by `make lock`), torch included: 2.13.0+cpu, so pip never pulls a multi-GB CUDA
-# build. The fedseq machines find that wheel in /opt/wheels (pip's find-links); elsewhere add the
-# CPU wheel index: make setup PIP_ARGS="--extra-index-url https://download.pytorch.org/whl/cpu"
+# build. Each pin carries the sha256 of its files, and pip installs with --require-hashes: a file
+# that differs from the one locked fails the install. The fedseq machines find the torch wheel in
+# /opt/wheels (pip's find-links); elsewhere add the CPU wheel index:
+#   make setup PIP_ARGS="--extra-index-url https://download.pytorch.org/whl/cpu"
 PIP_ARGS ?=
 RUN_ARGS ?=
 
@@ -19,17 +21,23 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml requirements-dev.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q --no-deps $(PIP_ARGS) -r requirements-dev.lock
+	$(BIN)/pip install -q --require-hashes --no-deps $(PIP_ARGS) -r requirements-dev.lock
+# the project itself, editable: no file to hash; --no-deps, so it installs nothing unhashed
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	$(BIN)/pip check
 	touch $@
 
-# Re-pin after changing pyproject.toml or requirements.in (needs PyPI; pip-tools goes into its own venv)
-PIP_COMPILE = $(VENV)-lock/bin/pip-compile -q --strip-extras --allow-unsafe --no-emit-find-links --no-emit-index-url
+# Re-pin after changing pyproject.toml or requirements.in (needs PyPI; pip-tools goes into its own
+# venv). --generate-hashes writes the sha256 of every file of each pinned version; pins already in
+# the lock files stay (pip-compile keeps them unless told --upgrade). The torch hash comes from
+# where the CPU wheel is found: /opt/wheels on the fedseq machines (that wheel's hash), else the
+# CPU wheel index (the hashes of all its platforms). Override with LOCK_ARGS.
+LOCK_ARGS ?= $(if $(wildcard /opt/wheels/torch-*),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu)
+PIP_COMPILE = $(VENV)-lock/bin/pip-compile -q --strip-extras --allow-unsafe --generate-hashes --no-emit-find-links --no-emit-index-url
 lock:
 	test -x $(VENV)-lock/bin/pip-compile || { $(PYTHON) -m venv $(VENV)-lock && $(VENV)-lock/bin/pip install -q "pip-tools==7.6.2"; }
-	$(PIP_COMPILE) $(PIP_ARGS) -o requirements.lock pyproject.toml requirements.in
-	$(PIP_COMPILE) $(PIP_ARGS) --extra dev -o requirements-dev.lock pyproject.toml requirements.in
+	$(PIP_COMPILE) $(LOCK_ARGS) $(PIP_ARGS) -o requirements.lock pyproject.toml requirements.in
+	$(PIP_COMPILE) $(LOCK_ARGS) $(PIP_ARGS) --extra dev -o requirements-dev.lock pyproject.toml requirements.in
 
 run: setup
 	$(BIN)/fedseq sweep mission $(RUN_ARGS)

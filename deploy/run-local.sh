@@ -34,11 +34,17 @@ FEDSEQ_TLS="${FEDSEQ_TLS:-1}"
 
 [ -f "$CACHE/env.sh" ] || die "$CACHE/env.sh not found: run deploy/build-local.sh first"
 # shellcheck disable=SC1091
-source "$CACHE/env.sh"   # CONTAINERS_CONF, PATH (podman-compose), REDIS_IMAGE, FEDSEQ_IMAGE
+source "$CACHE/env.sh"   # CONTAINERS_CONF, PATH (podman-compose), REDIS_IMAGE, FEDSEQ_IMAGE (fedseq:<version>)
 command -v podman-compose >/dev/null || die "podman-compose not found: run deploy/build-local.sh"
 for img in "$FEDSEQ_IMAGE" "$REDIS_IMAGE"; do
     podman image exists "$img" || die "image $img is missing: run deploy/build-local.sh"
 done
+# the image's OCI labels (deploy/Dockerfile): say when it was built from another commit
+image_rev="$(podman image inspect -f '{{index .Config.Labels "org.opencontainers.image.revision"}}' "$FEDSEQ_IMAGE" 2>/dev/null || true)"
+head_rev="$(git -C "$ROOT" rev-parse HEAD 2>/dev/null || true)"
+if [ -n "$head_rev" ] && [ "$image_rev" != "$head_rev" ]; then
+    say "note: $FEDSEQ_IMAGE was built from revision ${image_rev:-unknown}, the checkout is at $head_rev (deploy/build-local.sh rebuilds it)"
+fi
 
 export FEDSEQ_CLIENTS="${FEDSEQ_CLIENTS:-2}"
 export FEDSEQ_ATTACK="${FEDSEQ_ATTACK:-none}"
@@ -163,7 +169,8 @@ orch="$(podman ps -a "${project[@]}" --filter label=com.docker.compose.service=o
 [ -n "$orch" ] || die "no orchestrator container found after 'up'"
 
 # Podman here has no systemd to run health checks on a timer, so run them: report when every
-# service answers its gRPC health check (over mTLS with the overlay).
+# service passes its health check (the server and the orchestrator: gRPC health, over mTLS with the
+# overlay; a worker, which listens on no port: its fresh health file).
 healthy_at=
 check_health() {
     local c bad=0

@@ -2,8 +2,10 @@
 
 Cheap (no containers, no network): every compose service runs a real ``fedseq`` subcommand,
 every ``FEDSEQ_*`` variable a service is given is one that service's code reads, the
-orchestrator's default experiment is a valid config, and the scripts are valid bash. The full
-container run is ``deploy/build-local.sh && deploy/run-local.sh`` (see deploy/README.md).
+orchestrator's default experiment is a valid config, workers have no port and a health-file probe
+that really works, the image is tagged with the project's version and labelled, the lock files pin
+every package with hashes and are installed with ``--require-hashes``, and the scripts are valid
+bash. The full container run is ``deploy/build-local.sh && deploy/run-local.sh`` (see deploy/README.md).
 """
 
 from __future__ import annotations
@@ -12,10 +14,13 @@ import os
 import re
 import shutil
 import subprocess
+import sys
+import time
 from dataclasses import fields
 from pathlib import Path
 
 import pytest
+import tomllib
 
 import cli.main as cli
 from fedseq.config import ExperimentConfig, build_config
@@ -28,6 +33,12 @@ TLS = DEPLOY / "compose.tls.yaml"
 # one named service per worker identity (its own certificate under compose.tls.yaml)
 WORKERS = {"client-0": "client", "client-1": "client", "attacker-0": "attacker"}
 SERVICE_KINDS = {"server", "orchestrator", *WORKERS}
+PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+VERSION = PROJECT["version"]
+# a worker dials out and listens on nothing: none of these may be set on it
+LISTEN_ENV = {"FEDSEQ_PORT", "FEDSEQ_HOST", "FEDSEQ_ADVERTISE_HOST"}
+HEALTH_FILE = "/tmp/fedseq/health.json"
+WORKER_HEALTHCHECK = ["CMD", "python", "-m", "fedseq.healthcheck", "--file", HEALTH_FILE, "--max-age", "60"]
 
 # ------------------------------------------------------------------ a small reader for our compose files
 
@@ -76,6 +87,29 @@ def _services(path: Path) -> dict[str, dict]:
 def _interpolate(value: str) -> str:
     """``${VAR:-default}`` -> default (what compose gives with the variable unset)."""
     return re.sub(r"\$\{[A-Z0-9_]+(?::?-([^}]*))?\}", lambda m: m.group(1) or "", value)
+
+
+def _resolve(value: str, env: dict[str, str]) -> str:
+    """Compose's ``${VAR:-default}`` with nested defaults (``${A:-x:${B:-y}}``), as Docker Compose
+    and podman-compose >= 1.1 resolve it."""
+    out, i = "", 0
+    while i < len(value):
+        if not value.startswith("${", i):
+            out += value[i]
+            i += 1
+            continue
+        depth, j = 1, i + 2
+        while depth:  # to the matching brace
+            if value.startswith("${", j):
+                depth, j = depth + 1, j + 1
+            elif value[j] == "}":
+                depth -= 1
+            j += 1
+        body = value[i + 2:j - 1]
+        name, _, default = body.partition(":-")
+        out += env.get(name) or _resolve(default, env)
+        i = j
+    return out
 
 
 # ------------------------------------------------------------------ what the code reads
@@ -179,8 +213,11 @@ def test_orchestrator_default_experiment_is_valid():
     assert host == "server" and port == _services(COMPOSE)["server"]["environment"]["FEDSEQ_PORT"]
     orch_port = env["FEDSEQ_PORT"]
     for worker in WORKERS:
-        assert _services(COMPOSE)[worker]["environment"]["FEDSEQ_ORCHESTRATOR"] == f"orchestrator:{orch_port}"
-        assert _services(COMPOSE)[worker]["environment"]["FEDSEQ_PORT"] != "0", "workers need a fixed port"
+        wenv = _services(COMPOSE)[worker]["environment"]
+        assert wenv["FEDSEQ_ORCHESTRATOR"] == f"orchestrator:{orch_port}", worker
+        # the worker dials out: no port, no listening interface, no address to advertise
+        assert not LISTEN_ENV & set(wenv), f"{worker} sets {sorted(LISTEN_ENV & set(wenv))}"
+        assert wenv["FEDSEQ_HEALTH_FILE"] == HEALTH_FILE, worker
 
 
 def test_yaml_agrees():
@@ -262,9 +299,13 @@ def _yaml(path: Path) -> dict:
 
 def test_compose_health_checks_order_the_start():
     svcs = _yaml(COMPOSE)["services"]
-    for name in SERVICE_KINDS:
+    for name in ("server", "orchestrator"):  # gRPC health on their port
         test = svcs[name]["healthcheck"]["test"]
         assert test == ["CMD", "python", "-m", "fedseq.healthcheck"], name
+    for name in WORKERS:  # no port: the health file the worker writes
+        assert svcs[name]["healthcheck"]["test"] == WORKER_HEALTHCHECK, name
+        assert svcs[name]["environment"]["FEDSEQ_HEALTH_FILE"] == HEALTH_FILE, name
+        assert svcs[name]["healthcheck"]["start_period"], name
     assert "redis-cli ping" in " ".join(svcs["redis"]["healthcheck"]["test"])
     cond = {name: {dep: spec["condition"] for dep, spec in (svc.get("depends_on") or {}).items()}
             for name, svc in svcs.items()}
@@ -285,6 +326,21 @@ def test_compose_restarts_are_bounded_and_signals_reach_the_services():
         if name in SERVICE_KINDS:
             assert svc["init"] is True, f"{name} needs an init process as PID 1"
             assert svc["stop_grace_period"] == "20s"
+
+
+def test_orchestrator_is_restarted_unless_its_run_is_done():
+    """The orchestrator exits 0 only for a finished run; a SIGTERM mid-run (a drain, a host
+    shutdown) is a non-zero exit, so compose's `on-failure` restarts it and it resumes from Redis.
+    `always`/`unless-stopped` would also restart a finished run; `no` would leave an interrupted
+    one down."""
+    from cli.services import orchestrator_exit
+
+    orch = _yaml(COMPOSE)["services"]["orchestrator"]
+    assert re.fullmatch(r"on-failure:[1-9]", orch["restart"]), orch.get("restart")
+    assert orch["environment"]["FEDSEQ_EXIT_WHEN_DONE"].endswith("1}") or orch["environment"]["FEDSEQ_EXIT_WHEN_DONE"] == "1"
+    assert orchestrator_exit("done") == 0
+    for state in ("running", "waiting", "stopped", "failed"):  # interrupted, stopped or failed: restart
+        assert orchestrator_exit(state) != 0, state
 
 
 def test_compose_results_and_data_folders():
@@ -417,6 +473,10 @@ def test_compose_workers_writes_more_named_workers(tmp_path):
     assert svcs["attacker-1"]["profiles"] == ["attack"]
     assert sorted(svcs["prepare"]["volumes"]) == sorted(f"tls-{n}:/tls/{n}" for n in ("client-2", "client-3", "attacker-1"))
     assert set(doc["volumes"]) == {"tls-client-2", "tls-client-3", "tls-attacker-1"}
+    for name in ("client-2", "client-3", "attacker-1"):  # copies of a worker: no port, the file probe
+        assert not {"ports", "expose"} & set(svcs[name]), name
+        assert not LISTEN_ENV & set(svcs[name]["environment"]), name
+        assert svcs[name]["healthcheck"]["test"] == WORKER_HEALTHCHECK, name
     plain = mod.worker_services({"client": 3, "attacker": 1}, tls=False)
     assert set(plain["services"]) == {"client-2"} and "volumes" not in plain
     assert plain["services"]["client-2"]["environment"]["FEDSEQ_INSECURE"] == "1"
@@ -425,21 +485,186 @@ def test_compose_workers_writes_more_named_workers(tmp_path):
     assert set(_yaml(out)["services"]) == {"client-2", "prepare"}
 
 
-def test_lock_files_pin_everything_and_are_used():
-    for lock in ("requirements.lock", "requirements-dev.lock"):
-        lines = [ln.split("#")[0].strip() for ln in (ROOT / lock).read_text().splitlines()]
-        pins = dict(ln.split("==", 1) for ln in lines if ln)
-        assert all(ln == "" or "==" in ln for ln in lines), f"{lock}: every requirement is an exact pin"
-        assert pins["torch"] == "2.13.0+cpu", lock
-        import tomllib
+def _lock(path: Path) -> dict[str, tuple[str, list[str]]]:
+    """A pip-compile lock with hashes -> {name: (version, [sha256, ...])}. Fails on any line that
+    is not a pin, a hash or a comment."""
+    out: dict[str, tuple[str, list[str]]] = {}
+    entries = re.sub(r"\\\n", " ", path.read_text())  # join the ` \` continuation lines
+    for line in entries.splitlines():
+        line = line.split(" #", 1)[0].strip() if not line.lstrip().startswith("#") else ""
+        if not line:
+            continue
+        m = re.fullmatch(r"([A-Za-z0-9_.-]+)==(\S+)((?:\s+--hash=sha256:[0-9a-f]{64})*)", line)
+        assert m, f"{path.name}: not an exact pin with hashes: {line[:120]!r}"
+        name = m.group(1).lower().replace("_", "-")
+        assert name not in out, f"{path.name}: {name} twice"
+        out[name] = (m.group(2), re.findall(r"sha256:([0-9a-f]{64})", m.group(3)))
+    return out
 
-        project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-        deps = project["dependencies"] + (project["optional-dependencies"]["dev"] if "dev" in lock else [])
+
+def test_lock_files_pin_everything_with_hashes():
+    locks = {lock: _lock(ROOT / lock) for lock in ("requirements.lock", "requirements-dev.lock")}
+    for lock, pins in locks.items():
+        assert len(pins) >= 20, lock
+        unhashed = sorted(n for n, (_, hashes) in pins.items() if not hashes)
+        assert not unhashed, f"{lock}: pins without --hash (run `make lock`): {unhashed}"
+        assert pins["torch"][0] == "2.13.0+cpu", lock
+        deps = PROJECT["dependencies"] + (PROJECT["optional-dependencies"]["dev"] if "dev" in lock else [])
         names = {re.split(r"[<>=!~;\[ ]", d, maxsplit=1)[0].lower().replace("_", "-") for d in deps}
-        missing = names - {k.lower() for k in pins}
+        missing = names - set(pins)
         assert not missing, f"{lock} lacks {sorted(missing)}: run `make lock`"
+        # the tools --require-hashes needs to build the project wheel (the image) come hashed too
+        assert {"setuptools", "wheel"} <= set(pins), lock
+    image, dev = locks["requirements.lock"], locks["requirements-dev.lock"]
+    for name, (version, hashes) in image.items():  # one resolution: the image's pins are the dev pins
+        assert dev[name][0] == version, f"{name}: {version} in requirements.lock, {dev[name][0]} in requirements-dev.lock"
+        assert set(hashes) <= set(dev[name][1]), name
+    wheel = Path("/opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl")
+    if wheel.is_file():  # the CPU wheel make setup, CI and build-local.sh install must be one the lock allows
+        import hashlib
+
+        digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+        for lock, pins in locks.items():
+            assert digest in pins["torch"][1], f"{lock}: the sha256 of {wheel} is not among torch's hashes"
+
+
+def test_lock_parser_rejects_unhashed_and_loose_lines(tmp_path):
+    good = "a==1.0 \\\n    --hash=sha256:" + "0" * 64 + "\n    # via b\n"
+    (tmp_path / "ok.lock").write_text(good)
+    assert _lock(tmp_path / "ok.lock") == {"a": ("1.0", ["0" * 64])}
+    (tmp_path / "bad.lock").write_text(good + "c>=2\n")
+    with pytest.raises(AssertionError, match="not an exact pin"):
+        _lock(tmp_path / "bad.lock")
+    (tmp_path / "short.lock").write_text("a==1.0 \\\n    --hash=sha256:abc\n")
+    with pytest.raises(AssertionError, match="not an exact pin"):
+        _lock(tmp_path / "short.lock")
+
+
+def test_make_and_the_image_install_the_locks_with_require_hashes():
     make = (ROOT / "Makefile").read_text()
-    assert "-r requirements-dev.lock" in make and "$(VENV)/.installed: pyproject.toml requirements-dev.lock" in make
+    assert "$(VENV)/.installed: pyproject.toml requirements-dev.lock" in make
+    installs = [ln for ln in make.splitlines() if "pip install" in ln and "-r requirements-dev.lock" in ln]
+    assert installs and all("--require-hashes" in ln and "--no-deps" in ln for ln in installs), installs
+    # the project itself: editable, no file to hash, so it must not pull anything: --no-deps
+    editable = [ln for ln in make.splitlines() if re.search(r"pip install .*-e \.", ln)]
+    assert editable and all("--no-deps" in ln for ln in editable), editable
+    lock = [ln for ln in make.splitlines() if "pip-compile" in ln and "PIP_COMPILE =" in ln]
+    assert lock and "--generate-hashes" in lock[0], lock
+    assert "$(LOCK_ARGS)" in make and "/opt/wheels" in make  # where the torch hash comes from
+    docker = (DEPLOY / "Dockerfile").read_text()
+    lock_installs = [ln for ln in docker.splitlines() if "-r /tmp/lock.txt" in ln]
+    assert len(lock_installs) == 3, lock_installs  # wheelhouse, CPU index, plain
+    assert all("--require-hashes" in ln and "--no-deps" in ln for ln in lock_installs), lock_installs
+
+
+def test_dockerfile_torch_variant_drops_the_whole_torch_entry(tmp_path):
+    """The GPU route installs a CUDA torch first and the rest of the lock after it: the lock minus
+    torch's pin *and* its hash lines, or pip would read a dangling --hash. Runs the Dockerfile's own
+    sed and awk on the real lock."""
+    docker = (DEPLOY / "Dockerfile").read_text()
+    sed = re.search(r"v=\"\$\(sed -n '([^']+)' /src/requirements\.lock\)\"", docker)
+    awk = re.search(r"awk '([^']+)' \\\n\s+/src/requirements\.lock > /tmp/lock\.txt", docker)
+    assert sed and awk, "the TORCH_VARIANT step changed: update this test"
+    lock = ROOT / "requirements.lock"
+    v = subprocess.run(["sed", "-n", sed.group(1), str(lock)], capture_output=True, text=True, check=True).stdout
+    assert v.strip() == "2.13.0"
+    out = tmp_path / "lock.txt"
+    out.write_text(subprocess.run(["awk", awk.group(1), str(lock)], capture_output=True, text=True, check=True).stdout)
+    rest, full = _lock(out), _lock(lock)
+    assert "torch" not in rest and rest == {k: v for k, v in full.items() if k != "torch"}
+
+
+def test_image_is_tagged_with_the_project_version():
+    """``fedseq:<pyproject version>``, never ``latest``; FEDSEQ_VERSION changes the tag and
+    FEDSEQ_IMAGE the whole reference."""
+    base, gpu = _yaml(COMPOSE), _yaml(GPU)
+    for path in (COMPOSE, GPU, DEPLOY / "build-local.sh", DEPLOY / "Dockerfile"):
+        assert not re.search(r"fedseq:(latest|gpu)\b", path.read_text()), f"{path.name} still names an unversioned tag"
+    images = {svc["image"] for name, svc in base["services"].items() if name in SERVICE_KINDS | {"prepare"}}
+    assert len(images) == 1, images
+    image = images.pop()
+    assert _resolve(image, {}) == f"fedseq:{VERSION}"
+    assert _resolve(image, {"FEDSEQ_VERSION": "9.9.9"}) == "fedseq:9.9.9"
+    assert _resolve(image, {"FEDSEQ_IMAGE": "registry.example.org/fedseq:1.2"}) == "registry.example.org/fedseq:1.2"
+    gpu_images = {svc["image"] for svc in gpu["services"].values()}
+    assert {_resolve(i, {}) for i in gpu_images} == {f"fedseq:{VERSION}-cu126"}
+    for doc in (base, gpu):
+        for name, svc in doc["services"].items():
+            if "build" in svc:
+                args = svc["build"]["args"]
+                assert _resolve(args["FEDSEQ_VERSION"], {}) == VERSION, name
+                assert _resolve(args["FEDSEQ_REVISION"], {"FEDSEQ_REVISION": "abc"}) == "abc", name
+                assert {"FEDSEQ_CREATED", "FEDSEQ_SOURCE"} <= set(args), name
+    # build-local.sh reads the version from pyproject.toml itself: run its line
+    script = (DEPLOY / "build-local.sh").read_text()
+    line = next(ln for ln in script.splitlines() if ln.startswith("PROJECT_VERSION="))
+    r = subprocess.run(["bash", "-c", f'ROOT={str(ROOT)!r}; {line}; echo "$PROJECT_VERSION"'],
+                       capture_output=True, text=True, timeout=30)
+    assert r.stdout.strip() == VERSION, r.stderr
+    assert 'FEDSEQ_IMAGE="${FEDSEQ_IMAGE:-localhost/fedseq:$FEDSEQ_VERSION}"' in script
+    assert 'REVISION="$(git -C "$ROOT" rev-parse HEAD' in script
+    for arg in ("FEDSEQ_VERSION=$FEDSEQ_VERSION", "FEDSEQ_REVISION=$REVISION", "FEDSEQ_CREATED=$CREATED"):
+        assert f'--build-arg "{arg}"' in script, arg
+    assert 'export FEDSEQ_IMAGE="$FEDSEQ_IMAGE"' in script  # env.sh: compose and the scripts use the built tag
+
+
+def test_dockerfile_oci_labels():
+    text = (DEPLOY / "Dockerfile").read_text()
+    final = text[text.rindex("\nFROM "):]  # the runtime stage
+    labels = dict(re.findall(r'(org\.opencontainers\.image\.[a-z]+)="([^"]*)"', final))
+    want = {"title": "fedseq", "version": "${FEDSEQ_VERSION}", "revision": "${FEDSEQ_REVISION}",
+            "created": "${FEDSEQ_CREATED}", "source": "${FEDSEQ_SOURCE}", "licenses": PROJECT["license"]["text"]}
+    for key, value in want.items():
+        assert labels.get(f"org.opencontainers.image.{key}") == value, key
+    args = dict(re.findall(r"^ARG (FEDSEQ_[A-Z]+)=(.*)$", final, re.M))
+    assert args["FEDSEQ_VERSION"] == VERSION, "the Dockerfile's default version is pyproject.toml's"
+    assert {"FEDSEQ_REVISION", "FEDSEQ_CREATED", "FEDSEQ_SOURCE"} <= set(args)
+    # labels and their ARGs last: a new commit must not invalidate the cached layers above
+    last_step = max(m.start() for m in re.finditer(r"^(RUN|COPY|ADD) ", final, re.M))
+    assert min(final.index(f"ARG {a}=") for a in args if a != "FEDSEQ_UID") > last_step
+    assert final.index("LABEL org.opencontainers.image.") > last_step
+
+
+def test_workers_listen_on_no_port():
+    """Workers dial out: no service publishes or exposes a port in the base file, no worker gets a
+    listening setting in any file, and the worker CLI has no flag for one."""
+    base, tls, gpu = (_yaml(p)["services"] for p in (COMPOSE, TLS, GPU))
+    for name, svc in base.items():
+        assert "ports" not in svc, f"{name} publishes {svc['ports']} (compose.override.yaml, multi-host only)"
+    for doc in (base, tls, gpu):
+        for name in WORKERS:
+            svc = doc.get(name, {})
+            assert not {"ports", "expose"} & set(svc), name
+            assert not LISTEN_ENV & set(svc.get("environment") or {}), name
+    for cmd in ("serve-client", "serve-attacker"):
+        args = vars(cli.parser().parse_args([cmd]))
+        assert not {"port", "host", "advertise_host"} & set(args), f"{cmd} still takes {set(args) & {'port', 'host', 'advertise_host'}}"
+        assert "health_file" in args
+
+
+def test_worker_health_probe_reads_the_file_the_worker_writes(tmp_path, monkeypatch):
+    """The compose probe, run as compose runs it (the path swapped for a temporary one): no file is
+    unhealthy, a file the worker's HealthFile just wrote is healthy, a stale one is not."""
+    from client.worker import HealthFile
+
+    path = tmp_path / "fedseq" / "health.json"
+    cmd = [sys.executable if a == "python" else str(path) if a == HEALTH_FILE else a for a in WORKER_HEALTHCHECK[1:]]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDSEQ_")}
+
+    def probe(*extra: str) -> int:
+        return subprocess.run([*cmd, *extra], capture_output=True, text=True, env=env, cwd=ROOT, timeout=60).returncode
+
+    assert probe() == 1, "no health file yet must be unhealthy"
+    HealthFile(str(path)).write("client-0", connected=True, ready=False)
+    assert probe() == 0
+    assert probe("--ready") == 1, "connected but not holding its users is not ready"
+    HealthFile(str(path)).write("client-0", connected=True, ready=True)
+    assert probe("--ready") == 0
+    old = time.time() - 120
+    os.utime(path, (old, old))  # the age is the one written in the file, not the mtime
+    assert probe() == 0
+    path.write_text(path.read_text().replace('"time": ', '"time": 1.0, "was": '))
+    assert probe() == 1, "a file the worker stopped rewriting must be unhealthy"
 
 
 def test_only_the_server_and_the_orchestrator_reach_redis():
