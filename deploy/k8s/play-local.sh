@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Run the Kubernetes manifests (deploy/k8s/base) for real on this machine with `podman kube play`,
-# on the images of deploy/build-local.sh, to a finished federation; print the results and tear
-# everything down. podman 4.3 plays Pods, Deployments and PersistentVolumeClaims only:
-# podman_kube.py renders the kustomize base and lowers the rest (see its docstring).
+# Run the Kubernetes manifests (deploy/k8s/base, or an overlay: FEDSEQ_K8S_DIR) for real on this
+# machine with `podman kube play`, on the images of deploy/build-local.sh, to a finished
+# federation; print the results and tear everything down. podman 4.3 plays Pods, Deployments and
+# PersistentVolumeClaims only: podman_kube.py renders the kustomization and lowers the rest (the
+# Job, startup probes, NetworkPolicy, PodDisruptionBudgets...: see its docstring).
 #
 #   deploy/k8s/play-local.sh
 #   FEDSEQ_DATASET='synthetic:users=60,items=80' FEDSEQ_EPOCHS=2 FEDSEQ_CLIENTS_PER_ROUND=16 \
@@ -20,6 +21,10 @@ say() { echo "play-local: $*" >&2; }
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 BASE="$ROOT/deploy/k8s/base"
+# what to render: the base (default) or an overlay folder (deploy/k8s/overlays/attack: then set
+# FEDSEQ_ATTACK too, which decides how many attacker workers play)
+K8S_DIR="${FEDSEQ_K8S_DIR:-$BASE}"
+[ -f "$K8S_DIR/kustomization.yaml" ] || die "FEDSEQ_K8S_DIR=$K8S_DIR: no kustomization.yaml there"
 CACHE="${FEDSEQ_DEPLOY_CACHE:-/var/tmp/fedseq-deploy}"
 RUN_TIMEOUT="${RUN_TIMEOUT:-1800}"
 KEEP_UP="${KEEP_UP:-0}"
@@ -79,7 +84,7 @@ done
 [ -n "${FEDSEQ_MIN_WORKERS:-}" ] || sets+=(--set "FEDSEQ_MIN_WORKERS=$((clients + attackers))")
 run_id="${FEDSEQ_RUN_ID:-k8s-$(date +%Y%m%d-%H%M%S)}"
 sets+=(--set "FEDSEQ_RUN_ID=$run_id")
-"$PY" "$ROOT/deploy/k8s/podman_kube.py" "$BASE" "$secrets" "$PLAY" \
+"$PY" "$ROOT/deploy/k8s/podman_kube.py" "$K8S_DIR" "$secrets" "$PLAY" \
     --image "fedseq=$FEDSEQ_IMAGE" --image "redis=$REDIS_IMAGE" \
     --workers "client=$clients" --workers "attacker=$attackers" "${sets[@]}" 2>"$CACHE/k8s-render.log" \
     || die "rendering failed: $(cat "$CACHE/k8s-render.log")"
