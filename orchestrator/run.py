@@ -341,6 +341,8 @@ class RunLoop:
             "round": rid, "epoch": epoch + 1, "lr": lr, "users": len(users), "accepted": s.accepted,
             "rejected": len(s.rejected), "missing": len(s.missing), "orphans": len(orphans),
             "failed_workers": failed, "bytes_up": bytes_up, "bytes_down": bytes_down,
+            # workers whose stream ended since the previous round (a death between rounds fails no call)
+            "lost_workers": self.pool.take_lost(),
             "updates": sum(1 for e in led.entries if e.kind == "update" and e.user >= 0),
             "update_bytes": sum(e.bytes for e in led.entries if e.kind == "update"),
             "bytes_received": s.bytes_received, "store_bytes": s.store_bytes, "seconds": time.perf_counter() - t0,

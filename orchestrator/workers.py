@@ -158,6 +158,7 @@ class WorkerPool:
         self.refused: Counter[str] = Counter()  # what the orchestrator refused from workers, by reason
         self._pending: list[tuple[str, Any]] = []  # (worker, ByteCount) of hellos, welcomes, Describes
         self._lost_since: dict[tuple[str, tuple[int, int]], float] = {}  # unheld shard -> first seen
+        self._disconnected: list[str] = []  # workers whose stream ended since the last take_lost()
 
     def live(self) -> int:
         with self.lock:
@@ -237,9 +238,18 @@ class WorkerPool:
         w.link.close(why)
 
     def gone(self, info: WorkerInfo) -> None:
-        """``info``'s stream ended: the worker is dead (its shard waits for it, README "Fault tolerance")."""
+        """``info``'s stream ended: the worker is dead (its shard waits for it, README "Faults and
+        observability"); the next round's record names it (:meth:`take_lost`)."""
         info.alive = False
+        with self.lock:
+            self._disconnected.append(info.worker_id)
         log.warning("%s worker %s disconnected: %s", info.kind, info.worker_id, info.link.reason)
+
+    def take_lost(self) -> list[str]:
+        """The workers whose stream ended since the last call, in order."""
+        with self.lock:
+            lost, self._disconnected = self._disconnected, []
+        return lost
 
     def _roster_shard(self, entry, kind: str) -> tuple[int, int] | None:
         """The shard a rostered identity holds: its own (None when its kind is unsharded), or, for

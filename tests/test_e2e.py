@@ -137,8 +137,11 @@ def test_killed_worker_is_recorded_and_the_run_finishes_on_the_survivor(tmp_path
         assert results["summary"]["state"] == "done"
         assert len(results["epochs"]) == 4 and all("hr@10" in e for e in results["epochs"])
         rounds = [json.loads(line) for line in (tmp_path / "out" / "rounds.jsonl").read_text().splitlines()]
+        # the death is recorded: the round whose Train task it failed, or, killed between rounds, the
+        # next round's lost_workers (its stream ended)
         failed = [r for r in rounds if r["failed_workers"]]
-        assert failed and all(r["failed_workers"] == ["w1"] for r in failed)
+        assert all(r["failed_workers"] == ["w1"] for r in failed)
+        assert [w for r in rounds for w in r["lost_workers"]] == ["w1"]
         assert all(r["accepted"] + r["rejected"] + r["missing"] == r["users"] for r in rounds)
         # a round the kill hit lost the dead worker's users, unless it died after its uploads landed
         # (before replying to Train): then every user of that round was accepted
