@@ -211,6 +211,7 @@ class Socket:
     local: tuple[str, int]
     remote: tuple[str, int]
     state: str  # /proc/net/tcp's hex state: 0A is LISTEN, 01 ESTABLISHED
+    inode: str = ""
 
     @property
     def listening(self) -> bool:
@@ -232,6 +233,25 @@ def tcp_sockets(pid: int) -> list[Socket]:
             continue
         for line in lines:
             parts = line.split()
-            if len(parts) > 3:
-                rows.append(Socket(_decode(parts[1]), _decode(parts[2]), parts[3]))
+            if len(parts) > 9:
+                rows.append(Socket(_decode(parts[1]), _decode(parts[2]), parts[3], parts[9]))
     return rows
+
+
+def owned_sockets(pid: int) -> list[Socket]:
+    """The TCP sockets process ``pid`` itself holds (its descriptors, /proc/PID/fd), not every
+    socket of its namespace: right after ``ip netns exec`` starts, the process is briefly still in
+    the host's namespace, whose other processes' sockets are not its own."""
+    inodes = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return []
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    return [sock for sock in tcp_sockets(pid) if sock.inode in inodes]

@@ -246,7 +246,7 @@ def test_a_federation_of_workers_behind_nat_runs_and_computes_the_sim_run(topolo
                 raise AssertionError(f"the run did not finish within {RUN_TIMEOUT:.0f} s (logs printed below)")
             services.check()
             for name in WORKERS:
-                for sock in netns.tcp_sockets(services.procs[name].pid):
+                for sock in netns.owned_sockets(services.procs[name].pid):
                     if sock.listening:
                         listening[name].add(sock.local)
                     elif sock.established and sock.remote == (hub, orch_port):
