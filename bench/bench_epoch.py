@@ -252,10 +252,12 @@ def job(args, epochs: int, command: str, threads: int, extra: tuple[str, ...] = 
                "--threads", str(threads), "--device", args.device, *extra]
         if command == "run":
             cmd += ["--workers", str(args.workers)]
-        if args.data_root:
-            cmd += ["--data-root", args.data_root]
+        if args.data_root:  # absolute: the command may run in another tree (--baseline)
+            cmd += ["--data-root", str(Path(args.data_root).resolve())]
         t0, c0 = time.perf_counter(), _children_cpu()
-        subprocess.run(cmd, check=True, capture_output=True, cwd=cwd)  # `-m cli.main` imports cwd's tree
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)  # `-m cli.main` imports cwd's tree
+        if proc.returncode:
+            raise SystemExit(f"{' '.join(cmd)} (in {cwd}) exited {proc.returncode}:\n{proc.stderr[-3000:]}")
         wall, cpu = time.perf_counter() - t0, _children_cpu() - c0
         res = json.loads(Path(tmp, "results.json").read_text())
         rounds_file = Path(tmp, "rounds.jsonl")
