@@ -10,6 +10,7 @@ Updates go to the aggregation server (``Aggregator.SubmitUpdates``), as before."
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -29,7 +30,7 @@ from fedseq import ledger as ledger_mod
 from fedseq.config import ExperimentConfig
 from fedseq.delta import PatchError, apply_patch
 from fedseq.experiment import Setup
-from fedseq.metrics import EvalConfig, Evaluator, MetricSums, sums_to_proto
+from fedseq.metrics import Evaluator, MetricSums, sums_to_proto
 from fedseq.rpc import CONTROL_TIMEOUT, channel, chunks, deadline_left
 from fedseq.store import CachedModelReader, RedisStore, model_from_bytes, model_to_bytes, patient
 from fedseq.tls import Identity
@@ -385,9 +386,8 @@ class WorkerTasks:
         model_bytes = sum(c.bytes for c in counts if c.kind == "model_download")
         params = hosted.setup.layout.flatten(tensors)
         s = hosted.setup
-        base = s.eval_config()
-        cfg = EvalConfig(protocol=request.protocol or base.protocol, num_negatives=base.num_negatives,
-                         seed=base.seed, dropout=base.dropout, mask_token_query=base.mask_token_query)
+        base = s.eval_config()  # the run's, on this worker's device (its --device wins over the run's)
+        cfg = dataclasses.replace(base, protocol=request.protocol or base.protocol)
         targets = tuple(request.targets) or s.targets
         key = (tuple(users), cfg, targets)
         with self._compute:

@@ -139,3 +139,28 @@ def test_evaluation_on_the_gpu_equals_the_cpus(name, protocol):
     # Assert
     assert gpu_.users == cpu.users
     assert gpu_.hr10 == pytest.approx(cpu.hr10) and gpu_.ndcg10 == pytest.approx(cpu.ndcg10, abs=1e-9)
+
+
+def test_a_workers_evaluation_keeps_the_runs_eval_config_and_its_device(redis_url, monkeypatch):
+    """A worker evaluates with the run's whole evaluation config on its own device (its --device
+    wins over the run's, client/app.py); only the protocol may come from the request. Before, the
+    worker rebuilt the config and dropped the device (and batch sizes): evaluation ran on the CPU."""
+    from client.service import benign_population
+    from client.worker import ModelSource, WorkerTasks
+    from fedseq.store import RedisStore
+    from fedseq.v1 import worker_pb2
+
+    # Prepare: a hosted population whose run evaluation config is not the default one
+    cfg = ExperimentConfig(run_id="evaldev", dataset="synthetic:users=12,items=30,max_length=10", num_negatives=10)
+    hosted = benign_population(cfg, None)
+    s = hosted.setup
+    RedisStore.from_url(redis_url, cfg.run_id).put_model(0, s.layout.unflatten(s.initial_params()))
+    run_eval = dataclasses.replace(s.eval_config(), device="cpu", batch_size=7, max_tokens=99)
+    monkeypatch.setattr(type(s), "eval_config", lambda self: run_eval)
+    w = WorkerTasks("w")
+    w.attach(cfg.run_id, hosted, ModelSource(cfg.run_id, redis_url, ""), "127.0.0.1:1")
+    # Execute
+    w.Evaluate(worker_pb2.EvaluateRequest(run_id=cfg.run_id, model_version=0, users=[0, 1, 2], protocol="full"))
+    # Assert
+    (key,) = w._evaluators
+    assert key[1] == dataclasses.replace(run_eval, protocol="full")
