@@ -32,13 +32,12 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from fedseq.config import ConfigError, ExperimentConfig, build_config
 from fedseq.engine import adv_train_on

@@ -9,12 +9,11 @@ import dataclasses
 import json
 import os
 import re
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from .codec import ENCODINGS
 from .data.summary import TARGET_PRESETS

@@ -166,7 +166,7 @@ def make_certs(directory: str | os.PathLike, names: Mapping[str, str] | None = N
         role_name(r)  # validates the role
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days)
     ca_cert_path, ca_key_path = d / CA_FILE, d / CA_KEY_FILE
     if ca_cert_path.exists() and ca_key_path.exists():

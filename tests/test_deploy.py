@@ -16,11 +16,11 @@ import shutil
 import subprocess
 import sys
 import time
+import tomllib
 from dataclasses import fields
 from pathlib import Path
 
 import pytest
-import tomllib
 
 import cli.main as cli
 from fedseq.config import ExperimentConfig, build_config
