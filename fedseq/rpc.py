@@ -144,7 +144,7 @@ def channel(address: str, compression: str = "none", identity: Identity | None =
     """A channel to ``address``; ``compression="gzip"`` compresses every request sent on it.
 
     With ``identity`` the channel is mutual TLS: it presents ``identity``'s certificate and accepts
-    only a server holding a certificate of role ``peer`` from the same CA (DESIGN.md, "Trust
+    only a server holding a certificate of role ``peer`` from the same CA (README "Security
     model"); without, it is plaintext (``--insecure``)."""
     comp = grpc_compression(compression)
     if identity is None:

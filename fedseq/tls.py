@@ -1,7 +1,7 @@
 """Mutual TLS for every gRPC channel: a run's certificate authority, one certificate per service,
 and the role each certificate carries.
 
-Every certificate that :func:`make_certs` signs names exactly one role (DESIGN.md, "Trust model"):
+Every certificate that :func:`make_certs` signs names exactly one role (README "Security model"):
 
     orchestrator   schedules rounds: round and run control on the server, Train/Evaluate on workers
     server         the aggregation server

@@ -1,5 +1,5 @@
 """A hostile peer, run as its own process by tests/test_adversary.py: it tries every action the
-trust model forbids (DESIGN.md, "Trust model"; issue "Trust boundary") against real services and
+trust model forbids (README "Security model"; issue "Trust boundary") against real services and
 prints one JSON object per line: ``{"action", "as", "code", "detail", ...}``.
 
 Input (argv[1], JSON): ``aggregator``, ``orchestrator`` (addresses; workers listen on no port, so

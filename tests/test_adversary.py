@@ -1,4 +1,4 @@
-"""The trust boundary (DESIGN.md, "Trust model"), tried by a real hostile peer: its own process
+"""The trust boundary (README "Security model"), tried by a real hostile peer: its own process
 (tests/rogue_peer.py) with no certificate, a certificate of another CA, or an ordinary worker
 certificate (what an attacker worker holds), against real services on mutual TLS and a real Redis
 with per-role users. Every action outside the Worker contract must be refused with the right

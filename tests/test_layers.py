@@ -1,4 +1,4 @@
-"""The house is layered (DESIGN.md, "Layers point one way"): the library ``fedseq/`` imports no
+"""The house is layered (README "What runs": layers point one way): the library ``fedseq/`` imports no
 service folder, services import the library and not each other (an attacker worker is a client
 worker with another population, so ``attacker -> client`` is the one allowed arrow), only the
 ``fedseq`` command (``cli/``) knows every service, and no module imports itself round a cycle.
