@@ -245,131 +245,71 @@ class WorkerTasks:
         hosted = self._need(request.run_id)
         observe.set_context(run=self.run_id, round_id=request.round_id)
         assert self.models is not None
-        encoding = request.encoding or "dense-fp32"
-        accepted = list(request.accepted_encodings)
-        if encoding not in accepted:
-            # refuse before any work: an encoding the aggregator does not accept would only be rejected there
-            raise TaskError(grpc.StatusCode.INVALID_ARGUMENT,
-                            f"encoding refused: round {request.round_id} asks for updates encoded {encoding!r} but "
-                            f"the aggregator accepts only {accepted or 'nothing (accepted_encodings is empty)'}; "
-                            "nothing was uploaded")
-        comp = hosted.setup.cfg.compression  # the run's gRPC compression, of the uploads
+        encoding = _accepted_encoding(request)
         t0 = time.perf_counter()
         tensors, counts = self.models.fetch(request.model_version)
         model_bytes = sum(c.bytes for c in counts if c.kind == "model_download")
         params = hosted.setup.layout.flatten(tensors)
         t1 = time.perf_counter()
-        hosted_set = hosted.sequences
-        local = [a for a in request.assignments if a.user_id in hosted_set]
+        local = [a for a in request.assignments if a.user_id in hosted.sequences]
         statuses = [common_pb2.UpdateStatus(user_id=a.user_id, accepted=False, reason="user not hosted by this worker")
-                    for a in request.assignments if a.user_id not in hosted_set]
+                    for a in request.assignments if a.user_id not in hosted.sequences]
         if not local:
             return worker_pb2.TrainReply(statuses=statuses, model_bytes_read=model_bytes, ledger=counts)
-        pieces: Callable[[torch.Tensor, list[int], int], Iterable[UpdateBatch]]
-        if request.adversarial:
-            if hosted.compute_adversarial is None:
-                raise TaskError(grpc.StatusCode.FAILED_PRECONDITION, "this worker does no adversarial training")
-            adversarial = hosted.compute_adversarial
-            pieces = lambda p, u, r: (adversarial(p, u, r),)  # noqa: E731
-        else:
-            compute = hosted.compute
-            pieces = hosted.compute_pieces or (lambda p, u, r: (compute(p, u, r),))
-        layout = hosted.setup.layout
-        # the bytes of encode_update(layout.unflatten(update), encoding), from the flat update and the
-        # item rows its user touched (when the computation names them), without per-tensor copies
-        flat = codec.FlatCodec.of(layout.names, layout.shapes, encoding, frozenset(SPARSE_TABLES))
-        tokens = {a.user_id: a.token for a in local}
-        took = {"compute": 0.0, "encode": 0.0}
-        sent = [0]
-        done_at = [t1]
-        # Pieces are computed and encoded here (a thread of their own) while gRPC sends the ones
-        # before: the upload overlaps the computation instead of following it.
-        out: queue.Queue = queue.Queue(maxsize=UPLOAD_QUEUE)
-        stop = threading.Event()
-        failure: list[BaseException] = []
-
-        def put(item) -> bool:
-            while not stop.is_set():
-                try:
-                    out.put(item, timeout=0.2)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        def produce() -> None:
-            try:
-                with self._compute:
-                    it = iter(pieces(params, [a.user_id for a in local], request.round_id))
-                    while True:
-                        tc = time.perf_counter()
-                        ub = next(it, None)
-                        took["compute"] += time.perf_counter() - tc
-                        if ub is None:
-                            break
-                        for i, u in enumerate(ub.users.tolist()):
-                            te = time.perf_counter()
-                            rows = None if ub.item_rows is None else {ITEM_TABLE: ub.item_rows[i]}
-                            data = flat.encode(ub.updates[i], rows)
-                            took["encode"] += time.perf_counter() - te
-                            header = agg_pb.UpdateHeader(run_id=request.run_id, round_id=request.round_id, user_id=u,
-                                                         token=tokens[u], num_samples=int(ub.num_samples[i]),
-                                                         total_bytes=len(data), encoding=encoding,
-                                                         loss=float(ub.losses[i]))
-                            msgs = [agg_pb.UpdateChunk(header=header, data=piece) if j == 0
-                                    else agg_pb.UpdateChunk(data=piece) for j, piece in enumerate(chunks(data))]
-                            c = ledger_mod.count(msgs, kind="update", direction="up", link="worker-aggregator",
-                                                 what="Aggregator.SubmitUpdates", compression=comp, user=u)
-                            counts.append(c)
-                            sent[0] += c.bytes
-                            if not put(msgs):
-                                return
-                        observe.WORKER_USERS.inc(len(ub.users))
-                    self.stats["train_calls"] += 1
-                    self.stats["users_trained"] += len(local)
-            except BaseException as e:  # noqa: BLE001 - re-raised by the handler
-                failure.append(e)
-            finally:
-                done_at[0] = time.perf_counter()
-                put(None)
-
-        def stream():
-            while True:
-                try:
-                    msgs = out.get(timeout=0.2)
-                except queue.Empty:
-                    if stop.is_set():  # the call ended without us (a failed upload): no thread left waiting
-                        return
-                    continue
-                if msgs is None:  # the end, or a failed computation (the handler raises its error)
-                    return
-                yield from msgs
-
-        producer = threading.Thread(target=produce, name=f"train-{request.round_id}", daemon=True)
+        call = _Upload(request, hosted, encoding, local, counts, started=t1)
+        pieces = _piece_function(hosted, request.adversarial)
+        producer = threading.Thread(target=self._produce, args=(call, pieces, params), name=f"train-{request.round_id}",
+                                    daemon=True)
         producer.start()
         try:
             # wait_for_ready: a restarting aggregator is waited for (within the round's deadline)
-            reply = self._aggregator(comp).SubmitUpdates(
-                stream(), timeout=deadline_left(request.deadline_unix, floor=5.0), wait_for_ready=True)
+            reply = self._aggregator(call.compression).SubmitUpdates(
+                call.messages(), timeout=deadline_left(request.deadline_unix, floor=5.0), wait_for_ready=True)
         except grpc.RpcError as e:  # the aggregator refused or could not be reached (or proved no server role)
             log.warning("upload of round %d to %s failed: %s %s", request.round_id, self.aggregator, e.code().name,
                         e.details())
             raise TaskError(grpc.StatusCode.UNAVAILABLE,
                             f"upload to the aggregator {self.aggregator} failed: {e.code().name}: {e.details()}") from None
         finally:
-            stop.set()
+            call.stop.set()
             producer.join()
-        if failure:  # the updates computed before the failure were sent; the round goes on without the rest
-            raise failure[0]
+        if call.failure:  # the updates computed before the failure were sent; the round goes on without the rest
+            raise call.failure[0]
         t3 = time.perf_counter()
         counts.append(ledger_mod.count(reply, kind="control", direction="down", link="worker-aggregator",
-                                       what="Aggregator.SubmitUpdates reply", compression=comp))
+                                       what="Aggregator.SubmitUpdates reply", compression=call.compression))
         statuses.extend(reply.statuses)
         # compute and encode: seconds spent on them; upload: the part of the upload that followed the
         # last encoded update (the rest overlapped the computation)
-        return worker_pb2.TrainReply(statuses=statuses, bytes_sent=sent[0], model_bytes_read=model_bytes,
-                                     timings={"model": t1 - t0, "compute": took["compute"], "encode": took["encode"],
-                                              "upload": t3 - done_at[0]}, ledger=counts)
+        return worker_pb2.TrainReply(statuses=statuses, bytes_sent=call.sent, model_bytes_read=model_bytes,
+                                     timings={"model": t1 - t0, "compute": call.took["compute"],
+                                              "encode": call.took["encode"], "upload": t3 - call.done_at},
+                                     ledger=counts)
+
+    def _produce(self, call: _Upload, pieces, params: torch.Tensor) -> None:
+        """Compute the users' updates a piece at a time and hand each user's encoded upload to
+        ``call`` (a thread of its own: gRPC sends the ones before meanwhile)."""
+        try:
+            with self._compute:
+                users = [a.user_id for a in call.local]
+                it = iter(pieces(params, users, call.request.round_id))
+                while True:
+                    tc = time.perf_counter()
+                    ub = next(it, None)
+                    call.took["compute"] += time.perf_counter() - tc
+                    if ub is None:
+                        break
+                    for i in range(len(ub.users)):
+                        if not call.put(call.encode(ub, i)):
+                            return
+                    observe.WORKER_USERS.inc(len(ub.users))
+                self.stats["train_calls"] += 1
+                self.stats["users_trained"] += len(call.local)
+        except BaseException as e:  # noqa: BLE001 - re-raised by Train
+            call.failure.append(e)
+        finally:
+            call.done_at = time.perf_counter()
+            call.put(None)
 
     def Evaluate(self, request):
         hosted = self._need(request.run_id)
@@ -400,6 +340,94 @@ class WorkerTasks:
             self.stats["eval_calls"] += 1
         return worker_pb2.EvaluateReply(sums=sums_to_proto(sums), seconds=time.perf_counter() - t0,
                                         model_bytes_read=model_bytes, ledger=counts)
+
+
+def _accepted_encoding(request) -> str:
+    """The round's update encoding, refused before any work when the aggregator does not accept it
+    (it would only be rejected there)."""
+    encoding = request.encoding or "dense-fp32"
+    accepted = list(request.accepted_encodings)
+    if encoding not in accepted:
+        raise TaskError(grpc.StatusCode.INVALID_ARGUMENT,
+                        f"encoding refused: round {request.round_id} asks for updates encoded {encoding!r} but "
+                        f"the aggregator accepts only {accepted or 'nothing (accepted_encodings is empty)'}; "
+                        "nothing was uploaded")
+    return encoding
+
+
+def _piece_function(hosted: Hosted, adversarial: bool) -> Callable[[torch.Tensor, list[int], int], Iterable[UpdateBatch]]:
+    """How the round's updates are computed, as pieces (params, users, round_id) -> UpdateBatches."""
+    if adversarial:
+        if hosted.compute_adversarial is None:
+            raise TaskError(grpc.StatusCode.FAILED_PRECONDITION, "this worker does no adversarial training")
+        compute_adv = hosted.compute_adversarial
+        return lambda p, u, r: (compute_adv(p, u, r),)
+    compute = hosted.compute
+    return hosted.compute_pieces or (lambda p, u, r: (compute(p, u, r),))
+
+
+class _Upload:
+    """One Train task's uploads on their way: each user's update encoded into its UpdateChunk
+    messages (:meth:`encode`, counted for the ledger) and handed through a bounded queue
+    (:meth:`put`) to the gRPC request stream (:meth:`messages`), so that the upload overlaps the
+    computation. ``stop`` ends both sides when the call is over."""
+
+    def __init__(self, request, hosted: Hosted, encoding: str, local: list, counts: list, started: float) -> None:
+        self.request, self.encoding, self.local, self.counts = request, encoding, local, counts
+        self.compression = hosted.setup.cfg.compression  # the run's gRPC compression, of the uploads
+        layout = hosted.setup.layout
+        # the bytes of encode_update(layout.unflatten(update), encoding), from the flat update and the
+        # item rows its user touched (when the computation names them), without per-tensor copies
+        self.flat = codec.FlatCodec.of(layout.names, layout.shapes, encoding, frozenset(SPARSE_TABLES))
+        self.tokens = {a.user_id: a.token for a in local}
+        self.took = {"compute": 0.0, "encode": 0.0}
+        self.sent = 0
+        self.done_at = started
+        self.out: queue.Queue = queue.Queue(maxsize=UPLOAD_QUEUE)
+        self.stop = threading.Event()
+        self.failure: list[BaseException] = []
+
+    def encode(self, ub: UpdateBatch, i: int) -> list:
+        """User ``i`` of ``ub`` as its UpdateChunk messages (counted in the ledger as sent)."""
+        te = time.perf_counter()
+        u = int(ub.users[i])
+        rows = None if ub.item_rows is None else {ITEM_TABLE: ub.item_rows[i]}
+        data = self.flat.encode(ub.updates[i], rows)
+        self.took["encode"] += time.perf_counter() - te
+        r = self.request
+        header = agg_pb.UpdateHeader(run_id=r.run_id, round_id=r.round_id, user_id=u, token=self.tokens[u],
+                                     num_samples=int(ub.num_samples[i]), total_bytes=len(data),
+                                     encoding=self.encoding, loss=float(ub.losses[i]))
+        msgs = [agg_pb.UpdateChunk(header=header, data=piece) if j == 0 else agg_pb.UpdateChunk(data=piece)
+                for j, piece in enumerate(chunks(data))]
+        c = ledger_mod.count(msgs, kind="update", direction="up", link="worker-aggregator",
+                             what="Aggregator.SubmitUpdates", compression=self.compression, user=u)
+        self.counts.append(c)
+        self.sent += c.bytes
+        return msgs
+
+    def put(self, item) -> bool:
+        """Queue ``item`` (a user's messages, or None: the end); False once the call is over."""
+        while not self.stop.is_set():
+            try:
+                self.out.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def messages(self):
+        """The request stream: every queued message, until the end (or the call is over)."""
+        while True:
+            try:
+                msgs = self.out.get(timeout=0.2)
+            except queue.Empty:
+                if self.stop.is_set():  # the call ended without us (a failed upload): no thread left waiting
+                    return
+                continue
+            if msgs is None:  # the end, or a failed computation (Train raises its error)
+                return
+            yield from msgs
 
 
 REFUSALS = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT,
