@@ -651,3 +651,31 @@ def test_target_presets_rank_items_by_training_popularity() -> None:
     assert preset_targets(ds, "several", several=2) == (3, 5)  # tail half 3, 4, 5: its ends
     with pytest.raises(ValueError, match="presets"):
         preset_targets(ds, "hot")
+
+
+def test_a_file_format_is_one_registry_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file formats are a registry (``loaders.FORMATS``, tried in order): a new one is its
+    loader and one line, and the existing ones keep their files."""
+    from fedseq.data import loaders
+
+    # Prepare: a tab-separated "user<TAB>item" format registered before the catch-all
+    def load_tsv(path: Path) -> list[tuple[int, np.ndarray]]:
+        by_user: dict[int, list[int]] = {}
+        for line in path.read_text().splitlines():
+            user, item = line.split("\t")
+            by_user.setdefault(int(user), []).append(int(item))
+        return [(u, np.asarray(v, dtype=np.int64)) for u, v in by_user.items()]
+
+    tsv = loaders.FileFormat("tsv", lambda p: p.suffix == ".tsv", load_tsv)
+    monkeypatch.setattr(loaders, "FORMATS", (tsv, *loaders.FORMATS))
+    path = tmp_path / "d.tsv"
+    path.write_text("7\t1\n7\t2\n7\t3\n9\t2\n9\t3\n9\t1\n")
+    seqs = tmp_path / "d.txt"
+    seqs.write_text("7 1 2 3\n9 2 3 1\n")
+    # Execute
+    got = load_dataset(str(path))
+    same = load_dataset(str(seqs))
+    # Assert: the new format read the file, as the sequence format reads the same users
+    assert [f.name for f in loaders.FORMATS] == ["tsv", "csv", "movielens", "sequences"]
+    assert got.num_users == same.num_users == 2
+    assert [t.tolist() for t in got.train] == [t.tolist() for t in same.train]

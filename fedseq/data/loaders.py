@@ -17,6 +17,8 @@ import csv
 import math
 import os
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -304,20 +306,33 @@ def _sniff_dat(path: Path) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class FileFormat:
+    """A data set file format: ``matches(path)`` says whether a file is in it, ``load(path)``
+    reads its users' chronological item sequences."""
+
+    name: str
+    matches: Callable[[Path], bool]
+    load: Callable[[Path], UserSequences]
+
+
+#: The file formats, tried in order; the last one takes any file. A new format is its loader
+#: function and one line here (docs/architecture.md).
+FORMATS: tuple[FileFormat, ...] = (
+    FileFormat("csv", lambda p: p.suffix.lower() == ".csv", load_csv),
+    FileFormat("movielens", lambda p: p.suffix.lower() == ".dat" and _sniff_dat(p), load_movielens),
+    FileFormat("sequences", lambda p: True, load_sequences),
+)
+
+
 def _load_file(path: Path, name: str, min_length: int) -> SeqDataset:
     if not path.is_file():
         raise DataError(
             f"dataset file {path} does not exist; pass an existing file path, or one of "
             f"'synthetic', {', '.join(repr(k) for k in _NAMED_FILES)}"
         )
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        sequences = load_csv(path)
-    elif suffix == ".dat" and _sniff_dat(path):
-        sequences = load_movielens(path)
-    else:
-        sequences = load_sequences(path)
-    return leave_one_out(sequences, name=name, min_length=min_length)
+    fmt = next(f for f in FORMATS if f.matches(path))
+    return leave_one_out(fmt.load(path), name=name, min_length=min_length)
 
 
 def load_dataset(spec: str, data_root: str | Path | None = None, seed: int = 0) -> SeqDataset:
