@@ -18,7 +18,7 @@ from typing import Any
 from .codec import ENCODINGS
 from .data.summary import TARGET_PRESETS
 from .device import check_name as check_device
-from .training import LocalConfig, PieckReg
+from .local import LocalConfig, PieckReg
 
 
 class ConfigError(ValueError):
@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class Compat:
     """Reference-compatibility switches: where the DV-FSR public code departs from the textbook
-    (ALGORITHMS.md). All off by default; ``Compat.reference()`` turns every one on."""
+    (README "Reference-compatibility switches" lists each). All off by default; ``Compat.reference()`` turns every one on."""
 
     eval_dropout: bool = False  # evaluate with dropout on (the model stays in train mode)
     eval_mask_token: bool = False  # SASRec scores at an appended, never-trained mask token

@@ -1,6 +1,6 @@
 """Per-user updates: many users at once, each a function of (global weights, own data, seed).
 
-Two modes (ALGORITHMS.md "Local training"):
+Two modes (``--mode``, README "Experiment options"):
 
 * ``paper`` (FedSGD, as the DV-FSR paper and its public code): the update is the gradient of the
   user's local loss at the global weights.
@@ -26,74 +26,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from .device import check_name as check_device
 from .device import model_on, resolve
+from .local import LocalConfig, PieckReg
 from .models import BERT4Rec, SASRec, SeqModel
 from .models.common import Drop, keep_masks
 from .params import Layout
 
 SHARED_NEG_SEED = 2024  # the public code seeds every client's negative sampler with one constant
-
-
-@dataclass(frozen=True)
-class PieckReg:
-    """PIECK's client-side defense: two regularisers on every benign user's local loss.
-
-    Zhang, Li, Rong, Zhao, Chen, Shou, "Preventing the Popular Item Embedding Based Attack in
-    Federated Recommendations", ICDE 2024 (public code: ``FedRecClientDefense`` in DL-FRS/client.py).
-    Each round the user mines the ``size`` most popular items, the rows that moved most since
-    version 0 (:mod:`fedseq.popularity`), ``e_1..e_s`` most moved first, weighted
-    ``w_j = exp(s - j + 1) / sum_k exp(k)``, and adds to its loss
-
-    * ``ipe_mu * L_ipe``, ``L_ipe = -sum_j w_j mean_i cos(e_j, E_i)`` over the user's training items
-      ``i`` that are not popular (SASRec: positives and negatives; BERT4Rec: the input items), which
-      spreads the popular items' region over ordinary items so that a target pulled next to the
-      popular items gains less (item popularity enhancement is what PIECK-IPE exploits);
-    * ``uea_mu * L_uea``, ``L_uea = -sum_j w_j mean_c softmax(u)_c (log softmax(u)_c - log softmax(e_j)_c)``
-      with ``u`` the user's representation (the sequence output at its last position), which keeps
-      users away from the popular items' embeddings (user embedding approximation, PIECK-UEA).
-
-    ``e_j`` are constants (the global weights); the gradient flows through ``E_i`` and ``u``.
-    Defaults are the public code's (``regula_size`` 10, ``ipe_mu`` = ``uea_mu`` = 45)."""
-
-    size: int = 10
-    ipe_mu: float = 45.0
-    uea_mu: float = 45.0
-    init_seed: int = 0  # the run seed: version 0 is its seeded initialisation
-
-    def __post_init__(self) -> None:
-        if self.size < 1:
-            raise ValueError(f"pieck-reg size must be >= 1, got {self.size}")
-        for name in ("ipe_mu", "uea_mu"):
-            v = getattr(self, name)
-            if not (v >= 0.0 and v < float("inf")):
-                raise ValueError(f"pieck-reg {name} must be finite and >= 0, got {v}")
-
-
-@dataclass(frozen=True)
-class LocalConfig:
-    """How users compute their updates."""
-
-    mode: str = "paper"  # "paper" | "fedavg"
-    dropout: bool = True  # training-time dropout (seeded per user)
-    local_epochs: int = 1  # fedavg mode only
-    local_lr: float = 0.01  # fedavg mode only
-    optimizer: str = "sgd"  # fedavg mode only: "sgd" | "adam"
-    micro_batch: int = 64  # users per micro-batch
-    max_tokens: int = 4096  # padded positions per micro-batch
-    shared_neg_seed: bool = False  # compat: one constant negative-sampling seed for every client
-    neg_from_vocab: bool = False  # compat: negatives drawn from 1..M+1 (mask token included)
-    device: str = "cpu"  # where the per-user gradients are computed (fedseq/device.py); updates return on the CPU
-    pieck: PieckReg | None = None  # PIECK's client-side regularisers (a defense), off by default
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("paper", "fedavg"):
-            raise ValueError(f"mode must be 'paper' or 'fedavg', got {self.mode!r}")
-        if self.optimizer not in ("sgd", "adam"):
-            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
-        if self.local_epochs < 1 or self.micro_batch < 1 or self.max_tokens < 1 or self.local_lr <= 0:
-            raise ValueError("local_epochs and micro_batch must be >= 1 and local_lr > 0")
-        check_device(self.device)
 
 
 def user_rng(seed: int, key: int, user: int, stream: int = 0) -> np.random.Generator:
