@@ -4,7 +4,7 @@
 
 The round: K updates in the layout of Steam SASRec (5,137 x 64 item table, D = 433,536); the shared
 weights Gaussian; each benign update touches on average ``--rows`` item rows (48, as measured for
-Steam benign updates, ALGORITHMS.md) drawn with a Zipf-like popularity, so popular rows are touched by
+Steam benign updates on the public code) drawn with a Zipf-like popularity, so popular rows are touched by
 many updates and most rows by few; ``--dense`` updates (3, the DV-FSR uploads) touch every row. Each
 inner rule is timed vectorised (batched by touch count) and, with ``--per-row``, calling the inner
 rule once per touched row (the reference path). One torch thread by default. Benchmarks measure;

@@ -44,7 +44,7 @@ from .sweep import KS, SweepSpec, format_table, parse_seeds, plot_sweep, run_swe
 
 ROOT = Path.cwd()  # run from the repository root: runs/ and docs/results/ are relative to it
 
-# The paper's settings (ALGORITHMS.md): Steam, 30 epochs, 256 users per round, lr 0.001 x 0.5 every
+# The paper's settings (Yin et al., AAAI 2025, experimental settings, and its public code): Steam, 30 epochs, 256 users per round, lr 0.001 x 0.5 every
 # 5 epochs, the sum ("common"), the sampled protocol with 1,000 negatives.
 PAPER_BASE: dict[str, Any] = {"dataset": "steam", "epochs": 30, "clients_per_round": 256, "lr": 0.001,
                               "lr_decay": 0.5, "lr_decay_every": 5, "num_negatives": 1000}

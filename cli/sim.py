@@ -126,7 +126,7 @@ def train_round(s: Setup, adversary: Adversary | None, params: torch.Tensor, rp:
                 local: LocalConfig, matrix: UpdateMatrix | None = None,
                 pool: ComputePool | None = None) -> UpdateBatch:
     """The updates of round ``rp``: adversarial-training updates of its benign users at the
-    current weights (Yue et al. 2022; ALGORITHMS.md "adv_train"), or the users' ordinary ones."""
+    current weights (Yue et al., RecSys 2022; fedseq/adv_train.py), or the users' ordinary ones."""
     if rp.adversarial:
         ds, cfg = s.dataset, s.cfg
         return adversarial_updates(s.model, params, [ds.train[u] for u in rp.users], rp.users, cfg.seed, rp.round_id,

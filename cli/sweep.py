@@ -356,7 +356,8 @@ def run_sweep(spec: SweepSpec, out: Path, jobs: int = 1, cores: int | None = Non
     root.mkdir(parents=True, exist_ok=True)
     cores = cores or os.cpu_count() or 1
     # a services cell is several busy processes (server, two client workers, an attacker worker):
-    # more torch threads than cores each would oversubscribe the machine (../shared/notes)
+    # more torch threads than cores each would oversubscribe the machine (a busy core slows a
+    # 2-thread torch process several times over: one thread a process)
     threads = max(1, cores // max(1, jobs) // (PROCESSES_PER_SERVICES_CELL if spec.engine == "services" else 1))
     (out / "spec.json").write_text(json.dumps(asdict(spec), indent=1, default=list))
     runs: list[Cell] = []  # one run per folder; a cell that is another's run (same_as) runs as that one

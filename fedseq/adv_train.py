@@ -1,7 +1,7 @@
 """Client-side adversarial training (the "adv_train" defense).
 
 Yue et al., "Defending Substitution-Based Profile Pollution Attacks on Sequential Recommenders",
-RecSys 2022, as the DV-FSR public code runs it (``train_robust``; ALGORITHMS.md "Defenses"):
+RecSys 2022, as the DV-FSR public code runs it (``train_robust``; README "Defenses"):
 some of a round's benign clients recompute their update on an adversarially perturbed input.
 
 For one user (paper mode: the update is a gradient at the global weights):

@@ -198,7 +198,7 @@ def adv_train_on(cfg: ExperimentConfig) -> bool:
 def plan_run(cfg: ExperimentConfig, clients: np.ndarray, num_benign: int) -> list[RoundPlan]:
     """Every round of the run, in order. With adversarial training each round is followed by an
     adversarial round (its own round id and model version) of ``adv_users_per_round`` of that
-    round's benign users (Yue et al. 2022; ALGORITHMS.md "adv_train"). ``max_rounds > 0`` keeps
+    round's benign users (Yue et al., RecSys 2022; fedseq/adv_train.py). ``max_rounds > 0`` keeps
     only the first that many rounds (the last one kept then ends its epoch)."""
     out: list[RoundPlan] = []
     adv = cfg.adv_config() if adv_train_on(cfg) else None

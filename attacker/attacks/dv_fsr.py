@@ -2,7 +2,7 @@
 
 Yin et al., "DV-FSR: A Dual-View Target Attack Framework for Federated Sequential
 Recommendation", AAAI 2025 (Algorithm 1 and 2, Eq. 4-8); public code ``SeqAttackClient_method1_2_3``.
-See ALGORITHMS.md "Attacks".
+README "Attacks" lists the attack's options and the paper's ablations.
 
 A malicious user holding a copy of a real user's training sequence x uploads the gradient, at the
 global weights, of

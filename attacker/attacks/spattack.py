@@ -16,7 +16,7 @@ fedseq's form. Each round, every malicious update (all of them the same rows, so
             ``token_rows=true`` (default) the table's rows of non-item tokens after the items
             (the mask token M + 1): no benign SASRec client ever touches it, so under sparse
             aggregation it is the attackers' alone, and the paper's evaluation protocol reads the
-            scores at an appended mask token (ALGORITHMS.md), so it steers every user's query
+            scores at an appended mask token (README "Reference-compatibility switches"), so it steers every user's query
     goal=promote (default): the base attack's update (``base``, default ``dv-fsr``) on those rows
             times ``factor``; every other item row zero; the shared (Transformer) weights are the
             base's when ``shared=true`` (default) and zero otherwise. A targeted variant: the

@@ -3,7 +3,7 @@
 Sun et al., "BERT4Rec: Sequential Recommendation with Bidirectional Encoder Representations from
 Transformer", CIKM 2019, in the configuration the DV-FSR paper trains (Yin et al., AAAI 2025;
 public code "Bert4rec2"): hidden 16, one post-LN block, one head, GELU (tanh) FFN, output head
-``GELU(Linear(h)) . E^T + b`` tied to the item embedding. See ALGORITHMS.md "Models".
+``GELU(Linear(h)) . E^T + b`` tied to the item embedding.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Kang & McAuley, "Self-Attentive Sequential Recommendation", ICDM 2018, in the co
 DV-FSR paper trains (Yin et al., "Dual-View Federated Sequential Recommendation Poisoning",
 AAAI 2025; public code "SASrec2"): no output projection in attention (as in the original TF
 code), BERT-pytorch LayerNorm, learned positions 1..n for the n real items of a left-padded
-sequence, item embedding tied to the output layer. See ALGORITHMS.md "Models".
+sequence, item embedding tied to the output layer.
 """
 
 from __future__ import annotations
