@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT = 5.0  # seconds between heartbeats on an idle stream (RegisterReply.heartbeat_seconds)
 SILENCE = 3  # heartbeats without a word from the other side before a stream counts as dead
+MAX_UNKNOWN_RESULTS = 64  # results for tasks never sent (or timed out) a stream may carry before it is cut
 LINK = "worker-orchestrator"
 _KINDS = {worker_pb2.DescribeRequest: "describe", worker_pb2.TrainRequest: "train",
           worker_pb2.EvaluateRequest: "evaluate"}
@@ -79,6 +80,7 @@ class WorkerLink:
         self.reason = ""
         self.heard = time.monotonic()  # when the worker last sent anything
         self._beats = {"up": [0, 0], "down": [0, 0]}  # direction -> [messages, bytes] since the last take
+        self._unknown = 0  # results for tasks this link never sent (or that timed out)
 
     # -------------------------------------------------------------- the run loop's side
     @property
@@ -140,7 +142,11 @@ class WorkerLink:
         with self._lock:
             entry = self._pending.pop(r.task_id, None)
         if entry is None:  # a result nobody asked for (or for a task that timed out): dropped
-            log.warning("worker %s: a result for unknown task %d dropped", self.worker, r.task_id)
+            self._unknown += 1
+            if self._unknown > MAX_UNKNOWN_RESULTS:
+                self.close(f"protocol error: more than {MAX_UNKNOWN_RESULTS} results for tasks never sent")
+            elif self._unknown <= 3:
+                log.warning("worker %s: a result for unknown task %d dropped", self.worker, r.task_id)
             return
         fut, kind, led = entry
         self._count(led, msg, "up", f"Orchestrator.Connect {kind} result", "none")

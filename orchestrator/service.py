@@ -11,10 +11,12 @@ import json
 import logging
 import queue
 import threading
+from collections import Counter
 from typing import Any
 
 import grpc
 
+from fedseq import fairshare
 from fedseq.config import ExperimentConfig
 from fedseq.experiment import Setup, client_weights, setup
 from fedseq.store import RedisStore, patient
@@ -32,6 +34,7 @@ __all__ = ["EVAL_ATTEMPTS", "ROUND_RETRIES", "Orchestrator", "OrchestratorSettin
 log = logging.getLogger(__name__)
 
 HELLO_TIMEOUT = 10.0  # seconds a new stream has to send its hello
+STREAMS_PER_IDENTITY = 2  # open worker streams of one certificate identity: its live one and a reconnect
 
 
 class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
@@ -49,6 +52,8 @@ class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
         self.run_id = cfg.run_id or "run"
         self.store = RedisStore.from_url(settings.store_url, self.run_id, **patient())
         self._stop = threading.Event()
+        self._streams: Counter[str] = Counter()  # open Connect streams by caller identity
+        self._streams_lock = threading.Lock()
         self.pool = WorkerPool(self.setup, self.run_id, settings.shards(), settings.identity, settings.shard_grace,
                                self._stop, roster=settings.roster, max_workers=settings.worker_limit())
         self.loop = RunLoop(cfg, settings, self.setup, self.store, self.pool, self._stop)
@@ -98,7 +103,31 @@ class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
     # ------------------------------------------------------------------ RPCs
     def Connect(self, request_iterator, context):
         """A worker's stream (protos/fedseq/v1/orchestrator.proto): its hello, our welcome or the
-        refusal, then tasks down and results up (orchestrator/link.py) until either side ends it."""
+        refusal, then tasks down and results up (orchestrator/link.py) until either side ends it.
+
+        Each stream holds one of the service's threads, and ``Connect`` is not in the fair share
+        (orchestrator/app.py), so the streams are bounded here: :data:`STREAMS_PER_IDENTITY` per
+        certificate identity (its live stream and a reconnect that replaces it; per host, up to
+        the worker limit, without TLS), a hello first, within :data:`HELLO_TIMEOUT`."""
+        who = fairshare.identity(context)
+        limit = STREAMS_PER_IDENTITY if self.settings.identity is not None else self.pool.max_workers
+        with self._streams_lock:
+            held = self._streams[who]
+            if held < limit:
+                self._streams[who] = held + 1
+        if held >= limit:
+            self.pool.count_refusal("register: streams")
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"{who} already has {held} worker streams open here (at most {limit}); retry when one ends")
+        try:
+            yield from self._connect(request_iterator, context)
+        finally:
+            with self._streams_lock:
+                self._streams[who] -= 1
+                if self._streams[who] <= 0:
+                    del self._streams[who]
+
+    def _connect(self, request_iterator, context):
         inbox: queue.Queue = queue.Queue(maxsize=1)
         link_box: list[WorkerLink] = []
 

@@ -24,9 +24,9 @@ from fedseq.config import ExperimentConfig
 from fedseq.metrics import KS, MetricSums
 from fedseq.metrics import sums_to_proto as to_proto
 from fedseq.redis_server import RedisServer
-from fedseq.rpc import Service
+from fedseq.rpc import Service, channel
 from fedseq.tls import Identity, TLSError, cert_role, make_certs
-from fedseq.v1 import aggregator_pb2, orchestrator_pb2, worker_pb2
+from fedseq.v1 import aggregator_pb2, orchestrator_pb2, orchestrator_pb2_grpc, worker_pb2
 from orchestrator.service import check_eval_sums
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -325,4 +325,39 @@ def test_describe_and_status_with_the_right_roles_work(tmp_path, redis_url):
         assert fed.orch_svc.refusals.snapshot() == {
             ("/fedseq.v1.Orchestrator/Connect", "operator", "PERMISSION_DENIED"): 1}
     finally:
+        fed.close()
+
+
+def test_worker_streams_are_bounded_per_identity(tmp_path, redis_url):
+    """``Connect`` holds a thread per stream and is outside the fair share, so the orchestrator
+    bounds it itself: a worker certificate that opens more streams than its live one and one
+    reconnect (here without ever sending a hello) is refused RESOURCE_EXHAUSTED, and the live
+    worker keeps its stream."""
+    import queue as queue_mod
+
+    fed = Federation(redis_url, replace(TINY, run_id="streams"), workers=1, tls_dir=tmp_path)
+    stub = orchestrator_pb2_grpc.OrchestratorStub(channel(fed.orchestrator, identity=fed.identity("w0"),
+                                                          peer="orchestrator"))
+    silent: queue_mod.Queue = queue_mod.Queue()
+
+    def never():  # a request stream that sends nothing until the test ends
+        silent.get()
+        return
+        yield
+
+    try:
+        # Prepare: w0 holds its live stream; it opens a second one and says nothing on it
+        second = stub.Connect(never(), timeout=30)
+        time.sleep(0.5)
+        # Execute: a third
+        with pytest.raises(grpc.RpcError) as err:
+            next(stub.Connect(never(), timeout=30))
+        # Assert
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "worker streams" in err.value.details()
+        assert fed.orch.refused["register: streams"] == 1
+        assert fed.orch.pool.refresh()[0].alive  # the live worker's stream is untouched
+        second.cancel()
+    finally:
+        silent.put(None)
+        silent.put(None)
         fed.close()

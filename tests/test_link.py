@@ -124,3 +124,12 @@ def test_a_message_other_than_a_result_or_heartbeat_after_the_hello_closes_the_l
     link = WorkerLink("w0")
     link.received(orch_pb.WorkerMessage(hello=orch_pb.RegisterRequest(worker_id="w0")))
     assert link.closed and "protocol error" in link.reason
+
+
+def test_a_flood_of_results_for_tasks_never_sent_cuts_the_stream():
+    link = WorkerLink("w0")
+    for i in range(64):
+        link.received(_result(10_000 + i, describe=worker_pb2.DescribeReply()))
+    assert not link.closed
+    link.received(_result(20_000, describe=worker_pb2.DescribeReply()))
+    assert link.closed and "never sent" in link.reason
