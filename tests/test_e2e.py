@@ -189,20 +189,7 @@ def test_dv_fsr_through_the_services_raises_exposure_above_no_attack_and_ra(tmp_
 
 
 def listening_ports(pid: int) -> set[int]:
-    """The TCP ports process ``pid`` listens on: its own socket descriptors (/proc/PID/fd) matched
-    against the LISTEN rows (state 0A) of /proc/PID/net/tcp and tcp6."""
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    ports = set()
-    for table in ("tcp", "tcp6"):
-        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
-            parts = line.split()
-            if parts[3] == "0A" and parts[9] in inodes:
-                ports.add(int(parts[1].rsplit(":", 1)[1], 16))
-    return ports
+    """The TCP ports process ``pid`` itself listens on (its own socket descriptors)."""
+    from _netns import owned_sockets
+
+    return {sock.local[1] for sock in owned_sockets(pid) if sock.listening}
