@@ -34,6 +34,7 @@ FEDSEQ_TLS="${FEDSEQ_TLS:-1}"
 
 [ -f "$CACHE/env.sh" ] || die "$CACHE/env.sh not found: run deploy/build-local.sh first"
 # shellcheck disable=SC1091
+source "$ROOT/deploy/certs-local.sh"  # ensure_worker_certs
 source "$CACHE/env.sh"   # CONTAINERS_CONF, PATH (podman-compose), REDIS_IMAGE, FEDSEQ_IMAGE (fedseq:<version>)
 command -v podman-compose >/dev/null || die "podman-compose not found: run deploy/build-local.sh"
 for img in "$FEDSEQ_IMAGE" "$REDIS_IMAGE"; do
@@ -70,26 +71,8 @@ files=(-f "$ROOT/deploy/compose.yaml")
 if [ "$FEDSEQ_TLS" = 1 ]; then
     files+=(-f "$ROOT/deploy/compose.tls.yaml")
     export FEDSEQ_CERTS="${FEDSEQ_CERTS:-$ROOT/deploy/tls}"
-    # one certificate per worker and the orchestrator's roster naming each: made (again, with the CA
-    # kept) when the CA, a worker's certificate or its roster entry is missing
-    need=()
-    for ((i = 0; i < cert_clients; i++)); do need+=("client-$i"); done
-    for ((i = 0; i < cert_attackers; i++)); do need+=("attacker-$i"); done
-    have=1
-    [ -f "$FEDSEQ_CERTS/ca.pem" ] && [ -f "$FEDSEQ_CERTS/roster.json" ] || have=0
-    for n in "${need[@]}"; do [ -f "$FEDSEQ_CERTS/$n.pem" ] || have=0; done
-    if [ "$have" = 1 ] && ! python3 -c 'import json,sys; w={e["name"]: e["kind"] for e in json.load(open(sys.argv[1]))["workers"]}; sys.exit(0 if all(w.get(n) == n.split("-")[0] for n in sys.argv[2:]) else 1)' \
-            "$FEDSEQ_CERTS/roster.json" "${need[@]}" 2>/dev/null; then
-        have=0
-    fi
-    if [ "$have" = 0 ]; then
-        say "making certificates and the roster in $FEDSEQ_CERTS ($cert_clients client(s), $cert_attackers attacker(s); fedseq certs, in the image)"
-        mkdir -p "$FEDSEQ_CERTS"
-        podman run --rm --no-healthcheck --network none --user 0 -v "$FEDSEQ_CERTS:/tls" "$FEDSEQ_IMAGE" certs /tls \
-            --clients "$cert_clients" --attackers "$cert_attackers" --unsharded >/dev/null \
-            || die "fedseq certs failed"
-        chmod 0700 "$FEDSEQ_CERTS"
-    fi
+    # one certificate per worker and the orchestrator's roster naming each (deploy/certs-local.sh)
+    ensure_worker_certs "$FEDSEQ_CERTS" "$cert_clients" "$cert_attackers"
 fi
 if [ "$FEDSEQ_CLIENTS" -gt 2 ] || [ "$FEDSEQ_ATTACKERS" -gt 1 ]; then
     PY="$CACHE/tools/bin/python"   # the podman-compose venv: it has PyYAML

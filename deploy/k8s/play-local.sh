@@ -33,6 +33,7 @@ PLAY="$CACHE/k8s-play.yaml"
 [ -f "$CACHE/env.sh" ] || die "$CACHE/env.sh not found: run deploy/build-local.sh first"
 # shellcheck disable=SC1091
 source "$CACHE/env.sh"
+source "$ROOT/deploy/certs-local.sh"  # ensure_worker_certs
 PY="$CACHE/tools/bin/python"   # the podman-compose venv: it has PyYAML
 [ -x "$PY" ] && "$PY" -c 'import yaml' 2>/dev/null || die "$PY with PyYAML not found: run deploy/build-local.sh"
 for img in "$FEDSEQ_IMAGE" "$REDIS_IMAGE"; do
@@ -51,20 +52,7 @@ names=(server orchestrator)
 for ((i = 0; i < cert_clients; i++)); do names+=("client-$i"); done
 for ((i = 0; i < cert_attackers; i++)); do names+=("attacker-$i"); done
 CERTS="${FEDSEQ_CERTS:-$BASE/tls}"
-have=1
-[ -f "$CERTS/ca.pem" ] && [ -f "$CERTS/roster.json" ] || have=0
-for n in "${names[@]}"; do [ -f "$CERTS/$n.pem" ] || have=0; done
-if [ "$have" = 1 ] && ! python3 -c 'import json,sys; w={e["name"]: e["kind"] for e in json.load(open(sys.argv[1]))["workers"]}; sys.exit(0 if all(w.get(n) == n.split("-")[0] for n in sys.argv[2:]) else 1)' \
-        "$CERTS/roster.json" "${names[@]:2}" 2>/dev/null; then
-    have=0
-fi
-if [ "$have" = 0 ]; then
-    say "making certificates and the roster in $CERTS ($cert_clients client(s), $cert_attackers attacker(s); fedseq certs, in the image)"
-    mkdir -p "$CERTS"
-    podman run --rm --no-healthcheck --network none --user 0 -v "$CERTS:/tls" "$FEDSEQ_IMAGE" certs /tls \
-        --clients "$cert_clients" --attackers "$cert_attackers" --unsharded >/dev/null || die "fedseq certs failed"
-    chmod 0700 "$CERTS"
-fi
+ensure_worker_certs "$CERTS" "$cert_clients" "$cert_attackers"  # deploy/certs-local.sh
 secrets="$CACHE/k8s-secrets"
 rm -rf "$secrets"
 for n in "${names[@]}"; do   # what kubelet mounts from each Secret (fsGroup 10001)
