@@ -306,8 +306,11 @@ class RunLoop:
                     and by_id[wid].alive
                 log.warning("round %d: worker %s failed: %s %s", rid, wid, e.code().name, e.details())
                 if e.code() == grpc.StatusCode.INVALID_ARGUMENT:  # a contract error: retrying cannot help
-                    refused.append(f"worker {wid}: {e.details()}")
-        if refused:
+                    refused.append(f"worker {wid}: {e.details()[:200]}")
+        # The code a worker answers with is its word: one worker (an attacker's, say) refusing its
+        # task costs only its own users this round; the run fails only when every worker refused
+        # (a contract error of the run itself, e.g. an encoding no worker can send)
+        if refused and len(refused) == len(calls):
             raise RuntimeError(f"round {rid}: the Train request was refused ({'; '.join(refused)})")
         t_train = time.perf_counter() - t0
         close_req = agg_pb.CloseRoundRequest(run_id=self.run_id, round_id=rid)
@@ -340,7 +343,7 @@ class RunLoop:
             # exact: accepted + rejected + missing == users (orphans, whom no worker hosts, are missing)
             "round": rid, "epoch": epoch + 1, "lr": lr, "users": len(users), "accepted": s.accepted,
             "rejected": len(s.rejected), "missing": len(s.missing), "orphans": len(orphans),
-            "failed_workers": failed, "bytes_up": bytes_up, "bytes_down": bytes_down,
+            "failed_workers": failed, "train_refused": refused[:5], "bytes_up": bytes_up, "bytes_down": bytes_down,
             # workers whose stream ended since the previous round (a death between rounds fails no call)
             "lost_workers": self.pool.take_lost(),
             "updates": sum(1 for e in led.entries if e.kind == "update" and e.user >= 0),

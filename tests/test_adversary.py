@@ -361,3 +361,30 @@ def test_worker_streams_are_bounded_per_identity(tmp_path, redis_url):
         silent.put(None)
         silent.put(None)
         fed.close()
+
+
+class RefusingWorker(WorkerTasks):
+    """A worker (it could be an attacker's) that answers every Train task INVALID_ARGUMENT, the
+    code of a contract error."""
+
+    def Train(self, request):
+        from client.worker import TaskError
+
+        raise TaskError(grpc.StatusCode.INVALID_ARGUMENT, "I refuse")
+
+
+def test_one_worker_refusing_its_tasks_cannot_end_the_run(redis_url):
+    # Prepare: two sharded workers, the first refuses every Train task
+    fed = Federation(redis_url, replace(TINY, run_id="refuser"), workers=2, worker_classes=(RefusingWorker,))
+    try:
+        # Execute
+        fed.run()
+        # Assert: the run is done; each round lost the refuser's users and names it
+        assert fed.orch.state == "done", fed.orch.message
+        rounds = fed.orch.store.records("rounds")
+        assert rounds and all(r["failed_workers"] == ["w0"] and r["train_refused"] == ["worker w0: I refuse"]
+                              for r in rounds if r["missing"])
+        assert sum(r["missing"] for r in rounds) > 0
+        assert all(r["accepted"] + r["rejected"] + r["missing"] == r["users"] for r in rounds)
+    finally:
+        fed.close()
