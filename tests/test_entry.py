@@ -89,7 +89,7 @@ def test_health_file_ages_and_readiness(tmp_path):
     assert not check_file(str(path))[0]  # no file: unhealthy
     path.write_text(json.dumps({"time": time.time() - 100, "connected": True, "ready": True}))
     ok, why = check_file(str(path), max_age=60)
-    assert not ok and "100s ago" in why.replace("99s", "100s")
+    assert not ok and "more than 60s" in why  # a stale file: the worker's loop is stuck or gone
     path.write_text(json.dumps({"time": time.time(), "connected": True, "ready": False}))
     assert check_file(str(path)) == (True, f"{path}: connected")
     assert check_file(str(path), ready=True) == (False, f"{path}: connected, still loading its users")

@@ -696,14 +696,13 @@ def test_the_orchestrator_job_restarts_on_failure_and_stops_when_the_operator_st
     # the exit codes the policy names are the ones the code uses
     from cli import services
 
-    if hasattr(services, "orchestrator_exit"):
-        rules = job["spec"]["podFailurePolicy"]["rules"]
-        fail = {v for r in rules if r["action"] == "FailJob" and r["onExitCodes"].get("containerName") == "orchestrator"
-                for v in r["onExitCodes"]["values"]}
-        assert services.orchestrator_exit("done") == 0
-        assert services.orchestrator_exit("stopped", stopped_by_operator=True) in fail
-        assert services.orchestrator_exit("failed") not in fail
-        assert services.orchestrator_exit("running") not in fail  # signalled mid-run: a restart resumes
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    fail = {v for r in rules if r["action"] == "FailJob" and r["onExitCodes"].get("containerName") == "orchestrator"
+            for v in r["onExitCodes"]["values"]}
+    assert services.orchestrator_exit("done") == 0
+    assert services.orchestrator_exit("stopped", stopped_by_operator=True) in fail
+    assert services.orchestrator_exit("failed") not in fail
+    assert services.orchestrator_exit("running") not in fail  # signalled mid-run: a restart resumes
     assert cli.main(["serve-orchestrator", "--port", "nope"]) == 2  # a configuration error exits 2: counted
     for field in ("backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished", "podFailurePolicy",
                   "podReplacementPolicy"):
