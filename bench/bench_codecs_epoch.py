@@ -28,6 +28,7 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -56,7 +57,27 @@ def message_bytes(data: bytes, user: int, encoding: str) -> tuple[int, list]:
     return sum(m.ByteSize() for m in msgs), msgs
 
 
-def main(argv: list[str] | None = None) -> int:
+def _per_encoding() -> dict[str, list]:
+    return {e: [] for e in codec.ENCODINGS}
+
+
+@dataclass
+class _Measured:
+    """Everything measured over the epoch: per encoding one entry per update (``wire``: the first
+    ``--gzip-sample``), per sparse table the rows each round's step changed, the row-patch sizes."""
+
+    payload: dict[str, list] = field(default_factory=_per_encoding)
+    message: dict[str, list] = field(default_factory=_per_encoding)
+    wire: dict[str, list] = field(default_factory=_per_encoding)
+    t_enc: dict[str, list] = field(default_factory=_per_encoding)
+    t_dec: dict[str, list] = field(default_factory=_per_encoding)
+    err: dict[str, list] = field(default_factory=_per_encoding)
+    changed_rows: dict[str, list] = field(default_factory=lambda: {n: [] for n in SPARSE_TABLES})
+    patch_sizes: list[int] = field(default_factory=list)
+    compute_s: float = 0.0
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="steam")
     p.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
@@ -66,7 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gzip-sample", type=int, default=48, help="updates per encoding whose gzip size is computed")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(ROOT / "runs" / "bench_codecs_epoch.md"), help="markdown table file")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     torch.set_num_threads(args.threads)
 
     cfg = build_config(None, {"dataset": args.dataset, "data_root": args.data_root, "model": args.model,
@@ -82,71 +107,85 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{ds.name} {cfg.model}: {ds.num_users} users, {ds.num_items} items, {layout.dim:,} parameters "
           f"(dense fp32 {4 * layout.dim:,} B); {len(rounds)} rounds, {n_users} updates", file=sys.stderr)
 
-    encs = codec.ENCODINGS
-    payload = {e: [] for e in encs}
-    message = {e: [] for e in encs}
-    wire = {e: [] for e in encs}
-    t_enc = {e: [] for e in encs}
-    t_dec = {e: [] for e in encs}
-    err = {e: [] for e in encs}
-    changed_rows = {n: [] for n in SPARSE_TABLES}
-    patch_sizes: list[int] = []
+    m = _Measured()
     full_blob = len(model_to_bytes(layout.unflatten(params)))
-    compute_s = 0.0
     t_start = time.perf_counter()
     for r, users in enumerate(rounds):
         t0 = time.perf_counter()
         ub = compute_updates(s.model, params, [ds.train[u] for u in users], users, cfg.seed, r, cfg.local())
-        compute_s += time.perf_counter() - t0
+        m.compute_s += time.perf_counter() - t0
         for i, u in enumerate(users.tolist()):
-            vec = ub.updates[i]
-            tensors = layout.unflatten(vec)
-            for e in encs:
-                t0 = time.perf_counter()
-                data = encode_update(tensors, e)
-                t1 = time.perf_counter()
-                got = layout.flatten(codec.decode_state(codec.unpack(data)))
-                t2 = time.perf_counter()
-                t_enc[e].append(t1 - t0)
-                t_dec[e].append(t2 - t1)
-                payload[e].append(len(data))
-                nbytes, msgs = message_bytes(data, u, e)
-                message[e].append(nbytes)
-                if len(wire[e]) < args.gzip_sample:
-                    wire[e].append(sum(ledger.wire_size(m.SerializeToString(), "gzip") for m in msgs))
-                scale = float(vec.abs().max()) or 1.0
-                err[e].append(float((got - vec).abs().max()) / scale)
-        res = rule(ub.updates, torch.as_tensor(ub.num_samples, dtype=torch.float32))
-        new = server_step(params, res.vector, cfg.lr_at(0))
-        old_t, new_t = layout.unflatten(params), layout.unflatten(new)
-        for n in SPARSE_TABLES:
-            changed_rows[n].append(int((old_t[n] != new_t[n]).any(dim=1).sum()))
-        patch_sizes.append(len(make_patch(old_t, new_t, r)))
-        params = new
+            _measure_update(m, layout, ub.updates[i], u, args.gzip_sample)
+        params = _server_round(m, rule, ub, params, layout, cfg.lr_at(0), r)
         print(f"round {r + 1}/{len(rounds)}: {len(users)} users ({time.perf_counter() - t_start:.0f}s)",
               file=sys.stderr)
 
-    dense = statistics.mean(message["dense-fp32"])
+    head = (f"Bytes per benign update, {ds.name} {cfg.model} ({layout.dim:,} parameters), over {n_users} real updates "
+            f"({len(rounds)} rounds of {cfg.clients_per_round} of epoch 1, computed in process with "
+            f"`fedseq.training.compute_updates`, FedSGD step between rounds). ")
+    text = "\n".join(_report(m, head, layout, args.gzip_sample, full_blob, n_users, t_start))
+    print(text)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n")
+    print(f"\nwritten to {out}", file=sys.stderr)
+    return 0
+
+
+def _measure_update(m: _Measured, layout, vec: torch.Tensor, u: int, gzip_sample: int) -> None:
+    """Encode and decode user ``u``'s update ``vec`` with every encoding; record sizes, times, error."""
+    tensors = layout.unflatten(vec)
+    for e in codec.ENCODINGS:
+        t0 = time.perf_counter()
+        data = encode_update(tensors, e)
+        t1 = time.perf_counter()
+        got = layout.flatten(codec.decode_state(codec.unpack(data)))
+        t2 = time.perf_counter()
+        m.t_enc[e].append(t1 - t0)
+        m.t_dec[e].append(t2 - t1)
+        m.payload[e].append(len(data))
+        nbytes, msgs = message_bytes(data, u, e)
+        m.message[e].append(nbytes)
+        if len(m.wire[e]) < gzip_sample:
+            m.wire[e].append(sum(ledger.wire_size(msg.SerializeToString(), "gzip") for msg in msgs))
+        scale = float(vec.abs().max()) or 1.0
+        m.err[e].append(float((got - vec).abs().max()) / scale)
+
+
+def _server_round(m: _Measured, rule, ub, params: torch.Tensor, layout, lr: float, r: int) -> torch.Tensor:
+    """Aggregate the round's updates and take the server step; record what the step changed."""
+    res = rule(ub.updates, torch.as_tensor(ub.num_samples, dtype=torch.float32))
+    new = server_step(params, res.vector, lr)
+    old_t, new_t = layout.unflatten(params), layout.unflatten(new)
+    for n in SPARSE_TABLES:
+        m.changed_rows[n].append(int((old_t[n] != new_t[n]).any(dim=1).sum()))
+    m.patch_sizes.append(len(make_patch(old_t, new_t, r)))
+    return new
+
+
+def _report(m: _Measured, head: str, layout, gzip_sample: int, full_blob: int, n_users: int,
+            t_start: float) -> list[str]:
+    """The markdown report: the table, the targets, the delta-download estimate, the timings."""
+    dense = statistics.mean(m.message["dense-fp32"])
     lines = [
-        f"Bytes per benign update, {ds.name} {cfg.model} ({layout.dim:,} parameters), over {n_users} real updates "
-        f"({len(rounds)} rounds of {cfg.clients_per_round} of epoch 1, computed in process with "
-        f"`fedseq.training.compute_updates`, FedSGD step between rounds). "
-        f"`bench/bench_codecs_epoch.py`, {platform.processor() or platform.machine()}, "
+        head + f"`bench/bench_codecs_epoch.py`, {platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} torch threads.",
         "",
         "| encoding | payload B (mean) | message B (mean) | min / max | vs dense-fp32 | gzip wire B (mean of "
-        f"{args.gzip_sample}) | encode ms (median) | decode ms (median) | max rel. error |",
+        f"{gzip_sample}) | encode ms (median) | decode ms (median) | max rel. error |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for e in encs:
-        m = statistics.mean(message[e])
+    for e in codec.ENCODINGS:
+        mean = statistics.mean(m.message[e])
         lines.append(
-            f"| {e} | {statistics.mean(payload[e]):,.0f} | {m:,.0f} | {min(message[e]):,} / {max(message[e]):,} | "
-            f"{m / dense:.3f} | {statistics.mean(wire[e]):,.0f} | {1e3 * statistics.median(t_enc[e]):.2f} | "
-            f"{1e3 * statistics.median(t_dec[e]):.2f} | {max(err[e]):.2e} |")
-    sp32 = statistics.mean(message["sparse-fp32"]) / dense
-    sp16 = statistics.mean(message["sparse-fp16"]) / dense
-    lines += [
+            f"| {e} | {statistics.mean(m.payload[e]):,.0f} | {mean:,.0f} | {min(m.message[e]):,} / "
+            f"{max(m.message[e]):,} | {mean / dense:.3f} | {statistics.mean(m.wire[e]):,.0f} | "
+            f"{1e3 * statistics.median(m.t_enc[e]):.2f} | {1e3 * statistics.median(m.t_dec[e]):.2f} | "
+            f"{max(m.err[e]):.2e} |")
+    sp32 = statistics.mean(m.message["sparse-fp32"]) / dense
+    sp16 = statistics.mean(m.message["sparse-fp16"]) / dense
+    patch = statistics.mean(m.patch_sizes)
+    return lines + [
         "",
         f"Targets: sparse-fp32 / dense-fp32 = {sp32:.3f} (<= 1/3: {'met' if sp32 <= 1 / 3 else 'MISSED'}); "
         f"sparse-fp16 / dense-fp32 = {sp16:.3f} (<= 1/6: {'met' if sp16 <= 1 / 6 else 'MISSED'}). "
@@ -154,21 +193,13 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Model delta (download) estimate: a version is {full_blob:,} B (safetensors). Per round the step changed "
         + ", ".join(f"{n} rows: mean {statistics.mean(v):.0f} of {layout.shapes[layout.names.index(n)][0]} "
-                    f"(min {min(v)}, max {max(v)})" for n, v in changed_rows.items())
+                    f"(min {min(v)}, max {max(v)})" for n, v in m.changed_rows.items())
         + f"; every other tensor changes entirely. A row patch (`model_delta`, fedseq/delta.py) is "
-        f"{statistics.mean(patch_sizes):,.0f} B on average ({statistics.mean(patch_sizes) / full_blob:.0%} of a "
-        "version).",
+        f"{patch:,.0f} B on average ({patch / full_blob:.0%} of a version).",
         "",
-        f"Update compute: {compute_s:.1f} s for {n_users} users; the whole benchmark "
+        f"Update compute: {m.compute_s:.1f} s for {n_users} users; the whole benchmark "
         f"{time.perf_counter() - t_start:.0f} s.",
     ]
-    text = "\n".join(lines)
-    print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
-    print(f"\nwritten to {out}", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":

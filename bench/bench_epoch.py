@@ -299,7 +299,7 @@ def services(args, epochs: int, extra: tuple[str, ...] = ()) -> dict:
             "breakdown_per_epoch_s": breakdown, "bytes_up_per_epoch": res["summary"]["bytes_up"] / epochs}
 
 
-def main() -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="steam")
     ap.add_argument("--data-root", default=None)
@@ -320,58 +320,24 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3, help="with --baseline: processes per tree (alternating)")
     ap.add_argument("--train-only", action="store_true", help="only the in-process training epochs")
     ap.add_argument("--tree", help="import fedseq from this checkout (used by --baseline)")
+    return ap
+
+
+def main() -> int:
+    ap = _parser()
     args = ap.parse_args()
     if args.epochs < 1 or args.repeats < 1:
         ap.error("--epochs and --repeats must be >= 1")
     if args.baseline and args.services:
-        print(f"services side by side: {args.repeats} `fedseq run` per tree, {args.epochs} epoch(s) each, "
-              f"{args.workers} workers", flush=True)
-        got = services_side_by_side(args)
-        meds = {name: statistics.median(v) for name, v in got.items()}
-        for name, v in got.items():
-            print(f"{name}: services train epoch median {meds[name]:.2f} s (n={len(v)}: "
-                  f"{', '.join(f'{t:.2f}' for t in v)})")
-        names = list(meds)
-        print(f"ratio this tree / baseline: {meds[names[1]] / meds[names[0]]:.3f}")
-        if args.json:
-            Path(args.json).write_text(json.dumps({"services_side_by_side": got}, indent=2))
-        return 0
+        return _report_services_side_by_side(args)
     if args.baseline:
         if args.epochs < 2:
             ap.error("--baseline needs --epochs >= 2 (the first epoch of a process is reported apart)")
-        print(f"side by side: {args.repeats} processes per tree, {args.epochs} epochs each, "
-              f"{args.threads} thread(s)", flush=True)
-        sbs = side_by_side(args)
-        meds = {}
-        for name, v in sbs.items():
-            meds[name] = statistics.median(v["warm_epoch_s"])
-            print(f"{name}: warm epoch median {meds[name]:.2f} s (n={len(v['warm_epoch_s'])}), "
-                  f"CPU {statistics.median(v['warm_epoch_cpu_s']):.2f} s, first epoch median "
-                  f"{statistics.median(v['first_epoch_s']):.2f} s, peak RSS {v['peak_rss_mb']:.0f} MB")
-        names = list(meds)
-        print(f"ratio this tree / baseline: {meds[names[1]] / meds[names[0]]:.3f}")
-        if args.json:
-            Path(args.json).write_text(json.dumps({"side_by_side": sbs}, indent=2))
-        return 0
-    over = {"dataset": args.dataset, "data_root": args.data_root, "model": args.model, "threads": args.threads,
-            "codec": args.codec}
-    if args.procs != 1:  # older commits (--baseline) have no procs key
-        over["procs"] = args.procs
-    if args.device != "cpu":  # older commits (--baseline) have no device key; cpu is what they compute on
-        over["device"] = args.device
-    cfg = build_config(None, over)
-    machine = f"{Path('/proc/cpuinfo').read_text().count('processor')} CPUs, torch {torch.__version__}"
-    if torch.cuda.is_available():
-        machine += f", {torch.cuda.get_device_name(0)}"
-    machine += f"; device {args.device}"
+        return _report_side_by_side(args)
+    cfg = _bench_config(args)
+    machine = _machine(args)
     if args.train_only:
-        out = {"machine": machine, "inprocess": train_epochs(cfg, args.epochs)}
-        if args.json:
-            Path(args.json).write_text(json.dumps(out, indent=2))
-        print(f"train epochs: {', '.join(f'{t:.2f}' for t in out['inprocess']['train_epoch_s'])} s, peak RSS "
-              f"{out['inprocess']['peak_rss_mb']:.0f} MB"
-              + "".join(f", compute process {m:.0f} MB" for m in out["inprocess"].get("compute_procs_peak_rss_mb", [])))
-        return 0
+        return _report_train_only(args, cfg, machine)
     out = {"machine": machine, "inprocess": inprocess(cfg, args.epochs)}
     ip = out["inprocess"]
     print(f"in-process: train epoch median {statistics.median(ip['train_epoch_s']):.2f}s "
@@ -379,27 +345,7 @@ def main() -> int:
     for k, v in ip["eval_s"].items():
         print(f"  eval pass ({k}): median {statistics.median(v):.2f}s")
     if args.services:
-        sv = services(args, args.epochs)
-        out["services"] = sv
-        ratio = statistics.median(sv["train_epoch_s"]) / statistics.median(ip["train_epoch_s"])
-        print(f"services ({args.workers} workers, {args.codec}): train epoch median "
-              f"{statistics.median(sv['train_epoch_s']):.2f}s = {ratio:.2f}x in-process; "
-              f"{sv['bytes_up_per_epoch'] / 1e6:.1f} MB up per epoch")
-        for k, v in sv["breakdown_per_epoch_s"].items():
-            print(f"  {k}: {v:.2f}s per epoch")
-        jobs = whole_jobs(args, args.epochs)
-        out["same_cores"] = jobs
-        ip_, sv_ = jobs["inprocess"], jobs["services"]
-        print(f"same job, same cores: fedseq sim ({ip_['threads']} threads) train epoch median "
-              f"{statistics.median(ip_['train_epoch_s']):.2f}s, whole job {ip_['wall_s']:.1f}s wall / "
-              f"{ip_['cpu_s']:.1f}s CPU; fedseq run ({args.workers} workers x {sv_['threads']} thread) "
-              f"{statistics.median(sv_['train_epoch_s']):.2f}s, {sv_['wall_s']:.1f}s wall / {sv_['cpu_s']:.1f}s CPU; "
-              f"epoch ratio {statistics.median(sv_['train_epoch_s']) / statistics.median(ip_['train_epoch_s']):.2f}x")
-        if "inprocess-procs" in jobs:
-            pp = jobs["inprocess-procs"]
-            print(f"  fedseq sim --procs {args.procs} --threads {args.workers}: train epoch median {statistics.median(pp['train_epoch_s']):.2f}s, "
-                  f"whole job {pp['wall_s']:.1f}s wall / {pp['cpu_s']:.1f}s CPU; services epoch ratio "
-                  f"{statistics.median(sv_['train_epoch_s']) / statistics.median(pp['train_epoch_s']):.2f}x")
+        _report_services(args, out, ip)
     if args.attack_check:
         at = attacked(args, args.epochs)
         out["attacked"] = at
@@ -409,6 +355,93 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
     return 0
+
+
+def _report_services_side_by_side(args) -> int:
+    """``--baseline REV --services``: `fedseq run` epochs of both trees."""
+    print(f"services side by side: {args.repeats} `fedseq run` per tree, {args.epochs} epoch(s) each, "
+          f"{args.workers} workers", flush=True)
+    got = services_side_by_side(args)
+    meds = {name: statistics.median(v) for name, v in got.items()}
+    for name, v in got.items():
+        print(f"{name}: services train epoch median {meds[name]:.2f} s (n={len(v)}: "
+              f"{', '.join(f'{t:.2f}' for t in v)})")
+    names = list(meds)
+    print(f"ratio this tree / baseline: {meds[names[1]] / meds[names[0]]:.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"services_side_by_side": got}, indent=2))
+    return 0
+
+
+def _report_side_by_side(args) -> int:
+    """``--baseline REV``: in-process training epochs of both trees."""
+    print(f"side by side: {args.repeats} processes per tree, {args.epochs} epochs each, "
+          f"{args.threads} thread(s)", flush=True)
+    sbs = side_by_side(args)
+    meds = {}
+    for name, v in sbs.items():
+        meds[name] = statistics.median(v["warm_epoch_s"])
+        print(f"{name}: warm epoch median {meds[name]:.2f} s (n={len(v['warm_epoch_s'])}), "
+              f"CPU {statistics.median(v['warm_epoch_cpu_s']):.2f} s, first epoch median "
+              f"{statistics.median(v['first_epoch_s']):.2f} s, peak RSS {v['peak_rss_mb']:.0f} MB")
+    names = list(meds)
+    print(f"ratio this tree / baseline: {meds[names[1]] / meds[names[0]]:.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"side_by_side": sbs}, indent=2))
+    return 0
+
+
+def _bench_config(args):
+    over = {"dataset": args.dataset, "data_root": args.data_root, "model": args.model, "threads": args.threads,
+            "codec": args.codec}
+    if args.procs != 1:  # older commits (--baseline) have no procs key
+        over["procs"] = args.procs
+    if args.device != "cpu":  # older commits (--baseline) have no device key; cpu is what they compute on
+        over["device"] = args.device
+    return build_config(None, over)
+
+
+def _machine(args) -> str:
+    machine = f"{Path('/proc/cpuinfo').read_text().count('processor')} CPUs, torch {torch.__version__}"
+    if torch.cuda.is_available():
+        machine += f", {torch.cuda.get_device_name(0)}"
+    return machine + f"; device {args.device}"
+
+
+def _report_train_only(args, cfg, machine: str) -> int:
+    """``--train-only``: the in-process training epochs alone."""
+    out = {"machine": machine, "inprocess": train_epochs(cfg, args.epochs)}
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    print(f"train epochs: {', '.join(f'{t:.2f}' for t in out['inprocess']['train_epoch_s'])} s, peak RSS "
+          f"{out['inprocess']['peak_rss_mb']:.0f} MB"
+          + "".join(f", compute process {m:.0f} MB" for m in out["inprocess"].get("compute_procs_peak_rss_mb", [])))
+    return 0
+
+
+def _report_services(args, out: dict, ip: dict) -> None:
+    """``--services``: the same epochs through `fedseq run`, and the whole jobs on the same cores."""
+    sv = services(args, args.epochs)
+    out["services"] = sv
+    ratio = statistics.median(sv["train_epoch_s"]) / statistics.median(ip["train_epoch_s"])
+    print(f"services ({args.workers} workers, {args.codec}): train epoch median "
+          f"{statistics.median(sv['train_epoch_s']):.2f}s = {ratio:.2f}x in-process; "
+          f"{sv['bytes_up_per_epoch'] / 1e6:.1f} MB up per epoch")
+    for k, v in sv["breakdown_per_epoch_s"].items():
+        print(f"  {k}: {v:.2f}s per epoch")
+    jobs = whole_jobs(args, args.epochs)
+    out["same_cores"] = jobs
+    ip_, sv_ = jobs["inprocess"], jobs["services"]
+    print(f"same job, same cores: fedseq sim ({ip_['threads']} threads) train epoch median "
+          f"{statistics.median(ip_['train_epoch_s']):.2f}s, whole job {ip_['wall_s']:.1f}s wall / "
+          f"{ip_['cpu_s']:.1f}s CPU; fedseq run ({args.workers} workers x {sv_['threads']} thread) "
+          f"{statistics.median(sv_['train_epoch_s']):.2f}s, {sv_['wall_s']:.1f}s wall / {sv_['cpu_s']:.1f}s CPU; "
+          f"epoch ratio {statistics.median(sv_['train_epoch_s']) / statistics.median(ip_['train_epoch_s']):.2f}x")
+    if "inprocess-procs" in jobs:
+        pp = jobs["inprocess-procs"]
+        print(f"  fedseq sim --procs {args.procs} --threads {args.workers}: train epoch median {statistics.median(pp['train_epoch_s']):.2f}s, "
+              f"whole job {pp['wall_s']:.1f}s wall / {pp['cpu_s']:.1f}s CPU; services epoch ratio "
+              f"{statistics.median(sv_['train_epoch_s']) / statistics.median(pp['train_epoch_s']):.2f}x")
 
 
 if __name__ == "__main__":

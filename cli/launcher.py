@@ -205,40 +205,36 @@ def update_line(results: dict) -> str:
     return line + ")"
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """One launch: its configuration, folders and the environment every service process gets."""
+
+    cfg: ExperimentConfig
+    settings: LaunchSettings
+    out: Path
+    log_dir: Path
+    env: dict[str, str]
+    operator: Identity | None  # the launcher's own certificate (None with --insecure)
+
+    @property
+    def attackers(self) -> int:
+        """Attacker workers to start (none without an attack)."""
+        return self.settings.attackers if self.cfg.attack != "none" else 0
+
+    def security(self, name: str) -> list[str]:
+        """The TLS arguments of the process ``name`` (or ``--insecure``)."""
+        return ["--insecure"] if self.settings.insecure else ["--tls-dir", str(self.out / "tls"), "--tls-name", name]
+
+    def start(self, name: str, argv: list[str], store_url: str) -> _Proc:
+        # store credentials travel in the environment, not in argv (which `ps` shows to everyone)
+        return _Proc(name, argv, self.log_dir, {**self.env, "FEDSEQ_STORE_URL": store_url})
+
+
 def launch(cfg: ExperimentConfig, settings: LaunchSettings) -> int:
-    base = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(cfg.dataset.split(":")[0]).name)
-    run_id = cfg.run_id or f"{base}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
-    cfg = replace(cfg, run_id=run_id)
-    out = Path(settings.out_dir or os.path.join("runs", run_id))
-    out.mkdir(parents=True, exist_ok=True)
-    log_dir = Path(settings.log_dir or out / "logs")
-    log_dir.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDSEQ_") or k in (
-        "FEDSEQ_DATA_ROOT", "FEDSEQ_DATA_CACHE", "FEDSEQ_REDIS_SERVER")}  # machine-local settings pass through
+    plan = _plan(cfg, settings)
+    cfg, out, log_dir = plan.cfg, plan.out, plan.log_dir
     attack = cfg.attack != "none"
-    names = {"server": "server", "orchestrator": "orchestrator", "operator": "operator"}
-    names.update({f"client-{i}": "worker" for i in range(settings.workers)})
-    names.update({f"attacker-{i}": "worker" for i in range(settings.attackers if attack else 0)})
-    tls_dir = out / "tls"
-    operator: Identity | None = None
-    if settings.insecure:
-        print("fedseq run: INSECURE: no TLS and no role checks; any local process can call the services",
-              file=sys.stderr)
-    else:
-        make_certs(tls_dir, names)
-        operator = Identity.load(tls_dir, "operator")
-        # the roster is the orchestrator's alone: outside the certificate folder every service reads
-        roster_mod.make(settings.workers, settings.attackers if attack else 0).write(out / roster_mod.ROSTER_FILE)
-
-    def security(name: str) -> list[str]:
-        return ["--insecure"] if settings.insecure else ["--tls-dir", str(tls_dir), "--tls-name", name]
-
-    env["PYTHONUNBUFFERED"] = "1"
-    env["FEDSEQ_PARENT_PID"] = str(os.getpid())  # services exit if this launcher dies without cleanup
-    env["OMP_NUM_THREADS"] = str(max(cfg.threads, 1))
-    n_workers = settings.workers + (settings.attackers if attack else 0)
-    print(f"fedseq run {run_id}: {cfg.dataset} / {cfg.model}, {cfg.epochs} epochs, {settings.workers} client "
+    print(f"fedseq run {cfg.run_id}: {cfg.dataset} / {cfg.model}, {cfg.epochs} epochs, {settings.workers} client "
           f"workers{f', {settings.attackers} attacker workers ({cfg.attack})' if attack else ''}, "
           f"rule {cfg.defense}, codec {cfg.codec}", file=sys.stderr)
     procs: list[_Proc] = []
@@ -248,45 +244,11 @@ def launch(cfg: ExperimentConfig, settings: LaunchSettings) -> int:
                 p.stop()
 
         stack.callback(cleanup)
-        store_urls: dict[str, str]
-        redis: _Redis | None = None
-        if settings.redis_url:
-            # the operator's Redis: its credentials go to the server and the orchestrator only; workers
-            # read models through the server's GetModel (no store URL), so an attacker worker holds none
-            store_urls = {**dict.fromkeys(("server", "orchestrator"), settings.redis_url), "worker": ""}
-        else:
-            redis = _Redis(out, log_dir, acl=not settings.insecure).start()
-            stack.callback(redis.stop)
-            store_urls = {r: redis.server.url_for(r) for r in ("server", "orchestrator", "worker")}
+        redis, store_urls = _store(stack, plan)
         try:
-            # store credentials travel in the environment, not in argv (which `ps` shows to everyone)
-            server = _Proc("server", ["serve-server", "--port", "0", *security("server")], log_dir,
-                           {**env, "FEDSEQ_STORE_URL": store_urls["server"]})
-            procs.append(server)
-            agg = f"127.0.0.1:{server.port(settings.startup_timeout)}"
-            orch = _Proc("orchestrator", ["serve-orchestrator", "--config", str(out / "config.json"), "--port", "0",
-                                          "--aggregator", agg, "--min-workers", str(n_workers), "--round-timeout",
-                                          str(settings.round_timeout), "--client-shards", str(settings.workers),
-                                          "--attacker-shards", str(settings.attackers if attack else 0),
-                                          "--out", str(out), "--exit-when-done", *security("orchestrator"),
-                                          *([] if settings.insecure else ["--roster",
-                                                                          str(out / roster_mod.ROSTER_FILE)])],
-                         log_dir, {**env, "FEDSEQ_STORE_URL": store_urls["orchestrator"]})
-            procs.append(orch)
-            orch_addr = f"127.0.0.1:{orch.port(settings.startup_timeout)}"
-            kinds = [("client", i) for i in range(settings.workers)]
-            kinds += [("attacker", i) for i in range(settings.attackers if attack else 0)]
-            for kind, i in kinds:
-                name = f"{kind}-{i}"
-                procs.append(_Proc(name, [f"serve-{kind}", "--orchestrator", orch_addr, "--threads", str(cfg.threads),
-                                          "--device", cfg.device,
-                                          "--worker-id", name, *security(name)],
-                                   log_dir, {**env, "FEDSEQ_STORE_URL": store_urls["worker"]}))
-            for p in procs:  # workers listen on no port: started is when their metrics endpoint is up
-                if p is not orch and p is not server:
-                    p.wait_started(settings.startup_timeout)
+            orch, orch_addr = _start_services(plan, procs, store_urls)
             print("Prometheus metrics: " + ", ".join(f"{p.name} {p.metrics_url()}" for p in procs), file=sys.stderr)
-            status = _follow(orch_addr, procs, orch, operator, redis)
+            status = _follow(orch_addr, procs, orch, plan.operator, redis)
             orch.popen.wait(30)
             orch.check()
         except ServiceFailed as e:
@@ -297,6 +259,82 @@ def launch(cfg: ExperimentConfig, settings: LaunchSettings) -> int:
             print("\nfedseq run: interrupted; stopping services (partial results are in "
                   f"{out / 'results.json'})", file=sys.stderr)
             return 130
+    return _report(out, log_dir, status)
+
+
+def _plan(cfg: ExperimentConfig, settings: LaunchSettings) -> _Plan:
+    """Name the run, make its folders, config file and security material, and the services' environment."""
+    base = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(cfg.dataset.split(":")[0]).name)
+    run_id = cfg.run_id or f"{base}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    cfg = replace(cfg, run_id=run_id)
+    out = Path(settings.out_dir or os.path.join("runs", run_id))
+    out.mkdir(parents=True, exist_ok=True)
+    log_dir = Path(settings.log_dir or out / "logs")
+    log_dir.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDSEQ_") or k in (
+        "FEDSEQ_DATA_ROOT", "FEDSEQ_DATA_CACHE", "FEDSEQ_REDIS_SERVER")}  # machine-local settings pass through
+    attackers = settings.attackers if cfg.attack != "none" else 0
+    operator: Identity | None = None
+    if settings.insecure:
+        print("fedseq run: INSECURE: no TLS and no role checks; any local process can call the services",
+              file=sys.stderr)
+    else:
+        names = {"server": "server", "orchestrator": "orchestrator", "operator": "operator"}
+        names.update({f"client-{i}": "worker" for i in range(settings.workers)})
+        names.update({f"attacker-{i}": "worker" for i in range(attackers)})
+        make_certs(out / "tls", names)
+        operator = Identity.load(out / "tls", "operator")
+        # the roster is the orchestrator's alone: outside the certificate folder every service reads
+        roster_mod.make(settings.workers, attackers).write(out / roster_mod.ROSTER_FILE)
+    env["PYTHONUNBUFFERED"] = "1"
+    env["FEDSEQ_PARENT_PID"] = str(os.getpid())  # services exit if this launcher dies without cleanup
+    env["OMP_NUM_THREADS"] = str(max(cfg.threads, 1))
+    return _Plan(cfg, settings, out, log_dir, env, operator)
+
+
+def _store(stack: ExitStack, plan: _Plan) -> tuple[_Redis | None, dict[str, str]]:
+    """The run's Redis (None for the operator's ``--redis-url``) and the store URL of each service kind."""
+    if plan.settings.redis_url:
+        # the operator's Redis: its credentials go to the server and the orchestrator only; workers
+        # read models through the server's GetModel (no store URL), so an attacker worker holds none
+        return None, {**dict.fromkeys(("server", "orchestrator"), plan.settings.redis_url), "worker": ""}
+    redis = _Redis(plan.out, plan.log_dir, acl=not plan.settings.insecure).start()
+    stack.callback(redis.stop)
+    return redis, {r: redis.server.url_for(r) for r in ("server", "orchestrator", "worker")}
+
+
+def _start_services(plan: _Plan, procs: list[_Proc], store_urls: dict[str, str]) -> tuple[_Proc, str]:
+    """Start the server, the orchestrator and the workers (each appended to ``procs`` as it starts, so
+    a failure stops those already running); the orchestrator and its address once all are up."""
+    cfg, settings, out = plan.cfg, plan.settings, plan.out
+    server = plan.start("server", ["serve-server", "--port", "0", *plan.security("server")], store_urls["server"])
+    procs.append(server)
+    agg = f"127.0.0.1:{server.port(settings.startup_timeout)}"
+    orch = plan.start("orchestrator", ["serve-orchestrator", "--config", str(out / "config.json"), "--port", "0",
+                                       "--aggregator", agg, "--min-workers", str(settings.workers + plan.attackers),
+                                       "--round-timeout", str(settings.round_timeout),
+                                       "--client-shards", str(settings.workers),
+                                       "--attacker-shards", str(plan.attackers),
+                                       "--out", str(out), "--exit-when-done", *plan.security("orchestrator"),
+                                       *([] if settings.insecure else ["--roster", str(out / roster_mod.ROSTER_FILE)])],
+                      store_urls["orchestrator"])
+    procs.append(orch)
+    orch_addr = f"127.0.0.1:{orch.port(settings.startup_timeout)}"
+    kinds = [("client", i) for i in range(settings.workers)] + [("attacker", i) for i in range(plan.attackers)]
+    for kind, i in kinds:
+        name = f"{kind}-{i}"
+        procs.append(plan.start(name, [f"serve-{kind}", "--orchestrator", orch_addr, "--threads", str(cfg.threads),
+                                       "--device", cfg.device, "--worker-id", name, *plan.security(name)],
+                                store_urls["worker"]))
+    for p in procs:  # workers listen on no port: started is when their metrics endpoint is up
+        if p is not orch and p is not server:
+            p.wait_started(settings.startup_timeout)
+    return orch, orch_addr
+
+
+def _report(out: Path, log_dir: Path, status) -> int:
+    """Print the results table of a finished run; 0 if it is done, else 1."""
     try:
         results = json.loads((out / "results.json").read_text())
     except (OSError, ValueError):

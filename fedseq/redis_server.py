@@ -359,8 +359,17 @@ class RedisServer:
 
     def _spawn_and_wait(self, binary: str, port: int, workdir: Path) -> bool:
         """Start the process on ``port``; True once it answers, False if the port was taken."""
+        log_offset = self._spawn(binary, self._server_args(binary, port, workdir), workdir)
+        client = self._startup_client(port)
+        try:
+            return self._wait_ready(client, binary, port, log_offset)
+        finally:
+            client.close()
+
+    def _server_args(self, binary: str, port: int, workdir: Path) -> list[str]:
+        """The redis-server command line for ``port`` in ``workdir``."""
         persistent = self.data_dir is not None
-        args = [
+        return [
             binary,
             "--port", str(port),
             "--bind", self.host,
@@ -375,6 +384,9 @@ class RedisServer:
             *(("--aclfile", str(self._acl_path)) if self._acl_path is not None else ()),
             *self.extra_args,
         ]  # fmt: skip
+
+    def _spawn(self, binary: str, args: list[str], workdir: Path) -> int:
+        """Start ``args`` with its output appended to the log file; the log offset it starts at."""
         if self._log_handle is not None:
             self._log_handle.close()
         assert self._log_path is not None
@@ -396,14 +408,17 @@ class RedisServer:
             )
         except OSError as exc:
             raise RedisServerError(f"cannot execute redis-server {binary!r}: {exc}; {_INSTALL_HINT}") from exc
+        return log_offset
 
+    def _startup_client(self, port: int) -> Any:
+        """A ``redis.Redis`` client for the startup PINGs on ``port`` (as admin with ``acl``)."""
         import redis  # local: keep `import fedseq.redis_server` light
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
-        # No client-side retries: this loop is the retry (redis-py's default backoff would add
+        # No client-side retries: the wait loop is the retry (redis-py's default backoff would add
         # seconds per refused connection).
-        client = redis.Redis(
+        return redis.Redis(
             host=_connect_host(self.host),
             port=port,
             username="admin" if self.acl else None,
@@ -412,35 +427,38 @@ class RedisServer:
             socket_timeout=1.0,
             retry=Retry(NoBackoff(), 0),
         )
+
+    def _wait_ready(self, client: Any, binary: str, port: int, log_offset: int) -> bool:
+        """Poll until the spawned server answers PING; False if it exited because the port was taken."""
+        import redis
+
+        assert self._proc is not None and self._log_path is not None
         deadline = time.monotonic() + self.startup_timeout
         delay = 0.005
-        try:
-            while True:
-                code = self._proc.poll()
-                if code is not None:
-                    if "Address already in use" in _read_from(self._log_path, log_offset):
-                        self._proc = None
-                        return False
-                    raise RedisServerError(
-                        f"redis-server ({binary}) exited with code {code} during startup on port {port}; "
-                        f"last lines of its log:\n{_tail(self._log_path)}"
-                    )
-                with contextlib.suppress(redis.exceptions.RedisError, OSError):
-                    client.ping()
-                    # Make sure the server answering is ours, not another one that won the port.
-                    if int(client.info("server").get("process_id", -1)) == self._proc.pid:
-                        return True
-                if time.monotonic() > deadline:
-                    self._kill()
-                    raise RedisServerError(
-                        f"redis-server ({binary}, pid {self._proc.pid}) did not answer PING on "
-                        f"{self.host}:{port} within {self.startup_timeout:.0f} s; "
-                        f"last lines of its log:\n{_tail(self._log_path)}"
-                    )
-                time.sleep(delay)
-                delay = min(delay * 2, 0.1)
-        finally:
-            client.close()
+        while True:
+            code = self._proc.poll()
+            if code is not None:
+                if "Address already in use" in _read_from(self._log_path, log_offset):
+                    self._proc = None
+                    return False
+                raise RedisServerError(
+                    f"redis-server ({binary}) exited with code {code} during startup on port {port}; "
+                    f"last lines of its log:\n{_tail(self._log_path)}"
+                )
+            with contextlib.suppress(redis.exceptions.RedisError, OSError):
+                client.ping()
+                # Make sure the server answering is ours, not another one that won the port.
+                if int(client.info("server").get("process_id", -1)) == self._proc.pid:
+                    return True
+            if time.monotonic() > deadline:
+                self._kill()
+                raise RedisServerError(
+                    f"redis-server ({binary}, pid {self._proc.pid}) did not answer PING on "
+                    f"{self.host}:{port} within {self.startup_timeout:.0f} s; "
+                    f"last lines of its log:\n{_tail(self._log_path)}"
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Terminate the server (SIGTERM, then SIGKILL after ``timeout``). Idempotent.

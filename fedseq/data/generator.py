@@ -7,6 +7,7 @@ federated run to train in seconds; deterministic for a given seed.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -122,25 +123,62 @@ def synthetic(
     Raises:
         ValueError: a parameter out of range (the message names it).
     """
-    _check_synthetic_params(
-        num_users=num_users,
-        num_items=num_items,
-        num_clusters=num_clusters,
-        successors=successors,
-        successor_concentration=successor_concentration,
-        in_cluster_successor_prob=in_cluster_successor_prob,
-        follow_prob=follow_prob,
-        cluster_prob=cluster_prob,
-        zipf_exponent=zipf_exponent,
-        two_cluster_prob=two_cluster_prob,
-        median_length=median_length,
-        length_sigma=length_sigma,
-        min_length=min_length,
-        max_length=max_length,
-        cold_items=cold_items,
-        vectorized=vectorized,
-    )
+    _check_synthetic_params(**locals())  # every parameter by name (nothing else is bound yet)
     rng = np.random.default_rng(seed)
+    chain = _markov_chain(
+        rng, num_items, num_clusters, zipf_exponent, cold_items,
+        successors, successor_concentration, in_cluster_successor_prob,
+    )
+    shape = _UserShape(two_cluster_prob, follow_prob, cluster_prob, median_length, length_sigma, min_length, max_length)
+    if vectorized:
+        return _users_vectorized(seed, num_users, num_items, name, chain, shape)
+    sequences = _users_sequential(rng, num_users, chain, shape)
+    return leave_one_out(sequences, name=name, num_items=num_items, min_length=2)
+
+
+# -------------------------------------------------------------------------- steps 1-3
+@dataclass(frozen=True)
+class _Chain:
+    """Steps 1-3 of :func:`synthetic`: the clusters, the popularity (index = item id; 0 unused)
+    and the sparse transitions, ``succ[i]`` (k ids) with probabilities ``succ_p[i]``."""
+
+    clusters: list[IntArray]
+    popularity: NDArray[np.float64]
+    succ: IntArray
+    succ_p: NDArray[np.float64]
+
+
+@dataclass(frozen=True)
+class _UserShape:
+    """The parameters of steps 4-5 of :func:`synthetic` (users and their sequences)."""
+
+    two_cluster_prob: float
+    follow_prob: float
+    cluster_prob: float
+    median_length: float
+    length_sigma: float
+    min_length: int
+    max_length: int
+
+    def lengths(self, rng: np.random.Generator, n: int) -> IntArray:
+        """``n`` sequence lengths (train + test item): lognormal, rounded and clipped."""
+        return np.clip(
+            np.rint(rng.lognormal(math.log(self.median_length), self.length_sigma, size=n)),
+            self.min_length, self.max_length,
+        ).astype(np.int64)
+
+
+def _markov_chain(
+    rng: np.random.Generator,
+    num_items: int,
+    num_clusters: int,
+    zipf_exponent: float,
+    cold_items: int,
+    successors: int,
+    successor_concentration: float,
+    in_cluster_successor_prob: float,
+) -> _Chain:
+    """Steps 1-3 of :func:`synthetic`, drawn from ``rng`` in that order."""
     ids = np.arange(1, num_items + 1, dtype=np.int64)
 
     # 1. clusters
@@ -162,63 +200,79 @@ def synthetic(
     succ = np.zeros((num_items + 1, successors), dtype=np.int64)
     succ_p = np.zeros((num_items + 1, successors), dtype=np.float64)
     for item in ids[popularity[1:] > 0]:
-        chosen: list[int] = []
         own = clusters[cluster_of[item]]
-        for _ in range(successors):
-            pool = own if rng.random() < in_cluster_successor_prob else ids
+        succ[item] = _successors_of(rng, int(item), own, ids, popularity, successors, in_cluster_successor_prob)
+        succ_p[item] = np.sort(rng.dirichlet(np.full(successors, successor_concentration)))[::-1]
+    return _Chain(clusters, popularity, succ, succ_p)
+
+
+def _successors_of(
+    rng: np.random.Generator,
+    item: int,
+    own: IntArray,
+    ids: IntArray,
+    popularity: NDArray[np.float64],
+    successors: int,
+    in_cluster_successor_prob: float,
+) -> list[int]:
+    """``item``'s distinct successors, each from its own cluster ``own`` or the whole catalogue."""
+    chosen: list[int] = []
+    for _ in range(successors):
+        pool = own if rng.random() < in_cluster_successor_prob else ids
+        w = popularity[pool].copy()
+        w[pool == item] = 0.0
+        w[np.isin(pool, chosen)] = 0.0
+        if w.sum() <= 0:  # own cluster exhausted: use the whole catalogue
+            pool = ids
             w = popularity[pool].copy()
             w[pool == item] = 0.0
             w[np.isin(pool, chosen)] = 0.0
-            if w.sum() <= 0:  # own cluster exhausted: use the whole catalogue
-                pool = ids
-                w = popularity[pool].copy()
-                w[pool == item] = 0.0
-                w[np.isin(pool, chosen)] = 0.0
-            chosen.append(int(rng.choice(pool, p=w / w.sum())))
-        succ[item] = chosen
-        succ_p[item] = np.sort(rng.dirichlet(np.full(successors, successor_concentration)))[::-1]
+        chosen.append(int(rng.choice(pool, p=w / w.sum())))
+    return chosen
 
-    if vectorized:
-        return _users_vectorized(
-            seed, num_users, num_items, name, clusters=clusters, popularity=popularity, succ=succ, succ_p=succ_p,
-            two_cluster_prob=two_cluster_prob, follow_prob=follow_prob, cluster_prob=cluster_prob,
-            median_length=median_length, length_sigma=length_sigma, min_length=min_length, max_length=max_length,
-        )
 
-    # 4./5. users and sequences
-    global_sampler = _Sampler(ids, popularity[1:])
+# -------------------------------------------------------------------------- steps 4-5, user by user
+def _users_sequential(rng: np.random.Generator, num_users: int, chain: _Chain, shape: _UserShape) -> UserSequences:
+    """Steps 4-5 of :func:`synthetic`, one user and one item at a time (the default generator)."""
+    clusters, popularity = chain.clusters, chain.popularity
+    num_clusters = len(clusters)
+    global_sampler = _Sampler(np.arange(1, len(popularity), dtype=np.int64), popularity[1:])
     cluster_samplers = [_Sampler(members, popularity[members]) for members in clusters]
-    lengths = np.clip(
-        np.rint(rng.lognormal(math.log(median_length), length_sigma, size=num_users)), min_length, max_length
-    ).astype(np.int64)
+    lengths = shape.lengths(rng, num_users)
 
     sequences: UserSequences = []
     for user in range(num_users):
-        n_pref = 2 if (num_clusters >= 2 and rng.random() < two_cluster_prob) else 1
+        n_pref = 2 if (num_clusters >= 2 and rng.random() < shape.two_cluster_prob) else 1
         prefs = rng.choice(num_clusters, size=n_pref, replace=False)
         members = np.concatenate([clusters[c] for c in prefs])
         pref_sampler = _Sampler(members, popularity[members]) if n_pref > 1 else cluster_samplers[prefs[0]]
-
-        seen: set[int] = set()
-        seq: list[int] = []
-        current = _draw_first(rng, seen, pref_sampler, global_sampler)
-        for _ in range(int(lengths[user])):
-            seq.append(current)
-            seen.add(current)
-            if len(seq) == lengths[user]:
-                break
-            u = rng.random()
-            nxt: int | None = None
-            if u < follow_prob:
-                nxt = _draw_successor(rng, seen, succ[current], succ_p[current])
-            elif u >= follow_prob + cluster_prob:
-                nxt = global_sampler.draw(rng, seen)
-            if nxt is None:
-                nxt = _draw_first(rng, seen, pref_sampler, global_sampler)
-            current = nxt
+        seq = _one_sequence(rng, int(lengths[user]), pref_sampler, global_sampler, chain, shape)
         sequences.append((user, np.array(seq, dtype=np.int64)))
+    return sequences
 
-    return leave_one_out(sequences, name=name, num_items=num_items, min_length=2)
+
+def _one_sequence(
+    rng: np.random.Generator, length: int, pref: _Sampler, fallback: _Sampler, chain: _Chain, shape: _UserShape
+) -> list[int]:
+    """Step 5 for one user: ``length`` distinct items, each following the previous one."""
+    seen: set[int] = set()
+    seq: list[int] = []
+    current = _draw_first(rng, seen, pref, fallback)
+    for _ in range(length):
+        seq.append(current)
+        seen.add(current)
+        if len(seq) == length:
+            break
+        u = rng.random()
+        nxt: int | None = None
+        if u < shape.follow_prob:
+            nxt = _draw_successor(rng, seen, chain.succ[current], chain.succ_p[current])
+        elif u >= shape.follow_prob + shape.cluster_prob:
+            nxt = fallback.draw(rng, seen)
+        if nxt is None:
+            nxt = _draw_first(rng, seen, pref, fallback)
+        current = nxt
+    return seq
 
 
 def _draw_first(rng: np.random.Generator, seen: set[int], pref: _Sampler, fallback: _Sampler) -> int:
@@ -308,136 +362,164 @@ def _release_freed_memory() -> None:
 
 
 def _users_vectorized(
-    seed: int,
-    num_users: int,
-    num_items: int,
-    name: str,
-    *,
-    clusters: list[IntArray],
-    popularity: NDArray[np.float64],
-    succ: IntArray,
-    succ_p: NDArray[np.float64],
-    two_cluster_prob: float,
-    follow_prob: float,
-    cluster_prob: float,
-    median_length: float,
-    length_sigma: float,
-    min_length: int,
-    max_length: int,
+    seed: int, num_users: int, num_items: int, name: str, chain: _Chain, shape: _UserShape
 ) -> SeqDataset:
     """Steps 4-5 of :func:`synthetic` for chunks of users at once, straight into CSR form."""
-    num_clusters = len(clusters)
-    # items ordered by cluster with one running cumulative weight: cluster c spans [lo[c], hi[c])
-    order = np.concatenate(clusters)
-    sizes = np.array([len(c) for c in clusters], dtype=np.int64)
-    hi = np.cumsum(sizes)
-    lo = hi - sizes
-    cum = np.cumsum(popularity[order])
-    base = np.where(lo > 0, cum[np.maximum(lo - 1, 0)], 0.0)
-    mass = cum[hi - 1] - base
-    gcdf = np.cumsum(popularity[1:])  # global: index k -> item k + 1
-    gtotal = float(gcdf[-1])
-    succ_cdf = np.cumsum(succ_p, axis=1)
-
-    def draw_cluster(rng: np.random.Generator, c: IntArray) -> IntArray:
-        r = base[c] + rng.random(len(c)) * mass[c]
-        k = np.searchsorted(cum, r, side="right")
-        return order[np.clip(k, lo[c], hi[c] - 1)]
-
-    def draw_global(rng: np.random.Generator, n: int) -> IntArray:
-        k = np.searchsorted(gcdf, rng.random(n) * gtotal, side="right")
-        return np.minimum(k, num_items - 1) + 1
-
-    def chunk_rng(chunk: int) -> tuple[np.random.Generator, IntArray]:
-        """The chunk's random stream after its first draw, the sequence lengths (train + test)."""
-        rng = np.random.default_rng(np.random.SeedSequence([seed & 0xFFFFFFFF, SCALE_KEY, chunk]))
-        B = min(CHUNK, num_users - chunk * CHUNK)
-        length = np.clip(np.rint(rng.lognormal(math.log(median_length), length_sigma, size=B)),
-                         min_length, max_length).astype(np.int64)
-        return rng, length
-
+    table = _ClusterTable(chain)
     # every chunk's lengths first (their first draw), so the flat array is allocated once and
     # each chunk writes into it: the peak is the data set plus one chunk, not twice the data set
     starts = range(0, num_users, CHUNK)
     offsets = np.zeros(num_users + 1, dtype=np.int64)
-    np.cumsum(np.concatenate([chunk_rng(c)[1] for c in range(len(starts))]) - 1, out=offsets[1:])
+    lengths = [_chunk_stream(seed, c, num_users, shape)[1] for c in range(len(starts))]
+    np.cumsum(np.concatenate(lengths) - 1, out=offsets[1:])
     flat_all = np.empty(int(offsets[-1]), dtype=np.int64)
     test_all = np.empty(num_users, dtype=np.int64)
-    global_sampler = _Sampler(np.arange(1, num_items + 1, dtype=np.int64), popularity[1:])
-
-    def one_chunk(chunk: int, start: int) -> None:
-        """Draw users ``start..start+B-1`` into ``flat_all`` and ``test_all``."""
-        rng, length = chunk_rng(chunk)
-        B = len(length)
-        p1 = rng.integers(num_clusters, size=B)
-        if num_clusters >= 2:
-            two = rng.random(B) < two_cluster_prob
-            p2 = np.where(two, (p1 + 1 + rng.integers(num_clusters - 1, size=B)) % num_clusters, p1)
-        else:
-            p2 = p1
-        m1, m2 = mass[p1], mass[p2]
-        seqs = np.zeros((B, max_length), dtype=np.int32)  # item ids < 2**31 (half the chunk's bytes)
-
-        def pref_draw(rows: IntArray) -> IntArray:
-            # one of the row's preferred clusters by its popularity mass, then an item in it
-            tot = m1[rows] + np.where(p2[rows] != p1[rows], m2[rows], 0.0)
-            pick2 = (p2[rows] != p1[rows]) & (rng.random(len(rows)) * tot >= m1[rows])
-            return draw_cluster(rng, np.where(pick2, p2[rows], p1[rows]))
-
-        def unseen_or_redraw(rows: IntArray, cand: IntArray, t: int, source: str) -> IntArray:
-            """``cand`` with items already in a row's sequence redrawn (rejection, then exact)."""
-            for _ in range(_Sampler._TRIES):
-                dup = (seqs[rows, :t] == cand[:, None]).any(axis=1)
-                if not dup.any():
-                    return cand
-                idx = np.flatnonzero(dup)
-                cand[idx] = pref_draw(rows[idx]) if source == "pref" else draw_global(rng, len(idx))
-            dup = np.flatnonzero((seqs[rows, :t] == cand[:, None]).any(axis=1))
-            for j in dup.tolist():  # rare: exact draw from what is left
-                seen = set(seqs[rows[j], :t].tolist())
-                members = np.concatenate([clusters[p1[rows[j]]], clusters[p2[rows[j]]]]) \
-                    if p2[rows[j]] != p1[rows[j]] else clusters[p1[rows[j]]]
-                item = _Sampler(members, popularity[members]).draw(rng, seen) if source == "pref" else None
-                if item is None:
-                    item = global_sampler.draw(rng, seen)
-                if item is None:  # excluded by the max_length check
-                    raise RuntimeError("synthetic: every generatable item is already in the sequence")
-                cand[j] = item
-            return cand
-
-        rows = np.arange(B)
-        seqs[:, 0] = unseen_or_redraw(rows, pref_draw(rows), 0, "pref")
-        for t in range(1, max_length):
-            rows = np.flatnonzero(length > t)
-            if not len(rows):
-                break
-            cur = seqs[rows, t - 1]
-            u = rng.random(len(rows))
-            nxt = np.zeros(len(rows), dtype=np.int64)
-            # successors of the current item, renormalised over those not yet seen
-            f = np.flatnonzero(u < follow_prob)
-            if len(f):
-                sc = succ[cur[f]]
-                unseen = ~(sc[:, :, None] == seqs[rows[f], None, :t]).any(axis=2)
-                p = np.diff(succ_cdf[cur[f]], axis=1, prepend=0.0) * unseen
-                tot = p.sum(axis=1)
-                r = rng.random(len(f)) * tot
-                k = np.minimum((np.cumsum(p, axis=1) <= r[:, None]).sum(axis=1), sc.shape[1] - 1)
-                ok = tot > 0
-                nxt[f[ok]] = sc[ok, k[ok]]
-            g = np.flatnonzero(u >= follow_prob + cluster_prob)
-            if len(g):
-                nxt[g] = unseen_or_redraw(rows[g], draw_global(rng, len(g)), t, "global")
-            rest = np.flatnonzero(nxt == 0)  # the cluster source, and exhausted successors/global
-            if len(rest):
-                nxt[rest] = unseen_or_redraw(rows[rest], pref_draw(rows[rest]), t, "pref")
-            seqs[rows, t] = nxt
-        keep = np.arange(max_length)[None, :] < (length - 1)[:, None]
-        flat_all[offsets[start] : offsets[start + B]] = seqs[keep]
-        test_all[start : start + B] = seqs[np.arange(B), length - 1]
     for chunk, start in enumerate(starts):
-        one_chunk(chunk, start)  # the chunk's matrix is freed with its frame
+        rng, length = _chunk_stream(seed, chunk, num_users, shape)
+        _write_chunk(_ChunkUsers(rng, length, table, chain, shape).draw(), length, start, offsets, flat_all, test_all)
     train = Ragged(flat_all, offsets)
     _release_freed_memory()
     return SeqDataset(name=name, num_items=int(num_items), train=train, test=test_all,
                       user_ids=np.arange(num_users, dtype=np.int64))
+
+
+def _chunk_stream(seed: int, chunk: int, num_users: int, shape: _UserShape) -> tuple[np.random.Generator, IntArray]:
+    """The chunk's random stream after its first draw, the sequence lengths (train + test)."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed & 0xFFFFFFFF, SCALE_KEY, chunk]))
+    return rng, shape.lengths(rng, min(CHUNK, num_users - chunk * CHUNK))
+
+
+def _write_chunk(
+    seqs: NDArray[np.int32], length: IntArray, start: int, offsets: IntArray, flat_all: IntArray, test_all: IntArray
+) -> None:
+    """Copy a chunk's sequences (users ``start..start+B-1``) into ``flat_all`` and ``test_all``."""
+    B = len(length)
+    keep = np.arange(seqs.shape[1])[None, :] < (length - 1)[:, None]
+    flat_all[offsets[start] : offsets[start + B]] = seqs[keep]
+    test_all[start : start + B] = seqs[np.arange(B), length - 1]
+
+
+class _ClusterTable:
+    """What the vectorized generator draws items from by popularity.
+
+    Items ordered by cluster with one running cumulative weight ``cum``: cluster ``c`` spans
+    ``[lo[c], hi[c])`` and has popularity mass ``mass[c]``; ``gcdf`` is the global cumulative
+    weight (index ``k`` -> item ``k + 1``).
+    """
+
+    def __init__(self, chain: _Chain) -> None:
+        popularity = chain.popularity
+        self.num_items = len(popularity) - 1
+        self.order = np.concatenate(chain.clusters)
+        sizes = np.array([len(c) for c in chain.clusters], dtype=np.int64)
+        self.hi = np.cumsum(sizes)
+        self.lo = self.hi - sizes
+        self.cum = np.cumsum(popularity[self.order])
+        self.base = np.where(self.lo > 0, self.cum[np.maximum(self.lo - 1, 0)], 0.0)
+        self.mass = self.cum[self.hi - 1] - self.base
+        self.gcdf = np.cumsum(popularity[1:])
+        self.gtotal = float(self.gcdf[-1])
+        self.succ_cdf = np.cumsum(chain.succ_p, axis=1)
+        self.global_sampler = _Sampler(np.arange(1, self.num_items + 1, dtype=np.int64), popularity[1:])
+
+    def draw_cluster(self, rng: np.random.Generator, c: IntArray) -> IntArray:
+        """One item per entry of ``c`` from that cluster, by popularity."""
+        r = self.base[c] + rng.random(len(c)) * self.mass[c]
+        k = np.searchsorted(self.cum, r, side="right")
+        return self.order[np.clip(k, self.lo[c], self.hi[c] - 1)]
+
+    def draw_global(self, rng: np.random.Generator, n: int) -> IntArray:
+        """``n`` items from the whole catalogue, by popularity."""
+        k = np.searchsorted(self.gcdf, rng.random(n) * self.gtotal, side="right")
+        return np.minimum(k, self.num_items - 1) + 1
+
+
+class _ChunkUsers:
+    """Steps 4-5 for one chunk of ``B`` users at once, drawn from the chunk's stream ``rng``."""
+
+    def __init__(
+        self, rng: np.random.Generator, length: IntArray, table: _ClusterTable, chain: _Chain, shape: _UserShape
+    ) -> None:
+        self.rng, self.length, self.table, self.chain, self.shape = rng, length, table, chain, shape
+        B = len(length)
+        num_clusters = len(chain.clusters)
+        p1 = rng.integers(num_clusters, size=B)
+        if num_clusters >= 2:
+            two = rng.random(B) < shape.two_cluster_prob
+            p2 = np.where(two, (p1 + 1 + rng.integers(num_clusters - 1, size=B)) % num_clusters, p1)
+        else:
+            p2 = p1
+        self.p1, self.p2 = p1, p2
+        self.m1, self.m2 = table.mass[p1], table.mass[p2]
+        self.seqs = np.zeros((B, shape.max_length), dtype=np.int32)  # item ids < 2**31 (half the chunk's bytes)
+
+    def draw(self) -> NDArray[np.int32]:
+        """The ``[B, max_length]`` sequences (row ``i`` valid up to ``length[i]``)."""
+        rows = np.arange(len(self.length))
+        self.seqs[:, 0] = self.unseen_or_redraw(rows, self.pref_draw(rows), 0, "pref")
+        for t in range(1, self.shape.max_length):
+            rows = np.flatnonzero(self.length > t)
+            if not len(rows):
+                break
+            self.seqs[rows, t] = self._step(rows, t)
+        return self.seqs
+
+    def _step(self, rows: IntArray, t: int) -> IntArray:
+        """The items at position ``t`` of the sequences ``rows`` (those longer than ``t``)."""
+        cur = self.seqs[rows, t - 1]
+        u = self.rng.random(len(rows))
+        nxt = np.zeros(len(rows), dtype=np.int64)
+        f = np.flatnonzero(u < self.shape.follow_prob)
+        if len(f):
+            self._follow(nxt, f, rows[f], cur[f], t)
+        g = np.flatnonzero(u >= self.shape.follow_prob + self.shape.cluster_prob)
+        if len(g):
+            nxt[g] = self.unseen_or_redraw(rows[g], self.table.draw_global(self.rng, len(g)), t, "global")
+        rest = np.flatnonzero(nxt == 0)  # the cluster source, and exhausted successors/global
+        if len(rest):
+            nxt[rest] = self.unseen_or_redraw(rows[rest], self.pref_draw(rows[rest]), t, "pref")
+        return nxt
+
+    def _follow(self, nxt: IntArray, f: IntArray, rows: IntArray, cur: NDArray[np.int32], t: int) -> None:
+        """Set ``nxt[f]`` to successors of the current items ``cur``, renormalised over those not
+        yet seen; left 0 where every successor is seen."""
+        sc = self.chain.succ[cur]
+        unseen = ~(sc[:, :, None] == self.seqs[rows, None, :t]).any(axis=2)
+        p = np.diff(self.table.succ_cdf[cur], axis=1, prepend=0.0) * unseen
+        tot = p.sum(axis=1)
+        r = self.rng.random(len(f)) * tot
+        k = np.minimum((np.cumsum(p, axis=1) <= r[:, None]).sum(axis=1), sc.shape[1] - 1)
+        ok = tot > 0
+        nxt[f[ok]] = sc[ok, k[ok]]
+
+    def pref_draw(self, rows: IntArray) -> IntArray:
+        """Per row one of its preferred clusters by its popularity mass, then an item in it."""
+        p1, p2, m1 = self.p1[rows], self.p2[rows], self.m1[rows]
+        tot = m1 + np.where(p2 != p1, self.m2[rows], 0.0)
+        pick2 = (p2 != p1) & (self.rng.random(len(rows)) * tot >= m1)
+        return self.table.draw_cluster(self.rng, np.where(pick2, p2, p1))
+
+    def unseen_or_redraw(self, rows: IntArray, cand: IntArray, t: int, source: str) -> IntArray:
+        """``cand`` with items already in a row's sequence redrawn (rejection, then exact)."""
+        for _ in range(_Sampler._TRIES):
+            dup = (self.seqs[rows, :t] == cand[:, None]).any(axis=1)
+            if not dup.any():
+                return cand
+            idx = np.flatnonzero(dup)
+            cand[idx] = self.pref_draw(rows[idx]) if source == "pref" else self.table.draw_global(self.rng, len(idx))
+        dup = np.flatnonzero((self.seqs[rows, :t] == cand[:, None]).any(axis=1))
+        for j in dup.tolist():  # rare: exact draw from what is left
+            cand[j] = self._exact_draw(int(rows[j]), t, source)
+        return cand
+
+    def _exact_draw(self, row: int, t: int, source: str) -> int:
+        """An item not in ``row``'s first ``t`` items, exactly (preferred clusters first for "pref")."""
+        seen = set(self.seqs[row, :t].tolist())
+        clusters, p1, p2 = self.chain.clusters, self.p1[row], self.p2[row]
+        members = np.concatenate([clusters[p1], clusters[p2]]) if p2 != p1 else clusters[p1]
+        item = _Sampler(members, self.chain.popularity[members]).draw(self.rng, seen) if source == "pref" else None
+        if item is None:
+            item = self.table.global_sampler.draw(self.rng, seen)
+        if item is None:  # excluded by the max_length check
+            raise RuntimeError("synthetic: every generatable item is already in the sequence")
+        return item
