@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedseq.codec import SPARSE_TABLES, EncodedTensor, FlatCodec
+from fedseq.codec import SPARSE_TABLES, EncodedTensor, FlatCodec, registry
 from fedseq.params import Layout
 
 REASONS: dict[str, str] = {
@@ -110,11 +110,12 @@ def precheck(h, run_id: str | None, rnd: OpenRound | None, accepted_encodings: I
 
 
 def tensor_encodings(encoding: str) -> set[str]:
-    """Encodings the tensors of an update declared as ``encoding`` may use: the encoding itself and
-    the dense fallback fedseq.codec.encode_state applies to tensors it does not fit."""
-    if encoding.startswith("dense-"):
-        return {encoding, "dense-fp32"}  # integer tensors are stored raw under dense-fp32
-    return {encoding, "dense-fp16" if encoding == "sparse-fp16" else "dense-fp32"}
+    """Encodings the tensors of an update declared as ``encoding`` may use: the encoding itself,
+    the fallback fedseq.codec.encode_state applies to tensors it does not fit, and for a dense-*
+    encoding dense-fp32 (integer tensors are stored raw under it); the registry's ``carries``
+    (fedseq/codec/registry.py). Empty for an encoding the codec does not know."""
+    codec = registry.CODECS.get(encoding)
+    return set() if codec is None else set(codec.carries)
 
 
 def check_schema(encoded: list[EncodedTensor], layout: Layout, encoding: str) -> str | None:
@@ -122,10 +123,11 @@ def check_schema(encoded: list[EncodedTensor], layout: Layout, encoding: str) ->
     and per-tensor encodings are compared with the layout *before* decoding, so a payload that
     declares a huge shape (a "sparse bomb") allocates nothing."""
     allowed = tensor_encodings(encoding)
+    codec = registry.CODECS.get(encoding)
     odd = next((e for e in encoded if e.encoding not in allowed), None)
-    if odd is None and encoding.startswith("sparse-"):  # the tables must really be sparse: no dense bypass
+    if odd is None and codec is not None and codec.sparse:  # the tables must really be sparse: no dense bypass
         odd = next((e for e in encoded if e.name in SPARSE_TABLES and e.encoding != encoding), None)
-    if odd is None and encoding.startswith("dense-"):  # only integer tensors may fall back to dense-fp32
+    if odd is None and codec is not None and codec.dense:  # only integer tensors may fall back to dense-fp32
         odd = next((e for e in encoded if "float" in e.dtype and e.encoding != encoding), None)
     if odd is not None:
         return reason("wrong-encoding", f"tensor {short(odd.name)} is encoded {short(odd.encoding)} but the update "

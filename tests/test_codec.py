@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import struct
 
 import numpy as np
@@ -19,6 +20,7 @@ from fedseq.codec import (
     ENCODINGS,
     CodecError,
     EncodedTensor,
+    FlatCodec,
     decode,
     decode_state,
     encode,
@@ -27,8 +29,11 @@ from fedseq.codec import (
     model_to_bytes,
     pack,
     read_model_header,
+    registry,
     unpack,
 )
+from fedseq.params import Layout
+from server.intake import check_schema, tensor_encodings
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -74,6 +79,51 @@ def sparse_2d(draw, elements=F32, shapes=SHAPES_2D):
 
 def test_registry_order_and_names():
     assert ENCODINGS == ("dense-fp32", "dense-fp16", "dense-bf16", "sparse-fp32", "sparse-fp16", "int8-row")
+    assert ENCODINGS == tuple(registry.CODECS) and all(n == c.name for n, c in registry.CODECS.items())
+
+
+def test_a_codec_is_one_registry_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The encodings are a registry (``registry.CODECS``): a new one is its encode and decode
+    functions and one ``Codec`` line, and every path takes it: encode/decode, encode_state's
+    fallbacks, pack/unpack, FlatCodec (through encode/decode, as it has no fast path) and the
+    server's intake."""
+
+    # Prepare: big-endian float32 ("fp32-be") for tensors of one dimension or more
+    def encode_be(name: str, x: torch.Tensor) -> bytes:
+        return x.numpy().astype(">f4").tobytes()
+
+    def decode_be(enc: EncodedTensor) -> torch.Tensor:
+        if len(enc.data) != 4 * math.prod(enc.shape):
+            raise CodecError(f"tensor {enc.name!r}: fp32-be payload of {len(enc.data)} bytes")
+        out = torch.from_numpy(np.frombuffer(enc.data, dtype=">f4").astype(np.float32)).reshape(enc.shape)
+        if not bool(torch.isfinite(out).all()):
+            raise CodecError(f"tensor {enc.name!r}: non-finite fp32-be payload")
+        return out
+
+    toy = registry.Codec("fp32-be", encode_be, decode_be, fallback="dense-fp32", fits=lambda ndim: ndim >= 1)
+    monkeypatch.setattr(registry, "CODECS", {**registry.CODECS, toy.name: toy})
+    g = torch.Generator().manual_seed(0)
+    state = {"w": torch.randn(3, 4, generator=g), "b": torch.randn(4, generator=g), "scale": torch.tensor(2.5)}
+    names, shapes = tuple(state), tuple(tuple(t.shape) for t in state.values())
+    vec = torch.cat([t.reshape(-1) for t in state.values()])
+    # Execute
+    encs = encode_state({**state, "steps": torch.arange(3)}, "fp32-be")
+    got = decode_state(unpack(pack(encs)))
+    flat = FlatCodec(names, shapes, "fp32-be")
+    blob = flat.encode(vec)
+    row = torch.full((flat.dim,), 7.0)
+    decoded = flat.decode_into(blob, row)
+    # Assert: the new encoding where it fits, the fallback where not (scalars, integers), exact round trips
+    assert [e.encoding for e in encs] == ["fp32-be", "fp32-be", "dense-fp32", "dense-fp32"]
+    assert encs[0].data == state["w"].numpy().astype(">f4").tobytes()
+    assert all(torch.equal(got[n], t) for n, t in {**state, "steps": torch.arange(3)}.items())
+    assert blob == pack(encode_state(state, "fp32-be")) and decoded and torch.equal(row, vec)
+    assert tensor_encodings("fp32-be") == {"fp32-be", "dense-fp32"}
+    assert check_schema(unpack(blob), Layout(names, shapes), "fp32-be") is None
+    with pytest.raises(CodecError, match="tensor 'w': fp32-be payload of 3 bytes"):
+        decode(dataclasses.replace(encs[0], data=b"\0" * 3))
+    with pytest.raises(CodecError, match="unknown encoding 'fp32-le'; known encodings: .*, int8-row, fp32-be"):
+        encode("w", state["w"], "fp32-le")
 
 
 def test_encoded_tensor_normalises_shape_and_data_and_reports_nbytes():

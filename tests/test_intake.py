@@ -29,7 +29,7 @@ from fedseq.store import RedisStore
 from fedseq.v1 import aggregator_pb2 as agg_pb
 from fedseq.v1 import aggregator_pb2_grpc as agg_grpc
 from fedseq.v1 import common_pb2
-from server.intake import REASONS, StreamLimits, precheck, reason
+from server.intake import REASONS, StreamLimits, precheck, reason, tensor_encodings
 from server.service import AggregatorServicer
 
 CFG = ExperimentConfig(run_id="intake", dataset="synthetic:users=60,items=80", epochs=1, clients_per_round=16,
@@ -150,6 +150,21 @@ def test_precheck_order_and_words():
     assert check(h(num_samples=10**9)) == "weight" and check(h(num_samples=0)) == "weight"
     assert check(h(num_samples=2, total_bytes=101)) == "weight"  # the claim first, then the size
     assert check(h(), replace(rnd, deadline=time.time() - 1)) == "late"
+
+
+def test_the_tensor_encodings_an_update_may_carry_come_from_the_codec_registry():
+    # Execute: the table server/intake.py derives from fedseq/codec/registry.py
+    table = {encoding: tensor_encodings(encoding) for encoding in codec.ENCODINGS}
+    # Assert: each encoding, its encode_state fallback, dense-fp32 (raw integer tensors) for dense-*
+    assert table == {
+        "dense-fp32": {"dense-fp32"},
+        "dense-fp16": {"dense-fp16", "dense-fp32"},
+        "dense-bf16": {"dense-bf16", "dense-fp32"},
+        "sparse-fp32": {"sparse-fp32", "dense-fp32"},
+        "sparse-fp16": {"sparse-fp16", "dense-fp16"},
+        "int8-row": {"int8-row", "dense-fp32"},
+    }
+    assert tensor_encodings("nope") == set()
 
 
 # ---------------------------------------------------------------------------- weights and sizes
