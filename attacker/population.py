@@ -11,6 +11,11 @@ The random attack (RA, Kapoor et al. 2017) instead injects fabricated users
 (:func:`random_attack_sequences`): each holds ``length - 1`` random items followed by the target,
 every fake user drawn independently (the public code builds them by appending to one shared list,
 so later fake users also hold the earlier ones' items; fedseq does not reproduce that).
+
+The :class:`Adversary` is the outward door: ``updates(setup, params, users, round_key)`` builds one
+:class:`attacker.attacks.AttackContext` per call, filled with what the attack declared it needs
+(:mod:`attacker.attacks.base`): the item popularity (``needs_popularity``) and the public share of
+the benign users' sequences (``public_share``), both computed once by :func:`make_adversary`.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from fedseq.data import SeqDataset
 from fedseq.experiment import Setup, check_ratio, population_size  # noqa: F401 - check_ratio re-exported
 from fedseq.training import UpdateBatch
 
-from .attacks import Attack, AttackConfigError, item_counts, make_attack
+from .attacks import Attack, AttackConfigError, AttackContext, item_counts, make_attack, public_sequences
 
 log = logging.getLogger(__name__)
 
@@ -131,28 +136,40 @@ def fake_population(dataset: SeqDataset, ratio: float, seed: int, targets: Seque
     return MaliciousPopulation(_ids(N, m), seqs, np.full(m, -1, dtype=np.int64), note)
 
 
-def build_population(attack, dataset: SeqDataset, ratio: float, seed: int,
+def build_population(attack: Attack, dataset: SeqDataset, ratio: float, seed: int,
                      targets: Sequence[int], reference_draw: bool = False) -> MaliciousPopulation:
-    """The population ``attack`` needs: fabricated profiles when ``attack.fake_users``, else copies."""
-    if getattr(attack, "fake_users", False):
-        return fake_population(dataset, ratio, seed, targets, getattr(attack, "profile_length", 50))
+    """The population ``attack`` needs: fabricated profiles of ``attack.profile_length`` items when
+    ``attack.fake_users``, else copies of real users' data."""
+    if attack.fake_users:
+        return fake_population(dataset, ratio, seed, targets, attack.profile_length)
     return malicious_population(dataset, ratio, seed, reference_draw)
 
 
 @dataclass(frozen=True, eq=False)
 class Adversary:
     """The run's attack and the malicious clients it drives: what an attacker worker hosts (a
-    shard of it) and what the in-process runner calls for the malicious users of a round."""
+    shard of it) and what the in-process runner calls for the malicious users of a round.
+
+    popularity / public: the data the attack declared it needs (``needs_popularity``,
+    ``public_share``), computed once by :func:`make_adversary` and passed in every context; None
+    when it needs none."""
 
     attack: Attack
     population: MaliciousPopulation
+    popularity: np.ndarray | None = None
+    public: tuple[np.ndarray, ...] | None = None
+
+    def context(self, s: Setup, params: torch.Tensor, users: Sequence[int] | np.ndarray,
+                round_key: int) -> AttackContext:
+        """The attack's context for malicious ``users`` at the global weights ``params``."""
+        cfg = s.cfg
+        users = np.asarray(users, dtype=np.int64)
+        return AttackContext(s.model, params, self.population.sequences_of(users), users, s.targets, cfg.seed,
+                             round_key, cfg.local(), cfg.compat, popularity=self.popularity, public=self.public)
 
     def updates(self, s: Setup, params: torch.Tensor, users: Sequence[int] | np.ndarray, round_key: int) -> UpdateBatch:
         """The attack's updates of malicious ``users`` at the global weights ``params``."""
-        cfg = s.cfg
-        users = np.asarray(users, dtype=np.int64)
-        return self.attack.updates(s.model, params, self.population.sequences_of(users), users, s.targets, cfg.seed,
-                                   round_key, cfg.local(), cfg.compat)
+        return self.attack.updates(self.context(s, params, users, round_key))
 
 
 def make_adversary(s: Setup) -> Adversary | None:
@@ -172,8 +189,7 @@ def make_adversary(s: Setup) -> Adversary | None:
         raise ConfigError(f"malicious population: {e}") from None
     if population.ids.tolist() != s.malicious_users.tolist():
         raise AssertionError("the population's ids differ from the run's malicious client ids")
-    if getattr(attack, "needs_popularity", False):  # Spattack: which items few benign clients touch
-        attack = attack.with_popularity(item_counts(s.dataset))  # type: ignore[attr-defined]
-    if getattr(attack, "needs_public", False):  # FedRecAttack: the public share of the benign users' data
-        attack = attack.with_public(s.dataset, cfg.seed)  # type: ignore[attr-defined]
-    return Adversary(attack, population)
+    # the data the attack declared it needs (attacker/attacks/base.py), computed once for the run
+    popularity = item_counts(s.dataset) if attack.needs_popularity else None  # Spattack: the rare items
+    public = public_sequences(s.dataset, attack.public_share, cfg.seed) if attack.public_share > 0 else None
+    return Adversary(attack, population, popularity, public)

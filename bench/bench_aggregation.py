@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedseq.params import Layout  # noqa: E402
-from server.aggregation import RULES, AggregationRule, bind_layout, bind_root, bind_round, make_rule  # noqa: E402
+from server.aggregation import RULES, AggregationRule, RoundContext, make_rule  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -80,12 +80,10 @@ def bench_layout(d: int) -> Layout:
 def build_rules(names: list[str], updates: torch.Tensor) -> dict[str, tuple[str, AggregationRule]]:
     norms = torch.linalg.vector_norm(updates, dim=1)
     options = {"norm-clip": {"bound": f"{float(norms.median()):.6g}"}}
-    root = updates[: min(8, updates.shape[0])].mean(dim=0)
-    layout = bench_layout(updates.shape[1])
     rules = {}
     for name in names:
         opts = options.get(name, {})
-        rule = bind_round(bind_layout(bind_root(make_rule(name, opts), root), layout), 0)
+        rule = make_rule(name, opts)
         label = " ".join(f"{k}={v}" for k, v in opts.items()) or "defaults"
         rules[name] = (label, rule)
     return rules
@@ -95,16 +93,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     updates, weights = make_round(args.k, args.d, args.seed)
     rules = build_rules(args.rule_names, updates)
+    # what a round gives every rule (fedseq/engine.py RoundContext): a root update for FLTrust, the layout
+    ctx = RoundContext(weights, 0, bench_layout(updates.shape[1]), root=updates[: min(8, updates.shape[0])].mean(dim=0))
     times: dict[tuple[str, int], list[float]] = {(n, t): [] for n in rules for t in args.thread_counts}
     for name, (_, rule) in rules.items():
         for threads in args.thread_counts:  # warm-up
             torch.set_num_threads(threads)
-            rule(updates, weights)
+            rule(updates, ctx)
         for _ in range(args.repeats):
             for threads in args.thread_counts:
                 torch.set_num_threads(threads)
                 start = time.perf_counter()
-                rule(updates, weights)
+                rule(updates, ctx)
                 times[(name, threads)].append(time.perf_counter() - start)
         row = ", ".join(
             f"{t} thr {statistics.median(times[(name, t)]) * 1e3:.1f} ms" for t in args.thread_counts

@@ -40,7 +40,7 @@ from client.worker import SPARSE_TABLES, encode_update  # noqa: E402
 from fedseq import codec, ledger  # noqa: E402
 from fedseq.config import build_config  # noqa: E402
 from fedseq.delta import make_patch  # noqa: E402
-from fedseq.engine import epoch_rounds  # noqa: E402
+from fedseq.engine import RoundContext, epoch_rounds  # noqa: E402
 from fedseq.experiment import setup  # noqa: E402
 from fedseq.rpc import chunks  # noqa: E402
 from fedseq.store import model_to_bytes  # noqa: E402
@@ -154,7 +154,7 @@ def _measure_update(m: _Measured, layout, vec: torch.Tensor, u: int, gzip_sample
 
 def _server_round(m: _Measured, rule, ub, params: torch.Tensor, layout, lr: float, r: int) -> torch.Tensor:
     """Aggregate the round's updates and take the server step; record what the step changed."""
-    res = rule(ub.updates, torch.as_tensor(ub.num_samples, dtype=torch.float32))
+    res = rule(ub.updates, RoundContext(torch.as_tensor(ub.num_samples, dtype=torch.float32), round_id=r, layout=layout))
     new = server_step(params, res.vector, lr)
     old_t, new_t = layout.unflatten(params), layout.unflatten(new)
     for n in SPARSE_TABLES:

@@ -47,6 +47,7 @@ try:
     from fedseq.training import UpdateMatrix  # noqa: E402
 except ImportError:  # commits before the reused round matrix (e.g. a7627a9)
     UpdateMatrix = None  # type: ignore[assignment,misc]
+from fedseq.engine import RoundContext  # noqa: E402
 from server.aggregation import make_rule, server_step  # noqa: E402
 
 try:
@@ -98,7 +99,7 @@ def _train(cfg, epochs: int):
                                      **into)
                 updates, n = ub.updates, torch.as_tensor(ub.num_samples, dtype=torch.float32)
                 del ub  # as the in-process runner does: one round's matrix alive at a time
-            params = server_step(params, rule(updates, n).vector, cfg.lr_at(e))
+            params = server_step(params, rule(updates, RoundContext(n, round_id=rk)).vector, cfg.lr_at(e))
             rk += 1
         wall.append(time.perf_counter() - t0)
         cpu.append(cpu_now() - c0)

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedseq.models import build_model  # noqa: E402
 from fedseq.params import Layout  # noqa: E402
-from server.aggregation import bind_layout, make_rule  # noqa: E402
+from server.aggregation import RoundContext, make_rule  # noqa: E402
 from server.aggregation.sparse import ItemRows  # noqa: E402
 
 
@@ -63,16 +63,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"K = {args.k}, D = {layout.dim:,}, item table {ItemRows.of(layout)}, {args.threads} thread(s)")
     for inner in [x for x in args.inners.split(",") if x]:
         for vec in (True, False) if args.per_row else (True,):
-            rule = bind_layout(make_rule(f"sparse:{inner}", {"vectorised": str(vec)}), layout)
-            res = rule(updates, weights)  # warm-up
+            rule = make_rule(f"sparse:{inner}", {"vectorised": str(vec)})
+            ctx = RoundContext(weights, layout=layout)
+            res = rule(updates, ctx)  # warm-up
             ts = []
             for _ in range(args.repeats):
                 t0 = time.perf_counter()
-                rule(updates, weights)
+                rule(updates, ctx)
                 ts.append(time.perf_counter() - t0)
             dense_rule = make_rule(inner)
             t0 = time.perf_counter()
-            dense_rule(updates, weights)
+            dense_rule(updates, RoundContext(weights))
             t_dense = time.perf_counter() - t0
             print(f"sparse:{inner:13s} {'vectorised' if vec else 'per-row   '} median {statistics.median(ts):.3f} s "
                   f"(min {min(ts):.3f}, max {max(ts):.3f}); rows touched {res.info['rows_touched']}, "

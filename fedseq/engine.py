@@ -9,11 +9,11 @@ second implementation (tests/test_engine_equal.py runs every rule through both).
   rate, and the adversarial-training rounds that follow each round when ``adv_train`` is on);
   round ids are global, so round r trains on model version r and produces version r + 1.
   :func:`eval_due` says after which epochs the benign users are evaluated.
-- The step: :func:`aggregate_round` applies the rule to the round's stacked updates (binding the
-  server's FLTrust root update, the parameter layout and the round id when the rule needs them:
-  :func:`bind_root`, :func:`bind_layout`, :func:`bind_round`), steps ``w <- w - lr_step * aggregate`` and
-  refuses, one by one from the largest norm, updates whose step would leave the model non-finite or
-  exploding (:data:`WEIGHT_BOUND`).
+- The step: :func:`aggregate_round` applies the rule to the round's stacked updates with the
+  round's :class:`RoundContext` (the sample weights, the round id, the parameter layout, the global
+  parameters the updates were computed at, and the server's FLTrust root update when the rule
+  declares ``needs_root``), steps ``w <- w - lr_step * aggregate`` and refuses, one by one from the largest
+  norm, updates whose step would leave the model non-finite or exploding (:data:`WEIGHT_BOUND`).
 - The sanity bound: :func:`out_of_bounds` refuses absurd updates (a value beyond
   :data:`UPDATE_BOUND`, or not finite) before any rule sees them. It stops numerical sabotage by an
   insider (an update of 3e38 is finite, and one such update made every later step overflow); it is
@@ -28,17 +28,21 @@ second implementation (tests/test_engine_equal.py runs every rule through both).
 - The accounting: :func:`malicious_kept` counts the malicious updates the rule kept, by one
   algorithm (the rule never knows who is malicious; only the experiment's report does).
 
-The rule contract (:class:`AggregationResult`, :class:`AggregationRule`) lives here too: the
-rules themselves (``server/aggregation/``) are plug-ins that the services pass in.
+The rule contract (:class:`AggregationRule`, :class:`RoundContext`, :class:`AggregationResult`)
+lives here too: the rules themselves (``server/aggregation/``) are plug-ins that the services pass
+in. A rule is called ``rule(updates [K, D], ctx)``, reads what it needs from the context, and
+declares what the engine must provide as typed attributes of :class:`AggregationRule`
+(``needs_root``, ``needs_layout``, ``scale``, ``uses_weights``, ``root_users``).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -69,72 +73,95 @@ class AggregationResult:
     info: Mapping[str, Any] = field(default_factory=dict)
 
 
-class AggregationRule(Protocol):
-    """A configured rule: ``rule(updates [K, D], weights [K]) -> AggregationResult``, with
-    ``scale`` ``"sum"`` or ``"mean"`` (see :func:`step_lr`)."""
+@dataclass(frozen=True, eq=False)
+class RoundContext:
+    """Everything a rule may read besides the updates, for one call ``rule(updates [K, D], ctx)``.
+
+    weights: ``[K]`` the updates' non-negative sample counts (their aggregation weights).
+    round_id: the global round id. A rule that draws random numbers (FLAME's noise, DnC's
+        coordinate samples) draws them from (its seed, ``round_id``) only
+        (:func:`server.aggregation.base.round_generator`), so every runner, and a resumed run,
+        draws the same numbers.
+    layout: the flat parameter layout of the ``D`` columns (where the item embedding table sits:
+        item-wise sparse aggregation), or None where the columns are not a whole model (a wrapper
+        calling its inner rule on a part of the vector).
+    params: ``[D]`` the global weights the updates were computed at, or None where unknown.
+    root: ``[D]`` the server's root update of this round (FLTrust). :func:`aggregate_round`
+        computes it, with the runner's ``root(params, round_id)``, only for a rule whose
+        ``needs_root`` is true, and leaves it None otherwise.
+
+    A wrapper passes the context on, or a copy made with :func:`dataclasses.replace` for the part
+    of the round it hands its inner rule (the sparse rule: one item row's touchers, their weights
+    and the root's row).
+    """
+
+    weights: torch.Tensor
+    round_id: int = 0
+    layout: Layout | None = None
+    params: torch.Tensor | None = None
+    root: torch.Tensor | None = None
+
+
+class AggregationRule(ABC):
+    """The base of every rule: ``rule(updates [K, D], ctx: RoundContext) -> AggregationResult``.
+
+    A rule reads what it needs from ``ctx`` and declares what the engine must know about it as
+    typed attributes, whose defaults are defined here (override a default with a class attribute,
+    a dataclass field or a property: a wrapper's properties return its inner rule's):
+
+    - ``name``: the registry name.
+    - ``scale``: ``"sum"`` or ``"mean"``, the scale of the output (:func:`step_lr`).
+    - ``uses_weights``: whether the rule reads ``ctx.weights`` at all (recorded in every round's
+      rule info; README "Security model").
+    - ``needs_root``: the rule reads ``ctx.root``, the server's root update (FLTrust): the engine
+      computes it before the call, and refuses to run the rule without a root source.
+    - ``root_users``: how many users' data the server's root dataset copies (fedseq/root.py);
+      read only when ``needs_root``.
+    - ``needs_layout``: the rule reads ``ctx.layout`` (item-wise sparse aggregation): the engine
+      refuses to run it without one.
+
+    Rules are frozen dataclasses, pure functions of ``(updates, ctx)``.
+    """
+
+    name: str
 
     @property
-    def name(self) -> str: ...  # read-only, so frozen dataclasses satisfy the protocol
+    def scale(self) -> str:
+        return "mean"
 
     @property
-    def scale(self) -> str: ...
+    def uses_weights(self) -> bool:
+        return True
 
-    def __call__(self, updates: torch.Tensor, weights: torch.Tensor) -> AggregationResult: ...
+    @property
+    def needs_root(self) -> bool:
+        return False
 
+    @property
+    def root_users(self) -> int:
+        return 0
 
-def needs_root(rule: AggregationRule) -> bool:
-    """True when ``rule`` needs a server-computed root update (FLTrust) bound before each call."""
-    return bool(getattr(rule, "needs_root", False))
+    @property
+    def needs_layout(self) -> bool:
+        return False
 
-
-def bind_root(rule: AggregationRule, root: torch.Tensor) -> AggregationRule:
-    """Return ``rule`` bound to this round's root update ``root [D]`` (``rule`` itself if it needs none)."""
-    if not needs_root(rule):
-        return rule
-    return rule.with_root(root)  # type: ignore[attr-defined]
-
-
-def needs_layout(rule: AggregationRule) -> bool:
-    """True when ``rule`` needs the flat parameter layout (where the item embedding table sits:
-    item-wise sparse aggregation) bound before it is called."""
-    return bool(getattr(rule, "needs_layout", False))
-
-
-def bind_layout(rule: AggregationRule, layout: Layout) -> AggregationRule:
-    """Return ``rule`` bound to the model's parameter ``layout`` (``rule`` itself if it needs none)."""
-    if not needs_layout(rule):
-        return rule
-    return rule.with_layout(layout)  # type: ignore[attr-defined]
-
-
-def needs_round(rule: AggregationRule) -> bool:
-    """True when ``rule`` draws random numbers (FLAME's noise, DnC's coordinate samples): it is
-    bound to the round id before each call, so its stream is a function of (its seed, round id)
-    and the runners (and a resumed run) draw the same numbers."""
-    return bool(getattr(rule, "needs_round", False))
-
-
-def bind_round(rule: AggregationRule, round_id: int) -> AggregationRule:
-    """Return ``rule`` bound to ``round_id`` (``rule`` itself if it draws no random numbers)."""
-    if not needs_round(rule):
-        return rule
-    return rule.with_round(int(round_id))  # type: ignore[attr-defined]
+    @abstractmethod
+    def __call__(self, updates: torch.Tensor, ctx: RoundContext) -> AggregationResult: ...
 
 
 def rule_scale(rule: AggregationRule) -> str:
-    """``"sum"`` or ``"mean"``: the scale of ``rule``'s output (mean when it does not say)."""
-    scale = str(getattr(rule, "scale", "mean"))
-    if scale not in ("sum", "mean"):
-        raise ValueError(f"rule {rule.name!r} declares scale {scale!r}; expected 'sum' or 'mean'")
-    return scale
+    """``"sum"`` or ``"mean"``: the scale of ``rule``'s output (``rule.scale``, checked)."""
+    if rule.scale not in ("sum", "mean"):
+        raise ValueError(f"rule {rule.name!r} declares scale {rule.scale!r}; expected 'sum' or 'mean'")
+    return rule.scale
 
 
 def rule_uses_weights(rule: AggregationRule) -> bool:
-    """Whether ``rule`` reads the sample weights at all (each rule declares ``uses_weights``; a rule
-    that does not say is taken to read them). Recorded in every round's rule info: under a rule
-    that ignores them an upload's weight could not matter even if it were believed; under one that
-    reads them it is the orchestrator's (README "Security model")."""
-    return bool(getattr(rule, "uses_weights", True))
+    """Whether ``rule`` reads the sample weights at all (``rule.uses_weights``; the base's default is
+    that it does). Recorded in every round's rule info: under a rule that ignores them an upload's
+    weight could not matter even if it were believed; under one that reads them it is the
+    orchestrator's (README "Security model")."""
+    return rule.uses_weights
 
 
 def step_lr(rule: AggregationRule, lr: float, k: int, literal: bool = False) -> float:
@@ -316,10 +343,12 @@ def aggregate_round(rule: AggregationRule, params: torch.Tensor, updates: torch.
     """One round's aggregation and step.
 
     ``updates [K, D]`` holds the updates of ``users`` (sorted ids) in that order, ``weights [K]``
-    their sample counts. With a rule that needs a root update (FLTrust), ``root(params,
-    round_id)`` computes it; a rule that needs the parameter ``layout`` (item-wise sparse
-    aggregation) is bound to it, and a rule that draws random numbers to ``round_id``. The step's learning rate is :func:`step_lr` of the rule's scale (``lr``
-    as is with ``literal_step``).
+    their sample counts. The rule is called with the round's :class:`RoundContext`: the weights,
+    ``round_id``, the parameter ``layout``, ``params``, and, only for a rule that declares
+    ``needs_root`` (FLTrust), the root update ``root(params, round_id)``, computed once per round. A
+    rule that needs the root or the layout and gets none from the runner is refused with a
+    ValueError. The step's learning rate is :func:`step_lr` of the rule's scale (``lr`` as is with
+    ``literal_step``).
 
     First the sanity bound (:func:`out_of_bounds`) refuses absurd rows: ``bound_rows`` names the
     rows to check (None: all). The server passes ``()``: it checked every row with the same
@@ -327,7 +356,8 @@ def aggregate_round(rule: AggregationRule, params: torch.Tensor, updates: torch.
     do not come from its own training code. Then a step that would leave the model non-finite or
     beyond :data:`WEIGHT_BOUND` (finite updates can still overflow together) never becomes a
     version: the updates of the largest norm are refused one by one and the rule is run again
-    without them, until the step is sane, or all are refused and the weights stay."""
+    without them (the same context, those rows' weights removed), until the step is sane, or all
+    are refused and the weights stay."""
     users = [int(u) for u in users]
     bad = out_of_bounds(updates, bound_rows)
     if bad:
@@ -340,18 +370,16 @@ def aggregate_round(rule: AggregationRule, params: torch.Tensor, updates: torch.
         users = [u for i, u in enumerate(users) if bool(keep_rows[i])]
     else:
         refused_bound = ()
-    if needs_root(rule) and root is None:
+    if rule.needs_root and root is None:
         raise ValueError(f"rule {rule.name!r} needs a root update and the runner gave none")
-    if needs_layout(rule) and layout is None:
+    if rule.needs_layout and layout is None:
         raise ValueError(f"rule {rule.name!r} needs the parameter layout and the runner gave none")
-    bound = bind_root(rule, root(params, round_id)) if root is not None and needs_root(rule) else rule
-    if layout is not None:
-        bound = bind_layout(bound, layout)
-    bound = bind_round(bound, round_id)
+    round_root = root(params, round_id) if root is not None and rule.needs_root else None
+    ctx = RoundContext(weights, int(round_id), layout, params, round_root)
     overflow: list[int] = []
-    U, w = updates, weights
+    U = updates
     while users:
-        res = bound(U, w)
+        res = rule(U, ctx)
         lr_step = step_lr(rule, lr, len(users), literal_step)
         new = server_step(params, res.vector, lr_step)
         if model_sane(new):
@@ -364,7 +392,7 @@ def aggregate_round(rule: AggregationRule, params: torch.Tensor, updates: torch.
         overflow.append(users.pop(worst))
         keep = torch.ones(U.shape[0], dtype=torch.bool)
         keep[worst] = False
-        U, w = U[keep], w[keep]
+        U, ctx = U[keep], replace(ctx, weights=ctx.weights[keep])
     return RoundOutcome(params, (), None, tuple(overflow), None, out_of_bounds=refused_bound)
 
 

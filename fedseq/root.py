@@ -18,7 +18,7 @@ import torch
 
 from .config import ExperimentConfig
 from .data import load_dataset
-from .engine import AggregationRule, RootUpdate, needs_root
+from .engine import AggregationRule, RootUpdate
 from .models import SeqModel
 from .training import compute_updates
 
@@ -48,10 +48,13 @@ def root_update(model: SeqModel, params: torch.Tensor, root: RootData, cfg: Expe
 
 
 def root_source(rule: AggregationRule, cfg: ExperimentConfig, model: SeqModel) -> RootUpdate | None:
-    """The root-update function the engine binds for a rule that needs one (FLTrust), or None."""
-    if not needs_root(rule):
+    """The root-update function of a rule that declares ``needs_root`` (FLTrust, or a wrapper
+    around it), or None: :func:`fedseq.engine.aggregate_round` calls it once per round and hands
+    the result to the rule as ``RoundContext.root``. The root dataset copies ``rule.root_users``
+    users."""
+    if not rule.needs_root:
         return None
-    data = load_root(cfg, int(getattr(rule, "root_users", 10)))
+    data = load_root(cfg, rule.root_users)
 
     def root(params: torch.Tensor, round_id: int) -> torch.Tensor:
         return root_update(model, params, data, cfg, round_id)

@@ -22,10 +22,8 @@ from server.aggregation import (
     FLTrust,
     Krum,
     MissingRootUpdate,
+    RoundContext,
     RuleConfigError,
-    bind_layout,
-    bind_root,
-    bind_round,
     clip_norms,
     coordinate_median,
     fedavg,
@@ -37,7 +35,6 @@ from server.aggregation import (
     make_rule,
     mixed_rfa,
     multi_krum,
-    needs_root,
     trimmed_mean,
 )
 from server.aggregation.base import column_mean64, row_distances, sorted_column_reduce
@@ -131,9 +128,9 @@ def test_every_rule_returns_a_d_vector_and_json_info() -> None:
     layout = Layout(("item_emb.weight", "w"), ((5, 4), (20,)))  # for the rules that need one (sparse)
     # Execute
     results = {}
+    ctx = RoundContext(weights, round_id=7, layout=layout, root=updates[0])
     for name in RULES:
-        rule = bind_round(bind_layout(bind_root(make_rule(name, options.get(name, {})), updates[0]), layout), 7)
-        results[name] = rule(updates, weights)
+        results[name] = make_rule(name, options.get(name, {}))(updates, ctx)
     # Assert
     for name, res in results.items():
         assert res.vector.shape == (40,), name
@@ -147,7 +144,7 @@ def test_none_is_the_plain_sum() -> None:
     # Prepare
     updates = torch.tensor([[1.0, 2.0], [3.0, -1.0], [0.5, 0.5]])
     # Execute
-    res = make_rule("none")(updates, torch.tensor([1.0, 5.0, 9.0]))
+    res = make_rule("none")(updates, RoundContext(torch.tensor([1.0, 5.0, 9.0])))
     # Assert
     assert torch.equal(res.vector, torch.tensor([4.5, 1.5]))
     assert res.kept is None
@@ -188,7 +185,7 @@ def test_rfa_matches_reference_weiszfeld_exactly() -> None:
     counts = [3.0, 1.0, 2.0, 5.0, 1.0]
     ref, ref_iters, ref_obj = reference_geometric_median(points, counts)
     # Execute
-    res = make_rule("rfa")(t64(points), torch.tensor(counts))
+    res = make_rule("rfa")(t64(points), RoundContext(torch.tensor(counts)))
     # Assert
     torch.testing.assert_close(res.vector, t64([ref])[0], rtol=0, atol=1e-12)
     assert res.info["iterations"] == ref_iters
@@ -266,14 +263,14 @@ def test_rfa_zero_weight_points_are_ignored_and_weighted_false_is_uniform() -> N
 def test_rfa_all_zero_weights_is_an_error() -> None:
     # Execute / Assert
     with pytest.raises(ValueError, match="sum to zero"):
-        make_rule("rfa")(torch.ones(2, 3), torch.zeros(2))
+        make_rule("rfa")(torch.ones(2, 3), RoundContext(torch.zeros(2)))
 
 
 def test_rfa_identical_points_converge_immediately() -> None:
     # Prepare
     updates = torch.tensor([[1.0, -2.0]]).repeat(4, 1)
     # Execute
-    res = make_rule("rfa")(updates, ones(4))
+    res = make_rule("rfa")(updates, RoundContext(ones(4)))
     # Assert
     assert torch.equal(res.vector, torch.tensor([1.0, -2.0]))
     assert res.info["iterations"] == 1 and res.info["converged"] is True
@@ -286,7 +283,7 @@ def test_rfa_float32_round_matches_float64_reference() -> None:
     updates, weights = random_round(16, 300, seed=4)
     ref = geometric_median(updates.to(F64), weights, ftol=0.0).vector
     # Execute
-    res = make_rule("rfa", {"ftol": "0"})(updates, weights)
+    res = make_rule("rfa", {"ftol": "0"})(updates, RoundContext(weights))
     # Assert
     assert res.info["iterations"] == 4
     torch.testing.assert_close(res.vector.to(F64), ref, rtol=0, atol=1e-6)
@@ -303,7 +300,7 @@ def test_mixed_rfa_equals_its_formula(lam: float) -> None:
     gm = geometric_median(updates, weights).vector
     expected = lam * updates.sum(dim=0) / 12 + (1 - lam) * gm
     # Execute
-    res = make_rule("mixed-rfa", {"lambda": str(lam)})(updates, weights)
+    res = make_rule("mixed-rfa", {"lambda": str(lam)})(updates, RoundContext(weights))
     # Assert
     torch.testing.assert_close(res.vector, expected, rtol=0, atol=1e-12)
     assert res.info["lambda"] == lam
@@ -316,7 +313,7 @@ def test_mixed_rfa_default_is_paper_lambda_and_mean_weighted_uses_counts() -> No
     weights = torch.tensor([1.0, 1.0, 2.0])
     gm = geometric_median(updates, weights).vector
     # Execute
-    default = make_rule("mixed-rfa")(updates, weights)
+    default = make_rule("mixed-rfa")(updates, RoundContext(weights))
     weighted, _ = mixed_rfa(updates, weights, lam=0.5, mean_weighted=True)
     # Assert
     torch.testing.assert_close(default.vector, 0.3 * (5.0 / 3) + 0.7 * gm, rtol=0, atol=1e-12)
@@ -331,8 +328,8 @@ def test_median_odd_and_even_k_by_hand() -> None:
     odd = torch.tensor([[1.0, 10.0], [5.0, -2.0], [3.0, 7.0]])
     even = torch.tensor([[1.0, 10.0], [5.0, -2.0], [3.0, 7.0], [100.0, 0.0]])
     # Execute
-    med_odd = make_rule("median")(odd, ones(3)).vector
-    med_even = make_rule("median")(even, ones(4)).vector
+    med_odd = make_rule("median")(odd, RoundContext(ones(3))).vector
+    med_even = make_rule("median")(even, RoundContext(ones(4))).vector
     # Assert
     assert torch.equal(med_odd, torch.tensor([3.0, 7.0]))
     assert torch.equal(med_even, torch.tensor([4.0, 3.5]))  # mean of the two middle values
@@ -342,7 +339,7 @@ def test_trimmed_mean_by_hand() -> None:
     # Prepare: K = 5, beta = 0.2 -> one value trimmed per side
     updates = torch.tensor([[1.0, -50.0], [2.0, 0.0], [3.0, 1.0], [4.0, 2.0], [100.0, 3.0]])
     # Execute
-    res = make_rule("trimmed-mean", {"beta": "0.2"})(updates, ones(5))
+    res = make_rule("trimmed-mean", {"beta": "0.2"})(updates, RoundContext(ones(5)))
     # Assert
     assert torch.equal(res.vector, torch.tensor([3.0, 1.0]))
     assert res.info["trimmed_per_side"] == 1 and res.info["kept_per_coordinate"] == 3
@@ -442,7 +439,7 @@ def test_krum_picks_the_central_client_not_the_outlier() -> None:
     # Prepare
     updates = t64(KRUM_POINTS)
     # Execute
-    res = make_rule("krum", {"f": "1"})(updates, ones(5))
+    res = make_rule("krum", {"f": "1"})(updates, RoundContext(ones(5)))
     # Assert
     assert res.kept == (2,)
     assert torch.equal(res.vector, t64([[2.5]])[0])
@@ -453,7 +450,7 @@ def test_multi_krum_is_the_mean_of_the_selected() -> None:
     # Prepare
     updates = t64(KRUM_POINTS)
     # Execute
-    res = make_rule("krum", {"f": "1", "m": "3"})(updates, ones(5))
+    res = make_rule("krum", {"f": "1", "m": "3"})(updates, RoundContext(ones(5)))
     vec, selected, _ = multi_krum(updates, f=1, m=2)
     # Assert
     assert res.kept == (1, 2, 3)
@@ -468,7 +465,7 @@ def test_krum_rejects_a_far_outlier_in_high_dimension() -> None:
     updates, _ = random_round(9, 2000, seed=10)
     updates[4] *= 50
     # Execute
-    res = make_rule("krum", {"m": "8"})(updates, ones(9))
+    res = make_rule("krum", {"m": "8"})(updates, RoundContext(ones(9)))
     # Assert
     assert res.kept is not None and 4 not in res.kept and len(res.kept) == 8
 
@@ -477,25 +474,25 @@ def test_krum_auto_f_and_clamping_and_strict() -> None:
     # Prepare
     updates = t64(KRUM_POINTS + [[2.0]])  # K = 6 -> largest f = 1
     # Execute
-    auto = make_rule("krum")(updates, ones(6))
-    clamped = make_rule("krum", {"f": "5"})(updates, ones(6))
+    auto = make_rule("krum")(updates, RoundContext(ones(6)))
+    clamped = make_rule("krum", {"f": "5"})(updates, RoundContext(ones(6)))
     # Assert
     assert auto.info["f"] == 1 and auto.info["f_requested"] == "auto" and auto.info["f_clamped"] is False
     assert clamped.info["f"] == 1 and clamped.info["f_clamped"] is True
     with pytest.raises(ValueError, match=r"K > 2f \+ 2; got K=6, f=5"):
-        make_rule("krum", {"f": "5", "strict": "true"})(updates, ones(6))
+        make_rule("krum", {"f": "5", "strict": "true"})(updates, RoundContext(ones(6)))
 
 
 def test_krum_with_fewer_than_three_updates_falls_back_to_mean_or_raises() -> None:
     # Prepare
     updates = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     # Execute
-    res = Krum()(updates, ones(2))
+    res = Krum()(updates, RoundContext(ones(2)))
     # Assert
     assert torch.equal(res.vector, torch.tensor([2.0, 3.0]))
     assert "fallback" in res.info and res.kept is None
     with pytest.raises(ValueError, match="K >= 3"):
-        Krum(strict=True)(updates, ones(2))
+        Krum(strict=True)(updates, RoundContext(ones(2)))
 
 
 # ------------------------------------------------------------------------------------ norm-clip
@@ -505,7 +502,7 @@ def test_norm_clip_clips_exactly_then_sums() -> None:
     # Prepare
     updates = torch.tensor([[3.0, 4.0], [0.3, 0.4], [0.0, -2.0]])
     # Execute
-    res = make_rule("norm-clip", {"bound": "1"})(updates, ones(3))
+    res = make_rule("norm-clip", {"bound": "1"})(updates, RoundContext(ones(3)))
     clipped, norms, mask = clip_norms(updates, 1.0)
     # Assert
     torch.testing.assert_close(clipped, torch.tensor([[0.6, 0.8], [0.3, 0.4], [0.0, -1.0]]))
@@ -531,8 +528,8 @@ def test_norm_clip_passes_inner_options_and_weights() -> None:
     # Execute
     tm_rule = make_rule("norm-clip", {"bound": "5", "inner": "trimmed-mean", "inner.beta": "0.2"})
     avg_rule = make_rule("norm-clip", {"bound": "5", "inner": "fedavg", "inner.reduce": "mean"})
-    tm = tm_rule(updates, weights)
-    avg = avg_rule(updates, weights)
+    tm = tm_rule(updates, RoundContext(weights))
+    avg = avg_rule(updates, RoundContext(weights))
     # Assert
     assert torch.equal(tm.vector, torch.tensor([2.0]))  # clipped to 5, 1, 2, 3, -5 -> trim -> 2
     torch.testing.assert_close(avg.vector, torch.tensor([(5 + 1 + 4 + 3 - 5) / 6]))
@@ -584,8 +581,8 @@ def test_foolsgold_zeroes_identical_sybils_and_keeps_diverse_honest() -> None:
     sybil = torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0, 1.0]).repeat(3, 1)
     updates = torch.cat([honest, sybil])
     # Execute
-    mean = make_rule("foolsgold")(updates, ones(6))
-    total = make_rule("foolsgold", {"reduce": "sum"})(updates, ones(6))
+    mean = make_rule("foolsgold")(updates, RoundContext(ones(6)))
+    total = make_rule("foolsgold", {"reduce": "sum"})(updates, RoundContext(ones(6)))
     # Assert
     assert mean.info["weights"] == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
     assert mean.kept == (0, 1, 2) and mean.info["zero_weight"] == 3
@@ -625,7 +622,7 @@ def test_fltrust_exact_2d() -> None:
     expected = (torch.tensor([1.0, 0.0], dtype=F64) + c * torch.tensor([c, c], dtype=F64)) / (1 + c)
     # Execute
     vec, trust = fltrust(updates, root)
-    res = FLTrust().with_root(root)(updates, ones(4))
+    res = FLTrust()(updates, RoundContext(ones(4), root=root))
     # Assert
     torch.testing.assert_close(vec, expected, rtol=0, atol=1e-15)
     torch.testing.assert_close(trust, t64([[1.0, 0.0, 0.0, c]])[0], rtol=0, atol=1e-15)
@@ -646,43 +643,38 @@ def test_fltrust_rescales_to_root_norm_and_handles_zero_updates() -> None:
 
 def test_fltrust_all_rejected_gives_no_step() -> None:
     # Prepare
-    rule = make_rule("fltrust").with_root(torch.tensor([1.0, 0.0]))  # type: ignore[attr-defined]
+    rule = make_rule("fltrust")
     # Execute
-    res = rule(torch.tensor([[-1.0, 0.0], [0.0, 1.0]]), ones(2))
+    res = rule(torch.tensor([[-1.0, 0.0], [0.0, 1.0]]), RoundContext(ones(2), root=torch.tensor([1.0, 0.0])))
     # Assert
     assert torch.equal(res.vector, torch.zeros(2)) and res.info["all_rejected"] is True and res.kept == ()
 
 
-def test_fltrust_without_root_raises_and_root_fn_is_used() -> None:
+def test_fltrust_without_root_raises_and_reads_the_contexts_root() -> None:
     # Prepare
     updates = torch.tensor([[1.0, 0.0]])
-    calls: list[int] = []
-
-    def root_fn() -> torch.Tensor:
-        calls.append(1)
-        return torch.tensor([2.0, 0.0])
-
     # Execute
-    res = FLTrust(root_update_fn=root_fn)(updates, ones(1))
+    res = FLTrust()(updates, RoundContext(ones(1), root=torch.tensor([2.0, 0.0])))
     # Assert
     with pytest.raises(MissingRootUpdate, match="needs the server's root update"):
-        make_rule("fltrust", {"root_users": "5"})(updates, ones(1))
-    assert calls == [1] and torch.equal(res.vector, torch.tensor([2.0, 0.0]))
+        make_rule("fltrust", {"root_users": "5"})(updates, RoundContext(ones(1)))
+    assert torch.equal(res.vector, torch.tensor([2.0, 0.0]))
     with pytest.raises(ValueError, match=r"root update must be \[D=2\]"):
         fltrust(updates, torch.ones(3))
 
 
-def test_needs_root_and_bind_root_through_norm_clip() -> None:
+def test_needs_root_and_the_root_through_norm_clip() -> None:
     # Prepare
-    clip_fl = make_rule("norm-clip", {"bound": "1", "inner": "fltrust"})
+    clip_fl = make_rule("norm-clip", {"bound": "1", "inner": "fltrust", "inner.root_users": "3"})
     updates = torch.tensor([[3.0, 4.0], [-1.0, 0.0]])
     # Execute
-    bound_rule = bind_root(clip_fl, torch.tensor([0.0, 5.0]))
-    res = bound_rule(updates, ones(2))
+    res = clip_fl(updates, RoundContext(ones(2), root=torch.tensor([0.0, 5.0])))
     # Assert
-    assert needs_root(clip_fl) and needs_root(make_rule("fltrust"))
-    assert not any(needs_root(make_rule(n)) for n in ("fedavg", "rfa", "krum", "foolsgold"))
-    assert bind_root(make_rule("rfa"), torch.zeros(2)) == make_rule("rfa")
+    assert clip_fl.needs_root and make_rule("fltrust").needs_root and clip_fl.root_users == 3
+    assert not any(make_rule(n).needs_root for n in ("fedavg", "rfa", "krum", "foolsgold"))
+    rfa = make_rule("rfa")  # a rule that needs no root ignores one in its context
+    assert torch.equal(rfa(updates, RoundContext(ones(2), root=torch.zeros(2))).vector,
+                       rfa(updates, RoundContext(ones(2))).vector)
     torch.testing.assert_close(res.vector, torch.tensor([3.0, 4.0]))  # rescaled to ||g0|| = 5
     assert res.kept == (0,)
 
@@ -694,7 +686,7 @@ def test_rules_reject_bad_shapes() -> None:
     # Execute / Assert
     for name in ("rfa", "median", "krum", "foolsgold"):
         with pytest.raises(ValueError, match=r"weights must be \[K=3\]"):
-            make_rule(name)(torch.ones(3, 2), torch.ones(2))
+            make_rule(name)(torch.ones(3, 2), RoundContext(torch.ones(2)))
     with pytest.raises(ValueError, match="floating-point"):
         coordinate_median(torch.ones(3, 2, dtype=torch.int64))
     assert torch.equal(fedavg(torch.ones(2, 2), torch.ones(2)), torch.full((2,), 2.0))

@@ -13,11 +13,14 @@ import torch.nn.functional as F
 from attacker.attacks import (
     ATTACKS,
     AttackConfigError,
+    AttackContext,
     DualViewAttack,
     alie_z,
     contrastive_loss,
+    item_counts,
     make_attack,
     max_gamma,
+    public_sequences,
     substitute,
 )
 from attacker.attacks.common import attack_tokens
@@ -226,7 +229,7 @@ def test_dv_fsr_is_s_fsr_plus_contrastive_and_c_fsr_is_target_loss_plus_contrast
     con_only = DualViewAttack(name="con", explicit=False, bce=False, contrastive=True)
 
     def grad(attack):
-        return attack.updates(model, params, seqs, users, targets, 7, 3, NO_DROP, compat).updates
+        return attack.updates(AttackContext(model, params, seqs, users, targets, 7, 3, NO_DROP, compat)).updates
 
     # Execute
     dv, s, c, ara = (grad(make_attack(n)) for n in ("dv-fsr", "s-fsr", "c-fsr", "a-ra"))
@@ -253,7 +256,7 @@ def test_eb_gradient_equals_autograd_of_minus_log_sigmoid():
         expected = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
 
         # Execute
-        ub = make_attack("eb").updates(model, params, [seq], [50], (target,), 0, 0, NO_DROP, Compat())
+        ub = make_attack("eb").updates(AttackContext(model, params, [seq], [50], (target,), 0, 0, NO_DROP, Compat()))
 
         # Assert
         assert torch.allclose(ub.updates[0], expected, atol=1e-6)
@@ -271,7 +274,7 @@ def test_attack_leak_makes_the_item_table_gradient_dense():
     V, d = model.item_emb.weight.shape
 
     def table_rows(compat):
-        g = attack.updates(model, params, seqs, [60], targets, 0, 0, NO_DROP, compat).updates[0]
+        g = attack.updates(AttackContext(model, params, seqs, [60], targets, 0, 0, NO_DROP, compat)).updates[0]
         return set(torch.nonzero(g[start : start + V * d].view(V, d).abs().sum(1)).flatten().tolist())
 
     # Execute
@@ -286,8 +289,8 @@ def test_batching_does_not_change_a_users_update_with_dropout_on():
     model, params = tiny()
     seqs, users = sequences(), [70, 71, 72]
     attack = make_attack("dv-fsr", {"repeats": "3"})
-    together = attack.updates(model, params, seqs, users, (29,), 5, 2, LocalConfig(), Compat()).updates
-    alone = attack.updates(model, params, seqs[1:2], users[1:2], (29,), 5, 2, LocalConfig(), Compat()).updates
+    together = attack.updates(AttackContext(model, params, seqs, users, (29,), 5, 2, LocalConfig(), Compat())).updates
+    alone = attack.updates(AttackContext(model, params, seqs[1:2], users[1:2], (29,), 5, 2, LocalConfig(), Compat())).updates
     assert torch.allclose(together[1], alone[0], atol=1e-5)
 
 
@@ -297,9 +300,13 @@ def test_every_attack_returns_one_finite_update_per_user(name):
     seqs, users = sequences(), [80, 81, 82]
     for attack_name in sorted(ATTACKS):
         attack = make_attack(attack_name)
-        if getattr(attack, "needs_public", False):  # what the adversary binds from the data set
-            attack = attack.with_public(tiny_dataset(20), 1)
-        ub = attack.updates(model, params, seqs, users, (29, 28), 1, 4, LocalConfig(), Compat.reference())
+        # what the adversary fills in from the data set for an attack that declares it needs it
+        data = tiny_dataset(20)
+        public = public_sequences(data, attack.public_share, 1) if attack.public_share > 0 else None
+        popularity = item_counts(data) if attack.needs_popularity else None
+        ctx = AttackContext(model, params, seqs, users, (29, 28), 1, 4, LocalConfig(), Compat.reference(),
+                            popularity=popularity, public=public)
+        ub = attack.updates(ctx)
         assert ub.updates.shape == (3, params.shape[0]), attack_name
         assert bool(torch.isfinite(ub.updates).all()), attack_name
         # every attack passes the server's sanity bound with room to spare (it is no defense)
@@ -313,15 +320,15 @@ def test_generic_model_poisoning_attacks():
     local = LocalConfig()  # seeded dropout: deterministic
     seqs, users, args = sequences(), [90, 91, 92], ((29,), 3, 1, local, Compat())
     honest = compute_updates(model, params, seqs, users, 3, 1, local).updates
-    eb = make_attack("eb").updates(model, params, seqs, users, *args).updates
+    eb = make_attack("eb").updates(AttackContext(model, params, seqs, users, *args)).updates
 
     # Execute
-    flip = make_attack("sign-flip", {"factor": "2"}).updates(model, params, seqs, users, *args).updates
+    flip = make_attack("sign-flip", {"factor": "2"}).updates(AttackContext(model, params, seqs, users, *args)).updates
     scale = make_attack("scale", {"base": "eb", "factor": "3"})
-    scaled = scale.updates(model, params, seqs, users, *args).updates
+    scaled = scale.updates(AttackContext(model, params, seqs, users, *args)).updates
     alie = make_attack("alie", {"z": "1.5"})
-    out = alie.updates(model, params, seqs, users, *args).updates
-    pool = alie.benign_pool(model, params, seqs, users, 3, 1, local).updates
+    out = alie.updates(AttackContext(model, params, seqs, users, *args)).updates
+    pool = alie.benign_pool(AttackContext(model, params, seqs, users, *args)).updates
     mu, sd = pool.mean(0), pool.std(0, correction=0)
 
     # Assert
@@ -358,13 +365,13 @@ def test_min_max_attacks_stay_inside_the_benign_bound_and_push_the_target(mode):
     seqs, users, args = sequences(), [90, 91, 92], ((29,), 3, 1, local, Compat())
     from attacker.attacks.alie import benign_pool
 
-    pool = benign_pool(model, params, seqs, users, 3, 1, local, 4).updates
+    pool = benign_pool(AttackContext(model, params, seqs, users, *args), 4).updates
     mu = pool.mean(0)
     pair = torch.cdist(pool.double(), pool.double()) ** 2
     # Execute
-    untargeted = make_attack(mode, {"direction": "none"}).updates(model, params, seqs, users, *args).updates
-    targeted = make_attack(mode).updates(model, params, seqs, users, *args).updates
-    push = make_attack("dv-fsr").updates(model, params, seqs, users, *args).updates
+    untargeted = make_attack(mode, {"direction": "none"}).updates(AttackContext(model, params, seqs, users, *args)).updates
+    targeted = make_attack(mode).updates(AttackContext(model, params, seqs, users, *args)).updates
+    push = make_attack("dv-fsr").updates(AttackContext(model, params, seqs, users, *args)).updates
     # Assert: the paper's attack sends one update, -mu's direction, on the bound
     assert torch.equal(untargeted[0], untargeted[1]) and torch.equal(untargeted[0], untargeted[2])
     step = (untargeted[0] - mu).double()
@@ -405,10 +412,11 @@ def test_pieck_mines_the_rows_that_moved_most_and_pulls_the_target_to_their_cent
     # Execute
     mined = mine_popular(params, initial_params(model, 5), model, 2, exclude=[29])
     rows_only = make_attack("pieck", {"base": "none", "popular": "2", "factor": "2"})
-    ub = rows_only.updates(model, params, seqs[:2], users, (29,), 5, 1, LocalConfig(), Compat())
-    with_base = make_attack("pieck", {"base": "eb", "popular": "2"}).updates(
-        model, params, seqs[:2], users, (29,), 5, 1, LocalConfig(), Compat()).updates
-    eb = make_attack("eb").updates(model, params, seqs[:2], users, (29,), 5, 1, LocalConfig(), Compat()).updates
+    ub = rows_only.updates(AttackContext(model, params, seqs[:2], users, (29,), 5, 1, LocalConfig(), Compat()))
+    with_base = make_attack("pieck", {"base": "eb", "popular": "2"}).updates(AttackContext(
+        model, params, seqs[:2], users, (29,), 5, 1, LocalConfig(), Compat())).updates
+    eb = make_attack("eb").updates(AttackContext(model, params, seqs[:2], users, (29,), 5, 1, LocalConfig(),
+                                                 Compat())).updates
     # Assert: mining from version 0 (which the call leaves the model without), the pull, the base
     assert mined.tolist() == [3, 7]
     assert torch.equal(initial_params(model, 5), init)
@@ -433,8 +441,9 @@ def test_fedrecattack_lifts_the_target_over_the_public_users_top_items():
 
     model, params = tiny()
     data = tiny_dataset(40)
-    attack = make_attack("fedrecattack", {"public": "0.1", "batch": "4", "top_k": "5"}).with_public(data, 3)
+    attack = make_attack("fedrecattack", {"public": "0.1", "batch": "4", "top_k": "5"})
     pub = [np.asarray(data.train[int(u)]) for u in public_users(data, 0.1, 3)]
+    public = public_sequences(data, attack.public_share, 3)  # what the adversary passes (ctx.public)
 
     def margin(p: torch.Tensor) -> float:  # mean over public users of s_target - mean of the top-5 others
         s = Functional(model, p).scores(Functional(model, p).hidden(attack_tokens(model, pub), None))[:, 1:M + 1]
@@ -445,17 +454,20 @@ def test_fedrecattack_lifts_the_target_over_the_public_users_top_items():
         return float((s[:, 28] - r.topk(5, dim=1).values.mean(1)).mean())
 
     # Execute
-    ub = attack.updates(model, params, sequences()[:2], [90, 91], (29,), 3, 1, LocalConfig(), Compat())
-    clipped = make_attack("fedrecattack", {"public": "0.1", "clip": "0.01"}).with_public(data, 3).updates(
-        model, params, sequences()[:2], [90, 91], (29,), 3, 1, LocalConfig(), Compat()).updates
+    ub = attack.updates(AttackContext(model, params, sequences()[:2], [90, 91], (29,), 3, 1, LocalConfig(), Compat(),
+                                      public=public))
+    clipped = make_attack("fedrecattack", {"public": "0.1", "clip": "0.01"}).updates(AttackContext(
+        model, params, sequences()[:2], [90, 91], (29,), 3, 1, LocalConfig(), Compat(), public=public)).updates
     # Assert
     drawn = public_users(data, 0.1, 3)
     assert len(pub) == 4 and drawn.tolist() == sorted(set(drawn.tolist())) and all(0 <= u < 40 for u in drawn)
+    assert attack.public_share == 0.1 and all(np.array_equal(a, b) for a, b in zip(public, pub, strict=True))
     assert any(public_users(data, 0.1, s).tolist() != drawn.tolist() for s in (4, 5, 6))  # the run seed draws them
     assert margin(params - 0.5 * ub.updates.sum(0)) > margin(params)
     assert torch.allclose(clipped.norm(dim=1), torch.full((2,), 0.01), rtol=1e-4)
     with pytest.raises(ValueError, match="public data"):
-        make_attack("fedrecattack").updates(model, params, sequences()[:1], [90], (29,), 3, 1, LocalConfig(), Compat())
+        make_attack("fedrecattack").updates(AttackContext(model, params, sequences()[:1], [90], (29,), 3, 1,
+                                                          LocalConfig(), Compat()))
     with pytest.raises(AttackConfigError, match="public"):
         make_attack("fedrecattack", {"public": "0"})
 
@@ -510,7 +522,7 @@ def test_ra_trains_honestly_on_fake_profiles():
     attack = make_attack("ra", {"length": "10"})
     assert attack.fake_users and pop.source_users.tolist() == [-1, -1, -1]
 
-    ub = attack.updates(model, params, pop.sequences, pop.ids, (29,), 0, 2, LocalConfig(), Compat())
+    ub = attack.updates(AttackContext(model, params, pop.sequences, pop.ids, (29,), 0, 2, LocalConfig(), Compat()))
 
     assert torch.equal(ub.updates, compute_updates(model, params, pop.sequences, pop.ids, 0, 2).updates)
 
@@ -567,6 +579,38 @@ def test_setup_validates_the_attack_and_adds_the_population():
     rounds = epoch_rounds(s.cfg, clients, 0)
     assert sorted(np.concatenate(rounds).tolist()) == clients.tolist()
     assert all_clients(setup(build_config(None, base))).tolist() == list(range(N))
+
+
+def test_the_adversary_fills_each_context_with_what_the_attack_declared():
+    # Prepare: 40 benign users, 4 malicious clients; FedRecAttack declares public_share = its option
+    from attacker.population import make_adversary
+    from fedseq.experiment import Setup
+    from fedseq.params import Layout
+
+    model, params = tiny()
+    data = tiny_dataset(40)
+
+    def adversary(name: str, opts: dict[str, str]):
+        cfg = build_config(None, dict(dataset="synthetic", model="sasrec", seed=3, attack=name, attack_opts=opts,
+                                      malicious_ratio=0.1, targets=[29]), environ={})
+        s = Setup(cfg, data, model, Layout.of(model), (29,), 4, "")
+        adv = make_adversary(s)
+        assert adv is not None
+        return s, adv
+
+    # Execute
+    s, fedrec = adversary("fedrecattack", {"public": "0.1"})
+    _, scaled = adversary("scale", {"base": "fedrecattack", "base.public": "0.1", "factor": "2"})
+    _, dv = adversary("eb", {})
+    ctx = fedrec.context(s, params, s.malicious_users[:2], 5)
+    # Assert: the public share's sequences, drawn with the run seed, once; nothing for an attack that needs none
+    assert fedrec.public is not None and fedrec.popularity is None
+    assert all(np.array_equal(a, b) for a, b in zip(fedrec.public, public_sequences(data, 0.1, 3), strict=True))
+    assert ctx.public is fedrec.public and ctx.users.tolist() == [40, 41] and ctx.targets == (29,)
+    assert dv.public is None and dv.popularity is None
+    # a wrapper gets its base's data: scale x 2 of the same FedRecAttack update
+    mal = s.malicious_users
+    assert torch.equal(scaled.updates(s, params, mal, 5).updates, 2 * fedrec.updates(s, params, mal, 5).updates)
 
 
 def _sim(attack: str, epochs: int = 2, **extra):

@@ -92,6 +92,56 @@ def test_a_step_that_would_explode_the_model_is_refused_largest_norm_first_and_r
     assert not model_sane(torch.tensor([WEIGHT_BOUND * 1.01])) and not model_sane(torch.tensor([float("inf")]))
 
 
+def test_the_rule_gets_the_rounds_context_and_the_root_only_when_it_declares_needs_root():
+    # Prepare: a rule that records its contexts; a root source that counts its calls
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from fedseq.engine import AggregationResult, AggregationRule, RoundContext
+    from fedseq.params import Layout
+
+    seen: list[RoundContext] = []
+
+    @dataclass(frozen=True)
+    class Recorder(AggregationRule):
+        needs: bool = False
+        name: str = "recorder"
+        scale: ClassVar[str] = "sum"
+
+        @property
+        def needs_root(self) -> bool:
+            return self.needs
+
+        def __call__(self, updates: torch.Tensor, ctx: RoundContext) -> AggregationResult:
+            seen.append(ctx)
+            return AggregationResult(updates.sum(dim=0))
+
+    calls: list[int] = []
+
+    def root(params: torch.Tensor, round_id: int) -> torch.Tensor:
+        calls.append(round_id)
+        return params + 1.0
+
+    big = torch.full((2,), 6e4)
+    U = torch.stack([big, torch.tensor([1.0, 2.0])])  # the first overflows: the rule runs twice
+    layout = Layout(("w",), ((2,),))
+    params = torch.zeros(2)
+    # Execute
+    plain = aggregate_round(Recorder(), params, U, torch.tensor([3.0, 4.0]), [5, 6], 1.0, 9, root, layout=layout)
+    n_plain = len(seen)
+    rooted = aggregate_round(Recorder(needs=True), params, U, torch.tensor([3.0, 4.0]), [5, 6], 1.0, 9, root,
+                             layout=layout)
+    # Assert: round id, layout, weights (the refused row's removed) and params reach the rule; the root
+    # is computed once per round and only for the rule that declares it needs one
+    assert plain.overflow == (5,) == rooted.overflow and n_plain == 2 and len(seen) == 4
+    assert all(c.round_id == 9 and c.layout is layout and c.params is params for c in seen)
+    assert [c.weights.tolist() for c in seen] == [[3.0, 4.0], [4.0]] * 2
+    assert [c.root for c in seen[:2]] == [None, None] and calls == [9]
+    assert all(c.root is not None and torch.equal(c.root, torch.ones(2)) for c in seen[2:])
+    with pytest.raises(ValueError, match="needs a root update"):
+        aggregate_round(Recorder(needs=True), params, U, torch.ones(2), [5, 6], 1.0, 9)
+
+
 def test_the_plan_has_every_client_once_per_epoch_and_adversarial_rounds_after_each():
     clients = np.arange(10)
     plain = plan_run(CFG, clients, num_benign=8)
@@ -129,13 +179,15 @@ def test_every_rule_says_whether_it_reads_the_sample_weights():
     assert reads == {"fedavg": False, "none": False, "mean": False, "rfa": True, "mixed-rfa": True, "median": False,
                      "trimmed-mean": False, "krum": False, "bulyan": False, "dnc": False}
     assert rule_uses_weights(make_rule("fedavg", {"reduce": "mean"}))  # the weighted mean
-    # every registered rule says it itself (none falls back to the engine's conservative default)
-    from server.aggregation import RULES
+    # every registered rule says it itself (none falls back to the base's conservative default)
+    from server.aggregation import RULES, AggregationRule
 
     needs = {"norm-clip": {"bound": "1.0"}}
     for name in RULES:
         rule = make_rule(name, needs.get(name, {}))
-        assert hasattr(rule, "uses_weights"), name
+        assert isinstance(rule, AggregationRule), name
+        assert type(rule).uses_weights is not AggregationRule.uses_weights, name
+        assert type(rule).scale is not AggregationRule.scale, name
     assert not rule_uses_weights(make_rule("foolsgold")) and not rule_uses_weights(make_rule("fltrust"))
     assert rule_uses_weights(make_rule("norm-clip", {"inner": "rfa", "bound": "1.0"}))
     assert not rule_uses_weights(make_rule("sparse", {"inner": "median"}))

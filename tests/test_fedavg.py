@@ -11,7 +11,7 @@ import torch
 
 from fedseq.models import build_model
 from fedseq.params import Layout, get_vector, set_vector
-from server.aggregation import FedAvg, RuleConfigError, fedavg, make_rule, server_step
+from server.aggregation import FedAvg, RoundContext, RuleConfigError, fedavg, make_rule, server_step
 
 U = torch.tensor([[1.0, 2.0, -3.0], [4.0, 0.0, 1.0], [-2.0, 6.0, 2.0]], dtype=torch.float64)
 W = torch.tensor([1.0, 3.0, 0.0])
@@ -98,7 +98,7 @@ def test_fedavg_bad_reduce_and_zero_weights():
 ])
 def test_registry_fedavg_rule_matches_the_function(options, expected):
     # Execute
-    res = make_rule("fedavg", options)(U, W)
+    res = make_rule("fedavg", options)(U, RoundContext(W))
 
     # Assert
     torch.testing.assert_close(res.vector, torch.tensor(expected, dtype=torch.float64))
@@ -112,7 +112,7 @@ def test_registry_none_rule_is_the_plain_sum():
 
     # Assert
     assert rule.name == "none"
-    assert rule(U, W).vector.tolist() == [3.0, 8.0, 0.0]
+    assert rule(U, RoundContext(W)).vector.tolist() == [3.0, 8.0, 0.0]
     with pytest.raises(RuleConfigError, match="has no option 'reduce'"):
         make_rule("none", {"reduce": "mean"})
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedseq.engine import aggregate_round, needs_round
+from fedseq.engine import RoundContext, aggregate_round
 from server.aggregation import RuleConfigError, make_rule, single_cluster
 from server.aggregation.base import round_generator
 from server.aggregation.bulyan import closest_to_median_mean
@@ -33,7 +33,7 @@ def test_bulyan_hand_round_selects_the_honest_five_and_averages_around_the_media
     # Prepare: K = 7, f = auto = 1: theta = 5 selected by recursive Krum, beta = 3 per coordinate
     rule = make_rule("bulyan")
     # Execute
-    res = rule(LINE, torch.ones(7))
+    res = rule(LINE, RoundContext(torch.ones(7)))
     # Assert: selection 2, 1, 3, 0, 4 (ties to the lower index); coordinate: mean of 1, 2, 3 = 2
     assert res.info["selected"] == [2, 1, 3, 0, 4] and res.info["theta"] == 5 and res.info["beta"] == 3
     assert res.kept == (0, 1, 2, 3, 4)
@@ -74,7 +74,7 @@ def test_bulyan_honest_majority_wins_against_sybils() -> None:
     # Prepare: 17 honest around 1, 4 sybils at -30 on coordinate 0 (K = 21 >= 4 * 4 + 3)
     u = honest_and_sybils(17, 4, 6, seed=1)
     # Execute
-    res = make_rule("bulyan", {"f": "4"})(u, torch.ones(21))
+    res = make_rule("bulyan", {"f": "4"})(u, RoundContext(torch.ones(21)))
     # Assert: the last Krum steps (3 neighbours among 9) may pick a tight sybil, but the selection is
     # mostly honest and the per-coordinate trimming around the median removes it
     assert res.kept is not None and sum(i >= 17 for i in res.kept) <= 1
@@ -83,17 +83,17 @@ def test_bulyan_honest_majority_wins_against_sybils() -> None:
 
 def test_bulyan_f_is_clamped_or_strict_raises_and_tiny_rounds_fall_back() -> None:
     # Execute
-    clamped = make_rule("bulyan", {"f": "5"})(LINE, torch.ones(7))
-    tiny = make_rule("bulyan")(LINE[:2], torch.ones(2))
+    clamped = make_rule("bulyan", {"f": "5"})(LINE, RoundContext(torch.ones(7)))
+    tiny = make_rule("bulyan")(LINE[:2], RoundContext(torch.ones(2)))
     # Assert
     assert clamped.info["f"] == 1 and clamped.info["f_clamped"]
     assert torch.equal(tiny.vector, LINE[:2].mean(dim=0)) and "fallback" in tiny.info
     with pytest.raises(ValueError, match=r"K >= 4f \+ 3"):
-        make_rule("bulyan", {"f": "5", "strict": "true"})(LINE, torch.ones(7))
+        make_rule("bulyan", {"f": "5", "strict": "true"})(LINE, RoundContext(torch.ones(7)))
 
 
 def test_bulyan_f_zero_is_the_mean() -> None:
-    res = make_rule("bulyan", {"f": "0"})(LINE, torch.ones(7))
+    res = make_rule("bulyan", {"f": "0"})(LINE, RoundContext(torch.ones(7)))
     assert torch.allclose(res.vector, LINE.mean(dim=0)) and res.kept is None
 
 
@@ -102,7 +102,7 @@ def test_dnc_removes_the_sybils_and_returns_the_mean_of_the_rest() -> None:
     # Prepare: 12 honest, 2 sybils; f = 2, every coordinate sampled (b >= D)
     u = honest_and_sybils(12, 2, 8, seed=2)
     # Execute
-    res = make_rule("dnc", {"f": "2"})(u, torch.ones(14))
+    res = make_rule("dnc", {"f": "2"})(u, RoundContext(torch.ones(14)))
     # Assert
     assert res.kept == tuple(range(12))
     assert torch.allclose(res.vector, u[:12].mean(dim=0))
@@ -125,16 +125,16 @@ def test_dnc_coordinate_draws_are_seeded_by_seed_and_round() -> None:
     u = torch.randn(10, 40, generator=torch.Generator().manual_seed(5))
     rule = make_rule("dnc", {"f": "3", "b": "3", "niters": "1"})
     # Execute
-    a = rule.with_round(1)(u, torch.ones(10))  # type: ignore[attr-defined]
-    a2 = rule.with_round(1)(u, torch.ones(10))  # type: ignore[attr-defined]
+    a = rule(u, RoundContext(torch.ones(10), round_id=1))
+    a2 = rule(u, RoundContext(torch.ones(10), round_id=1))
     draws = {tuple(torch.randperm(40, generator=round_generator(0, 0xD2C, r, 0))[:3].tolist()) for r in range(5)}
     # Assert: deterministic per round; the rounds' subsets differ
-    assert needs_round(rule) and torch.equal(a.vector, a2.vector) and a.kept == a2.kept
+    assert torch.equal(a.vector, a2.vector) and a.kept == a2.kept and a.info["round_id"] == 1
     assert len(draws) == 5
 
 
 def test_dnc_removing_everyone_gives_no_step() -> None:
-    res = make_rule("dnc", {"f": "1", "c": "4"})(LINE[:4], torch.ones(4))
+    res = make_rule("dnc", {"f": "1", "c": "4"})(LINE[:4], RoundContext(torch.ones(4)))
     assert res.info["all_removed"] and torch.equal(res.vector, torch.zeros(2))
 
 
@@ -178,7 +178,7 @@ def test_flame_hand_round_removes_opposite_directions_and_clips_to_the_median_no
     # Prepare: 5 honest along +x (norms 1..5), 2 attackers along -y (norms 10, 20)
     u = torch.tensor([[1.0, 0.0], [2.0, 0.0], [3.0, 0.0], [4.0, 0.0], [5.0, 0.0], [0.0, -10.0], [0.0, -20.0]])
     # Execute
-    res = make_rule("flame", {"noise": "0"})(u, torch.ones(7))
+    res = make_rule("flame", {"noise": "0"})(u, RoundContext(torch.ones(7)))
     # Assert: median norm 4; clipped honest 1, 2, 3, 4, 4; mean 2.8
     assert res.kept == (0, 1, 2, 3, 4)
     assert res.info["median_norm"] == 4.0 and res.info["clipped"] == 1
@@ -207,7 +207,7 @@ def test_flame_cosine_distance_of_a_zero_update_is_one() -> None:
 
 def test_flame_honest_majority_wins_against_sybils() -> None:
     u = honest_and_sybils(9, 4, 6, seed=3)
-    res = make_rule("flame", {"noise": "0"})(u, torch.ones(13))
+    res = make_rule("flame", {"noise": "0"})(u, RoundContext(torch.ones(13)))
     assert res.kept is not None and all(i < 9 for i in res.kept) and len(res.kept) >= 7
     assert float((res.vector - 1.0).abs().max()) < 0.2
 
@@ -235,11 +235,10 @@ def test_bad_options_are_config_errors(name: str, options: dict[str, str], patte
                                              ("norm-clip:dnc,bound=10,inner.b=3", True)])
 def test_a_runs_seed_reaches_the_rules_draws_unless_its_options_name_one(defense, inner) -> None:
     # Prepare: a round the rules draw on (FLAME's noise, DnC's coordinate subsets)
-    from fedseq.engine import bind_round
     from server.aggregation import make_run_rule
 
     U = torch.randn(12, 6, generator=torch.Generator().manual_seed(5))
-    w = torch.ones(12)
+    ctx = RoundContext(torch.ones(12), round_id=3)
 
     def seed_of(rule):
         return (rule.inner_rule if inner else rule).seed
@@ -250,6 +249,6 @@ def test_a_runs_seed_reaches_the_rules_draws_unless_its_options_name_one(defense
 
     # Assert: the rule draws from the run's seed, an explicit seed wins, and the draws follow it
     assert (seed_of(s0), seed_of(s7), seed_of(pinned)) == (0, 7, 0)
-    assert torch.equal(bind_round(pinned, 3)(U, w).vector, bind_round(s0, 3)(U, w).vector)
+    assert torch.equal(pinned(U, ctx).vector, s0(U, ctx).vector)
     if "flame" in defense:  # FLAME's noise differs between seeds (DnC's subsets may agree on 6 coordinates)
-        assert not torch.equal(bind_round(s7, 3)(U, w).vector, bind_round(s0, 3)(U, w).vector)
+        assert not torch.equal(s7(U, ctx).vector, s0(U, ctx).vector)

@@ -1,6 +1,6 @@
 """Item-wise sparse aggregation (server/aggregation/sparse.py, rule ``sparse``): exact outputs on tiny
-hand rounds, the batched paths against the per-row reference, the spec syntax, the engine's layout
-binding and option errors. Prepare / Execute / Assert."""
+hand rounds, the batched paths against the per-row reference, the spec syntax, the layout in the
+round's context and option errors. Prepare / Execute / Assert."""
 
 from __future__ import annotations
 
@@ -12,11 +12,9 @@ from fedseq.params import Layout
 from server.aggregation import (
     ItemRows,
     MissingLayout,
+    RoundContext,
     RuleConfigError,
-    bind_layout,
-    bind_root,
     make_rule,
-    needs_layout,
     parse_rule_spec,
 )
 from server.aggregation.sparse import touched_rows
@@ -30,8 +28,13 @@ HAND = torch.tensor([
 ])
 
 
-def sparse(spec: str, layout: Layout = LAYOUT, **opts: str):
-    return bind_layout(make_rule(spec, opts), layout)
+def sparse(spec: str, **opts: str):
+    return make_rule(spec, opts)
+
+
+def ctx(weights: torch.Tensor, layout: Layout = LAYOUT, **kw) -> RoundContext:
+    """A round's context with the parameter layout the sparse rule reads."""
+    return RoundContext(weights, layout=layout, **kw)
 
 
 def sparse_round(k: int, rows: int, width: int, shared: int, seed: int, p: float = 0.3) -> torch.Tensor:
@@ -47,7 +50,7 @@ def test_hand_round_median_per_touched_row_times_touches() -> None:
     # Prepare: row 0 touched by all 3, row 1 by update 2, row 2 by update 0, row 3 by nobody
     rule = sparse("sparse:median")
     # Execute
-    res = rule(HAND, torch.ones(3))
+    res = rule(HAND, ctx(torch.ones(3)))
     # Assert: row 0 = 3 * median((1,1),(3,3),(5,6)); rows 1, 2 = their single toucher's row;
     # row 3 stays zero; shared = 3 * median((1,2,3),(2,2,2),(9,9,9)) = 3 * (2,2,3)
     assert torch.equal(res.vector, torch.tensor([9.0, 9.0, 1.0, 0.0, 2.0, 0.0, 0.0, 0.0, 6.0, 6.0, 9.0]))
@@ -59,8 +62,8 @@ def test_dense_median_loses_rarely_touched_rows_and_sparse_keeps_them() -> None:
     # Prepare: item row 1 touched by only 1 of 3 updates
     dense = make_rule("median")
     # Execute
-    d = dense(HAND, torch.ones(3)).vector
-    s = sparse("sparse:median")(HAND, torch.ones(3)).vector
+    d = dense(HAND, RoundContext(torch.ones(3))).vector
+    s = sparse("sparse:median")(HAND, ctx(torch.ones(3))).vector
     # Assert: the dense median zeroes it (the failure sparse aggregation fixes)
     assert torch.equal(d[2:4], torch.zeros(2)) and torch.equal(s[2:4], torch.tensor([1.0, 0.0]))
 
@@ -72,7 +75,7 @@ def test_an_honest_majority_of_a_rows_touchers_wins_the_row() -> None:
     u[3:, 0:2] = 100.0
     u[:, 8:] = 1.0
     # Execute
-    res = sparse("sparse:median")(u, torch.ones(5))
+    res = sparse("sparse:median")(u, ctx(torch.ones(5)))
     # Assert: per coordinate the median of the 5 touchers is the largest honest value 1.1 (x 5 touches)
     assert torch.allclose(res.vector[0:2], torch.tensor([5.5, 5.5]))
 
@@ -85,7 +88,7 @@ def test_attackers_outnumbering_a_rows_touchers_own_the_row() -> None:
     u[4:, 4:6] = -50.0
     u[:, 8:] = 1.0
     # Execute
-    res = sparse("sparse:median")(u, torch.ones(6))
+    res = sparse("sparse:median")(u, ctx(torch.ones(6)))
     # Assert: the popular row is honest, the rare row the attackers'
     assert torch.equal(res.vector[0:2], torch.tensor([6.0, 6.0]))
     assert torch.equal(res.vector[4:6], torch.tensor([-150.0, -150.0]))
@@ -95,8 +98,8 @@ def test_sparse_fedavg_is_exactly_the_plain_sum() -> None:
     # Prepare
     u = sparse_round(9, 4, 2, 3, seed=3)
     # Execute
-    res = sparse("sparse:fedavg")(u, torch.ones(9))
-    mean = sparse("sparse:mean")(u, torch.ones(9))
+    res = sparse("sparse:fedavg")(u, ctx(torch.ones(9)))
+    mean = sparse("sparse:mean")(u, ctx(torch.ones(9)))
     # Assert: the sum bit for bit; the mean inner rule (mean scale, x touches) up to rounding
     assert torch.equal(res.vector, u.sum(dim=0))
     assert torch.allclose(mean.vector, u.sum(dim=0), atol=1e-5)
@@ -117,8 +120,8 @@ def test_vectorised_rows_equal_the_per_row_reference(spec: str, opts: dict[str, 
     u = sparse_round(12, 30, 5, 7, seed=11, p=0.45)
     w = torch.arange(1.0, 13.0)
     # Execute
-    fast = sparse(spec, layout, **opts, vectorised="true")(u, w)
-    slow = sparse(spec, layout, **opts, vectorised="false")(u, w)
+    fast = sparse(spec, **opts, vectorised="true")(u, ctx(w, layout))
+    slow = sparse(spec, **opts, vectorised="false")(u, ctx(w, layout))
     # Assert
     assert fast.info["vectorised"] and not slow.info["vectorised"]
     if exact:
@@ -134,7 +137,7 @@ def test_untouched_rows_stay_zero_and_touch_mask_ignores_signed_zero() -> None:
     u[1, 0] = 1.0
     # Execute
     mask = touched_rows(u, ItemRows.of(LAYOUT))
-    res = sparse("sparse:trimmed-mean")(u, torch.ones(2))
+    res = sparse("sparse:trimmed-mean")(u, ctx(torch.ones(2)))
     # Assert
     assert mask.tolist() == [[False, False, False, False], [True, False, False, False]]
     assert torch.equal(res.vector[2:8], torch.zeros(6))
@@ -150,21 +153,21 @@ def test_inner_fltrust_gets_the_roots_row_and_dense_part() -> None:
     root = torch.zeros(11)
     root[0], root[8] = 2.0, 2.0
     # Execute
-    res = bind_root(sparse("sparse:fltrust"), root)(u, torch.ones(2))
+    res = sparse("sparse:fltrust")(u, ctx(torch.ones(2), root=root))
     # Assert: FLTrust keeps update 0 rescaled to the root's norm 2, times the touches / K = 2
     assert torch.allclose(res.vector[0:2], torch.tensor([4.0, 0.0]))
     assert torch.allclose(res.vector[8:], torch.tensor([4.0, 0.0, 0.0]))
 
 
-def test_engine_binds_the_layout_and_steps_with_lr_as_is() -> None:
+def test_engine_passes_the_layout_and_steps_with_lr_as_is() -> None:
     # Prepare
     rule = make_rule("sparse:median")
     params = torch.zeros(11)
     # Execute
     out = aggregate_round(rule, params, HAND, torch.ones(3), [0, 1, 2], lr=0.5, round_id=0, layout=LAYOUT)
     # Assert: scale sum, so the step is lr * aggregate
-    assert needs_layout(rule) and step_lr(rule, 0.5, 3) == 0.5
-    assert torch.equal(out.params, -0.5 * sparse("sparse:median")(HAND, torch.ones(3)).vector)
+    assert rule.needs_layout and step_lr(rule, 0.5, 3) == 0.5
+    assert torch.equal(out.params, -0.5 * sparse("sparse:median")(HAND, ctx(torch.ones(3))).vector)
 
 
 def test_engine_refuses_a_layout_rule_without_a_layout() -> None:
@@ -172,14 +175,24 @@ def test_engine_refuses_a_layout_rule_without_a_layout() -> None:
         aggregate_round(make_rule("sparse"), torch.zeros(11), HAND, torch.ones(3), [0, 1, 2], 0.1, 0)
 
 
-def test_unbound_rule_says_to_bind_the_layout() -> None:
+def test_a_context_without_a_layout_is_refused() -> None:
     with pytest.raises(MissingLayout, match="needs the model's parameter layout"):
-        make_rule("sparse")(HAND, torch.ones(3))
+        make_rule("sparse")(HAND, RoundContext(torch.ones(3)))
 
 
 def test_layout_without_the_table_is_a_config_error() -> None:
     with pytest.raises(RuleConfigError, match="item table 'item_emb.weight'"):
-        bind_layout(make_rule("sparse"), Layout(("w",), ((11,),)))
+        make_rule("sparse")(HAND, ctx(torch.ones(3), Layout(("w",), ((11,),))))
+
+
+def test_a_seeded_inner_rule_draws_from_the_contexts_round() -> None:
+    # Prepare: FLAME's noise on the dense part and every touched row comes from (seed, round id)
+    rule = sparse("sparse:flame", **{"inner.noise": "0.5"})
+    u = sparse_round(6, 4, 2, 3, seed=8, p=0.7)
+    # Execute
+    a, a2, b = (rule(u, ctx(torch.ones(6), round_id=r)).vector for r in (2, 2, 3))
+    # Assert
+    assert torch.equal(a, a2) and not torch.equal(a, b)
 
 
 @pytest.mark.parametrize("spec,opts,expected", [
@@ -218,8 +231,9 @@ def test_bad_sparse_options_are_config_errors(spec: str, opts: dict[str, str], p
 
 def test_wrappers_report_the_inner_rules_root_users() -> None:
     # the runners' root source reads rule.root_users (fedseq/root.py): a wrapper must pass it on
-    assert make_rule("sparse:fltrust", {"inner.root_users": "4"}).root_users == 4  # type: ignore[attr-defined]
-    assert make_rule("norm-clip:fltrust,bound=1,inner.root_users=3").root_users == 3  # type: ignore[attr-defined]
+    assert make_rule("sparse:fltrust", {"inner.root_users": "4"}).root_users == 4
+    assert make_rule("norm-clip:fltrust,bound=1,inner.root_users=3").root_users == 3
+    assert make_rule("sparse:fltrust").needs_root and not make_rule("sparse:median").needs_root
 
 
 def test_rows_processed_in_small_blocks_give_the_same_aggregate(monkeypatch) -> None:
@@ -228,10 +242,10 @@ def test_rows_processed_in_small_blocks_give_the_same_aggregate(monkeypatch) -> 
 
     layout = Layout(("item_emb.weight", "w"), ((40, 3), (5,)))
     u = sparse_round(10, 40, 3, 5, seed=21, p=0.5)
-    whole = sparse("sparse:median", layout)(u, torch.ones(10)).vector
+    whole = sparse("sparse:median")(u, ctx(torch.ones(10), layout)).vector
     # Execute
     monkeypatch.setattr(sp, "GROUP_CHUNK_BYTES", 1)
-    pieces = sparse("sparse:median", layout)(u, torch.ones(10)).vector
+    pieces = sparse("sparse:median")(u, ctx(torch.ones(10), layout)).vector
     # Assert
     assert torch.equal(whole, pieces)
 

@@ -1,6 +1,6 @@
 """Spattack (attacker/attacks/spattack.py): which rows it touches, what it puts there, that the
 malicious clients concentrated on rare rows own those rows under item-wise sparse aggregation, the
-popularity the runners bind, and option errors. Tiny real models, no mocks. Prepare / Execute / Assert."""
+popularity the runners pass in its context, and option errors. Tiny real models, no mocks. Prepare / Execute / Assert."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from attacker.attacks import AttackConfigError, Spattack, item_counts, make_attack, rare_items
+from attacker.attacks import AttackConfigError, AttackContext, Spattack, item_counts, make_attack, rare_items
 from attacker.attacks.spattack import table_slice
 from cli.plugins import prepare
 from fedseq.config import Compat, build_config
@@ -17,7 +17,7 @@ from fedseq.models import build_model
 from fedseq.models.common import reference_init
 from fedseq.params import Layout, get_vector
 from fedseq.training import LocalConfig, compute_updates
-from server.aggregation import bind_layout, make_rule
+from server.aggregation import RoundContext, make_rule
 
 M = 30
 LOCAL = LocalConfig()  # seeded dropout: deterministic
@@ -65,10 +65,10 @@ def test_promote_sends_the_base_rows_on_targets_and_rare_items_only() -> None:
     counts = np.zeros(M + 1, dtype=np.int64)
     counts[1:20] = 10
     s, users = seqs(3, 0), [50, 51, 52]
-    attack = make_attack("spattack", {"rows": "3", "base": "eb", "factor": "2"}).with_popularity(counts)  # type: ignore[attr-defined]
-    base = make_attack("eb").updates(model, params, s, users, (29,), 1, 2, LOCAL, Compat()).updates
+    attack = make_attack("spattack", {"rows": "3", "base": "eb", "factor": "2"})
+    base = make_attack("eb").updates(AttackContext(model, params, s, users, (29,), 1, 2, LOCAL, Compat())).updates
     # Execute
-    out = attack.updates(model, params, s, users, (29,), 1, 2, LOCAL, Compat()).updates
+    out = attack.updates(AttackContext(model, params, s, users, (29,), 1, 2, LOCAL, Compat(), popularity=counts)).updates
     # Assert: rows 20, 21, 22 (rarest, lower ids), the target 29 and the mask token 31, x 2; every
     # other item row zero; the shared weights are the base's
     chosen = [20, 21, 22, 29, 31]
@@ -83,7 +83,7 @@ def test_promote_sends_the_base_rows_on_targets_and_rare_items_only() -> None:
 def test_token_rows_false_leaves_the_mask_row_alone() -> None:
     model, params = tiny()
     attack = make_attack("spattack", {"rows": "2", "base": "eb", "token_rows": "false"})
-    out = attack.updates(model, params, seqs(2, 1), [60, 61], (29,), 1, 2, LOCAL, Compat()).updates
+    out = attack.updates(AttackContext(model, params, seqs(2, 1), [60, 61], (29,), 1, 2, LOCAL, Compat())).updates
     touched = (item_rows(out, model)[0].abs().sum(dim=1) > 0).nonzero().flatten().tolist()
     assert 31 not in touched and 29 in touched
 
@@ -91,7 +91,7 @@ def test_token_rows_false_leaves_the_mask_row_alone() -> None:
 def test_shared_false_zeroes_everything_but_the_chosen_rows() -> None:
     model, params = tiny()
     attack = make_attack("spattack", {"rows": "2", "base": "eb", "shared": "false"})
-    out = attack.updates(model, params, seqs(2, 1), [60, 61], (29,), 1, 2, LOCAL, Compat()).updates
+    out = attack.updates(AttackContext(model, params, seqs(2, 1), [60, 61], (29,), 1, 2, LOCAL, Compat())).updates
     off, r, w = table_slice(model)
     assert torch.equal(out[:, off + r * w:], torch.zeros_like(out[:, off + r * w:]))
 
@@ -99,12 +99,12 @@ def test_shared_false_zeroes_everything_but_the_chosen_rows() -> None:
 def test_disrupt_rows_are_shared_by_all_attackers_and_seeded_by_round() -> None:
     # Prepare
     model, params = tiny()
-    attack = make_attack("spattack", {"goal": "disrupt", "rows": "4", "factor": "3"})  # unbound: lowest ids
+    attack = make_attack("spattack", {"goal": "disrupt", "rows": "4", "factor": "3"})  # no popularity: lowest ids
     s, users = seqs(3, 2), [70, 71, 72]
     # Execute
-    a = attack.updates(model, params, s, users, (29,), 1, 5, LOCAL, Compat()).updates
-    b = attack.updates(model, params, s[:1], users[:1], (29,), 1, 5, LOCAL, Compat()).updates
-    c = attack.updates(model, params, s, users, (29,), 1, 6, LOCAL, Compat()).updates
+    a = attack.updates(AttackContext(model, params, s, users, (29,), 1, 5, LOCAL, Compat())).updates
+    b = attack.updates(AttackContext(model, params, s[:1], users[:1], (29,), 1, 5, LOCAL, Compat())).updates
+    c = attack.updates(AttackContext(model, params, s, users, (29,), 1, 6, LOCAL, Compat())).updates
     honest = compute_updates(model, params, s, users, 1, 5, LOCAL).updates
     # Assert: identical rows for every attacker and batch; another round, other rows; shared = honest
     ra, rc = item_rows(a, model), item_rows(c, model)
@@ -122,12 +122,13 @@ def test_concentrated_attackers_own_the_rare_rows_under_sparse_median() -> None:
     benign = compute_updates(model, params, seqs(12, 3), list(range(12)), 1, 7, LOCAL).updates
     counts = np.zeros(M + 1, dtype=np.int64)
     counts[1:20] = 10
-    attack = make_attack("spattack", {"goal": "disrupt", "rows": "4", "factor": "5"}).with_popularity(counts)  # type: ignore[attr-defined]
-    bad = attack.updates(model, params, seqs(3, 4), [12, 13, 14], (29,), 1, 7, LOCAL, Compat()).updates
+    attack = make_attack("spattack", {"goal": "disrupt", "rows": "4", "factor": "5"})
+    bad = attack.updates(AttackContext(model, params, seqs(3, 4), [12, 13, 14], (29,), 1, 7, LOCAL, Compat(),
+                                       popularity=counts)).updates
     u = torch.cat([benign, bad])
-    rule = bind_layout(make_rule("sparse:median"), Layout.of(model))
+    rule = make_rule("sparse:median")
     # Execute
-    agg = rule(u, torch.ones(15)).vector
+    agg = rule(u, RoundContext(torch.ones(15), layout=Layout.of(model))).vector
     # Assert: on every chosen row fewer benign updates than attackers touch it, and the row is
     # exactly the attackers' value times the touches; a popular row stays benign
     rows_agg, rows_u = item_rows(agg, model), item_rows(u, model)
@@ -141,12 +142,20 @@ def test_concentrated_attackers_own_the_rare_rows_under_sparse_median() -> None:
     assert int(benign_touch[popular]) > 3 and not torch.allclose(rows_agg[popular], rows_u[12, popular])
 
 
-def test_the_runners_bind_the_training_popularity() -> None:
+def test_the_runners_pass_the_training_popularity() -> None:
     cfg = build_config(None, dict(dataset="synthetic", model="sasrec", seed=0, attack="spattack",
                                   attack_opts={"base": "eb"}, malicious_ratio=0.01))
     p = prepare(cfg)
     assert p.adversary is not None and isinstance(p.adversary.attack, Spattack)
-    assert np.array_equal(p.adversary.attack.popularity, item_counts(p.setup.dataset))  # type: ignore[arg-type]
+    assert p.adversary.attack.needs_popularity and p.adversary.public is None
+    counts = item_counts(p.setup.dataset)
+    assert p.adversary.popularity is not None and np.array_equal(p.adversary.popularity, counts)
+    ctx = p.adversary.context(p.setup, p.setup.initial_params(), p.setup.malicious_users[:1], 3)
+    assert ctx.popularity is p.adversary.popularity and ctx.round_key == 3 and ctx.seed == 0
+    # a wrapper declares its inner attack's needs, so the adversary fills them for it too
+    scaled = make_attack("scale", {"base": "spattack"})
+    assert scaled.needs_popularity and not make_attack("scale", {"base": "eb"}).needs_popularity
+    assert make_attack("alie", {"direction": "fedrecattack"}).public_share == 0.01
 
 
 @pytest.mark.parametrize("options,pattern", [

@@ -2,9 +2,16 @@
 
 ``make_attack(name, options)`` builds a configured attack from string options (clear
 :class:`AttackConfigError` for an unknown name, option or value); ``ATTACKS`` maps names to
-factories. Every attack's ``updates(model, params, sequences, users, targets, seed, round_key,
-local, compat)`` returns one update per malicious user in the benign convention (see
-:mod:`.base`).
+factories. Every attack subclasses :class:`Attack`; its ``updates(ctx)`` takes one
+:class:`AttackContext` (model, weights, the malicious users and their sequences, targets, seed,
+round key, local-training config, compat switches, and the data the attack declared it needs)
+and returns one update per malicious user in the benign convention (see :mod:`.base`).
+
+A new attack: a frozen dataclass subclassing :class:`Attack` with a ``name`` and ``updates(self,
+ctx)``; where it needs more than the defaults, it overrides a declaration of :class:`Attack`
+(``fake_users``/``profile_length``: fabricated users; ``needs_popularity``: ``ctx.popularity``;
+``public_share``: ``ctx.public``; a wrapper returns its inner attack's); then its factory is
+registered in :data:`ATTACKS`. :func:`attacker.population.make_adversary` fills the contexts.
 
 | name        | kind                         | paper (module docstring)                         |
 |-------------|------------------------------|--------------------------------------------------|
@@ -30,8 +37,9 @@ from collections.abc import Mapping
 
 from . import a_ra, alie, c_fsr, dv_fsr, eb, fedrecattack, min_max, pieck, ra, s_fsr, scale, sign_flip, spattack
 from .alie import ALIE, alie_z
-from .base import Attack, AttackConfigError, AttackFactory
+from .base import Attack, AttackConfigError, AttackContext, AttackFactory
 from .dv_fsr import DualViewAttack, Substitution, contrastive_loss, substitute
+from .fedrecattack import FedRecAttack, public_sequences, public_users
 from .min_max import MinMax, max_gamma
 from .ra import RandomAttack
 from .scale import Scale
@@ -68,7 +76,9 @@ __all__ = [
     "ATTACKS",
     "Attack",
     "AttackConfigError",
+    "AttackContext",
     "DualViewAttack",
+    "FedRecAttack",
     "MinMax",
     "RandomAttack",
     "Scale",
@@ -80,6 +90,8 @@ __all__ = [
     "item_counts",
     "make_attack",
     "max_gamma",
+    "public_sequences",
+    "public_users",
     "rare_items",
     "substitute",
 ]

@@ -28,24 +28,23 @@ each coordinate is pushed by z sigma in the direction that lowers the target los
 "backdoor" use of ALIE (stay inside the benign spread, move towards the attacker's objective).
 Note that coordinates no benign-like update touches (sigma = 0, e.g. the item rows of items the
 attacker's users never saw, the target's own row included) are not moved: ALIE trades strength
-for stealth. ``direction=none`` gives the paper's untargeted mu - z * sigma.
+for stealth. ``direction=none`` gives the paper's untargeted mu - z * sigma. The direction attack
+gets the same context, and ALIE declares the data it needs (``needs_popularity``, ``public_share``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from statistics import NormalDist
 
 import numpy as np
 import torch
 
-from fedseq.config import Compat
-from fedseq.models import SeqModel
-from fedseq.training import LocalConfig, UpdateBatch, compute_updates, user_rng
+from fedseq.training import UpdateBatch, compute_updates, user_rng
 
-from .base import Attack, AttackConfigError, Option, Users, parse_options, positive, sub_options
+from .base import Attack, AttackConfigError, AttackContext, Option, parse_options, positive, sub_options
 from .common import STREAM_VIEWS, num_samples
 
 
@@ -60,24 +59,23 @@ def alie_z(n: int, m: int) -> float:
     return max(0.0, NormalDist().inv_cdf(q))
 
 
-def benign_pool(model: SeqModel, params: torch.Tensor, sequences: Sequence[np.ndarray], users: Users, seed: int,
-                round_key: int, local: LocalConfig, views: int) -> UpdateBatch:
-    """Benign-like updates ``[views * B, D]``, the attacker's estimate of the benign updates:
-    view 0 = each user's own honest update; views 1.. = updates on random prefixes of its history
-    (other randomness for negatives and dropout)."""
+def benign_pool(ctx: AttackContext, views: int) -> UpdateBatch:
+    """Benign-like updates ``[views * B, D]`` of the context's users, the attacker's estimate of
+    the benign updates: view 0 = each user's own honest update; views 1.. = updates on random
+    prefixes of its history (other randomness for negatives and dropout)."""
     pools = []
     for v in range(views):
         if v == 0:
-            seqs, key = list(sequences), round_key
+            seqs, key = list(ctx.sequences), ctx.round_key
         else:
             seqs = []
-            for u, s in zip(users, sequences, strict=True):
-                rng = user_rng(seed, round_key, int(u), STREAM_VIEWS + v)
+            for u, s in zip(ctx.users, ctx.sequences, strict=True):
+                rng = user_rng(ctx.seed, ctx.round_key, int(u), STREAM_VIEWS + v)
                 n = len(s)
                 cut = int(rng.integers(min(2, n), n + 1)) if n > 1 else n
                 seqs.append(np.asarray(s)[:cut])
-            key = round_key + ((STREAM_VIEWS + v) << 40)
-        pools.append(compute_updates(model, params, seqs, users, seed, key, local))
+            key = ctx.round_key + ((STREAM_VIEWS + v) << 40)
+        pools.append(compute_updates(ctx.model, ctx.params, seqs, ctx.users, ctx.seed, key, ctx.local))
     return UpdateBatch(
         np.concatenate([p.users for p in pools]), torch.cat([p.updates for p in pools]),
         np.concatenate([p.num_samples for p in pools]), np.concatenate([p.losses for p in pools]),
@@ -85,35 +83,39 @@ def benign_pool(model: SeqModel, params: torch.Tensor, sequences: Sequence[np.nd
 
 
 @dataclass(frozen=True)
-class ALIE:
+class ALIE(Attack):
     z: float | None = None  # None: the paper's formula
     n: int = 256
     views: int = 4
     direction: Attack | None = None  # None: untargeted mu - z sigma
     name: str = "alie"
-    fake_users: bool = False
 
-    def benign_pool(self, model: SeqModel, params: torch.Tensor, sequences: Sequence[np.ndarray],
-                    users: Users, seed: int, round_key: int, local: LocalConfig) -> UpdateBatch:
-        return benign_pool(model, params, sequences, users, seed, round_key, local, self.views)
+    @property
+    def needs_popularity(self) -> bool:
+        return self.direction is not None and self.direction.needs_popularity
 
-    def updates(self, model: SeqModel, params: torch.Tensor, sequences: Sequence[np.ndarray],
-                users: Users, targets: tuple[int, ...], seed: int, round_key: int,
-                local: LocalConfig, compat: Compat) -> UpdateBatch:
+    @property
+    def public_share(self) -> float:
+        return 0.0 if self.direction is None else self.direction.public_share
+
+    def benign_pool(self, ctx: AttackContext) -> UpdateBatch:
+        return benign_pool(ctx, self.views)
+
+    def updates(self, ctx: AttackContext) -> UpdateBatch:
+        users, params = ctx.users, ctx.params
         B = len(users)
         if B == 0:
             return UpdateBatch.empty(params.shape[0])
-        pool = self.benign_pool(model, params, sequences, users, seed, round_key, local)
+        pool = self.benign_pool(ctx)
         mu = pool.updates.mean(0)
         sd = pool.updates.std(0, correction=0)
         z = self.z if self.z is not None else alie_z(self.n, B)
         if self.direction is None:
             out = (mu - z * sd).expand(B, -1).clone()
         else:
-            g = self.direction.updates(model, params, sequences, users, targets, seed, round_key, local,
-                                       compat).updates
+            g = self.direction.updates(ctx).updates
             out = mu + z * sd * torch.sign(g)
-        return UpdateBatch(np.asarray(users, dtype=np.int64), out, num_samples(sequences), pool.losses[:B])
+        return UpdateBatch(np.asarray(users, dtype=np.int64), out, num_samples(ctx.sequences), pool.losses[:B])
 
 
 def _z(text: str) -> float | None:

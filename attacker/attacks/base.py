@@ -7,25 +7,41 @@ attack's update is the gradient of its attack loss at the global weights (a beni
 gradient of the local training loss). ``num_samples`` is the user's training-sequence length, as
 for a benign user, so the server cannot tell a malicious update apart by its aggregation weight.
 
-Every attack is a function-style object::
+Every attack is a frozen dataclass subclassing :class:`Attack`, called with one
+:class:`AttackContext`::
 
-    attack.updates(model, params [D], sequences, users, targets, seed, round_key, local, compat)
-        -> UpdateBatch (one [D] update per user, in the order of ``users``)
+    attack.updates(ctx) -> UpdateBatch (one [D] update per user, in the order of ``ctx.users``)
 
-``sequences[i]`` is the training sequence held by malicious user ``users[i]``; ``targets`` the
-items to promote (attacks that need a single target use the first); ``seed``/``round_key``/user
-id seed all randomness (negatives, dropout), so an update is a function of (weights, the user's
-data, seed, round_key, user id) only, whatever the batch.
+``ctx.sequences[i]`` is the training sequence held by malicious user ``ctx.users[i]``;
+``ctx.targets`` the items to promote (attacks that need a single target use the first);
+``ctx.seed``/``ctx.round_key``/user id seed all randomness (negatives, dropout), so an update is a
+function of (weights, the user's data, seed, round_key, user id) only, whatever the batch. A
+wrapping attack (``scale``, ``alie``, ``min-max``, ``pieck``, ``spattack``) hands its inner attack
+the same context.
 
-``fake_users`` says which data the attack's users hold: ``False`` (default) copies of real users'
-data; ``True`` fabricated profiles (the random attack, see :mod:`attacker.population`).
+What an attack declares, as typed attributes of :class:`Attack` with their defaults (override one
+with a class attribute, a dataclass field or a property; a wrapper's properties return its inner
+attack's where they concern the data it needs):
+
+- ``fake_users`` (False): which data the attack's users hold: copies of real users' data, or
+  fabricated profiles of ``profile_length`` items (the random attack, see
+  :mod:`attacker.population`).
+- ``needs_popularity`` (False): the attack reads ``ctx.popularity``, the training interactions per
+  item id (Spattack).
+- ``public_share`` (0.0): the share of the benign users whose training sequences the attack knows
+  (FedRecAttack); above 0 the adversary draws them with the run seed and passes them as
+  ``ctx.public``.
+
+:func:`attacker.population.make_adversary` reads the declarations once and fills every context
+the :class:`attacker.population.Adversary` builds.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,27 +59,68 @@ class AttackConfigError(ValueError):
 Users = Sequence[int] | np.ndarray  # client ids
 
 
-class Attack(Protocol):
-    """A configured attack (see the module docstring for the contract)."""
+@dataclass(frozen=True, eq=False)
+class AttackContext:
+    """Everything an attack computes with, for one call (the malicious users of one round, or a
+    shard of them).
+
+    model: the run's model (its weights are ``params``; the model object is never modified).
+    params: ``[D]`` the global weights of the round.
+    sequences: per malicious user its training sequence (a copy of a real user's, or a fabricated
+        profile), in the order of ``users``.
+    users: ``[B]`` the malicious client ids (any sequence of ints; stored as an int64 array).
+    targets: the items to promote.
+    seed: the run seed; round_key: the round's randomness key (its round id).
+    local: the run's local-training config (mode, dropout, ...); compat: the reference switches.
+    popularity: ``[M + 1]`` training interactions per item id (index 0 unused), for an attack that
+        declares ``needs_popularity``; None otherwise.
+    public: the training sequences of the public benign users, for an attack that declares a
+        ``public_share`` > 0; None otherwise.
+    """
+
+    model: SeqModel
+    params: torch.Tensor
+    sequences: Sequence[np.ndarray]
+    users: Users
+    targets: tuple[int, ...]
+    seed: int
+    round_key: int
+    local: LocalConfig
+    compat: Compat
+    popularity: np.ndarray | None = None
+    public: tuple[np.ndarray, ...] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "users", np.asarray(self.users, dtype=np.int64))
+        object.__setattr__(self, "sequences", tuple(self.sequences))
+        object.__setattr__(self, "targets", tuple(int(t) for t in self.targets))
+        if len(self.users) != len(self.sequences):
+            raise ValueError(f"{len(self.users)} users and {len(self.sequences)} sequences")
+
+
+class Attack(ABC):
+    """A configured attack (see the module docstring for the contract and the declarations)."""
+
+    name: str
 
     @property
-    def name(self) -> str: ...
+    def fake_users(self) -> bool:
+        return False
 
     @property
-    def fake_users(self) -> bool: ...
+    def profile_length(self) -> int:
+        return 50
 
-    def updates(
-        self,
-        model: SeqModel,
-        params: torch.Tensor,
-        sequences: Sequence[np.ndarray],
-        users: Users,
-        targets: tuple[int, ...],
-        seed: int,
-        round_key: int,
-        local: LocalConfig,
-        compat: Compat,
-    ) -> UpdateBatch: ...
+    @property
+    def needs_popularity(self) -> bool:
+        return False
+
+    @property
+    def public_share(self) -> float:
+        return 0.0
+
+    @abstractmethod
+    def updates(self, ctx: AttackContext) -> UpdateBatch: ...
 
 
 AttackFactory = Callable[[Mapping[str, str]], Attack]

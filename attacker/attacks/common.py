@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from fedseq.models import BERT4Rec, SASRec
+from fedseq.models import BERT4Rec, SASRec, SeqModel
 from fedseq.models.common import Drop, DropSite, keep_masks
 from fedseq.params import Layout
 from fedseq.training import user_rng
@@ -61,21 +61,30 @@ def attack_tokens(model: nn.Module, sequences: Sequence[np.ndarray]) -> torch.Te
 
 
 class _Call(nn.Module):
-    """Lets ``functional_call`` run any method of the model (``embed``, ``encode``, ``scores`` ...)."""
+    """Lets ``functional_call`` run a method of the model: ``forward``, ``embed``, ``encode`` or ``scores``."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: SeqModel) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, method: str, *args):
-        return getattr(self.model, method)(*args)
+        m = self.model
+        if method == "forward":
+            return m.forward(*args)
+        if method == "embed":
+            return m.embed(*args)
+        if method == "encode":
+            return m.encode(*args)
+        if method == "scores":
+            return m.scores(*args)
+        raise ValueError(f"no model method {method!r}; known: embed, encode, forward, scores")
 
 
 class Functional:
     """The model evaluated at a flat parameter vector ``params [D]`` (the shared model object is
     never modified). Gradients flow into ``params`` when it requires grad."""
 
-    def __init__(self, model: nn.Module, params: torch.Tensor) -> None:
+    def __init__(self, model: SeqModel, params: torch.Tensor) -> None:
         self.model = model
         self.cfg = model.cfg
         self.layout = Layout.of(model)
@@ -107,11 +116,11 @@ def leaf(params: torch.Tensor) -> torch.Tensor:
     return params.detach().clone().requires_grad_(True)
 
 
-def attack_sites(model: nn.Module, dropout: bool, without: Sequence[str] = ()) -> dict[str, DropSite]:
+def attack_sites(model: SeqModel, dropout: bool, without: Sequence[str] = ()) -> dict[str, DropSite]:
     """The model's dropout sites (none when ``dropout`` is off), minus the names in ``without``."""
     if not dropout:
         return {}
-    sites: dict[str, DropSite] = model.dropout_sites()  # type: ignore[operator]
+    sites: dict[str, DropSite] = model.dropout_sites()
     return {k: v for k, v in sites.items() if k not in without}
 
 

@@ -61,20 +61,19 @@ substitution of repeat r aims at target ``targets[r % len(targets)]`` (cycling).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from fedseq.config import Compat
+from fedseq.models import SeqModel
 from fedseq.models.common import Drop
-from fedseq.training import LocalConfig, UpdateBatch, sample_negatives, user_rng
+from fedseq.training import UpdateBatch, sample_negatives, user_rng
 
-from .base import AttackConfigError, Option, Users, non_negative, parse_options, positive
+from .base import Attack, AttackConfigError, AttackContext, Option, non_negative, parse_options, positive
 from .common import (
     STREAM_ATTACK,
     STREAM_IMPORTANCE,
@@ -134,7 +133,7 @@ def _target_logprob(f: Functional, tokens: torch.Tensor, targets: torch.Tensor) 
     return out
 
 
-def substitute(model: nn.Module, params: torch.Tensor, tokens: torch.Tensor, targets: torch.Tensor,
+def substitute(model: SeqModel, params: torch.Tensor, tokens: torch.Tensor, targets: torch.Tensor,
                drop: Drop | None = None, tau: float = 0.5, top_t: int = 10, num_attack: int = 1,
                fill: str = "none") -> Substitution:
     """Algorithm 2 of DV-FSR on every row of ``tokens [R, L]`` (attack inputs, query at the last
@@ -236,7 +235,7 @@ def contrastive_negatives(seed: int, round_key: int, user: int, train: np.ndarra
 
 
 @dataclass(frozen=True)
-class DualViewAttack:
+class DualViewAttack(Attack):
     """DV-FSR and its ablations: the target loss (``bce``), optionally after the explicit view's
     substitution (``explicit``), plus the implicit view's L_con (``contrastive``)."""
 
@@ -252,7 +251,6 @@ class DualViewAttack:
     con_weight: float = 1.0
     fill: str = "none"  # see substitute()
     cfsr_label: bool = False  # honour Compat.cfsr_label_index (C-FSR)
-    fake_users: bool = False
 
     def __post_init__(self) -> None:
         who = f"attack {self.name!r}"
@@ -267,13 +265,13 @@ class DualViewAttack:
         if self.fill not in FILLS:
             raise AttackConfigError(f"{who}: fill must be one of {FILLS}, got {self.fill!r}")
 
-    def updates(self, model: nn.Module, params: torch.Tensor, sequences: Sequence[np.ndarray],
-                users: Users, targets: tuple[int, ...], seed: int, round_key: int,
-                local: LocalConfig, compat: Compat) -> UpdateBatch:
+    def updates(self, ctx: AttackContext) -> UpdateBatch:
+        model, params, sequences = ctx.model, ctx.params, ctx.sequences
+        seed, round_key, local, compat = ctx.seed, ctx.round_key, ctx.local, ctx.compat
         cfg: Any = model.cfg
         M = int(cfg.num_items)
-        tgt = target_tensor(targets, M)  # [nT]
-        users = [int(u) for u in users]
+        tgt = target_tensor(ctx.targets, M)  # [nT]
+        users = [int(u) for u in ctx.users]
         B, S, nT = len(users), self.repeats, len(tgt)
         D = params.shape[0]
         out = torch.zeros(B, D)

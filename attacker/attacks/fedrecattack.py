@@ -13,7 +13,8 @@ not stand out by its size (the paper's stealth constraint; 0 turns it off).
 
 fedseq's reading for sequential models: a public user is a benign user whose training sequence
 the attacker knows (``public``: the share of the N benign users, at least one, drawn with the run
-seed and bound when the adversary is built, so every runner and worker knows the same ones); its
+seed when the adversary is built (the attack declares ``public_share``, its option ``public``; the
+adversary passes their sequences as ``ctx.public``), so every runner and worker knows the same ones); its
 "user embedding" is the model's hidden state at the query position of that sequence, and s_ui its
 score for item i. Each malicious client in a round uses its own seeded batch of ``batch`` public
 users. The malicious clients' own copied histories play no part.
@@ -21,21 +22,18 @@ users. The malicious clients' own copied histories play no part.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedseq.config import Compat
 from fedseq.data import SeqDataset
-from fedseq.models import SeqModel
-from fedseq.training import LocalConfig, UpdateBatch, user_rng
+from fedseq.training import UpdateBatch, user_rng
 
-from .base import Option, Users, parse_options, positive
+from .base import Attack, AttackContext, Option, parse_options, positive
 from .common import Functional, attack_tokens, leaf, num_samples, target_tensor
 
 PUBLIC_KEY = 0x505542  # seed stream of the public users' draw ("PUB")
@@ -51,37 +49,39 @@ def public_users(dataset: SeqDataset, share: float, seed: int) -> np.ndarray:
     return np.sort(rng.choice(N, size=k, replace=False)).astype(np.int64)
 
 
+def public_sequences(dataset: SeqDataset, share: float, seed: int) -> tuple[np.ndarray, ...]:
+    """The training sequences of the :func:`public_users` of ``dataset`` (``ctx.public``)."""
+    return tuple(np.asarray(dataset.train[int(u)], dtype=np.int64) for u in public_users(dataset, share, seed))
+
+
 @dataclass(frozen=True)
-class FedRecAttack:
+class FedRecAttack(Attack):
     public: float = 0.01
     batch: int = 32
     top_k: int = 10
     clip: float = 0.0
-    sequences: tuple[np.ndarray, ...] = field(default=(), compare=False, repr=False)  # bound: the public data
     name: str = "fedrecattack"
-    fake_users: bool = False
-    needs_public: bool = True
 
-    def with_public(self, dataset: SeqDataset, seed: int) -> FedRecAttack:
-        """This attack knowing the public users' training sequences of ``dataset``."""
-        users = public_users(dataset, self.public, seed)
-        return dataclasses.replace(self, sequences=tuple(np.asarray(dataset.train[int(u)], dtype=np.int64)
-                                                         for u in users))
+    @property
+    def public_share(self) -> float:
+        """The share of benign users whose sequences the attack knows (option ``public``)."""
+        return self.public
 
-    def updates(self, model: SeqModel, params: torch.Tensor, sequences: Sequence[np.ndarray],
-                users: Users, targets: tuple[int, ...], seed: int, round_key: int,
-                local: LocalConfig, compat: Compat) -> UpdateBatch:
-        if not self.sequences:
-            raise ValueError("fedrecattack: no public data bound (the adversary binds it from the data set)")
+    def updates(self, ctx: AttackContext) -> UpdateBatch:
+        public = ctx.public
+        if not public:
+            raise ValueError("fedrecattack: no public data in the context (ctx.public; the adversary fills it "
+                             "from the data set because the attack declares public_share)")
+        model, params, seed, round_key = ctx.model, ctx.params, ctx.seed, ctx.round_key
         M = int(model.cfg.num_items)
-        tgt = target_tensor(targets, M)  # [nT]
-        users = [int(u) for u in users]
+        tgt = target_tensor(ctx.targets, M)  # [nT]
+        users = [int(u) for u in ctx.users]
         out = torch.zeros(len(users), params.shape[0])
         losses = np.zeros(len(users))
         for b, u in enumerate(users):
             rng = user_rng(seed, round_key, u, STREAM_PUBLIC)
-            pick = rng.choice(len(self.sequences), size=min(self.batch, len(self.sequences)), replace=False)
-            chosen = [self.sequences[int(i)] for i in np.sort(pick)]
+            pick = rng.choice(len(public), size=min(self.batch, len(public)), replace=False)
+            chosen = [public[int(i)] for i in np.sort(pick)]
             tokens = attack_tokens(model, chosen)  # [n, L]
             p = leaf(params)
             f = Functional(model, p)
@@ -100,7 +100,7 @@ class FedRecAttack:
                 g = g * min(1.0, self.clip / max(float(g.norm()), 1e-12))
             out[b] = g
             losses[b] = float(loss.detach())
-        return UpdateBatch(np.asarray(users, dtype=np.int64), out, num_samples(sequences), losses)
+        return UpdateBatch(np.asarray(users, dtype=np.int64), out, num_samples(ctx.sequences), losses)
 
 
 def from_options(options: Mapping[str, str]) -> FedRecAttack:

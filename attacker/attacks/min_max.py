@@ -27,22 +27,22 @@ promote the target, fedseq takes p = g_t/||g_t|| per malicious user, g_t the upd
 targeted attack ``direction`` (default ``dv-fsr``), so the rule's own distance budget carries the
 targeted push. ``direction=none`` gives the paper's untargeted attack. Each malicious user sends
 its own m (its own g_t and gamma); with ``direction=none`` all send the same m, as in the paper.
+The direction attack gets the same context, and the attack declares the data it needs
+(``needs_popularity``, ``public_share``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from fedseq.config import Compat
-from fedseq.models import SeqModel
-from fedseq.training import LocalConfig, UpdateBatch
+from fedseq.training import UpdateBatch
 
 from .alie import benign_pool
-from .base import Attack, AttackConfigError, Option, Users, parse_options, positive, sub_options
+from .base import Attack, AttackConfigError, AttackContext, Option, parse_options, positive, sub_options
 from .common import num_samples
 
 MODES = ("min-max", "min-sum")
@@ -86,34 +86,39 @@ def max_gamma(pool: torch.Tensor, p: torch.Tensor, mode: str) -> float:
 
 
 @dataclass(frozen=True)
-class MinMax:
+class MinMax(Attack):
     mode: str = "min-max"
     views: int = 4
     direction: Attack | None = None  # None: the paper's untargeted perturbation
     kind: str = "unit"  # untargeted perturbation
     name: str = "min-max"
-    fake_users: bool = False
 
-    def updates(self, model: SeqModel, params: torch.Tensor, sequences: Sequence[np.ndarray],
-                users: Users, targets: tuple[int, ...], seed: int, round_key: int,
-                local: LocalConfig, compat: Compat) -> UpdateBatch:
+    @property
+    def needs_popularity(self) -> bool:
+        return self.direction is not None and self.direction.needs_popularity
+
+    @property
+    def public_share(self) -> float:
+        return 0.0 if self.direction is None else self.direction.public_share
+
+    def updates(self, ctx: AttackContext) -> UpdateBatch:
+        users = ctx.users
         B = len(users)
         if B == 0:
-            return UpdateBatch.empty(params.shape[0])
-        pool = benign_pool(model, params, sequences, users, seed, round_key, local, self.views)
+            return UpdateBatch.empty(ctx.params.shape[0])
+        pool = benign_pool(ctx, self.views)
         g = pool.updates  # [n, D], n = views * B
         mu = g.mean(0)
         if self.direction is None:
             p = perturbation(g, self.kind)
             out = (mu + max_gamma(g, p, self.mode) * p).expand(B, -1).clone()
         else:
-            push = self.direction.updates(model, params, sequences, users, targets, seed, round_key, local,
-                                          compat).updates  # [B, D]
+            push = self.direction.updates(ctx).updates  # [B, D]
             out = torch.empty(B, g.shape[1])
             for i in range(B):
                 p = push[i] / push[i].norm().clamp_min(1e-12)
                 out[i] = mu + max_gamma(g, p, self.mode) * p
-        return UpdateBatch(np.asarray(users, dtype=np.int64), out, num_samples(sequences), pool.losses[:B])
+        return UpdateBatch(np.asarray(users, dtype=np.int64), out, num_samples(ctx.sequences), pool.losses[:B])
 
 
 def factory(mode: str, make: Callable[[str, Mapping[str, str]], Attack]) -> Callable[[Mapping[str, str]], MinMax]:

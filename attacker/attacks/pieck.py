@@ -20,49 +20,55 @@ fedseq's reading, for sequential models:
    lr * aggregate``) pulls the target toward the popular items' centroid, where the users' sequence
    representations already score high. With several targets each gets its own row.
 3. It rides on a base attack (option ``base``, default ``dv-fsr``; ``none`` sends the target rows
-   only): the malicious update is the base attack's update plus the enhancement rows.
+   only): the malicious update is the base attack's update plus the enhancement rows. The base
+   gets the same context, and the attack declares the data its base needs (``needs_popularity``,
+   ``public_share``).
 
 The paper's defense (a client-side regulariser against the popularity pattern) is not implemented.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from fedseq.config import Compat
-from fedseq.models import SeqModel
 from fedseq.popularity import initial_params, mine_popular
 from fedseq.popularity import item_table_slice as table_slice
-from fedseq.training import LocalConfig, UpdateBatch
+from fedseq.training import UpdateBatch
 
-from .base import Attack, AttackConfigError, Option, Users, parse_options, positive, sub_options
+from .base import Attack, AttackConfigError, AttackContext, Option, parse_options, positive, sub_options
 from .common import num_samples, target_tensor
 
 
 @dataclass(frozen=True)
-class PieckIPE:
+class PieckIPE(Attack):
     popular: int = 10
     factor: float = 1.0
     base: Attack | None = None  # None: the enhancement rows alone
     name: str = "pieck"
-    fake_users: bool = False
 
-    def updates(self, model: SeqModel, params: torch.Tensor, sequences: Sequence[np.ndarray],
-                users: Users, targets: tuple[int, ...], seed: int, round_key: int,
-                local: LocalConfig, compat: Compat) -> UpdateBatch:
-        B = len(users)
+    @property
+    def needs_popularity(self) -> bool:
+        return self.base is not None and self.base.needs_popularity
+
+    @property
+    def public_share(self) -> float:
+        return 0.0 if self.base is None else self.base.public_share
+
+    def updates(self, ctx: AttackContext) -> UpdateBatch:
+        model, params, seed = ctx.model, ctx.params, ctx.seed
+        B = len(ctx.users)
         num_items = int(model.cfg.num_items)
-        tgt = target_tensor(targets, num_items)  # validates
+        tgt = target_tensor(ctx.targets, num_items)  # validates
         if self.base is not None:
-            out = self.base.updates(model, params, sequences, users, targets, seed, round_key, local, compat)
+            out = self.base.updates(ctx)
             batch = UpdateBatch(out.users, out.updates.clone(), out.num_samples, out.losses)
         else:
-            batch = UpdateBatch(np.asarray(users, dtype=np.int64), torch.zeros(B, params.shape[0]),
-                                num_samples(sequences), np.zeros(B))
+            batch = UpdateBatch(np.asarray(ctx.users, dtype=np.int64), torch.zeros(B, params.shape[0]),
+                                num_samples(ctx.sequences), np.zeros(B))
         if B == 0:
             return batch
         offset, rows, width = table_slice(model)

@@ -10,29 +10,23 @@ followed by the target (:func:`attacker.population.random_attack_sequences`); th
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
-import numpy as np
-import torch
+from fedseq.training import UpdateBatch, compute_updates
 
-from fedseq.config import Compat
-from fedseq.models import SeqModel
-from fedseq.training import LocalConfig, UpdateBatch, compute_updates
-
-from .base import Option, Users, parse_options
+from .base import Attack, AttackContext, Option, parse_options
 
 
 @dataclass(frozen=True)
-class RandomAttack:
+class RandomAttack(Attack):
     name: str = "ra"
     profile_length: int = 50  # items per fake profile, the target included
-    fake_users: bool = True
+    fake_users: ClassVar[bool] = True  # the population fabricates its users' profiles
 
-    def updates(self, model: SeqModel, params: torch.Tensor, sequences: Sequence[np.ndarray],
-                users: Users, targets: tuple[int, ...], seed: int, round_key: int,
-                local: LocalConfig, compat: Compat) -> UpdateBatch:
-        return compute_updates(model, params, sequences, users, seed, round_key, local)
+    def updates(self, ctx: AttackContext) -> UpdateBatch:
+        return compute_updates(ctx.model, ctx.params, ctx.sequences, ctx.users, ctx.seed, ctx.round_key, ctx.local)
 
 
 def from_options(options: Mapping[str, str]) -> RandomAttack:

@@ -4,26 +4,23 @@ Bagdasaryan, Veit, Hua, Estrin, Shmatikov, "How To Backdoor Federated Learning",
 (model replacement: scale the malicious update so it survives averaging); Bhagoji, Chakraborty,
 Mittal, Calo, "Analyzing Federated Learning through an Adversarial Lens", ICML 2019 (explicit
 boosting). Options: ``base=<attack>`` (default ``dv-fsr``), ``factor`` (default 10, > 0), and the
-base attack's options as ``base.<key>=value``. The reported sample count stays the base's.
+base attack's options as ``base.<key>=value``. The reported sample count stays the base's. The
+base gets the same context, and the wrapper declares what the base declares (``fake_users``,
+``profile_length``, ``needs_popularity``, ``public_share``), so the adversary gives the base its data.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-import numpy as np
-import torch
+from fedseq.training import UpdateBatch
 
-from fedseq.config import Compat
-from fedseq.models import SeqModel
-from fedseq.training import LocalConfig, UpdateBatch
-
-from .base import Attack, Option, Users, parse_options, positive, sub_options
+from .base import Attack, AttackContext, Option, parse_options, positive, sub_options
 
 
 @dataclass(frozen=True)
-class Scale:
+class Scale(Attack):
     base: Attack
     factor: float = 10.0
     name: str = "scale"
@@ -34,12 +31,18 @@ class Scale:
 
     @property
     def profile_length(self) -> int:
-        return int(getattr(self.base, "profile_length", 50))
+        return self.base.profile_length
 
-    def updates(self, model: SeqModel, params: torch.Tensor, sequences: Sequence[np.ndarray],
-                users: Users, targets: tuple[int, ...], seed: int, round_key: int,
-                local: LocalConfig, compat: Compat) -> UpdateBatch:
-        ub = self.base.updates(model, params, sequences, users, targets, seed, round_key, local, compat)
+    @property
+    def needs_popularity(self) -> bool:
+        return self.base.needs_popularity
+
+    @property
+    def public_share(self) -> float:
+        return self.base.public_share
+
+    def updates(self, ctx: AttackContext) -> UpdateBatch:
+        ub = self.base.updates(ctx)
         ub.updates.mul_(self.factor)
         return ub
 

@@ -9,29 +9,21 @@ user's loss. ``factor`` (default 1) > 0.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-import numpy as np
-import torch
+from fedseq.training import UpdateBatch, compute_updates
 
-from fedseq.config import Compat
-from fedseq.models import SeqModel
-from fedseq.training import LocalConfig, UpdateBatch, compute_updates
-
-from .base import Option, Users, parse_options, positive
+from .base import Attack, AttackContext, Option, parse_options, positive
 
 
 @dataclass(frozen=True)
-class SignFlip:
+class SignFlip(Attack):
     factor: float = 1.0
     name: str = "sign-flip"
-    fake_users: bool = False
 
-    def updates(self, model: SeqModel, params: torch.Tensor, sequences: Sequence[np.ndarray],
-                users: Users, targets: tuple[int, ...], seed: int, round_key: int,
-                local: LocalConfig, compat: Compat) -> UpdateBatch:
-        ub = compute_updates(model, params, sequences, users, seed, round_key, local)
+    def updates(self, ctx: AttackContext) -> UpdateBatch:
+        ub = compute_updates(ctx.model, ctx.params, ctx.sequences, ctx.users, ctx.seed, ctx.round_key, ctx.local)
         ub.updates.mul_(-self.factor)
         return ub
 

@@ -32,10 +32,12 @@ fedseq's form. Each round, every malicious update (all of them the same rows, so
 
 Knowledge: the item popularity of the training data (how many training interactions each item
 has: the public statistic attacks on recommenders such as PipAttack assume) ranks the items by how
-many benign clients touch them; the runners bind it when the adversary is built
-(:func:`attacker.population.make_adversary`, :meth:`Spattack.with_popularity`). Unbound (a direct
-call) it knows nothing and takes every item as equally rare (the lowest ids), so that an update
-still depends on nothing but (weights, the user's data, seed, round, user id), whatever the batch.
+many benign clients touch them; the attack declares ``needs_popularity``, so the adversary counts
+it once when it is built (:func:`attacker.population.make_adversary`) and passes it in every
+context as ``ctx.popularity``. Without it (a context with ``popularity=None``: a direct call) it
+knows nothing and takes every item as equally rare (the lowest ids), so that an update still
+depends on nothing but (weights, the user's data, seed, round, user id), whatever the batch. The
+base attack gets the same context (and the attack declares its base's ``public_share``).
 
 Options: ``rows`` (int >= 0, default 64), ``goal`` (``promote`` or ``disrupt``), ``factor`` (float > 0,
 default 1), ``shared`` (bool, default true), ``token_rows`` (bool, default true), ``base`` (attack name, default ``dv-fsr``, promote only)
@@ -47,20 +49,27 @@ Measured against DV-FSR and Spattack on the synthetic default: docs/results/newe
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 
-from fedseq.config import Compat
 from fedseq.data import SeqDataset
-from fedseq.models import SeqModel
 from fedseq.popularity import item_table_slice as table_slice
-from fedseq.training import LocalConfig, UpdateBatch, compute_updates
+from fedseq.training import UpdateBatch, compute_updates
 
-from .base import Attack, AttackConfigError, Option, Users, non_negative, parse_options, positive, sub_options
+from .base import (
+    Attack,
+    AttackConfigError,
+    AttackContext,
+    Option,
+    non_negative,
+    parse_options,
+    positive,
+    sub_options,
+)
 from .common import num_samples, target_tensor
 
 STREAM_SPATTACK = 5700  # the shared Gaussian rows of goal=disrupt (no user id: common to all attackers)
@@ -85,49 +94,48 @@ def rare_items(counts: np.ndarray, k: int, exclude: Sequence[int]) -> np.ndarray
 
 
 @dataclass(frozen=True)
-class Spattack:
+class Spattack(Attack):
     base: Attack | None = None  # promote: the attack giving the rows' values
     rows: int = 64
     goal: str = "promote"
     factor: float = 1.0
     shared: bool = True
     token_rows: bool = True
-    popularity: np.ndarray | None = field(default=None, compare=False, repr=False)
     name: str = "spattack"
-    fake_users: bool = False
-    needs_popularity: bool = True
+    needs_popularity: ClassVar[bool] = True  # ctx.popularity: which items few benign clients touch
 
-    def with_popularity(self, counts: np.ndarray) -> Spattack:
-        """This attack knowing the training interactions per item id (``[M + 1]``)."""
-        return dataclasses.replace(self, popularity=np.asarray(counts, dtype=np.int64))
+    @property
+    def public_share(self) -> float:
+        return 0.0 if self.base is None else self.base.public_share
 
-    def chosen_rows(self, num_items: int, targets: Sequence[int], table_rows: int = 0) -> np.ndarray:
-        """The table rows every malicious update of the round touches: the targets, the rare items and
-        (``token_rows``) the non-item token rows ``num_items + 1 .. table_rows - 1``."""
-        counts = self.popularity
+    def chosen_rows(self, popularity: np.ndarray | None, num_items: int, targets: Sequence[int],
+                    table_rows: int = 0) -> np.ndarray:
+        """The table rows every malicious update of the round touches: the targets, the rare items by
+        ``popularity`` (training interactions per item id ``[M + 1]``; None: every item equally rare)
+        and (``token_rows``) the non-item token rows ``num_items + 1 .. table_rows - 1``."""
+        counts = None if popularity is None else np.asarray(popularity, dtype=np.int64)
         if counts is None:
             counts = np.zeros(num_items + 1, dtype=np.int64)
         elif len(counts) != num_items + 1:
-            raise ValueError(f"spattack: popularity of {len(counts) - 1} items bound to a model of {num_items}")
+            raise ValueError(f"spattack: popularity of {len(counts) - 1} items for a model of {num_items}")
         rare = rare_items(counts, self.rows, targets)
         chosen = np.union1d(np.asarray(targets, dtype=np.int64), rare)
         if self.token_rows and table_rows > num_items + 1:
             chosen = np.union1d(chosen, np.arange(num_items + 1, table_rows, dtype=np.int64))
         return chosen
 
-    def updates(self, model: SeqModel, params: torch.Tensor, sequences: Sequence[np.ndarray],
-                users: Users, targets: tuple[int, ...], seed: int, round_key: int,
-                local: LocalConfig, compat: Compat) -> UpdateBatch:
-        users = np.asarray(users, dtype=np.int64)
+    def updates(self, ctx: AttackContext) -> UpdateBatch:
+        model, targets, seed, round_key = ctx.model, ctx.targets, ctx.seed, ctx.round_key
+        users = np.asarray(ctx.users, dtype=np.int64)
         num_items = int(model.cfg.num_items)
         target_tensor(targets, num_items)  # validates the targets
         offset, n_rows, width = table_slice(model)
-        chosen = torch.as_tensor(self.chosen_rows(num_items, targets, n_rows))
+        chosen = torch.as_tensor(self.chosen_rows(ctx.popularity, num_items, targets, n_rows))
         if self.goal == "promote":
             assert self.base is not None
-            ub = self.base.updates(model, params, sequences, users, targets, seed, round_key, local, compat)
+            ub = self.base.updates(ctx)
         else:
-            ub = compute_updates(model, params, sequences, users, seed, round_key, local)
+            ub = compute_updates(model, ctx.params, ctx.sequences, users, seed, round_key, ctx.local)
         out = ub.updates if self.shared else torch.zeros_like(ub.updates)
         table = ub.updates[:, offset:offset + n_rows * width].reshape(len(users), n_rows, width)
         if self.goal == "promote":
@@ -140,7 +148,7 @@ class Spattack:
         out_table = out[:, offset:offset + n_rows * width].view(len(users), n_rows, width)
         out_table.zero_()
         out_table[:, chosen] = values
-        return UpdateBatch(users, out, num_samples(sequences), ub.losses)
+        return UpdateBatch(users, out, num_samples(ctx.sequences), ub.losses)
 
 
 def factory(make: Callable[[str, Mapping[str, str]], Attack]) -> Callable[[Mapping[str, str]], Spattack]:

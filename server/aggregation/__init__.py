@@ -1,7 +1,9 @@
 """Aggregation rules: pure tensor functions, one file per rule, and a registry by name.
 
 ``make_rule(name, options)`` builds a configured rule; ``RULES`` lists the names. Every rule
-follows :mod:`server.aggregation.base` (``rule(updates [K, D], weights [K]) -> AggregationResult``).
+follows :mod:`server.aggregation.base` (``rule(updates [K, D], ctx) -> AggregationResult``, ``ctx``
+the round's :class:`fedseq.engine.RoundContext`: the weights ``[K]``, the round id, the parameter
+layout, the global weights, and the root update for a rule that declares ``needs_root``).
 
 | name           | rule (paper in the module docstring)              | sample weights (``uses_weights``) | output scale |
 |----------------|---------------------------------------------------|----------------|--------------|
@@ -71,11 +73,18 @@ case, one [5137, 256, 64] block) 4.8 s. Chunked passes on CPU run in NumPy (see
 Option syntax: ``--defense NAME --defense-opt k=v`` or ``--defense NAME:k=v,k=v`` (the sweep's
 cell syntax; :func:`parse_rule_spec`); a wrapping rule's first bare item names its inner rule:
 ``sparse:median`` = ``sparse:inner=median``, inner options as ``inner.<key>=<value>``.
-``sparse`` needs the model's parameter layout (where the item table sits): the round engine binds
-it (:func:`base.bind_layout`, in :func:`fedseq.engine.aggregate_round`) in both runners.
+``sparse`` declares ``needs_layout`` (it reads where the item table sits from ``ctx.layout``): the
+round engine (:func:`fedseq.engine.aggregate_round`) passes the model's layout in both runners.
 
-Rules needing a per-round root update (``fltrust``, or ``norm-clip`` with ``inner=fltrust``) have
-``needs_root`` true; the server binds the root with :func:`base.bind_root` before calling them.
+Rules needing a per-round root update (``fltrust``, or ``norm-clip``/``sparse`` with
+``inner=fltrust``) declare ``needs_root``; the engine computes the root with the runner's root
+source (fedseq/root.py) and passes it as ``ctx.root``. Seeded rules (``flame``, ``dnc``) draw
+from (their seed, ``ctx.round_id``).
+
+A new rule: subclass :class:`AggregationRule` (a frozen dataclass), implement
+``__call__(self, updates, ctx)`` reading what it needs from ``ctx``, override the declarations whose
+defaults (``scale="mean"``, ``uses_weights=True``, ``needs_root=False``, ``needs_layout=False``,
+``root_users=0``) do not fit, and register its ``from_options`` in :data:`RULES`.
 """
 
 from __future__ import annotations
@@ -85,15 +94,12 @@ from collections.abc import Mapping
 from .base import (
     AggregationResult,
     AggregationRule,
+    RoundContext,
     RuleConfigError,
     RuleFactory,
-    bind_layout,
-    bind_root,
-    bind_round,
-    needs_layout,
-    needs_root,
-    needs_round,
     parse_options,
+    rule_scale,
+    rule_uses_weights,
 )
 from .bulyan import Bulyan, bulyan
 from .dnc import DnC, dnc
@@ -215,13 +221,11 @@ __all__ = [
     "MissingRootUpdate",
     "MixedRFA",
     "NormClip",
+    "RoundContext",
     "RuleConfigError",
     "SparseAggregation",
     "TrimmedMean",
-    "bind_layout",
-    "bind_root",
     "bulyan",
-    "bind_round",
     "clip_norms",
     "coordinate_median",
     "dnc",
@@ -236,10 +240,9 @@ __all__ = [
     "make_run_rule",
     "mixed_rfa",
     "multi_krum",
-    "needs_layout",
-    "needs_root",
-    "needs_round",
     "parse_rule_spec",
+    "rule_scale",
+    "rule_uses_weights",
     "server_step",
     "single_cluster",
     "sparse_aggregate",

@@ -7,9 +7,18 @@ the gradient of a user's local loss at the global weights; in FedAvg mode it is
     w <- w - lr * aggregate(updates, weights)
 
 A rule is a pure function of the round's stacked updates ``U`` of shape ``[K, D]`` (K updates,
-D parameters, all tensors flattened in a fixed layout) and their non-negative sample-count
-weights ``n`` of shape ``[K]`` (the user's number of training items). It returns the ``[D]``
-aggregate and a small record of what it did, for the round summary.
+D parameters, all tensors flattened in a fixed layout) and the round's context ``ctx``
+(:class:`fedseq.engine.RoundContext`): ``ctx.weights``, the non-negative sample-count weights
+``n`` of shape ``[K]`` (the user's number of training items), the round id (the seed stream of a
+rule that draws random numbers), the parameter layout, the global weights and, for a rule that
+declares ``needs_root``, the server's root update. It returns the ``[D]`` aggregate and a small
+record of what it did, for the round summary.
+
+Every rule subclasses :class:`fedseq.engine.AggregationRule`, which defines its declarations
+(``scale``, ``uses_weights``, ``needs_root``, ``root_users``, ``needs_layout``) with their
+defaults; a rule overrides those that differ. The engine builds the context
+(:func:`fedseq.engine.aggregate_round`); a direct caller builds one itself, e.g.
+``rule(U, RoundContext(n))``.
 """
 
 from __future__ import annotations
@@ -23,12 +32,8 @@ import torch
 from fedseq.engine import (  # noqa: F401 - the contract
     AggregationResult,
     AggregationRule,
-    bind_layout,
-    bind_root,
-    bind_round,
-    needs_layout,
-    needs_root,
-    needs_round,
+    RoundContext,
+    rule_scale,
     rule_uses_weights,
 )
 

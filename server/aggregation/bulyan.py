@@ -40,6 +40,8 @@ import torch
 from .base import (
     CHUNK_BYTES,
     AggregationResult,
+    AggregationRule,
+    RoundContext,
     check_floating,
     check_inputs,
     gram_matrix,
@@ -131,7 +133,7 @@ def bulyan(updates: torch.Tensor, f: int) -> tuple[torch.Tensor, list[int]]:
 
 
 @dataclass(frozen=True)
-class Bulyan:
+class Bulyan(AggregationRule):
     """Rule object for :func:`bulyan` (registry name ``bulyan``); ``f=None`` means ``auto``."""
 
     f: int | None = None
@@ -144,8 +146,8 @@ class Bulyan:
         if self.f is not None and self.f < 0:
             raise option_error(self.name, "f", self.f, "an integer >= 0 or 'auto'")
 
-    def __call__(self, updates: torch.Tensor, weights: torch.Tensor) -> AggregationResult:
-        check_inputs(updates, weights)
+    def __call__(self, updates: torch.Tensor, ctx: RoundContext) -> AggregationResult:
+        check_inputs(updates, ctx.weights)
         k = updates.shape[0]
         f_max = max_byzantine_bulyan(k)
         info: dict[str, Any] = {"k": k, "f_requested": "auto" if self.f is None else self.f}

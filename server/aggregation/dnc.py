@@ -21,7 +21,7 @@ are ignored (as in the paper); the output is on the scale of a mean. If every up
 (possible only when ``niters * c * f >= K``) the output is zero (no step, ``info["all_removed"]``).
 
 Randomness: the coordinate subsets of round t come from a generator seeded by (option ``seed``, the
-round id, the iteration): the engine binds the round id (:func:`fedseq.engine.bind_round`), so the
+round id ``ctx.round_id`` of the round's :class:`fedseq.engine.RoundContext`, the iteration), so the
 in-process runner and the services (and a resumed run) draw the same subsets.
 
 Options:
@@ -38,10 +38,9 @@ O(niters * (K b + K^2 b)) plus one ``[K] @ [K, D]`` product for the mean.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -49,6 +48,8 @@ import torch
 
 from .base import (
     AggregationResult,
+    AggregationRule,
+    RoundContext,
     check_floating,
     check_inputs,
     option_error,
@@ -109,7 +110,7 @@ def dnc(updates: torch.Tensor, f: int, c: float = 1.0, niters: int = DEFAULT_NIT
 
 
 @dataclass(frozen=True)
-class DnC:
+class DnC(AggregationRule):
     """Rule object for :func:`dnc` (registry name ``dnc``); ``f=None`` means ``auto``."""
 
     f: int | None = None
@@ -117,11 +118,9 @@ class DnC:
     niters: int = DEFAULT_NITERS
     b: int = DEFAULT_B
     seed: int = 0
-    round_id: int = field(default=0, compare=False)
     name: str = "dnc"
     scale: ClassVar[str] = "mean"  # output on the scale of one update (the engine steps it x K, fedseq/engine.py)
     uses_weights: ClassVar[bool] = False  # sample weights are ignored: a worker's weight cannot move it (fedseq/engine.py rule_uses_weights)
-    needs_round: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if self.f is not None and self.f < 0:
@@ -133,17 +132,14 @@ class DnC:
         if self.b < 1:
             raise option_error(self.name, "b", self.b, "an integer >= 1")
 
-    def with_round(self, round_id: int) -> DnC:
-        """This rule drawing round ``round_id``'s coordinate subsets."""
-        return dataclasses.replace(self, round_id=round_id)
-
-    def __call__(self, updates: torch.Tensor, weights: torch.Tensor) -> AggregationResult:
-        check_inputs(updates, weights)
+    def __call__(self, updates: torch.Tensor, ctx: RoundContext) -> AggregationResult:
+        """DnC of the round; the coordinate subsets are round ``ctx.round_id``'s."""
+        check_inputs(updates, ctx.weights)
         k = updates.shape[0]
         f = auto_f(k) if self.f is None else self.f
-        vec, kept, removed = dnc(updates, f, self.c, self.niters, self.b, self.seed, self.round_id)
+        vec, kept, removed = dnc(updates, f, self.c, self.niters, self.b, self.seed, ctx.round_id)
         info: dict[str, Any] = {"f": f, "c": self.c, "niters": self.niters, "b": min(self.b, updates.shape[1]),
-                                "round_id": self.round_id, "removed_per_iteration": removed, "kept": len(kept),
+                                "round_id": ctx.round_id, "removed_per_iteration": removed, "kept": len(kept),
                                 "all_removed": not kept}
         return AggregationResult(vec, None if len(kept) == k else tuple(kept), info)
 

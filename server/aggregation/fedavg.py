@@ -15,7 +15,7 @@ import torch
 
 from fedseq.engine import server_step  # noqa: F401 - re-exported: the step is the engine's
 
-from .base import AggregationResult, RuleConfigError, check_inputs, parse_options
+from .base import AggregationResult, AggregationRule, RoundContext, RuleConfigError, check_inputs, parse_options
 
 
 def fedavg(
@@ -42,7 +42,7 @@ def fedavg(
 
 
 @dataclass(frozen=True)
-class FedAvg:
+class FedAvg(AggregationRule):
     """Rule object for :func:`fedavg` (registry names ``fedavg`` and ``none``)."""
 
     reduce: str = "sum"
@@ -63,8 +63,8 @@ class FedAvg:
         """Only the weighted mean reads the sample weights (the sum and the plain mean do not)."""
         return self.reduce == "mean" and self.weighted
 
-    def __call__(self, updates: torch.Tensor, weights: torch.Tensor) -> AggregationResult:
-        vec = fedavg(updates, weights, self.reduce, self.weighted)
+    def __call__(self, updates: torch.Tensor, ctx: RoundContext) -> AggregationResult:
+        vec = fedavg(updates, ctx.weights, self.reduce, self.weighted)
         return AggregationResult(vec, None, {"reduce": self.reduce, "weighted": self.weighted})
 
     @classmethod

@@ -34,8 +34,8 @@ min_cluster_size=K // 2 + 1, min_samples=1, allow_single_cluster=True, metric="p
 300 random rounds of 3-59 updates in 1-4 direction clusters: the same admitted set every time
 (tests/test_fl_defenses.py repeats the check when ``hdbscan`` is installed).
 
-Randomness: the noise of round t comes from a generator seeded by (option ``seed``, the round id);
-the engine binds the round id (:func:`fedseq.engine.bind_round`), so both runners add the same noise.
+Randomness: the noise of round t comes from a generator seeded by (option ``seed``, the round id
+``ctx.round_id`` of the round's :class:`fedseq.engine.RoundContext`), so both runners add the same noise.
 In a run the seed defaults to the run's seed (:func:`make_run_rule`), so seeds differ in noise too.
 
 Options: ``noise`` (lambda, float >= 0, default 0.001), ``seed`` (int; default the run's seed, 0 outside a run). Sample weights are
@@ -45,10 +45,9 @@ and one ``[D]`` noise vector; time O(K^2 D) for the Gram product plus O(K^2) for
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -56,6 +55,8 @@ import torch
 
 from .base import (
     AggregationResult,
+    AggregationRule,
+    RoundContext,
     check_floating,
     check_inputs,
     gram_matrix,
@@ -180,30 +181,25 @@ def flame(updates: torch.Tensor, noise: float = DEFAULT_NOISE, seed: int = 0,
 
 
 @dataclass(frozen=True)
-class Flame:
+class Flame(AggregationRule):
     """Rule object for :func:`flame` (registry name ``flame``)."""
 
     noise: float = DEFAULT_NOISE
     seed: int = 0
-    round_id: int = field(default=0, compare=False)
     name: str = "flame"
     scale: ClassVar[str] = "mean"  # output on the scale of one update (the engine steps it x K, fedseq/engine.py)
     uses_weights: ClassVar[bool] = False  # sample weights are ignored: a worker's weight cannot move it (fedseq/engine.py rule_uses_weights)
-    needs_round: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if not (self.noise >= 0 and math.isfinite(self.noise)):
             raise option_error(self.name, "noise", self.noise, "a finite float >= 0 (lambda; 0 = no noise)")
 
-    def with_round(self, round_id: int) -> Flame:
-        """This rule drawing round ``round_id``'s noise."""
-        return dataclasses.replace(self, round_id=round_id)
-
-    def __call__(self, updates: torch.Tensor, weights: torch.Tensor) -> AggregationResult:
-        check_inputs(updates, weights)
+    def __call__(self, updates: torch.Tensor, ctx: RoundContext) -> AggregationResult:
+        """FLAME of the round; the noise is round ``ctx.round_id``'s."""
+        check_inputs(updates, ctx.weights)
         k = updates.shape[0]
-        vec, admitted, facts = flame(updates, self.noise, self.seed, self.round_id)
-        info: dict[str, Any] = {"noise": self.noise, "round_id": self.round_id, "admitted": len(admitted),
+        vec, admitted, facts = flame(updates, self.noise, self.seed, ctx.round_id)
+        info: dict[str, Any] = {"noise": self.noise, "round_id": ctx.round_id, "admitted": len(admitted),
                                 "removed": k - len(admitted), **facts}
         return AggregationResult(vec, None if len(admitted) == k else tuple(admitted), info)
 

@@ -14,33 +14,41 @@ A zero update gets trust 0. If every trust score is 0 the output is the zero vec
 ``info["all_rejected"]`` is true. The output has the norm scale of ``g0`` (one update), like a mean.
 Sample weights are not used (as in the paper). Extra memory: O(K); time: two ``[K, D]`` passes.
 
-Where the root comes from (server side, later): option ``root_users`` (default 10) is the number of
-users whose training data the server holds as its root dataset (drawn once at the start of a run
-and excluded from the client population); each round the server computes one update on them in the
-same convention as client updates (descent direction at the round's global weights, same loss and
-sequence handling) and binds it with ``rule.with_root(g0)`` (or
-:func:`server.aggregation.base.bind_root`) before aggregating; alternatively the rule is built
-with ``root_update_fn``, a zero-argument callable that returns this round's ``g0``. Calling the
-rule with neither raises :class:`MissingRootUpdate`. The rule itself only records ``root_users``.
+Where the root comes from: option ``root_users`` (default 10) is the number of users whose
+training data the server holds as its root dataset (fedseq/root.py: copies drawn once with the run
+seed); each round the server computes one update on them in the same convention as client updates
+(descent direction at the round's global weights, same loss and sequence handling). The rule
+declares ``needs_root``, so :func:`fedseq.engine.aggregate_round` computes that update once per
+round and passes it as ``ctx.root`` (:class:`fedseq.engine.RoundContext`); a direct caller puts
+``g0`` in the context itself: ``rule(U, RoundContext(weights, root=g0))``. Calling the rule with
+no root in the context raises :class:`MissingRootUpdate`. The rule itself only records
+``root_users``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
-from .base import AggregationResult, check_floating, check_inputs, option_error, parse_options
+from .base import (
+    AggregationResult,
+    AggregationRule,
+    RoundContext,
+    check_floating,
+    check_inputs,
+    option_error,
+    parse_options,
+)
 
 DEFAULT_ROOT_USERS = 10
 TINY = torch.finfo(torch.float64).tiny
 
 
 class MissingRootUpdate(RuntimeError):
-    """FLTrust was called without a root update bound for the round."""
+    """FLTrust was called without the round's root update in its context (``ctx.root``)."""
 
 
 def fltrust(updates: torch.Tensor, root: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,12 +73,10 @@ def fltrust(updates: torch.Tensor, root: torch.Tensor) -> tuple[torch.Tensor, to
 
 
 @dataclass(frozen=True)
-class FLTrust:
-    """Rule object for :func:`fltrust` (registry name ``fltrust``); bind ``g0`` with :meth:`with_root`."""
+class FLTrust(AggregationRule):
+    """Rule object for :func:`fltrust` (registry name ``fltrust``); reads ``g0`` from ``ctx.root``."""
 
     root_users: int = DEFAULT_ROOT_USERS
-    root: torch.Tensor | None = field(default=None, compare=False, repr=False)
-    root_update_fn: Callable[[], torch.Tensor] | None = field(default=None, compare=False, repr=False)
     name: str = "fltrust"
     scale: ClassVar[str] = "mean"  # output on the scale of one update (the engine steps it x K, fedseq/engine.py)
     uses_weights: ClassVar[bool] = False  # sample weights are ignored: a worker's weight cannot move it (fedseq/engine.py rule_uses_weights)
@@ -80,19 +86,14 @@ class FLTrust:
         if self.root_users < 1:
             raise option_error(self.name, "root_users", self.root_users, "an integer >= 1")
 
-    def with_root(self, root: torch.Tensor) -> FLTrust:
-        """A copy of this rule bound to this round's root update ``root [D]``."""
-        return dataclasses.replace(self, root=root)
-
-    def __call__(self, updates: torch.Tensor, weights: torch.Tensor) -> AggregationResult:
-        check_inputs(updates, weights)
-        root = self.root
-        if root is None and self.root_update_fn is not None:
-            root = self.root_update_fn()
+    def __call__(self, updates: torch.Tensor, ctx: RoundContext) -> AggregationResult:
+        check_inputs(updates, ctx.weights)
+        root = ctx.root
         if root is None:
             raise MissingRootUpdate(
-                "rule 'fltrust' needs the server's root update for this round: bind it with "
-                "rule.with_root(g0) / bind_root(rule, g0), or build the rule with root_update_fn"
+                "rule 'fltrust' needs the server's root update for this round in its context (ctx.root): "
+                "fedseq.engine.aggregate_round computes it with the runner's root source (fedseq/root.py), "
+                "a direct caller passes RoundContext(weights, root=g0)"
             )
         vec, trust = fltrust(updates, root)
         kept = tuple(int(i) for i in torch.nonzero(trust > 0).flatten())

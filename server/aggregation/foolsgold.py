@@ -36,7 +36,16 @@ from typing import Any, ClassVar
 
 import torch
 
-from .base import AggregationResult, check_floating, check_inputs, gram_matrix, option_error, parse_options
+from .base import (
+    AggregationResult,
+    AggregationRule,
+    RoundContext,
+    check_floating,
+    check_inputs,
+    gram_matrix,
+    option_error,
+    parse_options,
+)
 
 DEFAULT_KAPPA = 1.0
 #: ``1 - max cs`` below this counts as 0 (an identical update): the resolution of a cosine computed
@@ -89,7 +98,7 @@ def foolsgold(
 
 
 @dataclass(frozen=True)
-class FoolsGold:
+class FoolsGold(AggregationRule):
     """Rule object for :func:`foolsgold` (registry name ``foolsgold``). Options kappa, reduce."""
 
     kappa: float = DEFAULT_KAPPA
@@ -109,8 +118,8 @@ class FoolsGold:
         if self.reduce not in ("sum", "mean"):
             raise option_error(self.name, "reduce", self.reduce, "'sum' or 'mean'")
 
-    def __call__(self, updates: torch.Tensor, weights: torch.Tensor) -> AggregationResult:
-        check_inputs(updates, weights)
+    def __call__(self, updates: torch.Tensor, ctx: RoundContext) -> AggregationResult:
+        check_inputs(updates, ctx.weights)
         vec, w = foolsgold(updates, self.kappa, self.reduce)
         kept = tuple(int(i) for i in torch.nonzero(w > 0).flatten())
         info: dict[str, Any] = {

@@ -37,6 +37,8 @@ import torch
 
 from .base import (
     AggregationResult,
+    AggregationRule,
+    RoundContext,
     check_floating,
     check_inputs,
     gram_matrix,
@@ -82,7 +84,7 @@ def multi_krum(updates: torch.Tensor, f: int, m: int = 1) -> tuple[torch.Tensor,
 
 
 @dataclass(frozen=True)
-class Krum:
+class Krum(AggregationRule):
     """Rule object for :func:`multi_krum` (registry name ``krum``); ``f=None`` means ``auto``."""
 
     f: int | None = None
@@ -98,8 +100,8 @@ class Krum:
         if self.m < 1:
             raise option_error(self.name, "m", self.m, "an integer >= 1")
 
-    def __call__(self, updates: torch.Tensor, weights: torch.Tensor) -> AggregationResult:
-        check_inputs(updates, weights)
+    def __call__(self, updates: torch.Tensor, ctx: RoundContext) -> AggregationResult:
+        check_inputs(updates, ctx.weights)
         k = updates.shape[0]
         f_max = max_byzantine(k)
         info: dict[str, Any] = {"k": k, "f_requested": "auto" if self.f is None else self.f}

@@ -18,7 +18,15 @@ from typing import ClassVar
 
 import torch
 
-from .base import AggregationResult, check_floating, check_inputs, parse_options, sorted_column_reduce
+from .base import (
+    AggregationResult,
+    AggregationRule,
+    RoundContext,
+    check_floating,
+    check_inputs,
+    parse_options,
+    sorted_column_reduce,
+)
 
 
 def coordinate_median(updates: torch.Tensor, use_numpy: bool | None = None) -> torch.Tensor:
@@ -32,15 +40,15 @@ def coordinate_median(updates: torch.Tensor, use_numpy: bool | None = None) -> t
 
 
 @dataclass(frozen=True)
-class Median:
+class Median(AggregationRule):
     """Rule object for :func:`coordinate_median` (registry name ``median``). No options."""
 
     name: str = "median"
     scale: ClassVar[str] = "mean"  # output on the scale of one update (the engine steps it x K, fedseq/engine.py)
     uses_weights: ClassVar[bool] = False  # sample weights are ignored: a worker's weight cannot move it (fedseq/engine.py rule_uses_weights)
 
-    def __call__(self, updates: torch.Tensor, weights: torch.Tensor) -> AggregationResult:
-        check_inputs(updates, weights)
+    def __call__(self, updates: torch.Tensor, ctx: RoundContext) -> AggregationResult:
+        check_inputs(updates, ctx.weights)
         k = updates.shape[0]
         info = {"k": k, "even_k_mean_of_middle": k % 2 == 0}
         return AggregationResult(coordinate_median(updates), None, info)

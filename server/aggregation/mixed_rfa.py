@@ -21,7 +21,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import AggregationResult, normalised_weights, option_error
+from .base import AggregationResult, AggregationRule, RoundContext, normalised_weights, option_error
 from .rfa import (
     DEFAULT_EPS,
     DEFAULT_FTOL,
@@ -58,7 +58,7 @@ def mixed_rfa(
 
 
 @dataclass(frozen=True)
-class MixedRFA:
+class MixedRFA(AggregationRule):
     """Rule object for :func:`mixed_rfa` (registry name ``mixed-rfa``).
 
     Sample weights enter the GM (unless ``weighted=false``) and the mean part only with
@@ -80,9 +80,9 @@ class MixedRFA:
             raise option_error(self.name, "lambda", self.lam, "a float in [0, 1]")
         validate_rfa(self.name, self.maxiter, self.eps, self.ftol)
 
-    def __call__(self, updates: torch.Tensor, weights: torch.Tensor) -> AggregationResult:
+    def __call__(self, updates: torch.Tensor, ctx: RoundContext) -> AggregationResult:
         vec, info = mixed_rfa(
-            updates, weights, self.lam, self.maxiter, self.eps, self.ftol, self.weighted, self.mean_weighted
+            updates, ctx.weights, self.lam, self.maxiter, self.eps, self.ftol, self.weighted, self.mean_weighted
         )
         info = {"lambda": self.lam, "mean_weighted": self.mean_weighted, **info}
         return AggregationResult(vec, None, info)

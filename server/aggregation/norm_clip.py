@@ -13,37 +13,30 @@ weights are passed through to the inner rule unchanged.
 Options: ``bound`` (float > 0, required), ``inner`` (rule name, default ``fedavg``),
 ``inner.<key>=<value>``. Extra memory: a clipped copy of the round (``K * D`` floats) when at least
 one update is clipped (none when no update exceeds the bound), plus whatever the inner rule uses.
-If the inner rule needs a root update (``fltrust``), bind it with
-:func:`server.aggregation.base.bind_root` as for the inner rule itself; the root is not clipped.
+The round's context (:class:`fedseq.engine.RoundContext`) goes to the inner rule unchanged, and the
+rule declares what its inner rule declares (``needs_root``, ``root_users``, ``needs_layout``,
+``scale``, ``uses_weights``): with ``inner=fltrust`` the engine puts the root update in the
+context and the inner rule reads it there; the root is not clipped.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from fedseq.params import Layout
-
 from .base import (
     AggregationResult,
     AggregationRule,
+    RoundContext,
     RuleConfigError,
-    bind_layout,
-    bind_root,
-    bind_round,
     check_floating,
     check_inputs,
     option_error,
     parse_options,
-    rule_uses_weights,
 )
-from .base import needs_layout as _needs_layout
-from .base import needs_root as _needs_root
-from .base import needs_round as _needs_round
 
 INNER_PREFIX = "inner."
 
@@ -66,8 +59,9 @@ def clip_norms(updates: torch.Tensor, bound: float) -> tuple[torch.Tensor, torch
 
 
 @dataclass(frozen=True)
-class NormClip:
-    """Rule object: :func:`clip_norms` then ``inner_rule`` (registry name ``norm-clip``)."""
+class NormClip(AggregationRule):
+    """Rule object: :func:`clip_norms` then ``inner_rule`` (registry name ``norm-clip``); its
+    declarations are the inner rule's."""
 
     bound: float
     inner_rule: AggregationRule = field(compare=False)
@@ -80,47 +74,33 @@ class NormClip:
 
     @property
     def scale(self) -> str:
-        """The inner rule's output scale (fedseq/engine.py)."""
-        return str(getattr(self.inner_rule, "scale", "mean"))
+        """The inner rule's output scale (fedseq/engine.py step_lr)."""
+        return self.inner_rule.scale
 
     @property
     def uses_weights(self) -> bool:
         """Whether the inner rule reads the sample weights (fedseq/engine.py rule_uses_weights)."""
-        return rule_uses_weights(self.inner_rule)
+        return self.inner_rule.uses_weights
 
     @property
     def needs_root(self) -> bool:
-        return _needs_root(self.inner_rule)
-
-    def with_root(self, root: torch.Tensor) -> NormClip:
-        """This rule with the inner rule bound to the round's root update (for ``inner=fltrust``)."""
-        return dataclasses.replace(self, inner_rule=bind_root(self.inner_rule, root))
+        """Whether the inner rule reads the round's root update (``inner=fltrust``)."""
+        return self.inner_rule.needs_root
 
     @property
     def root_users(self) -> int:
         """The inner rule's root users (``inner=fltrust``), read by the runners' root source (fedseq/root.py)."""
-        return int(getattr(self.inner_rule, "root_users", 10))
+        return self.inner_rule.root_users
 
     @property
     def needs_layout(self) -> bool:
-        return _needs_layout(self.inner_rule)
+        """Whether the inner rule reads the parameter layout (``inner=sparse``)."""
+        return self.inner_rule.needs_layout
 
-    def with_layout(self, layout: Layout) -> NormClip:
-        """This rule with the inner rule bound to the parameter layout (for ``inner=sparse``)."""
-        return dataclasses.replace(self, inner_rule=bind_layout(self.inner_rule, layout))
-
-    @property
-    def needs_round(self) -> bool:
-        return _needs_round(self.inner_rule)
-
-    def with_round(self, round_id: int) -> NormClip:
-        """This rule with the inner rule bound to the round id (for a seeded inner rule: flame, dnc)."""
-        return dataclasses.replace(self, inner_rule=bind_round(self.inner_rule, round_id))
-
-    def __call__(self, updates: torch.Tensor, weights: torch.Tensor) -> AggregationResult:
-        check_inputs(updates, weights)
+    def __call__(self, updates: torch.Tensor, ctx: RoundContext) -> AggregationResult:
+        check_inputs(updates, ctx.weights)
         clipped, norms, mask = clip_norms(updates, self.bound)
-        res = self.inner_rule(clipped, weights)
+        res = self.inner_rule(clipped, ctx)
         info: dict[str, Any] = {
             "bound": self.bound,
             "clipped": int(mask.sum()),

@@ -30,6 +30,8 @@ import torch
 
 from .base import (
     AggregationResult,
+    AggregationRule,
+    RoundContext,
     check_floating,
     check_inputs,
     normalised_weights,
@@ -117,7 +119,7 @@ def gm_info(gm: GeometricMedian) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class RFA:
+class RFA(AggregationRule):
     """Rule object for :func:`geometric_median` (registry name ``rfa``). Uses sample weights."""
 
     maxiter: int = DEFAULT_MAXITER
@@ -131,8 +133,8 @@ class RFA:
     def __post_init__(self) -> None:
         validate_rfa(self.name, self.maxiter, self.eps, self.ftol)
 
-    def __call__(self, updates: torch.Tensor, weights: torch.Tensor) -> AggregationResult:
-        gm = geometric_median(updates, weights, self.maxiter, self.eps, self.ftol, self.weighted)
+    def __call__(self, updates: torch.Tensor, ctx: RoundContext) -> AggregationResult:
+        gm = geometric_median(updates, ctx.weights, self.maxiter, self.eps, self.ftol, self.weighted)
         return AggregationResult(gm.vector, None, gm_info(gm))
 
     @classmethod

@@ -11,7 +11,8 @@ that it opens a new attack surface (Spattack, :mod:`attacker.attacks.spattack`):
 benign clients touch is decided by whoever else touches it.
 
 What fedseq computes, for the round's ``U [K, D]`` and the item table (rows ``R x W`` of the flat
-layout, parameter ``item_emb.weight``, bound by the engine, :func:`fedseq.engine.bind_layout`):
+layout, parameter ``item_emb.weight``, found in the round context's ``ctx.layout``: the rule declares
+``needs_layout``, so :func:`fedseq.engine.aggregate_round` always passes it):
 
     touched[k, r] = row r of update k is not all zero
     row r of the output  = n_r * inner(U[touched[:, r], row r])   (n_r = touches; 0 when n_r = 0)
@@ -38,8 +39,9 @@ Options (``--defense sparse:<inner>``, e.g. ``sparse:median``, ``sparse:trimmed-
                  run batched over all rows with the same touch count (one ``[G, n, W]`` block per
                  count n, no Python loop over rows); false, or any other inner rule: the inner rule
                  object is called once per touched row (the reference; tests compare the two).
-                 A seeded inner rule (``flame``, ``dnc``) is bound to the round once, so every
-                 row's call draws the same numbers (FLAME's noise pattern repeats across rows).
+                 A seeded inner rule (``flame``, ``dnc``) reads the round id from the same context in
+                 every call, so every row's call draws the same numbers (FLAME's noise pattern
+                 repeats across rows).
 
 Cost. The touched mask is one pass over the item block (``K x R`` booleans); the touchers' rows are
 gathered once (``touches x W`` floats: about 12,000 x 64 for 256 benign Steam updates, plus
@@ -53,9 +55,8 @@ Measured against DV-FSR and Spattack on the synthetic default: docs/results/newe
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -66,16 +67,12 @@ from fedseq.params import Layout
 from .base import (
     AggregationResult,
     AggregationRule,
+    RoundContext,
     RuleConfigError,
-    bind_root,
-    bind_round,
     check_floating,
     check_inputs,
-    needs_root,
-    needs_round,
     option_error,
     parse_options,
-    rule_uses_weights,
     use_numpy_path,
 )
 from .fedavg import FedAvg
@@ -91,7 +88,7 @@ GROUP_CHUNK_BYTES = 32 << 20  # one [G, n, W] block of rows with the same touch 
 
 
 class MissingLayout(RuntimeError):
-    """The sparse rule was called before the engine bound the model's parameter layout."""
+    """The sparse rule was called with no parameter layout in its context (``ctx.layout``)."""
 
 
 @dataclass(frozen=True)
@@ -262,20 +259,32 @@ def batched_rows(inner: AggregationRule, vals: torch.Tensor, w: torch.Tensor) ->
 
 
 # ------------------------------------------------------------------------------- the rule
-def sparse_aggregate(updates: torch.Tensor, weights: torch.Tensor, inner: AggregationRule, rows: ItemRows,
-                     vectorised: bool = True, root: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+def _dense_vec(vec: torch.Tensor | None, rows: ItemRows) -> torch.Tensor | None:
+    return None if vec is None else dense_part(vec[None, :], rows)[0]
+
+
+def _table_rows(vec: torch.Tensor | None, rows: ItemRows) -> torch.Tensor | None:
+    return None if vec is None else vec[rows.offset : rows.end].view(rows.rows, rows.width)
+
+
+def sparse_aggregate(updates: torch.Tensor, ctx: RoundContext, inner: AggregationRule, rows: ItemRows,
+                     vectorised: bool = True) -> tuple[torch.Tensor, dict[str, Any]]:
     """Item-wise sparse aggregation of ``updates [K, D]`` (module docstring): ``(aggregate [D] on the
-    sum scale, info)``. ``root [D]``: FLTrust's root update when ``inner`` needs one."""
+    sum scale, info)``. ``ctx`` is the round's context (weights ``[K]``, round id, and FLTrust's root
+    update ``[D]`` when ``inner`` needs one); the inner rule gets a copy of it for the part it sees:
+    the dense part of the root and the weights, or one row's touchers' weights and the root's row
+    (``layout`` None: the part is not a whole model)."""
+    weights = ctx.weights
     check_inputs(updates, weights)
     check_floating(updates)
     k, d = updates.shape
     if rows.end > d or rows.rows < 1 or rows.width < 1:
         raise ValueError(f"item table {rows} does not fit in updates of D={d}")
-    mean_scale = str(getattr(inner, "scale", "mean")) == "mean"
+    mean_scale = inner.scale == "mean"
     out = torch.zeros(d, dtype=updates.dtype, device=updates.device)
     # the shared weights: the inner rule over all K updates
-    dense_rule = inner if root is None else bind_root(inner, dense_part(root[None, :], rows)[0])
-    dense = dense_rule(dense_part(updates, rows), weights)
+    dense_ctx = replace(ctx, layout=None, root=_dense_vec(ctx.root, rows), params=_dense_vec(ctx.params, rows))
+    dense = inner(dense_part(updates, rows), dense_ctx)
     dense_vec = dense.vector * k if mean_scale else dense.vector
     put_dense(out, dense_vec.to(updates.dtype), rows)
     # the item rows: the inner rule over each row's touchers
@@ -288,7 +297,7 @@ def sparse_aggregate(updates: torch.Tensor, weights: torch.Tensor, inner: Aggreg
     starts = torch.cumsum(counts, 0) - counts
     out_rows = out[rows.offset : rows.end].view(rows.rows, rows.width)
     fast = vectorised and batched(inner)
-    root_rows = None if root is None else root[rows.offset : rows.end].view(rows.rows, rows.width)
+    root_rows, param_rows = _table_rows(ctx.root, rows), _table_rows(ctx.params, rows)
     for n in sorted({int(c) for c in counts.tolist() if c > 0}):
         rows_n = torch.nonzero(counts == n).flatten()  # rows touched by exactly n updates
         step = max(1, GROUP_CHUNK_BYTES // (n * rows.width * updates.element_size()))
@@ -301,8 +310,11 @@ def sparse_aggregate(updates: torch.Tensor, weights: torch.Tensor, inner: Aggreg
             else:
                 res = torch.empty(len(sel), rows.width, dtype=updates.dtype, device=updates.device)
                 for j in range(len(sel)):
-                    rule = inner if root_rows is None else bind_root(inner, root_rows[int(sel[j])])
-                    res[j] = rule(block[j], wblock[j]).vector
+                    r = int(sel[j])
+                    row_ctx = replace(ctx, weights=wblock[j], layout=None,
+                                      root=None if root_rows is None else root_rows[r],
+                                      params=None if param_rows is None else param_rows[r])
+                    res[j] = inner(block[j], row_ctx).vector
             out_rows[sel] = (res * n if mean_scale else res).to(updates.dtype)
     info: dict[str, Any] = {
         "rows": rows.rows,
@@ -316,59 +328,49 @@ def sparse_aggregate(updates: torch.Tensor, weights: torch.Tensor, inner: Aggreg
 
 
 @dataclass(frozen=True)
-class SparseAggregation:
-    """Rule object for :func:`sparse_aggregate` (registry name ``sparse``); the engine binds the
-    layout with :meth:`with_layout`."""
+class SparseAggregation(AggregationRule):
+    """Rule object for :func:`sparse_aggregate` (registry name ``sparse``); it declares
+    ``needs_layout`` and finds the item table in ``ctx.layout``, and declares what its inner rule
+    declares about the weights and the root update."""
 
     inner_rule: AggregationRule = field(compare=False)
     inner: str = "median"
     table: str = DEFAULT_TABLE
     vectorised: bool = True
-    rows: ItemRows | None = None
-    root: torch.Tensor | None = field(default=None, compare=False, repr=False)
     name: str = "sparse"
     scale: ClassVar[str] = "sum"  # rows x their touch count, dense part x K (module docstring)
+    needs_layout: ClassVar[bool] = True  # where the item table sits (ctx.layout)
 
     @property
     def uses_weights(self) -> bool:
         """Whether the inner rule reads the sample weights (fedseq/engine.py rule_uses_weights)."""
-        return rule_uses_weights(self.inner_rule)
-    needs_layout: ClassVar[bool] = True
+        return self.inner_rule.uses_weights
 
     @property
     def needs_root(self) -> bool:
-        return needs_root(self.inner_rule)
-
-    @property
-    def needs_round(self) -> bool:
-        return needs_round(self.inner_rule)
+        """Whether the inner rule reads the round's root update (``sparse:fltrust``)."""
+        return self.inner_rule.needs_root
 
     @property
     def root_users(self) -> int:
         """The inner rule's root users (FLTrust), read by the runners' root source (fedseq/root.py)."""
-        return int(getattr(self.inner_rule, "root_users", 10))
+        return self.inner_rule.root_users
 
-    def with_layout(self, layout: Layout) -> SparseAggregation:
-        """This rule bound to the model's flat parameter layout (where the item table sits)."""
+    def item_rows(self, layout: Layout | None) -> ItemRows:
+        """Where this rule's item table sits in the flat parameter ``layout``."""
+        if layout is None:
+            raise MissingLayout("rule 'sparse' needs the model's parameter layout in its context (ctx.layout; "
+                                "fedseq.engine.aggregate_round passes the runner's)")
         try:
-            rows = ItemRows.of(layout, self.table)
+            return ItemRows.of(layout, self.table)
         except ValueError as e:
             raise RuleConfigError(str(e)) from None
-        return dataclasses.replace(self, rows=rows)
 
-    def with_root(self, root: torch.Tensor) -> SparseAggregation:
-        return dataclasses.replace(self, root=root)
-
-    def with_round(self, round_id: int) -> SparseAggregation:
-        return dataclasses.replace(self, inner_rule=bind_round(self.inner_rule, round_id))
-
-    def __call__(self, updates: torch.Tensor, weights: torch.Tensor) -> AggregationResult:
-        if self.rows is None:
-            raise MissingLayout("rule 'sparse' needs the model's parameter layout: bind it with "
-                                "rule.with_layout(layout) / fedseq.engine.bind_layout (aggregate_round does)")
-        if self.needs_root and self.root is None:
-            raise ValueError(f"rule 'sparse' with inner={self.inner!r} needs the round's root update (bind_root)")
-        vec, info = sparse_aggregate(updates, weights, self.inner_rule, self.rows, self.vectorised, self.root)
+    def __call__(self, updates: torch.Tensor, ctx: RoundContext) -> AggregationResult:
+        rows = self.item_rows(ctx.layout)
+        if self.needs_root and ctx.root is None:
+            raise ValueError(f"rule 'sparse' with inner={self.inner!r} needs the round's root update (ctx.root)")
+        vec, info = sparse_aggregate(updates, ctx, self.inner_rule, rows, self.vectorised)
         return AggregationResult(vec, None, {"inner": self.inner, "table": self.table, **info})
 
     @classmethod

@@ -22,6 +22,8 @@ import torch
 
 from .base import (
     AggregationResult,
+    AggregationRule,
+    RoundContext,
     check_floating,
     check_inputs,
     column_mean64,
@@ -64,7 +66,7 @@ def _mean64_rows(kept: Any) -> Any:
 
 
 @dataclass(frozen=True)
-class TrimmedMean:
+class TrimmedMean(AggregationRule):
     """Rule object for :func:`trimmed_mean` (registry name ``trimmed-mean``). Option ``beta``."""
 
     beta: float = DEFAULT_BETA
@@ -76,8 +78,8 @@ class TrimmedMean:
         if not 0.0 <= self.beta < 0.5:
             raise option_error(self.name, "beta", self.beta, "a float in [0, 0.5) (fraction per side)")
 
-    def __call__(self, updates: torch.Tensor, weights: torch.Tensor) -> AggregationResult:
-        check_inputs(updates, weights)
+    def __call__(self, updates: torch.Tensor, ctx: RoundContext) -> AggregationResult:
+        check_inputs(updates, ctx.weights)
         k = updates.shape[0]
         t = trimmed_count(k, self.beta)
         vec = trimmed_mean(updates, self.beta)
