@@ -7,7 +7,7 @@ Exit 0 when it answers SERVING, 1 otherwise (Docker's and Kubernetes' convention
 A port of 0 or none means the service has no fixed port to check, which counts as healthy.
 
 A worker listens on no port (it dials the orchestrator); it writes its health to a file instead
-(``--health-file``/``FEDSEQ_HEALTH_FILE``, client/worker.py ``HealthFile``). ``--file PATH`` checks
+(``--health-file``/``FEDSEQ_HEALTH_FILE``, client/session.py ``HealthFile``). ``--file PATH`` checks
 that file: healthy when it was rewritten within ``--max-age`` seconds (the worker's loop is alive,
 connected or retrying), and with ``--ready`` also connected to the orchestrator and holding its
 users. ``--file`` defaults to FEDSEQ_HEALTH_FILE when that is set.

@@ -631,7 +631,7 @@ def test_every_long_running_container_has_startup_liveness_and_readiness_probes(
 
 def test_the_worker_probes_mean_what_the_health_check_says(tmp_path, capsys):
     """The workers' probe commands, run against health files as the worker writes them
-    (client/worker.py HealthFile): alive and connected but not ready yet, ready, and stale."""
+    (client/session.py HealthFile): alive and connected but not ready yet, ready, and stale."""
     worker = _pod_spec(_by_kind("Deployment")["client-0"])["containers"][0]
     health = tmp_path / "health.json"
 
