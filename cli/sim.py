@@ -24,23 +24,15 @@ from fedseq.adv_train import adversarial_updates
 from fedseq.compute_pool import ComputePool
 from fedseq.config import ConfigError, ExperimentConfig
 from fedseq.device import resolve
-from fedseq.engine import (
-    RoundPlan,
-    aggregate_round,
-    eval_due,
-    last_of_epoch,
-    malicious_kept,
-    plan_run,
-    rule_scale,
-    stall_warning,
-)
+from fedseq.engine import RoundPlan, aggregate_round, malicious_kept, plan_run, rule_scale
 from fedseq.experiment import Setup, all_clients
 from fedseq.metrics import Evaluator
 from fedseq.results import format_table, write_results
 from fedseq.root import root_source
+from fedseq.runloop import RoundTally, run_rounds
 from fedseq.training import LocalConfig, UpdateBatch, UpdateMatrix, compute_updates
 
-from .plugins import prepare
+from .plugins import Prepared, prepare
 
 Progress = Callable[[str], None]
 
@@ -134,22 +126,103 @@ def train_round(s: Setup, adversary: Adversary | None, params: torch.Tensor, rp:
     return round_updates(s, adversary, params, rp.users, rp.round_id, local, matrix, pool)
 
 
+class InProcessFederation:
+    """The in-process runner's parts of the run loop (fedseq/runloop.py): updates computed here
+    (a compute pool with ``procs > 1``), the rule applied here with the round engine's step
+    (fedseq/engine.py ``aggregate_round``), the benign users evaluated here."""
+
+    def __init__(self, cfg: ExperimentConfig, p: Prepared, plan: list[RoundPlan], out_dir: str | Path | None,
+                 summary: dict[str, Any], on_round: Callable[[RoundPlan, torch.Tensor], None] | None,
+                 progress: Progress) -> None:
+        self.cfg, self.s, self.rule, self.adversary = cfg, p.setup, p.rule, p.adversary
+        self.out_dir, self.summary, self.on_round = out_dir, summary, on_round
+        s, ds = self.s, self.s.dataset
+        self.params = s.initial_params()
+        ev_users = s.eval_users  # every benign user unless cfg.eval_users samples them
+        self.evaluator = Evaluator(s.model, [ds.train[u] for u in ev_users] if cfg.eval_users else ds.train,
+                                   ds.test[ev_users] if cfg.eval_users else ds.test, ev_users, s.targets,
+                                   s.eval_config())
+        self.local = cfg.local()
+        self.root = root_source(self.rule, cfg, s.model)
+        self.malicious = set(s.malicious_users.tolist())
+        self.pool: ComputePool | None = None
+        if cfg.procs > 1:  # children forked now: they inherit the model and the data set
+            if resolve(self.local.device).type != "cpu":
+                raise ConfigError(f"procs {cfg.procs} computes on the CPU; the run's device is {self.local.device}")
+            self.pool = ComputePool(s.model, ds.train, cfg.seed, cfg.procs, max((len(rp.users) for rp in plan),
+                                                                                  default=1))
+            # the runner's own work (attacks, adversarial training, aggregation, evaluation) keeps
+            # --threads: it runs while the compute processes wait, and with --threads 1 every number
+            # is the 1-thread run's (more threads may change float summation order)
+            progress(f"benign updates computed by {cfg.procs} processes of 1 torch thread; attacks, aggregation "
+                     f"and evaluation here with {cfg.threads or torch.get_num_threads()} (--threads)")
+        # every round's updates are written into one matrix (warm pages; the pool's is shared with its processes)
+        self.matrix = self.pool.matrix if self.pool is not None else UpdateMatrix.of(s.model)
+        self.epochs: list[dict[str, Any]] = []
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+
+    def resume(self) -> tuple[int, list[dict[str, Any]]]:
+        return 0, []
+
+    def train(self, rp: RoundPlan) -> tuple[UpdateBatch, float]:
+        t = time.perf_counter()
+        return train_round(self.s, self.adversary, self.params, rp, self.local, self.matrix, self.pool), t
+
+    def aggregate(self, rp: RoundPlan, trained: tuple[UpdateBatch, float]) -> RoundTally:
+        ub, ta = trained
+        tb = time.perf_counter()
+        # the sanity bound checks the rows this runner did not compute with its own training code
+        out = aggregate_round(self.rule, self.params, ub.updates, torch.as_tensor(ub.num_samples, dtype=torch.float32),
+                              ub.users.tolist(), rp.lr, rp.round_id, self.root,
+                              literal_step=self.cfg.compat.literal_step, layout=self.s.layout,
+                              bound_rows=np.flatnonzero(ub.users >= self.s.dataset.num_users).tolist())
+        self.params = out.params
+        if self.on_round is not None:
+            self.on_round(rp, self.params)
+        counts: dict[str, float] = {"accepted": len(out.users), "rejected": len(out.refused)}
+        if self.adversary is not None:
+            counts["malicious_updates"], counts["malicious_kept"] = malicious_kept(out.users, out.kept_users,
+                                                                                   self.malicious)
+        counts.update(compute_seconds=tb - ta, aggregate_seconds=time.perf_counter() - tb)
+        # the round's updates live in ``matrix``, which the next round writes again
+        return RoundTally(counts, float(np.mean(ub.losses)) if len(ub.users) else None)
+
+    def recover(self, rp: RoundPlan) -> RoundTally | None:
+        raise AssertionError("the in-process runner has no transport to fail")
+
+    def evaluate(self, epoch: int, version: int) -> dict[str, Any]:
+        return self.evaluator(self.params).means()
+
+    def record_epoch(self, row: dict[str, Any]) -> None:
+        self.epochs.append(row)
+        if "warning" in row:
+            self.summary.setdefault("warnings", []).append(row["warning"])
+        if self.out_dir is not None:
+            write_results(self.out_dir, self.cfg.to_dict(), self.epochs, self.summary)
+
+    def rule_name(self) -> str:
+        return self.rule.name
+
+    def rule_scale(self) -> str:
+        return rule_scale(self.rule)
+
+
 def run_inprocess(cfg: ExperimentConfig, out_dir: str | Path | None = None,
                   progress: Progress = stderr_progress, prepared: Setup | None = None,
                   on_round: Callable[[RoundPlan, torch.Tensor], None] | None = None) -> dict[str, Any]:
-    """Run ``cfg`` to the end with the round engine (fedseq/engine.py) and return the results
-    dict (also written to ``out_dir``). ``on_round(plan, params)`` sees the weights after each
-    round (model version ``plan.round_id + 1``)."""
+    """Run ``cfg`` to the end with the round engine's loop (fedseq/runloop.py) and this process's
+    parts (:class:`InProcessFederation`) and return the results dict (also written to
+    ``out_dir``). ``on_round(plan, params)`` sees the weights after each round (model version
+    ``plan.round_id + 1``)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t_setup = time.perf_counter()
     p = prepare(cfg, prepared)
-    s, rule, adversary = p.setup, p.rule, p.adversary
-    params = s.initial_params()
+    s, adversary = p.setup, p.adversary
     ds = s.dataset
-    ev_users = s.eval_users  # every benign user unless cfg.eval_users samples them
-    evaluator = Evaluator(s.model, [ds.train[u] for u in ev_users] if cfg.eval_users else ds.train,
-                          ds.test[ev_users] if cfg.eval_users else ds.test, ev_users, s.targets, s.eval_config())
     summary: dict[str, Any] = {"runner": "inprocess"}
     if adversary is not None:
         summary.update(attack=cfg.attack, malicious_clients=adversary.population.size,
@@ -159,78 +232,13 @@ def run_inprocess(cfg: ExperimentConfig, out_dir: str | Path | None = None,
              f"(setup {time.perf_counter() - t_setup:.1f}s)")
     if adversary is not None:
         progress(f"attack {cfg.attack} {dict(cfg.attack_opts)}: {adversary.population.note}")
-    local = cfg.local()
-    root = root_source(rule, cfg, s.model)
-    malicious = set(s.malicious_users.tolist())
     plan = plan_run(cfg, all_clients(s), ds.num_users)
-    pool = None
-    if cfg.procs > 1:  # children forked now: they inherit the model and the data set
-        if resolve(local.device).type != "cpu":
-            raise ConfigError(f"procs {cfg.procs} computes on the CPU; the run's device is {local.device}")
-        pool = ComputePool(s.model, ds.train, cfg.seed, cfg.procs, max((len(rp.users) for rp in plan), default=1))
-        # the runner's own work (attacks, adversarial training, aggregation, evaluation) keeps
-        # --threads: it runs while the compute processes wait, and with --threads 1 every number
-        # is the 1-thread run's (more threads may change float summation order)
-        progress(f"benign updates computed by {cfg.procs} processes of 1 torch thread; attacks, aggregation "
-                 f"and evaluation here with {cfg.threads or torch.get_num_threads()} (--threads)")
-    # every round's updates are written into one matrix (warm pages; the pool's is shared with its processes)
-    matrix = pool.matrix if pool is not None else UpdateMatrix.of(s.model)
-    epochs: list[dict[str, Any]] = []
-    acc: dict[str, float] = {}
-    hr10: list[float] = []  # per evaluated epoch, for the stall warning
+    fed = InProcessFederation(cfg, p, plan, out_dir, summary, on_round, progress)
     try:
-        t0 = time.perf_counter()
-        for i, rp in enumerate(plan):
-            ta = time.perf_counter()
-            ub = train_round(s, adversary, params, rp, local, matrix, pool)
-            tb = time.perf_counter()
-            # the sanity bound checks the rows this runner did not compute with its own training code
-            out = aggregate_round(rule, params, ub.updates, torch.as_tensor(ub.num_samples, dtype=torch.float32),
-                                  ub.users.tolist(), rp.lr, rp.round_id, root, literal_step=cfg.compat.literal_step,
-                                  layout=s.layout, bound_rows=np.flatnonzero(ub.users >= ds.num_users).tolist())
-            params = out.params
-            if on_round is not None:
-                on_round(rp, params)
-            n_mal, n_kept = malicious_kept(out.users, out.kept_users, malicious)
-            for k, v in (("rounds", 0 if rp.adversarial else 1), ("accepted", len(out.users)),
-                         ("rejected", len(out.refused)), ("malicious_updates", n_mal), ("malicious_kept", n_kept),
-                         ("compute_seconds", tb - ta), ("aggregate_seconds", time.perf_counter() - tb)):
-                acc[k] = acc.get(k, 0) + v
-            if len(ub.users):
-                progress(f"~epoch {rp.epoch + 1}/{cfg.epochs} round {rp.round_id + 1}/{len(plan)} "
-                         f"loss {float(np.mean(ub.losses)):.4f}")
-            del ub  # the round's updates live in ``matrix``, which the next round writes again
-            if not last_of_epoch(plan, i):
-                continue
-            epoch = rp.epoch
-            row: dict[str, Any] = {"epoch": epoch + 1, "lr": rp.lr, "train_seconds": time.perf_counter() - t0, **acc}
-            if adversary is None:
-                for k in ("malicious_updates", "malicious_kept"):
-                    row.pop(k)
-            if eval_due(cfg, epoch):
-                te = time.perf_counter()
-                row.update(evaluator(params).means())
-                row["eval_seconds"] = time.perf_counter() - te
-                hr10.append(row["hr@10"])
-                warning = stall_warning(cfg, rule.name, rule_scale(rule), hr10, cfg.clients_per_round)
-                if warning:
-                    summary.setdefault("warnings", []).append(warning)
-                    progress(f"WARNING: {warning}")
-            row["seconds"] = time.perf_counter() - t0
-            epochs.append(row)
-            if "hr@10" in row:
-                mal = ""
-                if adversary is not None:
-                    mal = f" malicious updates {row['malicious_updates']} (kept {row['malicious_kept']})"
-                progress(f"epoch {epoch + 1}/{cfg.epochs}: HR@10 {row['hr@10']:.4f} NDCG@10 {row['ndcg@10']:.4f} "
-                         f"ER@5 {row['er@5']:.4f} ER@10 {row['er@10']:.4f}{mal} ({row['seconds']:.1f}s)")
-            if out_dir is not None:
-                write_results(out_dir, cfg.to_dict(), epochs, summary)
-            acc, t0 = {}, time.perf_counter()
+        outcome = run_rounds(cfg, plan, fed, progress)
     finally:
-        if pool is not None:
-            pool.close()
-    results = {"config": cfg.to_dict(), "epochs": epochs, "summary": summary}
-    extra = [k for k in ("malicious_updates", "malicious_kept") if any(k in e for e in epochs)]
-    progress(format_table(epochs, extra))
+        fed.close()
+    results = {"config": cfg.to_dict(), "epochs": outcome.epochs, "summary": summary}
+    extra = [k for k in ("malicious_updates", "malicious_kept") if any(k in e for e in outcome.epochs)]
+    progress(format_table(outcome.epochs, extra))
     return results

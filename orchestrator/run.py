@@ -16,6 +16,9 @@ import math
 import secrets
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +28,13 @@ import numpy as np
 from fedseq import ledger as ledger_mod
 from fedseq import observe
 from fedseq.config import ExperimentConfig
-from fedseq.engine import RoundPlan, eval_due, last_of_epoch, malicious_kept, plan_run, stall_warning
+from fedseq.engine import RoundPlan, malicious_kept, plan_run
 from fedseq.experiment import Setup, all_clients
 from fedseq.ledger import Ledger
 from fedseq.metrics import KS, MetricSums, sums_from_proto
 from fedseq.results import write_results
 from fedseq.rpc import CONTROL_TIMEOUT, channel, grpc_compression
+from fedseq.runloop import RoundFailed, RoundTally, run_rounds
 from fedseq.store import RedisStore, StoreError
 from fedseq.v1 import aggregator_pb2 as agg_pb
 from fedseq.v1 import aggregator_pb2_grpc as agg_grpc
@@ -43,7 +47,6 @@ log = logging.getLogger(__name__)
 
 EVAL_ATTEMPTS = 3  # evaluation passes over the users whose worker failed
 
-ROUND_RETRIES = 8  # reruns of a round whose aggregator or store failed (backoff 1, 2, 4, ... 15 s)
 
 
 
@@ -59,6 +62,33 @@ def check_eval_sums(sums: MetricSums, asked: int, ks: set[int]) -> str | None:
             return f"{name} sum {v!r} is outside [0, {asked}]"
     return None
 
+
+
+def _log_progress(line: str) -> None:
+    log.info("%s", line.lstrip("~"))
+
+
+def _tally(record: dict[str, Any]) -> RoundTally:
+    """A round record's counts, as the run loop sums them into the epoch's row."""
+    return RoundTally({"accepted": record["accepted"], "rejected": record["rejected"], "missing": record["missing"],
+                       "malicious_updates": record["malicious"], "malicious_kept": record["malicious_kept"]})
+
+
+@dataclass
+class _Trained:
+    """A round between its Train tasks and its close: the assignment, the round's ledger, and
+    what the workers answered."""
+
+    plan: dict[str, list[int]]
+    orphans: int
+    led: Ledger
+    t0: float
+    t_train: float = 0.0
+    failed: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+    reported_updates: list[tuple[str, Any]] = field(default_factory=list)  # (worker, its own count of an upload)
+    ledger_refused: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 class RunLoop:
@@ -103,15 +133,6 @@ class RunLoop:
         self._thread: threading.Thread | None = None
         self._report_bounds = ledger_mod.ReportBounds()
 
-    def _check_stall(self, row: dict[str, Any]) -> None:
-        """Warn (log, results summary) when HR@10 does not move (fedseq/engine.py, stall_warning)."""
-        hr10 = [e["hr@10"] for e in self.epochs if "hr@10" in e and e["epoch"] < row["epoch"]] + [row["hr@10"]]
-        warning = stall_warning(self.cfg, self.cfg.defense, self._rule_scale, hr10, self.cfg.clients_per_round)
-        if warning:
-            log.warning("%s", warning)
-            self.warnings.append(warning)
-            row["warning"] = warning
-
     def _say(self, message: str) -> None:
         self.message = message
 
@@ -134,18 +155,28 @@ class RunLoop:
             self.state, self.message = "failed", f"{type(e).__name__}: {e}"
 
     def run(self) -> None:
-        cfg = self.cfg
+        """Wait for the workers, then walk the plan with the round engine's loop
+        (fedseq/runloop.py ``run_rounds``), this class being its :class:`Federation`."""
         observe.set_context(run=self.run_id)
-        self.store.put_config(cfg.to_dict())
+        self.store.put_config(self.cfg.to_dict())
         self.pool.wait_for(self.settings.min_workers, self.settings.worker_wait, self._say)
         if self._stop.is_set():
             self.state = "stopped"
             return
+        outcome = run_rounds(self.cfg, self.plan, self, progress=_log_progress, stop=self._stop)
+        self.state = outcome.state
+        self.warnings = outcome.warnings
+        self._write()
+
+    # ------------------------------------------------------------ the Federation (fedseq/runloop.py)
+    def resume(self) -> tuple[int, list[dict[str, Any]]]:
+        """Bind the aggregator to the run (new, or resumed from the store head); the rounds done
+        and the epoch rows recorded."""
+        cfg, schedule = self.cfg, self.plan
         start_req, start = self._start_run()
         self.num_parameters = int(start.num_parameters)
         # a worker reports at most a whole fp32 model version per read (plus the safetensors header)
         self._report_bounds = ledger_mod.ReportBounds(max_model_bytes=4 * self.num_parameters + (1 << 20))
-        schedule = self.plan
         done = int(start.head_version)
         self._load_ledger()
         led = Ledger(self.run_id, done, schedule[done].epoch + 1 if done < len(schedule) else cfg.epochs, "setup")
@@ -165,29 +196,49 @@ class RunLoop:
         self.round_id = done
         self.epochs_done = len(self.epochs)
         self.state = "running"
-        # an epoch whose rounds all finished before a crash but whose evaluation did not
-        if 0 < done <= len(schedule):
-            prev_epoch = schedule[done - 1].epoch
-            if last_of_epoch(schedule, done - 1) and len(self.epochs) <= prev_epoch:
-                self._end_epoch(prev_epoch, 0.0, {})
-        epoch_t0 = time.perf_counter()
-        acc: dict[str, float] = {}
-        for rid in range(done, len(schedule)):
-            if self._stop.is_set():
-                self.state = "stopped"
-                self._write()
-                return
-            rp = schedule[rid]
-            summary = self._round_retrying(rp)
-            acc["rounds"] = acc.get("rounds", 0) + (0 if rp.adversarial else 1)
-            for k in ("accepted", "rejected", "missing", "malicious", "malicious_kept"):
-                key = "malicious_updates" if k == "malicious" else k  # the in-process runner's key
-                acc[key] = acc.get(key, 0) + summary[k]
-            if last_of_epoch(schedule, rid):
-                self._end_epoch(rp.epoch, time.perf_counter() - epoch_t0, acc)
-                epoch_t0, acc = time.perf_counter(), {}
-        self.state = "done"
-        self._write()
+        return done, self.epochs
+
+    @contextmanager
+    def _transport(self) -> Iterator[None]:
+        """Turn a failure of the aggregator or the store under a round into :class:`RoundFailed`
+        (the loop reruns the round); a refusal (permission, authentication, invalid argument)
+        stays what it is and ends the run."""
+        try:
+            yield
+        except (grpc.RpcError, StoreError) as e:
+            code = e.code() if isinstance(e, grpc.RpcError) else None
+            if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED,
+                        grpc.StatusCode.INVALID_ARGUMENT):
+                raise
+            what = f"{e.code().name} {e.details()}" if isinstance(e, grpc.RpcError) else str(e)
+            self.message = f"round {self.round_id}: aggregator or store failed ({what[:80]}); retrying"
+            with self._lock:
+                self.retries += 1
+            observe.ROUND_RETRIES.inc()
+            raise RoundFailed(f"aggregator or store failed: {what}", e) from e
+
+    def recover(self, rp: RoundPlan) -> RoundTally | None:
+        """After a failed round: bind the server to the run again. A round the server finished
+        before it failed (head already past it) is not run twice (None: rerun it)."""
+        rid = rp.round_id
+        try:
+            _, start = self._start_run()
+        except (grpc.RpcError, StoreError) as e:
+            raise RoundFailed(f"the aggregator is not back yet: {e}", e) from e
+        head = int(start.head_version)
+        if head == rid + 1:  # the server wrote this round's version before it failed
+            log.warning("round %d was completed by the server before the failure; its summary is lost", rid)
+            self.round_id = rid + 1
+            return _tally(self._record_lost(rid, rp.epoch, len(rp.users)))
+        if head != rid:
+            raise RuntimeError(f"round {rid}: the store head is {head} after the aggregator came back")
+        return None
+
+    def rule_name(self) -> str:
+        return self.cfg.defense
+
+    def rule_scale(self) -> str:
+        return self._rule_scale
 
     def _reconcile_rounds(self, head: int, schedule: list[RoundPlan]) -> None:
         """A round the server applied (head past it) whose record a crashed orchestrator never
@@ -221,155 +272,134 @@ class RunLoop:
                              f"{', '.join(start.accepted_encodings)}); pick one of those with --codec")
         return start_req, start
 
-    def _round_retrying(self, rp: RoundPlan) -> dict[str, Any]:
-        """:meth:`_round`, retried when the aggregator or the store fails under it (a restarted
-        server has lost the open round; Redis may be restarting): wait, bind the server to the run
-        again and rerun the round from the store head, up to :data:`ROUND_RETRIES` times. A round
-        the server finished before it failed (head already past it) is not run twice."""
+    def train(self, rp: RoundPlan) -> _Trained:
+        """Open round ``rp`` on the server with one-time tokens and the orchestrator's weights, send
+        one Train task to each worker hosting its users, and collect their answers."""
         rid = rp.round_id
-        delay = 1.0
-        for attempt in range(ROUND_RETRIES + 1):
-            try:
-                return self._round(rp)
-            except (grpc.RpcError, StoreError) as e:
-                code = e.code() if isinstance(e, grpc.RpcError) else None
-                if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED,
-                            grpc.StatusCode.INVALID_ARGUMENT) or attempt == ROUND_RETRIES or self._stop.is_set():
-                    raise
-                what = f"{e.code().name} {e.details()}" if isinstance(e, grpc.RpcError) else str(e)
-                log.warning("round %d failed (%s); retrying in %.0f s (%d/%d)", rid, what, delay, attempt + 1,
-                            ROUND_RETRIES)
-                self.message = f"round {rid}: aggregator or store failed ({what[:80]}); retrying"
-                with self._lock:
-                    self.retries += 1
-                observe.ROUND_RETRIES.inc()
-            self._stop.wait(delay)
-            delay = min(delay * 2, 15.0)
-            try:
-                _, start = self._start_run()
-            except (grpc.RpcError, StoreError) as e:
-                log.warning("round %d: the aggregator is not back yet: %s", rid, e)
-                continue
-            head = int(start.head_version)
-            if head == rid + 1:  # the server wrote this round's version before it failed
-                log.warning("round %d was completed by the server before the failure; its summary is lost", rid)
-                self.round_id = rid + 1
-                return self._record_lost(rid, rp.epoch, len(rp.users))
-            if head != rid:
-                raise RuntimeError(f"round {rid}: the store head is {head} after the aggregator came back")
-        raise AssertionError("unreachable")
-
-    def _round(self, rp: RoundPlan) -> dict[str, Any]:
-        cfg = self.cfg
-        rid, epoch, users, lr, adversarial = rp.round_id, rp.epoch, rp.users, rp.lr, rp.adversarial
         observe.set_context(round_id=rid)
         t0 = time.perf_counter()
         workers = self.pool.await_lost_shards(self._say)
-        plan, orphans = assign(users, workers)
+        plan, orphans = assign(rp.users, workers)
         by_id = {w.worker_id: w for w in workers}
-        tokens = {int(u): secrets.token_hex(16) for u in users.tolist()}  # one-time: (run, round, user)
+        tokens = {int(u): secrets.token_hex(16) for u in rp.users.tolist()}  # one-time: (run, round, user)
         weights = self.setup.weights  # the orchestrator's, never the upload's (fedseq/experiment.py client_weights)
         assert weights is not None
         deadline = time.time() + self.settings.round_timeout
-        led = Ledger(self.run_id, rid, epoch + 1, "train")  # the channels account the calls made while it records
+        led = Ledger(self.run_id, rid, rp.epoch + 1, "train")  # the channels account the calls made while it records
         open_req = agg_pb.OpenRoundRequest(
-            run_id=self.run_id, round_id=rid, model_version=rid, deadline_unix=deadline, lr=lr,
+            run_id=self.run_id, round_id=rid, model_version=rid, deadline_unix=deadline, lr=rp.lr,
             assignments=[common_pb2.Assignment(user_id=u, token=t, weight=int(weights[u])) for u, t in tokens.items()])
         calls = {}
-        with ledger_mod.recording(led):
+        with self._transport(), ledger_mod.recording(led):
             opened = self.aggregator.OpenRound(open_req, timeout=CONTROL_TIMEOUT, compression=self._grpc_comp)
             for wid, us in plan.items():
                 req = worker_pb2.TrainRequest(
-                    run_id=self.run_id, round_id=rid, model_version=rid, deadline_unix=deadline, encoding=cfg.codec,
-                    accepted_encodings=list(opened.accepted_encodings), adversarial=adversarial,
+                    run_id=self.run_id, round_id=rid, model_version=rid, deadline_unix=deadline,
+                    encoding=self.cfg.codec, accepted_encodings=list(opened.accepted_encodings),
+                    adversarial=rp.adversarial,
                     assignments=[common_pb2.Assignment(user_id=u, token=tokens[u], weight=int(weights[u])) for u in us])
                 calls[wid] = by_id[wid].link.call(req, timeout=self.settings.round_timeout)
-        timings: dict[str, float] = {}
-        failed = []
-        refused = []
-        reported_updates: list[tuple[str, Any]] = []  # (worker, its own count of an upload)
-        ledger_refused: list[str] = []
+        trained = _Trained(plan, len(orphans), led, t0)
         for wid, fut in calls.items():
-            try:
-                rep = fut.result()
-                reported_updates += [(wid, c) for c in rep.ledger[: 4 * len(plan[wid]) + 16] if c.kind == "update"]
-                for problem in led.add_reported((c for c in rep.ledger if c.kind != "update"), self._report_bounds,
-                                                worker=wid):
-                    ledger_refused.append(f"{wid}: {problem}")
-                # a worker's timings are its word: bounded to the round's time, kept apart as reported
-                for k, v in list(rep.timings.items())[:8]:
-                    if math.isfinite(v) and 0 <= v <= self.settings.round_timeout:
-                        timings[k[:32]] = max(timings.get(k[:32], 0.0), v)
-            except grpc.RpcError as e:
-                failed.append(wid)
-                by_id[wid].alive = e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) \
-                    and by_id[wid].alive
-                log.warning("round %d: worker %s failed: %s %s", rid, wid, e.code().name, e.details())
-                if e.code() == grpc.StatusCode.INVALID_ARGUMENT:  # a contract error: retrying cannot help
-                    refused.append(f"worker {wid}: {e.details()[:200]}")
+            self._collect(rid, wid, fut, by_id[wid], trained)
         # The code a worker answers with is its word: one worker (an attacker's, say) refusing its
         # task costs only its own users this round; the run fails only when every worker refused
         # (a contract error of the run itself, e.g. an encoding no worker can send)
-        if refused and len(refused) == len(calls):
-            raise RuntimeError(f"round {rid}: the Train request was refused ({'; '.join(refused)})")
-        t_train = time.perf_counter() - t0
+        if trained.refused and len(trained.refused) == len(calls):
+            raise RuntimeError(f"round {rid}: the Train request was refused ({'; '.join(trained.refused)})")
+        trained.t_train = time.perf_counter() - t0
+        return trained
+
+    def _collect(self, rid: int, wid: str, fut: Any, worker: Any, trained: _Trained) -> None:
+        """Worker ``wid``'s answer to its Train task: its reported ledger counts (checked) and
+        timings (bounded), or its failure."""
+        try:
+            rep = fut.result()
+        except grpc.RpcError as e:
+            trained.failed.append(wid)
+            worker.alive = e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) \
+                and worker.alive
+            log.warning("round %d: worker %s failed: %s %s", rid, wid, e.code().name, e.details())
+            if e.code() == grpc.StatusCode.INVALID_ARGUMENT:  # a contract error: retrying cannot help
+                trained.refused.append(f"worker {wid}: {e.details()[:200]}")
+            return
+        trained.reported_updates += [(wid, c) for c in rep.ledger[: 4 * len(trained.plan[wid]) + 16]
+                                     if c.kind == "update"]
+        for problem in trained.led.add_reported((c for c in rep.ledger if c.kind != "update"), self._report_bounds,
+                                                worker=wid):
+            trained.ledger_refused.append(f"{wid}: {problem}")
+        # a worker's timings are its word: bounded to the round's time, kept apart as reported
+        for k, v in list(rep.timings.items())[:8]:
+            if math.isfinite(v) and 0 <= v <= self.settings.round_timeout:
+                trained.timings[k[:32]] = max(trained.timings.get(k[:32], 0.0), v)
+
+    def aggregate(self, rp: RoundPlan, trained: _Trained) -> RoundTally:
+        """Close round ``rp`` on the server (it aggregates and writes the next version), account
+        the round's bytes and write its record."""
+        rid, led = rp.round_id, trained.led
         close_req = agg_pb.CloseRoundRequest(run_id=self.run_id, round_id=rid)
-        with ledger_mod.recording(led):
-            s = self.aggregator.CloseRound(close_req, timeout=CONTROL_TIMEOUT * 4, compression=self._grpc_comp)
-        # update uploads as the aggregator measured them, user by user (a worker's count of its own
-        # uploads is never the figure: README "Security model")
-        worker_of = {u: wid for wid, us in plan.items() for u in us}
-        ledger_refused += led.add_measured_updates(dict(s.user_bytes), worker_of, reported_updates, self._comp)
-        if ledger_refused:
-            log.warning("round %d: %d worker ledger report(s) refused, e.g. %s", rid, len(ledger_refused),
-                        ledger_refused[0])
-        if s.store_bytes:
-            led.add(kind="model_write", direction="internal", link="aggregator-store",
-                    what=f"store.put model:{s.new_version}", bytes=s.store_bytes)
-        if s.patch_bytes:
-            led.add(kind="model_write", direction="internal", link="aggregator-store",
-                    what=f"store.put patch:{s.new_version}", bytes=s.patch_bytes)
-        if s.store_bytes_read:
-            led.add(kind="model_download", direction="internal", link="aggregator-store",
-                    what="store.get (serving GetModel)", bytes=s.store_bytes_read)
-        self.pool.flush_notes(led)
-        bytes_up, bytes_down = self._commit(led)
+        with self._transport():
+            with ledger_mod.recording(led):
+                s = self.aggregator.CloseRound(close_req, timeout=CONTROL_TIMEOUT * 4, compression=self._grpc_comp)
+            # update uploads as the aggregator measured them, user by user (a worker's count of its own
+            # uploads is never the figure: README "Security model")
+            worker_of = {u: wid for wid, us in trained.plan.items() for u in us}
+            trained.ledger_refused += led.add_measured_updates(dict(s.user_bytes), worker_of,
+                                                               trained.reported_updates, self._comp)
+            if trained.ledger_refused:
+                log.warning("round %d: %d worker ledger report(s) refused, e.g. %s", rid,
+                            len(trained.ledger_refused), trained.ledger_refused[0])
+            for n, what, kind in ((s.store_bytes, f"store.put model:{s.new_version}", "model_write"),
+                                  (s.patch_bytes, f"store.put patch:{s.new_version}", "model_write"),
+                                  (s.store_bytes_read, "store.get (serving GetModel)", "model_download")):
+                if n:
+                    led.add(kind=kind, direction="internal", link="aggregator-store", what=what, bytes=n)
+            self.pool.flush_notes(led)
+            bytes_up, bytes_down = self._commit(led)
+            record = self._round_record(rp, trained, s, bytes_up, bytes_down)
+            self.store.append_record("rounds", record)
+        self.round_id = rid + 1
+        observe.ROUNDS.inc()
+        observe.ROUND_SECONDS.observe(record["seconds"])
+        observe.MODEL_VERSION.set(self.round_id)
+        self.message = (f"epoch {rp.epoch + 1}/{self.cfg.epochs} round {rid + 1}: {s.accepted} accepted, "
+                        f"{len(s.rejected)} rejected, {record['missing']} missing")
+        return _tally(record)
+
+    def _round_record(self, rp: RoundPlan, trained: _Trained, s: Any, bytes_up: int, bytes_down: int
+                      ) -> dict[str, Any]:
+        """Round ``rp``'s record from the server's summary ``s`` and what the workers said."""
+        users, led = rp.users.tolist(), trained.led
         mal = set(self.malicious.tolist())
-        in_round = [u for u in users.tolist() if u in mal]
         not_in = {r.user_id for r in s.rejected} | set(s.missing)
-        _, n_kept = malicious_kept([u for u in users.tolist() if u not in not_in], list(s.kept_users) if s.kept_reported else None,
-                                   mal)
+        _, n_kept = malicious_kept([u for u in users if u not in not_in],
+                                   list(s.kept_users) if s.kept_reported else None, mal)
         record = {
             # exact: accepted + rejected + missing == users (orphans, whom no worker hosts, are missing)
-            "round": rid, "epoch": epoch + 1, "lr": lr, "users": len(users), "accepted": s.accepted,
-            "rejected": len(s.rejected), "missing": len(s.missing), "orphans": len(orphans),
-            "failed_workers": failed, "train_refused": refused[:5], "bytes_up": bytes_up, "bytes_down": bytes_down,
+            "round": rp.round_id, "epoch": rp.epoch + 1, "lr": rp.lr, "users": len(users), "accepted": s.accepted,
+            "rejected": len(s.rejected), "missing": len(s.missing), "orphans": trained.orphans,
+            "failed_workers": trained.failed, "train_refused": trained.refused[:5], "bytes_up": bytes_up,
+            "bytes_down": bytes_down,
             # workers whose stream ended since the previous round (a death between rounds fails no call)
             "lost_workers": self.pool.take_lost(),
             "updates": sum(1 for e in led.entries if e.kind == "update" and e.user >= 0),
             "update_bytes": sum(e.bytes for e in led.entries if e.kind == "update"),
-            "bytes_received": s.bytes_received, "store_bytes": s.store_bytes, "seconds": time.perf_counter() - t0,
-            "train_seconds": t_train, "worker_timings": timings, "worker_timings_source": "reported",
-            "server_timings": dict(s.timings), "ledger_refused": len(ledger_refused),
-            "ledger_refused_sample": ledger_refused[:5],
+            "bytes_received": s.bytes_received, "store_bytes": s.store_bytes,
+            "seconds": time.perf_counter() - trained.t0, "train_seconds": trained.t_train,
+            "worker_timings": trained.timings, "worker_timings_source": "reported",
+            "server_timings": dict(s.timings), "ledger_refused": len(trained.ledger_refused),
+            "ledger_refused_sample": trained.ledger_refused[:5],
             "rule": s.rule, "rule_info": json.loads(s.rule_info_json or "{}"),
             "rejections": [{"user": r.user_id, "reason": r.reason} for r in s.rejected][:20],
             # every upload the server refused since the last round, by reason (also strangers' and forgeries)
             "refused": dict(s.refused), "bytes_refused": s.bytes_refused,
             "refused_sample": [{"user": r.user_id, "reason": r.reason} for r in s.refused_sample],
-            "malicious": len(in_round),
+            "malicious": sum(1 for u in users if u in mal),
             "malicious_kept": n_kept,
         }
         self._rule_scale = record["rule_info"].get("scale", self._rule_scale)
         if record["accepted"] + record["rejected"] + record["missing"] != record["users"]:
-            log.error("round %d: accounting does not add up: %s", rid, record)
-        self.store.append_record("rounds", record)
-        self.round_id = rid + 1
-        observe.ROUNDS.inc()
-        observe.ROUND_SECONDS.observe(record["seconds"])
-        observe.MODEL_VERSION.set(self.round_id)
-        self.message = (f"epoch {epoch + 1}/{cfg.epochs} round {rid + 1}: {s.accepted} accepted, "
-                        f"{len(s.rejected)} rejected, {record['missing']} missing")
+            log.error("round %d: accounting does not add up: %s", rp.round_id, record)
         return record
 
     def _evaluate(self, version: int, led: Ledger) -> MetricSums:
@@ -448,37 +478,37 @@ class RunLoop:
                 else:
                     self.bytes_down += int(e["bytes"])
 
-    def _end_epoch(self, epoch: int, seconds: float, acc: dict[str, float]) -> None:
-        cfg = self.cfg
-        row: dict[str, Any] = {"epoch": epoch + 1, "lr": cfg.lr_at(epoch), "train_seconds": seconds,
-                               "round_id": self.round_id, **acc}
-        if eval_due(cfg, epoch):
-            t = time.perf_counter()
-            led = Ledger(self.run_id, self.round_id - 1, epoch + 1, "eval")
-            sums = self._evaluate(self.round_id, led)
-            self._commit(led)
-            if sums.users == 0 and len(self.setup.eval_users):
-                # metrics of no one would read as zeros (or as NaN): the run has none to report
-                raise RuntimeError(f"epoch {epoch + 1}: no benign user could be evaluated (every evaluation reply "
-                                   f"failed or was refused: {self._eval_refused[:2]}); the run has no metrics")
-            row.update(sums.means())
-            row["eval_users"] = sums.users
-            if self.settings.export_experiment:  # off by default: the metrics endpoint is unauthenticated
-                for k, v in sums.means().items():
-                    observe.EXPERIMENT.labels(k).set(v)
-            row["eval_workers"] = dict(self._eval_by_worker)  # who vouched for which share of the metrics
-            if self._eval_refused:
-                row["eval_refused"] = list(self._eval_refused)
-            row["eval_seconds"] = time.perf_counter() - t
-            self._check_stall(row)
-        row["seconds"] = seconds + row.get("eval_seconds", 0.0)
-        eb = self._epoch_bytes.get(epoch + 1, {"up": 0, "down": 0})
+    def evaluate(self, epoch: int, version: int) -> dict[str, Any]:
+        """The benign users' metrics on ``version`` (federated: :meth:`_evaluate`), with who
+        vouched for which share and which replies were refused."""
+        led = Ledger(self.run_id, version - 1, epoch + 1, "eval")
+        sums = self._evaluate(version, led)
+        self._commit(led)
+        if sums.users == 0 and len(self.setup.eval_users):
+            # metrics of no one would read as zeros (or as NaN): the run has none to report
+            raise RuntimeError(f"epoch {epoch + 1}: no benign user could be evaluated (every evaluation reply "
+                               f"failed or was refused: {self._eval_refused[:2]}); the run has no metrics")
+        row: dict[str, Any] = {**sums.means(), "eval_users": sums.users}
+        if self.settings.export_experiment:  # off by default: the metrics endpoint is unauthenticated
+            for k, v in sums.means().items():
+                observe.EXPERIMENT.labels(k).set(v)
+        row["eval_workers"] = dict(self._eval_by_worker)  # who vouched for which share of the metrics
+        if self._eval_refused:
+            row["eval_refused"] = list(self._eval_refused)
+        return row
+
+    def record_epoch(self, row: dict[str, Any]) -> None:
+        """Store the epoch's row (with its bytes from the ledger) and write the results."""
+        epoch = int(row["epoch"])
+        if "warning" in row:
+            self.warnings.append(row["warning"])
+        eb = self._epoch_bytes.get(epoch, {"up": 0, "down": 0})
         row["bytes_up"], row["bytes_down"] = eb["up"], eb["down"]
-        self.epochs = [e for e in self.epochs if e["epoch"] != epoch + 1] + [row]
+        self.epochs = [e for e in self.epochs if e["epoch"] != epoch] + [row]
         self.store.append_record("epochs", row)
-        self.epochs_done = epoch + 1
+        self.epochs_done = epoch
         if "hr@10" in row:
-            log.info("epoch %d: HR@10 %.4f NDCG@10 %.4f ER@5 %.4f ER@10 %.4f", epoch + 1, row["hr@10"],
+            log.info("epoch %d: HR@10 %.4f NDCG@10 %.4f ER@5 %.4f ER@10 %.4f", epoch, row["hr@10"],
                      row["ndcg@10"], row["er@5"], row["er@10"])
         self._write()
 

@@ -19,12 +19,13 @@ import grpc
 from fedseq import fairshare
 from fedseq.config import ExperimentConfig
 from fedseq.experiment import Setup, client_weights, setup
+from fedseq.runloop import ROUND_RETRIES
 from fedseq.store import RedisStore, patient
 from fedseq.tls import peer_name
 from fedseq.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 from .link import WorkerLink
-from .run import EVAL_ATTEMPTS, ROUND_RETRIES, RunLoop, check_eval_sums
+from .run import EVAL_ATTEMPTS, RunLoop, check_eval_sums
 from .settings import OrchestratorSettings
 from .workers import Refused, WorkerInfo, WorkerPool, assign
 
