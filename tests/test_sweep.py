@@ -1,9 +1,12 @@
-"""``fedseq sweep`` (cli/sweep.py): cells of the axes, their folders and configs, the summary
-(mean and spread over seeds), resuming an interrupted sweep, and one real tiny sweep."""
+"""``fedseq sweep`` (cli/sweep.py and cli/sweep_*.py): cells of the axes, their folders and
+configs, the summary (mean and spread over seeds), resuming an interrupted sweep, tiny sweeps whose
+cells run in this process (``inprocess_cell``), and one real tiny sweep whose cells run as
+processes (the default runner, slow), equal to the in-process runner's."""
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import statistics
 from pathlib import Path
@@ -19,9 +22,11 @@ from cli.sweep import (
     cell_command,
     cell_done,
     format_table,
+    inprocess_cell,
     parse_seeds,
     run_sweep,
     spec_from,
+    subprocess_cell,
     summarise,
 )
 
@@ -136,17 +141,16 @@ def test_attack_by_defense_heat_maps_one_per_ratio(tmp_path):
     assert PRESETS["matrix"]["attacks"][0] == "none" and spec_from(_args("matrix")).cells()
 
 
-@pytest.mark.slow
 def test_a_tiny_sweep_runs_and_an_interrupted_one_resumes(tmp_path):
-    # Prepare: two cells in process
+    # Prepare: two cells, run in this process
     spec = SweepSpec(base=TINY, attacks=("none", "dv-fsr"), ratios=(0.1,), seeds=(0,), engine="inprocess")
     lines: list[str] = []
     # Execute: run, lose one cell's results (as an interrupted sweep would), run again
-    first = run_sweep(spec, tmp_path, jobs=2, cores=2, say=lines.append)
+    first = run_sweep(spec, tmp_path, jobs=2, cores=2, say=lines.append, runner=inprocess_cell)
     lost = spec.cells()[1]
     (tmp_path / lost.folder / "results.json").unlink()
     again: list[str] = []
-    second = run_sweep(spec, tmp_path, jobs=1, cores=2, say=again.append)
+    second = run_sweep(spec, tmp_path, jobs=1, cores=2, say=again.append, runner=inprocess_cell)
     # Assert: both finished; the second run kept the finished cell and ran only the lost one
     assert not first["failed"] and not second["failed"] and len(second["scenarios"]) == 2
     assert sum("done before (kept)" in ln for ln in again) == 1 and any(lost.folder in ln and "ER@10" in ln
@@ -156,6 +160,34 @@ def test_a_tiny_sweep_runs_and_an_interrupted_one_resumes(tmp_path):
     assert (tmp_path / "epochs.png").read_bytes()[:4] == b"\x89PNG"
     dv = second["scenarios"][lost.scenario]
     assert dv["malicious_sent"] == 2 * 3  # 3 malicious clients of 30 at 0.1, once per epoch
+
+
+def test_a_cell_whose_runner_fails_is_reported_and_runs_again_next_time(tmp_path):
+    # Prepare: a runner that writes a cell's results (hand-made) unless told to fail it
+    spec = SweepSpec(base=TINY, attacks=("none", "dv-fsr"), ratios=(0.1,), seeds=(0,), engine="inprocess")
+    bad = spec.cells()[1]
+    ran: list[str] = []
+
+    def runner(sp: SweepSpec, cell: Cell, folder: Path, threads: int, fail: bool = True) -> int:
+        assert sp is spec and folder == tmp_path / cell.folder and folder.is_dir() and threads == 2
+        ran.append(cell.folder)
+        if fail and cell == bad:
+            (folder / "cell.log").write_text("boom")
+            return 3
+        folder.rmdir()  # _bundle makes it
+        _bundle(folder, [0.1, 0.2], [0.3, 0.5])
+        return 0
+
+    # Execute: a first sweep, then the same again with a runner that succeeds
+    lines: list[str] = []
+    first = run_sweep(spec, tmp_path, cores=2, say=lines.append, runner=runner)
+    second = run_sweep(spec, tmp_path, cores=2, say=lambda _ln: None,
+                       runner=lambda *a: runner(*a, fail=False))
+    # Assert: the failed cell is named (its exit status, its log) and the only one run again
+    assert first["failed"] == [bad.folder] and list(first["scenarios"]) == [spec.cells()[0].scenario]
+    assert any(f"{bad.folder}: FAILED (exit 3; see {tmp_path / bad.folder / 'cell.log'})" in ln for ln in lines)
+    assert ran == [c.folder for c in spec.cells()] + [bad.folder]
+    assert not second["failed"] and len(second["scenarios"]) == 2
 
 
 def test_adv_train_under_the_no_op_switch_is_the_no_defense_cell():
@@ -171,7 +203,6 @@ def test_adv_train_under_the_no_op_switch_is_the_no_defense_cell():
     assert cells["adv-train reference"].overrides()["defense"] == "adv-train"  # the row still says what it is
 
 
-@pytest.mark.slow
 def test_a_no_op_adv_train_cell_runs_once_and_equals_its_own_run(tmp_path):
     # Prepare: the alias alone, then the cell it stands for, both sweeps in one folder
     base = {**TINY, "compat": "reference"}
@@ -181,11 +212,11 @@ def test_a_no_op_adv_train_cell_runs_once_and_equals_its_own_run(tmp_path):
     real = SweepSpec(base=base, scenarios=({"name": "adv", "attack": "dv-fsr", "ratio": 0.1, "defense": "adv-train",
                                             "compat": "reference,!advtrain_noop"},), engine="inprocess")
     # Execute: the alias runs (as the plain cell); the plain sweep then finds it done
-    first = run_sweep(alias, tmp_path, cores=1, say=lambda _ln: None)
+    first = run_sweep(alias, tmp_path, cores=1, say=lambda _ln: None, runner=inprocess_cell)
     lines: list[str] = []
-    second = run_sweep(plain, tmp_path, cores=1, say=lines.append)
+    second = run_sweep(plain, tmp_path, cores=1, say=lines.append, runner=inprocess_cell)
     (tmp_path / "real").mkdir()
-    third = run_sweep(real, tmp_path / "real", cores=1, say=lambda _ln: None)
+    third = run_sweep(real, tmp_path / "real", cores=1, say=lambda _ln: None, runner=inprocess_cell)
     # Assert: one run, kept; its config is the plain cell's; the numbers are those of the run as
     # configured with adv_train (the switch turns it into the same run), and a real adv_train differs
     cell = plain.cells()[0]
@@ -199,17 +230,42 @@ def test_a_no_op_adv_train_cell_runs_once_and_equals_its_own_run(tmp_path):
 
 
 def _sim(out: Path, keys: dict) -> dict:
-    """``fedseq sim`` of ``keys`` (a config file) in ``out``: its results."""
-    import subprocess
-    import sys
-
+    """``fedseq sim`` of ``keys`` (a config file) in ``out``, in this process: its results."""
+    from cli.sim import run_inprocess
     from fedseq.config import build_config
 
     out.mkdir(parents=True)
     (out / "config.json").write_text(build_config(None, keys, environ={}).to_json())
-    subprocess.run([sys.executable, "-m", "cli.main", "sim", "--config", str(out / "config.json"), "--out", str(out)],
-                   check=True, capture_output=True, cwd=Path(__file__).resolve().parents[1])
+    run_inprocess(build_config(str(out / "config.json"), {}, environ={}), out, progress=lambda _line: None)
     return json.loads((out / "results.json").read_text())
+
+
+def _untimed(results: dict) -> dict:
+    """A results bundle without its wall-clock fields (``seconds``, ``*_seconds``)."""
+    return {**results, "epochs": [{k: v for k, v in e.items() if k != "seconds" and not k.endswith("_seconds")}
+                                  for e in results["epochs"]]}
+
+
+@pytest.mark.slow
+def test_the_default_runner_runs_each_cell_as_a_process_like_the_in_process_runner(tmp_path):
+    # Prepare: a tiny sweep of two cells, once with the default runner (a `fedseq sim` process a
+    # cell), once with the in-process runner
+    spec = SweepSpec(base=TINY, attacks=("none", "dv-fsr"), ratios=(0.1,), seeds=(0,), engine="inprocess")
+    # Execute
+    lines: list[str] = []
+    procs = run_sweep(spec, tmp_path / "procs", jobs=2, cores=2, say=lines.append)
+    here = run_sweep(spec, tmp_path / "here", jobs=2, cores=2, say=lambda _ln: None, runner=inprocess_cell)
+    # Assert: the default is the process runner; both ran every cell, with the same config files,
+    # results (but the times) and table
+    assert inspect.signature(run_sweep).parameters["runner"].default is subprocess_cell
+    assert not procs["failed"] and not here["failed"] and "all cells done" in lines[-1]
+    for c in spec.cells():
+        a, b = tmp_path / "procs" / c.folder, tmp_path / "here" / c.folder
+        assert "results:" in (a / "cell.log").read_text()  # the `fedseq sim` process's last line
+        assert (a / "config.json").read_text() == (b / "config.json").read_text()
+        assert _untimed(json.loads((a / "results.json").read_text())) == _untimed(
+            json.loads((b / "results.json").read_text()))
+    assert (tmp_path / "procs" / "sweep.md").read_text() == (tmp_path / "here" / "sweep.md").read_text()
 
 
 def test_cell_folder_names_are_safe_and_readable():
