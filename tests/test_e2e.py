@@ -165,23 +165,28 @@ def test_killed_worker_is_recorded_and_the_run_finishes_on_the_survivor(tmp_path
 # without attack and under RA and 0.24-0.67 under DV-FSR, except at seeds 6 and 9, whose data leave
 # the target at 0.04 even without attack (RA 0.07-0.08, DV-FSR 0.47, 0.69); seed 0, the default,
 # gives 0 / 0 / 0.35, through the services as in-process.
-ATTACK_RUN = ["--dataset", "synthetic:users=100,items=80,max_length=20", "--epochs", "5", "--clients-per-round", "16",
-              "--lr", "0.02", "--num-negatives", "100"]
+ATTACK_CFG = {"dataset": "synthetic:users=100,items=80,max_length=20", "epochs": 5, "clients_per_round": 16,
+              "lr": 0.02, "num_negatives": 100}
+ATTACK_RUN = [a for k, v in ATTACK_CFG.items() for a in (f"--{k.replace('_', '-')}", str(v))]
 
 
 def test_dv_fsr_through_the_services_raises_exposure_above_no_attack_and_ra(tmp_path):
-    """Three networked runs that differ only in the attack (ATTACK_RUN: 3 malicious clients)."""
+    """`fedseq run` with attacker workers (ATTACK_RUN: 3 malicious clients) computes the in-process
+    runner's DV-FSR run exactly, and that run's exposure is clearly above the runs that differ only
+    in the attack (none, RA), which the in-process runner computes (the services compute the same
+    run: tests/test_engine_equal.py)."""
+    # Execute: the networked run, and the three runs in process
+    proc = _cli("run", *ATTACK_RUN, "--attack", "dv-fsr", "--malicious-ratio", "0.03", "--out", str(tmp_path / "run"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
     final = {}
     for attack in ("none", "ra", "dv-fsr"):
-        # Execute: `fedseq run` (its services, attacker workers among them) with only the attack changed
-        ratio = [] if attack == "none" else ["--malicious-ratio", "0.03"]
-        proc = _cli("run", *ATTACK_RUN, "--attack", attack, *ratio, "--out", str(tmp_path / attack))
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        res = json.loads((tmp_path / attack / "results.json").read_text())
-        final[attack] = res["epochs"][-1]
-        if attack != "none":
-            assert res["summary"]["malicious_clients"] == 3
-    # Assert: near 0 without attack and under RA, clearly higher under DV-FSR
+        cfg = build_config(None, {**ATTACK_CFG, "attack": attack, "malicious_ratio": 0.03 if attack != "none" else 0})
+        final[attack] = run_inprocess(cfg, None, progress=lambda _l: None)["epochs"][-1]
+    # Assert: the services' run is the sim's; near 0 without attack and under RA, clearly higher under DV-FSR
+    assert res["summary"]["malicious_clients"] == 3
+    for k in METRICS:
+        assert res["epochs"][-1][k] == pytest.approx(final["dv-fsr"][k], abs=1e-9), k
     assert final["none"]["er@10"] <= 0.02
     assert final["ra"]["er@10"] <= 0.05
     assert final["dv-fsr"]["er@10"] >= 0.2
