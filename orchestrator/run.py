@@ -64,6 +64,14 @@ def check_eval_sums(sums: MetricSums, asked: int, ks: set[int]) -> str | None:
 
 
 
+def latest_by(records: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
+    """``records`` with one per value of ``key``, the last one written, in the order of first
+    appearance. An append is at least once: Redis killed after it applied an append but before it
+    replied makes the store client send it again, and a resumed run may write an epoch's row again."""
+    last = {r[key]: r for r in records}
+    return [last[k] for k in dict.fromkeys(r[key] for r in records)]
+
+
 def _log_progress(line: str) -> None:
     log.info("%s", line.lstrip("~"))
 
@@ -189,7 +197,7 @@ class RunLoop:
                     bytes=start.store_bytes)
         self._commit(led)
         self._reconcile_rounds(done, schedule)
-        self.epochs = self.store.records("epochs")
+        self.epochs = latest_by(self.store.records("epochs"), "epoch")
         if start.resumed:
             log.info("resuming run %s at round %d of %d", self.run_id, done, len(schedule))
             self.message = f"resumed at round {done}"
@@ -530,6 +538,6 @@ class RunLoop:
         if self.settings.out_dir:
             write_results(self.settings.out_dir, self.cfg.to_dict(), self.epochs, summary, extra={"ledger": ledger})
             Path(self.settings.out_dir, "rounds.jsonl").write_text(
-                "".join(json.dumps(r) + "\n" for r in self.store.records("rounds")))
+                "".join(json.dumps(r) + "\n" for r in latest_by(self.store.records("rounds"), "round")))
             ledger_mod.write_jsonl(Path(self.settings.out_dir, "ledger.jsonl"), entries)
 

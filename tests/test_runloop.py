@@ -153,3 +153,13 @@ def test_a_run_whose_hr_does_not_move_warns_in_its_row_and_outcome():
     assert fed.rows[2]["warning"] == out.warnings[0] and "warning" not in fed.rows[1]
     assert any(line.startswith("WARNING: ") for line in lines)
     assert sum(line.startswith("~epoch") for line in lines) == 6
+
+
+def test_a_record_appended_twice_is_read_once_the_last_kept():
+    # Prepare: an epoch row written again (an append Redis applied but whose reply was lost, sent again)
+    from orchestrator.run import latest_by
+
+    rows = [{"epoch": 1, "v": "a"}, {"epoch": 1, "v": "b"}, {"epoch": 2, "v": "c"}]
+    # Execute / Assert
+    assert latest_by(rows, "epoch") == [{"epoch": 1, "v": "b"}, {"epoch": 2, "v": "c"}]
+    assert latest_by([], "epoch") == []
