@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 import tomllib
@@ -339,4 +340,8 @@ def build_config(file: str | None, overrides: Mapping[str, Any], environ: Mappin
         data.update(ExperimentConfig.from_file(file))
     data.update(env_overrides(environ=environ))
     data.update({k: v for k, v in overrides.items() if v is not None})
-    return ExperimentConfig.from_dict(data)
+    cfg = ExperimentConfig.from_dict(data)
+    if cfg.attack == "none" and "malicious_ratio" in data and cfg.malicious_ratio != 0.0:
+        # said by the user (file, variable or flag), not the default: it has no effect, say so
+        logging.getLogger(__name__).warning("malicious_ratio=%g is ignored: attack is 'none'", cfg.malicious_ratio)
+    return cfg

@@ -126,9 +126,7 @@ def population_size(num_users: int, ratio: float) -> tuple[int, str]:
 def malicious_count(cfg: ExperimentConfig, ds: SeqDataset) -> tuple[int, str]:
     """``(m, note)`` of the run: 0 without an attack. Raises :class:`ConfigError` for a ratio
     outside (0, 1) with an attack."""
-    if cfg.attack == "none":
-        if cfg.malicious_ratio not in (0.0, 0.001):
-            log.warning("malicious_ratio=%g is ignored: attack is 'none'", cfg.malicious_ratio)
+    if cfg.attack == "none":  # a ratio the user set anyway is warned about once, by build_config
         return 0, ""
     if not 0.0 < cfg.malicious_ratio < 1.0:
         raise ConfigError(f"attack {cfg.attack!r} needs malicious_ratio in (0, 1) (a share of the "

@@ -222,3 +222,14 @@ def test_the_defense_has_one_name_and_old_results_still_load():
     assert (cfg.defense, cfg.defense_opts) == ("mixed-rfa", (("lambda", "0.5"),))
     assert "aggregation" not in cfg.to_dict() and cfg.to_dict()["defense"] == "mixed-rfa"
     assert build_config(None, {}, environ={"FEDSEQ_DEFENSE": "krum"}).defense == "krum"
+
+
+def test_a_malicious_ratio_given_without_an_attack_is_warned_about_and_the_default_is_not(caplog):
+    # Prepare / Execute: the same configuration, with and without the ratio said
+    with caplog.at_level("WARNING", logger="fedseq.config"):
+        build_config(None, {"dataset": "synthetic"}, environ={})
+        quiet = list(caplog.records)
+        build_config(None, {"dataset": "synthetic", "malicious_ratio": 0.001}, environ={})
+    # Assert: only the ratio the user set (here the default's value) is named as ignored
+    assert quiet == []
+    assert [r.getMessage() for r in caplog.records] == ["malicious_ratio=0.001 is ignored: attack is 'none'"]
