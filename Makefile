@@ -55,11 +55,17 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/mypy fedseq server client attacker orchestrator cli
 
+# The suite runs in TEST_WORKERS processes (pytest-xdist; auto: one per CPU), each test file on one
+# of them (--dist loadfile: a file's module fixtures, e.g. tests/test_insider.py's federations, are
+# built once). TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= auto
+PYTEST = $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
 test: check-protos lint
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 bench: setup
 	$(BIN)/python bench/bench_epoch.py

@@ -40,8 +40,11 @@ KILLS = [("server", "logs/server.port", signal.SIGKILL, 2), ("redis", "/redis", 
          ("client-1", "logs/client-1.port", signal.SIGKILL, 16)]
 
 
-def _launch(out: Path) -> subprocess.Popen:
+def _launch(out: Path, tmpdir: Path | None = None) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDSEQ_")}
+    if tmpdir is not None:  # the run's temporary folders there, not among other tests' in /tmp
+        tmpdir.mkdir(parents=True, exist_ok=True)
+        env["TMPDIR"] = str(tmpdir)
     return subprocess.Popen([sys.executable, "-m", "cli.main", "run", *RUN, "--out", str(out)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -157,11 +160,10 @@ def test_killed_services_are_restarted_one_after_another_and_the_run_equals_the_
 
 
 def test_a_killed_launcher_leaves_no_process_and_no_temp_folder(tmp_path):
-    import glob
-
-    before = set(glob.glob("/tmp/fedseq-*"))
+    # Prepare: the launcher's temporary folders go to a folder of this test's own
+    tmp = tmp_path / "tmp"
     out = tmp_path / "run"
-    proc = _launch(out)
+    proc = _launch(out, tmp)
     try:
         _wait_round(out, proc, 1)
         assert len(_pids(str(out))) >= 4  # server, orchestrator, workers, redis
@@ -173,7 +175,7 @@ def test_a_killed_launcher_leaves_no_process_and_no_temp_folder(tmp_path):
             time.sleep(0.2)
         # Assert
         assert _pids(str(out)) == []
-        assert set(glob.glob("/tmp/fedseq-*")) <= before
+        assert [p.name for p in tmp.iterdir() if p.name.startswith("fedseq-")] == []  # (torch keeps its cache there)
     finally:
         for p in _pids(str(out)):
             os.kill(p, signal.SIGKILL)
