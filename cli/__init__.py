@@ -6,3 +6,5 @@ the one place that knows them all: it parses flags and ``FEDSEQ_*`` variables in
 settings and calls its ``build`` (``fedseq serve-*``), launches a local federation of those
 processes (``fedseq run``), runs the same experiment in one process with the same round engine
 (``fedseq sim``), and drives reproductions (``fedseq reproduce``)."""
+
+import fedseq  # noqa: E402,F401 - first: it turns gRPC's fork handlers off before any grpc import
