@@ -44,7 +44,16 @@ import torch
 
 from fedseq.training import UpdateBatch, compute_updates, user_rng
 
-from .base import Attack, AttackConfigError, AttackContext, Option, parse_options, positive, sub_options
+from .base import (
+    Attack,
+    AttackConfigError,
+    AttackContext,
+    DirectedAttack,
+    Option,
+    parse_options,
+    positive,
+    sub_options,
+)
 from .common import STREAM_VIEWS, num_samples
 
 
@@ -83,20 +92,12 @@ def benign_pool(ctx: AttackContext, views: int) -> UpdateBatch:
 
 
 @dataclass(frozen=True)
-class ALIE(Attack):
+class ALIE(DirectedAttack):
     z: float | None = None  # None: the paper's formula
     n: int = 256
     views: int = 4
     direction: Attack | None = None  # None: untargeted mu - z sigma
     name: str = "alie"
-
-    @property
-    def needs_popularity(self) -> bool:
-        return self.direction is not None and self.direction.needs_popularity
-
-    @property
-    def public_share(self) -> float:
-        return 0.0 if self.direction is None else self.direction.public_share
 
     def benign_pool(self, ctx: AttackContext) -> UpdateBatch:
         return benign_pool(ctx, self.views)

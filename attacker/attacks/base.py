@@ -123,6 +123,21 @@ class Attack(ABC):
     def updates(self, ctx: AttackContext) -> UpdateBatch: ...
 
 
+class DirectedAttack(Attack):
+    """The base of an attack that perturbs along another attack's update (its ``direction``;
+    None: its own untargeted direction): it needs whatever that attack declared it needs."""
+
+    direction: Attack | None
+
+    @property
+    def needs_popularity(self) -> bool:
+        return self.direction is not None and self.direction.needs_popularity
+
+    @property
+    def public_share(self) -> float:
+        return 0.0 if self.direction is None else self.direction.public_share
+
+
 AttackFactory = Callable[[Mapping[str, str]], Attack]
 
 

@@ -42,7 +42,16 @@ import torch
 from fedseq.training import UpdateBatch
 
 from .alie import benign_pool
-from .base import Attack, AttackConfigError, AttackContext, Option, parse_options, positive, sub_options
+from .base import (
+    Attack,
+    AttackConfigError,
+    AttackContext,
+    DirectedAttack,
+    Option,
+    parse_options,
+    positive,
+    sub_options,
+)
 from .common import num_samples
 
 MODES = ("min-max", "min-sum")
@@ -86,20 +95,12 @@ def max_gamma(pool: torch.Tensor, p: torch.Tensor, mode: str) -> float:
 
 
 @dataclass(frozen=True)
-class MinMax(Attack):
+class MinMax(DirectedAttack):
     mode: str = "min-max"
     views: int = 4
     direction: Attack | None = None  # None: the paper's untargeted perturbation
     kind: str = "unit"  # untargeted perturbation
     name: str = "min-max"
-
-    @property
-    def needs_popularity(self) -> bool:
-        return self.direction is not None and self.direction.needs_popularity
-
-    @property
-    def public_share(self) -> float:
-        return 0.0 if self.direction is None else self.direction.public_share
 
     def updates(self, ctx: AttackContext) -> UpdateBatch:
         users = ctx.users
