@@ -9,6 +9,7 @@ Keys of run ``R`` (all under ``fedseq:R:``)::
     fedseq:R:head           newest version written (only ever moves forward)
     fedseq:R:config         JSON of the run config
     fedseq:R:log:S          list of JSON records of stream S (e.g. rounds, epochs, ledger)
+    fedseq:R:once:T         one-time key of an append (a day): its retry appends nothing
     fedseq:runs             set of run ids that have written anything
 
 Writing a version is one atomic server-side step (a Lua script): store blob and info, add to the
@@ -28,6 +29,7 @@ import contextlib
 import hashlib
 import json
 import re
+import secrets
 import threading
 import time
 from collections import OrderedDict
@@ -112,6 +114,17 @@ class Retention:
 
 # KEYS: model, info, versions, head, runs   ARGV: version, blob, sha256, nbytes, created, run_id, meta_json
 # Returns {status, head}: status 1 = written, 0 = identical version already there, -1 = conflict.
+# An append applied once per one-time key (KEYS[2], kept a day): KEYS[1] the stream's list, KEYS[3]
+# the set of runs; ARGV[1] the run id, then the records (pushed 1,000 at a time: Lua's unpack limit)
+_APPEND_ONCE_SCRIPT = """
+if redis.call('SET', KEYS[2], '1', 'NX', 'EX', 86400) then
+  redis.call('SADD', KEYS[3], ARGV[1])
+  for i = 2, #ARGV, 1000 do
+    redis.call('RPUSH', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+  end
+end
+return redis.call('LLEN', KEYS[1])
+"""
 _PUT_SCRIPT = """
 local v = tonumber(ARGV[1])
 local existing = redis.call('HGET', KEYS[2], 'sha256')
@@ -192,6 +205,7 @@ class RedisStore:
             )
         self._prefix = f"fedseq:{self.run_id}:"
         self._put_script = self._client.register_script(_PUT_SCRIPT)
+        self._append_script = self._client.register_script(_APPEND_ONCE_SCRIPT)
         self._lock = threading.Lock()
         self.bytes_read = 0
         self.bytes_written = 0
@@ -458,27 +472,20 @@ class RedisStore:
 
     def append_record(self, stream: str, record: Mapping[str, Any]) -> int:
         """Append a JSON record to ``stream`` (e.g. "rounds", "metrics", "ledger"); returns its new length."""
-        _check_name("stream", stream)
-        data = _to_json(f"record of stream {stream!r}", record)
-        with self._io(f"appending to stream {stream!r} of run {self.run_id}"):
-            pipe = self._client.pipeline(transaction=True)
-            pipe.rpush(self._key("log", stream), data)
-            pipe.sadd("fedseq:runs", self.run_id)
-            length, _ = pipe.execute()
-        self._count(written=len(data))
-        return int(length)
+        return self.append_records(stream, [record])
 
     def append_records(self, stream: str, records: Sequence[Mapping[str, Any]]) -> int:
-        """Append several JSON records to ``stream`` in one round trip; returns its new length."""
+        """Append JSON records to ``stream`` in one round trip, exactly once: the client retries a
+        call whose reply was lost (Redis killed after it applied the append), and the call's
+        one-time key makes the retry a no-op. Returns the stream's new length."""
         _check_name("stream", stream)
         if not records:
             return self.record_count(stream)
         data = [_to_json(f"record of stream {stream!r}", r) for r in records]
+        once = self._key("once", secrets.token_hex(16))
         with self._io(f"appending to stream {stream!r} of run {self.run_id}"):
-            pipe = self._client.pipeline(transaction=True)
-            pipe.rpush(self._key("log", stream), *data)
-            pipe.sadd("fedseq:runs", self.run_id)
-            length, _ = pipe.execute()
+            length = self._append_script(keys=[self._key("log", stream), once, "fedseq:runs"],
+                                         args=[self.run_id, *data])
         self._count(written=sum(len(d) for d in data))
         return int(length)
 

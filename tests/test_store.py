@@ -249,7 +249,7 @@ def test_two_runs_are_isolated_and_delete_run_removes_only_one(redis_url: str) -
 
     # Assert
     assert before == ([4], [9], {"who": "a"}, {"who": "b"}, [], ["run-a", "run-a.b_2"])
-    assert removed == 6  # model, modelinfo, versions, head, config, log:metrics
+    assert removed == 7  # model, modelinfo, versions, head, config, log:metrics, the append's one-time key
     assert a.versions() == [] and a.head() is None and a.get_config() is None
     assert b.versions() == [9] and b.get_config() == {"who": "b"}
     assert a.runs() == ["run-a.b_2"]
@@ -333,3 +333,72 @@ def test_serializer_is_the_codecs_and_stored_blobs_are_its_bytes(redis_url: str)
     assert model_to_bytes is codec.model_to_bytes and model_from_bytes is codec.model_from_bytes
     assert blob == codec.model_to_bytes(tensors, {"round": "0"})
     assert _bitwise_equal(model_from_bytes(blob)[0], tensors)
+
+
+class _LoseOneReply:
+    """A TCP proxy in front of Redis that forwards everything, except that it swallows the reply to
+    the first append (EVALSHA of the append script, or an RPUSH) once ``active`` and closes that connection: Redis applied the call, the
+    client never heard, as when Redis is killed between the two."""
+
+    def __init__(self, upstream_port: int) -> None:
+        import socket
+        import threading
+
+        self.upstream_port, self.dropped, self.active = upstream_port, threading.Event(), threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            up = socket.create_connection(("127.0.0.1", self.upstream_port))
+            armed = threading.Event()
+            threading.Thread(target=self._pipe, args=(client, up, armed, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(up, client, armed, False), daemon=True).start()
+
+    def _pipe(self, src, dst, armed, upward: bool) -> None:
+        import socket
+
+        try:
+            while data := src.recv(65536):
+                if upward and self.active.is_set() and not self.dropped.is_set() and (
+                        b"EVALSHA" in data.upper() or b"RPUSH" in data.upper()):
+                    armed.set()
+                elif not upward and armed.is_set() and not self.dropped.is_set():
+                    self.dropped.set()  # the reply is lost with the connection
+                    for s in (src, dst):  # shutdown: close alone waits for the other thread's recv
+                        s.shutdown(socket.SHUT_RDWR)
+                    return
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                s.close()
+
+
+def test_an_append_whose_reply_was_lost_is_applied_once(redis_url: str) -> None:
+    # Prepare: the store reaches Redis through a proxy that loses the reply of the first append
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    proxy = _LoseOneReply(port)
+    store = RedisStore.from_url(f"redis://127.0.0.1:{proxy.port}/0", "once")
+    store.append_record("ledger", {"n": 0})  # the script loaded, before the proxy loses anything
+    proxy.active.set()
+    # Execute: the client retries the append on a new connection
+    length = store.append_records("ledger", [{"n": 1}, {"n": 2}])
+    # Assert: the reply was lost, the retry appended nothing more
+    assert proxy.dropped.is_set()
+    assert length == 3 and store.records("ledger") == [{"n": 0}, {"n": 1}, {"n": 2}]
+
+
+def test_a_large_append_keeps_every_record_in_order(redis_url: str) -> None:
+    store = RedisStore.from_url(redis_url, "big-append")
+    assert store.append_records("ledger", [{"i": i} for i in range(2500)]) == 2500  # > Lua's unpack batch
+    assert [r["i"] for r in store.records("ledger")] == list(range(2500))
