@@ -57,15 +57,17 @@ lint: setup
 
 # The suite runs in TEST_WORKERS processes (pytest-xdist; auto: one per CPU), each test file on one
 # of them (--dist loadfile: a file's module fixtures, e.g. tests/test_insider.py's federations, are
-# built once). TEST_WORKERS=0 runs it in this process.
+# built once). TEST_WORKERS=0 runs it in this process. Tests marked `alone` (claims about a service
+# under an insider's load) run after that, in one process, with nothing else on the machine.
 TEST_WORKERS ?= auto
 PYTEST = $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test: check-protos lint
-	$(PYTEST)
+	$(PYTEST) -m "not alone"
+	$(BIN)/python -m pytest -q -m alone
 
 test-fast: setup
-	$(PYTEST) -m "not slow"
+	$(PYTEST) -m "not slow and not alone"
 
 bench: setup
 	$(BIN)/python bench/bench_epoch.py
