@@ -397,7 +397,7 @@ class RunLoop:
             "worker_timings": trained.timings, "worker_timings_source": "reported",
             "server_timings": dict(s.timings), "ledger_refused": len(trained.ledger_refused),
             "ledger_refused_sample": trained.ledger_refused[:5],
-            "rule": s.rule, "rule_info": json.loads(s.rule_info_json or "{}"),
+            "defense": s.defense, "defense_info": json.loads(s.defense_info_json or "{}"),
             "rejections": [{"user": r.user_id, "reason": r.reason} for r in s.rejected][:20],
             # every upload the server refused since the last round, by reason (also strangers' and forgeries)
             "refused": dict(s.refused), "bytes_refused": s.bytes_refused,
@@ -405,7 +405,7 @@ class RunLoop:
             "malicious": sum(1 for u in users if u in mal),
             "malicious_kept": n_kept,
         }
-        self._rule_scale = record["rule_info"].get("scale", self._rule_scale)
+        self._rule_scale = record["defense_info"].get("scale", self._rule_scale)
         if record["accepted"] + record["rejected"] + record["missing"] != record["users"]:
             log.error("round %d: accounting does not add up: %s", rp.round_id, record)
         return record

@@ -114,8 +114,8 @@ class RoundCloser:
         return pb.RoundSummary(
             round_id=rnd.round_id, new_version=written.version, accepted=len(step.users),
             rejected=[pb.Rejection(user_id=u, reason=r) for u, r in sorted(rnd.rejected.items())], missing=missing,
-            bytes_received=rnd.bytes_received, timings=timings, rule=cfg.defense if cfg else "",
-            rule_info_json=step.info_json, kept_users=step.kept_users, kept_reported=step.kept_reported,
+            bytes_received=rnd.bytes_received, timings=timings, defense=cfg.defense if cfg else "",
+            defense_info_json=step.info_json, kept_users=step.kept_users, kept_reported=step.kept_reported,
             store_bytes=written.store_bytes, update_norm=step.norm, store_bytes_read=store_read,
             patch_bytes=written.patch_bytes, refused=dict(refused.counts), bytes_refused=refused.bytes,
             refused_sample=[pb.Rejection(user_id=u, reason=r) for u, r in refused.sample], user_bytes=rnd.user_bytes,

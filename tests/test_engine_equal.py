@@ -110,7 +110,7 @@ def test_inprocess_and_services_compute_the_same_run(redis_url, rule, adv, attac
     if attack != "none":
         assert net_epoch["malicious_updates"] == sim_epoch["malicious_updates"] == 2  # m = floor(24 * 0.1)
         assert net_epoch["malicious_kept"] == sim_epoch["malicious_kept"]
-    assert all(r["rule"] == rule for r in rounds)
+    assert all(r["defense"] == rule for r in rounds)
 
 
 def test_the_matrix_covers_every_rule_both_adv_settings_and_an_attack():

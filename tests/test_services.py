@@ -301,7 +301,7 @@ def test_robust_rules_through_the_services_match_the_inprocess_runner(redis_url,
         for k in ("hr@10", "ndcg@10", "er@10"):
             assert got[k] == pytest.approx(want[k], abs=1e-9), k
         rounds = fed.orch.store.records("rounds")
-        assert rounds[0]["rule"] == rule and rounds[0]["rule_info"]
+        assert rounds[0]["defense"] == rule and rounds[0]["defense_info"]
     finally:
         fed.close()
 

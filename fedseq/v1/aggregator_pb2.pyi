@@ -114,7 +114,7 @@ class Rejection(_message.Message):
     def __init__(self, user_id: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class RoundSummary(_message.Message):
-    __slots__ = ("round_id", "new_version", "accepted", "rejected", "missing", "bytes_received", "timings", "rule", "rule_info_json", "kept_users", "store_bytes", "update_norm", "store_bytes_read", "patch_bytes", "refused", "bytes_refused", "refused_sample", "kept_reported", "user_bytes", "refused_by_engine")
+    __slots__ = ("round_id", "new_version", "accepted", "rejected", "missing", "bytes_received", "timings", "defense", "defense_info_json", "kept_users", "store_bytes", "update_norm", "store_bytes_read", "patch_bytes", "refused", "bytes_refused", "refused_sample", "kept_reported", "user_bytes", "refused_by_engine")
     class TimingsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -143,8 +143,8 @@ class RoundSummary(_message.Message):
     MISSING_FIELD_NUMBER: _ClassVar[int]
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
-    RULE_FIELD_NUMBER: _ClassVar[int]
-    RULE_INFO_JSON_FIELD_NUMBER: _ClassVar[int]
+    DEFENSE_FIELD_NUMBER: _ClassVar[int]
+    DEFENSE_INFO_JSON_FIELD_NUMBER: _ClassVar[int]
     KEPT_USERS_FIELD_NUMBER: _ClassVar[int]
     STORE_BYTES_FIELD_NUMBER: _ClassVar[int]
     UPDATE_NORM_FIELD_NUMBER: _ClassVar[int]
@@ -163,8 +163,8 @@ class RoundSummary(_message.Message):
     missing: _containers.RepeatedScalarFieldContainer[int]
     bytes_received: int
     timings: _containers.ScalarMap[str, float]
-    rule: str
-    rule_info_json: str
+    defense: str
+    defense_info_json: str
     kept_users: _containers.RepeatedScalarFieldContainer[int]
     store_bytes: int
     update_norm: float
@@ -176,7 +176,7 @@ class RoundSummary(_message.Message):
     kept_reported: bool
     user_bytes: _containers.ScalarMap[int, int]
     refused_by_engine: int
-    def __init__(self, round_id: _Optional[int] = ..., new_version: _Optional[int] = ..., accepted: _Optional[int] = ..., rejected: _Optional[_Iterable[_Union[Rejection, _Mapping]]] = ..., missing: _Optional[_Iterable[int]] = ..., bytes_received: _Optional[int] = ..., timings: _Optional[_Mapping[str, float]] = ..., rule: _Optional[str] = ..., rule_info_json: _Optional[str] = ..., kept_users: _Optional[_Iterable[int]] = ..., store_bytes: _Optional[int] = ..., update_norm: _Optional[float] = ..., store_bytes_read: _Optional[int] = ..., patch_bytes: _Optional[int] = ..., refused: _Optional[_Mapping[str, int]] = ..., bytes_refused: _Optional[int] = ..., refused_sample: _Optional[_Iterable[_Union[Rejection, _Mapping]]] = ..., kept_reported: _Optional[bool] = ..., user_bytes: _Optional[_Mapping[int, int]] = ..., refused_by_engine: _Optional[int] = ...) -> None: ...
+    def __init__(self, round_id: _Optional[int] = ..., new_version: _Optional[int] = ..., accepted: _Optional[int] = ..., rejected: _Optional[_Iterable[_Union[Rejection, _Mapping]]] = ..., missing: _Optional[_Iterable[int]] = ..., bytes_received: _Optional[int] = ..., timings: _Optional[_Mapping[str, float]] = ..., defense: _Optional[str] = ..., defense_info_json: _Optional[str] = ..., kept_users: _Optional[_Iterable[int]] = ..., store_bytes: _Optional[int] = ..., update_norm: _Optional[float] = ..., store_bytes_read: _Optional[int] = ..., patch_bytes: _Optional[int] = ..., refused: _Optional[_Mapping[str, int]] = ..., bytes_refused: _Optional[int] = ..., refused_sample: _Optional[_Iterable[_Union[Rejection, _Mapping]]] = ..., kept_reported: _Optional[bool] = ..., user_bytes: _Optional[_Mapping[int, int]] = ..., refused_by_engine: _Optional[int] = ...) -> None: ...
 
 class GetModelRequest(_message.Message):
     __slots__ = ("run_id", "version")
