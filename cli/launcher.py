@@ -31,6 +31,7 @@ from fedseq.results import format_table
 from fedseq.rpc import channel
 from fedseq.tls import Identity, make_certs
 from fedseq.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+from orchestrator.settings import OPERATOR_STOP
 
 from .services import EXIT_INTERRUPTED
 
@@ -381,8 +382,11 @@ def _follow(orch_addr: str, procs: list[_Proc], orch: _Proc, operator: Identity 
                 break
             time.sleep(0.5)
             continue
-        if status.state in ("done", "failed", "stopped"):
+        if status.state in ("done", "failed") or (status.state == "stopped"
+                                                  and status.message.startswith(OPERATOR_STOP)):
             break
+        # "stopped" without the operator's word: a signal (SIGTERM) is ending the orchestrator
+        # mid-run; it exits EXIT_INTERRUPTED and supervise() restarts it, which resumes the run
         line = (f"[{status.state}] epoch {status.epoch}/{status.epochs} round {status.round_id} | "
                 f"{status.workers} workers | up {_fmt_bytes(status.bytes_up)} down {_fmt_bytes(status.bytes_down)}"
                 f" | {status.message}")

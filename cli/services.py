@@ -20,6 +20,7 @@ import torch
 from fedseq.config import ConfigError
 from fedseq.rpc import exit_orphaned, serve_until_signal, wait_for_signal
 from fedseq.tls import Identity, TLSError
+from orchestrator.settings import OPERATOR_STOP
 
 log = logging.getLogger("fedseq.cli")
 
@@ -316,7 +317,7 @@ def serve_orchestrator(args: argparse.Namespace) -> int:
         orch.join(STOP_GRACE)
 
     serve_until_signal(app.service, on_stop=stop, port_file=args.port_file, until=finished)
-    return orchestrator_exit(orch.state, stopped_by_operator=orch.loop.message.startswith("stop requested"))
+    return orchestrator_exit(orch.state, stopped_by_operator=orch.loop.message.startswith(OPERATOR_STOP))
 
 
 STOP_GRACE = 10.0  # seconds a SIGTERM waits for the round in flight (compose grants 20 s in all, k8s 60 s)

@@ -26,7 +26,7 @@ from fedseq.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 from .link import WorkerLink
 from .run import EVAL_ATTEMPTS, RunLoop, check_eval_sums
-from .settings import OrchestratorSettings
+from .settings import OPERATOR_STOP, OrchestratorSettings
 from .workers import Refused, WorkerInfo, WorkerPool, assign
 
 __all__ = ["EVAL_ATTEMPTS", "ROUND_RETRIES", "Orchestrator", "OrchestratorSettings", "Refused", "WorkerInfo",
@@ -207,5 +207,5 @@ class Orchestrator(orchestrator_pb2_grpc.OrchestratorServicer):
 
     def Stop(self, request, context):
         self._stop.set()
-        self.loop.message = f"stop requested: {request.reason}" if request.reason else "stop requested"
+        self.loop.message = f"{OPERATOR_STOP}: {request.reason}" if request.reason else OPERATOR_STOP
         return orchestrator_pb2.StopReply(stopping=True)

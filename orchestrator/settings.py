@@ -9,6 +9,11 @@ from fedseq.roster import Roster
 from fedseq.rpc import LOOPBACK
 from fedseq.tls import Identity
 
+# How a run's status message starts once the operator has stopped it (Orchestrator.Stop), as opposed
+# to a signal ending the process mid-run: the exit code (cli/services.py) and `fedseq run`'s
+# supervision (cli/launcher.py) tell the two apart by it.
+OPERATOR_STOP = "stop requested"
+
 
 @dataclass(frozen=True)
 class OrchestratorSettings:
