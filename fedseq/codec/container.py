@@ -113,6 +113,15 @@ def unpack(buf: bytes | bytearray | memoryview) -> list[EncodedTensor]:
     return out
 
 
+def _u8_field(mv: memoryview, total: int, count: int, i: int, pos: int, what: str) -> tuple[bytes, int]:
+    """A field of record ``i`` stored as a 1-byte length then its bytes, at ``pos``, and the
+    position after it (the byte after it, the next field's length, must be there too)."""
+    (n,) = _U8.unpack_from(mv, pos)
+    pos += 1
+    _need(total, count, i, pos, n + 1, what)
+    return bytes(mv[pos : pos + n]), pos + n
+
+
 def _record(mv: memoryview, total: int, count: int, i: int, pos: int) -> tuple[EncodedTensor, int]:
     """Record ``i`` of the container ``mv``, which starts at ``pos``, and the position after it."""
     start = pos
@@ -122,16 +131,8 @@ def _record(mv: memoryview, total: int, count: int, i: int, pos: int) -> tuple[E
     _need(total, count, i, pos, nlen + 1, "name")
     name_b = bytes(mv[pos : pos + nlen])
     pos += nlen
-    (dlen,) = _U8.unpack_from(mv, pos)
-    pos += 1
-    _need(total, count, i, pos, dlen + 1, "dtype")
-    dtype_b = bytes(mv[pos : pos + dlen])
-    pos += dlen
-    (elen,) = _U8.unpack_from(mv, pos)
-    pos += 1
-    _need(total, count, i, pos, elen + 1, "encoding")
-    enc_b = bytes(mv[pos : pos + elen])
-    pos += elen
+    dtype_b, pos = _u8_field(mv, total, count, i, pos, "dtype")
+    enc_b, pos = _u8_field(mv, total, count, i, pos, "encoding")
     (ndim,) = _U8.unpack_from(mv, pos)
     pos += 1
     _need(total, count, i, pos, 8 * ndim + 8, "shape")
