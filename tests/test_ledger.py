@@ -9,7 +9,6 @@ import io
 import json
 import os
 import secrets
-import socket
 import threading
 import time
 from collections import Counter, defaultdict
@@ -17,6 +16,7 @@ from dataclasses import replace
 
 import pytest
 from _federation import CountingAggregator, Federation
+from _proxy import TcpProxy
 
 from client.service import benign_population
 from client.worker import ModelSource, WorkerTasks
@@ -231,44 +231,18 @@ def test_model_delta_reads_patches_and_trains_the_same_models(runs):
 # ---------------------------------------------------------------------------- compression on the wire
 
 
-class _CountingProxy:
+class _CountingProxy(TcpProxy):
     """A TCP proxy that counts the bytes it forwards in each direction (the real wire)."""
 
     def __init__(self, target_port: int) -> None:
-        self.target = ("127.0.0.1", target_port)
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
         self.up = self.down = 0
         self._lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(target_port)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                return
-            server = socket.create_connection(self.target)
-            threading.Thread(target=self._pipe, args=(client, server, "up"), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(server, client, "down"), daemon=True).start()
-
-    def _pipe(self, src: socket.socket, dst: socket.socket, direction: str) -> None:
-        try:
-            while data := src.recv(65536):
-                with self._lock:
-                    setattr(self, direction, getattr(self, direction) + len(data))
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self.sock.close()
+    def forward(self, conn, direction: str, data: bytes) -> bool:
+        with self._lock:
+            setattr(self, direction, getattr(self, direction) + len(data))
+        return True
 
 
 def test_gzip_upload_wire_bytes_match_a_tcp_proxy(redis_url):

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import redis
 import torch
+from _proxy import TcpProxy
 
 from fedseq import codec
 from fedseq.redis_server import RedisServer
@@ -335,53 +337,24 @@ def test_serializer_is_the_codecs_and_stored_blobs_are_its_bytes(redis_url: str)
     assert _bitwise_equal(model_from_bytes(blob)[0], tensors)
 
 
-class _LoseOneReply:
-    """A TCP proxy in front of Redis that forwards everything, except that it swallows the reply to
-    the first append (EVALSHA of the append script, or an RPUSH) once ``active`` and closes that connection: Redis applied the call, the
-    client never heard, as when Redis is killed between the two."""
+class _LoseOneReply(TcpProxy):
+    """A proxy in front of Redis that forwards everything, except that it swallows the reply to the
+    first append (EVALSHA of the append script, or an RPUSH) once ``active`` and cuts that
+    connection: Redis applied the call, the client never heard, as when Redis is killed between the two."""
 
     def __init__(self, upstream_port: int) -> None:
-        import socket
-        import threading
+        self.dropped, self.active = threading.Event(), threading.Event()
+        super().__init__(upstream_port)
 
-        self.upstream_port, self.dropped, self.active = upstream_port, threading.Event(), threading.Event()
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        import socket
-        import threading
-
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            up = socket.create_connection(("127.0.0.1", self.upstream_port))
-            armed = threading.Event()
-            threading.Thread(target=self._pipe, args=(client, up, armed, True), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(up, client, armed, False), daemon=True).start()
-
-    def _pipe(self, src, dst, armed, upward: bool) -> None:
-        import socket
-
-        try:
-            while data := src.recv(65536):
-                if upward and self.active.is_set() and not self.dropped.is_set() and (
-                        b"EVALSHA" in data.upper() or b"RPUSH" in data.upper()):
-                    armed.set()
-                elif not upward and armed.is_set() and not self.dropped.is_set():
-                    self.dropped.set()  # the reply is lost with the connection
-                    for s in (src, dst):  # shutdown: close alone waits for the other thread's recv
-                        s.shutdown(socket.SHUT_RDWR)
-                    return
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                s.close()
+    def forward(self, conn, direction: str, data: bytes) -> bool:
+        if self.dropped.is_set() or not self.active.is_set():
+            return True
+        if direction == "up" and (b"EVALSHA" in data.upper() or b"RPUSH" in data.upper()):
+            conn["armed"] = True
+        elif direction == "down" and conn.get("armed"):
+            self.dropped.set()  # the reply is lost with the connection
+            return False
+        return True
 
 
 def test_an_append_whose_reply_was_lost_is_applied_once(redis_url: str) -> None:
