@@ -66,8 +66,8 @@ def check_eval_sums(sums: MetricSums, asked: int, ks: set[int]) -> str | None:
 
 def latest_by(records: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
     """``records`` with one per value of ``key``, the last one written, in the order of first
-    appearance. An append is at least once: Redis killed after it applied an append but before it
-    replied makes the store client send it again, and a resumed run may write an epoch's row again."""
+    appearance. The store's appends are exactly once (fedseq/store.py); this reads runs stored
+    before that, whose streams may hold a record twice (a retried append whose reply Redis lost)."""
     last = {r[key]: r for r in records}
     return [last[k] for k in dict.fromkeys(r[key] for r in records)]
 
