@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from collections.abc import Sequence
 from typing import Any
 
 from fedseq.config import ExperimentConfig, build_config, parse_opts
@@ -46,7 +48,7 @@ EXPERIMENT_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--attack", {"help": "none | an attack name"}),
     ("--malicious-ratio", {"type": float}),
     ("--attack-opt", {"dest": "attack_opts", "action": "append", "metavar": "K=V"}),
-    ("--codec", {"help": "update encoding (dense-fp32, sparse-fp32, sparse-fp16, ...)"}),
+    ("--codec", {"help": "update codec (dense-fp32, sparse-fp32, sparse-fp16, ...)"}),
     ("--compression", {"choices": ["none", "gzip"], "help": "gRPC message compression of the run's calls"}),
     ("--model-delta", {"action": "store_true", "help": "download version v as a row patch against v-1 when held"}),
     ("--threads", {"type": int, "help": "torch threads per process"}),
@@ -55,6 +57,20 @@ EXPERIMENT_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--device", {"help": "auto | cpu | cuda | cuda:N: where updates and evaluation run (default auto: a GPU if "
                           "torch sees one)"}),
 ]
+
+
+class DeprecatedAlias(argparse.Action):
+    """A flag kept as the old name of another (``new``) with the same ``dest``: it stores its value
+    as the new flag would, and says on stderr that it is deprecated."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, new: str, **kw: Any) -> None:
+        self.new = new
+        super().__init__(option_strings, dest, **kw)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        print(f"{parser.prog}: {option_string} is deprecated; use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
 def add_experiment_flags(p: argparse.ArgumentParser) -> None:

@@ -212,8 +212,8 @@ def parser() -> argparse.ArgumentParser:
 
     from cli import reproduce, sweep
 
-    p = sub.add_parser("sweep", help="attacks x defenses x ratios x seeds, one run per cell; table and plots "
-                                     "(`fedseq sweep mission` is the main job)")
+    p = sub.add_parser("sweep", help="attacks x defenses x malicious ratios x seeds, one run per cell; table and "
+                                     "plots (`fedseq sweep mission` is the main job)")
     sweep.add_arguments(p)
     p.set_defaults(fn=sweep.main)
 

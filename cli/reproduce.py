@@ -72,14 +72,14 @@ def _paper(values: str, metrics: str = "er") -> dict[str, float]:
     return dict(zip(keys, nums, strict=True))
 
 
-def _cell(name: str, model: str, attack: str = "none", ratio: float = 0.0, defense: str = "fedavg",
+def _cell(name: str, model: str, attack: str = "none", malicious_ratio: float = 0.0, defense: str = "fedavg",
           paper: dict[str, float] | None = None, ml1m: dict[str, float] | None = None, compat: str = REFERENCE,
           **keys: Any) -> dict[str, Any]:
     """A paper cell; ``paper``: its Steam numbers, ``ml1m``: its ML-1M numbers (the paper's tables)."""
     out: dict[str, Any] = {"name": name, "model": model, "attack": attack, "defense": defense, "compat": compat,
                            **keys}
     if attack != "none":
-        out["ratio"] = ratio
+        out["malicious_ratio"] = malicious_ratio
     refs = {k: v for k, v in (("steam", paper), ("ml-1m", ml1m)) if v}
     if refs:
         out["paper"] = refs
@@ -288,7 +288,8 @@ def first_epoch_at(curve: list[tuple[float, float]], epochs: list[int], level: f
 
 
 def plot_figure2(summary: dict[str, Any], scenarios: list[dict[str, Any]], path: Path, metric: str = "er@5") -> Path:
-    """The paper's Figure 2 layout: ER@5 per epoch, one line per malicious ratio."""
+    """The paper's Figure 2 layout: ER@5 per epoch, one line per malicious ratio (a scenario's
+    ``malicious_ratio``; ``ratio``, its old name, is read too)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -300,7 +301,7 @@ def plot_figure2(summary: dict[str, Any], scenarios: list[dict[str, Any]], path:
         if not got:
             continue
         mean = [v[0] for v in got["curve"][metric]]
-        label = f"{sc['ratio'] * 100:g}%" + (f" ({got['unfinished']})" if got.get("unfinished") else "")
+        label = f"{sc.get('malicious_ratio', sc.get('ratio', 0.0)) * 100:g}%" + (f" ({got['unfinished']})" if got.get("unfinished") else "")
         ax.plot(got["epochs"], mean, marker="o", markersize=3, label=label)
         if len(got["seeds"]) > 1:
             std = [v[1] for v in got["curve"][metric]]

@@ -4,7 +4,7 @@ then one table with the mean and spread over seeds and plots.
 
     fedseq sweep mission                                   # the main job (make run): clean, DV-FSR, DV-FSR + mixed-RFA
     fedseq sweep rules --seeds 0-4                         # every rule, clean and under DV-FSR (docs/results/rules-sweep.md)
-    fedseq sweep --attacks none,dv-fsr --defenses fedavg,mixed-rfa --ratios 0.005,0.01 --seeds 0-2 --jobs 2
+    fedseq sweep --attacks none,dv-fsr --defenses fedavg,mixed-rfa --malicious-ratios 0.005,0.01 --seeds 0-2 --jobs 2
     fedseq sweep --spec sweep.toml                         # the same keys from a file
 
 Each cell runs as its own process (``fedseq run`` / ``fedseq sim``) with its results bundle in
@@ -31,6 +31,7 @@ from pathlib import Path
 
 from fedseq.config import ConfigError
 
+from .flags import DeprecatedAlias
 from .sweep_plots import plot_matrix, plot_sweep
 from .sweep_run import (
     PROCESSES_PER_SERVICES_CELL,
@@ -59,28 +60,31 @@ from .sweep_spec import (
     parse_seeds,
     spec_from,
 )
-from .sweep_summary import format_markdown, format_table, matrices, summarise
+from .sweep_summary import format_markdown, format_table, load_summary, matrices, summarise, upgrade_summary
 
 __all__ = [
     "CONFIG_KEYS", "CURVES", "ENGINES", "KS", "METRICS", "MISSION_DATA", "MISSION_RATIO", "PRESETS",
     "PROCESSES_PER_SERVICES_CELL", "SCENARIO_KEYS", "Cell", "CellRunner", "Progress", "SweepError", "SweepSpec",
     "add_arguments", "cell_command", "cell_config", "cell_done", "format_markdown", "format_table",
-    "inprocess_cell", "main", "matrices", "parse_seeds", "plot_matrix", "plot_sweep", "run_sweep", "spec_from",
-    "subprocess_cell", "summarise",
+    "inprocess_cell", "load_summary", "main", "matrices", "parse_seeds", "plot_matrix", "plot_sweep", "run_sweep",
+    "spec_from", "subprocess_cell", "summarise", "upgrade_summary",
 ]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("preset", nargs="?", help=f"a predefined sweep: {', '.join(PRESETS)}")
-    p.add_argument("--spec", help="sweep spec file (JSON or TOML): base, attacks, defenses, ratios, seeds, models, "
-                                  "codecs, engine, scenarios, title")
+    p.add_argument("--spec", help="sweep spec file (JSON or TOML): base, attacks, defenses, malicious_ratios, seeds, "
+                                  "models, codecs, engine, scenarios, title")
     p.add_argument("--attacks", help="comma list, e.g. none,dv-fsr")
     p.add_argument("--defenses", help="comma list of rules; options after a colon, ';' between rules then: "
                                       "'fedavg;krum:m=8'")
-    p.add_argument("--ratios", help="comma list of malicious ratios, e.g. 0.005,0.01")
+    p.add_argument("--malicious-ratios", dest="malicious_ratios",
+                   help="comma list of malicious ratios (the run's --malicious-ratio), e.g. 0.005,0.01")
+    p.add_argument("--ratios", dest="malicious_ratios", action=DeprecatedAlias, new="--malicious-ratios",
+                   help="deprecated: the old name of --malicious-ratios")
     p.add_argument("--seeds", help="seeds: 0-4 or 0,3,7")
     p.add_argument("--models", help="comma list: sasrec,bert4rec")
-    p.add_argument("--codecs", help="comma list of update encodings (services engine)")
+    p.add_argument("--codecs", help="comma list of update codecs (the run's --codec; services engine)")
     p.add_argument("--engine", choices=ENGINES, help="services (fedseq run per cell; default) or inprocess")
     p.add_argument("--set", action="append", type=lambda s: tuple(s.split("=", 1)), metavar="KEY=VALUE",
                    help="a base experiment key for every cell, e.g. --set epochs=4 --set dataset=steam")

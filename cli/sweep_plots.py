@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .sweep_summary import matrices
+from .sweep_summary import matrices, upgrade_summary
 
 METRIC_LABELS = {"er@10": "exposure ER@10", "hr@10": "accuracy HR@10"}
 AXES = {"attack", "defense", "defense_opts", "malicious_ratio", "seed"}
@@ -26,20 +26,22 @@ def _pyplot() -> Any:
 
 
 def plot_sweep(summary: dict[str, Any], out: Path) -> list[Path]:
-    """PNG plots of the sweep into ``out`` (see the module docstring); returns their paths."""
+    """PNG plots of the sweep into ``out`` (see the module docstring); returns their paths.
+    ``summary`` may be an older sweep.json's (``ratio`` for ``malicious_ratio``)."""
     paths: list[Path] = []
+    summary = upgrade_summary(summary)
     scen = summary["scenarios"]
     if not scen:
         return paths
     style = _styles(scen)
     paths.append(_plot_epochs(summary, style, out / "epochs.png"))
     paths.append(_plot_accuracy_vs_exposure(scen, style, out / "accuracy_vs_exposure.png"))
-    ratios = sorted({s["ratio"] for s in scen.values() if s["attack"] != "none"})
-    if len(ratios) > 1:
-        paths.append(_plot_exposure_vs_ratio(scen, out / "exposure_vs_ratio.png"))
+    malicious_ratios = sorted({s["malicious_ratio"] for s in scen.values() if s["attack"] != "none"})
+    if len(malicious_ratios) > 1:  # the file names of the plots stay short, as they were
+        paths.append(_plot_exposure_vs_malicious_ratio(scen, out / "exposure_vs_ratio.png"))
     grids = matrices(summary)
     for grid in grids:
-        name = "matrix.png" if len(grids) == 1 else f"matrix_r{grid['ratio']:g}.png"
+        name = "matrix.png" if len(grids) == 1 else f"matrix_r{grid['malicious_ratio']:g}.png"
         paths.append(plot_matrix(grid, summary["title"], out / name))
     if summary["engine"] == "services":
         paths.append(_plot_bytes_per_round(summary, out))
@@ -103,14 +105,14 @@ def _plot_accuracy_vs_exposure(scen: dict[str, dict[str, Any]], style: dict[str,
     return path
 
 
-def _plot_exposure_vs_ratio(scen: dict[str, dict[str, Any]], path: Path) -> Path:
+def _plot_exposure_vs_malicious_ratio(scen: dict[str, dict[str, Any]], path: Path) -> Path:
     """Final ER@10 against the malicious ratio (log scale), a line per attack and defense."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     by: dict[str, list[tuple[float, float, float]]] = {}
     for s in scen.values():
         if s["attack"] != "none":
-            by.setdefault(f"{s['attack']} vs {s['defense']}", []).append((s["ratio"], *s["er@10"]))
+            by.setdefault(f"{s['attack']} vs {s['defense']}", []).append((s["malicious_ratio"], *s["er@10"]))
     for label, pts in sorted(by.items()):
         pts.sort()
         ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
@@ -161,7 +163,8 @@ def plot_matrix(grid: dict[str, Any], title: str, path: Path) -> Path:
         ax.set_yticks(range(len(A)), A, fontsize=7)
         ax.set_title(f"{METRIC_LABELS[metric]} (final epoch, mean over seeds)", fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
-    fig.suptitle(f"{title}\nattacks (rows) x defenses (columns); malicious ratio {grid['ratio']:g}", fontsize=9)
+    fig.suptitle(f"{title}\nattacks (rows) x defenses (columns); malicious ratio {grid['malicious_ratio']:g}",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -188,12 +191,13 @@ def _styles(scen: dict[str, dict[str, Any]]) -> dict[str, Style]:
 
     groups = sorted({other(s) for s in scen.values()})
     defenses = sorted({s["defense"] for s in scen.values()})
-    ratios = sorted({s["ratio"] for s in scen.values()})
+    ratios = sorted({s["malicious_ratio"] for s in scen.values()})  # the malicious ratios
     lines = sorted({(other(s), s["attack"], s["defense"]) for s in scen.values()})
     if len(lines) <= 20:  # a color per (other keys, attack, defense), a marker per ratio
         cmap = matplotlib.colormaps["tab10" if len(lines) <= 10 else "tab20"]
         return {name: (cmap(lines.index((other(s), s["attack"], s["defense"])) % cmap.N),
-                       "--" if s["attack"] == "none" else "-", markers[ratios.index(s["ratio"]) % len(markers)])
+                       "--" if s["attack"] == "none" else "-",
+                       markers[ratios.index(s["malicious_ratio"]) % len(markers)])
                 for name, s in scen.items()}
     by_other = len(groups) > 1
     n = len(groups) if by_other else len(defenses)
@@ -201,7 +205,8 @@ def _styles(scen: dict[str, dict[str, Any]]) -> dict[str, Style]:
     out = {}
     for name, s in scen.items():
         color = cmap((groups.index(other(s)) if by_other else defenses.index(s["defense"])) % cmap.N)
-        marker = markers[(defenses.index(s["defense"]) if by_other else ratios.index(s["ratio"])) % len(markers)]
+        shape = defenses.index(s["defense"]) if by_other else ratios.index(s["malicious_ratio"])
+        marker = markers[shape % len(markers)]
         out[name] = (color, "--" if s["attack"] == "none" else "-", marker)
     return out
 

@@ -26,7 +26,12 @@ KS = (5, 10, 20, 30)
 METRICS = ("hr@10", "ndcg@10", *(f"er@{k}" for k in KS))
 CURVES = ("hr@10", "er@5", "er@10")  # per-epoch curves kept per scenario (Figure 2 plots ER@5)
 # scenario keys that are not experiment keys: display name, the axes, and reference numbers
-SCENARIO_KEYS = {"name", "attack", "defense", "ratio", "paper"}
+SCENARIO_KEYS = {"name", "attack", "defense", "malicious_ratio", "paper"}
+# The sweep's former names of the malicious ratio (the run config's ``malicious_ratio``): a spec
+# file, a scenario or a sweep.json row that still carries one is read under the new name (both
+# at once is an error); nothing is written under the old names.
+OLD_SPEC_KEYS = {"ratios": "malicious_ratios"}
+OLD_SCENARIO_KEYS = {"ratio": "malicious_ratio"}
 
 # The main job: the embedded synthetic generator, clean, under DV-FSR and under DV-FSR with
 # mixed-RFA, through the services. 0.5% malicious clients (2 of 400): at 0.1% (one attacker) the
@@ -43,8 +48,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "base": {**QUICKSTART, "dataset": MISSION_DATA},
         "scenarios": [
             {"name": "clean", "attack": "none", "defense": "fedavg"},
-            {"name": "dv-fsr", "attack": "dv-fsr", "defense": "fedavg", "ratio": MISSION_RATIO},
-            {"name": "dv-fsr + mixed-rfa", "attack": "dv-fsr", "defense": "mixed-rfa", "ratio": MISSION_RATIO},
+            {"name": "dv-fsr", "attack": "dv-fsr", "defense": "fedavg", "malicious_ratio": MISSION_RATIO},
+            {"name": "dv-fsr + mixed-rfa", "attack": "dv-fsr", "defense": "mixed-rfa",
+             "malicious_ratio": MISSION_RATIO},
         ],
         "seeds": [0],
         "engine": "services",
@@ -55,17 +61,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         "attacks": ["none", "dv-fsr"],
         "defenses": ["fedavg", "rfa", "mixed-rfa", "median", "trimmed-mean:beta=0.1", "krum:m=8",
                      "norm-clip:bound=1.0", "foolsgold", "fltrust"],
-        "ratios": [0.005],  # 2 malicious clients of 400
+        "malicious_ratios": [0.005],  # 2 malicious clients of 400
         "seeds": [0, 1, 2, 3, 4],
         "engine": "inprocess",
     },
 }
 
 
-# Every attack against every defense (dense and item-wise sparse), one heat map per ratio. On
+# Every attack against every defense (dense and item-wise sparse), one heat map per malicious ratio. On
 # the mission's data by default; the Steam matrix of docs/results is this preset with
 # --set dataset=steam --set epochs=30 --set clients_per_round=256 --set lr=0.001
-# --set num_negatives=1000 --ratios 0.001,0.01 --seeds 0-2.
+# --set num_negatives=1000 --malicious-ratios 0.001,0.01 --seeds 0-2.
 PRESETS["matrix"] = {
     "title": "Every attack against every defense (heat maps per malicious ratio)",
     "base": {**QUICKSTART, "dataset": MISSION_DATA},
@@ -73,7 +79,7 @@ PRESETS["matrix"] = {
                 "spattack"],
     "defenses": ["fedavg", "mixed-rfa", "rfa", "median", "trimmed-mean:beta=0.1", "krum:m=8", "bulyan", "flame",
                  "dnc", "foolsgold", "sparse:median", "sparse:trimmed-mean", "sparse:krum", "pieck-reg"],
-    "ratios": [MISSION_RATIO],
+    "malicious_ratios": [MISSION_RATIO],
     "seeds": [0, 1, 2],
     "engine": "inprocess",
 }
@@ -89,7 +95,7 @@ class Cell:
 
     attack: str
     defense: str  # rule name, with options as "name:k=v,k=v"
-    ratio: float
+    malicious_ratio: float
     seed: int
     model: str | None = None
     codec: str | None = None
@@ -102,7 +108,7 @@ class Cell:
         """What the cell measures, without its seed (the rows of the table)."""
         if self.name:
             return self.name
-        parts = [f"attack {self.attack}" + (f" {self.ratio:g}" if self.attack != "none" else ""),
+        parts = [f"attack {self.attack}" + (f" {self.malicious_ratio:g}" if self.attack != "none" else ""),
                  f"defense {self.defense}"]
         parts += [f"model {self.model}"] if self.model else []
         parts += [f"codec {self.codec}"] if self.codec else []
@@ -116,7 +122,10 @@ class Cell:
         same run as another (``same_as``) has that cell's folder."""
         if self.same_as:
             return self.same_as
-        bits = [self.attack, f"r{self.ratio:g}" if self.attack != "none" else "", self.defense.replace(":", "-"),
+        # "r<ratio>": the malicious ratio's folder tag, kept short as it was, so the cells of
+        # sweeps run before the rename to malicious_ratio keep their folders and resume
+        bits = [self.attack, f"r{self.malicious_ratio:g}" if self.attack != "none" else "",
+                self.defense.replace(":", "-"),
                 self.model or "", self.codec or ""]
         for k, v in self.keys:
             text = ",".join(map(str, v)) if isinstance(v, list | tuple) else str(v)
@@ -135,7 +144,7 @@ class Cell:
         out: dict[str, Any] = {"attack": self.attack, "defense": rule, "seed": self.seed,
                                "defense_opts": [f"{k}={v}" for k, v in opts.items()]}
         if self.attack != "none":
-            out["malicious_ratio"] = self.ratio
+            out["malicious_ratio"] = self.malicious_ratio
         if self.model:
             out["model"] = self.model
         if self.codec:
@@ -160,6 +169,16 @@ def parse_seeds(text: str | Sequence[int]) -> list[int]:
     return out
 
 
+def renamed(data: dict[str, Any], old_keys: dict[str, str], where: str) -> dict[str, Any]:
+    """``data`` (a copy, in its order) with each old key of ``old_keys`` (old -> new name) under its
+    new name; :class:`SweepError` when ``data`` gives both."""
+    both = [f"{old!r} and {new!r}" for old, new in old_keys.items() if old in data and new in data]
+    if both:
+        raise SweepError(f"{where}: {', '.join(both)} both given; the first is the old name of the second: "
+                         "give one")
+    return {old_keys.get(k, k): v for k, v in data.items()}
+
+
 def _list(value: Any) -> list[str]:
     if value is None:
         return []
@@ -175,13 +194,18 @@ class SweepSpec:
     base: dict[str, Any] = field(default_factory=dict)
     attacks: tuple[str, ...] = ("none", "dv-fsr")
     defenses: tuple[str, ...] = ("fedavg",)
-    ratios: tuple[float, ...] = (MISSION_RATIO,)
+    malicious_ratios: tuple[float, ...] = (MISSION_RATIO,)
     seeds: tuple[int, ...] = (0,)
     models: tuple[str, ...] = ()
     codecs: tuple[str, ...] = ()
-    scenarios: tuple[dict[str, Any], ...] = ()  # explicit cells (name, attack, defense, ratio) instead of the product
+    scenarios: tuple[dict[str, Any], ...] = ()  # explicit cells (name, attack, defense, malicious_ratio, ...)
     engine: str = "services"
     title: str = "fedseq sweep"
+
+    def __post_init__(self) -> None:  # a scenario with the old "ratio" key holds it as malicious_ratio
+        scenarios = tuple(renamed(sc, OLD_SCENARIO_KEYS, f"scenario {sc.get('name', sc)!r}")
+                          for sc in self.scenarios)
+        object.__setattr__(self, "scenarios", scenarios)
 
     def cells(self) -> list[Cell]:
         if self.engine not in ENGINES:
@@ -195,12 +219,12 @@ class SweepSpec:
                 if unknown:
                     raise SweepError(f"scenario {sc.get('name', sc)!r}: unknown key(s) {unknown}; a scenario holds "
                                      f"{sorted(SCENARIO_KEYS)} and experiment keys")
-                combos.append((sc.get("attack", "none"), sc.get("defense", "fedavg"), float(sc.get("ratio", 0.0)),
-                               sc.get("name", ""), tuple(sorted(extra.items()))))
+                combos.append((sc.get("attack", "none"), sc.get("defense", "fedavg"),
+                               float(sc.get("malicious_ratio", 0.0)), sc.get("name", ""), tuple(sorted(extra.items()))))
         else:
             for a in self.attacks:
                 for d in self.defenses:
-                    for r in (self.ratios if a != "none" else (0.0,)):
+                    for r in (self.malicious_ratios if a != "none" else (0.0,)):
                         combos.append((a, d, float(r), "", ()))
         for a, d, r, name, keys in combos:
             for m in self.models or (None,):
@@ -222,7 +246,9 @@ class SweepSpec:
 
 
 def spec_from(args: argparse.Namespace) -> SweepSpec:
-    """The sweep of ``fedseq sweep``: a preset or ``--spec FILE`` (JSON or TOML), then the flags."""
+    """The sweep of ``fedseq sweep``: a preset or ``--spec FILE`` (JSON or TOML), then the flags.
+    A spec file may still say ``ratios`` (and its scenarios ``ratio``), the old names of
+    ``malicious_ratios`` (``malicious_ratio``)."""
     data: dict[str, Any] = {}
     if args.preset:
         if args.preset not in PRESETS:
@@ -232,21 +258,28 @@ def spec_from(args: argparse.Namespace) -> SweepSpec:
         p = Path(args.spec)
         try:
             text = p.read_text()
-            data.update(tomllib.loads(text) if p.suffix == ".toml" else json.loads(text))
+            loaded = tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
         except (OSError, ValueError) as e:
             raise SweepError(f"cannot read sweep spec {p}: {e}") from None
+        if not isinstance(loaded, dict):
+            raise SweepError(f"sweep spec {p}: a table of sweep keys expected, got {type(loaded).__name__}")
+        loaded = renamed(loaded, OLD_SPEC_KEYS, f"sweep spec {p}")
+        if isinstance(loaded.get("scenarios"), list):
+            loaded["scenarios"] = [renamed(sc, OLD_SCENARIO_KEYS, f"sweep spec {p}: scenario {sc.get('name', sc)!r}")
+                                   for sc in loaded["scenarios"]]
+        data.update(loaded)
     for key in ("attacks", "defenses", "models", "codecs"):
         if getattr(args, key):
             data[key] = _list(getattr(args, key))
             data.pop("scenarios", None)
-    if args.ratios:
+    if args.malicious_ratios:
         try:
-            data["ratios"] = [float(x) for x in args.ratios.split(",")]
+            data["malicious_ratios"] = [float(x) for x in args.malicious_ratios.split(",")]
         except ValueError:
-            raise SweepError(f"--ratios: {args.ratios!r} is not a comma list of numbers") from None
-        for s in data.get("scenarios", []):  # a preset's scenarios take the (first) ratio given
+            raise SweepError(f"--malicious-ratios: {args.malicious_ratios!r} is not a comma list of numbers") from None
+        for s in data.get("scenarios", []):  # a preset's scenarios take the (first) malicious ratio given
             if s.get("attack", "none") != "none":
-                s["ratio"] = data["ratios"][0]
+                s["malicious_ratio"] = data["malicious_ratios"][0]
     if args.seeds:
         data["seeds"] = parse_seeds(args.seeds)
     if args.engine:
@@ -260,7 +293,7 @@ def spec_from(args: argparse.Namespace) -> SweepSpec:
         raise SweepError(f"unknown sweep key(s) {unknown}; keys: {sorted(known)}")
     return SweepSpec(base=base, attacks=tuple(_list(data.get("attacks", ["none", "dv-fsr"]))),
                      defenses=tuple(_list(data.get("defenses", ["fedavg"]))),
-                     ratios=tuple(float(r) for r in data.get("ratios", [MISSION_RATIO])),
+                     malicious_ratios=tuple(float(r) for r in data.get("malicious_ratios", [MISSION_RATIO])),
                      seeds=tuple(parse_seeds(data.get("seeds", [0]))), models=tuple(_list(data.get("models"))),
                      codecs=tuple(_list(data.get("codecs"))), scenarios=tuple(data.get("scenarios", [])),
                      engine=str(data.get("engine", "services")), title=str(data.get("title", "fedseq sweep")))

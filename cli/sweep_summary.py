@@ -13,7 +13,7 @@ from typing import Any
 
 from fedseq.config import build_config
 
-from .sweep_spec import CURVES, KS, METRICS, Cell, SweepSpec
+from .sweep_spec import CURVES, KS, METRICS, OLD_SCENARIO_KEYS, Cell, SweepSpec, renamed
 
 
 def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
@@ -39,16 +39,17 @@ def summarise(spec: SweepSpec, cells: Sequence[Cell], out: Path) -> dict[str, An
         kept = sum(e.get("malicious_kept", e.get("malicious_updates", 0)) for e in res["epochs"])
         bpu = res.get("summary", {}).get("bytes_per_update")
         row = {"cell": c.folder, "scenario": c.scenario, "seed": c.seed, "attack": c.attack, "defense": c.defense,
-               "ratio": c.ratio, **{m: last[m] for m in METRICS}, "malicious_sent": sent, "malicious_kept": kept,
+               "malicious_ratio": c.malicious_ratio, **{m: last[m] for m in METRICS}, "malicious_sent": sent,
+               "malicious_kept": kept,
                "bytes_per_update": bpu, "warnings": res.get("summary", {}).get("warnings", []),
                "seconds": sum(e.get("seconds", 0.0) for e in res["epochs"]),
                "planned": build_config(None, {**spec.base, **c.overrides()}, environ={}).epochs,
                "curve": {m: [e[m] for e in epochs] for m in CURVES},
                "epochs": [e["epoch"] for e in epochs]}
         rows.append(row)
-        scenarios.setdefault(c.scenario, {"attack": c.attack, "defense": c.defense, "ratio": c.ratio,
-                                          "overrides": c.overrides() | {"seed": "*"},
-                                          "cells": []})["cells"].append(row)
+        scenarios.setdefault(c.scenario, {"attack": c.attack, "defense": c.defense,
+                                          "malicious_ratio": c.malicious_ratio,
+                                          "overrides": c.overrides() | {"seed": "*"}, "cells": []})["cells"].append(row)
     for s in scenarios.values():
         cs = s["cells"]
         s["seeds"] = sorted(r["seed"] for r in cs)
@@ -71,6 +72,23 @@ def summarise(spec: SweepSpec, cells: Sequence[Cell], out: Path) -> dict[str, An
             scenarios[name]["paper"] = ref
     return {"title": spec.title, "engine": spec.engine, "base": spec.base, "scenarios": scenarios,
             "cells_root": str(out), "cells": [{k: v for k, v in r.items() if k != "curve"} for r in rows]}
+
+
+def upgrade_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    """``summary`` (a copy) with its scenarios and cell rows under today's keys: a sweep.json
+    written before the rename says ``ratio`` for ``malicious_ratio`` (sweep_spec.OLD_SCENARIO_KEYS).
+    A summary that gives both in one row is refused (:class:`SweepError`)."""
+    scenarios = {name: renamed(s, OLD_SCENARIO_KEYS, f"sweep summary: scenario {name!r}")
+                 for name, s in summary.get("scenarios", {}).items()}
+    cells = [renamed(r, OLD_SCENARIO_KEYS, f"sweep summary: cell {r.get('cell', '')!r}")
+             for r in summary.get("cells", [])]
+    return {**summary, "scenarios": scenarios, "cells": cells}
+
+
+def load_summary(path: Path) -> dict[str, Any]:
+    """A sweep's summary from its ``sweep.json`` (this version's or an older one's), under
+    today's keys (:func:`upgrade_summary`)."""
+    return upgrade_summary(json.loads(Path(path).read_text()))
 
 
 def format_table(summary: dict[str, Any]) -> str:
@@ -108,22 +126,23 @@ def format_markdown(spec: SweepSpec, summary: dict[str, Any]) -> str:
 def matrices(summary: dict[str, Any]) -> list[dict[str, Any]]:
     """Attack x defense grids of the final ER@10 and HR@10 (means over seeds), one per malicious
     ratio (the no-attack row in each), when the sweep has at least two attacks and two defenses
-    and nothing else varies; else none."""
-    scen = [s for s in summary["scenarios"].values() if not s.get("unfinished")]
+    and nothing else varies; else none. ``summary`` may be an older sweep.json's (``ratio``)."""
+    scen = [s for s in upgrade_summary(summary)["scenarios"].values() if not s.get("unfinished")]
     attacks = sorted({s["attack"] for s in scen}, key=lambda a: (a != "none", a))
     defenses = list(dict.fromkeys(s["defense"] for s in scen))
     if len(attacks) < 2 or len(defenses) < 2:
         return []
     out = []
-    for ratio in sorted({s["ratio"] for s in scen if s["attack"] != "none"}):
+    for malicious_ratio in sorted({s["malicious_ratio"] for s in scen if s["attack"] != "none"}):
         cells: dict[tuple[str, str], dict[str, Any]] = {}
         for s in scen:
-            if s["attack"] != "none" and s["ratio"] != ratio:
+            if s["attack"] != "none" and s["malicious_ratio"] != malicious_ratio:
                 continue
             key = (s["attack"], s["defense"])
             if key in cells:  # other keys vary too: not one grid
                 return []
             cells[key] = s
-        out.append({"attacks": attacks, "defenses": defenses, "cells": cells, "ratio": ratio})
+        out.append({"attacks": attacks, "defenses": defenses, "cells": cells,
+                    "malicious_ratio": malicious_ratio})
     return out
 

@@ -1,6 +1,6 @@
 """What a worker hosts, and the types its tasks and populations share: the :class:`Hosted`
 population (client/service.py for benign users, attacker/service.py for an attacker's), the
-:class:`ShardSequences` of a shard, the update encoding every worker uses (:func:`encode_update`)
+:class:`ShardSequences` of a shard, how every worker writes an update in its codec (:func:`encode_update`)
 and :class:`TaskError`, a task the worker refuses or cannot do."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from fedseq import codec
 from fedseq.experiment import Setup
 from fedseq.training import UpdateBatch
 
-SPARSE_TABLES = codec.SPARSE_TABLES  # row-sparse candidates for sparse encodings
+SPARSE_TABLES = codec.SPARSE_TABLES  # row-sparse candidates for sparse codecs
 
 
 class ShardSequences(Mapping[int, np.ndarray]):
@@ -63,9 +63,10 @@ class Hosted:
     compute_pieces: Callable[[torch.Tensor, list[int], int], Iterable[UpdateBatch]] | None = None
 
 
-def encode_update(tensors: dict[str, torch.Tensor], encoding: str) -> bytes:
-    """One user's update as a checked pack() container (sparse encodings only on embedding tables)."""
-    return codec.pack(codec.encode_state(tensors, encoding, sparse_ok=lambda n: n in SPARSE_TABLES))
+def encode_update(tensors: dict[str, torch.Tensor], codec_name: str) -> bytes:
+    """One user's update in the codec ``codec_name`` as a checked pack() container (sparse
+    codecs sparse only on the embedding tables)."""
+    return codec.pack(codec.encode_state(tensors, codec_name, sparse_ok=lambda n: n in SPARSE_TABLES))
 
 
 class TaskError(Exception):

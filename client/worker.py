@@ -1,5 +1,5 @@
 """The worker shared by benign client workers (client/) and attacker workers (attacker/): the
-same tasks, the same encoding and upload path, so nothing on the wire tells them apart. What
+same tasks, the same codec and upload path, so nothing on the wire tells them apart. What
 differs is the :class:`Hosted` population (client/hosted.py): which users it hosts and how their
 updates are computed.
 
@@ -110,7 +110,7 @@ class WorkerTasks:
         hosted = self._need(request.run_id)
         observe.set_context(run=self.run_id, round_id=request.round_id)
         assert self.models is not None
-        encoding = _accepted_encoding(request)
+        codec_name = _accepted_codec(request)
         t0 = time.perf_counter()
         tensors, counts = self.models.fetch(request.model_version)
         model_bytes = sum(c.bytes for c in counts if c.kind == "model_download")
@@ -121,7 +121,7 @@ class WorkerTasks:
                     for a in request.assignments if a.user_id not in hosted.sequences]
         if not local:
             return worker_pb2.TrainReply(statuses=statuses, model_bytes_read=model_bytes, ledger=counts)
-        call = _Upload(request, hosted, encoding, local, counts, started=t1)
+        call = _Upload(request, hosted, codec_name, local, counts, started=t1)
         reply = self._send(call, _piece_function(hosted, request.adversarial), params)
         t3 = time.perf_counter()
         counts.append(ledger_mod.count(reply, kind="control", direction="down", link="worker-aggregator",
@@ -214,17 +214,17 @@ class WorkerTasks:
                                         model_bytes_read=model_bytes, ledger=counts)
 
 
-def _accepted_encoding(request) -> str:
-    """The round's update encoding, refused before any work when the aggregator does not accept it
-    (it would only be rejected there)."""
-    encoding = request.encoding or "dense-fp32"
+def _accepted_codec(request) -> str:
+    """The round's update codec (the request's wire field ``encoding``), refused before any work
+    when the aggregator does not accept it (it would only be rejected there)."""
+    codec_name = request.encoding or "dense-fp32"
     accepted = list(request.accepted_encodings)
-    if encoding not in accepted:
+    if codec_name not in accepted:
         raise TaskError(grpc.StatusCode.INVALID_ARGUMENT,
-                        f"encoding refused: round {request.round_id} asks for updates encoded {encoding!r} but "
+                        f"encoding refused: round {request.round_id} asks for updates encoded {codec_name!r} but "
                         f"the aggregator accepts only {accepted or 'nothing (accepted_encodings is empty)'}; "
                         "nothing was uploaded")
-    return encoding
+    return codec_name
 
 
 # how a round's updates are computed, as pieces: (params, users, round_id) -> UpdateBatches
@@ -256,13 +256,13 @@ class _Upload:
     (:meth:`put`) to the gRPC request stream (:meth:`messages`), so that the upload overlaps the
     computation. ``stop`` ends both sides when the call is over."""
 
-    def __init__(self, request, hosted: Hosted, encoding: str, local: list, counts: list, started: float) -> None:
-        self.request, self.encoding, self.local, self.counts = request, encoding, local, counts
+    def __init__(self, request, hosted: Hosted, codec_name: str, local: list, counts: list, started: float) -> None:
+        self.request, self.codec_name, self.local, self.counts = request, codec_name, local, counts
         self.compression = hosted.setup.cfg.compression  # the run's gRPC compression, of the uploads
         layout = hosted.setup.layout
-        # the bytes of encode_update(layout.unflatten(update), encoding), from the flat update and the
+        # the bytes of encode_update(layout.unflatten(update), codec_name), from the flat update and the
         # item rows its user touched (when the computation names them), without per-tensor copies
-        self.flat = codec.FlatCodec.of(layout.names, layout.shapes, encoding, frozenset(SPARSE_TABLES))
+        self.flat = codec.FlatCodec.of(layout.names, layout.shapes, codec_name, frozenset(SPARSE_TABLES))
         self.tokens = {a.user_id: a.token for a in local}
         self.took = {"compute": 0.0, "encode": 0.0}
         self.sent = 0
@@ -281,7 +281,7 @@ class _Upload:
         r = self.request
         header = agg_pb.UpdateHeader(run_id=r.run_id, round_id=r.round_id, user_id=u, token=self.tokens[u],
                                      num_samples=int(ub.num_samples[i]), total_bytes=len(data),
-                                     encoding=self.encoding, loss=float(ub.losses[i]))
+                                     encoding=self.codec_name, loss=float(ub.losses[i]))
         msgs = [agg_pb.UpdateChunk(header=header, data=piece) if j == 0 else agg_pb.UpdateChunk(data=piece)
                 for j, piece in enumerate(chunks(data))]
         c = ledger_mod.count(msgs, kind="update", direction="up", link="worker-aggregator",

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .codec import ENCODINGS
+from .codec import CODEC_NAMES
 from .data.summary import TARGET_PRESETS
 from .device import check_name as check_device
 from .local import LocalConfig, PieckReg
@@ -172,7 +172,7 @@ class ExperimentConfig:
             check_device(self.device)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        need(self.codec in ENCODINGS, f"codec must be one of {ENCODINGS}, got {self.codec!r}")
+        need(self.codec in CODEC_NAMES, f"codec must be one of {CODEC_NAMES}, got {self.codec!r}")
         need(self.compression in COMPRESSIONS,
              f"compression must be one of {COMPRESSIONS}, got {self.compression!r}")
         need(all(int(t) >= 1 for t in self.targets), f"target items must be >= 1, got {self.targets}")

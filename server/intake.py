@@ -2,7 +2,7 @@
 word, and in which order, so that a peer can neither starve nor blow up the server.
 
 Order: everything that the update's *header* alone can refute (run, round, deadline, user, token,
-duplicate, encoding, weight, declared size) is checked before a single data byte is buffered
+duplicate, codec, weight, declared size) is checked before a single data byte is buffered
 (:func:`precheck`); the size limit is the largest update an honest worker can send for the run's
 model (:func:`update_limit`), not a fixed generous cap; the container's tensor names and shapes are checked against the model layout
 before anything is decoded or allocated (:func:`check_schema`); values last (the codec refuses
@@ -31,7 +31,7 @@ REASONS: dict[str, str] = {
     "unassigned": "the user is not assigned to the round",
     "bad-token": "the token is not the user's token for this round",
     "duplicate": "the user's update for this round already arrived",
-    "wrong-encoding": "the declared encoding is not accepted, or a tensor is encoded otherwise",
+    "wrong-encoding": "the declared codec is not accepted, or a tensor's record encoding is not one it carries",
     "oversize": "declared or sent more bytes than allowed or declared",
     "truncated": "the stream ended before the declared bytes arrived",
     "malformed": "bad container, schema, sparse indices or sample count",
@@ -76,7 +76,7 @@ class OpenRound:
     weights: Mapping[int, int] = field(default_factory=dict)
 
 
-def precheck(h, run_id: str | None, rnd: OpenRound | None, accepted_encodings: Iterable[str],
+def precheck(h, run_id: str | None, rnd: OpenRound | None, accepted_codecs: Iterable[str],
              max_update_bytes: int, now: float | None = None) -> str | None:
     """Why the update with header ``h`` is refused before any of its data is read (None: read it)."""
     if h.run_id != run_id:
@@ -93,8 +93,8 @@ def precheck(h, run_id: str | None, rnd: OpenRound | None, accepted_encodings: I
         return reason("bad-token", f"bad token for user {h.user_id} in round {h.round_id}")
     if h.user_id in rnd.taken:
         return reason("duplicate", f"duplicate update for user {h.user_id} in round {h.round_id}")
-    accepted = list(accepted_encodings)
-    if h.encoding not in accepted:
+    accepted = list(accepted_codecs)
+    if h.encoding not in accepted:  # the header's (wire) field "encoding" is the update's codec
         return reason("wrong-encoding", f"encoding {short(h.encoding)} not accepted (this server accepts "
                                         f"{', '.join(accepted)})")
     if h.num_samples < 0:
@@ -109,29 +109,29 @@ def precheck(h, run_id: str | None, rnd: OpenRound | None, accepted_encodings: I
     return None
 
 
-def tensor_encodings(encoding: str) -> set[str]:
-    """Encodings the tensors of an update declared as ``encoding`` may use: the encoding itself,
-    the fallback fedseq.codec.encode_state applies to tensors it does not fit, and for a dense-*
-    encoding dense-fp32 (integer tensors are stored raw under it); the registry's ``carries``
-    (fedseq/codec/registry.py). Empty for an encoding the codec does not know."""
-    codec = registry.CODECS.get(encoding)
-    return set() if codec is None else set(codec.carries)
+def tensor_encodings(codec: str) -> set[str]:
+    """Record encodings the tensors of an update in ``codec`` may use: the codec's own, the
+    fallback fedseq.codec.encode_state applies to tensors it does not fit, and for a dense-*
+    codec dense-fp32 (integer tensors are stored raw under it); the registry's ``carries``
+    (fedseq/codec/registry.py). Empty for a codec the registry does not know."""
+    entry = registry.CODECS.get(codec)
+    return set() if entry is None else set(entry.carries)
 
 
-def check_schema(encoded: list[EncodedTensor], layout: Layout, encoding: str) -> str | None:
-    """Why the unpacked container cannot be this model's update (None: decode it). Names, shapes
-    and per-tensor encodings are compared with the layout *before* decoding, so a payload that
-    declares a huge shape (a "sparse bomb") allocates nothing."""
-    allowed = tensor_encodings(encoding)
-    codec = registry.CODECS.get(encoding)
+def check_schema(encoded: list[EncodedTensor], layout: Layout, codec: str) -> str | None:
+    """Why the unpacked container of an update in ``codec`` cannot be this model's update (None:
+    decode it). Names, shapes and per-tensor record encodings are compared with the layout *before*
+    decoding, so a payload that declares a huge shape (a "sparse bomb") allocates nothing."""
+    allowed = tensor_encodings(codec)
+    entry = registry.CODECS.get(codec)
     odd = next((e for e in encoded if e.encoding not in allowed), None)
-    if odd is None and codec is not None and codec.sparse:  # the tables must really be sparse: no dense bypass
-        odd = next((e for e in encoded if e.name in SPARSE_TABLES and e.encoding != encoding), None)
-    if odd is None and codec is not None and codec.dense:  # only integer tensors may fall back to dense-fp32
-        odd = next((e for e in encoded if "float" in e.dtype and e.encoding != encoding), None)
+    if odd is None and entry is not None and entry.sparse:  # the tables must really be sparse: no dense bypass
+        odd = next((e for e in encoded if e.name in SPARSE_TABLES and e.encoding != codec), None)
+    if odd is None and entry is not None and entry.dense:  # only integer tensors may fall back to dense-fp32
+        odd = next((e for e in encoded if "float" in e.dtype and e.encoding != codec), None)
     if odd is not None:
         return reason("wrong-encoding", f"tensor {short(odd.name)} is encoded {short(odd.encoding)} but the update "
-                                        f"declares {short(encoding)} (allowed per tensor: {sorted(allowed)}; the "
+                                        f"declares {short(codec)} (allowed per tensor: {sorted(allowed)}; the "
                                         f"embedding tables exactly the declared one)")
     want = dict(zip(layout.names, layout.shapes, strict=True))
     got = {e.name: tuple(e.shape) for e in encoded}
@@ -151,21 +151,21 @@ UPDATE_MARGIN = 1.1  # the per-update limit: the largest honest update times thi
 UPDATE_FRAMING = 4096  # ... plus this many bytes
 
 
-def largest_update(layout: Layout, encoding: str) -> int:
-    """Bytes of the largest update an honest worker can send for ``layout`` in ``encoding``: every
+def largest_update(layout: Layout, codec: str) -> int:
+    """Bytes of the largest update an honest worker can send for ``layout`` in ``codec``: every
     coordinate nonzero (every row of the sparse tables stored), encoded by the encoder the workers
     use (:class:`fedseq.codec.FlatCodec`, the bytes of ``pack(encode_state(...))``). A container's
     size depends only on which rows are stored, never on the values, so this is exact."""
-    flat = FlatCodec.of(tuple(layout.names), tuple(tuple(s) for s in layout.shapes), encoding, frozenset(SPARSE_TABLES))
+    flat = FlatCodec.of(tuple(layout.names), tuple(tuple(s) for s in layout.shapes), codec, frozenset(SPARSE_TABLES))
     return len(flat.encode(torch.ones(layout.dim)))
 
 
-def update_limit(layout: Layout, encoding: str, cap: int) -> int:
-    """The most bytes an update of ``encoding`` may declare in a run of ``layout``:
+def update_limit(layout: Layout, codec: str, cap: int) -> int:
+    """The most bytes an update in ``codec`` may declare in a run of ``layout``:
     :func:`largest_update` times :data:`UPDATE_MARGIN` plus :data:`UPDATE_FRAMING`, and at most
     ``cap`` (the server's ``max_update_bytes``). For the default run (synthetic data, SASRec,
     sparse-fp32) 553 KB instead of the 64 MiB cap."""
-    return min(cap, int(largest_update(layout, encoding) * UPDATE_MARGIN) + UPDATE_FRAMING)
+    return min(cap, int(largest_update(layout, codec) * UPDATE_MARGIN) + UPDATE_FRAMING)
 
 
 CONTROL_THREADS = 8  # gRPC threads a server keeps beyond its upload streams and one identity's share

@@ -15,7 +15,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedseq.codec import ENCODINGS, SPARSE_TABLES, CodecError, FlatCodec, decode_state, encode_state, pack, unpack
+from fedseq.codec import CODEC_NAMES, SPARSE_TABLES, CodecError, FlatCodec, decode_state, encode_state, pack, unpack
 from fedseq.models import build_model
 from fedseq.models.common import reference_init
 from fedseq.params import Layout, get_vector
@@ -76,7 +76,7 @@ def test_flat_encode_equals_the_general_path_for_every_encoding_and_hint(seed, t
         "negative": {ITEM_TABLE: torch.cat([rows, torch.tensor([-1])])},
         "numpy": {ITEM_TABLE: rows.numpy()},
     }
-    for encoding in ENCODINGS:
+    for encoding in CODEC_NAMES:
         flat = FlatCodec(NAMES, SHAPES, encoding, SPARSE)
         want = reference(vec, encoding)
         # Execute / Assert: the same bytes whatever the hint
@@ -84,7 +84,7 @@ def test_flat_encode_equals_the_general_path_for_every_encoding_and_hint(seed, t
             assert flat.encode(vec, hint) == want, (encoding, label)
 
 
-@pytest.mark.parametrize("encoding", ENCODINGS)
+@pytest.mark.parametrize("encoding", CODEC_NAMES)
 def test_flat_decode_equals_the_general_path_bit_for_bit(encoding):
     for seed in range(6):
         # Prepare: a row full of NaN, so every element the decode leaves alone would show
@@ -98,7 +98,7 @@ def test_flat_decode_equals_the_general_path_bit_for_bit(encoding):
         assert np.array_equal(row.numpy().view(np.uint32), general_decode(blob).numpy().view(np.uint32))
 
 
-@pytest.mark.parametrize("encoding", ENCODINGS)
+@pytest.mark.parametrize("encoding", CODEC_NAMES)
 def test_a_reused_row_clears_only_its_dirty_table_rows_and_still_decodes_bit_for_bit(encoding):
     # Prepare: one row decoded into again and again (the server's reused round matrix), with
     # different touched rows each time; between them a refused container and a general-path write
@@ -130,7 +130,7 @@ def test_a_reused_row_clears_only_its_dirty_table_rows_and_still_decodes_bit_for
             assert dirty == {}  # dense tables are written whole
 
 
-@pytest.mark.parametrize("encoding", ENCODINGS)
+@pytest.mark.parametrize("encoding", CODEC_NAMES)
 def test_flat_output_passes_the_server_schema_check(encoding):
     blob = FlatCodec(NAMES, SHAPES, encoding, SPARSE).encode(update(1, 9, 1.0, False, False)[0])
     assert check_schema(unpack(blob), Layout(NAMES, SHAPES), encoding) is None

@@ -397,7 +397,7 @@ def test_model_patch_rebuilds_the_new_version_bit_for_bit():
 # ---------------------------------------------------------------------------- fast decode path
 
 
-@pytest.mark.parametrize("encoding", codec.ENCODINGS)
+@pytest.mark.parametrize("encoding", codec.CODEC_NAMES)
 def test_server_rows_equal_the_general_decode_on_both_paths(aggregator, encoding, monkeypatch):
     # Prepare: real updates, half in the workers' form (the server's fast path) and half with the
     # records reversed (valid, but only the general path decodes them)

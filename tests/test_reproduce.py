@@ -110,8 +110,8 @@ def test_the_page_puts_the_papers_number_beside_fedseqs(tmp_path):
     assert suite_spec("table3", [0], dataset="ml-1m", variants=("reference",)).scenarios[0]["paper"]["er@5"] == 0.9890
 
 
-def test_figure2_plot_has_a_line_per_ratio(tmp_path):
-    # Prepare: two ratios' curves, hand-made
+def test_figure2_plot_has_a_line_per_malicious_ratio(tmp_path):
+    # Prepare: two malicious ratios' curves, hand-made
     from cli.reproduce import plot_figure2
     from cli.sweep import summarise
 
@@ -121,11 +121,14 @@ def test_figure2_plot_has_a_line_per_ratio(tmp_path):
     summary = summarise(spec, spec.cells(), tmp_path)
     # Execute
     path = plot_figure2(summary, list(spec.scenarios), tmp_path / "f2.png")
+    old = [{("ratio" if k == "malicious_ratio" else k): v for k, v in sc.items()} for sc in spec.scenarios]
+    old_path = plot_figure2(summary, old, tmp_path / "f2-old.png")  # scenarios in the old key, too
     # Assert
     from cli.reproduce import first_epoch_at
 
     got = summary["scenarios"]["SASRec DV-FSR 1%"]
-    assert path.read_bytes()[:4] == b"\x89PNG"
+    assert path.read_bytes()[:4] == b"\x89PNG" and old_path.read_bytes()[:4] == b"\x89PNG"
+    assert [sc["malicious_ratio"] for sc in spec.scenarios] == [0.01, 0.001] and "ratio" not in spec.scenarios[0]
     assert first_epoch_at(got["curve"]["er@5"], got["epochs"], 0.9) == "2"
     slow = summary["scenarios"]["SASRec DV-FSR 0.1%"]
     assert first_epoch_at(slow["curve"]["er@5"], slow["epochs"], 0.9) == "not within 3"

@@ -40,9 +40,9 @@ def _args(*argv: str) -> argparse.Namespace:
     return p.parse_args(list(argv))
 
 
-def test_cells_are_the_product_with_no_ratio_for_no_attack():
-    spec = SweepSpec(base=TINY, attacks=("none", "dv-fsr"), defenses=("fedavg", "krum:m=4"), ratios=(0.05, 0.1),
-                     seeds=(0, 1))
+def test_cells_are_the_product_with_no_malicious_ratio_for_no_attack():
+    spec = SweepSpec(base=TINY, attacks=("none", "dv-fsr"), defenses=("fedavg", "krum:m=4"),
+                     malicious_ratios=(0.05, 0.1), seeds=(0, 1))
     cells = spec.cells()
     assert len(cells) == (1 + 2) * 2 * 2  # none once per defense, dv-fsr per ratio; x seeds
     assert len({c.folder for c in cells}) == len(cells)
@@ -62,7 +62,7 @@ def test_a_cells_defense_spec_takes_the_inner_rule_shorthand():
 
 def test_a_bad_cell_fails_before_anything_runs():
     with pytest.raises(SweepError, match="cell .*malicious_ratio"):
-        SweepSpec(base=TINY, attacks=("dv-fsr",), ratios=(1.5,)).cells()
+        SweepSpec(base=TINY, attacks=("dv-fsr",), malicious_ratios=(1.5,)).cells()
     with pytest.raises(SweepError, match="engine"):
         SweepSpec(base=TINY, engine="cloud").cells()
     with pytest.raises(SweepError, match="unknown preset"):
@@ -73,13 +73,115 @@ def test_seeds_and_flags_and_presets():
     assert parse_seeds("0-4") == [0, 1, 2, 3, 4] and parse_seeds("0,3,7") == [0, 3, 7]
     with pytest.raises(SweepError):
         parse_seeds("a-b")
-    spec = spec_from(_args("mission", "--seeds", "0-2", "--ratios", "0.02", "--set", "epochs=3"))
+    spec = spec_from(_args("mission", "--seeds", "0-2", "--malicious-ratios", "0.02", "--set", "epochs=3"))
     cells = spec.cells()
     assert [c.name for c in cells[::3]] == [s["name"] for s in PRESETS["mission"]["scenarios"]]
-    assert {c.seed for c in cells} == {0, 1, 2} and {c.ratio for c in cells if c.attack != "none"} == {0.02}
+    assert {c.seed for c in cells} == {0, 1, 2} and {c.malicious_ratio for c in cells if c.attack != "none"} == {0.02}
     assert spec.base["epochs"] == "3" and spec.engine == "services"
     custom = spec_from(_args("--attacks", "none,dv-fsr", "--defenses", "fedavg;krum:m=8", "--engine", "inprocess"))
     assert custom.defenses == ("fedavg", "krum:m=8") and custom.engine == "inprocess"
+
+
+def test_an_old_spec_file_saying_ratios_loads_as_malicious_ratios(tmp_path):
+    # Prepare: the same sweep in today's keys and in the old ones (spec key "ratios", scenario key
+    # "ratio"), as JSON and TOML, and files that give both names
+    new = {"attacks": ["none", "dv-fsr"], "malicious_ratios": [0.05, 0.1], "base": TINY}
+    old = {"attacks": ["none", "dv-fsr"], "ratios": [0.05, 0.1], "base": TINY}
+    scen_new = {"base": TINY, "scenarios": [{"name": "a", "attack": "dv-fsr", "malicious_ratio": 0.1}]}
+    scen_old = {"base": TINY, "scenarios": [{"name": "a", "attack": "dv-fsr", "ratio": 0.1}]}
+    files = {}
+    for name, data in (("new", new), ("old", old), ("scen_new", scen_new), ("scen_old", scen_old),
+                       ("both", {**new, "ratios": [0.2]}),
+                       ("scen_both", {"base": TINY, "scenarios": [{"name": "a", "ratio": 0.1,
+                                                                   "malicious_ratio": 0.2}]})):
+        files[name] = tmp_path / f"{name}.json"
+        files[name].write_text(json.dumps(data))
+    (tmp_path / "old.toml").write_text('attacks = ["none", "dv-fsr"]\nratios = [0.05, 0.1]\n'
+                                       '[base]\n' + "".join(f"{k} = {json.dumps(v)}\n" for k, v in TINY.items()))
+    # Execute
+    specs = {name: spec_from(_args("--spec", str(f))) for name, f in files.items() if "both" not in name}
+    toml = spec_from(_args("--spec", str(tmp_path / "old.toml")))
+    # Assert: the old names load as the new ones (the same spec, cells and folders); both at once is refused
+    assert specs["old"] == specs["new"] == toml and specs["old"].malicious_ratios == (0.05, 0.1)
+    assert [c.folder for c in specs["old"].cells()] == [c.folder for c in specs["new"].cells()]
+    assert specs["scen_old"] == specs["scen_new"] and specs["scen_old"].scenarios[0]["malicious_ratio"] == 0.1
+    assert [c.folder for c in specs["scen_old"].cells()] == ["dv-fsr_r0.1_fedavg_seed0"]
+    with pytest.raises(SweepError, match="'ratios' and 'malicious_ratios' both given"):
+        spec_from(_args("--spec", str(files["both"])))
+    with pytest.raises(SweepError, match="'ratio' and 'malicious_ratio' both given"):
+        spec_from(_args("--spec", str(files["scen_both"])))
+    made = SweepSpec(base=TINY, scenarios=({"name": "a", "attack": "dv-fsr", "ratio": 0.1},))  # in code, too
+    assert made.scenarios == specs["scen_new"].scenarios
+
+
+def test_the_deprecated_ratios_flag_is_malicious_ratios(capsys):
+    # Prepare
+    p = argparse.ArgumentParser(prog="fedseq sweep")
+    add_arguments(p)
+    # Execute
+    old = p.parse_args(["--attacks", "none,dv-fsr", "--ratios", "0.02,0.04"])
+    said = capsys.readouterr().err
+    new = p.parse_args(["--attacks", "none,dv-fsr", "--malicious-ratios", "0.02,0.04"])
+    # Assert: one destination, the same sweep; the old flag says it is deprecated, here and in the help
+    assert old.malicious_ratios == new.malicious_ratios == "0.02,0.04" and not hasattr(old, "ratios")
+    assert spec_from(old) == spec_from(new) and spec_from(old).malicious_ratios == (0.02, 0.04)
+    assert "--ratios is deprecated; use --malicious-ratios" in said and not capsys.readouterr().err
+    help_text = " ".join(p.format_help().split())
+    assert "--ratios MALICIOUS_RATIOS deprecated: the old name of --malicious-ratios" in help_text
+    with pytest.raises(SweepError, match="--malicious-ratios: 'x' is not a comma list"):
+        spec_from(_args("--ratios", "x"))
+
+
+def _old_keys(summary: dict) -> dict:
+    """A sweep.json as fedseq wrote it before the rename: its rows say "ratio"."""
+    def row(r: dict) -> dict:
+        return {("ratio" if k == "malicious_ratio" else k): v for k, v in r.items()}
+
+    return {**summary, "scenarios": {n: row(s) for n, s in summary["scenarios"].items()},
+            "cells": [row(r) for r in summary["cells"]]}
+
+
+def test_an_old_sweep_resumes_and_its_old_summary_loads_and_plots(tmp_path):
+    # Prepare: a finished sweep (hand-made results), its spec.json and sweep.json then put back in
+    # the old keys ("ratios", "ratio"), as a sweep run before the rename left them
+    from cli.sweep import load_summary, matrices, plot_sweep
+
+    spec = SweepSpec(base=TINY, attacks=("none", "dv-fsr", "eb"), defenses=("fedavg", "median"),
+                     malicious_ratios=(0.05, 0.1), engine="inprocess")
+
+    def runner(sp: SweepSpec, cell: Cell, folder: Path, threads: int) -> int:
+        folder.rmdir()
+        _bundle(folder, [0.1, 0.3], [0.0, 0.5 if cell.attack != "none" else 0.0])
+        return 0
+
+    first = run_sweep(spec, tmp_path, say=lambda _ln: None, runner=runner)
+    old_spec = json.loads((tmp_path / "spec.json").read_text())
+    old_spec["ratios"] = old_spec.pop("malicious_ratios")
+    (tmp_path / "spec.json").write_text(json.dumps(old_spec))
+    old_summary = _old_keys(json.loads((tmp_path / "sweep.json").read_text()))
+    (tmp_path / "sweep.json").write_text(json.dumps(old_summary))
+    # Execute: resume from the old spec file (nothing may run again); load and plot the old summary
+    lines: list[str] = []
+    resumed = run_sweep(spec_from(_args("--spec", str(tmp_path / "spec.json"))), tmp_path, say=lines.append,
+                        runner=lambda *a: pytest.fail("a finished cell ran again"))
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "sweep.json").write_text(json.dumps(old_summary))
+    loaded = load_summary(tmp_path / "old" / "sweep.json")
+    plots = {Path(p).name for p in plot_sweep(old_summary, tmp_path / "old")}
+    # Assert: the old cells (folders such as dv-fsr_r0.05_...) were kept; the summary written again
+    # says only malicious_ratio; the old summary loads, grids and plots as the new one
+    assert sum("done before (kept)" in ln for ln in lines) == len(spec.cells()) == 10
+    assert (tmp_path / "dv-fsr_r0.05_fedavg_seed0" / "results.json").exists()
+    written = (tmp_path / "sweep.json").read_text() + (tmp_path / "spec.json").read_text()
+    assert '"ratio"' not in written and '"ratios"' not in written and '"malicious_ratios"' in written
+    assert resumed["scenarios"] == first["scenarios"] and resumed["cells"] == first["cells"]
+    as_json = json.loads(json.dumps(first))
+    assert loaded["scenarios"] == as_json["scenarios"] and loaded["cells"] == as_json["cells"]
+    assert [g["malicious_ratio"] for g in matrices(old_summary)] == [0.05, 0.1]
+    assert matrices(old_summary) == matrices(as_json)
+    assert {"exposure_vs_ratio.png", "matrix_r0.05.png", "matrix_r0.1.png", "epochs.png"} <= plots
+    with pytest.raises(SweepError, match="'ratio' and 'malicious_ratio' both given"):
+        matrices({**first, "scenarios": {n: {**s, "ratio": 0.3} for n, s in first["scenarios"].items()}})
 
 
 def _bundle(folder: Path, hr: list[float], er: list[float], mal: int = 0) -> None:
@@ -91,7 +193,7 @@ def _bundle(folder: Path, hr: list[float], er: list[float], mal: int = 0) -> Non
 
 def test_summary_is_the_mean_and_spread_over_seeds(tmp_path):
     # Prepare: two seeds of one scenario with known finals
-    spec = SweepSpec(base=TINY, attacks=("dv-fsr",), ratios=(0.1,), seeds=(0, 1), engine="inprocess")
+    spec = SweepSpec(base=TINY, attacks=("dv-fsr",), malicious_ratios=(0.1,), seeds=(0, 1), engine="inprocess")
     cells = spec.cells()
     _bundle(tmp_path / cells[0].folder, [0.1, 0.2], [0.3, 0.5], mal=4)
     _bundle(tmp_path / cells[1].folder, [0.1, 0.4], [0.3, 0.9], mal=4)
@@ -109,7 +211,7 @@ def test_summary_is_the_mean_and_spread_over_seeds(tmp_path):
 
 def test_a_cell_still_running_is_marked_unfinished(tmp_path):
     # Prepare: one seed finished (2 epochs), the other stopped after its first
-    spec = SweepSpec(base=TINY, attacks=("dv-fsr",), ratios=(0.1,), seeds=(0, 1), engine="inprocess")
+    spec = SweepSpec(base=TINY, attacks=("dv-fsr",), malicious_ratios=(0.1,), seeds=(0, 1), engine="inprocess")
     cells = spec.cells()
     _bundle(tmp_path / cells[0].folder, [0.1, 0.2], [0.3, 0.5])
     _bundle(tmp_path / cells[1].folder, [0.1], [0.3])
@@ -120,21 +222,21 @@ def test_a_cell_still_running_is_marked_unfinished(tmp_path):
     assert "(unfinished: at epoch 1 of 2)" in format_table(s)
 
 
-def test_attack_by_defense_heat_maps_one_per_ratio(tmp_path):
+def test_attack_by_defense_heat_maps_one_per_malicious_ratio(tmp_path):
     # Prepare: none/dv-fsr/eb x fedavg/median at two ratios, one seed, hand-made finals
     from cli.sweep import matrices, plot_matrix
 
     spec = SweepSpec(base=TINY, attacks=("none", "dv-fsr", "eb"), defenses=("fedavg", "median"),
-                     ratios=(0.05, 0.1), engine="inprocess")
+                     malicious_ratios=(0.05, 0.1), engine="inprocess")
     for i, c in enumerate(spec.cells()):
         _bundle(tmp_path / c.folder, [0.1, 0.3], [0.0, i / 10])
     summary = summarise(spec, spec.cells(), tmp_path)
     # Execute
     grids = matrices(summary)
     # Assert: a grid per ratio, with the no-attack row in each
-    assert [g["ratio"] for g in grids] == [0.05, 0.1]
+    assert [g["malicious_ratio"] for g in grids] == [0.05, 0.1]
     assert grids[0]["attacks"] == ["none", "dv-fsr", "eb"] and grids[0]["defenses"] == ["fedavg", "median"]
-    assert len(grids[1]["cells"]) == 6 and grids[1]["cells"][("none", "median")]["ratio"] == 0.0
+    assert len(grids[1]["cells"]) == 6 and grids[1]["cells"][("none", "median")]["malicious_ratio"] == 0.0
     assert plot_matrix(grids[0], "t", tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
     one = SweepSpec(base=TINY, attacks=("dv-fsr",), defenses=("fedavg", "median"), engine="inprocess")
     assert matrices(summarise(one, one.cells(), tmp_path)) == []  # one attack: no grid
@@ -143,7 +245,8 @@ def test_attack_by_defense_heat_maps_one_per_ratio(tmp_path):
 
 def test_a_tiny_sweep_runs_and_an_interrupted_one_resumes(tmp_path):
     # Prepare: two cells, run in this process
-    spec = SweepSpec(base=TINY, attacks=("none", "dv-fsr"), ratios=(0.1,), seeds=(0,), engine="inprocess")
+    spec = SweepSpec(base=TINY, attacks=("none", "dv-fsr"), malicious_ratios=(0.1,), seeds=(0,),
+                     engine="inprocess")
     lines: list[str] = []
     # Execute: run, lose one cell's results (as an interrupted sweep would), run again
     first = run_sweep(spec, tmp_path, jobs=2, cores=2, say=lines.append, runner=inprocess_cell)
@@ -164,7 +267,8 @@ def test_a_tiny_sweep_runs_and_an_interrupted_one_resumes(tmp_path):
 
 def test_a_cell_whose_runner_fails_is_reported_and_runs_again_next_time(tmp_path):
     # Prepare: a runner that writes a cell's results (hand-made) unless told to fail it
-    spec = SweepSpec(base=TINY, attacks=("none", "dv-fsr"), ratios=(0.1,), seeds=(0,), engine="inprocess")
+    spec = SweepSpec(base=TINY, attacks=("none", "dv-fsr"), malicious_ratios=(0.1,), seeds=(0,),
+                     engine="inprocess")
     bad = spec.cells()[1]
     ran: list[str] = []
 
@@ -192,7 +296,7 @@ def test_a_cell_whose_runner_fails_is_reported_and_runs_again_next_time(tmp_path
 
 def test_adv_train_under_the_no_op_switch_is_the_no_defense_cell():
     # Prepare: adv_train and no defense, under the reference switches (advtrain_noop) and without
-    scen = tuple({"name": f"{d} {c}", "attack": "dv-fsr", "ratio": 0.1, "defense": d, "compat": c}
+    scen = tuple({"name": f"{d} {c}", "attack": "dv-fsr", "malicious_ratio": 0.1, "defense": d, "compat": c}
                  for c in ("reference", "off") for d in ("fedavg", "adv-train"))
     # Execute
     cells = {c.scenario: c for c in SweepSpec(base=TINY, scenarios=scen, seeds=(0,), engine="inprocess").cells()}
@@ -206,11 +310,13 @@ def test_adv_train_under_the_no_op_switch_is_the_no_defense_cell():
 def test_a_no_op_adv_train_cell_runs_once_and_equals_its_own_run(tmp_path):
     # Prepare: the alias alone, then the cell it stands for, both sweeps in one folder
     base = {**TINY, "compat": "reference"}
-    alias = SweepSpec(base=base, scenarios=({"name": "adv", "attack": "dv-fsr", "ratio": 0.1,
+    alias = SweepSpec(base=base, scenarios=({"name": "adv", "attack": "dv-fsr", "malicious_ratio": 0.1,
                                              "defense": "adv-train"},), engine="inprocess")
-    plain = SweepSpec(base=base, scenarios=({"name": "none", "attack": "dv-fsr", "ratio": 0.1},), engine="inprocess")
-    real = SweepSpec(base=base, scenarios=({"name": "adv", "attack": "dv-fsr", "ratio": 0.1, "defense": "adv-train",
-                                            "compat": "reference,!advtrain_noop"},), engine="inprocess")
+    plain = SweepSpec(base=base, scenarios=({"name": "none", "attack": "dv-fsr", "malicious_ratio": 0.1},),
+                      engine="inprocess")
+    real = SweepSpec(base=base, scenarios=({"name": "adv", "attack": "dv-fsr", "malicious_ratio": 0.1,
+                                            "defense": "adv-train", "compat": "reference,!advtrain_noop"},),
+                     engine="inprocess")
     # Execute: the alias runs (as the plain cell); the plain sweep then finds it done
     first = run_sweep(alias, tmp_path, cores=1, say=lambda _ln: None, runner=inprocess_cell)
     lines: list[str] = []
@@ -250,7 +356,8 @@ def _untimed(results: dict) -> dict:
 def test_the_default_runner_runs_each_cell_as_a_process_like_the_in_process_runner(tmp_path):
     # Prepare: a tiny sweep of two cells, once with the default runner (a `fedseq sim` process a
     # cell), once with the in-process runner
-    spec = SweepSpec(base=TINY, attacks=("none", "dv-fsr"), ratios=(0.1,), seeds=(0,), engine="inprocess")
+    spec = SweepSpec(base=TINY, attacks=("none", "dv-fsr"), malicious_ratios=(0.1,), seeds=(0,),
+                     engine="inprocess")
     # Execute
     lines: list[str] = []
     procs = run_sweep(spec, tmp_path / "procs", jobs=2, cores=2, say=lines.append)

@@ -14,15 +14,22 @@ Two formats live here:
 :class:`FlatCodec` is a fast path of the first for one model layout's flat update vectors: the
 same container bytes, and a decode straight into a round-matrix row.
 
-Encodings (``ENCODINGS``, registry order): ``dense-fp32``, ``dense-fp16``, ``dense-bf16``,
+Codecs (``CODEC_NAMES``, registry order): ``dense-fp32``, ``dense-fp16``, ``dense-bf16``,
 ``sparse-fp32``, ``sparse-fp16``, ``int8-row``. Each is one entry of the registry
 (``registry.CODECS``), whose module documents its payload layout.
+
+Two names, two things (docs/architecture.md, "Names"): a *codec* is what a whole update is
+written in (the run's ``--codec``, what an update declares and a server accepts); an *encoding*
+is the payload layout of one tensor record (``EncodedTensor.encoding``). Every encoding is named
+after the codec whose layout it is; an update in codec ``c`` carries records in the encodings
+``c.carries``: ``c``'s own, its fallback, and for a ``dense-*`` codec ``dense-fp32`` (integer
+tensors stored raw).
 
 Modules (every public name is re-exported here: import from ``fedseq.codec``):
 
 - ``records.py``: :class:`EncodedTensor` (mirrors the protobuf ``Tensor`` message),
   :class:`CodecError`, the registry entry type ``Codec``, dtypes and shared helpers;
-- ``registry.py``: ``CODECS``, one ``Codec`` line per encoding;
+- ``registry.py``: ``CODECS``, one ``Codec`` line per codec;
 - ``dense.py`` (``dense-*``), ``sparse.py`` (``sparse-*``), ``int8_row.py`` (``int8-row``): the
   payload layouts and their encode/decode functions;
 - ``tensors.py``: :func:`encode`, :func:`decode`, :func:`encode_state`, :func:`decode_state`
@@ -32,7 +39,7 @@ Modules (every public name is re-exported here: import from ``fedseq.codec``):
 - ``model_blob.py``: :func:`model_to_bytes`, :func:`read_model_header`, :func:`model_from_bytes`
   (safetensors).
 
-To add an encoding: a module with its encode and decode functions, its ``Codec`` line in
+To add a codec: a module with its encode and decode functions, its ``Codec`` line in
 ``registry.CODECS``, and tests (docs/architecture.md, "An update codec").
 """
 
@@ -45,11 +52,15 @@ from .records import MAX_NUMEL, CodecError, EncodedTensor
 from .registry import CODECS
 from .tensors import SPARSE_TABLES, decode, decode_state, encode, encode_state
 
-#: The names of the registered encodings, in registry order (taken when fedseq.codec is imported).
-ENCODINGS: tuple[str, ...] = tuple(CODECS)
+#: The names of the registered codecs, in registry order (taken when fedseq.codec is imported):
+#: the values of the run's ``codec`` key (``--codec``).
+CODEC_NAMES: tuple[str, ...] = tuple(CODECS)
+#: The former name of CODEC_NAMES, kept for the modules that still use it (server/service.py,
+#: tests/test_intake.py, bench/); new code says CODEC_NAMES.
+ENCODINGS = CODEC_NAMES
 
 __all__ = [
-    "ENCODINGS",
+    "CODEC_NAMES",
     "MAX_NUMEL",
     "SPARSE_TABLES",
     "CodecError",

@@ -56,7 +56,7 @@ class FlatCodec:
     """Encode and decode the flat ``[D]`` float32 update vectors of one model layout, fast.
 
     :meth:`encode` returns exactly the bytes of
-    ``pack(encode_state(split(vec), encoding, sparse_ok=lambda n: n in sparse))`` (``split``: the
+    ``pack(encode_state(split(vec), codec, sparse_ok=lambda n: n in sparse))`` (``split``: the
     layout's views of ``vec``) without building those tensors: record headers and their CRC
     prefixes are computed once, dense tensors are checked and converted by runs of consecutive
     tensors in one encoding (dense-fp32 ones go from the vector's memory straight into the one
@@ -70,14 +70,14 @@ class FlatCodec:
     gives the verdict.
     """
 
-    def __init__(self, names: Sequence[str], shapes: Sequence[Sequence[int]], encoding: str,
+    def __init__(self, names: Sequence[str], shapes: Sequence[Sequence[int]], codec: str,
                  sparse: Iterable[str] | None = None) -> None:
-        registry.lookup("*", encoding)
+        registry.lookup("*", codec)
         self.names = tuple(names)
         self.shapes = tuple(tuple(int(d) for d in s) for s in shapes)
         if len(self.names) != len(self.shapes):
             raise CodecError("FlatCodec: names and shapes differ in length")
-        self.encoding = encoding
+        self.codec = codec  # the update's codec; each tensor's record encoding is its _Spec's
         self.sparse = None if sparse is None else frozenset(sparse)
         ok: Callable[[str], bool] = (lambda _n: True) if self.sparse is None else self.sparse.__contains__
         self._ok = ok
@@ -87,10 +87,10 @@ class FlatCodec:
             if any(d < 0 for d in shape):
                 raise CodecError(f"FlatCodec: tensor {name!r} has a negative dimension {list(shape)}")
             n = math.prod(shape)
-            enc = _resolve_float(name, len(shape), encoding, ok)
+            enc = _resolve_float(name, len(shape), codec, ok)
             prefix = _meta_prefix(name, "float32", enc, shape)
-            codec = registry.CODECS[enc]
-            specs.append(_Spec(name, shape, off, n, enc, prefix, zlib.crc32(prefix), codec.fast, codec.values))
+            entry = registry.CODECS[enc]
+            specs.append(_Spec(name, shape, off, n, enc, prefix, zlib.crc32(prefix), entry.fast, entry.values))
             off += n
         self._specs = tuple(specs)
         self.dim = off
@@ -125,7 +125,7 @@ class FlatCodec:
         if vec.dtype != torch.float32 or vec.dim() != 1 or vec.numel() != self.dim:
             if vec.numel() != self.dim:
                 raise CodecError(f"FlatCodec.encode: expected {self.dim} values, got shape {list(vec.shape)}")
-            return pack(encode_state(self._split(vec), self.encoding, sparse_ok=self._ok))
+            return pack(encode_state(self._split(vec), self.codec, sparse_ok=self._ok))
         a = vec.detach().cpu().contiguous().numpy()
         parts: list[Any] = [self._header]
         run, run_at = a, 0  # the current run's payload values (bit patterns) and its offset in `a`
@@ -245,7 +245,7 @@ class FlatCodec:
 
     @staticmethod
     @functools.lru_cache(maxsize=64)
-    def of(names: tuple[str, ...], shapes: tuple[tuple[int, ...], ...], encoding: str,
+    def of(names: tuple[str, ...], shapes: tuple[tuple[int, ...], ...], codec: str,
            sparse: frozenset[str] | None = None) -> FlatCodec:
         """A cached :class:`FlatCodec` (arguments hashable: tuples, a frozenset)."""
-        return FlatCodec(names, shapes, encoding, sparse)
+        return FlatCodec(names, shapes, codec, sparse)

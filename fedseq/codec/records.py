@@ -94,7 +94,8 @@ def _any_ndim(_ndim: int) -> bool:
 
 @dataclass(frozen=True)
 class Codec:
-    """One encoding: its name on the wire, its payload functions and the rules around them.
+    """One codec: its name on the wire (an update's codec, and the encoding of the tensor records
+    in its payload layout), its payload functions and the rules around them.
 
     ``encode(name, x)``: the payload of ``x``, a CPU contiguous float32 tensor (finite, unless
     ``checks_finite``), or :class:`CodecError`. ``decode(enc)``: a finite, CPU, contiguous float32
@@ -134,8 +135,8 @@ class Codec:
 
     @property
     def carries(self) -> frozenset[str]:
-        """The tensor encodings an update declared in this encoding may carry: the encoding itself,
-        its fallback, and for a dense-* encoding :data:`RAW_INTS` (its integer tensors)."""
+        """The tensor record encodings an update in this codec may carry: its own, its fallback,
+        and for a dense-* codec :data:`RAW_INTS` (its integer tensors)."""
         return frozenset({self.name, self.fallback, *([RAW_INTS] if self.dense else [])})
 
 

@@ -1,12 +1,13 @@
-"""The registry of update encodings: one :class:`Codec` line per encoding in :data:`CODECS`.
+"""The registry of update codecs: one :class:`Codec` line per codec in :data:`CODECS` (each
+codec's name is also the encoding of the tensor records in its payload layout).
 
-Everything that depends on which encodings exist reads this table: :func:`fedseq.codec.encode` /
+Everything that depends on which codecs exist reads this table: :func:`fedseq.codec.encode` /
 :func:`fedseq.codec.decode` dispatch on it, :func:`fedseq.codec.encode_state` takes its fallbacks
 from it, :func:`fedseq.codec.unpack` refuses encodings not in it, :class:`fedseq.codec.FlatCodec`
 picks its fast paths from it, and the server's intake (server/intake.py) derives which tensor
-encodings an update may carry from it. ``ENCODINGS`` (fedseq.codec) is its names, in order.
+encodings an update may carry from it. ``CODEC_NAMES`` (fedseq.codec) is its names, in order.
 
-A new encoding is a module with its encode and decode functions (see dense.py, sparse.py,
+A new codec is a module with its encode and decode functions (see dense.py, sparse.py,
 int8_row.py) and one line below. The registry is read at call time (``registry.CODECS``), so a
 test can register a codec in a copy of it (tests/test_codec.py
 ``test_a_codec_is_one_registry_line``).
@@ -31,7 +32,7 @@ def _table(*codecs: Codec) -> dict[str, Codec]:
     return table
 
 
-#: name -> :class:`Codec`, in the order of ``fedseq.codec.ENCODINGS``.
+#: name -> :class:`Codec`, in the order of ``fedseq.codec.CODEC_NAMES``.
 CODECS: dict[str, Codec] = _table(
     dense.codec("dense-fp32", torch.float32),
     dense.codec("dense-fp16", torch.float16),
