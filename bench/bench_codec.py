@@ -19,7 +19,7 @@ from functools import partial
 
 import torch
 
-from fedseq.codec import ENCODINGS, EncodedTensor, decode_state, encode_state, pack, unpack
+from fedseq.codec import CODEC_NAMES, EncodedTensor, decode_state, encode_state, pack, unpack
 
 
 def steam_sasrec_update(
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| encoding | payload bytes | packed bytes | ratio | encode ms | decode ms | pack+unpack ms |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     sparse_ok = lambda name: name == "item_emb.weight"  # noqa: E731
-    for encoding in ENCODINGS:
+    for encoding in CODEC_NAMES:
         encs = encode_state(state, encoding, sparse_ok=sparse_ok)
         blob = pack(encs)
         payload = sum(e.nbytes for e in encs)

@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", default=None)
     p.add_argument("--users", type=int, default=256, help="updates to time (one round: 256)")
     p.add_argument("--repeats", type=int, default=5, help="repetitions (median reported)")
-    p.add_argument("--encodings", default=",".join(codec.ENCODINGS))
+    p.add_argument("--encodings", default=",".join(codec.CODEC_NAMES))
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     torch.set_num_threads(1)

@@ -58,7 +58,7 @@ def message_bytes(data: bytes, user: int, encoding: str) -> tuple[int, list]:
 
 
 def _per_encoding() -> dict[str, list]:
-    return {e: [] for e in codec.ENCODINGS}
+    return {e: [] for e in codec.CODEC_NAMES}
 
 
 @dataclass
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
 def _measure_update(m: _Measured, layout, vec: torch.Tensor, u: int, gzip_sample: int) -> None:
     """Encode and decode user ``u``'s update ``vec`` with every encoding; record sizes, times, error."""
     tensors = layout.unflatten(vec)
-    for e in codec.ENCODINGS:
+    for e in codec.CODEC_NAMES:
         t0 = time.perf_counter()
         data = encode_update(tensors, e)
         t1 = time.perf_counter()
@@ -175,7 +175,7 @@ def _report(m: _Measured, head: str, layout, gzip_sample: int, full_blob: int, n
         f"{gzip_sample}) | encode ms (median) | decode ms (median) | max rel. error |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for e in codec.ENCODINGS:
+    for e in codec.CODEC_NAMES:
         mean = statistics.mean(m.message[e])
         lines.append(
             f"| {e} | {statistics.mean(m.payload[e]):,.0f} | {mean:,.0f} | {min(m.message[e]):,} / "

@@ -111,9 +111,7 @@ def add_parsers(sub, add_experiment_flags) -> None:
     p.add_argument("--port", default=_env("PORT", "50051"))
     p.add_argument("--store-url", default=_env("STORE_URL"), help="redis://host:port/db (FEDSEQ_STORE_URL)")
     p.add_argument("--max-update-bytes", default=_env("MAX_UPDATE_BYTES", str(64 << 20)))
-    p.add_argument("--accept-encodings", default=_env("ACCEPT_ENCODINGS"),
-                   help="comma list of the update encodings this server accepts (default: all; "
-                        "FEDSEQ_ACCEPT_ENCODINGS); a run whose --codec is not listed is refused at StartRun")
+    _add_accept_codecs(p)
     p.add_argument("--max-upload-streams", default=_env("MAX_UPLOAD_STREAMS", "16"),
                    help="upload streams open at once (FEDSEQ_MAX_UPLOAD_STREAMS); more get RESOURCE_EXHAUSTED")
     p.add_argument("--max-streams-per-peer", default=_env("MAX_STREAMS_PER_PEER", "4"),
@@ -188,16 +186,54 @@ def add_parsers(sub, add_experiment_flags) -> None:
     p.set_defaults(fn=serve_orchestrator)
 
 
+def _add_accept_codecs(p: argparse.ArgumentParser) -> None:
+    """serve-server's ``--accept-codecs`` and its deprecated old name ``--accept-encodings``, and
+    their variables, kept apart from the flags so that :func:`_accepted_codecs` tells them apart."""
+    from .flags import DeprecatedAlias
+
+    p.add_argument("--accept-codecs",
+                   help="comma list of the codecs this server accepts updates in (default: all; "
+                        "FEDSEQ_ACCEPT_CODECS); a run whose --codec is not listed is refused at StartRun")
+    p.add_argument("--accept-encodings", action=DeprecatedAlias, new="--accept-codecs",
+                   help="deprecated: the old name of --accept-codecs (and FEDSEQ_ACCEPT_ENCODINGS of "
+                        "FEDSEQ_ACCEPT_CODECS); giving both names different values is an error")
+    p.set_defaults(accept_codecs_env=_env("ACCEPT_CODECS"), accept_encodings_env=_env("ACCEPT_ENCODINGS"))
+
+
+def _accepted_codecs(args: argparse.Namespace) -> tuple[str, ...]:
+    """The codecs serve-server accepts: the flags', else the variables' (flags win, and the
+    variables are then not read), else all. An old name says on stderr that it is deprecated; the
+    old and the new name of a flag or of a variable given different codecs is a ConfigError."""
+    from server.service import parse_codecs
+
+    def parsed(name: str, value: str | None) -> tuple[str, ...] | None:
+        try:
+            return None if value is None else parse_codecs(value)
+        except ValueError as e:
+            raise ConfigError(f"{name}: {e}") from None
+
+    def one_of(new: str, new_value: str | None, old: str, old_value: str | None) -> tuple[str, ...] | None:
+        codecs, old_codecs = parsed(new, new_value), parsed(old, old_value)
+        if codecs is not None and old_codecs is not None and set(codecs) != set(old_codecs):
+            raise ConfigError(f"{new} {new_value!r} and {old} {old_value!r} disagree ({old} is the deprecated "
+                              f"old name of {new}); give only {new}")
+        return old_codecs if codecs is None else codecs
+
+    if args.accept_encodings_env is not None:
+        print("fedseq serve-server: FEDSEQ_ACCEPT_ENCODINGS is deprecated; use FEDSEQ_ACCEPT_CODECS",
+              file=sys.stderr)
+    return (one_of("--accept-codecs", args.accept_codecs, "--accept-encodings", args.accept_encodings)
+            or one_of("FEDSEQ_ACCEPT_CODECS", args.accept_codecs_env,
+                      "FEDSEQ_ACCEPT_ENCODINGS", args.accept_encodings_env)
+            or parse_codecs(None))
+
+
 def serve_server(args: argparse.Namespace) -> int:
     from fedseq.store import RedisStore, redact
     from server.app import ServerSettings, build
     from server.intake import StreamLimits
-    from server.service import parse_encodings
 
-    try:
-        accepted = parse_encodings(args.accept_encodings)
-    except ValueError as e:
-        raise ConfigError(f"--accept-encodings: {e}") from None
+    accepted = _accepted_codecs(args)
     try:
         limits = StreamLimits(_int(args.max_upload_streams, "--max-upload-streams"),
                               _int(args.max_streams_per_peer, "--max-streams-per-peer"),
@@ -212,7 +248,7 @@ def serve_server(args: argparse.Namespace) -> int:
     server = build(settings)
     log.warning("aggregation server listening on %s:%d (%s; store %s; accepts %s)", args.host, server.service.port,
                 "mTLS" if settings.identity else "INSECURE", redact(settings.store_url),
-                ",".join(settings.accept_encodings))
+                ",".join(settings.accept_codecs))
     start_metrics(args)
     serve_until_signal(server.service, port_file=args.port_file)
     return 0

@@ -14,13 +14,13 @@ from fedseq.tls import Identity
 from fedseq.v1 import aggregator_pb2, aggregator_pb2_grpc
 
 from .intake import CONTROL_THREADS, StreamLimits
-from .service import ACCEPTED_ENCODINGS, AggregatorServicer
+from .service import ACCEPTED_CODECS, AggregatorServicer
 
 
 @dataclass(frozen=True)
 class ServerSettings:
     """store_url: the Redis the server writes model versions to (role ``server`` credentials).
-    accept_encodings: update encodings it accepts (a run asking for another is refused at StartRun).
+    accept_codecs: the codecs it accepts updates in (a run asking for another is refused at StartRun).
     limits: concurrent upload streams, per certificate, and the byte rate below which one is cut.
     max_calls_per_identity: calls one certificate may have in flight, whatever the method
     (fedseq/fairshare.py; None: FEDSEQ_MAX_CALLS_PER_IDENTITY, else 8). The thread pool holds
@@ -32,7 +32,7 @@ class ServerSettings:
     host: str = LOOPBACK
     identity: Identity | None = None  # mutual TLS with a ``server`` certificate; None: insecure
     max_update_bytes: int = 64 << 20
-    accept_encodings: tuple[str, ...] = ACCEPTED_ENCODINGS
+    accept_codecs: tuple[str, ...] = ACCEPTED_CODECS
     limits: StreamLimits = field(default_factory=StreamLimits)
     max_calls_per_identity: int | None = None
 
@@ -65,7 +65,7 @@ def build(settings: ServerSettings, servicer_class: Callable[..., AggregatorServ
     url = settings.store_url
     share = default_limit() if settings.max_calls_per_identity is None else settings.max_calls_per_identity
     servicer = servicer_class(lambda run_id: RedisStore.from_url(url, run_id, **patient()), settings.max_update_bytes,
-                              settings.accept_encodings, settings.limits)
+                              settings.accept_codecs, settings.limits)
     service = Service([(aggregator_pb2_grpc.add_AggregatorServicer_to_server, servicer,
                         aggregator_pb2.DESCRIPTOR.services_by_name["Aggregator"].full_name)], port=settings.port,
                       host=settings.host, identity=settings.identity, max_calls_per_identity=share,

@@ -73,12 +73,12 @@ class ModelKeeper:
     are published under it, and the ``*_locked`` methods expect it held."""
 
     def __init__(self, store_factory: Callable[[str], RedisStore], lock: threading.Lock, max_update_bytes: int,
-                 accepted_encodings: tuple[str, ...]) -> None:
+                 accepted_codecs: tuple[str, ...]) -> None:
         self._store_factory = store_factory  # run_id -> RedisStore
         self._lock = lock
         self.max_update_bytes = max_update_bytes  # the cap; the run's limits below are at most this
-        self.accepted_encodings = accepted_encodings
-        # encoding -> the most bytes an update may declare in the current run (intake.update_limit:
+        self.accepted_codecs = accepted_codecs
+        # codec -> the most bytes an update may declare in the current run (intake.update_limit:
         # the largest honest update of the run's model x 1.1 + 4 KiB, at most max_update_bytes)
         self.update_limits: dict[str, int] = {}
         self.run_id: str | None = None
@@ -104,11 +104,11 @@ class ModelKeeper:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad run config: {e}")
         if request.num_items < 1:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "num_items must be >= 1")
-        if cfg.codec not in self.accepted_encodings:
+        if cfg.codec not in self.accepted_codecs:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"codec {cfg.codec!r} is not accepted by this aggregation server; it accepts "
-                          f"{', '.join(self.accepted_encodings)} (serve-server --accept-encodings / "
-                          f"FEDSEQ_ACCEPT_ENCODINGS); pick one of those with --codec")
+                          f"{', '.join(self.accepted_codecs)} (serve-server --accept-codecs / "
+                          f"FEDSEQ_ACCEPT_CODECS); pick one of those with --codec")
         self.compress(context, cfg)
         model = build_model(cfg.model, int(request.num_items))
         store = self._store_factory(request.run_id)
@@ -122,7 +122,7 @@ class ModelKeeper:
         else:
             params = layout.flatten(store.get_model(head))
             version, resumed, store_bytes = head, True, 0
-        limits = {e: update_limit(layout, e, self.max_update_bytes) for e in self.accepted_encodings}
+        limits = {c: update_limit(layout, c, self.max_update_bytes) for c in self.accepted_codecs}
         return Run(request.run_id, cfg, layout, params, version, store, rule, model, root_source(rule, cfg, model),
                    resumed, store_bytes, store.io_counters()["bytes_read"], limits)
 
@@ -140,7 +140,7 @@ class ModelKeeper:
                  run.cfg.model, run.version, "resumed" if run.resumed else "new", self.update_limit, run.cfg.codec,
                  self.max_update_bytes)
         return pb.StartRunReply(head_version=run.version, num_parameters=run.layout.dim,
-                                accepted_encodings=list(self.accepted_encodings), resumed=run.resumed,
+                                accepted_encodings=list(self.accepted_codecs), resumed=run.resumed,
                                 max_chunk_bytes=CHUNK_BYTES, store_bytes=run.store_bytes)
 
     @property
@@ -150,9 +150,9 @@ class ModelKeeper:
             return self.max_update_bytes
         return self.update_limits.get(self.cfg.codec, self.max_update_bytes)
 
-    def limit_for(self, encoding: str) -> int:
-        """The most bytes an update declared as ``encoding`` may hold in this run."""
-        return self.update_limits.get(encoding, self.max_update_bytes)
+    def limit_for(self, codec: str) -> int:
+        """The most bytes an update declared in ``codec`` may hold in this run."""
+        return self.update_limits.get(codec, self.max_update_bytes)
 
     def compress(self, context, cfg: ExperimentConfig | None = None) -> None:
         """Compress this call's responses when the run asks for it (config key ``compression``)."""

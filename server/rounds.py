@@ -165,7 +165,7 @@ class RoundBuffer:
                            request.lr, matrix, {u: i for i, u in enumerate(order)}, dirty)
         keeper.compress(context)
         return pb.OpenRoundReply(round_id=request.round_id, expected=len(tokens), max_chunk_bytes=CHUNK_BYTES,
-                                 accepted_encodings=list(keeper.accepted_encodings))
+                                 accepted_encodings=list(keeper.accepted_codecs))
 
     def _matrix(self, rows: int, busy: bool) -> tuple[torch.Tensor, list[dict[str, np.ndarray]]]:
         """The round matrix ``[rows, D]`` and its rows' dirty tables (see :class:`Round`): updates
@@ -219,7 +219,7 @@ class RoundBuffer:
     def _precheck_locked(self, h) -> str | None:
         keeper = self._keeper
         rnd = None if self.round is None else self.round.snapshot()
-        return precheck(h, keeper.run_id, rnd, keeper.accepted_encodings, keeper.limit_for(h.encoding))
+        return precheck(h, keeper.run_id, rnd, keeper.accepted_codecs, keeper.limit_for(h.encoding))
 
     def refuse(self, h, why: str, wire: int) -> common_pb2.UpdateStatus:
         """Count a refused upload: under its user when it is an assigned user's update of the open

@@ -1,7 +1,7 @@
 """The aggregation server (gRPC ``fedseq.v1.Aggregator``).
 
 Opens rounds, receives streamed user updates, validates each one (server/intake.py: run, open
-round, deadline, assigned user, token, duplicate, accepted encoding, the weight the orchestrator
+round, deadline, assigned user, token, duplicate, accepted codec, the weight the orchestrator
 assigned and the declared size from the header before any data is buffered; then checksum, schema
 before decoding, finite values), aggregates the accepted ones with the configured rule
 (server/aggregation), weighted by the orchestrator's weights, steps the model and writes version
@@ -47,22 +47,22 @@ from .keeper import ModelKeeper
 from .rounds import REFUSED_SAMPLE, Round, RoundBuffer, decode_update
 from .streams import StreamIntake
 
-__all__ = ["ACCEPTED_ENCODINGS", "REFUSED_SAMPLE", "AggregatorServicer", "Round", "parse_encodings"]
+__all__ = ["ACCEPTED_CODECS", "REFUSED_SAMPLE", "AggregatorServicer", "Round", "parse_codecs"]
 
-ACCEPTED_ENCODINGS = codec.ENCODINGS  # the default: every encoding of fedseq.codec
+ACCEPTED_CODECS = codec.CODEC_NAMES  # the default: every codec of fedseq.codec
 
 
-def parse_encodings(value: str | Iterable[str] | None) -> tuple[str, ...]:
-    """The encodings a server accepts, from a comma list or names (None/empty: all of them).
-    ValueError naming the unknown ones and the known encodings."""
+def parse_codecs(value: str | Iterable[str] | None) -> tuple[str, ...]:
+    """The codecs a server accepts updates in, from a comma list or names (None/empty: all of
+    them). ValueError naming the unknown ones and the known codecs."""
     if value is None:
-        return ACCEPTED_ENCODINGS
+        return ACCEPTED_CODECS
     names = [v.strip() for v in (value.split(",") if isinstance(value, str) else value) if v.strip()]
     if not names:
-        return ACCEPTED_ENCODINGS
-    bad = [n for n in names if n not in codec.ENCODINGS]
+        return ACCEPTED_CODECS
+    bad = [n for n in names if n not in codec.CODEC_NAMES]
     if bad:
-        raise ValueError(f"unknown encoding(s) {bad}; known encodings: {', '.join(codec.ENCODINGS)}")
+        raise ValueError(f"unknown codec(s) {bad}; known codecs: {', '.join(codec.CODEC_NAMES)}")
     return tuple(dict.fromkeys(names))
 
 
@@ -73,10 +73,10 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
     _decode = staticmethod(decode_update)
 
     def __init__(self, store_factory, max_update_bytes: int = 64 << 20,
-                 accept_encodings: str | Iterable[str] | None = None, limits: StreamLimits | None = None) -> None:
+                 accept_codecs: str | Iterable[str] | None = None, limits: StreamLimits | None = None) -> None:
         self._lock = threading.Lock()  # the state lock: short bookkeeping only
         self._control = threading.Lock()  # StartRun, OpenRound and CloseRound, one at a time
-        self.keeper = ModelKeeper(store_factory, self._lock, max_update_bytes, parse_encodings(accept_encodings))
+        self.keeper = ModelKeeper(store_factory, self._lock, max_update_bytes, parse_codecs(accept_codecs))
         self.rounds = RoundBuffer(self._lock, self.keeper, self._decode)
         self.intake = StreamIntake(limits or StreamLimits(), self.rounds, self.keeper.compress)
         self.closer = RoundCloser(self.keeper, self.rounds, self._lock)
@@ -110,13 +110,13 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
 
     # ------------------------------------------------------------------ the parts' state
     @property
-    def accepted_encodings(self) -> tuple[str, ...]:
-        """The update encodings this server accepts (a run in another codec is refused at StartRun)."""
-        return self.keeper.accepted_encodings
+    def accepted_codecs(self) -> tuple[str, ...]:
+        """The codecs this server accepts updates in (a run in another codec is refused at StartRun)."""
+        return self.keeper.accepted_codecs
 
-    @accepted_encodings.setter
-    def accepted_encodings(self, value: tuple[str, ...]) -> None:
-        self.keeper.accepted_encodings = value
+    @accepted_codecs.setter
+    def accepted_codecs(self, value: tuple[str, ...]) -> None:
+        self.keeper.accepted_codecs = value
 
     @property
     def round(self) -> Round | None:
@@ -167,7 +167,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
 
     @property
     def update_limits(self) -> dict[str, int]:
-        """encoding -> the most bytes an update may declare in the current run (intake.update_limit:
+        """codec -> the most bytes an update may declare in the current run (intake.update_limit:
         the largest honest update of the run's model x 1.1 + 4 KiB, at most max_update_bytes)."""
         return self.keeper.update_limits
 

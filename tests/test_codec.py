@@ -80,9 +80,6 @@ def sparse_2d(draw, elements=F32, shapes=SHAPES_2D):
 def test_registry_order_and_names():
     assert CODEC_NAMES == ("dense-fp32", "dense-fp16", "dense-bf16", "sparse-fp32", "sparse-fp16", "int8-row")
     assert CODEC_NAMES == tuple(registry.CODECS) and all(n == c.name for n, c in registry.CODECS.items())
-    from fedseq import codec
-
-    assert codec.ENCODINGS is CODEC_NAMES  # the former name, for the modules that still say it
 
 
 def test_a_codec_is_one_registry_line(monkeypatch: pytest.MonkeyPatch) -> None:

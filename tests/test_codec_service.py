@@ -116,7 +116,7 @@ def test_sparse_fp32_aggregate_equals_dense_fp32_bit_for_bit(aggregator, redis_u
 def test_a_run_asking_for_a_refused_codec_fails_fast_with_a_clear_message(redis_url):
     # Prepare: a server that accepts only dense-fp32 and sparse-fp32; a run that asks for sparse-fp16
     cfg = replace(TINY, run_id="refused", codec="sparse-fp16")
-    fed = Federation(redis_url, cfg, workers=1, accept_encodings=("dense-fp32", "sparse-fp32"))
+    fed = Federation(redis_url, cfg, workers=1, accept_codecs=("dense-fp32", "sparse-fp32"))
     try:
         # Execute
         t0 = time.perf_counter()
@@ -134,10 +134,10 @@ def test_a_run_asking_for_a_refused_codec_fails_fast_with_a_clear_message(redis_
 
 class _NarrowingAggregator(CountingAggregator):
     """Accepts every encoding at StartRun, but only dense-fp32 from the first OpenRound on (as a
-    server restarted with a narrower --accept-encodings would)."""
+    server restarted with a narrower --accept-codecs would)."""
 
     def OpenRound(self, request, context):
-        self.accepted_encodings = ("dense-fp32",)
+        self.accepted_codecs = ("dense-fp32",)
         return super().OpenRound(request, context)
 
 
@@ -159,7 +159,7 @@ def test_worker_refuses_an_encoding_the_aggregator_did_not_accept(redis_url):
 
 def test_server_rejects_updates_in_encodings_it_does_not_accept_or_did_not_declare(aggregator):
     # Prepare: a server restricted to two encodings
-    stub, servicer = aggregator(accept_encodings="dense-fp32, sparse-fp32")
+    stub, servicer = aggregator(accept_codecs="dense-fp32, sparse-fp32")
     s = setup(TINY)
     upd = s.layout.unflatten(torch.randn(s.layout.dim, generator=torch.Generator().manual_seed(1)))
     cfg = replace(TINY, run_id="declared", codec="sparse-fp32")
@@ -172,7 +172,7 @@ def test_server_rejects_updates_in_encodings_it_does_not_accept_or_did_not_decla
     # a dense payload under the sparse label would get dense bytes past a sparse-only accept list
     reply4 = stub.SubmitUpdates(_stream(cfg, tokens, {4: encode_update(upd, "dense-fp32")}, "sparse-fp32"))
     # Assert
-    assert servicer.accepted_encodings == ("dense-fp32", "sparse-fp32")
+    assert servicer.accepted_codecs == ("dense-fp32", "sparse-fp32")
     r1, r2, r3 = reply.statuses[0], reply2.statuses[0], reply3.statuses[0]
     assert not reply4.statuses[0].accepted and reply4.statuses[0].reason.startswith("wrong-encoding:")
     assert not r1.accepted and "'int8-row' not accepted" in r1.reason and "dense-fp32, sparse-fp32" in r1.reason
@@ -207,16 +207,86 @@ def test_truncated_update_payloads_are_rejected_with_a_clear_status(aggregator):
     assert summary.accepted == 0 and summary.new_version == 1
 
 
-def test_serve_server_validates_accept_encodings(redis_url, monkeypatch, capsys):
+def test_serve_server_validates_accept_codecs(redis_url, monkeypatch, capsys):
     # Execute: flag, then environment variable
-    rc = cli_main(["serve-server", "--accept-encodings", "dense-fp32,bogus", "--store-url", redis_url])
+    monkeypatch.delenv("FEDSEQ_ACCEPT_ENCODINGS", raising=False)
+    rc = cli_main(["serve-server", "--accept-codecs", "dense-fp32,bogus", "--store-url", redis_url])
     err = capsys.readouterr().err
-    monkeypatch.setenv("FEDSEQ_ACCEPT_ENCODINGS", "zstd-fp8")
+    monkeypatch.setenv("FEDSEQ_ACCEPT_CODECS", "zstd-fp8")
     rc_env = cli_main(["serve-server", "--store-url", redis_url])
     err_env = capsys.readouterr().err
     # Assert
-    assert rc == 2 and "--accept-encodings" in err and "'bogus'" in err and "sparse-fp16" in err
-    assert rc_env == 2 and "'zstd-fp8'" in err_env
+    assert rc == 2 and "--accept-codecs" in err and "'bogus'" in err and "sparse-fp16" in err
+    assert rc_env == 2 and "FEDSEQ_ACCEPT_CODECS" in err_env and "'zstd-fp8'" in err_env
+
+
+class _Built(Exception):
+    """Raised by the stand-in for server.app.build: the settings serve-server would start a server with."""
+
+
+def _serve_server(monkeypatch, capsys, argv: list[str], env: dict[str, str]) -> tuple[object, str]:
+    """What ``fedseq serve-server ARGV`` under ``env`` makes of the accepted codecs: the settings'
+    ``accept_codecs`` (or the exit code when it refuses) and its stderr; it starts no server."""
+    import server.app
+
+    def build(settings):
+        raise _Built(settings)
+
+    monkeypatch.setattr(server.app, "build", build)
+    for var in ("FEDSEQ_ACCEPT_CODECS", "FEDSEQ_ACCEPT_ENCODINGS"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    try:
+        got: object = cli_main(["serve-server", "--insecure", *argv])
+    except _Built as built:
+        got = built.args[0].accept_codecs
+    return got, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, env, accepted, warned", [
+    # the new names, and neither (all codecs): no warning
+    (["--accept-codecs", "dense-fp32"], {}, ("dense-fp32",), None),
+    ([], {"FEDSEQ_ACCEPT_CODECS": "sparse-fp32"}, ("sparse-fp32",), None),
+    ([], {}, codec.CODEC_NAMES, None),
+    # the old names still work, and say they are deprecated
+    (["--accept-encodings", "dense-fp32"], {}, ("dense-fp32",), "--accept-encodings is deprecated; use --accept-codecs"),
+    ([], {"FEDSEQ_ACCEPT_ENCODINGS": "sparse-fp32,dense-fp32"}, ("sparse-fp32", "dense-fp32"),
+     "FEDSEQ_ACCEPT_ENCODINGS is deprecated; use FEDSEQ_ACCEPT_CODECS"),
+    # both names with the same codecs, or a flag over the old variable (flags win)
+    (["--accept-codecs", "dense-fp32,sparse-fp32", "--accept-encodings", "sparse-fp32, dense-fp32"], {},
+     ("dense-fp32", "sparse-fp32"), "--accept-encodings is deprecated"),
+    ([], {"FEDSEQ_ACCEPT_CODECS": "int8-row", "FEDSEQ_ACCEPT_ENCODINGS": "int8-row"}, ("int8-row",),
+     "FEDSEQ_ACCEPT_ENCODINGS is deprecated"),
+    (["--accept-codecs", "dense-fp32"], {"FEDSEQ_ACCEPT_ENCODINGS": "sparse-fp32"}, ("dense-fp32",),
+     "FEDSEQ_ACCEPT_ENCODINGS is deprecated"),
+], ids=["new-flag", "new-env", "default", "old-flag", "old-env", "both-flags-agree", "both-envs-agree",
+        "flag-over-old-env"])
+def test_serve_server_reads_the_deprecated_accept_encodings_names(redis_url, monkeypatch, capsys, argv, env,
+                                                                   accepted, warned):
+    # Execute
+    got, err = _serve_server(monkeypatch, capsys, [*argv, "--store-url", redis_url], env)
+    # Assert: the codecs the server would accept, and one deprecation line when an old name was given
+    assert got == accepted, err
+    if warned:
+        assert warned in err and len([line for line in err.splitlines() if "deprecated" in line]) == 1, err
+    else:
+        assert "deprecated" not in err, err
+
+
+@pytest.mark.parametrize("argv, env, names", [
+    (["--accept-codecs", "dense-fp32", "--accept-encodings", "sparse-fp32"], {},
+     ("--accept-codecs 'dense-fp32'", "--accept-encodings 'sparse-fp32'")),
+    ([], {"FEDSEQ_ACCEPT_CODECS": "dense-fp32", "FEDSEQ_ACCEPT_ENCODINGS": "dense-fp32,sparse-fp32"},
+     ("FEDSEQ_ACCEPT_CODECS 'dense-fp32'", "FEDSEQ_ACCEPT_ENCODINGS 'dense-fp32,sparse-fp32'")),
+], ids=["flags", "envs"])
+def test_serve_server_refuses_old_and_new_accept_names_that_disagree(redis_url, monkeypatch, capsys, argv, env,
+                                                                      names):
+    # Execute
+    rc, err = _serve_server(monkeypatch, capsys, [*argv, "--store-url", redis_url], env)
+    # Assert: a configuration error naming both, and which one to keep
+    assert rc == 2 and "configuration error" in err and "disagree" in err, err
+    assert all(n in err for n in names) and "give only " + names[0].split()[0] in err, err
 
 
 def test_config_rejects_unknown_codec_and_compression():

@@ -154,7 +154,7 @@ def test_precheck_order_and_words():
 
 def test_the_tensor_encodings_an_update_may_carry_come_from_the_codec_registry():
     # Execute: the table server/intake.py derives from fedseq/codec/registry.py
-    table = {encoding: tensor_encodings(encoding) for encoding in codec.ENCODINGS}
+    table = {encoding: tensor_encodings(encoding) for encoding in codec.CODEC_NAMES}
     # Assert: each encoding, its encode_state fallback, dense-fp32 (raw integer tensors) for dense-*
     assert table == {
         "dense-fp32": {"dense-fp32"},

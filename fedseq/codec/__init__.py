@@ -55,9 +55,6 @@ from .tensors import SPARSE_TABLES, decode, decode_state, encode, encode_state
 #: The names of the registered codecs, in registry order (taken when fedseq.codec is imported):
 #: the values of the run's ``codec`` key (``--codec``).
 CODEC_NAMES: tuple[str, ...] = tuple(CODECS)
-#: The former name of CODEC_NAMES, kept for the modules that still use it (server/service.py,
-#: tests/test_intake.py, bench/); new code says CODEC_NAMES.
-ENCODINGS = CODEC_NAMES
 
 __all__ = [
     "CODEC_NAMES",
