@@ -34,6 +34,7 @@ from fedseq.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from orchestrator.settings import OPERATOR_STOP
 
 from .services import EXIT_INTERRUPTED
+from .zygote import Forked, Zygote, ZygoteGone
 
 
 @dataclass(frozen=True)
@@ -65,20 +66,27 @@ class _Proc:
     """One service process of the run. ``restartable``: the launcher restarts it (on the port it
     had, so its peers find it again) when a signal kills it, up to :data:`MAX_RESTARTS` times."""
 
-    def __init__(self, name: str, argv: list[str], log_dir: Path, env: dict[str, str]) -> None:
-        self.name = name
+    def __init__(self, name: str, argv: list[str], log_dir: Path, env: dict[str, str], zygote: Zygote,
+                 timeout: float) -> None:
+        self.name, self.zygote, self.timeout = name, zygote, timeout
         self.argv, self.env = argv, env
         self.log_path = log_dir / f"{name}.log"
         self.log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.port_file = str(log_dir / f"{name}.port")
+        self.pid_file = log_dir / f"{name}.pid"
         self.restarts = 0
         self.bound: int | None = None
         self.popen = self._spawn(argv)
 
-    def _spawn(self, argv: list[str]) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "cli.main", "--log-level", "info", *argv,
-                                 "--port-file", self.port_file, "--metrics-port", "0"], stdout=self.log,
-                                stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+    def _spawn(self, argv: list[str]) -> Forked:
+        """Fork the service from the zygote (its own session and log); its pid goes to ``<name>.pid``."""
+        try:
+            proc = self.zygote.spawn(self.name, ["--log-level", "info", *argv, "--port-file", self.port_file,
+                                                 "--metrics-port", "0"], self.env, self.log_path, self.timeout)
+        except ZygoteGone as e:
+            raise ServiceFailed(f"{self.name} could not be started: {e}") from e
+        self.pid_file.write_text(f"{proc.pid}\n")
+        return proc
 
     def metrics_url(self) -> str:
         """Where this process serves its Prometheus metrics ('' until it said)."""
@@ -143,16 +151,22 @@ class _Proc:
             return ""
         return "\n".join("    " + t for t in text[-lines:])
 
+    def terminate(self) -> None:
+        """SIGTERM the process (its session): it shuts down gracefully."""
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, signal.SIGTERM)
+
     def stop(self, grace: float = 10.0) -> None:
+        """Terminate the process and wait ``grace`` seconds for it, then kill it."""
+        self.terminate()
         if self.popen.poll() is None:
             try:
-                os.killpg(self.popen.pid, signal.SIGTERM)
                 self.popen.wait(grace)
             except subprocess.TimeoutExpired:
-                os.killpg(self.popen.pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.popen.pid, signal.SIGKILL)
                 self.popen.wait(5)
-            except ProcessLookupError:
-                pass
         self.log.close()
 
 
@@ -216,6 +230,7 @@ class _Plan:
     log_dir: Path
     env: dict[str, str]
     operator: Identity | None  # the launcher's own certificate (None with --insecure)
+    zygote: Zygote | None = None  # forks the service processes (started by launch())
 
     @property
     def attackers(self) -> int:
@@ -228,7 +243,9 @@ class _Plan:
 
     def start(self, name: str, argv: list[str], store_url: str) -> _Proc:
         # store credentials travel in the environment, not in argv (which `ps` shows to everyone)
-        return _Proc(name, argv, self.log_dir, {**self.env, "FEDSEQ_STORE_URL": store_url})
+        assert self.zygote is not None
+        return _Proc(name, argv, self.log_dir, {**self.env, "FEDSEQ_STORE_URL": store_url}, self.zygote,
+                     self.settings.startup_timeout)
 
 
 def launch(cfg: ExperimentConfig, settings: LaunchSettings) -> int:
@@ -240,7 +257,14 @@ def launch(cfg: ExperimentConfig, settings: LaunchSettings) -> int:
           f"rule {cfg.defense}, codec {cfg.codec}", file=sys.stderr)
     procs: list[_Proc] = []
     with ExitStack() as stack:
+        # the zygote imports the services' libraries while Redis starts (cli/zygote.py)
+        zygote = Zygote(plan.env, str(log_dir), log_dir / "zygote.log")
+        stack.callback(zygote.close)
+        plan = replace(plan, zygote=zygote)
+
         def cleanup() -> None:
+            for p in reversed(procs):  # all at once: each shutdown takes about a second
+                p.terminate()
             for p in reversed(procs):
                 p.stop()
 

@@ -351,6 +351,7 @@ def serve_orchestrator(args: argparse.Namespace) -> int:
         # store head (README "Fault tolerance")
         orch.stop()
         orch.join(STOP_GRACE)
+        orch.pool.close_all("the orchestrator is shutting down")  # the workers' streams end now, not after the grace
 
     serve_until_signal(app.service, on_stop=stop, port_file=args.port_file, until=finished)
     return orchestrator_exit(orch.state, stopped_by_operator=orch.loop.message.startswith(OPERATOR_STOP))

@@ -245,6 +245,14 @@ class WorkerPool:
             self._disconnected.append(info.worker_id)
         log.warning("%s worker %s disconnected: %s", info.kind, info.worker_id, info.link.reason)
 
+    def close_all(self, reason: str) -> None:
+        """End every worker's stream (the service is shutting down): the streams end now rather
+        than at the end of the server's grace."""
+        with self.lock:
+            links = [w.link for w in self.workers.values()]
+        for link in links:
+            link.close(reason)
+
     def take_lost(self) -> list[str]:
         """The workers whose stream ended since the last call, in order."""
         with self.lock:

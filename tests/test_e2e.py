@@ -74,10 +74,11 @@ def test_bad_configuration_fails_fast_with_a_clear_message(tmp_path, flags, mess
         assert not (tmp_path / "logs").exists()
 
 
-def _spawn(args: list[str], log: Path) -> subprocess.Popen:
+def _spawn(zygote, args: list[str], log: Path):
+    """``fedseq <args>`` as its own process, forked by the session's zygote as `fedseq run` forks
+    its services (cli/zygote.py)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDSEQ_")}
-    return subprocess.Popen([sys.executable, "-m", "cli.main", "--log-level", "info", *args],
-                            stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env)  # noqa: SIM115
+    return zygote.spawn(log.stem, ["--log-level", "info", *args], {**env, "PYTHONUNBUFFERED": "1"}, log)
 
 
 def _port(path: Path, timeout: float = 60) -> int:
@@ -89,7 +90,7 @@ def _port(path: Path, timeout: float = 60) -> int:
     raise TimeoutError(path)
 
 
-def test_killed_worker_is_recorded_and_the_run_finishes_on_the_survivor(tmp_path, redis_url):
+def test_killed_worker_is_recorded_and_the_run_finishes_on_the_survivor(tmp_path, redis_url, zygote):
     # Prepare: server, orchestrator and two workers that both host every user, all on mutual TLS
     from fedseq.tls import Identity, make_certs
 
@@ -105,16 +106,16 @@ def test_killed_worker_is_recorded_and_the_run_finishes_on_the_survivor(tmp_path
 
     procs = []
     try:
-        procs.append(_spawn(["serve-server", "--port", "0", "--port-file", str(tmp_path / "s.port"),
+        procs.append(_spawn(zygote, ["serve-server", "--port", "0", "--port-file", str(tmp_path / "s.port"),
                              "--store-url", redis_url, *tls("server")], tmp_path / "server.log"))
         agg = f"127.0.0.1:{_port(tmp_path / 's.port')}"
-        procs.append(_spawn(["serve-orchestrator", *TINY, "--epochs", "4", "--clients-per-round", "8",
+        procs.append(_spawn(zygote, ["serve-orchestrator", *TINY, "--epochs", "4", "--clients-per-round", "8",
                              "--run-id", "kill", "--port", "0", "--port-file", str(tmp_path / "o.port"),
                              "--aggregator", agg, "--store-url", redis_url, "--min-workers", "2", "--out",
                              str(tmp_path / "out"), "--exit-when-done", "--round-timeout", "30", *tls("orchestrator")],
                             tmp_path / "orch.log"))
         orch = f"127.0.0.1:{_port(tmp_path / 'o.port')}"
-        workers = [_spawn(["serve-client", "--orchestrator", orch, "--worker-id", f"w{i}", *tls(f"w{i}")],
+        workers = [_spawn(zygote, ["serve-client", "--orchestrator", orch, "--worker-id", f"w{i}", *tls(f"w{i}")],
                           tmp_path / f"w{i}.log") for i in range(2)]
         procs += workers
         from fedseq.rpc import channel

@@ -9,8 +9,6 @@ from __future__ import annotations
 import functools
 import os
 import secrets
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -330,15 +328,16 @@ def _vm(pid: int, key: str) -> float:
     raise AssertionError(f"no {key} in /proc/{pid}/status")
 
 
-def _serve(redis_url: str, tls: Path, port_file: Path) -> subprocess.Popen:
-    """A real ``fedseq serve-server`` process on mTLS (its port goes to ``port_file``)."""
+def _serve(zygote, redis_url: str, tls: Path, port_file: Path):
+    """A real ``fedseq serve-server`` process on mTLS (its port goes to ``port_file``, its log next
+    to it), forked by the session's zygote as ``fedseq run`` forks it (cli/zygote.py)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDSEQ_")}
-    return subprocess.Popen([sys.executable, "-m", "cli.main", "serve-server", "--port", "0", "--store-url",
-                             redis_url, "--tls-dir", str(tls), "--port-file", str(port_file)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return zygote.spawn(port_file.stem, ["serve-server", "--port", "0", "--store-url", redis_url, "--tls-dir",
+                                         str(tls), "--port-file", str(port_file)], env,
+                        port_file.with_suffix(".log"))
 
 
-def _flood(proc: subprocess.Popen, port_file: Path, tls: Path, run_id: str, valid: bool, size: int):
+def _flood(proc, port_file: Path, tls: Path, run_id: str, valid: bool, size: int):
     """16 concurrent uploads of ``size`` bytes of garbage from 4 attacker certificates against the
     server ``proc``, under the valid tokens of 16 assigned users (``valid``) or as unassigned users
     (refused from the header: nothing of them is ever buffered). Half declare ``size``, half the
@@ -346,7 +345,7 @@ def _flood(proc: subprocess.Popen, port_file: Path, tls: Path, run_id: str, vali
     end = time.time() + 120
     while not port_file.exists() and proc.poll() is None and time.time() < end:
         time.sleep(0.1)
-    assert port_file.exists(), proc.stderr.read().decode() if proc.stderr else "no port file"
+    assert port_file.exists(), port_file.with_suffix(".log").read_text()
     run = Run(tls, int(port_file.read_text()))
     users = list(range(16))
     tokens = run.open(run_id, users + [99])
@@ -384,7 +383,7 @@ def _flood(proc: subprocess.Popen, port_file: Path, tls: Path, run_id: str, vali
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc (Linux)")
 def test_valid_token_garbage_costs_a_real_server_no_more_memory_than_garbage_it_never_buffers(redis_url, tls,
-                                                                                               tmp_path):
+                                                                                               tmp_path, zygote):
     """The reported attack: 16 x 60 MiB of garbage under valid tokens grew the server by 1.66 GB
     (a 64 MiB limit for a 0.4 MB update, every update buffered whole, pieces joined). Now the
     limit is the run's largest honest update (+10 %): half the uploads declare 60 MiB (refused
@@ -396,7 +395,7 @@ def test_valid_token_garbage_costs_a_real_server_no_more_memory_than_garbage_it_
     # Prepare: two real server processes, one per flood
     size = 60 << 20
     files = {kind: tmp_path / f"{kind}.port" for kind in ("valid", "never")}
-    procs = {kind: _serve(redis_url, tls, f) for kind, f in files.items()}
+    procs = {kind: _serve(zygote, redis_url, tls, f) for kind, f in files.items()}
     try:
         # Execute
         results = {kind: _flood(procs[kind], files[kind], tls, f"mem-{kind}", kind == "valid", size)

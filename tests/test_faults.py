@@ -30,14 +30,13 @@ CONFIG = {"dataset": f"synthetic:users={USERS},items=80,max_length=20", "epochs"
 RUN = [a for k, v in CONFIG.items() for a in (f"--{k.replace('_', '-')}", str(v))] + \
     ["--workers", "2", "--round-timeout", "60"]
 METRICS = ("hr@10", "ndcg@10", "er@5", "er@10", "er@20", "er@30")
-# (victim, what finds its process, signal, the round it is killed at): one after another in one run;
-# the worker last, mid-way through the last epoch (rounds 15-19), so only that epoch may differ
-KILLS = [("server", "logs/server.port", signal.SIGKILL, 2), ("redis", "/redis", signal.SIGKILL, 5),
-         ("orchestrator", "logs/orchestrator.port", signal.SIGKILL, 8),
+# (victim, signal, the round it is killed at): one after another in one run; the worker last,
+# mid-way through the last epoch (rounds 15-19), so only that epoch may differ
+KILLS = [("server", signal.SIGKILL, 2), ("redis", signal.SIGKILL, 5), ("orchestrator", signal.SIGKILL, 8),
          # a drain's or `compose stop`'s SIGTERM mid-run: the orchestrator exits 75 (not done), which a
          # supervisor restarts, and the run resumes from the store
-         ("orchestrator", "logs/orchestrator.port", signal.SIGTERM, 11),
-         ("client-1", "logs/client-1.port", signal.SIGKILL, 16)]
+         ("orchestrator", signal.SIGTERM, 11),
+         ("client-1", signal.SIGKILL, 16)]
 
 
 def _launch(out: Path, tmpdir: Path | None = None) -> subprocess.Popen:
@@ -112,13 +111,15 @@ def _check_complete(res: dict) -> None:
     assert all(e["eval_users"] == USERS for e in res["epochs"]), [e["eval_users"] for e in res["epochs"]]
 
 
-def _victim_pid(out: Path, victim: str, marker: str) -> int:
+def _victim_pid(out: Path, victim: str) -> int:
     if victim == "redis":  # redis-server rewrites its title; it runs in <out>/redis
         pids = [p for p in _pids("redis-server") if os.path.realpath(f"/proc/{p}/cwd") == str(out / "redis")]
-    else:
-        pids = _pids(f"{out}/{marker}")
-    assert len(pids) == 1, (victim, pids)
-    return pids[0]
+        assert len(pids) == 1, (victim, pids)
+        return pids[0]
+    # the launcher writes each service's pid (rewritten on a restart); it is a process of this run
+    pid = int((out / "logs" / f"{victim}.pid").read_text())
+    assert pid in _pids(str(out)) and (Path(f"/proc/{pid}/comm").read_text().strip() == victim), victim
+    return pid
 
 
 def test_killed_services_are_restarted_one_after_another_and_the_run_equals_the_sim(tmp_path):
@@ -131,9 +132,9 @@ def test_killed_services_are_restarted_one_after_another_and_the_run_equals_the_
     proc = _launch(out)
     try:
         # Execute: each kill once the run (back from the previous one) has reached its round
-        for victim, marker, sig, at_round in KILLS:
+        for victim, sig, at_round in KILLS:
             _wait_round(out, proc, at_round)
-            os.kill(_victim_pid(out, victim, marker), sig)
+            os.kill(_victim_pid(out, victim), sig)
         res = _finish(proc, out)
     finally:
         if proc.poll() is None:

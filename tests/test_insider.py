@@ -29,8 +29,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from _procmem import memory_holds
 
 from cli.sim import run_inprocess
+from cli.zygote import Forked, Zygote
 from fedseq import roster as roster_mod
 from fedseq.config import ExperimentConfig
 from fedseq.tls import make_certs
@@ -52,16 +54,23 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 class Proc:
-    """A service process (``python -m cli.main ...`` or the insider script), its log in ``logs``."""
+    """A service process, its log in ``logs``: ``fedseq <argv>`` forked by the zygote (as ``fedseq
+    run`` starts them), or the insider script, a new interpreter of its own (its acts, JSON lines,
+    on its stdout)."""
 
-    def __init__(self, name: str, argv: list[str], logs: Path, env: dict[str, str], script: list[str] | None = None):
+    def __init__(self, name: str, argv: list[str], logs: Path, env: dict[str, str], zygote: Zygote,
+                 script: list[str] | None = None):
         self.name, self.logs = name, logs
         self.port_file = logs / f"{name}.port"
         self.out = open(logs / f"{name}.out", "wb")  # noqa: SIM115 - closed in stop()
         self.err = open(logs / f"{name}.log", "wb")  # noqa: SIM115
-        cmd = [sys.executable, *(script or ["-m", "cli.main"]), "--log-level", "info", *argv,
-               "--port-file", str(self.port_file)]
-        self.popen = subprocess.Popen(cmd, stdout=self.out, stderr=self.err, env=env, cwd=ROOT)
+        args = ["--log-level", "info", *argv, "--port-file", str(self.port_file)]
+        self.popen: subprocess.Popen | Forked
+        if script is None:
+            self.popen = zygote.spawn(name, args, env, logs / f"{name}.log", cwd=str(ROOT))
+        else:
+            self.popen = subprocess.Popen([sys.executable, *script, *args], stdout=self.out, stderr=self.err,
+                                          env=env, cwd=ROOT)
 
     def started(self, timeout: float = 60.0) -> None:
         """Wait until a worker (which listens on no port) writes its health file."""
@@ -106,9 +115,9 @@ class Proc:
 class Federation:
     """server, orchestrator (with the roster), client workers and the insider, each its own process."""
 
-    def __init__(self, tmp: Path, redis_url: str, cfg: ExperimentConfig, clients: int, spec: dict,
+    def __init__(self, tmp: Path, redis_url: str, cfg: ExperimentConfig, clients: int, spec: dict, zygote: Zygote,
                  server_flags: tuple[str, ...] = ()) -> None:
-        self.tmp, self.cfg = tmp, cfg
+        self.tmp, self.cfg, self.zygote = tmp, cfg, zygote
         self.logs = tmp / "logs"
         self.logs.mkdir(parents=True)
         self.tls = tmp / "tls"
@@ -134,7 +143,7 @@ class Federation:
         return ["--tls-dir", str(self.tls), "--tls-name", name]
 
     def _start(self, name: str, argv: list[str], script: list[str] | None = None) -> Proc:
-        p = Proc(name, argv, self.logs, self.env, script)
+        p = Proc(name, argv, self.logs, self.env, self.zygote, script)
         self.procs[name] = p
         return p
 
@@ -201,14 +210,14 @@ def undisturbed():
 
 
 @pytest.fixture(scope="module")
-def calm(tmp_path_factory, redis_server):
+def calm(tmp_path_factory, redis_server, zygote):
     """Run "calm": three client workers and the insider, which tries every refused act, then behaves.
     client-2 is killed (SIGKILL) before the run starts, the insider tries to take its place, then
     client-2 comes back."""
     tmp = tmp_path_factory.mktemp("calm")
     spec = {"register": ["claim-client", "claim-shard", "claim-id"], "victim": "client-0", "train": TRAIN_ACTS,
             "takeover": {"trigger": str(tmp / "takeover"), "victim": "client-2", "shard": [2, 3]}}
-    fed = Federation(tmp, redis_server.url, replace(CFG, run_id="calm"), clients=3, spec=spec)
+    fed = Federation(tmp, redis_server.url, replace(CFG, run_id="calm"), clients=3, spec=spec, zygote=zygote)
     try:
         fed.client(0)
         victim = fed.client(2)
@@ -359,7 +368,7 @@ def _status(pid: int, key: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def starve(tmp_path_factory, redis_server):
+def starve(tmp_path_factory, redis_server, zygote):
     """Run "starve": two client workers and an insider that, at its first Train call (the round
     open, the benign workers uploading), holds 16 drip uploads, then sends 16 uploads of 60 MiB of
     garbage under the round's valid tokens, then holds 40 Health.Watch streams on the aggregation
@@ -367,7 +376,7 @@ def starve(tmp_path_factory, redis_server):
     tmp = tmp_path_factory.mktemp("starve")
     spec = {"starve": {"watch": 40, "drip": 16, "garbage": 16, "seconds": 20}}
     fed = Federation(tmp, redis_server.url, replace(CFG, run_id="starve", epochs=3), clients=2, spec=spec,
-                     server_flags=("--upload-idle-timeout", "3"))
+                     zygote=zygote, server_flags=("--upload-idle-timeout", "3"))
     try:
         server_pid = fed.server.popen.pid
         fed.client(0)
@@ -435,15 +444,17 @@ def test_workers_of_a_run_on_the_operators_redis_get_no_store_credentials(tmp_pa
     # Prepare: a Redis with users and passwords; its admin URL goes to `fedseq run` through the environment
     from fedseq.redis_server import RedisServer
 
+    out = tmp_path / "run"
     with RedisServer(acl=True) as redis:
         admin = redis.url
         password = admin.split("@")[0].rsplit(":", 1)[-1]
         env = _env(FEDSEQ_REDIS_URL=admin)
         cmd = [sys.executable, "-m", "cli.main", "run", "--dataset", f"synthetic:users={USERS},items=80", "--epochs",
-               "1", "--clients-per-round", "16", "--attack", "dv-fsr", "--malicious-ratio", "0.1", "--out",
-               str(tmp_path / "run")]
-        # Execute: watch every process the launcher starts while the run goes
+               "2", "--clients-per-round", "16", "--attack", "dv-fsr", "--malicious-ratio", "0.1", "--out", str(out)]
+        # Execute: once the first round is in (every worker welcomed and trained), read the whole
+        # memory of every process the launcher started; also their command lines and environments
         launcher = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        holds: dict[str, bool] = {}
         seen: dict[int, tuple[str, str]] = {}
         while launcher.poll() is None:
             for d in Path("/proc").iterdir():
@@ -456,12 +467,22 @@ def test_workers_of_a_run_on_the_operators_redis_get_no_store_credentials(tmp_pa
                     continue
                 if f"FEDSEQ_PARENT_PID={launcher.pid}" in environ:
                     seen[int(d.name)] = (argv, environ)
+            if not holds and (out / "rounds.jsonl").exists():
+                # stopped while read, so none can end mid-scan (the run waits for them)
+                pids = {n: int((out / "logs" / f"{n}.pid").read_text()) for n in ("server", "client-0", "client-1",
+                                                                                   "attacker-0")}
+                for pid in pids.values():
+                    os.kill(pid, signal.SIGSTOP)
+                try:
+                    holds = {name: memory_holds(pid, password.encode()) for name, pid in pids.items()}
+                finally:
+                    for pid in pids.values():
+                        os.kill(pid, signal.SIGCONT)
             time.sleep(0.05)
         _out, err = launcher.communicate()
     # Assert
     assert launcher.returncode == 0, err.decode()[-3000:]
-    workers = {p: v for p, v in seen.items() if "serve-client" in v[0] or "serve-attacker" in v[0]}
-    assert len(workers) == 3, sorted(v[0] for v in seen.values())
-    for argv, environ in workers.values():
-        assert password not in environ and password not in argv
-    assert all(password not in argv for argv, _ in seen.values())
+    # the server holds the password (it writes the store): the scan sees it where it is
+    assert holds == {"server": True, "client-0": False, "client-1": False, "attacker-0": False}, holds
+    assert len(seen) >= 5  # the zygote and the services it forked (cli/zygote.py)
+    assert all(password not in argv and password not in environ for argv, environ in seen.values())

@@ -1,0 +1,27 @@
+"""Reading a process's memory, for claims about what a process holds (its environment, heap and
+stacks, not only what /proc shows of its start)."""
+
+from __future__ import annotations
+
+import os
+
+
+def memory_holds(pid: int, needle: bytes) -> bool:
+    """Whether ``needle`` is anywhere in the readable memory of process ``pid``. The process must
+    be this one's descendant (Yama ptrace scope 1) or run as the same user without Yama."""
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+        for line in maps:
+            span, perms, *rest = line.split()
+            if perms[0] != "r" or (rest and rest[-1] in ("[vvar]", "[vsyscall]", "[vvar_vclock]")):
+                continue
+            lo, hi = (int(x, 16) for x in span.split("-"))
+            tail = b""
+            for at in range(lo, hi, 1 << 24):
+                try:
+                    chunk = os.pread(mem.fileno(), min(1 << 24, hi - at), at)
+                except OSError:
+                    break
+                if needle in tail + chunk:
+                    return True
+                tail = chunk[-len(needle):]
+    return False
