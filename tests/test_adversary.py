@@ -74,6 +74,7 @@ class HoldingAggregator(CountingAggregator):
         return super().CloseRound(request, context)
 
 
+@pytest.mark.slow  # seconds of processes, waits or compute: `make test` runs it, `make test-fast` skips it
 def test_a_rogue_peer_is_refused_everything_and_the_run_is_undisturbed(tmp_path, acl_redis):
     # Prepare: an undisturbed run, then the same run (same seed) with a rogue peer acting mid-round
     calm = Federation(_urls(acl_redis), replace(TINY, run_id="calm"), workers=2, tls_dir=tmp_path / "calm-tls")

@@ -380,6 +380,7 @@ def test_a_worker_sends_pieces_as_they_come_and_a_failed_piece_fails_the_call(re
     assert {"compute", "encode", "upload", "model"} <= set(reply.timings)
 
 
+@pytest.mark.slow  # seconds of processes, waits or compute: `make test` runs it, `make test-fast` skips it
 def test_a_failed_upload_leaves_no_thread_waiting_for_pieces(redis_url):
     """The aggregator cannot be reached while the worker is still computing: the call fails
     (UNAVAILABLE, after the deadline's floor), the computation stops at its next piece, and no

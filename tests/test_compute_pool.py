@@ -92,6 +92,7 @@ def test_pool_rounds_equal_one_process_bit_for_bit(one_thread, model, attack):
             params = params - 0.05 * fresh.updates.sum(0)  # the next round sees other weights
 
 
+@pytest.mark.slow  # seconds of processes, waits or compute: `make test` runs it, `make test-fast` skips it
 def test_sim_with_two_processes_equals_one_thread_bit_for_bit(one_thread, tmp_path):
     # Prepare: a DV-FSR run big enough that torch splits its operators over two threads (so a run
     # whose runner-side work used two threads would differ: checked below); every round's weights

@@ -235,6 +235,7 @@ def test_yaml_agrees():
             assert env == {k: v for k, v in mine[name]["environment"].items() if k.startswith("FEDSEQ_")}, name
 
 
+@pytest.mark.slow  # seconds of processes, waits or compute: `make test` runs it, `make test-fast` skips it
 def test_compose_config_with_podman_compose():
     """podman-compose (>= 1.1, which has `config`) parses the files with PyYAML and resolves them."""
     local = Path(os.environ.get("FEDSEQ_DEPLOY_CACHE", "/var/tmp/fedseq-deploy"), "tools/bin/podman-compose")

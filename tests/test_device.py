@@ -72,6 +72,7 @@ def test_the_cpu_uses_the_model_itself_and_a_device_copy_is_made_once():
         assert model_on(model, dev) is model_on(model, dev) and next(model_on(model, dev).parameters()).is_cuda
 
 
+@pytest.mark.slow  # seconds of processes, waits or compute: `make test` runs it, `make test-fast` skips it
 @pytest.mark.skipif(HAS_CUDA, reason="needs a machine without CUDA")
 def test_a_worker_asked_for_cuda_without_a_gpu_exits_with_the_reason(zygote, tmp_path):
     # Execute: a real worker process, forked as `fedseq run` forks it (it fails before it

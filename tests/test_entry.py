@@ -63,6 +63,7 @@ def test_without_the_entry_point_the_signal_kills_the_process():
     assert p.returncode == -signal.SIGTERM
 
 
+@pytest.mark.slow  # seconds of processes, waits or compute: `make test` runs it, `make test-fast` skips it
 def test_sigterm_after_start_shuts_the_service_down_gracefully(tmp_path):
     """A worker (which listens on no port) keeps its health file while it retries an orchestrator
     that is not there, and a SIGTERM ends it at once with status 0."""

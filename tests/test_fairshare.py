@@ -265,6 +265,7 @@ def test_the_share_must_leave_threads_to_others_and_reads_its_environment_variab
 
 
 # ---------------------------------------------------------------------------- upload slots and drips
+@pytest.mark.slow  # seconds of processes, waits or compute: `make test` runs it, `make test-fast` skips it
 def test_drip_streams_are_cut_by_the_byte_rate_window_and_honest_slow_uploads_are_not(server):
     """A byte every 0.25 s beats a 1 s time-since-last-chunk timer forever; the byte-rate window
     (16 KiB per 1 s window here) cuts such a stream after one window. One certificate holds at most

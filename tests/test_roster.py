@@ -148,6 +148,7 @@ def test_an_unsharded_roster_admits_only_rostered_identities_with_every_user(pre
     assert _refused(pool, _req("client-9"), "client-9").word == "roster"
 
 
+@pytest.mark.slow  # seconds of processes, waits or compute: `make test` runs it, `make test-fast` skips it
 def test_a_ready_worker_that_died_before_the_run_does_not_count(prepared):
     # Prepare: a worker registered and ready, then killed before the run starts (its stream is open
     # but nothing answers on it)

@@ -111,6 +111,7 @@ def test_the_default_generator_output_is_unchanged():
     assert isinstance(ds.train, tuple)
 
 
+@pytest.mark.slow  # seconds of processes, waits or compute: `make test` runs it, `make test-fast` skips it
 def test_the_vectorized_generator_is_deterministic_and_keeps_the_invariants():
     kw = dict(num_users=70000, num_items=400, max_length=40, vectorized=1)  # three chunks
     a, b = synthetic(seed=5, **kw), synthetic(seed=5, **kw)
@@ -256,6 +257,7 @@ HOST_SCRIPT = textwrap.dedent("""
 HOST_BOUND_MB = 40.0  # resident memory a worker adds to host 100k users (measured: about 23 MB)
 
 
+@pytest.mark.slow  # seconds of processes, waits or compute: `make test` runs it, `make test-fast` skips it
 def test_a_worker_hosting_100k_users_stays_under_the_memory_bound():
     out = subprocess.run([sys.executable, "-c", HOST_SCRIPT, "100000"], cwd=ROOT, capture_output=True, text=True,
                          timeout=300, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})

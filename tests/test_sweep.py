@@ -141,6 +141,7 @@ def _old_keys(summary: dict) -> dict:
             "cells": [row(r) for r in summary["cells"]]}
 
 
+@pytest.mark.slow  # seconds of processes, waits or compute: `make test` runs it, `make test-fast` skips it
 def test_an_old_sweep_resumes_and_its_old_summary_loads_and_plots(tmp_path):
     # Prepare: a finished sweep (hand-made results), its spec.json and sweep.json then put back in
     # the old keys ("ratios", "ratio"), as a sweep run before the rename left them
@@ -379,32 +380,6 @@ def test_cell_folder_names_are_safe_and_readable():
     c = Cell("dv-fsr", "norm-clip:bound=1.0,inner=rfa", 0.01, 3, "bert4rec", "sparse-fp16")
     assert c.folder == "dv-fsr_r0.01_norm-clip-bound1.0-innerrfa_bert4rec_sparse-fp16_seed3"
     assert "/" not in c.folder and c.scenario.startswith("attack dv-fsr 0.01, defense norm-clip")
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
-def test_the_mission_shows_the_attack_and_the_defense_on_every_seed(seed):
-    """The main job's claim (docs/results/mission.md) on each of seeds 0-4, in process (the services
-    compute the same run: tests/test_engine_equal.py), made cheaper: 4 of the 8 epochs, evaluated
-    once at the end. DV-FSR lifts ER@10 by 0.3 or more over clean, and mixed-RFA holds it to at most
-    half with HR@10 within 0.05 of clean. At epoch 4 (2026-12-04, seeds 0-4) the smallest lift was
-    0.385 (seed 0), the largest defended/attacked ER@10 ratio 0.106 (seed 4) and the largest HR@10
-    gap 0.022 (seed 0); at epoch 3 seed 0's lift was 0.27, so 3 epochs would not show it."""
-    from cli.sim import run_inprocess
-    from fedseq.config import build_config
-
-    # Prepare: the mission preset's three scenarios on this seed, 4 epochs, evaluated after the last
-    spec = spec_from(_args("mission", "--seeds", str(seed), "--set", "epochs=4", "--set", "eval_every=4"))
-    final = {}
-    # Execute
-    for cell in spec.cells():
-        cfg = build_config(None, {**spec.base, **cell.overrides(), "threads": 1}, environ={})
-        final[cell.name] = run_inprocess(cfg, None, progress=lambda _line: None)["epochs"][-1]
-    clean, attacked, defended = final["clean"], final["dv-fsr"], final["dv-fsr + mixed-rfa"]
-    # Assert
-    assert attacked["er@10"] >= clean["er@10"] + 0.3
-    assert defended["er@10"] <= attacked["er@10"] / 2
-    assert abs(defended["hr@10"] - clean["hr@10"]) <= 0.05
 
 
 @pytest.mark.parametrize("engine,cores,threads,procs", [("inprocess", 2, 1, 2), ("inprocess", 1, 1, 1),

@@ -67,6 +67,7 @@ def test_exit_statuses_are_reported_as_subprocess_reports_them(zygote, tmp_path,
     assert proc.wait(30) == 0
 
 
+@pytest.mark.slow  # seconds of processes, waits or compute: `make test` runs it, `make test-fast` skips it
 def test_children_leave_with_their_zygote(tmp_path, redis_url):
     # Prepare: a zygote of this test's own, and a running service forked by it
     zygote = Zygote(_env(), "test", tmp_path / "zygote.log")
