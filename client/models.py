@@ -12,8 +12,9 @@ import torch
 
 from fedseq import ledger as ledger_mod
 from fedseq.delta import PatchError, apply_patch
+from fedseq.modelcache import CachedModelReader
 from fedseq.rpc import CONTROL_TIMEOUT, channel
-from fedseq.store import CachedModelReader, RedisStore, model_from_bytes, model_to_bytes, patient
+from fedseq.store import RedisStore, model_from_bytes, model_to_bytes, patient
 from fedseq.tls import Identity
 from fedseq.v1 import aggregator_pb2 as agg_pb
 from fedseq.v1 import aggregator_pb2_grpc as agg_grpc

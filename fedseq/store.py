@@ -5,6 +5,11 @@ Keys of run ``R`` (all under ``fedseq:R:``)::
     fedseq:R:model:V        safetensors blob of model version V (never pickle)
     fedseq:R:modelinfo:V    hash: sha256, nbytes, created (unix time), meta (JSON of the blob's metadata)
     fedseq:R:patch:V        patch turning version V-1 into V (fedseq.delta; only with model_delta)
+    fedseq:R:summary:V      the summary of the round that made version V, as the aggregation server
+                            wrote it with the version (protobuf bytes of fedseq.v1 RoundSummary):
+                            an orchestrator that crashed before it got the reply reads it back;
+                            the worker role cannot read it (which updates a defense kept is
+                            nothing a worker should learn)
     fedseq:R:versions       sorted set of the stored versions (score = version)
     fedseq:R:head           newest version written (only ever moves forward)
     fedseq:R:config         JSON of the run config
@@ -12,9 +17,10 @@ Keys of run ``R`` (all under ``fedseq:R:``)::
     fedseq:R:once:T         one-time key of an append (a day): its retry appends nothing
     fedseq:runs             set of run ids that have written anything
 
-Writing a version is one atomic server-side step (a Lua script): store blob and info, add to the
-version set, move the head if the version is newer. Re-writing an existing version is accepted
-only with identical bytes (an idempotent retry); anything else raises :class:`StoreError`.
+Writing a version is one atomic server-side step (a Lua script): store blob, info and round
+summary, add to the version set, move the head if the version is newer: a head at V means V's
+summary is there (when the server wrote one). Re-writing an existing version is accepted only
+with identical bytes (an idempotent retry); anything else raises :class:`StoreError`.
 Retention then deletes versions that are neither among the ``keep_last`` newest, nor
 checkpoints (``v % checkpoint_every == 0``), nor the head.
 
@@ -32,7 +38,6 @@ import re
 import secrets
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,7 +50,6 @@ from redis.retry import Retry
 from .codec import CodecError, model_from_bytes, model_to_bytes, read_model_header
 
 __all__ = [
-    "CachedModelReader",
     "RedisStore",
     "Retention",
     "StoreArgumentError",
@@ -112,7 +116,8 @@ class Retention:
         return [v for v in ordered if v not in keep]
 
 
-# KEYS: model, info, versions, head, runs   ARGV: version, blob, sha256, nbytes, created, run_id, meta_json
+# KEYS: model, info, versions, head, runs, summary
+# ARGV: version, blob, sha256, nbytes, created, run_id, meta_json, summary ('' for none)
 # Returns {status, head}: status 1 = written, 0 = identical version already there, -1 = conflict.
 # An append applied once per one-time key (KEYS[2], kept a day): KEYS[1] the stream's list, KEYS[3]
 # the set of runs; ARGV[1] the run id, then the records (pushed 1,000 at a time: Lua's unpack limit)
@@ -136,6 +141,9 @@ if existing and redis.call('EXISTS', KEYS[1]) == 1 then
 end
 redis.call('SET', KEYS[1], ARGV[2])
 redis.call('HSET', KEYS[2], 'sha256', ARGV[3], 'nbytes', ARGV[4], 'created', ARGV[5], 'meta', ARGV[7])
+if ARGV[8] ~= '' then
+  redis.call('SET', KEYS[6], ARGV[8])
+end
 redis.call('ZADD', KEYS[3], v, ARGV[1])
 redis.call('SADD', KEYS[5], ARGV[6])
 local h = redis.call('GET', KEYS[4])
@@ -160,7 +168,7 @@ def _check_name(kind: str, value: object) -> str:
     return value
 
 
-def _check_version(version: object) -> int:
+def check_version(version: object) -> int:
     if isinstance(version, bool) or not isinstance(version, int) or version < 0:
         raise StoreArgumentError(f"model version must be an int >= 0, got {version!r}")
     return version
@@ -307,21 +315,23 @@ class RedisStore:
         version: int,
         tensors: Mapping[str, torch.Tensor],
         meta: Mapping[str, str] | None = None,
+        summary: bytes = b"",
     ) -> int:
         """Store model ``version``; returns its size in bytes (also on an idempotent retry).
 
         The head moves to ``version`` if it is newer. Re-putting an existing version is a no-op
-        when the bytes are identical and a StoreError otherwise. Retention runs afterwards.
+        when the bytes are identical and a StoreError otherwise. ``summary`` (the round's, see
+        :meth:`round_summary`) is written in the same atomic step. Retention runs afterwards.
         """
         try:
             blob = model_to_bytes(tensors, meta)
         except CodecError as exc:
             raise StoreArgumentError(str(exc)) from exc
-        return self.put_model_bytes(version, blob)
+        return self.put_model_bytes(version, blob, summary)
 
-    def put_model_bytes(self, version: int, blob: bytes) -> int:
+    def put_model_bytes(self, version: int, blob: bytes, summary: bytes = b"") -> int:
         """Like :meth:`put_model` for an already serialized safetensors blob (validated)."""
-        version = _check_version(version)
+        version = check_version(version)
         blob = bytes(blob)
         try:
             header = read_model_header(blob)
@@ -335,11 +345,12 @@ class RedisStore:
             self._key("versions"),
             self._key("head"),
             "fedseq:runs",
+            self._key("summary", version),
         ]
-        args = [version, blob, sha, len(blob), f"{time.time():.6f}", self.run_id, meta_json]
+        args = [version, blob, sha, len(blob), f"{time.time():.6f}", self.run_id, meta_json, bytes(summary)]
         with self._io(f"writing model version {version} of run {self.run_id}"):
             status, detail = self._put_script(keys=keys, args=args)
-        self._count(written=len(blob))
+        self._count(written=len(blob) + len(summary))
         if int(status) < 0:
             existing = detail.decode() if isinstance(detail, bytes) else str(detail)
             raise StoreError(
@@ -362,14 +373,15 @@ class RedisStore:
             if drop:
                 pipe = self._client.pipeline(transaction=True)
                 for v in drop:
-                    pipe.delete(self._key("model", v), self._key("modelinfo", v), self._key("patch", v))
+                    pipe.delete(self._key("model", v), self._key("modelinfo", v), self._key("patch", v),
+                                self._key("summary", v))
                 pipe.zrem(self._key("versions"), *drop)
                 pipe.execute()
         return drop
 
     def get_model_bytes(self, version: int) -> bytes:
         """The raw safetensors blob of ``version``; StoreError if the run does not have it."""
-        version = _check_version(version)
+        version = check_version(version)
         with self._io(f"reading model version {version} of run {self.run_id}"):
             blob = self._client.get(self._key("model", version))
         if blob is None:
@@ -384,7 +396,7 @@ class RedisStore:
     def put_patch_bytes(self, version: int, blob: bytes) -> int:
         """Store the patch turning ``version - 1`` into ``version`` (fedseq.delta); returns its size.
         Deleted with the version by retention."""
-        version = _check_version(version)
+        version = check_version(version)
         blob = bytes(blob)
         with self._io(f"writing the patch of model version {version} of run {self.run_id}"):
             self._client.set(self._key("patch", version), blob)
@@ -393,9 +405,20 @@ class RedisStore:
 
     def get_patch_bytes(self, version: int) -> bytes | None:
         """The patch turning ``version - 1`` into ``version``, or None when there is none."""
-        version = _check_version(version)
+        version = check_version(version)
         with self._io(f"reading the patch of model version {version} of run {self.run_id}"):
             blob = self._client.get(self._key("patch", version))
+        if blob is None:
+            return None
+        self._count(read=len(blob))
+        return bytes(blob)
+
+    def round_summary(self, version: int) -> bytes | None:
+        """The summary the server wrote with ``version`` (None: written without one, or dropped by
+        retention with the version)."""
+        version = check_version(version)
+        with self._io(f"reading the round summary of model version {version} of run {self.run_id}"):
+            blob = self._client.get(self._key("summary", version))
         if blob is None:
             return None
         self._count(read=len(blob))
@@ -414,7 +437,7 @@ class RedisStore:
 
     def model_info(self, version: int) -> dict[str, Any] | None:
         """``{version, nbytes, sha256, created, meta}`` of a stored version, without its blob."""
-        version = _check_version(version)
+        version = check_version(version)
         with self._io(f"reading info of model version {version} of run {self.run_id}"):
             raw = self._client.hgetall(self._key("modelinfo", version))
         if not raw:
@@ -523,77 +546,3 @@ class RedisStore:
                 removed += int(self._client.delete(*batch))
             self._client.srem("fedseq:runs", self.run_id)
         return removed
-
-
-class CachedModelReader:
-    """Decoded model versions from a store, cached by version (LRU). Thread-safe.
-
-    The returned dict is new on every call but its tensors are shared with the cache: treat
-    them as read-only (``module.load_state_dict`` copies, which is the intended use).
-    """
-
-    def __init__(self, store: RedisStore, capacity: int = 2) -> None:
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-            raise StoreArgumentError(f"cache capacity must be an int >= 1, got {capacity!r}")
-        self.store = store
-        self.capacity = capacity
-        self._cache: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
-        self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
-        self.bytes_fetched = 0
-
-    def get(self, version: int | None = None) -> dict[str, torch.Tensor]:
-        """Model ``version`` (None = the current head)."""
-        if version is None:
-            version = self.store.head()
-            if version is None:
-                raise StoreError(f"run {self.store.run_id} has no model yet")
-        version = _check_version(version)
-        # One lock for lookup and fetch: concurrent first readers of a version fetch it once.
-        with self._lock:
-            cached = self._cache.get(version)
-            if cached is not None:
-                self._cache.move_to_end(version)
-                self.hits += 1
-                return dict(cached)
-            self.misses += 1
-            blob = self.store.get_model_bytes(version)
-            self.bytes_fetched += len(blob)
-            try:
-                tensors, _ = model_from_bytes(blob)
-            except ValueError as exc:
-                raise StoreError(
-                    f"model version {version} of run {self.store.run_id} is corrupt: {exc}"
-                ) from exc
-            self._cache[version] = tensors
-            while len(self._cache) > self.capacity:
-                self._cache.popitem(last=False)
-            return dict(tensors)
-
-    def cached(self, version: int) -> dict[str, torch.Tensor] | None:
-        """Model ``version`` if it is in the cache (no store access), else None."""
-        with self._lock:
-            hit = self._cache.get(version)
-            return dict(hit) if hit is not None else None
-
-    def put(self, version: int, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Add a version obtained another way (e.g. by applying a patch) to the cache."""
-        version = _check_version(version)
-        with self._lock:
-            self._cache[version] = dict(tensors)
-            self._cache.move_to_end(version)
-            while len(self._cache) > self.capacity:
-                self._cache.popitem(last=False)
-
-    def cached_versions(self) -> list[int]:
-        with self._lock:
-            return list(self._cache)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._cache.clear()
-
-    def stats(self) -> dict[str, int]:
-        with self._lock:
-            return {"hits": self.hits, "misses": self.misses, "bytes_fetched": self.bytes_fetched}

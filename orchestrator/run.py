@@ -235,9 +235,9 @@ class RunLoop:
             raise RoundFailed(f"the aggregator is not back yet: {e}", e) from e
         head = int(start.head_version)
         if head == rid + 1:  # the server wrote this round's version before it failed
-            log.warning("round %d was completed by the server before the failure; its summary is lost", rid)
+            log.warning("round %d was completed by the server before the failure; its reply was lost", rid)
             self.round_id = rid + 1
-            return _tally(self._record_lost(rid, rp.epoch, len(rp.users)))
+            return _tally(self._record_applied(rp))
         if head != rid:
             raise RuntimeError(f"round {rid}: the store head is {head} after the aggregator came back")
         return None
@@ -255,12 +255,22 @@ class RunLoop:
         for rid in range(head):
             if rid not in have:
                 log.warning("round %d was applied but its record was lost in a crash", rid)
-                self._record_lost(rid, schedule[rid].epoch, len(schedule[rid].users))
+                self._record_applied(schedule[rid])
 
-    def _record_lost(self, rid: int, epoch: int, users: int) -> dict[str, Any]:
-        """The record of round ``rid``, applied by the server, whose summary never reached us."""
-        record = {"round": rid, "epoch": epoch + 1, "users": users, "accepted": 0, "rejected": 0, "missing": 0,
-                  "malicious": 0, "malicious_kept": 0, "summary_lost": True}
+    def _record_applied(self, rp: RoundPlan) -> dict[str, Any]:
+        """The record of round ``rp``, applied by the server, whose reply never reached us: its
+        counts from the summary the server stored with the version (fedseq/store.py
+        ``round_summary``); what only the workers' answers said (failures, timings, the ledger) is
+        gone with them. Without a stored summary (retention dropped it) the counts are lost too."""
+        rid, users = rp.round_id, rp.users.tolist()
+        raw = self.store.round_summary(rid + 1)
+        if raw is None:
+            record: dict[str, Any] = {"round": rid, "epoch": rp.epoch + 1, "users": len(users), "accepted": 0,
+                                      "rejected": 0, "missing": 0, "malicious": 0, "malicious_kept": 0,
+                                      "summary_lost": True}
+        else:
+            record = {"round": rid, "epoch": rp.epoch + 1, "lr": rp.lr, "users": len(users),
+                      **self._summary_fields(users, agg_pb.RoundSummary.FromString(raw)), "summary_recovered": True}
         self.store.append_record("rounds", record)
         return record
 
@@ -378,25 +388,34 @@ class RunLoop:
                       ) -> dict[str, Any]:
         """Round ``rp``'s record from the server's summary ``s`` and what the workers said."""
         users, led = rp.users.tolist(), trained.led
-        mal = set(self.malicious.tolist())
-        not_in = {r.user_id for r in s.rejected} | set(s.missing)
-        _, n_kept = malicious_kept([u for u in users if u not in not_in],
-                                   list(s.kept_users) if s.kept_reported else None, mal)
         record = {
-            # exact: accepted + rejected + missing == users (orphans, whom no worker hosts, are missing)
-            "round": rp.round_id, "epoch": rp.epoch + 1, "lr": rp.lr, "users": len(users), "accepted": s.accepted,
-            "rejected": len(s.rejected), "missing": len(s.missing), "orphans": trained.orphans,
-            "failed_workers": trained.failed, "train_refused": trained.refused[:5], "bytes_up": bytes_up,
+            "round": rp.round_id, "epoch": rp.epoch + 1, "lr": rp.lr, "users": len(users),
+            **self._summary_fields(users, s), "orphans": trained.orphans, "failed_workers": trained.failed, "train_refused": trained.refused[:5], "bytes_up": bytes_up,
             "bytes_down": bytes_down,
             # workers whose stream ended since the previous round (a death between rounds fails no call)
             "lost_workers": self.pool.take_lost(),
             "updates": sum(1 for e in led.entries if e.kind == "update" and e.user >= 0),
             "update_bytes": sum(e.bytes for e in led.entries if e.kind == "update"),
-            "bytes_received": s.bytes_received, "store_bytes": s.store_bytes,
+            "store_bytes": s.store_bytes,
             "seconds": time.perf_counter() - trained.t0, "train_seconds": trained.t_train,
             "worker_timings": trained.timings, "worker_timings_source": "reported",
-            "server_timings": dict(s.timings), "ledger_refused": len(trained.ledger_refused),
-            "ledger_refused_sample": trained.ledger_refused[:5],
+            "ledger_refused": len(trained.ledger_refused), "ledger_refused_sample": trained.ledger_refused[:5],
+        }
+        self._rule_scale = record["defense_info"].get("scale", self._rule_scale)
+        if record["accepted"] + record["rejected"] + record["missing"] != record["users"]:
+            log.error("round %d: accounting does not add up: %s", rp.round_id, record)
+        return record
+
+    def _summary_fields(self, users: list[int], s: Any) -> dict[str, Any]:
+        """What the server's summary ``s`` of a round of ``users`` says, as round-record fields."""
+        mal = set(self.malicious.tolist())
+        not_in = {r.user_id for r in s.rejected} | set(s.missing)
+        _, n_kept = malicious_kept([u for u in users if u not in not_in],
+                                   list(s.kept_users) if s.kept_reported else None, mal)
+        return {
+            # exact: accepted + rejected + missing == users (orphans, whom no worker hosts, are missing)
+            "accepted": s.accepted, "rejected": len(s.rejected), "missing": len(s.missing),
+            "bytes_received": s.bytes_received, "server_timings": dict(s.timings),
             "defense": s.defense, "defense_info": json.loads(s.defense_info_json or "{}"),
             "rejections": [{"user": r.user_id, "reason": r.reason} for r in s.rejected][:20],
             # every upload the server refused since the last round, by reason (also strangers' and forgeries)
@@ -405,10 +424,6 @@ class RunLoop:
             "malicious": sum(1 for u in users if u in mal),
             "malicious_kept": n_kept,
         }
-        self._rule_scale = record["defense_info"].get("scale", self._rule_scale)
-        if record["accepted"] + record["rejected"] + record["missing"] != record["users"]:
-            log.error("round %d: accounting does not add up: %s", rp.round_id, record)
-        return record
 
     def _evaluate(self, version: int, led: Ledger) -> MetricSums:
         """Federated evaluation of every benign user (or the ``eval_users`` sample) on ``version``. Users whose host is gone, and

@@ -25,7 +25,7 @@ from fedseq.engine import RoundOutcome, aggregate_round
 from fedseq.v1 import aggregator_pb2 as pb
 
 from .intake import reason, word
-from .keeper import ModelKeeper, Written
+from .keeper import ModelKeeper
 from .rounds import Refusals, Round, RoundBuffer
 
 
@@ -50,13 +50,17 @@ class RoundCloser:
         self._lock = lock
 
     def close(self, request, context) -> pb.RoundSummary:
-        """The summary of the round ``request`` closes (FAILED_PRECONDITION when it is not open)."""
+        """The summary of the round ``request`` closes (FAILED_PRECONDITION when it is not open).
+        The summary is written to the store with the new version, in one atomic step
+        (fedseq/store.py ``round_summary``): an orchestrator that dies before this reply reaches
+        it reads the round's counts back instead of losing them."""
         with self._lock:
             rnd, refused = self._rounds.take_locked(request, context)
         try:
             timings = {"decode": rnd.decode_seconds}
             step = self._step(rnd, refused, timings)
-            written = self._keeper.write(rnd.round_id, step.params, timings)
+            summary = self._summary(rnd, step, self._keeper.version + 1, refused, timings)
+            written = self._keeper.write(rnd.round_id, step.params, timings, summary.SerializeToString())
         except BaseException:
             with self._lock:
                 self._rounds.restore_locked(refused)
@@ -64,7 +68,11 @@ class RoundCloser:
         with self._lock:
             store_read = self._keeper.publish_head_locked(written, rnd.round_id)
         self._keeper.compress(context)
-        return self._summary(rnd, step, written, refused, timings, store_read)
+        # what only the write knows, in the reply (the stored copy has the counts, not these)
+        summary.store_bytes, summary.patch_bytes, summary.store_bytes_read = (
+            written.store_bytes, written.patch_bytes, store_read)
+        summary.timings.update(timings)
+        return summary
 
     def _step(self, rnd: Round, refused: Refusals, timings: dict[str, float]) -> _Step:
         """The model after the round: the head stepped with the accepted updates (the head itself
@@ -107,16 +115,15 @@ class RoundCloser:
             observe.UPDATES.labels("refused", word(why)).inc()
         return out
 
-    def _summary(self, rnd: Round, step: _Step, written: Written, refused: Refusals, timings: dict[str, float],
-                 store_read: int) -> pb.RoundSummary:
+    def _summary(self, rnd: Round, step: _Step, version: int, refused: Refusals, timings: dict[str, float]
+                 ) -> pb.RoundSummary:
         cfg = self._keeper.cfg
         missing = sorted(set(rnd.tokens) - set(rnd.updates) - set(rnd.rejected))
         return pb.RoundSummary(
-            round_id=rnd.round_id, new_version=written.version, accepted=len(step.users),
+            round_id=rnd.round_id, new_version=version, accepted=len(step.users),
             rejected=[pb.Rejection(user_id=u, reason=r) for u, r in sorted(rnd.rejected.items())], missing=missing,
             bytes_received=rnd.bytes_received, timings=timings, defense=cfg.defense if cfg else "",
             defense_info_json=step.info_json, kept_users=step.kept_users, kept_reported=step.kept_reported,
-            store_bytes=written.store_bytes, update_norm=step.norm, store_bytes_read=store_read,
-            patch_bytes=written.patch_bytes, refused=dict(refused.counts), bytes_refused=refused.bytes,
+            update_norm=step.norm, refused=dict(refused.counts), bytes_refused=refused.bytes,
             refused_sample=[pb.Rejection(user_id=u, reason=r) for u, r in refused.sample], user_bytes=rnd.user_bytes,
             refused_by_engine=rnd.refused_by_engine)

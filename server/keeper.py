@@ -167,14 +167,14 @@ class ModelKeeper:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"unknown run {run_id!r} (serving {self.run_id!r})")
 
     # ------------------------------------------------------------------ new versions
-    def write(self, round_id: int, params: torch.Tensor, timings: dict[str, float]) -> Written:
-        """Write ``params``, the model after round ``round_id``, as the next version (and, when the
-        run asks for it, the patch from the head to it); the head does not move yet. Without the
-        lock: only the one control call in progress changes the head."""
+    def write(self, round_id: int, params: torch.Tensor, timings: dict[str, float], summary: bytes = b"") -> Written:
+        """Write ``params``, the model after round ``round_id``, as the next version with the round's
+        ``summary`` (and, when the run asks for it, the patch from the head to it); the head does
+        not move yet. Without the lock: only the one control call in progress changes the head."""
         assert self.store is not None and self.layout is not None and self.params is not None
         version = self.version + 1
         t2 = time.perf_counter()
-        store_bytes = self.store.put_model(version, self.layout.unflatten(params), {"round": str(round_id)})
+        store_bytes = self.store.put_model(version, self.layout.unflatten(params), {"round": str(round_id)}, summary)
         timings["store"] = time.perf_counter() - t2
         patch_bytes = 0
         if self.cfg is not None and self.cfg.model_delta:

@@ -12,8 +12,9 @@ import torch
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from fedseq.modelcache import CachedModelReader
 from fedseq.redis_server import REDIS_ROLES, RedisServer, RedisServerError
-from fedseq.store import CachedModelReader, RedisStore, Retention, StoreError, model_to_bytes
+from fedseq.store import RedisStore, Retention, StoreError, model_to_bytes
 
 RUN = "acl"
 
@@ -49,11 +50,12 @@ def admin(acl_server: RedisServer) -> Iterator[redis.Redis]:
 
 @pytest.fixture
 def published(acl_server: RedisServer, admin: redis.Redis) -> dict[int, dict[str, torch.Tensor]]:
-    """Versions 0..2 of run RUN and the patch of version 2, written with the server role."""
+    """Versions 0..2 of run RUN (1 and 2 with their round's summary) and the patch of version 2,
+    written with the server role."""
     models = {v: _tensors(float(v)) for v in range(3)}
     with RedisStore.from_url(acl_server.url_for("server"), RUN, Retention(keep_last=5)) as store:
         for v, tensors in models.items():
-            store.put_model(v, tensors, {"round": str(v)})
+            store.put_model(v, tensors, {"round": str(v)}, f"summary-{v}".encode() if v else b"")
         store.put_patch_bytes(2, b"patch-2")
         store.put_config({"lr": 0.1})
         store.append_record("rounds", {"round": 0})
@@ -270,6 +272,7 @@ def test_orchestrator_role_writes_config_and_records_and_reads_what_a_resume_nee
     length_many = store.append_records("ledger", [{"i": 0}, {"i": 1}])
     config, head, versions = store.get_config(), store.head(), store.versions()
     rounds, ledger, count = store.records("rounds"), store.records("ledger"), store.record_count("ledger")
+    summaries = [store.round_summary(v) for v in range(3)]
     store.close()
 
     # Assert
@@ -277,6 +280,7 @@ def test_orchestrator_role_writes_config_and_records_and_reads_what_a_resume_nee
     assert config == {"lr": 0.5, "epochs": 2} and head == 2 and versions == [0, 1, 2]
     assert length_one == 2 and rounds == [{"round": 0}, {"round": 1}]
     assert length_many == 2 == count and ledger == [{"i": 0}, {"i": 1}]
+    assert summaries == [None, b"summary-1", b"summary-2"]  # a crashed orchestrator's round counts
 
 
 # ---------------------------------------------------------------------------- worker role
@@ -318,6 +322,8 @@ def test_worker_role_is_refused_writes_scripts_and_other_keys(
         "flushall": lambda: client.flushall(),
         "get-config": lambda: client.get(f"fedseq:{RUN}:config"),
         "lrange-log": lambda: client.lrange(f"fedseq:{RUN}:log:rounds", 0, -1),
+        # which updates a defense kept or rejected is nothing an (adaptive) attacker should read
+        "get-summary": lambda: client.get(f"fedseq:{RUN}:summary:2"),
         "smembers-runs": lambda: client.smembers("fedseq:runs"),
         "scan": lambda: client.scan(0),
     }

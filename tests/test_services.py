@@ -241,7 +241,13 @@ def test_orchestrated_run_matches_the_inprocess_runner(redis_url):
 
 
 def test_resumed_orchestrator_continues_from_the_store_head(redis_url):
-    # Prepare: run one epoch, then a new orchestrator for the same run id with more epochs
+    # Prepare: run one epoch; its last round's record is lost as in a crash between the server's
+    # write and the orchestrator's (the version is there, the record not); then a new orchestrator
+    # for the same run id with more epochs
+    import json
+
+    import redis
+
     cfg = replace(TINY, run_id="resume", epochs=1)
     fed = Federation(redis_url, cfg, workers=0)
     try:
@@ -251,6 +257,7 @@ def test_resumed_orchestrator_continues_from_the_store_head(redis_url):
         rounds_first = fed.orch.round_id
     finally:
         fed.close()
+    lost = json.loads(redis.Redis.from_url(redis_url).rpop("fedseq:resume:log:rounds"))
     fed2 = Federation(redis_url, replace(cfg, epochs=2), workers=0)
     try:
         w = fed2.add_worker("w")
@@ -262,6 +269,14 @@ def test_resumed_orchestrator_continues_from_the_store_head(redis_url):
         assert fed2.orch.round_id == 2 * rounds_first
         assert w.stats["train_calls"] == rounds_first
         assert [e["epoch"] for e in fed2.orch.epochs] == [1, 2]
+        # the lost record came back with the counts the server stored with the version
+        records = RedisStore.from_url(redis_url, "resume").records("rounds")
+        assert sorted(r["round"] for r in records) == list(range(2 * rounds_first))
+        back = next(r for r in records if r["round"] == lost["round"])
+        assert back["summary_recovered"] and lost["accepted"] > 0
+        for k in ("epoch", "users", "accepted", "rejected", "missing", "malicious", "malicious_kept", "defense",
+                  "defense_info", "rejections", "bytes_received"):
+            assert back[k] == lost[k], k
     finally:
         fed2.close()
 

@@ -14,9 +14,9 @@ import torch
 from _proxy import TcpProxy
 
 from fedseq import codec
+from fedseq.modelcache import CachedModelReader
 from fedseq.redis_server import RedisServer
 from fedseq.store import (
-    CachedModelReader,
     RedisStore,
     Retention,
     StoreArgumentError,
@@ -119,6 +119,23 @@ def test_retention_keeps_last_two_and_checkpoints(redis_url: str) -> None:
         f"fedseq:r1:{kind}:{v}".encode() for kind in ("model", "modelinfo") for v in (0, 5, 10, 11)
     )
     assert store.get_model(5)["w"].tolist() == [5.0, 5.0]
+
+
+def test_a_round_summary_is_written_with_its_version_and_dropped_with_it(redis_url: str) -> None:
+    # Prepare
+    store = RedisStore.from_url(redis_url, "r-sum", Retention(keep_last=2, checkpoint_every=0))
+
+    # Execute
+    store.put_model(0, {"w": torch.zeros(2)})
+    for version in (1, 2, 3):
+        store.put_model(version, {"w": torch.full((2,), float(version))}, summary=f"round {version - 1}".encode())
+    retry = store.put_model(3, {"w": torch.full((2,), 3.0)}, summary=b"another")  # an idempotent retry
+
+    # Assert: version 1 left with its summary; a retry of a written version rewrites nothing
+    assert retry > 0 and store.versions() == [2, 3]
+    assert [store.round_summary(v) for v in range(4)] == [None, None, b"round 1", b"round 2"]
+    assert sorted(redis.Redis.from_url(redis_url).keys("fedseq:r-sum:summary:*")) == [
+        b"fedseq:r-sum:summary:2", b"fedseq:r-sum:summary:3"]
 
 
 def test_retention_never_deletes_the_head() -> None:
