@@ -63,6 +63,8 @@ lint: setup
 # under an insider's load) run after that, in one process, with nothing else on the machine.
 TEST_WORKERS ?= auto
 PYTEST = $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+# the files that hold `alone` tests (collecting only them saves the whole suite's second collection)
+ALONE_FILES = $(shell grep -l '@pytest.mark.alone' tests/test_*.py)
 
 # mypy (about 20 CPU s from a fresh clone, where it has no cache) runs beside the parallel part of
 # the suite; its report follows the suite's, and either one failing fails `make test`.
@@ -71,7 +73,7 @@ test: check-protos
 	{ $(BIN)/mypy $(TYPED) > $(VENV)/mypy.out 2>&1; echo $$? > $(VENV)/mypy.rc; } & \
 	$(PYTEST) -m "not alone"; rc=$$?; wait; cat $(VENV)/mypy.out; \
 	[ $$rc -eq 0 ] && [ "$$(cat $(VENV)/mypy.rc)" = 0 ]
-	$(BIN)/python -m pytest -q -m alone
+	$(BIN)/python -m pytest -q -m alone $(ALONE_FILES)
 
 test-fast: setup
 	$(PYTEST) -m "not slow and not alone"

@@ -18,9 +18,10 @@ import threading
 from cli.zygote import MAX_MESSAGE, send
 
 # what the services import before they serve; a module a service imports later costs that
-# service the import (it still works)
-PRELOAD = ("numpy", "torch", "grpc", "cli.main", "cli.services", "server.app", "client.app", "attacker.app",
-           "orchestrator.app", "fedseq.engine", "fedseq.experiment")
+# service the import (it still works). torch._dynamo is what torch.func's first vmap(grad) loads
+# (about 1.1 CPU s in each training worker otherwise)
+PRELOAD = ("numpy", "torch", "torch._dynamo", "grpc", "cli.main", "cli.services", "server.app", "client.app",
+           "attacker.app", "orchestrator.app", "fedseq.engine", "fedseq.experiment")
 
 
 def _preload() -> None:

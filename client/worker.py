@@ -58,6 +58,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 UPLOAD_QUEUE = 64  # encoded updates a worker keeps ready for sending (about 25 MB at Steam's 390 KB)
+UPLOAD_FLOOR_S = 5.0  # an upload's deadline is the round's, but at least this far off
 
 
 class WorkerTasks:
@@ -145,7 +146,7 @@ class WorkerTasks:
         try:
             # wait_for_ready: a restarting aggregator is waited for (within the round's deadline)
             reply = self._aggregator(call.compression).SubmitUpdates(
-                call.messages(), timeout=deadline_left(request.deadline_unix, floor=5.0), wait_for_ready=True)
+                call.messages(), timeout=deadline_left(request.deadline_unix, floor=UPLOAD_FLOOR_S), wait_for_ready=True)
         except grpc.RpcError as e:  # the aggregator refused or could not be reached (or proved no server role)
             log.warning("upload of round %d to %s failed: %s %s", request.round_id, self.aggregator, e.code().name,
                         e.details())

@@ -202,7 +202,7 @@ def serve_until_signal(service: Service, on_stop=None, port_file: str | None = N
     orphaned = wait_for_signal(until)
     if on_stop:
         on_stop()
-    service.stop(grace=2.0 if orphaned else 5.0)
+    service.stop(grace=0.5 if orphaned else 5.0)  # orphaned: its peers are going too
     if orphaned:
         exit_orphaned()
 

@@ -381,16 +381,19 @@ def test_a_worker_sends_pieces_as_they_come_and_a_failed_piece_fails_the_call(re
 
 
 @pytest.mark.slow  # seconds of processes, waits or compute: `make test` runs it, `make test-fast` skips it
-def test_a_failed_upload_leaves_no_thread_waiting_for_pieces(redis_url):
+def test_a_failed_upload_leaves_no_thread_waiting_for_pieces(redis_url, monkeypatch):
     """The aggregator cannot be reached while the worker is still computing: the call fails
     (UNAVAILABLE, after the deadline's floor), the computation stops at its next piece, and no
     gRPC thread stays blocked waiting for pieces that will never come."""
     import threading
     from dataclasses import replace as dc_replace
 
+    from client import worker as worker_mod
     from client.service import benign_population
     from client.worker import ModelSource, TaskError, WorkerTasks
     from fedseq.v1 import worker_pb2
+
+    monkeypatch.setattr(worker_mod, "UPLOAD_FLOOR_S", 1.0)  # 5 s in service: the same path, sooner
 
     # Prepare: a model in the store, an aggregator address nobody listens on, slow pieces
     servicer = AggregatorServicer(lambda run_id: RedisStore.from_url(redis_url, run_id))
@@ -405,7 +408,7 @@ def test_a_failed_upload_leaves_no_thread_waiting_for_pieces(redis_url):
 
     def pieces(params, ids, round_id):
         for u in ids:
-            time.sleep(6.0)  # the call's deadline (its 5 s floor) passes while the first piece is computed
+            time.sleep(2.0)  # the call's deadline (its floor, 1 s here) passes while the first piece is computed
             computed.append(u)
             yield hosted.compute(params, [u], round_id)
 

@@ -101,8 +101,8 @@ class Proc:
         return [json.loads(x) for x in (self.logs / f"{self.name}.out").read_text().splitlines() if x.startswith("{")]
 
     def stop(self) -> None:
+        self.terminate()
         if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
             try:
                 self.popen.wait(15)
             except subprocess.TimeoutExpired:
@@ -110,6 +110,10 @@ class Proc:
                 self.popen.wait()
         self.out.close()
         self.err.close()
+
+    def terminate(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
 
 
 class Federation:
@@ -189,7 +193,10 @@ class Federation:
         return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
 
     def close(self) -> None:
-        for p in reversed(list(self.procs.values())):
+        procs = list(self.procs.values())
+        for p in procs:  # all asked to stop first: their graceful ends overlap
+            p.terminate()
+        for p in reversed(procs):
             p.stop()
 
 
@@ -374,7 +381,7 @@ def starve(tmp_path_factory, redis_server, zygote):
     garbage under the round's valid tokens, then holds 40 Health.Watch streams on the aggregation
     server while the next rounds run."""
     tmp = tmp_path_factory.mktemp("starve")
-    spec = {"starve": {"watch": 40, "drip": 16, "garbage": 16, "seconds": 20}}
+    spec = {"starve": {"watch": 40, "drip": 16, "garbage": 16, "seconds": 10}}
     fed = Federation(tmp, redis_server.url, replace(CFG, run_id="starve", epochs=3), clients=2, spec=spec,
                      zygote=zygote, server_flags=("--upload-idle-timeout", "3"))
     try:

@@ -55,6 +55,9 @@ GRPC_PROBE = ["python", "-m", "fedseq.healthcheck"]
 FILE_PROBE = [*GRPC_PROBE, "--file", HEALTH_FILE, "--max-age", "60"]
 
 
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's when the wheel has it: the same documents
+
+
 def _podman_kube():
     spec = importlib.util.spec_from_file_location("podman_kube", K8S / "podman_kube.py")
     mod = importlib.util.module_from_spec(spec)
@@ -66,12 +69,18 @@ def _kustomization() -> dict:
     return yaml.safe_load((BASE / "kustomization.yaml").read_text())
 
 
-def _resources() -> list[dict]:
-    """The base's manifests as written (before kustomize's transformers)."""
+@functools.cache
+def _parsed_resources() -> tuple[dict, ...]:
     docs = []
     for name in _kustomization()["resources"]:
-        docs += [d for d in yaml.safe_load_all((BASE / name).read_text()) if d]
-    return docs
+        docs += [d for d in yaml.load_all((BASE / name).read_text(), Loader=_LOADER) if d]
+    return tuple(docs)
+
+
+def _resources() -> list[dict]:
+    """The base's manifests as written (before kustomize's transformers); a fresh copy each call
+    (parsed once: the tests edit what they get)."""
+    return copy.deepcopy(list(_parsed_resources()))
 
 
 @functools.cache
