@@ -13,6 +13,10 @@ BIN    := $(VENV)/bin
 #   make setup PIP_ARGS="--extra-index-url https://download.pytorch.org/whl/cpu"
 PIP_ARGS ?=
 RUN_ARGS ?=
+# Python may write its bytecode caches (__pycache__/, git-ignored) even where the environment says
+# not to (PYTHONDONTWRITEBYTECODE=1 on the fedseq machines): the suite starts some 40 interpreters,
+# and each compiled every module of the project again (a collection took 7.4 s instead of 3.4 s)
+export PYTHONDONTWRITEBYTECODE :=
 
 .PHONY: setup lock run sim test test-fast lint protos check-protos bench clean
 
@@ -59,24 +63,31 @@ lint: setup
 
 # The suite runs in TEST_WORKERS processes (pytest-xdist; auto: one per CPU), each test file on one
 # of them (--dist loadfile: a file's module fixtures, e.g. tests/test_insider.py's federations, are
-# built once). TEST_WORKERS=0 runs it in this process. Tests marked `alone` (claims about a service
-# under an insider's load) run after that, in one process, with nothing else on the machine.
+# built once), the longest files first (tests/conftest.py FILE_SECONDS; --no-loadscope-reorder
+# keeps that order instead of xdist's most-tests-first), one torch thread per process (two xdist
+# workers at two threads each on two cores only contend: docs/results/suite.md).
+# TEST_WORKERS=0 runs it in this process. Tests marked `alone` (claims about a service under an
+# insider's load) run after that, in one process, with only mypy beside them (about 20 CPU s
+# from a fresh clone, where it has no cache; one core: the starved server's rounds take 0.1-0.2 s
+# against the 5 s the claim allows); either one failing fails `make test`.
 TEST_WORKERS ?= auto
-PYTEST = $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+PYTEST_ON = OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --dist loadfile --no-loadscope-reorder -n
+PYTEST = $(PYTEST_ON) $(TEST_WORKERS)
 # the files that hold `alone` tests (collecting only them saves the whole suite's second collection)
 ALONE_FILES = $(shell grep -l '@pytest.mark.alone' tests/test_*.py)
 
-# mypy (about 20 CPU s from a fresh clone, where it has no cache) runs beside the parallel part of
-# the suite; its report follows the suite's, and either one failing fails `make test`.
 test: check-protos
 	$(BIN)/ruff check .
+	$(PYTEST) -m "not alone"
 	{ $(BIN)/mypy $(TYPED) > $(VENV)/mypy.out 2>&1; echo $$? > $(VENV)/mypy.rc; } & \
-	$(PYTEST) -m "not alone"; rc=$$?; wait; cat $(VENV)/mypy.out; \
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m alone $(ALONE_FILES); rc=$$?; wait; cat $(VENV)/mypy.out; \
 	[ $$rc -eq 0 ] && [ "$$(cat $(VENV)/mypy.rc)" = 0 ]
-	$(BIN)/python -m pytest -q -m alone $(ALONE_FILES)
 
+# test-fast's tests wait on sockets and sleeps for a third of their time: one worker more than
+# the CPUs keeps both busy (58-60 s against 65-67 s with two on the 2-core machine)
+FAST_WORKERS ?= $(shell $(PYTHON) -c "import os; print((os.cpu_count() or 1) + 1)")
 test-fast: setup
-	$(PYTEST) -m "not slow and not alone"
+	$(PYTEST_ON) $(FAST_WORKERS) -m "not slow and not alone"
 
 bench: setup
 	$(BIN)/python bench/bench_epoch.py

@@ -82,3 +82,19 @@ def fedseq_cli(monkeypatch, capsys) -> Callable[..., tuple[int, str, str]]:
         return rc, out.out, out.err
 
     return run
+
+
+# Wall seconds of the files that take more than a few (pytest -n 2, 2026-12-04): sent to the
+# suite's workers longest first, so that what is left at the end is short files that even out
+# the two workers' ends (--dist loadfile --no-loadscope-reorder hands out files in collection
+# order; without the flag xdist sends the files with the most tests first, and the two workers
+# ended 37 s apart).
+FILE_SECONDS = {"test_insider.py": 37, "test_mission.py": 28, "test_faults.py": 27, "test_engine_equal.py": 26,
+                "test_scale.py": 26, "test_e2e.py": 26, "test_netns.py": 18, "test_sweep.py": 18,
+                "test_ledger.py": 14, "test_adversary.py": 14, "test_services.py": 14, "test_reproduce.py": 12,
+                "test_intake.py": 10, "test_fairshare.py": 10, "test_compute_pool.py": 8, "test_k8s.py": 8,
+                "test_attacks.py": 7, "test_zygote.py": 7, "test_codec_service.py": 6}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: -FILE_SECONDS.get(item.path.name, 0))  # stable: file order within a rank

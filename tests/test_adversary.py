@@ -290,15 +290,19 @@ def test_a_service_without_certificates_or_insecure_fails_fast(cmd, tmp_path, fe
     rc, _, err = fedseq_cli(cmd, *args)
     assert rc == 2
     assert "mutual TLS needs --tls-dir" in err and "Traceback" not in err
-    if cmd == "serve-server":  # ...and once as the real command, in a clean environment
-        proc = subprocess.run([sys.executable, "-m", "cli.main", cmd, *args], capture_output=True, text=True,
-                              timeout=120, cwd=ROOT, env={"PATH": "/usr/bin:/bin"})
-        assert proc.returncode == 2
-        assert "mutual TLS needs --tls-dir" in proc.stderr and "Traceback" not in proc.stderr
     make_certs(tmp_path, {"server": "server"})
     if cmd != "serve-server":  # a certificate of another role is refused
         rc, _, err = fedseq_cli(cmd, *args, "--tls-dir", tmp_path, "--tls-name", "server")
         assert rc == 2 and "has role 'server'" in err
+
+
+@pytest.mark.slow  # seconds of a new interpreter's imports
+def test_the_real_serve_server_command_without_certificates_fails_fast():
+    """The check above, once as the real command in a clean environment: exit status 2, the reason."""
+    proc = subprocess.run([sys.executable, "-m", "cli.main", "serve-server", "--store-url", "redis://127.0.0.1:1/0"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT, env={"PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 2
+    assert "mutual TLS needs --tls-dir" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_fedseq_certs_command(tmp_path, fedseq_cli):
