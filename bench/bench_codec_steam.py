@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", default=None)
     p.add_argument("--users", type=int, default=256, help="updates to time (one round: 256)")
     p.add_argument("--repeats", type=int, default=5, help="repetitions (median reported)")
-    p.add_argument("--encodings", default=",".join(codec.CODEC_NAMES))
+    p.add_argument("--codecs", "--encodings", dest="codecs", default=",".join(codec.CODEC_NAMES),
+                   help="comma-separated codecs to time (--encodings: the former name)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -122,13 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.dataset} {cfg.model}: D = {layout.dim:,}, item table {list(item.shape)}; {len(users)} updates "
           f"(compute {compute_s:.2f} s), nonzero item rows per update: median {statistics.median(nz):.0f}, "
           f"max {max(nz)}; 1 torch thread; median of {args.repeats} repetitions, ms per update\n")
-    print("| encoding | bytes/update | encode general | encode fast | ratio | fast, no hint | "
+    print("| codec | bytes/update | encode general | encode fast | ratio | fast, no hint | "
           "decode general | decode fast | ratio |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     matrix = torch.empty(len(users), layout.dim)
-    for encoding in args.encodings.split(","):
-        m, size = time_encoding(layout, ub, encoding, matrix, args.repeats)
-        print(f"| {encoding} | {size:,.0f} | {m['eg']:.3f} | {m['ef']:.3f} | {m['eg'] / m['ef']:.1f}x | "
+    for name in args.codecs.split(","):
+        m, size = time_encoding(layout, ub, name, matrix, args.repeats)
+        print(f"| {name} | {size:,.0f} | {m['eg']:.3f} | {m['ef']:.3f} | {m['eg'] / m['ef']:.1f}x | "
               f"{m['es']:.3f} | {m['dg']:.3f} | {m['df']:.3f} | {m['dg'] / m['df']:.1f}x |")
     return 0
 

@@ -88,6 +88,7 @@ def _id(c: tuple[str, bool, str]) -> str:
     return f"{c[0]}-{'adv' if c[1] else 'plain'}-{c[2]}"
 
 
+@pytest.mark.slow  # a networked federation each (make test-fast keeps the in-process matrix and tests/test_services.py's parity runs)
 @pytest.mark.parametrize("rule,adv,attack", sorted(SEAMS), ids=[_id(c) for c in sorted(SEAMS)])
 def test_inprocess_and_services_compute_the_same_run(redis_url, rule, adv, attack):
     # Prepare: one torch thread for both (the sim sets cfg.threads; a worker process sets --threads)

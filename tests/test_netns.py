@@ -181,14 +181,14 @@ class _Services:
                 proc.wait(5)
 
 
-def _certs(tmp: Path) -> tuple[Path, Path, dict[str, Path]]:
-    """``fedseq certs DIR --clients 2 --attackers 1``, split as a deployment would: the hub's
-    folder (CA, server, orchestrator, operator), the roster apart (the orchestrator's only), and
-    one folder per worker site holding the CA and that worker's own certificate and key."""
+def _certs(tmp: Path, fedseq_cli) -> tuple[Path, Path, dict[str, Path]]:
+    """``fedseq certs DIR --clients 2 --attackers 1`` (in this process), split as a deployment
+    would: the hub's folder (CA, server, orchestrator, operator), the roster apart (the
+    orchestrator's only), and one folder per worker site holding the CA and that worker's own
+    certificate and key."""
     made = tmp / "certs"
-    proc = subprocess.run([sys.executable, "-m", "cli.main", "certs", str(made), "--clients", "2", "--attackers", "1"],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT, stdin=subprocess.DEVNULL)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    rc, _out, err = fedseq_cli("certs", made, "--clients", "2", "--attackers", "1")
+    assert rc == 0, err[-2000:]
     roster = tmp / "roster.json"
     (made / "roster.json").replace(roster)
     sites = {}
@@ -201,10 +201,10 @@ def _certs(tmp: Path) -> tuple[Path, Path, dict[str, Path]]:
     return made, roster, sites
 
 
-def test_a_federation_of_workers_behind_nat_runs_and_computes_the_sim_run(topology, tmp_path):
+def test_a_federation_of_workers_behind_nat_runs_and_computes_the_sim_run(topology, tmp_path, fedseq_cli):
     # Prepare: certificates (one per worker, each site holding only its own), Redis on the hub with per-role users
     topo = topology
-    tls, roster, sites = _certs(tmp_path)
+    tls, roster, sites = _certs(tmp_path, fedseq_cli)
     logs = tmp_path / "logs"
     logs.mkdir()
     out = tmp_path / "out"
