@@ -15,13 +15,13 @@ def memory_holds(pid: int, needle: bytes) -> bool:
             if perms[0] != "r" or (rest and rest[-1] in ("[vvar]", "[vsyscall]", "[vvar_vclock]")):
                 continue
             lo, hi = (int(x, 16) for x in span.split("-"))
-            tail = b""
+            tail = b""  # the end of the previous chunk: a needle may straddle two
             for at in range(lo, hi, 1 << 24):
                 try:
                     chunk = os.pread(mem.fileno(), min(1 << 24, hi - at), at)
                 except OSError:
                     break
-                if needle in tail + chunk:
+                if needle in chunk or (tail and needle in tail + chunk[:len(needle) - 1]):
                     return True
-                tail = chunk[-len(needle):]
+                tail = chunk[-(len(needle) - 1):] if len(needle) > 1 else b""
     return False
