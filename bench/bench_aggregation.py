@@ -12,11 +12,18 @@ table of 64-wide rows over the first 3/4 of the vector (:func:`bench_layout`), w
 update touches in full (for a Steam-shaped sparse round see ``bench/bench_sparse.py``); seeded rules
 (``flame``, ``dnc``) are bound to round 0. ``--out`` writes the
 markdown table to a file (otherwise it is only printed). Benchmarks measure; they do not gate.
+
+Why the rules' chunked passes run in NumPy on the CPU (server/aggregation/base.py
+``use_numpy_path``): ``--torch-path`` runs those passes as torch ops instead, and ``--busy N``
+keeps N other processes spinning meanwhile (a server whose other cores are busy):
+
+    python bench/bench_aggregation.py --rules rfa --repeats 3 --busy 1 [--torch-path]
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import platform
 import statistics
@@ -41,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rules", default=",".join(RULES), help="comma-separated rule names (default all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="write the markdown table here")
+    p.add_argument("--torch-path", action="store_true",
+                   help="run the chunked passes as torch ops (server/aggregation/base.py use_numpy_path: False)")
+    p.add_argument("--busy", type=int, default=0, help="processes kept spinning while the rules run (default 0)")
     args = p.parse_args(argv)
     if args.k < 1 or args.d < 1 or args.repeats < 1:
         p.error("--k, --d and --repeats must be >= 1")
@@ -89,8 +99,28 @@ def build_rules(names: list[str], updates: torch.Tensor) -> dict[str, tuple[str,
     return rules
 
 
+def _spin() -> None:
+    while True:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.torch_path:
+        from server.aggregation import base
+
+        base.use_numpy_path = lambda _t: False  # the chunked passes' torch branch
+    spinners = [multiprocessing.Process(target=_spin, daemon=True) for _ in range(args.busy)]
+    for sp in spinners:
+        sp.start()
+    try:
+        return _bench(args)
+    finally:
+        for sp in spinners:
+            sp.terminate()
+
+
+def _bench(args: argparse.Namespace) -> int:
     updates, weights = make_round(args.k, args.d, args.seed)
     rules = build_rules(args.rule_names, updates)
     # what a round gives every rule (fedseq/engine.py RoundContext): a root update for FLTrust, the layout
@@ -114,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     size_mb = args.k * args.d * 4 / 1e6
     header = (
         f"K = {args.k}, D = {args.d:,} ({size_mb:.0f} MB float32 round), {args.repeats} repeats; "
-        f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs. "
+        f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs; chunked passes in "
+        f"{'torch' if args.torch_path else 'NumPy on the CPU'}, {args.busy} busy process(es) beside. "
         "Median (min..max) ms per aggregation."
     )
     cols = [f"{t} thread{'s' if t > 1 else ''}" for t in args.thread_counts]

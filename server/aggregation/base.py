@@ -104,10 +104,10 @@ def use_numpy_path(t: torch.Tensor) -> bool:
 
     Why: a chunked pass issues hundreds of small ops; as torch ops each one is an OpenMP parallel
     region, and with ``torch.set_num_threads(2)`` on a 2-core machine whose other core is busy
-    every region waits for a time slice (measured, K = 256, D = 433,536: a geometric median took
-    3.1 s with 2 torch threads vs 0.5 s with 1; the NumPy path takes 0.2 s either way).
-    NumPy's single-threaded loops have no such barrier, and its SIMD sort is ~10x faster than
-    ``torch.sort`` for rows of K = 256. Other devices use the torch path.
+    every region waits for a time slice. NumPy's single-threaded loops have no such barrier, and
+    its SIMD sort is far faster than ``torch.sort`` for rows of K = 256 (the coordinate-wise
+    median: docs/results/speed.md, "Chunked passes in NumPy", ``bench/bench_aggregation.py
+    --torch-path``). Other devices use the torch path.
     """
     return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and not t.requires_grad
 
