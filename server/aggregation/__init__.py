@@ -52,22 +52,10 @@ Round size and memory. The round is one ``[K, D]`` matrix: ``K * D * 4`` bytes i
 So a round fits when about ``K * D * 4`` (x2 with norm-clip) plus ``12 * K^2`` bytes fit in
 memory: e.g. K = 4,096 Steam updates need about 7.1 GB. Time: rfa O(maxiter * K * D); median and
 trimmed-mean O(K log K * D) (a sort per coordinate); krum and foolsgold O(K^2 * D) (one BLAS
-matrix product). Measured at K = 256, D = 433,536 on the 2-core dev machine, one thread: fedavg
-0.03 s, fltrust 0.05-0.09 s, median 0.15 s, trimmed-mean 0.19 s, rfa 0.2 s, mixed-rfa 0.22 s,
-norm-clip 0.23 s, krum and foolsgold 0.55-0.9 s (the Gram product); see
-``bench/bench_aggregation.py``. ``sparse`` on a K = 256 Steam-shaped round (5,137 x 64 item
-table, benign updates touching 48 rows on average with Zipf-like popularity, 3 dense updates:
-27,487 touches; ``bench/bench_sparse.py``, one thread, loaded machine): vectorised (rows batched by
-touch count) sparse:fedavg 0.13 s, sparse:trimmed-mean 0.22 s, sparse:rfa 0.32 s, sparse:median
-0.34 s, sparse:krum 0.50 s; the per-row reference path (``vectorised=false``, and every inner rule
-without a batched form) 0.3-0.6 s for fedavg/median/trimmed-mean, 3.5 s for krum, 4.8 s for rfa.
-The touched-mask pass over the 336 MB item block is about 0.13 s of each. The other new rules, same
-bench at K = 256, D = 433,536, one thread, measured on the loaded machine (load 9.6 on 2 cores;
-in the same run fedavg 0.05 s, median 0.58 s, krum 0.82 s): flame 0.79 s (the Gram product; the
-tree is O(K^2)), dnc 1.3 s (5 draws of 10,000 coordinates, a [K, K] float64 eigenproblem each),
-bulyan 1.8-2.0 s (the Gram product 0.85 s, 130 Krum selections 0.1-0.2 s, a sort per coordinate of
-the 130 selected 0.84 s), and sparse on a dense round (every update touches all 5,137 rows: its worst
-case, one [5137, 256, 64] block) 4.8 s. Chunked passes on CPU run in NumPy (see
+matrix product). What a round costs each rule at K = 256, D = 433,536 (one dense Steam SASRec
+round) is in docs/results/aggregation.md (``bench/bench_aggregation.py``), for ``sparse`` on a
+Steam-shaped round and the later rules in docs/results/newer-defenses.md
+(``bench/bench_sparse.py``). Chunked passes on CPU run in NumPy (see
 :func:`base.use_numpy_path`), so they do not suffer from torch thread oversubscription.
 
 Option syntax: ``--defense NAME --defense-opt k=v`` or ``--defense NAME:k=v,k=v`` (the sweep's
