@@ -24,7 +24,7 @@ from fedseq.adv_train import adversarial_updates
 from fedseq.compute_pool import ComputePool
 from fedseq.config import ConfigError, ExperimentConfig
 from fedseq.device import resolve
-from fedseq.engine import RoundPlan, aggregate_round, malicious_kept, plan_run, rule_scale
+from fedseq.engine import Aggregation, RoundPlan, aggregate_round, malicious_kept, plan_run, rule_scale
 from fedseq.experiment import Setup, all_clients
 from fedseq.metrics import Evaluator
 from fedseq.results import format_table, write_results
@@ -143,7 +143,8 @@ class InProcessFederation:
                                    ds.test[ev_users] if cfg.eval_users else ds.test, ev_users, s.targets,
                                    s.eval_config())
         self.local = cfg.local()
-        self.root = root_source(self.rule, cfg, s.model)
+        self.aggregation = Aggregation(self.rule, root_source(self.rule, cfg, s.model), s.layout,
+                                       cfg.compat.literal_step)
         self.malicious = set(s.malicious_users.tolist())
         self.pool: ComputePool | None = None
         if cfg.procs > 1:  # children forked now: they inherit the model and the data set
@@ -175,10 +176,9 @@ class InProcessFederation:
         ub, ta = trained
         tb = time.perf_counter()
         # the sanity bound checks the rows this runner did not compute with its own training code
-        out = aggregate_round(self.rule, self.params, ub.updates, torch.as_tensor(ub.num_samples, dtype=torch.float32),
-                              ub.users.tolist(), rp.lr, rp.round_id, self.root,
-                              literal_step=self.cfg.compat.literal_step, layout=self.s.layout,
-                              bound_rows=np.flatnonzero(ub.users >= self.s.dataset.num_users).tolist())
+        out = aggregate_round(self.aggregation, self.params, ub.updates,
+                              torch.as_tensor(ub.num_samples, dtype=torch.float32), ub.users.tolist(), rp.lr,
+                              rp.round_id, bound_rows=np.flatnonzero(ub.users >= self.s.dataset.num_users).tolist())
         self.params = out.params
         if self.on_round is not None:
             self.on_round(rp, self.params)

@@ -336,19 +336,41 @@ class RoundOutcome:
                                                  "uses_weights": self.uses_weights}
 
 
-def aggregate_round(rule: AggregationRule, params: torch.Tensor, updates: torch.Tensor, weights: torch.Tensor,
-                    users: Sequence[int], lr: float, round_id: int, root: RootUpdate | None = None,
-                    literal_step: bool = False, layout: Layout | None = None,
+@dataclass(frozen=True)
+class Aggregation:
+    """A run's aggregation, the same every round: its ``rule`` and what the runner gives it.
+
+    root: the runner's root update ``root(params, round_id) -> [D]`` (fedseq/root.py: FLTrust's
+        update from the server's own data), or None.
+    layout: the model's flat parameter layout (where the item table sits), or None.
+    literal_step: the compat switch that steps with ``lr`` as is (:func:`step_lr`).
+
+    A rule that declares ``needs_root`` or ``needs_layout`` and gets none is refused here, when the
+    run starts, with a ValueError."""
+
+    rule: AggregationRule
+    root: RootUpdate | None = None
+    layout: Layout | None = None
+    literal_step: bool = False
+
+    def __post_init__(self) -> None:
+        if self.rule.needs_root and self.root is None:
+            raise ValueError(f"rule {self.rule.name!r} needs a root update and the runner gave none")
+        if self.rule.needs_layout and self.layout is None:
+            raise ValueError(f"rule {self.rule.name!r} needs the parameter layout and the runner gave none")
+
+
+def aggregate_round(agg: Aggregation, params: torch.Tensor, updates: torch.Tensor, weights: torch.Tensor,
+                    users: Sequence[int], lr: float, round_id: int,
                     bound_rows: Iterable[int] | None = None) -> RoundOutcome:
-    """One round's aggregation and step.
+    """One round's aggregation and step, with the run's :class:`Aggregation` ``agg``.
 
     ``updates [K, D]`` holds the updates of ``users`` (sorted ids) in that order, ``weights [K]``
     their sample counts. The rule is called with the round's :class:`RoundContext`: the weights,
-    ``round_id``, the parameter ``layout``, ``params``, and, only for a rule that declares
-    ``needs_root`` (FLTrust), the root update ``root(params, round_id)``, computed once per round. A
-    rule that needs the root or the layout and gets none from the runner is refused with a
-    ValueError. The step's learning rate is :func:`step_lr` of the rule's scale (``lr`` as is with
-    ``literal_step``).
+    ``round_id``, the parameter layout, ``params``, and, only for a rule that declares
+    ``needs_root`` (FLTrust), the root update ``agg.root(params, round_id)``, computed once per
+    round. The step's learning rate is :func:`step_lr` of the rule's scale (``lr`` as is with
+    ``agg.literal_step``).
 
     First the sanity bound (:func:`out_of_bounds`) refuses absurd rows: ``bound_rows`` names the
     rows to check (None: all). The server passes ``()``: it checked every row with the same
@@ -370,17 +392,14 @@ def aggregate_round(rule: AggregationRule, params: torch.Tensor, updates: torch.
         users = [u for i, u in enumerate(users) if bool(keep_rows[i])]
     else:
         refused_bound = ()
-    if rule.needs_root and root is None:
-        raise ValueError(f"rule {rule.name!r} needs a root update and the runner gave none")
-    if rule.needs_layout and layout is None:
-        raise ValueError(f"rule {rule.name!r} needs the parameter layout and the runner gave none")
-    round_root = root(params, round_id) if root is not None and rule.needs_root else None
-    ctx = RoundContext(weights, int(round_id), layout, params, round_root)
+    rule = agg.rule
+    round_root = agg.root(params, round_id) if agg.root is not None and rule.needs_root else None
+    ctx = RoundContext(weights, int(round_id), agg.layout, params, round_root)
     overflow: list[int] = []
     U = updates
     while users:
         res = rule(U, ctx)
-        lr_step = step_lr(rule, lr, len(users), literal_step)
+        lr_step = step_lr(rule, lr, len(users), agg.literal_step)
         new = server_step(params, res.vector, lr_step)
         if model_sane(new):
             kept = None if res.kept is None else tuple(users[i] for i in res.kept)

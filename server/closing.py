@@ -98,15 +98,13 @@ class RoundCloser:
         """The round engine's step (fedseq/engine.py) on the accepted ``users``' updates. Updates
         refused because the aggregate overflowed are recorded as rejected ("non-finite")."""
         keeper = self._keeper
-        assert keeper.params is not None and keeper.rule is not None
+        assert keeper.params is not None and keeper.aggregation is not None
         rows = [rnd.rows[u] for u in users]  # ascending: rows follow user ids
         # [K, D] sorted by user id; no copy when every assigned user's update arrived
         U = rnd.matrix if len(rows) == rnd.matrix.shape[0] else rnd.matrix[torch.as_tensor(rows)]
         w = torch.tensor([rnd.updates[u] for u in users], dtype=torch.float32)
         # bound_rows=(): every row passed the same sanity bound (fedseq/engine.py out_of_bounds) as it was decoded
-        out = aggregate_round(keeper.rule, keeper.params, U, w, users, rnd.lr, rnd.round_id, keeper.root,
-                              literal_step=bool(keeper.cfg and keeper.cfg.compat.literal_step), layout=keeper.layout,
-                              bound_rows=())
+        out = aggregate_round(keeper.aggregation, keeper.params, U, w, users, rnd.lr, rnd.round_id, bound_rows=())
         for user, why in out.refused.items():
             del rnd.updates[user]
             rnd.rejected[user] = reason(word(why), why.split(": ", 1)[1])

@@ -13,6 +13,7 @@ from fedseq.config import Compat, ExperimentConfig
 from fedseq.engine import (
     UPDATE_BOUND,
     WEIGHT_BOUND,
+    Aggregation,
     aggregate_round,
     eval_due,
     malicious_kept,
@@ -36,9 +37,9 @@ def test_mean_scale_rules_step_k_times_their_output_unless_literal():
     params = torch.zeros(2)
     mean, total = make_rule("fedavg", {"reduce": "mean", "weighted": "false"}), make_rule("fedavg")
     # Execute
-    scaled = aggregate_round(mean, params, U, w, [0, 1, 2, 3], lr=0.5, round_id=0)
-    literal = aggregate_round(mean, params, U, w, [0, 1, 2, 3], lr=0.5, round_id=0, literal_step=True)
-    summed = aggregate_round(total, params, U, w, [0, 1, 2, 3], lr=0.5, round_id=0)
+    scaled = aggregate_round(Aggregation(mean), params, U, w, [0, 1, 2, 3], lr=0.5, round_id=0)
+    literal = aggregate_round(Aggregation(mean, literal_step=True), params, U, w, [0, 1, 2, 3], lr=0.5, round_id=0)
+    summed = aggregate_round(Aggregation(total), params, U, w, [0, 1, 2, 3], lr=0.5, round_id=0)
     # Assert: mean [2, 1] stepped with lr 0.5 x 4; literally with 0.5; the sum [8, 4] with 0.5
     assert scaled.params.tolist() == [-4.0, -2.0] == summed.params.tolist()
     assert literal.params.tolist() == [-1.0, -0.5]
@@ -64,7 +65,8 @@ def test_updates_beyond_the_sanity_bound_are_refused_before_the_rule():
     big = torch.full((2,), 3e38)
     U = torch.stack([big, big, torch.tensor([float("nan"), 0.0]), torch.tensor([1.0, 1.0])])
     # Execute
-    out = aggregate_round(make_rule("fedavg"), torch.zeros(2), U, torch.ones(4), [5, 7, 8, 9], lr=1.0, round_id=3)
+    out = aggregate_round(Aggregation(make_rule("fedavg")), torch.zeros(2), U, torch.ones(4), [5, 7, 8, 9], lr=1.0,
+                          round_id=3)
     # Assert: the absurd ones never reach the rule; the honest one is the step
     assert out.out_of_bounds == (5, 7, 8) and out.overflow == () and out.users == (9,)
     assert torch.equal(out.params, torch.tensor([-1.0, -1.0]))
@@ -84,7 +86,7 @@ def test_a_step_that_would_explode_the_model_is_refused_largest_norm_first_and_r
     big = torch.full((2,), 6e4)
     U = torch.stack([big, big * 0.9, torch.tensor([1.0, 1.0])])
     # Execute
-    out = aggregate_round(make_rule("fedavg"), torch.zeros(2), U, torch.ones(3), [5, 7, 9], lr=1.0, round_id=3)
+    out = aggregate_round(Aggregation(make_rule("fedavg")), torch.zeros(2), U, torch.ones(3), [5, 7, 9], lr=1.0, round_id=3)
     # Assert: the largest goes first, then the next, then the step is sane
     assert out.overflow == (5, 7) and out.users == (9,)
     assert model_sane(out.params) and torch.equal(out.params, torch.tensor([-1.0, -1.0]))
@@ -127,10 +129,10 @@ def test_the_rule_gets_the_rounds_context_and_the_root_only_when_it_declares_nee
     layout = Layout(("w",), ((2,),))
     params = torch.zeros(2)
     # Execute
-    plain = aggregate_round(Recorder(), params, U, torch.tensor([3.0, 4.0]), [5, 6], 1.0, 9, root, layout=layout)
+    plain = aggregate_round(Aggregation(Recorder(), root, layout), params, U, torch.tensor([3.0, 4.0]), [5, 6], 1.0, 9)
     n_plain = len(seen)
-    rooted = aggregate_round(Recorder(needs=True), params, U, torch.tensor([3.0, 4.0]), [5, 6], 1.0, 9, root,
-                             layout=layout)
+    rooted = aggregate_round(Aggregation(Recorder(needs=True), root, layout), params, U, torch.tensor([3.0, 4.0]),
+                             [5, 6], 1.0, 9)
     # Assert: round id, layout, weights (the refused row's removed) and params reach the rule; the root
     # is computed once per round and only for the rule that declares it needs one
     assert plain.overflow == (5,) == rooted.overflow and n_plain == 2 and len(seen) == 4
@@ -138,8 +140,8 @@ def test_the_rule_gets_the_rounds_context_and_the_root_only_when_it_declares_nee
     assert [c.weights.tolist() for c in seen] == [[3.0, 4.0], [4.0]] * 2
     assert [c.root for c in seen[:2]] == [None, None] and calls == [9]
     assert all(c.root is not None and torch.equal(c.root, torch.ones(2)) for c in seen[2:])
-    with pytest.raises(ValueError, match="needs a root update"):
-        aggregate_round(Recorder(needs=True), params, U, torch.ones(2), [5, 6], 1.0, 9)
+    with pytest.raises(ValueError, match="needs a root update"):  # refused when the run's aggregation is made
+        Aggregation(Recorder(needs=True), layout=layout)
 
 
 def test_the_plan_has_every_client_once_per_epoch_and_adversarial_rounds_after_each():
@@ -191,5 +193,5 @@ def test_every_rule_says_whether_it_reads_the_sample_weights():
     assert not rule_uses_weights(make_rule("foolsgold")) and not rule_uses_weights(make_rule("fltrust"))
     assert rule_uses_weights(make_rule("norm-clip", {"inner": "rfa", "bound": "1.0"}))
     assert not rule_uses_weights(make_rule("sparse", {"inner": "median"}))
-    out = aggregate_round(make_rule("median"), torch.zeros(2), torch.ones(3, 2), torch.ones(3), [1, 2, 3], 0.1, 0)
+    out = aggregate_round(Aggregation(make_rule("median")), torch.zeros(2), torch.ones(3, 2), torch.ones(3), [1, 2, 3], 0.1, 0)
     assert out.info["uses_weights"] is False

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedseq.engine import RoundContext, aggregate_round
+from fedseq.engine import Aggregation, RoundContext, aggregate_round
 from server.aggregation import RuleConfigError, make_rule, single_cluster
 from server.aggregation.base import round_generator
 from server.aggregation.bulyan import closest_to_median_mean
@@ -190,8 +190,8 @@ def test_flame_noise_is_lambda_times_median_norm_from_the_rounds_generator() -> 
     u = torch.tensor([[1.0, 0.0], [2.0, 0.0], [3.0, 0.0], [4.0, 0.0], [5.0, 0.0], [0.0, -10.0], [0.0, -20.0]])
     rule = make_rule("flame", {"noise": "0.5", "seed": "9"})
     # Execute
-    r3 = aggregate_round(rule, torch.zeros(2), u, torch.ones(7), list(range(7)), lr=1.0, round_id=3)
-    r4 = aggregate_round(rule, torch.zeros(2), u, torch.ones(7), list(range(7)), lr=1.0, round_id=4)
+    r3 = aggregate_round(Aggregation(rule), torch.zeros(2), u, torch.ones(7), list(range(7)), lr=1.0, round_id=3)
+    r4 = aggregate_round(Aggregation(rule), torch.zeros(2), u, torch.ones(7), list(range(7)), lr=1.0, round_id=4)
     noise3 = (torch.randn(2, generator=round_generator(9, FLAME_KEY, 3), dtype=torch.float64) * 2.0).float()
     # Assert: sigma = 0.5 * 4 = 2; the engine bound the round id; another round, other noise
     assert r3.result is not None and r4.result is not None

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedseq.engine import aggregate_round, step_lr
+from fedseq.engine import Aggregation, aggregate_round, step_lr
 from fedseq.params import Layout
 from server.aggregation import (
     ItemRows,
@@ -164,15 +164,15 @@ def test_engine_passes_the_layout_and_steps_with_lr_as_is() -> None:
     rule = make_rule("sparse:median")
     params = torch.zeros(11)
     # Execute
-    out = aggregate_round(rule, params, HAND, torch.ones(3), [0, 1, 2], lr=0.5, round_id=0, layout=LAYOUT)
+    out = aggregate_round(Aggregation(rule, layout=LAYOUT), params, HAND, torch.ones(3), [0, 1, 2], lr=0.5, round_id=0)
     # Assert: scale sum, so the step is lr * aggregate
     assert rule.needs_layout and step_lr(rule, 0.5, 3) == 0.5
     assert torch.equal(out.params, -0.5 * sparse("sparse:median")(HAND, ctx(torch.ones(3))).vector)
 
 
 def test_engine_refuses_a_layout_rule_without_a_layout() -> None:
-    with pytest.raises(ValueError, match="needs the parameter layout"):
-        aggregate_round(make_rule("sparse"), torch.zeros(11), HAND, torch.ones(3), [0, 1, 2], 0.1, 0)
+    with pytest.raises(ValueError, match="needs the parameter layout"):  # when the run's aggregation is made
+        Aggregation(make_rule("sparse"))
 
 
 def test_a_context_without_a_layout_is_refused() -> None:
