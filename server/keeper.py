@@ -24,7 +24,7 @@ import torch
 from fedseq import observe
 from fedseq.config import ExperimentConfig
 from fedseq.delta import make_patch
-from fedseq.engine import Aggregation, AggregationRule, RootUpdate
+from fedseq.engine import Aggregation
 from fedseq.models import SeqModel, build_model
 from fedseq.models.common import reference_init
 from fedseq.params import Layout, get_vector
@@ -49,9 +49,7 @@ class Run:
     params: torch.Tensor
     version: int
     store: RedisStore
-    rule: AggregationRule
     model: SeqModel
-    root: RootUpdate | None
     resumed: bool
     store_bytes: int  # bytes of the version 0 it wrote (0: resumed)
     store_read_mark: int  # the store's bytes read once loaded
@@ -89,10 +87,9 @@ class ModelKeeper:
         self.version = -1
         self.last_closed = -1  # round r produces version r + 1
         self.store: RedisStore | None = None
-        self.rule: AggregationRule | None = None
         self.model: SeqModel | None = None
-        self.root: RootUpdate | None = None  # FLTrust's root update from the server's own data
-        self.aggregation: Aggregation | None = None  # the run's rule, root, layout and step (fedseq/engine.py)
+        # the run's rule, FLTrust root update (from the server's own data), layout and step (fedseq/engine.py)
+        self.aggregation: Aggregation | None = None
         self._store_read_mark = 0
 
     # ------------------------------------------------------------------ the run
@@ -125,20 +122,17 @@ class ModelKeeper:
             params = layout.flatten(store.get_model(head))
             version, resumed, store_bytes = head, True, 0
         limits = {c: update_limit(layout, c, self.max_update_bytes) for c in self.accepted_codecs}
-        root = root_source(rule, cfg, model)
         try:
-            aggregation = Aggregation(rule, root, layout, cfg.compat.literal_step)
+            aggregation = Aggregation(rule, root_source(rule, cfg, model), layout, cfg.compat.literal_step)
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad run config: {e}")
-        return Run(request.run_id, cfg, layout, params, version, store, rule, model, root, resumed, store_bytes,
+        return Run(request.run_id, cfg, layout, params, version, store, model, resumed, store_bytes,
                    store.io_counters()["bytes_read"], limits, aggregation)
 
     def publish_run_locked(self, run: Run) -> None:
         """Serve ``run`` from now on (a new run on this server starts over)."""
         self.run_id, self.cfg, self.layout, self.params = run.run_id, run.cfg, run.layout, run.params
-        self.version, self.store, self.rule, self.model, self.root = (run.version, run.store, run.rule, run.model,
-                                                                      run.root)
-        self.aggregation = run.aggregation
+        self.version, self.store, self.model, self.aggregation = run.version, run.store, run.model, run.aggregation
         self.last_closed = run.version - 1  # round r produces version r + 1
         self._store_read_mark = run.store_read_mark
         self.update_limits = run.update_limits

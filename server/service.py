@@ -155,11 +155,11 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
 
     @property
     def rule(self) -> AggregationRule | None:
-        return self.keeper.rule
+        return self.keeper.aggregation.rule if self.keeper.aggregation else None
 
     @property
     def root(self) -> RootUpdate | None:
-        return self.keeper.root
+        return self.keeper.aggregation.root if self.keeper.aggregation else None
 
     @property
     def max_update_bytes(self) -> int:
