@@ -405,20 +405,18 @@ class RedisStore:
 
     def get_patch_bytes(self, version: int) -> bytes | None:
         """The patch turning ``version - 1`` into ``version``, or None when there is none."""
-        version = check_version(version)
-        with self._io(f"reading the patch of model version {version} of run {self.run_id}"):
-            blob = self._client.get(self._key("patch", version))
-        if blob is None:
-            return None
-        self._count(read=len(blob))
-        return bytes(blob)
+        return self._version_bytes("patch", version, "the patch")
 
     def round_summary(self, version: int) -> bytes | None:
         """The summary the server wrote with ``version`` (None: written without one, or dropped by
         retention with the version)."""
+        return self._version_bytes("summary", version, "the round summary")
+
+    def _version_bytes(self, kind: str, version: int, what: str) -> bytes | None:
+        """The bytes under ``kind:version`` (counted as read), or None when there are none."""
         version = check_version(version)
-        with self._io(f"reading the round summary of model version {version} of run {self.run_id}"):
-            blob = self._client.get(self._key("summary", version))
+        with self._io(f"reading {what} of model version {version} of run {self.run_id}"):
+            blob = self._client.get(self._key(kind, version))
         if blob is None:
             return None
         self._count(read=len(blob))
