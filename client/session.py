@@ -204,10 +204,13 @@ class _Session:
             yield msg
 
     def _watch(self) -> None:
-        """A silent stream (half-open behind NAT) or a stop ends the call."""
-        while not self.ended.wait(min(1.0, self.period)):
-            if self.stop.is_set() or time.monotonic() - self.heard > 3 * self.period:
-                self.call.cancel()
+        """A silent stream (half-open behind NAT) or a stop ends the call. It waits on ``stop``, so
+        a stop cancels the call at once (waiting on ``ended`` instead, a stop waited for the next
+        check: up to a second, paid by every worker's shutdown)."""
+        while not self.ended.is_set():
+            if self.stop.wait(min(1.0, self.period)) or time.monotonic() - self.heard > 3 * self.period:
+                if not self.ended.is_set():
+                    self.call.cancel()
                 return
 
     def _receive(self, msg) -> None:
