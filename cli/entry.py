@@ -16,6 +16,10 @@ import signal
 import sys
 import threading
 
+from cli import fastexit
+
+fastexit.install()  # before cli.main's imports register their exit handlers, so it runs last
+
 
 def _stop_early(signum: int, _frame) -> None:
     code = 128 + signum
@@ -44,5 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     return fedseq_main(argv)
 
 
+def script() -> int:
+    """The ``fedseq`` console script (and ``python -m cli.entry``): :func:`main`, then an exit
+    without the module teardown (cli/fastexit.py)."""
+    return fastexit.arm(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(script())

@@ -65,7 +65,7 @@ def cell_command(spec: SweepSpec, cell: Cell, folder: Path, threads: int) -> lis
     """The ``fedseq run`` / ``fedseq sim`` command line of ``cell`` (config file + output folder)."""
     config = cell_config(spec, cell, folder, threads)
     sub = "run" if spec.engine == "services" else "sim"
-    return [sys.executable, "-m", "cli.main", sub, "--config", str(config), "--out", str(folder)]
+    return [sys.executable, "-m", "cli.entry", sub, "--config", str(config), "--out", str(folder)]
 
 
 def subprocess_cell(spec: SweepSpec, cell: Cell, folder: Path, threads: int) -> int:

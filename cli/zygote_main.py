@@ -15,7 +15,11 @@ import socket
 import sys
 import threading
 
-from cli.zygote import MAX_MESSAGE, send
+from cli import fastexit
+
+fastexit.install()  # before the preload imports register their exit handlers, so it runs last
+
+from cli.zygote import MAX_MESSAGE, send  # noqa: E402
 
 # what the services import before they serve; a module a service imports later costs that
 # service the import (it still works). torch._dynamo is what torch.func's first vmap(grad) loads
@@ -123,7 +127,8 @@ def main() -> int:
     argv = become(*got)
     from cli.main import main as fedseq_main
 
-    return fedseq_main(argv)  # the interpreter then exits as usual: threads joined, atexit run
+    # the interpreter then exits as usual (threads joined, atexit run), less the module teardown
+    return fastexit.arm(fedseq_main(argv))
 
 
 if __name__ == "__main__":

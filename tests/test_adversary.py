@@ -299,7 +299,7 @@ def test_a_service_without_certificates_or_insecure_fails_fast(cmd, tmp_path, fe
 @pytest.mark.slow  # seconds of a new interpreter's imports
 def test_the_real_serve_server_command_without_certificates_fails_fast():
     """The check above, once as the real command in a clean environment: exit status 2, the reason."""
-    proc = subprocess.run([sys.executable, "-m", "cli.main", "serve-server", "--store-url", "redis://127.0.0.1:1/0"],
+    proc = subprocess.run([sys.executable, "-m", "cli.entry", "serve-server", "--store-url", "redis://127.0.0.1:1/0"],
                           capture_output=True, text=True, timeout=120, cwd=ROOT, env={"PATH": "/usr/bin:/bin"})
     assert proc.returncode == 2
     assert "mutual TLS needs --tls-dir" in proc.stderr and "Traceback" not in proc.stderr

@@ -25,7 +25,7 @@ METRICS = ("hr@10", "ndcg@10", "er@5", "er@10", "er@20", "er@30")
 
 def _cli(*args: str, **kw) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDSEQ_")}
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "cli.entry", *args], capture_output=True, text=True, env=env,
                           timeout=300, **kw)
 
 

@@ -100,7 +100,7 @@ def test_health_file_ages_and_readiness(tmp_path):
 
 def test_console_script_is_the_entry_point():
     text = (ROOT / "pyproject.toml").read_text()
-    assert 'fedseq = "cli.entry:main"' in text
+    assert 'fedseq = "cli.entry:script"' in text
 
 
 def _service(identity=None) -> Service:
@@ -156,3 +156,51 @@ def test_healthcheck_command_exit_codes(tmp_path):
     r = subprocess.run([sys.executable, "-m", "fedseq.healthcheck", "--timeout", "1"], env=env, capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 1 and "unhealthy" in r.stderr
+
+
+# A script run as ``python -c``: the exit handler first, then a late atexit handler, a logging
+# handler with a buffered record, unflushed stdout, and an object whose finalizer only the module
+# teardown would run. ARM is the status given to fastexit.arm, or None for an unarmed process.
+_EXIT_SCRIPT = """
+import sys
+from cli import fastexit
+fastexit.install()
+import atexit, logging
+out = sys.argv[1]
+class Torn:
+    def __del__(self, open=open, path=out + ".teardown"):  # builtins may be gone by then
+        open(path, "w").close()
+keep = Torn()
+atexit.register(lambda: open(out + ".atexit", "w").close())
+logging.basicConfig(filename=out + ".log", level=logging.INFO)
+logging.info("logged before the exit")
+sys.stdout.write("unflushed")
+arm = {arm}
+sys.exit(fastexit.arm(arm) if arm is not None else 5)
+"""
+
+
+@pytest.mark.parametrize("arm", [3, None])
+def test_an_armed_exit_runs_the_handlers_flushes_and_skips_only_the_teardown(tmp_path, arm):
+    # Execute
+    p = _spawn("-c", _EXIT_SCRIPT.format(arm=arm), str(tmp_path / "p"))
+    out, err = p.communicate(timeout=60)
+    # Assert: the armed status (else the script's own), the later atexit handler ran, the log record
+    # and stdout were flushed; the teardown (the finalizer) ran only where the exit was not armed
+    assert p.returncode == (3 if arm is not None else 5), err
+    assert out == "unflushed" and (tmp_path / "p.atexit").exists()
+    assert "logged before the exit" in (tmp_path / "p.log").read_text()
+    assert (tmp_path / "p.teardown").exists() == (arm is None)
+
+
+def test_the_console_script_exits_with_the_commands_status_without_the_teardown():
+    """``fedseq`` (cli.entry:script) arms the fast exit with the command's status; a bad flag's
+    status 2 comes from argparse (SystemExit), unarmed."""
+    # Execute
+    bad = _spawn("-m", "cli.entry", "certs")  # the folder argument is missing: argparse exits 2
+    _, bad_err = bad.communicate(timeout=60)
+    refused = _spawn("-m", "cli.entry", "run", "--redis-url", "redis://u:secret@127.0.0.1:1/0")
+    _, refused_err = refused.communicate(timeout=60)
+    # Assert
+    assert bad.returncode == 2 and "usage" in bad_err
+    assert refused.returncode == 2 and "FEDSEQ_REDIS_URL" in refused_err  # the command's own status

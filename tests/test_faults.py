@@ -44,7 +44,7 @@ def _launch(out: Path, tmpdir: Path | None = None) -> subprocess.Popen:
     if tmpdir is not None:  # the run's temporary folders there, not among other tests' in /tmp
         tmpdir.mkdir(parents=True, exist_ok=True)
         env["TMPDIR"] = str(tmpdir)
-    return subprocess.Popen([sys.executable, "-m", "cli.main", "run", *RUN, "--out", str(out)], cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, "-m", "cli.entry", "run", *RUN, "--out", str(out)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -456,7 +456,7 @@ def test_workers_of_a_run_on_the_operators_redis_get_no_store_credentials(tmp_pa
         admin = redis.url
         password = admin.split("@")[0].rsplit(":", 1)[-1]
         env = _env(FEDSEQ_REDIS_URL=admin)
-        cmd = [sys.executable, "-m", "cli.main", "run", "--dataset", f"synthetic:users={USERS},items=80", "--epochs",
+        cmd = [sys.executable, "-m", "cli.entry", "run", "--dataset", f"synthetic:users={USERS},items=80", "--epochs",
                "1", "--clients-per-round", "16", "--attack", "dv-fsr", "--malicious-ratio", "0.1", "--out", str(out)]
         # Execute: once the first round is in (every worker welcomed and trained), read the whole
         # memory of every process the launcher started; also their command lines and environments

@@ -573,7 +573,7 @@ def test_the_real_data_command_reports_bad_data_in_one_line(tmp_path):
 
     path = tmp_path / "seqs.txt"
     path.write_text("-3 1 2 3\n")
-    proc = subprocess.run([sys.executable, "-m", "cli.main", "data", str(path)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "cli.entry", "data", str(path)], capture_output=True, text=True,
                           timeout=120, cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 2 and "user id -3 is negative" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1

@@ -119,7 +119,7 @@ def test_workers_reach_the_hub_through_nat_and_the_hub_reaches_no_worker(topolog
 
 
 class _Services:
-    """The run's processes (``ip netns exec NS python -m cli.main ...``), one log file each."""
+    """The run's processes (``ip netns exec NS python -m cli.entry ...``, the `fedseq` script), one log file each."""
 
     def __init__(self, topo: netns.Topology, log_dir: Path) -> None:
         self.topo, self.log_dir = topo, log_dir
@@ -135,7 +135,7 @@ class _Services:
         # store credentials in the environment, as `fedseq run` passes them (argv is public)
         env = {**self.env, **({"FEDSEQ_STORE_URL": store_url} if store_url else {})}
         with open(self.log(name), "wb") as log:
-            proc = subprocess.Popen(netns.netns_exec(ns, sys.executable, "-m", "cli.main", "--log-level", "info",
+            proc = subprocess.Popen(netns.netns_exec(ns, sys.executable, "-m", "cli.entry", "--log-level", "info",
                                                      *argv), stdout=log, stderr=subprocess.STDOUT, env=env,
                                     cwd=ROOT, stdin=subprocess.DEVNULL, start_new_session=True)
         self.procs[name] = proc

@@ -283,7 +283,7 @@ def test_a_100k_user_networked_run_with_a_sample_and_max_rounds_matches_the_inpr
     (tmp_path / "cfg.json").write_text(json.dumps(keys))
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDSEQ_")}
     env["FEDSEQ_DATA_CACHE"] = str(tmp_path / "cache")
-    proc = subprocess.run([sys.executable, "-m", "cli.main", "run", "--insecure", "--config", str(tmp_path / "cfg.json"),
+    proc = subprocess.run([sys.executable, "-m", "cli.entry", "run", "--insecure", "--config", str(tmp_path / "cfg.json"),
                            "--workers", "2", "--out", str(tmp_path / "run")], capture_output=True, text=True, env=env,
                           timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
