@@ -40,7 +40,7 @@ from typing import Any
 from fedseq.config import ConfigError
 from fedseq.data import TARGET_PRESETS
 
-from .sweep import KS, SweepSpec, format_table, parse_seeds, plot_sweep, run_sweep
+from .sweep import KS, CellRunner, SweepSpec, format_table, parse_seeds, plot_sweep, run_sweep, subprocess_cell
 
 ROOT = Path.cwd()  # run from the repository root: runs/ and docs/results/ are relative to it
 
@@ -396,7 +396,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--note", default="", help="a paragraph for the page (how and where its cells ran)")
 
 
-def main(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace, runner: CellRunner = subprocess_cell) -> int:
+    """``fedseq reproduce``: run (or resume) the suite's cells with ``runner`` (default: each its own
+    process; cli/sweep_run.py) and write its page."""
     seeds = parse_seeds(args.seeds or ("0" if args.quick else "0-2"))
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
     spec = suite_spec(args.suite, seeds, args.quick, args.dataset, args.data_root, args.targets, variants, args.only,
@@ -423,7 +425,7 @@ def main(args: argparse.Namespace) -> int:
         summary_dir.mkdir(parents=True, exist_ok=True)
     else:
         summary = run_sweep(spec, summary_dir, args.jobs, args.cores, cells_root=out / "cells",
-                            max_cells=args.max_cells)
+                            max_cells=args.max_cells, runner=runner, plots=False)  # its own, below
     # the plots show the paper cells; their [compat off] / [full ranking] variants are in the tables
     # (on one axis a variant would sit on its paper cell's line as a second point of the same ratio)
     paper_only = {**summary, "scenarios": {k: v for k, v in summary["scenarios"].items() if not k.endswith("]")}}
@@ -432,6 +434,7 @@ def main(args: argparse.Namespace) -> int:
         paper_cells = [s for s in spec.scenarios if not s["name"].endswith("]")]
         plots.insert(0, plot_figure2(summary, paper_cells, summary_dir / f"{args.suite}.png",
                                      SUITES[args.suite]["figure"]))
+    summary["plots"] = [str(p) for p in plots]
     (summary_dir / "sweep.json").write_text(json.dumps(summary, indent=1))
     if page.parent != summary_dir:
         dest = page.parent / page.stem

@@ -142,10 +142,10 @@ def _clock(s: float) -> str:
 def run_sweep(spec: SweepSpec, out: Path, jobs: int = 1, cores: int | None = None,
               say: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
               cells_root: Path | None = None, max_cells: int | None = None,
-              runner: CellRunner = subprocess_cell) -> dict[str, Any]:
+              runner: CellRunner = subprocess_cell, plots: bool = True) -> dict[str, Any]:
     """Run every unfinished cell of ``spec`` (``jobs`` at once; at most ``max_cells`` of them) into
     ``cells_root`` (default ``out``) with ``runner`` (default: each its own process) and summarise
-    all into ``out``."""
+    all into ``out``, with its plots unless ``plots`` is False (a caller that draws its own)."""
     cells = spec.cells()
     out.mkdir(parents=True, exist_ok=True)
     root = cells_root or out
@@ -194,6 +194,6 @@ def run_sweep(spec: SweepSpec, out: Path, jobs: int = 1, cores: int | None = Non
     summary = summarise(spec, cells, root)
     summary["failed"] = failed
     (out / "sweep.md").write_text(format_markdown(spec, summary))
-    summary["plots"] = [str(p) for p in plot_sweep(summary, out)]
+    summary["plots"] = [str(p) for p in plot_sweep(summary, out)] if plots else []
     (out / "sweep.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -67,8 +67,17 @@ def test_quick_only_targets_and_bad_input():
 
 
 @pytest.mark.slow
-def test_a_tiny_suite_runs_a_few_cells_at_a_time_and_writes_the_page(tmp_path, fedseq_cli):
-    # Prepare: one paper cell of table 3 and its compat-off variant, one epoch on tiny data
+def test_a_tiny_suite_runs_a_few_cells_at_a_time_and_writes_the_page(tmp_path, fedseq_cli, monkeypatch):
+    """`fedseq reproduce` with its cells run in this process (the sweep's in-process runner; the
+    default runner, a process a cell, is tests/test_sweep.py's: both runners give the same bundle)."""
+    import functools
+
+    from cli import reproduce
+    from cli.sweep import inprocess_cell
+
+    # Prepare: one paper cell of table 3 and its compat-off variant, one epoch on tiny data, the
+    # cells run in process (the command's parser takes `reproduce.main` when it is built)
+    monkeypatch.setattr(reproduce, "main", functools.partial(reproduce.main, runner=inprocess_cell))
     args = ["reproduce", "table3", "--dataset", TINY_DATA, "--epochs", "1", "--seeds", "0", "--only",
             "SASRec DV-FSR 0.1%", "--variants", "reference,off", "--out", str(tmp_path), "--page",
             str(tmp_path / "page.md")]
