@@ -192,15 +192,3 @@ def test_an_armed_exit_runs_the_handlers_flushes_and_skips_only_the_teardown(tmp
     assert "logged before the exit" in (tmp_path / "p.log").read_text()
     assert (tmp_path / "p.teardown").exists() == (arm is None)
 
-
-def test_the_console_script_exits_with_the_commands_status_without_the_teardown():
-    """``fedseq`` (cli.entry:script) arms the fast exit with the command's status; a bad flag's
-    status 2 comes from argparse (SystemExit), unarmed."""
-    # Execute
-    bad = _spawn("-m", "cli.entry", "certs")  # the folder argument is missing: argparse exits 2
-    _, bad_err = bad.communicate(timeout=60)
-    refused = _spawn("-m", "cli.entry", "run", "--redis-url", "redis://u:secret@127.0.0.1:1/0")
-    _, refused_err = refused.communicate(timeout=60)
-    # Assert
-    assert bad.returncode == 2 and "usage" in bad_err
-    assert refused.returncode == 2 and "FEDSEQ_REDIS_URL" in refused_err  # the command's own status
