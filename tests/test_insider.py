@@ -379,9 +379,11 @@ def starve(tmp_path_factory, redis_server, zygote):
     """Run "starve": two client workers and an insider that, at its first Train call (the round
     open, the benign workers uploading), holds 16 drip uploads, then sends 16 uploads of 60 MiB of
     garbage under the round's valid tokens, then holds 40 Health.Watch streams on the aggregation
-    server while the next rounds run."""
+    server while the next rounds run: until the run ends and the server is stopped (the streams'
+    own deadline, 60 s, only bounds them), so the rounds after the held one all run under them
+    however slow the machine."""
     tmp = tmp_path_factory.mktemp("starve")
-    spec = {"starve": {"watch": 40, "drip": 16, "garbage": 16, "seconds": 10}}
+    spec = {"starve": {"watch": 40, "drip": 16, "garbage": 16, "seconds": 60}}
     fed = Federation(tmp, redis_server.url, replace(CFG, run_id="starve", epochs=3), clients=2, spec=spec,
                      zygote=zygote, server_flags=("--upload-idle-timeout", "3"))
     try:
@@ -392,6 +394,7 @@ def starve(tmp_path_factory, redis_server, zygote):
         insider = fed.insider()
         results = fed.wait()
         hwm = _status(server_pid, "VmHWM")
+        fed.server.popen.kill()  # ends the Watch streams still held (a graceful stop would wait 5 s for them)
         _wait_for(lambda: {"watch", "drip"} <= {x["act"] for x in insider.lines()}, 60, "the starvation to end")
         (tmp / "growth.json").write_text(json.dumps({"rss_before": rss0, "peak": hwm}))  # for docs/results/security.md
         yield {"results": results, "rounds": fed.rounds(), "acts": insider.lines(), "growth": hwm - rss0}
