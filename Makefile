@@ -74,12 +74,10 @@ lint: setup
 # built once), the longest files first (tests/conftest.py FILE_SECONDS; --no-loadscope-reorder
 # keeps that order instead of xdist's most-tests-first), one torch thread per process (two xdist
 # workers at two threads each on two cores only contend: docs/results/suite.md).
-# TEST_WORKERS=0 runs it in this process. mypy (about 20 CPU s from a fresh clone, where it has no
-# cache) runs beside the parallel part at the lowest priority (nice 19): it takes the cycles the
-# tests leave idle while they wait on sockets and sleeps (about an eighth of the two cores), and the
-# tests barely notice it. Tests marked `alone` (claims about a service under an insider's load)
-# run after both, in one process (the starved server's rounds take 0.04-0.2 s against the 5 s
-# the claim allows); any of the three failing fails `make test`.
+# TEST_WORKERS=0 runs it in this process. Tests marked `alone` (claims about a service under an
+# insider's load) run after that, in one process, with only mypy beside them (about 20 CPU s
+# from a fresh clone, where it has no cache; one core: the starved server's rounds take 0.1-0.2 s
+# against the 5 s the claim allows); either one failing fails `make test`.
 TEST_WORKERS ?= auto
 PYTEST_ON = OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --dist loadfile --no-loadscope-reorder -n
 PYTEST = $(PYTEST_ON) $(TEST_WORKERS)
@@ -88,10 +86,10 @@ ALONE_FILES = $(shell grep -l '@pytest.mark.alone' tests/test_*.py)
 
 test: check-protos
 	$(BIN)/ruff check .
-	{ nice -n 19 $(BIN)/mypy $(TYPED) > $(VENV)/mypy.out 2>&1; echo $$? > $(VENV)/mypy.rc; } & \
-	$(PYTEST) -m "not alone"; rc=$$?; wait; cat $(VENV)/mypy.out; \
+	$(PYTEST) -m "not alone"
+	{ $(BIN)/mypy $(TYPED) > $(VENV)/mypy.out 2>&1; echo $$? > $(VENV)/mypy.rc; } & \
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m alone $(ALONE_FILES); rc=$$?; wait; cat $(VENV)/mypy.out; \
 	[ $$rc -eq 0 ] && [ "$$(cat $(VENV)/mypy.rc)" = 0 ]
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m alone $(ALONE_FILES)
 
 # test-fast's tests wait on sockets and sleeps for a third of their time: one worker more than
 # the CPUs keeps both busy (58-60 s against 65-67 s with two on the 2-core machine)
