@@ -26,6 +26,7 @@ import grpc
 
 from fedseq import roster as roster_mod
 from fedseq.config import ExperimentConfig
+from fedseq.privacy import privacy_line
 from fedseq.redis_server import RedisServer
 from fedseq.results import format_table
 from fedseq.rpc import channel
@@ -373,6 +374,9 @@ def _report(out: Path, log_dir: Path, status) -> int:
     print(f"bytes up {_fmt_bytes(summ.get('bytes_up', 0))}, down {_fmt_bytes(summ.get('bytes_down', 0))}; "
           f"results: {out / 'results.json'} (logs in {log_dir})")
     print(update_line(results))
+    private = privacy_line(summ.get("privacy"))
+    if private:
+        print(private)
     return 0
 
 

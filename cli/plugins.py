@@ -36,4 +36,6 @@ def prepare(cfg: ExperimentConfig, prepared: Setup | None = None) -> Prepared:
     adversary = make_adversary(s)
     if s.weights is None:  # the orchestrator sends these with each round (fedseq/experiment.py client_weights)
         s.weights = client_weights(s, adversary.population.sequences if adversary is not None else ())
-    return Prepared(s, make_rule_checked(cfg), adversary)
+    rule = make_rule_checked(cfg)
+    s.privacy = rule.privacy
+    return Prepared(s, rule, adversary)

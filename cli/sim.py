@@ -24,9 +24,10 @@ from fedseq.adv_train import adversarial_updates
 from fedseq.compute_pool import ComputePool
 from fedseq.config import ConfigError, ExperimentConfig
 from fedseq.device import resolve
-from fedseq.engine import Aggregation, RoundPlan, aggregate_round, malicious_kept, plan_run, rule_scale
+from fedseq.engine import Aggregation, RoundPlan, aggregate_round, malicious_kept, plan_run, privacy_summary, rule_scale
 from fedseq.experiment import Setup, all_clients
 from fedseq.metrics import Evaluator
+from fedseq.privacy import privacy_line
 from fedseq.results import format_table, write_results
 from fedseq.root import root_source
 from fedseq.runloop import RoundTally, run_rounds
@@ -233,6 +234,9 @@ def run_inprocess(cfg: ExperimentConfig, out_dir: str | Path | None = None,
     if adversary is not None:
         progress(f"attack {cfg.attack} {dict(cfg.attack_opts)}: {adversary.population.note}")
     plan = plan_run(cfg, all_clients(s), ds.num_users)
+    private = privacy_summary(p.rule.privacy, plan, len(all_clients(s)))
+    if private is not None:
+        summary["privacy"] = private
     fed = InProcessFederation(cfg, p, plan, out_dir, summary, on_round, progress)
     try:
         outcome = run_rounds(cfg, plan, fed, progress)
@@ -241,4 +245,7 @@ def run_inprocess(cfg: ExperimentConfig, out_dir: str | Path | None = None,
     results = {"config": cfg.to_dict(), "epochs": outcome.epochs, "summary": summary}
     extra = [k for k in ("malicious_updates", "malicious_kept") if any(k in e for e in outcome.epochs)]
     progress(format_table(outcome.epochs, extra))
+    line = privacy_line(summary.get("privacy"))
+    if line:
+        progress(line)
     return results

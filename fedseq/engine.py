@@ -50,6 +50,7 @@ import torch
 from .adv_train import pick_adv_users
 from .config import ExperimentConfig
 from .params import Layout
+from .privacy import Mechanism
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,9 @@ class AggregationRule(ABC):
       read only when ``needs_root``.
     - ``needs_layout``: the rule reads ``ctx.layout`` (item-wise sparse aggregation): the engine
       refuses to run it without one.
+    - ``privacy``: the Gaussian mechanism of a differentially private rule
+      (:class:`fedseq.privacy.Mechanism`; ``dp-fixed``), from which the run's epsilon is
+      reported; None for the others.
 
     Rules are frozen dataclasses, pure functions of ``(updates, ctx)``.
     """
@@ -144,6 +148,10 @@ class AggregationRule(ABC):
     @property
     def needs_layout(self) -> bool:
         return False
+
+    @property
+    def privacy(self) -> Mechanism | None:
+        return None
 
     @abstractmethod
     def __call__(self, updates: torch.Tensor, ctx: RoundContext) -> AggregationResult: ...
@@ -240,6 +248,18 @@ def plan_run(cfg: ExperimentConfig, clients: np.ndarray, num_benign: int) -> lis
         if cfg.max_rounds and len(out) >= cfg.max_rounds:
             return out[: cfg.max_rounds]
     return out
+
+
+def privacy_summary(mech: Mechanism | None, plan: Sequence[RoundPlan], num_clients: int) -> dict[str, Any] | None:
+    """The run's privacy for its results bundle (``summary.privacy``; fedseq/privacy.py), from the
+    rule's mechanism and the run's plan (how many rounds each client is in); None without a
+    differentially private rule. Both runners report it from the same plan."""
+    if mech is None:
+        return None
+    from . import privacy
+
+    sizes = [len(rp.users) for rp in plan if not rp.adversarial]
+    return privacy.report(mech, [rp.users for rp in plan], num_clients, max(sizes, default=0))
 
 
 def last_of_epoch(plan: Sequence[RoundPlan], i: int) -> bool:

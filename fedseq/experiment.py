@@ -24,6 +24,7 @@ from .metrics import EvalConfig
 from .models import SeqModel, build_model
 from .models.common import reference_init
 from .params import Layout, get_vector
+from .privacy import Mechanism
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,9 @@ class Setup:
     # [N + m] every client's aggregation weight (:func:`client_weights`); set by cli.plugins.prepare,
     # which knows the malicious population (the orchestrator sends these with each round)
     weights: np.ndarray | None = None
+    # the run's differentially private mechanism (its rule's ``privacy``), set by cli.plugins.prepare:
+    # the orchestrator reports the run's epsilon from it (fedseq/engine.py privacy_summary)
+    privacy: Mechanism | None = None
 
     @property
     def benign_users(self) -> np.ndarray:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from . import ledger as ledger_mod
+from .privacy import privacy_line
 from .results import format_table
 
 MAX_ROUND_ROWS = 40  # longer runs print the first and last rounds only (all are in ledger.jsonl)
@@ -132,6 +133,9 @@ def format_run(run: Run) -> str:
     epochs = run.results.get("epochs", [])
     if epochs:
         out += [format_table(epochs, extra=("bytes_up", "bytes_down")), ""]
+    private = privacy_line(summ.get("privacy"))
+    if private:
+        out += [private, ""]
     if not t:
         out.append("no communication ledger in this bundle")
         return "\n".join(out)

@@ -28,7 +28,7 @@ import numpy as np
 from fedseq import ledger as ledger_mod
 from fedseq import observe
 from fedseq.config import ExperimentConfig
-from fedseq.engine import RoundPlan, malicious_kept, plan_run
+from fedseq.engine import RoundPlan, malicious_kept, plan_run, privacy_summary
 from fedseq.experiment import Setup, all_clients
 from fedseq.ledger import Ledger
 from fedseq.metrics import KS, MetricSums, sums_from_proto
@@ -136,6 +136,7 @@ class RunLoop:
         self.clients = all_clients(setup)
         self.malicious = self.clients[self.clients >= setup.dataset.num_users]
         self.plan = plan_run(cfg, self.clients, setup.dataset.num_users)  # every round of the run (engine)
+        self.privacy = privacy_summary(setup.privacy, self.plan, len(self.clients))  # None without a DP rule
         self._eval_refused: list[dict[str, Any]] = []  # the last evaluation's refused worker replies
         self._eval_by_worker: dict[str, int] = {}  # the last evaluation's users per worker
         self._thread: threading.Thread | None = None
@@ -547,6 +548,8 @@ class RunLoop:
                    "refused": dict(self.pool.refused), "round_retries": self.retries}
         if self.warnings:
             summary["warnings"] = list(self.warnings)
+        if self.privacy is not None:
+            summary["privacy"] = self.privacy
         ledger = {"totals": totals, "per_round": ledger_mod.per_round(entries),
                   "definitions": ledger_mod.DEFINITIONS, "entries_file": "ledger.jsonl"}
         self.results = {"config": self.cfg.to_dict(), "epochs": self.epochs, "summary": summary, "ledger": ledger}

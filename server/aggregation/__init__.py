@@ -26,6 +26,8 @@ layout, the global weights, and the root update for a rule that declares ``needs
 |                | median-norm clipping, seeded Gaussian noise        |                |              |
 | ``dnc``        | DnC: drop top-singular-direction outliers on       | no             | mean         |
 |                | seeded coordinate samples, mean of the rest        |                |              |
+| ``dp-fixed``   | central DP: clip to ``clip``, ``inner`` rule (default | inner's     | inner's      |
+|                | the plain sum), seeded Gaussian noise ``noise``*C   |                |              |
 
 Robust rules that estimate a mean ("mean" scale) give steps about K times smaller than the paper's
 sum at the same learning rate; the experiment chooses the learning rate accordingly.
@@ -91,6 +93,7 @@ from .base import (
 )
 from .bulyan import Bulyan, bulyan
 from .dnc import DnC, dnc
+from .dp import DPFixed, gaussian_sigma
 from .fedavg import FedAvg, fedavg, server_step
 from .flame import Flame, flame, single_cluster
 from .fltrust import FLTrust, MissingRootUpdate, fltrust
@@ -133,11 +136,12 @@ RULES: dict[str, RuleFactory] = {
     "bulyan": Bulyan.from_options,
     "flame": Flame.from_options,
     "dnc": DnC.from_options,
+    "dp-fixed": DPFixed.from_options,
 }
 
 
 #: rules whose first bare spec item names their inner rule: ``sparse:median`` = ``sparse:inner=median``
-INNER_SHORTHAND = ("sparse", "norm-clip")
+INNER_SHORTHAND = ("sparse", "norm-clip", "dp-fixed")
 
 
 def parse_rule_spec(spec: str, options: Mapping[str, str] | None = None) -> tuple[str, dict[str, str]]:
@@ -167,7 +171,7 @@ def parse_rule_spec(spec: str, options: Mapping[str, str] | None = None) -> tupl
     return name, merged
 
 
-SEEDED_RULES = frozenset({"flame", "dnc"})  # rules with a ``seed`` option for their random draws
+SEEDED_RULES = frozenset({"flame", "dnc", "dp-fixed"})  # rules with a ``seed`` option for their random draws
 
 
 def make_run_rule(defense: str, options: Mapping[str, str], run_seed: int) -> AggregationRule:
@@ -177,7 +181,7 @@ def make_run_rule(defense: str, options: Mapping[str, str], run_seed: int) -> Ag
     name, opts = parse_rule_spec(defense, options)
     if name in SEEDED_RULES:
         opts.setdefault("seed", str(int(run_seed)))
-    elif name in INNER_SHORTHAND and opts.get("inner", "").split(":", 1)[0] in SEEDED_RULES:
+    if name in INNER_SHORTHAND and opts.get("inner", "").split(":", 1)[0] in SEEDED_RULES:
         opts.setdefault("inner.seed", str(int(run_seed)))  # the inner rule's options carry the "inner." prefix
     return make_rule(name, opts)
 
@@ -197,6 +201,7 @@ __all__ = [
     "AggregationResult",
     "AggregationRule",
     "Bulyan",
+    "DPFixed",
     "DnC",
     "FLTrust",
     "FedAvg",
@@ -220,6 +225,7 @@ __all__ = [
     "fedavg",
     "flame",
     "fltrust",
+    "gaussian_sigma",
     "foolsgold",
     "foolsgold_weights",
     "geometric_median",

@@ -1,0 +1,147 @@
+"""Central differential privacy with fixed clipping: clip every update, aggregate, add Gaussian noise.
+
+McMahan, Ramage, Talwar, Zhang, "Learning Differentially Private Recurrent Language Models", ICLR
+2018 (DP-FedAvg; user-level privacy): the server clips each user's update to L2 norm ``clip``
+(C), so that one user moves the round's sum by at most C, and adds Gaussian noise of standard
+deviation ``noise * clip`` (z C, z the noise multiplier) to every coordinate of the sum: the
+Gaussian mechanism. Flower's ``DifferentialPrivacyServerSideFixedClipping`` is the same mechanism,
+written for the mean of n clipped updates (noise z C / n).
+
+fedseq's rule ``dp-fixed:clip=C,noise=z[,inner=RULE]``:
+
+1. :func:`~server.aggregation.norm_clip.clip_norms` to C (every update: a malicious one too);
+2. the ``inner`` rule on the clipped updates (default ``none``, the plain unweighted sum, whose
+   sensitivity to one user is exactly C; ``mean``, the unweighted mean, has C / K);
+3. ``N(0, sigma^2)`` on every coordinate, ``sigma = z C`` on a sum-scale inner rule and ``z C / K``
+   on a mean-scale one (K clipped updates: the noise their mean needs). The noise of round t is
+   drawn from (option ``seed``, the round id), so both runners, and a resumed run, add the same
+   noise; in a run the seed defaults to the run's (:func:`server.aggregation.make_run_rule`).
+
+The guarantee is the Gaussian mechanism's only where the inner rule is linear and unweighted
+(``none``, ``mean``: :data:`ACCOUNTED_INNER`). Any other inner rule (a robust one, or ``fedavg``
+weighted by the users' sample counts, which a worker could inflate) gets the same clipping and
+noise, but one user's influence on its output is not bounded by C: the round's info says
+``accounted: false`` and the run reports no epsilon. The run's epsilon is
+:func:`fedseq.privacy.run_epsilon` (Opacus's RDP accountant).
+
+Options: ``clip`` (float > 0, required), ``noise`` (float >= 0, required; 0 clips only),
+``inner`` (a rule name, default ``none``; not ``dp-fixed``), ``inner.<key>=<value>``, ``seed`` (int),
+``delta`` (the run's delta, in (0, 1); default fedseq/privacy.py ``default_delta``).
+Extra memory: a clipped ``[K, D]`` copy when any update is clipped, and one ``[D]`` noise vector.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fedseq.privacy import Mechanism
+
+from .base import (
+    AggregationResult,
+    AggregationRule,
+    RoundContext,
+    RuleConfigError,
+    check_inputs,
+    option_error,
+    parse_options,
+    round_generator,
+)
+from .norm_clip import INNER_PREFIX, clip_norms
+
+DP_KEY = 0xD9F1  # stream of dp-fixed's noise
+ACCOUNTED_INNER = frozenset({"none", "mean"})  # linear, unweighted: sensitivity C (sum) or C / K (mean)
+
+
+def gaussian_sigma(noise: float, clip: float, scale: str, k: int) -> float:
+    """The per-coordinate noise standard deviation for an aggregate of ``k`` updates clipped to
+    ``clip``: ``noise * clip`` on the sum scale, ``noise * clip / k`` on the mean scale."""
+    return noise * clip if scale == "sum" else noise * clip / k
+
+
+@dataclass(frozen=True)
+class DPFixed(AggregationRule):
+    """Rule object (registry name ``dp-fixed``): clip, the inner rule, Gaussian noise; its
+    declarations are the inner rule's."""
+
+    clip: float
+    noise: float
+    inner_rule: AggregationRule = field(compare=False)
+    inner: str = "none"
+    seed: int = 0
+    delta: float | None = None  # for the run's epsilon; None: fedseq/privacy.py default_delta
+    name: str = "dp-fixed"
+
+    def __post_init__(self) -> None:
+        if not (self.clip > 0 and math.isfinite(self.clip)):
+            raise option_error(self.name, "clip", self.clip, "a finite float > 0 (the L2 clipping norm C)")
+        if not (self.noise >= 0 and math.isfinite(self.noise)):
+            raise option_error(self.name, "noise", self.noise, "a finite float >= 0 (the noise multiplier z)")
+        if self.delta is not None and not 0 < self.delta < 1:
+            raise option_error(self.name, "delta", self.delta, "a float in (0, 1)")
+
+    @property
+    def accounted(self) -> bool:
+        """Whether the Gaussian mechanism's guarantee holds (the inner rule is linear and unweighted)."""
+        return self.inner in ACCOUNTED_INNER
+
+    @property
+    def privacy(self) -> Mechanism:
+        """The Gaussian mechanism, for the run's epsilon (fedseq/privacy.py)."""
+        return Mechanism("dp-fixed", self.noise, self.clip, self.accounted, self.delta)
+
+    @property
+    def scale(self) -> str:
+        return self.inner_rule.scale
+
+    @property
+    def uses_weights(self) -> bool:
+        return self.inner_rule.uses_weights
+
+    @property
+    def needs_root(self) -> bool:
+        return self.inner_rule.needs_root
+
+    @property
+    def root_users(self) -> int:
+        return self.inner_rule.root_users
+
+    @property
+    def needs_layout(self) -> bool:
+        return self.inner_rule.needs_layout
+
+    def __call__(self, updates: torch.Tensor, ctx: RoundContext) -> AggregationResult:
+        """Clip, aggregate with the inner rule, add round ``ctx.round_id``'s noise."""
+        check_inputs(updates, ctx.weights)
+        clipped, norms, mask = clip_norms(updates, self.clip)
+        res = self.inner_rule(clipped, ctx)
+        k, d = updates.shape
+        sigma = gaussian_sigma(self.noise, self.clip, self.inner_rule.scale, k)
+        vec = res.vector
+        if sigma > 0:
+            gen = round_generator(self.seed, DP_KEY, ctx.round_id)
+            vec = vec + (torch.randn(d, generator=gen, dtype=torch.float64) * sigma).to(vec.dtype).to(vec.device)
+        info: dict[str, Any] = {"clip": self.clip, "noise": self.noise, "sigma": sigma, "accounted": self.accounted,
+                                "clipped": int(mask.sum()), "max_norm_before": float(norms.max()),
+                                "inner": self.inner, "inner_info": dict(res.info)}
+        return AggregationResult(vec, res.kept, info)
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, str]) -> DPFixed:
+        from . import make_rule  # late import: the registry imports this module
+
+        own = {k: v for k, v in options.items() if not k.startswith(INNER_PREFIX)}
+        inner_opts = {k[len(INNER_PREFIX):]: v for k, v in options.items() if k.startswith(INNER_PREFIX)}
+        opts = parse_options("dp-fixed", own, {"clip": float, "noise": float, "inner": str, "seed": int, "delta": float})
+        for key, what in (("clip", "the L2 clipping norm C, > 0"), ("noise", "the noise multiplier z, >= 0")):
+            if key not in opts:
+                raise RuleConfigError(f"rule 'dp-fixed' needs option {key}=<float> ({what}), e.g. "
+                                      "dp-fixed:clip=1.0,noise=1.0")
+        inner = opts.pop("inner", "none")
+        if inner == "dp-fixed":
+            raise option_error("dp-fixed", "inner", inner, "any registered rule other than 'dp-fixed'")
+        return cls(inner_rule=make_rule(inner, inner_opts), inner=inner, **opts)

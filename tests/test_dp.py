@@ -1,0 +1,175 @@
+"""Central differential privacy (``dp-fixed``, server/aggregation/dp.py) and the run's epsilon
+(fedseq/privacy.py): the mechanism on tiny exact cases, its options, the accountant's wiring
+checked against the RDP formulas written out here, the participation count on real plans, and
+both runners computing the same DP run with the same privacy report."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from _federation import Federation
+
+from cli.sim import run_inprocess
+from fedseq.config import ExperimentConfig
+from fedseq.engine import RoundContext, plan_run, privacy_summary
+from fedseq.privacy import Mechanism, default_delta, epsilon, participations, privacy_line, report
+from server.aggregation import DPFixed, RuleConfigError, make_rule, make_run_rule
+from server.aggregation.base import round_generator
+from server.aggregation.dp import DP_KEY
+
+U = torch.tensor([[3.0, 4.0], [0.3, 0.4]])  # norms 5 and 0.5
+W = torch.ones(2)
+
+
+# ---------------------------------------------------------------------------- the mechanism
+def test_without_noise_it_is_the_sum_of_the_clipped_updates():
+    # Execute
+    res = make_rule("dp-fixed", {"clip": "1", "noise": "0"})(U, RoundContext(W))
+    # Assert: [3, 4] clipped to norm 1 is [0.6, 0.8]; [0.3, 0.4] is inside the bound
+    assert torch.allclose(res.vector, torch.tensor([0.9, 1.2]))
+    assert res.info["clipped"] == 1 and res.info["sigma"] == 0 and res.info["max_norm_before"] == 5.0
+
+
+@pytest.mark.parametrize("inner,sigma", [("none", 0.5 * 10.0), ("mean", 0.5 * 10.0 / 2)])
+def test_the_noise_is_z_times_c_on_the_sum_and_over_k_on_the_mean(inner, sigma):
+    # Prepare: clip 10 (nothing clipped), z = 0.5, round 7, seed 3
+    rule = make_rule("dp-fixed", {"clip": "10", "noise": "0.5", "inner": inner, "seed": "3"})
+    clean = make_rule(inner)(U, RoundContext(W)).vector
+    # Execute
+    res = rule(U, RoundContext(W, round_id=7))
+    # Assert: exactly the seeded draw of (seed 3, round 7), scaled by sigma
+    draw = torch.randn(2, generator=round_generator(3, DP_KEY, 7), dtype=torch.float64)
+    assert res.info["sigma"] == pytest.approx(sigma)
+    assert torch.allclose(res.vector, clean + (draw * sigma).float())
+
+
+def test_the_noise_is_the_rounds_and_the_seeds():
+    rule = make_rule("dp-fixed", {"clip": "2", "noise": "1", "seed": "1"})
+    a, b = rule(U, RoundContext(W, round_id=1)).vector, rule(U, RoundContext(W, round_id=1)).vector
+    c = rule(U, RoundContext(W, round_id=2)).vector
+    d = replace(rule, seed=2)(U, RoundContext(W, round_id=1)).vector
+    assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, d)
+
+
+def test_a_malicious_update_moves_the_aggregate_by_at_most_the_clip():
+    # Prepare: a round of small benign updates, then the same round with one scaled by 1e6
+    benign = torch.full((4, 3), 0.01)
+    poisoned = benign.clone()
+    poisoned[0] *= 1e6
+    rule = make_rule("dp-fixed", {"clip": "0.5", "noise": "0"})
+    # Execute
+    moved = rule(poisoned, RoundContext(torch.ones(4))).vector - rule(benign, RoundContext(torch.ones(4))).vector
+    # Assert: the sum's sensitivity to one user is the clip
+    assert float(torch.linalg.vector_norm(moved)) <= 0.5 + 1e-6
+
+
+def test_options_are_checked_with_clear_errors():
+    with pytest.raises(RuleConfigError, match="needs option clip"):
+        make_rule("dp-fixed", {"noise": "1"})
+    with pytest.raises(RuleConfigError, match="needs option noise"):
+        make_rule("dp-fixed", {"clip": "1"})
+    for bad in ({"clip": "0", "noise": "1"}, {"clip": "1", "noise": "-1"}, {"clip": "1", "noise": "nan"},
+                {"clip": "1", "noise": "1", "delta": "1"}, {"clip": "1", "noise": "1", "inner": "dp-fixed"}):
+        with pytest.raises(RuleConfigError):
+            make_rule("dp-fixed", bad)
+
+
+def test_a_robust_inner_rule_gets_the_noise_but_no_guarantee():
+    # Execute: the shorthand names the inner rule, as for sparse: and norm-clip
+    rule = make_rule("dp-fixed:median,clip=1,noise=1")
+    plain = make_rule("dp-fixed:clip=1,noise=1")
+    # Assert
+    assert isinstance(rule, DPFixed) and rule.inner == "median" and rule.scale == "mean"
+    assert rule.privacy == Mechanism("dp-fixed", 1.0, 1.0, accounted=False)
+    assert plain.privacy == Mechanism("dp-fixed", 1.0, 1.0, accounted=True) and plain.scale == "sum"
+    assert make_rule("median").privacy is None  # no other rule claims privacy
+
+
+def test_a_run_seeds_the_noise_with_its_seed_unless_told():
+    assert make_run_rule("dp-fixed:clip=1,noise=1", {}, 11).seed == 11
+    assert make_run_rule("dp-fixed:clip=1,noise=1,seed=4", {}, 11).seed == 4
+    assert make_run_rule("dp-fixed:flame,clip=1,noise=1", {}, 11).inner_rule.seed == 11  # a seeded inner rule too
+
+
+# ---------------------------------------------------------------------------- the accountant
+def _rdp_epsilon(z: float, steps: int, delta: float) -> float:
+    """The Gaussian mechanism's RDP, steps * a / (2 z^2), converted to (epsilon, delta) with the
+    conversion of Balle et al. 2020 (the one Opacus applies), minimised over the same orders."""
+    orders = np.array([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)), dtype=float)
+    rdp = steps * orders / (2 * z * z)
+    eps = rdp - (np.log(delta) + np.log(orders)) / (orders - 1) + np.log((orders - 1) / orders)
+    return float(np.nanmin(eps))
+
+
+@pytest.mark.parametrize("z,steps,delta", [(1.0, 1, 1e-5), (1.0, 3, 1e-5), (2.0, 30, 1e-6), (0.7, 8, 1e-5)])
+def test_epsilon_without_sampling_is_the_composed_gaussian_mechanism(z, steps, delta):
+    assert epsilon(z, steps, delta) == pytest.approx(_rdp_epsilon(z, steps, delta), rel=1e-9)
+
+
+def test_epsilon_grows_with_rounds_and_shrinks_with_noise_and_sampling():
+    assert epsilon(1.0, 10, 1e-5) > epsilon(1.0, 5, 1e-5) > epsilon(2.0, 5, 1e-5)
+    assert epsilon(1.0, 10, 1e-5, sample_rate=0.1) < epsilon(1.0, 10, 1e-5)
+    assert epsilon(1.0, 0, 1e-5) == 0.0 and epsilon(0.0, 3, 1e-5) == math.inf
+
+
+def test_each_client_is_in_one_round_an_epoch_and_adversarial_rounds_count_too():
+    # Prepare: 24 benign clients, rounds of 8, 3 epochs; then with adversarial training
+    cfg = ExperimentConfig(dataset="synthetic:users=24,items=40", epochs=3, clients_per_round=8,
+                           adv_train_opts=(("users_per_round", "8"),))
+    clients = np.arange(24)
+    # Execute
+    plain = participations([rp.users for rp in plan_run(cfg, clients, 24)], 24)
+    adv = participations([rp.users for rp in plan_run(replace(cfg, adv_train=True), clients, 24)], 24)
+    # Assert: the epochs' rounds partition the clients; an adversarial round reuses its round's users
+    assert plain == 3 and adv == 6
+
+
+def test_the_report_names_its_assumptions_and_refuses_an_unbounded_rule():
+    # Prepare: 3 epochs of a 100-client federation, rounds of 16
+    cfg = ExperimentConfig(dataset="synthetic:users=100,items=40", epochs=3, clients_per_round=16)
+    plan = plan_run(cfg, np.arange(100), 100)
+    # Execute
+    got = privacy_summary(Mechanism("dp-fixed", 1.0, 0.5), plan, 100)
+    robust = report(Mechanism("dp-fixed", 1.0, 0.5, accounted=False), [rp.users for rp in plan], 100, 16)
+    # Assert
+    assert got is not None and privacy_summary(None, plan, 100) is None
+    assert got["participations"] == 3 and got["rounds"] == 21 and got["sample_rate"] == 0.16
+    assert got["delta"] == default_delta(100) == 1e-5
+    assert got["epsilon"] == pytest.approx(_rdp_epsilon(1.0, 3, 1e-5))
+    assert got["epsilon_poisson"] == pytest.approx(epsilon(1.0, 21, 1e-5, 0.16)) and got["epsilon_poisson"] < got["epsilon"]
+    assert robust["epsilon"] is None and "not bounded" in robust["note"]
+    assert "epsilon 9.01 at delta 1e-05" in (privacy_line(got) or "") and "no epsilon" in (privacy_line(robust) or "")
+
+
+# ---------------------------------------------------------------------------- both runners
+def test_both_runners_compute_the_same_dp_run_and_report_the_same_privacy(redis_url):
+    """The services (the real aggregation server and orchestrator, in this process) and the
+    in-process runner: the same noisy weights after every round, the same metrics, and the same
+    privacy report in the results."""
+    cfg = ExperimentConfig(run_id="dp", dataset="synthetic:users=24,items=40,max_length=20", epochs=2,
+                           clients_per_round=8, lr=0.05, num_negatives=20, threads=1, defense="dp-fixed",
+                           defense_opts=(("clip", "0.5"), ("noise", "0.3")), attack="dv-fsr", malicious_ratio=0.1)
+    torch.set_num_threads(1)
+    # Execute
+    fed = Federation(redis_url, cfg, workers=0, min_workers=2)
+    try:
+        fed.add_worker("client")
+        fed.add_worker("attacker", kind="attacker")
+        fed.orch.start()
+        fed.orch.join(120)
+        assert fed.orch.state == "done", fed.orch.message
+        net = fed.orch.results
+        net_params = fed.agg.params.clone()
+    finally:
+        fed.close()
+    after: list[torch.Tensor] = []
+    sim = run_inprocess(cfg, None, progress=lambda _line: None, on_round=lambda _rp, p: after.append(p.clone()))
+    # Assert
+    assert torch.equal(net_params, after[-1])
+    assert [e["hr@10"] for e in net["epochs"]] == [e["hr@10"] for e in sim["epochs"]]
+    assert net["summary"]["privacy"] == sim["summary"]["privacy"]
+    assert net["summary"]["privacy"]["participations"] == 2  # 26 clients (2 malicious), each once an epoch
