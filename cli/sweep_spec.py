@@ -78,7 +78,8 @@ PRESETS["matrix"] = {
     "attacks": ["none", "dv-fsr", "c-fsr", "s-fsr", "eb", "a-ra", "ra", "alie", "min-max", "pieck", "fedrecattack",
                 "spattack"],
     "defenses": ["fedavg", "mixed-rfa", "rfa", "median", "trimmed-mean:beta=0.1", "krum:m=8", "bulyan", "flame",
-                 "dnc", "foolsgold", "sparse:median", "sparse:trimmed-mean", "sparse:krum", "pieck-reg"],
+                 "dnc", "foolsgold", "sparse:median", "sparse:trimmed-mean", "sparse:krum", "pieck-reg",
+                 "dp-fixed:clip=1.0,noise=1.0"],  # C about a benign update's median norm here (docs/results/dp.md)
     "malicious_ratios": [MISSION_RATIO],
     "seeds": [0, 1, 2],
     "engine": "inprocess",
