@@ -11,6 +11,7 @@ from attacker.population import Adversary, make_adversary
 from fedseq.config import ConfigError, ExperimentConfig
 from fedseq.engine import AggregationRule
 from fedseq.experiment import Setup, client_weights, setup
+from fedseq.privacy import Mechanism
 from server.aggregation import RuleConfigError, make_run_rule
 
 
@@ -37,5 +38,6 @@ def prepare(cfg: ExperimentConfig, prepared: Setup | None = None) -> Prepared:
     if s.weights is None:  # the orchestrator sends these with each round (fedseq/experiment.py client_weights)
         s.weights = client_weights(s, adversary.population.sequences if adversary is not None else ())
     rule = make_rule_checked(cfg)
-    s.privacy = rule.privacy
+    ldp = cfg.local().ldp
+    s.privacy = Mechanism("ldp", ldp.noise, ldp.clip) if ldp is not None else rule.privacy
     return Prepared(s, rule, adversary)

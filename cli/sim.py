@@ -234,7 +234,7 @@ def run_inprocess(cfg: ExperimentConfig, out_dir: str | Path | None = None,
     if adversary is not None:
         progress(f"attack {cfg.attack} {dict(cfg.attack_opts)}: {adversary.population.note}")
     plan = plan_run(cfg, all_clients(s), ds.num_users)
-    private = privacy_summary(p.rule.privacy, plan, len(all_clients(s)))
+    private = privacy_summary(s.privacy, plan, len(all_clients(s)))
     if private is not None:
         summary["privacy"] = private
     fed = InProcessFederation(cfg, p, plan, out_dir, summary, on_round, progress)

@@ -19,7 +19,7 @@ from typing import Any
 from .codec import CODEC_NAMES
 from .data.summary import TARGET_PRESETS
 from .device import check_name as check_device
-from .local import LocalConfig, PieckReg
+from .local import LocalConfig, LocalDP, PieckReg
 
 
 class ConfigError(ValueError):
@@ -129,6 +129,10 @@ class ExperimentConfig:
     adv_train_opts: tuple[tuple[str, str], ...] = ()  # steps, step_size, switch_prob, users_per_round
     pieck_reg: bool = False  # PIECK's client-side regularisers (Zhang et al., ICDE 2024); `--defense pieck-reg`
     pieck_reg_opts: tuple[tuple[str, str], ...] = ()  # size, ipe_mu, uea_mu
+    # local differential privacy on every benign update (fedseq/local.py LocalDP); `--defense
+    # ldp:clip=C,noise=Z[,inner=RULE]`, the server's rule then being `inner` (default fedavg)
+    ldp: bool = False
+    ldp_opts: tuple[tuple[str, str], ...] = ()  # clip, noise
     attack: str = "none"
     malicious_ratio: float = 0.001  # the paper's main setting; used only when attack != "none"
     attack_opts: tuple[tuple[str, str], ...] = ()
@@ -195,7 +199,21 @@ class ExperimentConfig:
             neg_from_vocab=self.compat.neg_from_vocab,
             device=self.device,
             pieck=self.pieck_config() if self.pieck_reg else None,
+            ldp=self.ldp_config() if self.ldp else None,
         )
+
+    def ldp_config(self) -> LocalDP:
+        """Local differential privacy (``fedseq.local.LocalDP``) from ``ldp_opts``, validated."""
+        kw = _typed_opts("ldp", self.ldp_opts, {"clip": float, "noise": float})
+        missing = [k for k in ("clip", "noise") if k not in kw]
+        if missing:
+            raise ConfigError(f"ldp needs option(s) {', '.join(missing)}, e.g. --defense ldp:clip=1.0,noise=1.0")
+        if self.defense.split(":", 1)[0] in ("dp-fixed", "ldp"):
+            raise ConfigError(f"ldp's server rule cannot be {self.defense.split(':', 1)[0]!r}: one privacy mechanism a run")
+        try:
+            return LocalDP(seed=self.seed, **kw)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     def pieck_config(self) -> PieckReg:
         """PIECK's client-side regularisers (``fedseq.training.PieckReg``) from ``pieck_reg_opts``, validated."""
@@ -222,6 +240,7 @@ class ExperimentConfig:
         d["attack_opts"] = dict(self.attack_opts)
         d["adv_train_opts"] = dict(self.adv_train_opts)
         d["pieck_reg_opts"] = dict(self.pieck_reg_opts)
+        d["ldp_opts"] = dict(self.ldp_opts)
         d["targets"] = list(self.targets)
         return d
 
@@ -246,6 +265,8 @@ class ExperimentConfig:
             kw["defense"], kw["pieck_reg"] = "fedavg", True
             if kw.get("defense_opts"):
                 kw["pieck_reg_opts"] = kw.pop("defense_opts")
+        if str(kw.get("defense", "")).split(":", 1)[0] == "ldp":
+            kw.update(_ldp_defense(str(kw["defense"]), kw.pop("defense_opts", ())))
         return cls(**kw)
 
     @classmethod
@@ -268,6 +289,22 @@ class ExperimentConfig:
 LEGACY_KEYS = {"aggregation": "defense", "aggregation_opts": "defense_opts"}  # results written before 2026-11-29
 
 
+def _ldp_defense(spec: str, opts: tuple[tuple[str, str], ...]) -> dict[str, Any]:
+    """``--defense ldp:clip=C,noise=Z[,inner=RULE][,inner.K=V]`` (options also from
+    ``--defense-opt``) as config keys: the client-side ``ldp``/``ldp_opts`` and the server's rule
+    ``defense``/``defense_opts`` (``inner``, default fedavg, and its ``inner.`` options)."""
+    items = [x.strip() for x in spec.partition(":")[2].split(",") if x.strip()]
+    bad = [x for x in items if "=" not in x]
+    if bad:
+        raise ConfigError(f"defense {spec!r}: option {bad[0]!r} must look like key=value")
+    merged = dict(parse_opts(items))
+    merged.update(dict(opts))
+    inner = merged.pop("inner", "fedavg")
+    rule_opts = tuple(sorted((k[len("inner."):], v) for k, v in merged.items() if k.startswith("inner.")))
+    own = tuple(sorted((k, v) for k, v in merged.items() if not k.startswith("inner.")))
+    return {"defense": inner, "defense_opts": rule_opts, "ldp": True, "ldp_opts": own}
+
+
 def _coerce(key: str, value: Any) -> Any:
     """Turn file/env/CLI values (strings, lists, dicts) into the field's type."""
     try:
@@ -277,7 +314,7 @@ def _coerce(key: str, value: Any) -> Any:
             if isinstance(value, Mapping):
                 return Compat(**{k.replace("-", "_"): bool(v) for k, v in value.items()})
             return Compat.parse(str(value))
-        if key in ("defense_opts", "attack_opts", "adv_train_opts", "pieck_reg_opts"):
+        if key in ("defense_opts", "attack_opts", "adv_train_opts", "pieck_reg_opts", "ldp_opts"):
             if isinstance(value, Mapping):
                 return tuple(sorted((str(k), str(v)) for k, v in value.items()))
             if isinstance(value, str):

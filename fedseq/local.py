@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from .device import check_name as check_device
 
-__all__ = ["LocalConfig", "PieckReg"]
+__all__ = ["LocalConfig", "LocalDP", "PieckReg"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,31 @@ class PieckReg:
 
 
 @dataclass(frozen=True)
+class LocalDP:
+    """Local differential privacy: every benign user clips its update to L2 norm ``clip`` and adds
+    Gaussian noise of standard deviation ``noise * clip`` to every coordinate before the update
+    leaves it, so the server (and anyone on the wire) sees only the noised update.
+
+    Wei, Li, Ding, Ma, Yang, Farokhi, Jin, Quek, Poor, "Federated Learning With Differential Privacy:
+    Algorithms and Performance Analysis", IEEE TIFS 2020 (NbAFL: each client clips its parameters and
+    perturbs them with Gaussian noise before uploading). fedseq perturbs the update (its gradient,
+    or ``w_global - w_local`` in FedAvg mode); the noise of user u in round r comes from
+    ``(seed, r, u)`` only (fedseq/ldp.py), so both runners send the same updates. A malicious client
+    need not follow the protocol, and fedseq's attacks do not.
+    ``seed``: the run seed."""
+
+    clip: float
+    noise: float
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (self.clip > 0 and self.clip < float("inf")):
+            raise ValueError(f"ldp clip must be a finite float > 0, got {self.clip}")
+        if not (self.noise >= 0 and self.noise < float("inf")):
+            raise ValueError(f"ldp noise must be a finite float >= 0, got {self.noise}")
+
+
+@dataclass(frozen=True)
 class LocalConfig:
     """How users compute their updates."""
 
@@ -62,6 +87,7 @@ class LocalConfig:
     neg_from_vocab: bool = False  # compat: negatives drawn from 1..M+1 (mask token included)
     device: str = "cpu"  # where the per-user gradients are computed (fedseq/device.py); updates return on the CPU
     pieck: PieckReg | None = None  # PIECK's client-side regularisers (a defense), off by default
+    ldp: LocalDP | None = None  # local differential privacy on every benign update (a defense), off by default
 
     def __post_init__(self) -> None:
         if self.mode not in ("paper", "fedavg"):

@@ -27,6 +27,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from .device import model_on, resolve
+from .ldp import privatise
 from .local import LocalConfig, PieckReg
 from .models import BERT4Rec, SASRec, SeqModel
 from .models.common import Drop, keep_masks
@@ -322,6 +323,11 @@ class UpdateMatrix:
         self._buf[row].copy_(update)
         self._dirty[row] = self.ALL
 
+    def mark_whole(self, rows: Sequence[int]) -> None:
+        """Rows written whole in place (local DP noise): their item tables may hold anything."""
+        for r in rows:
+            self._dirty[r] = self.ALL
+
 
 def compute_updates(
     model: SeqModel,
@@ -365,6 +371,10 @@ def compute_updates(
                 item_rows[i] = rows[j]
         losses[idx] = loss
     n_samples = np.array([len(s) for s in sequences], dtype=np.int64)
+    if cfg.ldp is not None:  # the noise fills every coordinate: the rows are no longer localised
+        privatise(out, at.tolist(), [int(u) for u in users], round_key, cfg.ldp)
+        matrix.mark_whole(at.tolist())
+        return UpdateBatch(np.asarray(users, dtype=np.int64), out, n_samples, losses, None)
     return UpdateBatch(np.asarray(users, dtype=np.int64), out, n_samples, losses,
                        item_rows if isinstance(model, SASRec) else None)
 
@@ -396,6 +406,10 @@ def iter_updates(
         item_rows = None if rows is None else [rows[j] for j in range(b)]
         matrix.prepare(range(b), item_rows)
         _scatter(buf, torch.arange(b), grads, layout, rows)
+        if cfg.ldp is not None:  # as compute_updates: noised, whole rows
+            privatise(buf, list(range(b)), users[idx].tolist(), round_key, cfg.ldp)
+            matrix.mark_whole(range(b))
+            item_rows = None
         yield UpdateBatch(users[idx], buf, n_samples[idx], np.asarray(loss, dtype=np.float64), item_rows)
 
 

@@ -20,6 +20,7 @@ from cli.plugins import prepare
 from cli.sim import round_updates, run_inprocess
 from fedseq.compute_pool import ComputePool, split_groups
 from fedseq.config import ConfigError, ExperimentConfig
+from fedseq.local import LocalDP
 from fedseq.training import micro_batches
 
 SMALL = "synthetic:users=40,items=60,max_length=12"
@@ -66,15 +67,17 @@ def test_a_union_of_whole_micro_batches_is_grouped_as_in_the_whole_round():
         assert got == want
 
 
-@pytest.mark.parametrize("model,attack", [("sasrec", "dv-fsr"), ("sasrec", "none"), ("bert4rec", "none")])
-def test_pool_rounds_equal_one_process_bit_for_bit(one_thread, model, attack):
+@pytest.mark.parametrize("model,attack,ldp", [("sasrec", "dv-fsr", False), ("sasrec", "none", False),
+                                               ("bert4rec", "none", False), ("sasrec", "dv-fsr", True)])
+def test_pool_rounds_equal_one_process_bit_for_bit(one_thread, model, attack, ldp):
     # Prepare: rounds of changing users (benign rows follow attackers' whole rows and vice versa),
-    # micro-batches of 2 users so both children get several
+    # micro-batches of 2 users so both children get several; with local DP, rows noised whole are
+    # followed by localised writes (stale noise in a reused row would show)
     cfg = ExperimentConfig(dataset=SMALL, model=model, clients_per_round=9, num_negatives=20, attack=attack,
                            malicious_ratio=0.1 if attack != "none" else 0.0)
     p = prepare(cfg)
     s = p.setup
-    local = dataclasses.replace(cfg.local(), micro_batch=2)
+    local = dataclasses.replace(cfg.local(), micro_batch=2, ldp=LocalDP(1.0, 0.01, seed=3) if ldp else None)
     params = s.initial_params()
     everyone = np.arange(s.dataset.num_users + len(s.malicious_users))
     rng = np.random.default_rng(0)

@@ -173,3 +173,96 @@ def test_both_runners_compute_the_same_dp_run_and_report_the_same_privacy(redis_
     assert [e["hr@10"] for e in net["epochs"]] == [e["hr@10"] for e in sim["epochs"]]
     assert net["summary"]["privacy"] == sim["summary"]["privacy"]
     assert net["summary"]["privacy"]["participations"] == 2  # 26 clients (2 malicious), each once an epoch
+
+
+# ---------------------------------------------------------------------------- local DP (client side)
+def test_privatise_clips_each_row_then_adds_the_users_own_draw():
+    from fedseq.ldp import privatise, user_generator
+    from fedseq.local import LocalDP
+
+    # Prepare: two users' rows, norms 5 and 0.5; clip 1, z = 0.5, round 4, seed 9
+    out = U.clone()
+    # Execute
+    privatise(out, [0, 1], [11, 12], 4, LocalDP(clip=1.0, noise=0.5, seed=9))
+    # Assert
+    for row, user, clean in ((0, 11, torch.tensor([0.6, 0.8])), (1, 12, torch.tensor([0.3, 0.4]))):
+        draw = torch.randn(2, generator=user_generator(9, 4, user), dtype=torch.float64)
+        assert torch.allclose(out[row], clean + (draw * 0.5).float())
+
+
+def _small(**kw) -> ExperimentConfig:
+    return ExperimentConfig(dataset="synthetic:users=24,items=40,max_length=12", num_negatives=20, **kw)
+
+
+def test_compute_and_iter_updates_send_the_noised_rows_and_a_reused_matrix_keeps_no_noise():
+    from cli.plugins import prepare
+    from fedseq.ldp import privatise
+    from fedseq.local import LocalDP
+    from fedseq.training import UpdateMatrix, compute_updates, iter_updates
+
+    # Prepare
+    cfg = ExperimentConfig.from_dict({**_small().to_dict(), "defense": "ldp:clip=0.5,noise=0.1"})
+    s = prepare(cfg).setup
+    local, plain = cfg.local(), replace(cfg.local(), ldp=None)
+    params = s.initial_params()
+    users = np.arange(6)
+    seqs = [s.dataset.train[u] for u in users]
+    # Execute
+    noised = compute_updates(s.model, params, seqs, users, cfg.seed, 3, local)
+    pieces = {int(u): row.clone() for b in iter_updates(s.model, params, seqs, users, cfg.seed, 3, local)
+              for u, row in zip(b.users, b.updates, strict=True)}
+    want = compute_updates(s.model, params, seqs, users, cfg.seed, 3, plain).updates.clone()
+    privatise(want, list(range(6)), users.tolist(), 3, LocalDP(0.5, 0.1, seed=cfg.seed))
+    matrix = UpdateMatrix.of(s.model)  # one matrix, as the runners reuse it: a noised round, then a plain one
+    matrix.take(6)
+    compute_updates(s.model, params, seqs, users, cfg.seed, 3, local, into=(matrix, np.arange(6)))
+    matrix.take(6)
+    again = compute_updates(s.model, params, seqs, users, cfg.seed, 4, plain, into=(matrix, np.arange(6)))
+    fresh = compute_updates(s.model, params, seqs, users, cfg.seed, 4, plain)
+    # Assert: the plain rows clipped and noised; dense (no localised rows); nothing left behind
+    assert cfg.local().ldp == LocalDP(0.5, 0.1, seed=cfg.seed) and cfg.defense == "fedavg"
+    assert torch.equal(noised.updates, want) and noised.item_rows is None
+    assert all(torch.equal(pieces[int(u)], want[i]) for i, u in enumerate(users))
+    assert torch.equal(again.updates, fresh.updates)
+
+
+def test_the_ldp_defense_is_parsed_and_checked():
+    from fedseq.config import ConfigError, build_config
+
+    # Execute
+    cfg = build_config(None, {"defense": "ldp:clip=1,noise=0.5,inner=trimmed-mean,inner.beta=0.2"}, environ={})
+    # Assert: the client side, the server's rule, and a round trip through the config file
+    assert cfg.ldp and dict(cfg.ldp_opts) == {"clip": "1", "noise": "0.5"}
+    assert cfg.defense == "trimmed-mean" and dict(cfg.defense_opts) == {"beta": "0.2"}
+    assert ExperimentConfig.from_dict(cfg.to_dict()) == cfg
+    for bad, words in (("ldp:noise=1", r"needs option\(s\) clip"), ("ldp:clip=1,noise=-1", "noise"),
+                       ("ldp:clip=1,noise=1,inner=dp-fixed", "one privacy mechanism"), ("ldp:clip", "key=value"),
+                       ("ldp:clip=1,noise=1,bogus=2", "has no option 'bogus'")):
+        with pytest.raises(ConfigError, match=words):
+            build_config(None, {"defense": bad}, environ={})
+
+
+def test_both_runners_compute_the_same_ldp_run_and_report_its_privacy(redis_url):
+    """Local DP through the real services (every update noised in the client worker, the attacker
+    worker's not) and in process: the same weights and metrics, the same privacy report."""
+    cfg = replace(_small(run_id="ldp", epochs=2, clients_per_round=8, lr=0.05, threads=1, attack="dv-fsr",
+                         malicious_ratio=0.1), defense="fedavg", ldp=True, ldp_opts=(("clip", "0.5"), ("noise", "0.01")))
+    torch.set_num_threads(1)
+    # Execute
+    fed = Federation(redis_url, cfg, workers=0, min_workers=2)
+    try:
+        fed.add_worker("client")
+        fed.add_worker("attacker", kind="attacker")
+        fed.orch.start()
+        fed.orch.join(120)
+        assert fed.orch.state == "done", fed.orch.message
+        net, net_params = fed.orch.results, fed.agg.params.clone()
+    finally:
+        fed.close()
+    after: list[torch.Tensor] = []
+    sim = run_inprocess(cfg, None, progress=lambda _line: None, on_round=lambda _rp, p: after.append(p.clone()))
+    # Assert
+    assert torch.equal(net_params, after[-1])
+    assert [e["ndcg@10"] for e in net["epochs"]] == [e["ndcg@10"] for e in sim["epochs"]]
+    assert net["summary"]["privacy"] == sim["summary"]["privacy"]
+    assert sim["summary"]["privacy"]["mechanism"] == "ldp" and sim["summary"]["privacy"]["participations"] == 2
