@@ -146,15 +146,9 @@ def test_the_report_names_its_assumptions_and_refuses_an_unbounded_rule():
 
 
 # ---------------------------------------------------------------------------- both runners
-def test_both_runners_compute_the_same_dp_run_and_report_the_same_privacy(redis_url):
-    """The services (the real aggregation server and orchestrator, in this process) and the
-    in-process runner: the same noisy weights after every round, the same metrics, and the same
-    privacy report in the results."""
-    cfg = ExperimentConfig(run_id="dp", dataset="synthetic:users=24,items=40,max_length=20", epochs=2,
-                           clients_per_round=8, lr=0.05, num_negatives=20, threads=1, defense="dp-fixed",
-                           defense_opts=(("clip", "0.5"), ("noise", "0.3")), attack="dv-fsr", malicious_ratio=0.1)
-    torch.set_num_threads(1)
-    # Execute
+def _networked(redis_url: str, cfg: ExperimentConfig) -> tuple[dict, torch.Tensor]:
+    """``cfg`` through the services (the real aggregation server and orchestrator, a client and an
+    attacker worker, in this process): the results and the final weights."""
     fed = Federation(redis_url, cfg, workers=0, min_workers=2)
     try:
         fed.add_worker("client")
@@ -162,17 +156,34 @@ def test_both_runners_compute_the_same_dp_run_and_report_the_same_privacy(redis_
         fed.orch.start()
         fed.orch.join(120)
         assert fed.orch.state == "done", fed.orch.message
-        net = fed.orch.results
-        net_params = fed.agg.params.clone()
+        assert fed.agg.params is not None
+        return fed.orch.results, fed.agg.params.clone()
     finally:
         fed.close()
+
+
+PRIVATE_RUNS = {"dp-fixed": {"defense": "dp-fixed", "defense_opts": (("clip", "0.5"), ("noise", "0.3"))},
+                "ldp": {"defense": "fedavg", "ldp": True, "ldp_opts": (("clip", "0.5"), ("noise", "0.01"))}}
+
+
+@pytest.mark.parametrize("mechanism", sorted(PRIVATE_RUNS))
+def test_both_runners_compute_the_same_private_run_and_report_the_same_privacy(redis_url, mechanism):
+    """The services and the in-process runner, with the server's noise (dp-fixed) or the clients'
+    (ldp: added in the client worker, not in the attacker worker): the same noisy weights, the same
+    metrics, and the same privacy report in the results."""
+    cfg = replace(_small(run_id=mechanism, epochs=2, clients_per_round=8, lr=0.05, threads=1, attack="dv-fsr",
+                         malicious_ratio=0.1), **PRIVATE_RUNS[mechanism])
+    torch.set_num_threads(1)
+    # Execute
+    net, net_params = _networked(redis_url, cfg)
     after: list[torch.Tensor] = []
     sim = run_inprocess(cfg, None, progress=lambda _line: None, on_round=lambda _rp, p: after.append(p.clone()))
     # Assert
     assert torch.equal(net_params, after[-1])
-    assert [e["hr@10"] for e in net["epochs"]] == [e["hr@10"] for e in sim["epochs"]]
+    assert [e["ndcg@10"] for e in net["epochs"]] == [e["ndcg@10"] for e in sim["epochs"]]
     assert net["summary"]["privacy"] == sim["summary"]["privacy"]
-    assert net["summary"]["privacy"]["participations"] == 2  # 26 clients (2 malicious), each once an epoch
+    assert sim["summary"]["privacy"]["mechanism"] == mechanism
+    assert sim["summary"]["privacy"]["participations"] == 2  # 26 clients (2 malicious), each once an epoch
 
 
 # ---------------------------------------------------------------------------- local DP (client side)
@@ -241,28 +252,3 @@ def test_the_ldp_defense_is_parsed_and_checked():
         with pytest.raises(ConfigError, match=words):
             build_config(None, {"defense": bad}, environ={})
 
-
-def test_both_runners_compute_the_same_ldp_run_and_report_its_privacy(redis_url):
-    """Local DP through the real services (every update noised in the client worker, the attacker
-    worker's not) and in process: the same weights and metrics, the same privacy report."""
-    cfg = replace(_small(run_id="ldp", epochs=2, clients_per_round=8, lr=0.05, threads=1, attack="dv-fsr",
-                         malicious_ratio=0.1), defense="fedavg", ldp=True, ldp_opts=(("clip", "0.5"), ("noise", "0.01")))
-    torch.set_num_threads(1)
-    # Execute
-    fed = Federation(redis_url, cfg, workers=0, min_workers=2)
-    try:
-        fed.add_worker("client")
-        fed.add_worker("attacker", kind="attacker")
-        fed.orch.start()
-        fed.orch.join(120)
-        assert fed.orch.state == "done", fed.orch.message
-        net, net_params = fed.orch.results, fed.agg.params.clone()
-    finally:
-        fed.close()
-    after: list[torch.Tensor] = []
-    sim = run_inprocess(cfg, None, progress=lambda _line: None, on_round=lambda _rp, p: after.append(p.clone()))
-    # Assert
-    assert torch.equal(net_params, after[-1])
-    assert [e["ndcg@10"] for e in net["epochs"]] == [e["ndcg@10"] for e in sim["epochs"]]
-    assert net["summary"]["privacy"] == sim["summary"]["privacy"]
-    assert sim["summary"]["privacy"]["mechanism"] == "ldp" and sim["summary"]["privacy"]["participations"] == 2

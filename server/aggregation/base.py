@@ -46,6 +46,39 @@ class RuleConfigError(ValueError):
 RuleFactory = Callable[[Mapping[str, str]], AggregationRule]
 
 
+class WrappingRule(AggregationRule):
+    """The base of a rule that wraps an inner rule (``norm-clip``, ``dp-fixed``, ``sparse``): its
+    declarations are its ``inner_rule``'s unless it overrides one (``sparse`` declares its own
+    ``scale`` and ``needs_layout``). A subclass is a frozen dataclass with an ``inner_rule`` field."""
+
+    inner_rule: AggregationRule
+
+    @property
+    def scale(self) -> str:
+        """The inner rule's output scale (fedseq/engine.py step_lr)."""
+        return self.inner_rule.scale
+
+    @property
+    def uses_weights(self) -> bool:
+        """Whether the inner rule reads the sample weights (fedseq/engine.py rule_uses_weights)."""
+        return self.inner_rule.uses_weights
+
+    @property
+    def needs_root(self) -> bool:
+        """Whether the inner rule reads the round's root update (``inner=fltrust``)."""
+        return self.inner_rule.needs_root
+
+    @property
+    def root_users(self) -> int:
+        """The inner rule's root users (FLTrust), read by the runners' root source (fedseq/root.py)."""
+        return self.inner_rule.root_users
+
+    @property
+    def needs_layout(self) -> bool:
+        """Whether the inner rule reads the parameter layout (``inner=sparse``)."""
+        return self.inner_rule.needs_layout
+
+
 def check_inputs(updates: torch.Tensor, weights: torch.Tensor) -> None:
     """Validate the stacked round matrix and weights (shared by all rules)."""
     if updates.dim() != 2:

@@ -46,6 +46,7 @@ from .base import (
     AggregationRule,
     RoundContext,
     RuleConfigError,
+    WrappingRule,
     check_inputs,
     option_error,
     parse_options,
@@ -64,7 +65,7 @@ def gaussian_sigma(noise: float, clip: float, scale: str, k: int) -> float:
 
 
 @dataclass(frozen=True)
-class DPFixed(AggregationRule):
+class DPFixed(WrappingRule):
     """Rule object (registry name ``dp-fixed``): clip, the inner rule, Gaussian noise; its
     declarations are the inner rule's."""
 
@@ -93,26 +94,6 @@ class DPFixed(AggregationRule):
     def privacy(self) -> Mechanism:
         """The Gaussian mechanism, for the run's epsilon (fedseq/privacy.py)."""
         return Mechanism("dp-fixed", self.noise, self.clip, self.accounted, self.delta)
-
-    @property
-    def scale(self) -> str:
-        return self.inner_rule.scale
-
-    @property
-    def uses_weights(self) -> bool:
-        return self.inner_rule.uses_weights
-
-    @property
-    def needs_root(self) -> bool:
-        return self.inner_rule.needs_root
-
-    @property
-    def root_users(self) -> int:
-        return self.inner_rule.root_users
-
-    @property
-    def needs_layout(self) -> bool:
-        return self.inner_rule.needs_layout
 
     def __call__(self, updates: torch.Tensor, ctx: RoundContext) -> AggregationResult:
         """Clip, aggregate with the inner rule, add round ``ctx.round_id``'s noise."""

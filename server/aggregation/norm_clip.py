@@ -32,6 +32,7 @@ from .base import (
     AggregationRule,
     RoundContext,
     RuleConfigError,
+    WrappingRule,
     check_floating,
     check_inputs,
     option_error,
@@ -59,7 +60,7 @@ def clip_norms(updates: torch.Tensor, bound: float) -> tuple[torch.Tensor, torch
 
 
 @dataclass(frozen=True)
-class NormClip(AggregationRule):
+class NormClip(WrappingRule):
     """Rule object: :func:`clip_norms` then ``inner_rule`` (registry name ``norm-clip``); its
     declarations are the inner rule's."""
 
@@ -71,31 +72,6 @@ class NormClip(AggregationRule):
     def __post_init__(self) -> None:
         if not self.bound > 0:
             raise option_error(self.name, "bound", self.bound, "a float > 0")
-
-    @property
-    def scale(self) -> str:
-        """The inner rule's output scale (fedseq/engine.py step_lr)."""
-        return self.inner_rule.scale
-
-    @property
-    def uses_weights(self) -> bool:
-        """Whether the inner rule reads the sample weights (fedseq/engine.py rule_uses_weights)."""
-        return self.inner_rule.uses_weights
-
-    @property
-    def needs_root(self) -> bool:
-        """Whether the inner rule reads the round's root update (``inner=fltrust``)."""
-        return self.inner_rule.needs_root
-
-    @property
-    def root_users(self) -> int:
-        """The inner rule's root users (``inner=fltrust``), read by the runners' root source (fedseq/root.py)."""
-        return self.inner_rule.root_users
-
-    @property
-    def needs_layout(self) -> bool:
-        """Whether the inner rule reads the parameter layout (``inner=sparse``)."""
-        return self.inner_rule.needs_layout
 
     def __call__(self, updates: torch.Tensor, ctx: RoundContext) -> AggregationResult:
         check_inputs(updates, ctx.weights)

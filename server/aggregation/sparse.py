@@ -69,6 +69,7 @@ from .base import (
     AggregationRule,
     RoundContext,
     RuleConfigError,
+    WrappingRule,
     check_floating,
     check_inputs,
     option_error,
@@ -328,7 +329,7 @@ def sparse_aggregate(updates: torch.Tensor, ctx: RoundContext, inner: Aggregatio
 
 
 @dataclass(frozen=True)
-class SparseAggregation(AggregationRule):
+class SparseAggregation(WrappingRule):
     """Rule object for :func:`sparse_aggregate` (registry name ``sparse``); it declares
     ``needs_layout`` and finds the item table in ``ctx.layout``, and declares what its inner rule
     declares about the weights and the root update."""
@@ -340,21 +341,6 @@ class SparseAggregation(AggregationRule):
     name: str = "sparse"
     scale: ClassVar[str] = "sum"  # rows x their touch count, dense part x K (module docstring)
     needs_layout: ClassVar[bool] = True  # where the item table sits (ctx.layout)
-
-    @property
-    def uses_weights(self) -> bool:
-        """Whether the inner rule reads the sample weights (fedseq/engine.py rule_uses_weights)."""
-        return self.inner_rule.uses_weights
-
-    @property
-    def needs_root(self) -> bool:
-        """Whether the inner rule reads the round's root update (``sparse:fltrust``)."""
-        return self.inner_rule.needs_root
-
-    @property
-    def root_users(self) -> int:
-        """The inner rule's root users (FLTrust), read by the runners' root source (fedseq/root.py)."""
-        return self.inner_rule.root_users
 
     def item_rows(self, layout: Layout | None) -> ItemRows:
         """Where this rule's item table sits in the flat parameter ``layout``."""
