@@ -25,7 +25,7 @@ class Prepared:
 def make_rule_checked(cfg: ExperimentConfig) -> AggregationRule:
     """The run's aggregation rule, or :class:`ConfigError` naming the config keys and flags."""
     try:
-        return make_run_rule(cfg.defense, dict(cfg.defense_opts), cfg.seed)
+        return make_run_rule(cfg.defense, dict(cfg.defense_opts), cfg.seed, cfg.clients_per_round)
     except RuleConfigError as e:
         raise ConfigError(f"{e} (config keys 'defense' / 'defense_opts', flags --defense / --defense-opt)") \
             from None

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +139,7 @@ class InProcessFederation:
         self.out_dir, self.summary, self.on_round = out_dir, summary, on_round
         s, ds = self.s, self.s.dataset
         self.params = s.initial_params()
+        self.rule_state: Mapping[str, Any] | None = None  # what the rule's last round left it (fedseq/engine.py RoundContext.state)
         ev_users = s.eval_users  # every benign user unless cfg.eval_users samples them
         self.evaluator = Evaluator(s.model, [ds.train[u] for u in ev_users] if cfg.eval_users else ds.train,
                                    ds.test[ev_users] if cfg.eval_users else ds.test, ev_users, s.targets,
@@ -179,8 +180,9 @@ class InProcessFederation:
         # the sanity bound checks the rows this runner did not compute with its own training code
         out = aggregate_round(self.aggregation, self.params, ub.updates,
                               torch.as_tensor(ub.num_samples, dtype=torch.float32), ub.users.tolist(), rp.lr,
-                              rp.round_id, bound_rows=np.flatnonzero(ub.users >= self.s.dataset.num_users).tolist())
-        self.params = out.params
+                              rp.round_id, bound_rows=np.flatnonzero(ub.users >= self.s.dataset.num_users).tolist(),
+                              state=self.rule_state)
+        self.params, self.rule_state = out.params, out.rule_state(self.rule_state)
         if self.on_round is not None:
             self.on_round(rp, self.params)
         counts: dict[str, float] = {"accepted": len(out.users), "rejected": len(out.refused)}

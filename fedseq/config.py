@@ -208,7 +208,7 @@ class ExperimentConfig:
         missing = [k for k in ("clip", "noise") if k not in kw]
         if missing:
             raise ConfigError(f"ldp needs option(s) {', '.join(missing)}, e.g. --defense ldp:clip=1.0,noise=1.0")
-        if self.defense.split(":", 1)[0] in ("dp-fixed", "ldp"):
+        if self.defense.split(":", 1)[0] in ("dp-fixed", "dp-adaptive", "ldp"):
             raise ConfigError(f"ldp's server rule cannot be {self.defense.split(':', 1)[0]!r}: one privacy mechanism a run")
         try:
             return LocalDP(seed=self.seed, **kw)

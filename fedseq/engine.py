@@ -91,6 +91,11 @@ class RoundContext:
         computes it, with the runner's ``root(params, round_id)``, only for a rule whose
         ``needs_root`` is true, and leaves it None otherwise.
 
+    state: what the rule's previous round left for this one (its ``info["state"]``, a small JSON
+        dict: ``dp-adaptive``'s clipping norm), or None at the run's start. The runners carry it
+        from round to round (:meth:`RoundOutcome.rule_state`); the aggregation server stores it
+        with each model version (the round summary) and reads it back when it resumes a run.
+
     A wrapper passes the context on, or a copy made with :func:`dataclasses.replace` for the part
     of the round it hands its inner rule (the sparse rule: one item row's touchers, their weights
     and the root's row).
@@ -101,6 +106,7 @@ class RoundContext:
     layout: Layout | None = None
     params: torch.Tensor | None = None
     root: torch.Tensor | None = None
+    state: Mapping[str, Any] | None = None
 
 
 class AggregationRule(ABC):
@@ -349,6 +355,13 @@ class RoundOutcome:
                        f"non-finite or beyond {WEIGHT_BOUND:g}" for u in self.overflow})
         return out
 
+    def rule_state(self, previous: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+        """The rule state the next round gets (:attr:`RoundContext.state`): what the rule left in
+        its info, else ``previous`` (a rule without state, or a round that aggregated nothing)."""
+        if self.result is None:
+            return previous
+        return self.result.info.get("state", previous)
+
     @property
     def info(self) -> dict[str, Any]:
         """The rule's record of the round, with the step's learning rate."""
@@ -382,14 +395,15 @@ class Aggregation:
 
 def aggregate_round(agg: Aggregation, params: torch.Tensor, updates: torch.Tensor, weights: torch.Tensor,
                     users: Sequence[int], lr: float, round_id: int,
-                    bound_rows: Iterable[int] | None = None) -> RoundOutcome:
+                    bound_rows: Iterable[int] | None = None, state: Mapping[str, Any] | None = None) -> RoundOutcome:
     """One round's aggregation and step, with the run's :class:`Aggregation` ``agg``.
 
     ``updates [K, D]`` holds the updates of ``users`` (sorted ids) in that order, ``weights [K]``
     their sample counts. The rule is called with the round's :class:`RoundContext`: the weights,
     ``round_id``, the parameter layout, ``params``, and, only for a rule that declares
     ``needs_root`` (FLTrust), the root update ``agg.root(params, round_id)``, computed once per
-    round. The step's learning rate is :func:`step_lr` of the rule's scale (``lr`` as is with
+    round, and ``state``, what the rule's previous round left (:meth:`RoundOutcome.rule_state`).
+    The step's learning rate is :func:`step_lr` of the rule's scale (``lr`` as is with
     ``agg.literal_step``).
 
     First the sanity bound (:func:`out_of_bounds`) refuses absurd rows: ``bound_rows`` names the
@@ -414,7 +428,7 @@ def aggregate_round(agg: Aggregation, params: torch.Tensor, updates: torch.Tenso
         refused_bound = ()
     rule = agg.rule
     round_root = agg.root(params, round_id) if agg.root is not None and rule.needs_root else None
-    ctx = RoundContext(weights, int(round_id), agg.layout, params, round_root)
+    ctx = RoundContext(weights, int(round_id), agg.layout, params, round_root, state)
     overflow: list[int] = []
     U = updates
     while users:

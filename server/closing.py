@@ -16,7 +16,9 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -39,6 +41,7 @@ class _Step:
     info_json: str = "{}"
     kept_users: list[int] = field(default_factory=list)
     kept_reported: bool = False
+    state: Mapping[str, Any] | None = None  # the rule state the next round gets (fedseq/engine.py RoundContext.state)
 
 
 class RoundCloser:
@@ -67,6 +70,7 @@ class RoundCloser:
             raise
         with self._lock:
             store_read = self._keeper.publish_head_locked(written, rnd.round_id)
+            self._keeper.rule_state = step.state
         self._keeper.compress(context)
         # what only the write knows, in the reply (the stored copy has the counts, not these)
         summary.store_bytes, summary.patch_bytes, summary.store_bytes_read = (
@@ -82,10 +86,11 @@ class RoundCloser:
         t0 = time.perf_counter()
         users = sorted(rnd.updates)
         if not users:
-            return _Step(keeper.params, users)
+            return _Step(keeper.params, users, state=keeper.rule_state)
         out = self._aggregate(rnd, users, refused)
         t1 = time.perf_counter()
-        step = _Step(out.params, list(out.users), norm=float((out.params - keeper.params).norm()))
+        step = _Step(out.params, list(out.users), norm=float((out.params - keeper.params).norm()),
+                     state=out.rule_state(keeper.rule_state))
         timings.update(aggregate=t1 - t0, step=time.perf_counter() - t1)
         observe.AGGREGATE_SECONDS.observe(time.perf_counter() - t0)
         if out.result is not None:
@@ -104,7 +109,8 @@ class RoundCloser:
         U = rnd.matrix if len(rows) == rnd.matrix.shape[0] else rnd.matrix[torch.as_tensor(rows)]
         w = torch.tensor([rnd.updates[u] for u in users], dtype=torch.float32)
         # bound_rows=(): every row passed the same sanity bound (fedseq/engine.py out_of_bounds) as it was decoded
-        out = aggregate_round(keeper.aggregation, keeper.params, U, w, users, rnd.lr, rnd.round_id, bound_rows=())
+        out = aggregate_round(keeper.aggregation, keeper.params, U, w, users, rnd.lr, rnd.round_id, bound_rows=(),
+                              state=keeper.rule_state)
         for user, why in out.refused.items():
             del rnd.updates[user]
             rnd.rejected[user] = reason(word(why), why.split(": ", 1)[1])

@@ -15,8 +15,9 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import torch
@@ -55,6 +56,7 @@ class Run:
     store_read_mark: int  # the store's bytes read once loaded
     update_limits: dict[str, int]
     aggregation: Aggregation  # the rule with its root, the layout and the step (fedseq/engine.py)
+    rule_state: Mapping[str, Any] | None = None  # what the rule's last round left (resumed: from the head's summary)
 
 
 @dataclass
@@ -88,8 +90,8 @@ class ModelKeeper:
         self.last_closed = -1  # round r produces version r + 1
         self.store: RedisStore | None = None
         self.model: SeqModel | None = None
-        # the run's rule, FLTrust root update (from the server's own data), layout and step (fedseq/engine.py)
         self.aggregation: Aggregation | None = None
+        self.rule_state: Mapping[str, Any] | None = None  # what the rule's last round left (fedseq/engine.py RoundContext.state)
         self._store_read_mark = 0
 
     # ------------------------------------------------------------------ the run
@@ -98,7 +100,7 @@ class ModelKeeper:
         run's model: a new one written as version 0, or the store's head (without the lock)."""
         try:
             cfg = ExperimentConfig.from_dict(json.loads(request.config_json))
-            rule = make_run_rule(cfg.defense, dict(cfg.defense_opts), cfg.seed)
+            rule = make_run_rule(cfg.defense, dict(cfg.defense_opts), cfg.seed, cfg.clients_per_round)
         except (ValueError, RuleConfigError) as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad run config: {e}")
         if request.num_items < 1:
@@ -117,17 +119,18 @@ class ModelKeeper:
             reference_init(model, cfg.seed)
             params = get_vector(model)
             store_bytes = store.put_model(0, layout.unflatten(params), {"round": "-1"})
-            version, resumed = 0, False
+            version, resumed, state = 0, False, None
         else:
             params = layout.flatten(store.get_model(head))
             version, resumed, store_bytes = head, True, 0
+            state = stored_rule_state(store.round_summary(head))
         limits = {c: update_limit(layout, c, self.max_update_bytes) for c in self.accepted_codecs}
         try:
             aggregation = Aggregation(rule, root_source(rule, cfg, model), layout, cfg.compat.literal_step)
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad run config: {e}")
         return Run(request.run_id, cfg, layout, params, version, store, model, resumed, store_bytes,
-                   store.io_counters()["bytes_read"], limits, aggregation)
+                   store.io_counters()["bytes_read"], limits, aggregation, state)
 
     def publish_run_locked(self, run: Run) -> None:
         """Serve ``run`` from now on (a new run on this server starts over)."""
@@ -136,6 +139,7 @@ class ModelKeeper:
         self.last_closed = run.version - 1  # round r produces version r + 1
         self._store_read_mark = run.store_read_mark
         self.update_limits = run.update_limits
+        self.rule_state = run.rule_state
 
     def started(self, run: Run) -> pb.StartRunReply:
         log.info("run %s: %s at version %d (%s); updates of at most %d bytes (%s; cap %d)", run.run_id,
@@ -211,3 +215,18 @@ class ModelKeeper:
             context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         for piece in chunks(blob):
             yield pb.ModelChunk(version=version, total_bytes=len(blob), data=piece)
+
+
+def stored_rule_state(summary: bytes | None) -> Mapping[str, Any] | None:
+    """The rule state a stored round summary carries (its rule info's ``state``; fedseq/engine.py
+    RoundContext.state), or None."""
+    if not summary:
+        return None
+    msg = pb.RoundSummary()
+    msg.ParseFromString(summary)
+    try:
+        info = json.loads(msg.defense_info_json) if msg.defense_info_json else {}
+    except ValueError:
+        return None
+    state = info.get("state") if isinstance(info, dict) else None
+    return state if isinstance(state, dict) else None

@@ -64,7 +64,7 @@ def test_registry_contains_every_rule() -> None:
     # Prepare
     expected = {
         "fedavg", "none", "rfa", "mixed-rfa", "median", "trimmed-mean",
-        "krum", "norm-clip", "foolsgold", "fltrust", "sparse", "bulyan", "flame", "dnc", "dp-fixed",
+        "krum", "norm-clip", "foolsgold", "fltrust", "sparse", "bulyan", "flame", "dnc", "dp-fixed", "dp-adaptive",
     }  # fmt: skip
     # Execute
     names = set(RULES)
@@ -124,7 +124,8 @@ def test_bad_option_values_are_config_errors(name: str, options: dict[str, str],
 def test_every_rule_returns_a_d_vector_and_json_info() -> None:
     # Prepare
     updates, weights = random_round(9, 40, seed=1)
-    options = {"norm-clip": {"bound": "2.0"}, "dp-fixed": {"clip": "2.0", "noise": "0.5"}}
+    options = {"norm-clip": {"bound": "2.0"}, "dp-fixed": {"clip": "2.0", "noise": "0.5"},
+               "dp-adaptive": {"noise": "0.5", "count_std": "1.0"}}
     layout = Layout(("item_emb.weight", "w"), ((5, 4), (20,)))  # for the rules that need one (sparse)
     # Execute
     results = {}

@@ -163,6 +163,7 @@ def _networked(redis_url: str, cfg: ExperimentConfig) -> tuple[dict, torch.Tenso
 
 
 PRIVATE_RUNS = {"dp-fixed": {"defense": "dp-fixed", "defense_opts": (("clip", "0.5"), ("noise", "0.3"))},
+                "dp-adaptive": {"defense": "dp-adaptive", "defense_opts": (("clip", "0.5"), ("noise", "0.3"))},
                 "ldp": {"defense": "fedavg", "ldp": True, "ldp_opts": (("clip", "0.5"), ("noise", "0.01"))}}
 
 
@@ -252,3 +253,74 @@ def test_the_ldp_defense_is_parsed_and_checked():
         with pytest.raises(ConfigError, match=words):
             build_config(None, {"defense": bad}, environ={})
 
+
+
+# ---------------------------------------------------------------------------- adaptive clipping
+def test_the_adaptive_clip_follows_the_quantile_of_the_norms_exactly_without_noise():
+    # Prepare: norms 5, 0.5, 0.1414, 2.83; C_0 = 1, quantile 0.5, clip_lr 0.2, no noise
+    rule = make_rule("dp-adaptive", {"noise": "0", "clip": "1"})
+    norms = torch.linalg.vector_norm(torch.tensor([[3.0, 4.0], [0.3, 0.4], [0.1, 0.1], [2.0, 2.0]]), dim=1)
+    U = torch.tensor([[3.0, 4.0], [0.3, 0.4], [0.1, 0.1], [2.0, 2.0]])
+    # Execute: three rounds, each given what the last one left
+    state, clips, vectors = None, [], []
+    for t in range(3):
+        res = rule(U, RoundContext(torch.ones(4), round_id=t, state=state))
+        clips.append(res.info["clip"])
+        vectors.append(res.vector)
+        state = res.info["state"]
+    # Assert: C_{t+1} = C_t exp(-0.2 (within / 4 - 0.5)); the sum of the updates clipped to C_t
+    want = [1.0]
+    for _ in range(2):
+        within = int((norms <= want[-1]).sum())
+        want.append(want[-1] * math.exp(-0.2 * (within / 4 - 0.5)))
+    assert clips == pytest.approx(want, rel=1e-12)
+    for c, vec in zip(clips, vectors, strict=True):
+        assert torch.allclose(vec, (U * torch.clamp(c / norms, max=1.0)[:, None]).sum(0), atol=1e-6)
+
+
+def test_the_adaptive_noise_leaves_room_for_the_count_and_is_checked_when_a_run_starts():
+    from server.aggregation.dp import value_noise
+
+    # the sum's noise multiplier makes the two noises together a mechanism of multiplier z
+    assert value_noise(1.0, 3.2) == pytest.approx((1 - (6.4) ** -2) ** -0.5)
+    assert value_noise(0.0, 3.2) == 0.0
+    assert make_run_rule("dp-adaptive:noise=1", {}, 0, 64).count_std == pytest.approx(3.2)
+    with pytest.raises(RuleConfigError, match="needs count_std > 0.5"):
+        make_run_rule("dp-adaptive:noise=1", {}, 0, 8)  # rounds of 8: the count's noise 0.4 is too small
+    with pytest.raises(RuleConfigError, match="needs option noise"):
+        make_rule("dp-adaptive", {"clip": "1"})
+    with pytest.raises(RuleConfigError):
+        make_rule("dp-adaptive", {"noise": "1", "inner": "dp-fixed"})
+    assert make_rule("dp-adaptive:median,noise=1").privacy == Mechanism("dp-adaptive", 1.0, 0.1, accounted=False)
+
+
+def test_a_resumed_server_continues_with_the_clip_it_stored(redis_url):
+    """A run of two epochs whose aggregation server is replaced after the first (a new keeper
+    resuming the store's head): the clip it goes on with is the one stored with the head's summary,
+    so the weights equal the in-process run's to the bit (a clip started over would not)."""
+    from fedseq.store import RedisStore
+    from server.keeper import stored_rule_state
+
+    cfg = replace(_small(run_id="adaptive", epochs=1, clients_per_round=8, lr=0.05, threads=1),
+                  **PRIVATE_RUNS["dp-adaptive"])
+    torch.set_num_threads(1)
+    # Execute: epoch 1 in one federation, epoch 2 in a new one (new server, orchestrator, worker)
+    for epochs in (1, 2):
+        fed = Federation(redis_url, replace(cfg, epochs=epochs), workers=0)
+        try:
+            fed.add_worker("w")
+            fed.orch.start()
+            fed.orch.join(120)
+            assert fed.orch.state == "done", fed.orch.message
+            assert fed.agg.params is not None
+            net_params = fed.agg.params.clone()
+        finally:
+            fed.close()
+    after: list[torch.Tensor] = []
+    run_inprocess(replace(cfg, epochs=2), None, progress=lambda _line: None,
+                  on_round=lambda _rp, p: after.append(p.clone()))
+    store = RedisStore.from_url(redis_url, "adaptive")
+    # Assert
+    assert torch.equal(net_params, after[-1])
+    state = stored_rule_state(store.round_summary(store.head()))
+    assert state is not None and set(state) == {"clip"} and state["clip"] != 0.5

@@ -184,7 +184,7 @@ def test_every_rule_says_whether_it_reads_the_sample_weights():
     # every registered rule says it itself (none falls back to the base's conservative default)
     from server.aggregation import RULES, AggregationRule
 
-    needs = {"norm-clip": {"bound": "1.0"}, "dp-fixed": {"clip": "1.0", "noise": "1.0"}}
+    needs = {"norm-clip": {"bound": "1.0"}, "dp-fixed": {"clip": "1.0", "noise": "1.0"}, "dp-adaptive": {"noise": "1.0"}}
     for name in RULES:
         rule = make_rule(name, needs.get(name, {}))
         assert isinstance(rule, AggregationRule), name

@@ -33,7 +33,7 @@ BASE = ExperimentConfig(run_id="eq", dataset="synthetic:users=24,items=40,max_le
                         num_negatives=20, eval_every=1, threads=1, adv_train_opts=(("users_per_round", "3"),))
 OPTS = {"krum": (("m", "3"),), "norm-clip": (("bound", "0.05"), ("inner", "fltrust")), "trimmed-mean": (("beta", "0.2"),), "fltrust": (("root_users", "4"),),
         "sparse": (("inner", "trimmed-mean"), ("inner.beta", "0.2")), "dnc": (("b", "200"),),
-        "dp-fixed": (("clip", "0.5"), ("noise", "0.3"))}
+        "dp-fixed": (("clip", "0.5"), ("noise", "0.3")), "dp-adaptive": (("clip", "0.5"), ("noise", "0.3"))}
 CASES = [(rule, adv, attack) for rule in sorted(RULES) for adv in (False, True) for attack in ("none", "dv-fsr")]
 # the seams: the root update (fltrust) with adversarial training and the attacker worker; the
 # weights under a rule that reads them, with an attack (mixed-rfa); a selecting rule's kept users

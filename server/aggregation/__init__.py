@@ -28,6 +28,8 @@ layout, the global weights, and the root update for a rule that declares ``needs
 |                | seeded coordinate samples, mean of the rest        |                |              |
 | ``dp-fixed``   | central DP: clip to ``clip``, ``inner`` rule (default | inner's     | inner's      |
 |                | the plain sum), seeded Gaussian noise ``noise``*C   |                |              |
+| ``dp-adaptive`` | central DP, the clip following a private quantile | inner's       | inner's      |
+|                | of the update norms (state carried between rounds) |                |              |
 
 Robust rules that estimate a mean ("mean" scale) give steps about K times smaller than the paper's
 sum at the same learning rate; the experiment chooses the learning rate accordingly.
@@ -93,7 +95,7 @@ from .base import (
 )
 from .bulyan import Bulyan, bulyan
 from .dnc import DnC, dnc
-from .dp import DPFixed, gaussian_sigma
+from .dp import DPAdaptive, DPFixed, gaussian_sigma
 from .fedavg import FedAvg, fedavg, server_step
 from .flame import Flame, flame, single_cluster
 from .fltrust import FLTrust, MissingRootUpdate, fltrust
@@ -137,11 +139,12 @@ RULES: dict[str, RuleFactory] = {
     "flame": Flame.from_options,
     "dnc": DnC.from_options,
     "dp-fixed": DPFixed.from_options,
+    "dp-adaptive": DPAdaptive.from_options,
 }
 
 
 #: rules whose first bare spec item names their inner rule: ``sparse:median`` = ``sparse:inner=median``
-INNER_SHORTHAND = ("sparse", "norm-clip", "dp-fixed")
+INNER_SHORTHAND = ("sparse", "norm-clip", "dp-fixed", "dp-adaptive")
 
 
 def parse_rule_spec(spec: str, options: Mapping[str, str] | None = None) -> tuple[str, dict[str, str]]:
@@ -171,14 +174,19 @@ def parse_rule_spec(spec: str, options: Mapping[str, str] | None = None) -> tupl
     return name, merged
 
 
-SEEDED_RULES = frozenset({"flame", "dnc", "dp-fixed"})  # rules with a ``seed`` option for their random draws
+SEEDED_RULES = frozenset({"flame", "dnc", "dp-fixed", "dp-adaptive"})  # rules with a ``seed`` option for their random draws
 
 
-def make_run_rule(defense: str, options: Mapping[str, str], run_seed: int) -> AggregationRule:
+def make_run_rule(defense: str, options: Mapping[str, str], run_seed: int,
+                  round_size: int | None = None) -> AggregationRule:
     """The rule of a run: :func:`make_rule`, and a seeded rule (:data:`SEEDED_RULES`, also as the
     inner rule of ``sparse:``/``norm-clip``) draws from the run's seed unless its options name one,
-    so runs with different seeds draw different noise and subsets (and runs of one seed the same)."""
+    so runs with different seeds draw different noise and subsets (and runs of one seed the same).
+    ``round_size`` (the run's clients per round) sets ``dp-adaptive``'s default ``count_std``,
+    0.05 of it, so that a noise it cannot carry fails when the run starts, not at its first round."""
     name, opts = parse_rule_spec(defense, options)
+    if name == "dp-adaptive" and round_size:
+        opts.setdefault("count_std", repr(0.05 * round_size))
     if name in SEEDED_RULES:
         opts.setdefault("seed", str(int(run_seed)))
     if name in INNER_SHORTHAND and opts.get("inner", "").split(":", 1)[0] in SEEDED_RULES:
@@ -201,6 +209,7 @@ __all__ = [
     "AggregationResult",
     "AggregationRule",
     "Bulyan",
+    "DPAdaptive",
     "DPFixed",
     "DnC",
     "FLTrust",

@@ -123,6 +123,119 @@ class DPFixed(WrappingRule):
                 raise RuleConfigError(f"rule 'dp-fixed' needs option {key}=<float> ({what}), e.g. "
                                       "dp-fixed:clip=1.0,noise=1.0")
         inner = opts.pop("inner", "none")
-        if inner == "dp-fixed":
-            raise option_error("dp-fixed", "inner", inner, "any registered rule other than 'dp-fixed'")
+        if inner in ("dp-fixed", "dp-adaptive"):
+            raise option_error("dp-fixed", "inner", inner, "a rule other than 'dp-fixed' and 'dp-adaptive'")
+        return cls(inner_rule=make_rule(inner, inner_opts), inner=inner, **opts)
+
+
+def value_noise(noise: float, count_std: float) -> float:
+    """The noise multiplier the clipped sum gets so that the whole adaptive mechanism (sum and
+    clipped count) has noise multiplier ``noise`` (Andrew et al. 2021): ``(z^-2 - (2 s)^-2)^-1/2``
+    with ``s`` the count's standard deviation; needs ``z < 2 s``. 0 without noise."""
+    if noise <= 0:
+        return 0.0
+    if noise >= 2 * count_std:
+        raise ValueError(f"noise {noise:g} needs count_std > {noise / 2:g} (it is {count_std:g}): the clipped count's "
+                         "noise must leave room for the sum's")
+    return float((noise ** -2 - (2 * count_std) ** -2) ** -0.5)
+
+
+@dataclass(frozen=True)
+class DPAdaptive(WrappingRule):
+    """Central DP with adaptive clipping (registry name ``dp-adaptive``).
+
+    Andrew, Thakkar, McMahan, Ramaswamy, "Differentially Private Learning with Adaptive Clipping",
+    NeurIPS 2021; Flower's ``DifferentialPrivacyServerSideAdaptiveClipping`` and TensorFlow
+    Federated's ``gaussian_adaptive`` use the same defaults. The clipping norm C follows a private
+    estimate of the ``quantile`` of the update norms: in round t the updates are clipped to C_t,
+    aggregated by the inner rule (default the plain sum) and noised with ``value_noise(z, s) * C_t``
+    per coordinate; the count of updates within C_t gets ``N(0, s^2)`` (``s = count_std``, default
+    0.05 K for K updates), and ``C_{t+1} = C_t * exp(-clip_lr * (count / K - quantile))``. The two
+    noises together make the round a Gaussian mechanism of noise multiplier z, so the run's
+    epsilon is accounted as ``dp-fixed``'s (fedseq/privacy.py). C_t is the rule's state: it rides
+    in the round's info (``state``), which the runners carry to the next round and the aggregation
+    server stores with the model version (fedseq/engine.py RoundContext.state), so a resumed run
+    continues with its clip. The draws of round t come from (``seed``, t).
+
+    Options: ``noise`` (z >= 0, required), ``clip`` (C_0, default 0.1), ``quantile`` (0.5),
+    ``clip_lr`` (0.2), ``count_std`` (s; in a run 0.05 x its clients per round, checked when the run
+    starts: :func:`server.aggregation.make_run_rule`; else 0.05 K each round), ``inner``,
+    ``inner.<key>``, ``seed``, ``delta``."""
+
+    noise: float
+    inner_rule: AggregationRule = field(compare=False)
+    clip: float = 0.1
+    quantile: float = 0.5
+    clip_lr: float = 0.2
+    count_std: float | None = None
+    inner: str = "none"
+    seed: int = 0
+    delta: float | None = None
+    name: str = "dp-adaptive"
+
+    def __post_init__(self) -> None:
+        checks = (("noise", self.noise >= 0, "a finite float >= 0"), ("clip", self.clip > 0, "a finite float > 0"),
+                  ("quantile", 0 <= self.quantile <= 1, "a float in [0, 1]"),
+                  ("clip_lr", self.clip_lr >= 0, "a finite float >= 0"),
+                  ("count_std", self.count_std is None or self.count_std > 0, "a finite float > 0"),
+                  ("delta", self.delta is None or 0 < self.delta < 1, "a float in (0, 1)"))
+        for key, ok, allowed in checks:
+            value = getattr(self, key)
+            if not ok or (isinstance(value, float) and not math.isfinite(value)):
+                raise option_error(self.name, key, value, allowed)
+        if self.count_std is not None:
+            try:
+                value_noise(self.noise, self.count_std)
+            except ValueError as e:
+                raise RuleConfigError(f"rule 'dp-adaptive': {e}") from None
+
+    @property
+    def privacy(self) -> Mechanism:
+        """The mechanism's noise multiplier z (the clip adapts: ``clip`` is its start)."""
+        return Mechanism("dp-adaptive", self.noise, self.clip, self.inner in ACCOUNTED_INNER, self.delta)
+
+    def __call__(self, updates: torch.Tensor, ctx: RoundContext) -> AggregationResult:
+        """Clip to this round's C, aggregate, add the noise; the next round's C in ``info["state"]``."""
+        check_inputs(updates, ctx.weights)
+        k, d = updates.shape
+        c = float(ctx.state["clip"]) if ctx.state and "clip" in ctx.state else self.clip
+        count_std = self.count_std if self.count_std is not None else 0.05 * k
+        try:
+            z_value = value_noise(self.noise, count_std)
+        except ValueError as e:
+            raise RuleConfigError(f"rule 'dp-adaptive': {e}") from None
+        clipped, norms, mask = clip_norms(updates, c)
+        res = self.inner_rule(clipped, ctx)
+        sigma = gaussian_sigma(z_value, c, self.inner_rule.scale, k)
+        vec = res.vector
+        if sigma > 0:
+            gen = round_generator(self.seed, DP_KEY, ctx.round_id, 0)
+            vec = vec + (torch.randn(d, generator=gen, dtype=torch.float64) * sigma).to(vec.dtype).to(vec.device)
+        within = int((~mask).sum())
+        count = float(within)
+        if self.noise > 0:
+            count += float(torch.randn(1, generator=round_generator(self.seed, DP_KEY, ctx.round_id, 1),
+                                       dtype=torch.float64)) * count_std
+        c_next = c * math.exp(-self.clip_lr * (count / k - self.quantile))
+        info: dict[str, Any] = {"clip": c, "noise": self.noise, "value_noise": z_value, "sigma": sigma,
+                                "count_std": count_std, "within": within, "noisy_within": count,
+                                "accounted": self.privacy.accounted, "clipped": int(mask.sum()),
+                                "max_norm_before": float(norms.max()), "inner": self.inner,
+                                "inner_info": dict(res.info), "state": {"clip": c_next}}
+        return AggregationResult(vec, res.kept, info)
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, str]) -> DPAdaptive:
+        from . import make_rule  # late import: the registry imports this module
+
+        own = {k: v for k, v in options.items() if not k.startswith(INNER_PREFIX)}
+        inner_opts = {k[len(INNER_PREFIX):]: v for k, v in options.items() if k.startswith(INNER_PREFIX)}
+        opts = parse_options("dp-adaptive", own, {"noise": float, "clip": float, "quantile": float, "clip_lr": float,
+                                                  "count_std": float, "inner": str, "seed": int, "delta": float})
+        if "noise" not in opts:
+            raise RuleConfigError("rule 'dp-adaptive' needs option noise=<float> (the noise multiplier z, >= 0), "
+                                  "e.g. dp-adaptive:noise=1.0")
+        inner = opts.pop("inner", "none")
+        if inner in ("dp-fixed", "dp-adaptive"):
+            raise option_error("dp-adaptive", "inner", inner, "a rule other than 'dp-fixed' and 'dp-adaptive'")
         return cls(inner_rule=make_rule(inner, inner_opts), inner=inner, **opts)
