@@ -43,7 +43,9 @@ EXPERIMENT_FLAGS: list[tuple[str, dict[str, Any]]] = [
                          "help": "named targets by training popularity (default least-popular, the paper's)"}),
     ("--seed", {"type": int}),
     ("--compat", {"help": "reference-compatibility switches: off | reference | comma list"}),
-    ("--defense", {"help": "aggregation rule (fedavg = the paper's 'common' sum)"}),
+    ("--defense", {"help": "aggregation rule (fedavg = the paper's 'common' sum; dp-fixed, dp-adaptive: central DP), "
+                           "or a client-side defense (adv-train, pieck-reg, ldp:clip=C,noise=Z); options as NAME:K=V,K=V "
+                           "(README 'Defenses')"}),
     ("--defense-opt", {"dest": "defense_opts", "action": "append", "metavar": "K=V"}),
     ("--attack", {"help": "none | an attack name"}),
     ("--malicious-ratio", {"type": float}),
