@@ -79,7 +79,7 @@ PRESETS["matrix"] = {
                 "spattack"],
     "defenses": ["fedavg", "mixed-rfa", "rfa", "median", "trimmed-mean:beta=0.1", "krum:m=8", "bulyan", "flame",
                  "dnc", "foolsgold", "sparse:median", "sparse:trimmed-mean", "sparse:krum", "pieck-reg",
-                 # C about a benign update's median norm here (docs/results/dp.md)
+                 # C about an update's median norm here (docs/results/dp.md, bench/bench_update_norms.py)
                  "dp-fixed:clip=1.0,noise=1.0", "dp-adaptive:noise=1.0", "ldp:clip=1.0,noise=0.01"],
     "malicious_ratios": [MISSION_RATIO],
     "seeds": [0, 1, 2],

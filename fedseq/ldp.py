@@ -8,18 +8,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 
 from .local import LocalDP
+from .seeding import torch_generator
 
 LDP_KEY = 0x1D9  # stream of the users' local noise
 
 
 def user_generator(seed: int, round_key: int, user: int) -> torch.Generator:
     """The CPU generator of user ``user``'s noise in round ``round_key``."""
-    state = np.random.SeedSequence([seed & 0xFFFFFFFF, LDP_KEY, round_key & 0xFFFFFFFF, int(user)]).generate_state(2)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    return torch_generator(seed, LDP_KEY, round_key, int(user))
 
 
 def privatise(out: torch.Tensor, rows: Sequence[int], users: Sequence[int], round_key: int, ldp: LocalDP) -> None:

@@ -36,6 +36,7 @@ from fedseq.engine import (  # noqa: F401 - the contract
     rule_scale,
     rule_uses_weights,
 )
+from fedseq.seeding import torch_generator
 
 
 class RuleConfigError(ValueError):
@@ -268,8 +269,26 @@ def round_generator(seed: int, key: int, round_id: int, i: int = 0) -> torch.Gen
     """A CPU generator for draw ``i`` of round ``round_id`` of a seeded rule (FLAME's noise, DnC's
     coordinate samples; ``key`` separates the rules' streams): a function of its arguments only, so
     every runner, and a resumed run, draws the same numbers."""
-    state = np.random.SeedSequence([seed & 0xFFFFFFFF, key, round_id & 0xFFFFFFFF, i]).generate_state(2)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    return torch_generator(seed, key, round_id, i)
+
+
+def add_seeded_noise(vec: torch.Tensor, sigma: float, seed: int, key: int, round_id: int, i: int = 0) -> torch.Tensor:
+    """``vec [D]`` plus ``N(0, sigma^2)`` per coordinate from :func:`round_generator` (drawn in
+    float64 on the CPU, then cast to ``vec``'s dtype and device); ``vec`` itself when sigma is 0."""
+    if sigma <= 0:
+        return vec
+    noise = torch.randn(vec.shape[0], generator=round_generator(seed, key, round_id, i), dtype=torch.float64)
+    return vec + (noise * sigma).to(vec.dtype).to(vec.device)
+
+
+INNER_PREFIX = "inner."  # a wrapping rule's options for its inner rule: inner.<key>=<value>
+
+
+def split_inner(options: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """A wrapping rule's options: ``(its own, its inner rule's)``, the latter without the prefix."""
+    own = {k: v for k, v in options.items() if not k.startswith(INNER_PREFIX)}
+    inner = {k[len(INNER_PREFIX):]: v for k, v in options.items() if k.startswith(INNER_PREFIX)}
+    return own, inner
 
 
 def parse_f(rule: str, opts: dict[str, Any]) -> dict[str, Any]:

@@ -47,12 +47,14 @@ from .base import (
     RoundContext,
     RuleConfigError,
     WrappingRule,
+    add_seeded_noise,
     check_inputs,
     option_error,
     parse_options,
     round_generator,
+    split_inner,
 )
-from .norm_clip import INNER_PREFIX, clip_norms
+from .norm_clip import clip_norms
 
 DP_KEY = 0xD9F1  # stream of dp-fixed's noise
 ACCOUNTED_INNER = frozenset({"none", "mean"})  # linear, unweighted: sensitivity C (sum) or C / K (mean)
@@ -100,12 +102,9 @@ class DPFixed(WrappingRule):
         check_inputs(updates, ctx.weights)
         clipped, norms, mask = clip_norms(updates, self.clip)
         res = self.inner_rule(clipped, ctx)
-        k, d = updates.shape
+        k = updates.shape[0]
         sigma = gaussian_sigma(self.noise, self.clip, self.inner_rule.scale, k)
-        vec = res.vector
-        if sigma > 0:
-            gen = round_generator(self.seed, DP_KEY, ctx.round_id)
-            vec = vec + (torch.randn(d, generator=gen, dtype=torch.float64) * sigma).to(vec.dtype).to(vec.device)
+        vec = add_seeded_noise(res.vector, sigma, self.seed, DP_KEY, ctx.round_id)
         info: dict[str, Any] = {"clip": self.clip, "noise": self.noise, "sigma": sigma, "accounted": self.accounted,
                                 "clipped": int(mask.sum()), "max_norm_before": float(norms.max()),
                                 "inner": self.inner, "inner_info": dict(res.info)}
@@ -115,8 +114,7 @@ class DPFixed(WrappingRule):
     def from_options(cls, options: Mapping[str, str]) -> DPFixed:
         from . import make_rule  # late import: the registry imports this module
 
-        own = {k: v for k, v in options.items() if not k.startswith(INNER_PREFIX)}
-        inner_opts = {k[len(INNER_PREFIX):]: v for k, v in options.items() if k.startswith(INNER_PREFIX)}
+        own, inner_opts = split_inner(options)
         opts = parse_options("dp-fixed", own, {"clip": float, "noise": float, "inner": str, "seed": int, "delta": float})
         for key, what in (("clip", "the L2 clipping norm C, > 0"), ("noise", "the noise multiplier z, >= 0")):
             if key not in opts:
@@ -197,7 +195,7 @@ class DPAdaptive(WrappingRule):
     def __call__(self, updates: torch.Tensor, ctx: RoundContext) -> AggregationResult:
         """Clip to this round's C, aggregate, add the noise; the next round's C in ``info["state"]``."""
         check_inputs(updates, ctx.weights)
-        k, d = updates.shape
+        k = updates.shape[0]
         c = float(ctx.state["clip"]) if ctx.state and "clip" in ctx.state else self.clip
         count_std = self.count_std if self.count_std is not None else 0.05 * k
         try:
@@ -207,10 +205,7 @@ class DPAdaptive(WrappingRule):
         clipped, norms, mask = clip_norms(updates, c)
         res = self.inner_rule(clipped, ctx)
         sigma = gaussian_sigma(z_value, c, self.inner_rule.scale, k)
-        vec = res.vector
-        if sigma > 0:
-            gen = round_generator(self.seed, DP_KEY, ctx.round_id, 0)
-            vec = vec + (torch.randn(d, generator=gen, dtype=torch.float64) * sigma).to(vec.dtype).to(vec.device)
+        vec = add_seeded_noise(res.vector, sigma, self.seed, DP_KEY, ctx.round_id, 0)
         within = int((~mask).sum())
         count = float(within)
         if self.noise > 0:
@@ -228,8 +223,7 @@ class DPAdaptive(WrappingRule):
     def from_options(cls, options: Mapping[str, str]) -> DPAdaptive:
         from . import make_rule  # late import: the registry imports this module
 
-        own = {k: v for k, v in options.items() if not k.startswith(INNER_PREFIX)}
-        inner_opts = {k[len(INNER_PREFIX):]: v for k, v in options.items() if k.startswith(INNER_PREFIX)}
+        own, inner_opts = split_inner(options)
         opts = parse_options("dp-adaptive", own, {"noise": float, "clip": float, "quantile": float, "clip_lr": float,
                                                   "count_std": float, "inner": str, "seed": int, "delta": float})
         if "noise" not in opts:

@@ -57,12 +57,12 @@ from .base import (
     AggregationResult,
     AggregationRule,
     RoundContext,
+    add_seeded_noise,
     check_floating,
     check_inputs,
     gram_matrix,
     option_error,
     parse_options,
-    round_generator,
 )
 
 FLAME_KEY = 0xF1A3  # stream of FLAME's noise
@@ -164,7 +164,7 @@ def flame(updates: torch.Tensor, noise: float = DEFAULT_NOISE, seed: int = 0,
           round_id: int = 0) -> tuple[torch.Tensor, list[int], dict[str, Any]]:
     """FLAME of ``updates [K, D]``: ``(aggregate [D], admitted indices, facts)``."""
     check_floating(updates)
-    k, d = updates.shape
+    k = updates.shape[0]
     admitted = single_cluster(cosine_distances(updates), k // 2 + 1)
     norms = torch.linalg.vector_norm(updates, dim=1).to(torch.float64)
     bound = float(np.median(norms.cpu().numpy()))
@@ -173,9 +173,7 @@ def flame(updates: torch.Tensor, noise: float = DEFAULT_NOISE, seed: int = 0,
     coef[admitted] = factor[admitted] / len(admitted)
     vec = coef.to(updates.dtype) @ updates
     sigma = noise * bound
-    if sigma > 0:
-        gen = round_generator(seed, FLAME_KEY, round_id)
-        vec = vec + (torch.randn(d, generator=gen, dtype=torch.float64) * sigma).to(updates.dtype).to(updates.device)
+    vec = add_seeded_noise(vec, sigma, seed, FLAME_KEY, round_id)
     facts = {"median_norm": bound, "sigma": sigma, "clipped": int((norms[admitted] > bound).sum())}
     return vec, admitted, facts
 

@@ -37,9 +37,8 @@ from .base import (
     check_inputs,
     option_error,
     parse_options,
+    split_inner,
 )
-
-INNER_PREFIX = "inner."
 
 
 def clip_norms(updates: torch.Tensor, bound: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -91,8 +90,7 @@ class NormClip(WrappingRule):
     def from_options(cls, options: Mapping[str, str]) -> NormClip:
         from . import make_rule  # late import: the registry imports this module
 
-        own = {k: v for k, v in options.items() if not k.startswith(INNER_PREFIX)}
-        inner_opts = {k[len(INNER_PREFIX) :]: v for k, v in options.items() if k.startswith(INNER_PREFIX)}
+        own, inner_opts = split_inner(options)
         opts = parse_options("norm-clip", own, {"bound": float, "inner": str})
         if "bound" not in opts:
             raise RuleConfigError("rule 'norm-clip' needs option bound=<float > 0> (the L2 norm bound)")

@@ -74,6 +74,7 @@ from .base import (
     check_inputs,
     option_error,
     parse_options,
+    split_inner,
     use_numpy_path,
 )
 from .fedavg import FedAvg
@@ -82,7 +83,6 @@ from .median import Median
 from .rfa import RFA
 from .trimmed_mean import TrimmedMean, trimmed_count
 
-INNER_PREFIX = "inner."
 DEFAULT_TABLE = "item_emb.weight"  # fedseq.training.ITEM_TABLE: one row per item id (SASRec, BERT4Rec)
 TOUCH_CHUNK_BYTES = 16 << 20  # scratch of the touched-mask pass
 GROUP_CHUNK_BYTES = 32 << 20  # one [G, n, W] block of rows with the same touch count
@@ -363,8 +363,7 @@ class SparseAggregation(WrappingRule):
     def from_options(cls, options: Mapping[str, str]) -> SparseAggregation:
         from . import make_rule  # late import: the registry imports this module
 
-        own = {k: v for k, v in options.items() if not k.startswith(INNER_PREFIX)}
-        inner_opts = {k[len(INNER_PREFIX):]: v for k, v in options.items() if k.startswith(INNER_PREFIX)}
+        own, inner_opts = split_inner(options)
         opts = parse_options("sparse", own, {"inner": str, "table": str, "vectorised": bool})
         inner = opts.pop("inner", "median")
         if inner == "sparse":
