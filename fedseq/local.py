@@ -58,7 +58,9 @@ class LocalDP:
     perturbs them with Gaussian noise before uploading). fedseq perturbs the update (its gradient,
     or ``w_global - w_local`` in FedAvg mode); the noise of user u in round r comes from
     ``(seed, r, u)`` only (fedseq/ldp.py), so both runners send the same updates. A malicious client
-    need not follow the protocol, and fedseq's attacks do not.
+    need not follow the protocol, and fedseq's attacks do not: their uploads are neither clipped
+    nor noised (an attack that estimates benign updates with the training code, such as ALIE,
+    sees them noised, as the benign clients send them).
     ``seed``: the run seed."""
 
     clip: float

@@ -214,7 +214,7 @@ class DPAdaptive(WrappingRule):
         c_next = c * math.exp(-self.clip_lr * (count / k - self.quantile))
         info: dict[str, Any] = {"clip": c, "noise": self.noise, "value_noise": z_value, "sigma": sigma,
                                 "count_std": count_std, "within": within, "noisy_within": count,
-                                "accounted": self.privacy.accounted, "clipped": int(mask.sum()),
+                                "accounted": self.inner in ACCOUNTED_INNER, "clipped": int(mask.sum()),
                                 "max_norm_before": float(norms.max()), "inner": self.inner,
                                 "inner_info": dict(res.info), "state": {"clip": c_next}}
         return AggregationResult(vec, res.kept, info)
