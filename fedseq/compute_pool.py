@@ -150,7 +150,7 @@ class ComputePool:
             losses[idx] = part_losses
             if item_rows is not None:
                 self.matrix.record(at[idx].tolist(), [torch.from_numpy(r) for r in item_rows])
-            elif cfg.ldp is not None:  # the child wrote the rows whole (local DP noise)
+            else:  # no localised rows: the child wrote the rows whole (local DP noise, or no item table)
                 self.matrix.mark_whole(at[idx].tolist())
         if failure is not None:
             self.close()
