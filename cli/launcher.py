@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -231,7 +232,7 @@ class _Plan:
     log_dir: Path
     env: dict[str, str]
     operator: Identity | None  # the launcher's own certificate (None with --insecure)
-    zygote: Zygote | None = None  # forks the service processes (started by launch())
+    zygote: Zygote  # forks the service processes (started by launch())
 
     @property
     def attackers(self) -> int:
@@ -244,24 +245,39 @@ class _Plan:
 
     def start(self, name: str, argv: list[str], store_url: str) -> _Proc:
         # store credentials travel in the environment, not in argv (which `ps` shows to everyone)
-        assert self.zygote is not None
         return _Proc(name, argv, self.log_dir, {**self.env, "FEDSEQ_STORE_URL": store_url}, self.zygote,
                      self.settings.startup_timeout)
 
 
 def launch(cfg: ExperimentConfig, settings: LaunchSettings) -> int:
-    plan = _plan(cfg, settings)
-    cfg, out, log_dir = plan.cfg, plan.out, plan.log_dir
-    attack = cfg.attack != "none"
-    print(f"fedseq run {cfg.run_id}: {cfg.dataset} / {cfg.model}, {cfg.epochs} epochs, {settings.workers} client "
-          f"workers{f', {settings.attackers} attacker workers ({cfg.attack})' if attack else ''}, "
-          f"rule {cfg.defense}, codec {cfg.codec}", file=sys.stderr)
-    procs: list[_Proc] = []
+    """Run ``cfg`` as a networked federation (module docstring); the exit status of ``fedseq run``.
+
+    The launcher itself never imports torch: the zygote does, and the first process it forks is
+    ``fedseq check`` on the run's config (data, model, rule, attack, ratio, targets), so a bad
+    configuration exits 2 with the check's message before certificates, Redis or any service
+    exist, and the folders this call made are removed again."""
+    run_id = cfg.run_id or f"{_dataset_base(cfg)}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    cfg = replace(cfg, run_id=run_id)
+    out = Path(settings.out_dir or os.path.join("runs", run_id))
+    log_dir = Path(settings.log_dir or out / "logs")
+    env = _service_env(cfg)
+    made = _make_dirs(out, log_dir)
     with ExitStack() as stack:
-        # the zygote imports the services' libraries while Redis starts (cli/zygote.py)
-        zygote = Zygote(plan.env, str(log_dir), log_dir / "zygote.log")
+        # the zygote imports the services' libraries (cli/zygote.py)
+        zygote = Zygote(env, str(log_dir), log_dir / "zygote.log")
         stack.callback(zygote.close)
-        plan = replace(plan, zygote=zygote)
+        rc = _check(zygote, cfg, env, log_dir, settings.startup_timeout)
+        if rc:
+            zygote.close()
+            for d in made:  # a bad configuration leaves nothing behind
+                shutil.rmtree(d, ignore_errors=True)
+            return rc
+        plan = _plan(cfg, settings, out, log_dir, env, zygote)
+        attack = cfg.attack != "none"
+        print(f"fedseq run {cfg.run_id}: {cfg.dataset} / {cfg.model}, {cfg.epochs} epochs, {settings.workers} "
+              f"client workers{f', {settings.attackers} attacker workers ({cfg.attack})' if attack else ''}, "
+              f"rule {cfg.defense}, codec {cfg.codec}", file=sys.stderr)
+        procs: list[_Proc] = []
 
         def cleanup() -> None:
             for p in reversed(procs):  # all at once: each shutdown takes about a second
@@ -288,18 +304,60 @@ def launch(cfg: ExperimentConfig, settings: LaunchSettings) -> int:
     return _report(out, log_dir, status)
 
 
-def _plan(cfg: ExperimentConfig, settings: LaunchSettings) -> _Plan:
-    """Name the run, make its folders, config file and security material, and the services' environment."""
-    base = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(cfg.dataset.split(":")[0]).name)
-    run_id = cfg.run_id or f"{base}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
-    cfg = replace(cfg, run_id=run_id)
-    out = Path(settings.out_dir or os.path.join("runs", run_id))
-    out.mkdir(parents=True, exist_ok=True)
-    log_dir = Path(settings.log_dir or out / "logs")
-    log_dir.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+def _dataset_base(cfg: ExperimentConfig) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(cfg.dataset.split(":")[0]).name)
+
+
+def _service_env(cfg: ExperimentConfig) -> dict[str, str]:
+    """The environment of the zygote and so of every service (store credentials are added per
+    service): machine-local ``FEDSEQ_*`` settings pass through, no other ``FEDSEQ_*`` does."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDSEQ_") or k in (
-        "FEDSEQ_DATA_ROOT", "FEDSEQ_DATA_CACHE", "FEDSEQ_REDIS_SERVER")}  # machine-local settings pass through
+        "FEDSEQ_DATA_ROOT", "FEDSEQ_DATA_CACHE", "FEDSEQ_REDIS_SERVER")}
+    env["PYTHONUNBUFFERED"] = "1"
+    env["FEDSEQ_PARENT_PID"] = str(os.getpid())  # services exit if this launcher dies without cleanup
+    env["OMP_NUM_THREADS"] = str(max(cfg.threads, 1))
+    return env
+
+
+def _check(zygote: Zygote, cfg: ExperimentConfig, env: dict[str, str], log_dir: Path, timeout: float) -> int:
+    """``fedseq check`` of ``cfg``, forked from the zygote: what every runner builds first
+    (cli/plugins.py ``prepare``). 0 when it passes; else 2 (a bad configuration) or 1, with its
+    message written to stderr. Its output is appended to ``check.log`` in the log folder."""
+    log, config = log_dir / "check.log", log_dir / f"check-{os.getpid()}.json"
+    config.write_text(cfg.to_json())
+    try:
+        rc = zygote.spawn("check", ["--log-level", "warning", "check", "--config", str(config)], env, log,
+                          timeout).wait(timeout)
+    except (ZygoteGone, subprocess.TimeoutExpired) as e:
+        zlog = log_dir / "zygote.log"
+        tail = zlog.read_text(errors="replace").strip()[-2000:] if zlog.exists() else ""
+        print(f"fedseq run: the configuration check did not finish: {e}" + (f"\n{tail}" if tail else ""),
+              file=sys.stderr)
+        return 1
+    finally:
+        config.unlink(missing_ok=True)
+    if rc != 0:
+        lines = log.read_text(errors="replace").strip().splitlines()[-20:] if log.exists() else []
+        text = "\n".join(lines)  # this check's lines end the log
+        print(text or f"fedseq run: the configuration check exited with status {rc}", file=sys.stderr)
+    return 0 if rc == 0 else 2 if rc == 2 else 1
+
+
+def _make_dirs(*dirs: Path) -> list[Path]:
+    """Make ``dirs`` (with their parents); the topmost folder each made that did not exist before."""
+    made: list[Path] = []
+    for d in dirs:
+        top = next((p for p in reversed((d, *d.parents)) if not p.exists()), None)
+        d.mkdir(parents=True, exist_ok=True)
+        if top is not None and not any(top == m or m in top.parents for m in made):
+            made.append(top)
+    return made
+
+
+def _plan(cfg: ExperimentConfig, settings: LaunchSettings, out: Path, log_dir: Path, env: dict[str, str],
+          zygote: Zygote) -> _Plan:
+    """The run's config file and security material (once its check passed)."""
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
     attackers = settings.attackers if cfg.attack != "none" else 0
     operator: Identity | None = None
     if settings.insecure:
@@ -313,10 +371,7 @@ def _plan(cfg: ExperimentConfig, settings: LaunchSettings) -> _Plan:
         operator = Identity.load(out / "tls", "operator")
         # the roster is the orchestrator's alone: outside the certificate folder every service reads
         roster_mod.make(settings.workers, attackers).write(out / roster_mod.ROSTER_FILE)
-    env["PYTHONUNBUFFERED"] = "1"
-    env["FEDSEQ_PARENT_PID"] = str(os.getpid())  # services exit if this launcher dies without cleanup
-    env["OMP_NUM_THREADS"] = str(max(cfg.threads, 1))
-    return _Plan(cfg, settings, out, log_dir, env, operator)
+    return _Plan(cfg, settings, out, log_dir, env, operator, zygote)
 
 
 def _store(stack: ExitStack, plan: _Plan) -> tuple[_Redis | None, dict[str, str]]:

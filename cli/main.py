@@ -2,6 +2,7 @@
 
     fedseq run                   networked federation on one machine (Redis, server, workers, orchestrator)
     fedseq sim                   the same experiment in one process
+    fedseq check                 build a run's data, model, rule and attack; exit 2 saying what is wrong
     fedseq serve-server|serve-client|serve-attacker|serve-orchestrator   one service (compose)
     fedseq data                  dataset statistics
     fedseq reproduce SUITE       the paper's tables and figure (table1, table3, table4, table5, figure2) -> docs/results/
@@ -47,13 +48,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     if cfg.procs != 1:
         raise ConfigError(f"procs {cfg.procs}: --procs is fedseq sim's; fedseq run spreads the users over "
                           "--workers processes")
-    from .plugins import prepare
-
-    prepare(cfg)  # fail fast: dataset, model, rule, attack name/options, ratio, targets, before any process starts
     settings = LaunchSettings(workers=args.workers, redis_url=redis_url_from(args), out_dir=args.out,
                               attackers=args.attackers, round_timeout=args.round_timeout, log_dir=args.log_dir,
                               insecure=args.insecure)
     return launch(cfg, settings)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Build the run's data, model, rule and attack as every runner does first (cli/plugins.py
+    ``prepare``): exit 0, or 2 with what is wrong. ``fedseq run`` runs it forked from its zygote
+    (cli/launcher.py), so that the launcher never imports torch."""
+    from .plugins import prepare
+
+    cfg = experiment_config(args, quickstart=True)
+    p = prepare(cfg)
+    s = p.setup
+    print(f"fedseq check: ok: {cfg.dataset} ({s.dataset.num_users} users, {s.dataset.num_items} items) / {cfg.model}, "
+          f"rule {cfg.defense}, attack {cfg.attack}"
+          + (f" ({len(s.malicious_users)} malicious clients, targets {list(s.targets)})" if p.adversary else ""))
+    return 0
 
 
 def redis_url_from(args: argparse.Namespace) -> str | None:
@@ -145,6 +158,30 @@ class _StrictParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
 
+def _add_certs(sub) -> None:
+    """``fedseq certs``."""
+    p = sub.add_parser("certs", help="make a CA and mTLS certificates (one role each) for the services")
+    p.add_argument("dir", help="folder for ca.pem/ca.key and NAME.pem/NAME.key (an existing CA is reused)")
+    p.add_argument("--name", action="append", metavar="NAME[:ROLE]",
+                   help="a certificate to make, e.g. client-0:worker (repeatable; default: server, orchestrator, "
+                        "worker, operator, each its own role); roles: orchestrator, server, worker, operator")
+    p.add_argument("--hosts", help="extra DNS names / IPs in every certificate, comma list (default localhost, "
+                                   "127.0.0.1, ::1)")
+    p.add_argument("--days", type=int, default=365)
+    p.add_argument("--clients", type=int, metavar="N",
+                   help="worker certificates client-0..N-1 (role worker, each its own), and DIR/roster.json naming "
+                        "them clients; with it no shared `worker` certificate is made")
+    p.add_argument("--attackers", type=int, metavar="M",
+                   help="likewise attacker-0..M-1, rostered as attackers")
+    p.add_argument("--spares", type=int, default=0, metavar="K",
+                   help="spare-0..K-1: client identities that may take over the shard of a client that is gone "
+                        "(needs sharded clients; default 0)")
+    p.add_argument("--unsharded", action="store_true",
+                   help="roster without shards: every identity of a kind may host all of its users (compose, "
+                        "Kubernetes); default: shard i for client-i and attacker-i")
+    p.set_defaults(fn=cmd_certs)
+
+
 def parser() -> argparse.ArgumentParser:
     """The ``fedseq`` argument parser (defaults read ``FEDSEQ_*`` variables when it is built)."""
     from cli import services
@@ -172,26 +209,11 @@ def parser() -> argparse.ArgumentParser:
                    help="no mutual TLS and no Redis users (default: both on, certificates in <out>/tls)")
     p.set_defaults(fn=cmd_run)
 
-    p = sub.add_parser("certs", help="make a CA and mTLS certificates (one role each) for the services")
-    p.add_argument("dir", help="folder for ca.pem/ca.key and NAME.pem/NAME.key (an existing CA is reused)")
-    p.add_argument("--name", action="append", metavar="NAME[:ROLE]",
-                   help="a certificate to make, e.g. client-0:worker (repeatable; default: server, orchestrator, "
-                        "worker, operator, each its own role); roles: orchestrator, server, worker, operator")
-    p.add_argument("--hosts", help="extra DNS names / IPs in every certificate, comma list (default localhost, "
-                                   "127.0.0.1, ::1)")
-    p.add_argument("--days", type=int, default=365)
-    p.add_argument("--clients", type=int, metavar="N",
-                   help="worker certificates client-0..N-1 (role worker, each its own), and DIR/roster.json naming "
-                        "them clients; with it no shared `worker` certificate is made")
-    p.add_argument("--attackers", type=int, metavar="M",
-                   help="likewise attacker-0..M-1, rostered as attackers")
-    p.add_argument("--spares", type=int, default=0, metavar="K",
-                   help="spare-0..K-1: client identities that may take over the shard of a client that is gone "
-                        "(needs sharded clients; default 0)")
-    p.add_argument("--unsharded", action="store_true",
-                   help="roster without shards: every identity of a kind may host all of its users (compose, "
-                        "Kubernetes); default: shard i for client-i and attacker-i")
-    p.set_defaults(fn=cmd_certs)
+    _add_certs(sub)
+
+    p = sub.add_parser("check", help="check a run's configuration: build its data, model, rule and attack, run nothing")
+    add_experiment_flags(p)
+    p.set_defaults(fn=cmd_check)
 
     p = sub.add_parser("sim", help="run the experiment in one process (no network)")
     add_experiment_flags(p)

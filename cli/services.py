@@ -15,8 +15,6 @@ import sys
 import threading
 from pathlib import Path
 
-import torch
-
 from fedseq.config import ConfigError
 from fedseq.rpc import exit_orphaned, serve_until_signal, wait_for_signal
 from fedseq.tls import Identity, TLSError
@@ -327,6 +325,8 @@ def serve_orchestrator(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if cfg.threads:
+        import torch  # a service process imports it anyway; the launcher, which takes EXIT_* from here, does not
+
         torch.set_num_threads(cfg.threads)
     from fedseq.store import RedisStore
 

@@ -1,6 +1,9 @@
 """What a ``fedseq sweep`` runs: the presets (``mission``, ``rules``, ``matrix``), the sweep spec
 (base experiment keys and the axes, or explicit scenarios) from a preset, ``--spec FILE`` and the
-flags, and its cells (one run each), every cell's config validated before anything runs."""
+flags, and its cells (one run each), every cell's config validated before anything runs.
+
+The ``fedseq`` command's parser is built from this module (through cli/sweep.py), so importing it
+loads no torch: the rule-spec parser and the engine's plan are imported where a sweep is built."""
 
 from __future__ import annotations
 
@@ -15,8 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from fedseq.config import ConfigError, ExperimentConfig, build_config
-from fedseq.engine import adv_train_on
-from server.aggregation import RuleConfigError, parse_rule_spec
 
 from .flags import QUICKSTART
 
@@ -139,6 +140,8 @@ class Cell:
 
     def overrides(self) -> dict[str, Any]:
         """The experiment keys this cell sets on top of the sweep's base."""
+        from server.aggregation import RuleConfigError, parse_rule_spec  # torch: not at import (module docstring)
+
         try:  # "name:k=v,k=v", and a wrapping rule's inner shorthand ("sparse:median")
             rule, opts = parse_rule_spec(self.defense)
         except RuleConfigError as e:
@@ -233,6 +236,8 @@ class SweepSpec:
                 for c in self.codecs or (None,):
                     for s in self.seeds:
                         out.append(Cell(a, d, r, s, m, c, name, keys))
+        from fedseq.engine import adv_train_on  # torch: not at import (module docstring)
+
         unique = list({(cell.folder, cell.scenario): cell for cell in out}.values())  # in order
         for i, cell in enumerate(unique):  # validate every cell's config before anything runs
             try:

@@ -43,7 +43,6 @@ micro-batch is fine; ``AdvTrainConfig.max_onehot`` caps ``B * L * V`` per micro-
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -53,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from .local import AdvTrainConfig
 from .models import SeqModel
 from .models.common import Drop, position_ids
 from .params import Layout
@@ -61,37 +61,6 @@ from .training import LocalConfig, UpdateBatch, _prepare, micro_batches, user_lo
 SWITCH_STREAM = 2000  # user_rng stream of the switch draws (examples use 0.., dropout 1000..)
 PICK_TAG = 0xAD7  # seed-sequence tag of pick_adv_users
 NORM_EPS = 1e-9  # as the reference: G / (||G|| + 1e-9)
-
-
-@dataclass(frozen=True)
-class AdvTrainConfig:
-    """adv_train settings; defaults are the public code's ``train_robust``."""
-
-    steps: int = 3  # ascent steps on the one-hot input
-    step_size: float = 1.0  # added times the per-position L2-normalised gradient
-    switch_prob: float = 0.5  # probability that a non-padding position takes its perturbed row
-    users_per_round: int = 32  # benign clients per round that recompute (chosen by the caller)
-    max_onehot: int = 1 << 25  # at most B * L * V one-hot floats per micro-batch (128 MiB)
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "users_per_round", "max_onehot"):
-            v = getattr(self, name)
-            if not isinstance(v, int | np.integer) or isinstance(v, bool):
-                raise ValueError(f"AdvTrainConfig.{name} must be an integer, got {v!r}")
-        if self.steps < 0:
-            raise ValueError(f"AdvTrainConfig.steps must be >= 0, got {self.steps}")
-        if self.users_per_round < 1:
-            raise ValueError(f"AdvTrainConfig.users_per_round must be >= 1, got {self.users_per_round}")
-        if self.max_onehot < 1:
-            raise ValueError(f"AdvTrainConfig.max_onehot must be >= 1, got {self.max_onehot}")
-        for name in ("step_size", "switch_prob"):
-            v = getattr(self, name)
-            if not isinstance(v, int | float | np.floating) or isinstance(v, bool) or not math.isfinite(v):
-                raise ValueError(f"AdvTrainConfig.{name} must be a finite number, got {v!r}")
-        if self.step_size <= 0:
-            raise ValueError(f"AdvTrainConfig.step_size must be > 0, got {self.step_size}")
-        if not 0.0 <= self.switch_prob <= 1.0:
-            raise ValueError(f"AdvTrainConfig.switch_prob must be in [0, 1], got {self.switch_prob}")
 
 
 DEFAULT_LOCAL = LocalConfig()

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .codec import CODEC_NAMES
+from .codec_names import CODEC_NAMES
 from .data.summary import TARGET_PRESETS
 from .device import check_name as check_device
-from .local import LocalConfig, LocalDP, PieckReg
+from .local import AdvTrainConfig, LocalConfig, LocalDP, PieckReg
 
 
 class ConfigError(ValueError):
@@ -223,10 +223,8 @@ class ExperimentConfig:
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
-    def adv_config(self):
-        """The adversarial-training settings (``fedseq.adv_train.AdvTrainConfig``), validated."""
-        from .adv_train import AdvTrainConfig
-
+    def adv_config(self) -> AdvTrainConfig:
+        """The adversarial-training settings (``fedseq.local.AdvTrainConfig``), validated."""
         known = {"steps": int, "step_size": float, "switch_prob": float, "users_per_round": int}
         return AdvTrainConfig(**_typed_opts("adv-train", self.adv_train_opts, known))
 

@@ -14,9 +14,11 @@ from __future__ import annotations
 import copy
 import re
 import weakref
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch is imported where a device is resolved: the run config checks names without it
+    import torch
+    from torch import nn
 
 __all__ = ["DeviceError", "check_name", "model_on", "resolve"]
 
@@ -36,6 +38,8 @@ def check_name(name: str) -> None:
 def resolve(name: str) -> torch.device:
     """The device ``name`` means in this process; a CUDA device this process cannot use raises
     :class:`DeviceError` saying why (fail fast, not a silent fall-back to the CPU)."""
+    import torch
+
     check_name(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

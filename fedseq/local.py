@@ -1,15 +1,19 @@
-"""How users compute their updates, as configuration: :class:`LocalConfig` and PIECK's client-side
-regularisers :class:`PieckReg`. Plain frozen dataclasses, so that the run config
-(fedseq/config.py) can build and check them without importing the training code (models,
-per-sample gradients); the training itself is fedseq/training.py, which re-exports both."""
+"""How users compute their updates, as configuration: :class:`LocalConfig`, PIECK's client-side
+regularisers :class:`PieckReg`, local differential privacy :class:`LocalDP` and adversarial
+training :class:`AdvTrainConfig`. Plain frozen dataclasses without torch, so that the run config
+(fedseq/config.py), and with it the ``fedseq`` launcher, builds and checks them without importing
+the training code (models, per-sample gradients); the training itself is fedseq/training.py and
+fedseq/adv_train.py, which re-export them."""
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 from .device import check_name as check_device
 
-__all__ = ["LocalConfig", "LocalDP", "PieckReg"]
+__all__ = ["AdvTrainConfig", "LocalConfig", "LocalDP", "PieckReg"]
 
 
 @dataclass(frozen=True)
@@ -99,3 +103,34 @@ class LocalConfig:
         if self.local_epochs < 1 or self.micro_batch < 1 or self.max_tokens < 1 or self.local_lr <= 0:
             raise ValueError("local_epochs and micro_batch must be >= 1 and local_lr > 0")
         check_device(self.device)
+
+
+@dataclass(frozen=True)
+class AdvTrainConfig:
+    """adv_train settings; defaults are the public code's ``train_robust``."""
+
+    steps: int = 3  # ascent steps on the one-hot input
+    step_size: float = 1.0  # added times the per-position L2-normalised gradient
+    switch_prob: float = 0.5  # probability that a non-padding position takes its perturbed row
+    users_per_round: int = 32  # benign clients per round that recompute (chosen by the caller)
+    max_onehot: int = 1 << 25  # at most B * L * V one-hot floats per micro-batch (128 MiB)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "users_per_round", "max_onehot"):
+            v = getattr(self, name)
+            if not isinstance(v, numbers.Integral) or isinstance(v, bool):
+                raise ValueError(f"AdvTrainConfig.{name} must be an integer, got {v!r}")
+        if self.steps < 0:
+            raise ValueError(f"AdvTrainConfig.steps must be >= 0, got {self.steps}")
+        if self.users_per_round < 1:
+            raise ValueError(f"AdvTrainConfig.users_per_round must be >= 1, got {self.users_per_round}")
+        if self.max_onehot < 1:
+            raise ValueError(f"AdvTrainConfig.max_onehot must be >= 1, got {self.max_onehot}")
+        for name in ("step_size", "switch_prob"):
+            v = getattr(self, name)
+            if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v):
+                raise ValueError(f"AdvTrainConfig.{name} must be a finite number, got {v!r}")
+        if self.step_size <= 0:
+            raise ValueError(f"AdvTrainConfig.step_size must be > 0, got {self.step_size}")
+        if not 0.0 <= self.switch_prob <= 1.0:
+            raise ValueError(f"AdvTrainConfig.switch_prob must be in [0, 1], got {self.switch_prob}")

@@ -192,3 +192,30 @@ def test_an_armed_exit_runs_the_handlers_flushes_and_skips_only_the_teardown(tmp
     assert "logged before the exit" in (tmp_path / "p.log").read_text()
     assert (tmp_path / "p.teardown").exists() == (arm is None)
 
+
+
+def test_the_launcher_builds_and_checks_a_run_without_importing_torch():
+    """``fedseq run``'s own process stays torch-free (its zygote imports torch for the services):
+    the parser, the run config with every option checked, and the launcher module."""
+    # Prepare
+    code = ("import sys\nfrom cli.main import parser\nfrom cli.flags import experiment_config\n"
+            "import cli.launcher\n"
+            "a = parser().parse_args(['run', '--attack', 'dv-fsr', '--codec', 'int8-row', "
+            "'--defense', 'ldp:clip=1,noise=0.1', '--device', 'cpu'])\n"
+            "cfg = experiment_config(a, quickstart=True)\n"
+            "print(cfg.codec, cfg.ldp, sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:3])\n")
+    # Execute
+    proc = _spawn("-c", code)
+    out, err = proc.communicate(timeout=60)
+    # Assert
+    assert proc.returncode == 0, err
+    assert out.split() == ["int8-row", "True", "[]"], out
+
+
+def test_check_builds_the_run_and_names_what_is_wrong(fedseq_cli):
+    # Execute
+    ok = fedseq_cli("check", "--attack", "dv-fsr", "--epochs", "1")
+    bad = fedseq_cli("check", "--attack", "dv-fsr", "--targets", "99999")
+    # Assert
+    assert ok[0] == 0 and "fedseq check: ok" in ok[1] and "malicious clients" in ok[1], ok
+    assert bad[0] == 2 and "target item 99999 is outside the catalogue" in bad[2], bad

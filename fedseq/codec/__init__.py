@@ -45,16 +45,12 @@ To add a codec: a module with its encode and decode functions, its ``Codec`` lin
 
 from __future__ import annotations
 
+from ..codec_names import CODEC_NAMES
 from .container import pack, unpack
 from .flat import FlatCodec
 from .model_blob import model_from_bytes, model_to_bytes, read_model_header
 from .records import MAX_NUMEL, CodecError, EncodedTensor
-from .registry import CODECS
 from .tensors import SPARSE_TABLES, decode, decode_state, encode, encode_state
-
-#: The names of the registered codecs, in registry order (taken when fedseq.codec is imported):
-#: the values of the run's ``codec`` key (``--codec``).
-CODEC_NAMES: tuple[str, ...] = tuple(CODECS)
 
 __all__ = [
     "CODEC_NAMES",

@@ -5,7 +5,9 @@ Everything that depends on which codecs exist reads this table: :func:`fedseq.co
 :func:`fedseq.codec.decode` dispatch on it, :func:`fedseq.codec.encode_state` takes its fallbacks
 from it, :func:`fedseq.codec.unpack` refuses encodings not in it, :class:`fedseq.codec.FlatCodec`
 picks its fast paths from it, and the server's intake (server/intake.py) derives which tensor
-encodings an update may carry from it. ``CODEC_NAMES`` (fedseq.codec) is its names, in order.
+encodings an update may carry from it. ``CODEC_NAMES`` (fedseq/codec_names.py, re-exported by
+fedseq.codec; the run config reads it without torch) is its names, in order: this module refuses
+to import when the two differ.
 
 A new codec is a module with its encode and decode functions (see dense.py, sparse.py,
 int8_row.py) and one line below. The registry is read at call time (``registry.CODECS``), so a
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from ..codec_names import CODEC_NAMES
 from . import dense, int8_row, sparse
 from .records import RAW_INTS, Codec, CodecError
 
@@ -41,6 +44,8 @@ CODECS: dict[str, Codec] = _table(
     sparse.codec("sparse-fp16", torch.float16, fallback="dense-fp16"),
     int8_row.CODEC,
 )
+if tuple(CODECS) != CODEC_NAMES:  # the torch-free copy of the names the run config checks
+    raise ImportError(f"fedseq/codec_names.py CODEC_NAMES {CODEC_NAMES} differ from the registry's {tuple(CODECS)}")
 
 
 def lookup(name: str, encoding: str) -> Codec:
