@@ -22,14 +22,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from fedseq.config import ConfigError
 from fedseq.data import SeqDataset
-from fedseq.experiment import Setup, check_ratio, population_size  # noqa: F401 - check_ratio re-exported
+from fedseq.engine import plan_run
+from fedseq.experiment import Setup, all_clients, check_ratio, population_size  # noqa: F401 - check_ratio re-exported
 from fedseq.training import UpdateBatch
 
 from .attacks import Attack, AttackConfigError, AttackContext, item_counts, make_attack, public_sequences
@@ -152,12 +153,28 @@ class Adversary:
 
     popularity / public: the data the attack declared it needs (``needs_popularity``,
     ``public_share``), computed once by :func:`make_adversary` and passed in every context; None
-    when it needs none."""
+    when it needs none.
+
+    Every context also carries the round's server learning rate (:meth:`round_lr`), which the
+    adversary reads from the run's plan, so the in-process runner and an attacker worker, which
+    knows a round only by its id, pass the same value."""
 
     attack: Attack
     population: MaliciousPopulation
     popularity: np.ndarray | None = None
     public: tuple[np.ndarray, ...] | None = None
+    _lrs: dict[tuple, tuple[float, ...]] = field(default_factory=dict, repr=False)  # the plan's lr per round id
+
+    def round_lr(self, s: Setup, round_key: int) -> float:
+        """The configured learning rate of round ``round_key`` (its epoch's ``cfg.lr_at``), from the
+        run's plan (:func:`fedseq.engine.plan_run` over every client: the one both runners walk);
+        ``cfg.lr`` for a round id outside the plan (a direct call)."""
+        key = (s.cfg, s.dataset.num_users, s.num_malicious)
+        lrs = self._lrs.get(key)
+        if lrs is None:
+            lrs = tuple(rp.lr for rp in plan_run(s.cfg, all_clients(s), s.dataset.num_users))
+            self._lrs[key] = lrs
+        return lrs[round_key] if 0 <= round_key < len(lrs) else float(s.cfg.lr)
 
     def context(self, s: Setup, params: torch.Tensor, users: Sequence[int] | np.ndarray,
                 round_key: int) -> AttackContext:
@@ -165,7 +182,8 @@ class Adversary:
         cfg = s.cfg
         users = np.asarray(users, dtype=np.int64)
         return AttackContext(s.model, params, self.population.sequences_of(users), users, s.targets, cfg.seed,
-                             round_key, cfg.local(), cfg.compat, popularity=self.popularity, public=self.public)
+                             round_key, cfg.local(), cfg.compat, popularity=self.popularity, public=self.public,
+                             lr=self.round_lr(s, round_key))
 
     def updates(self, s: Setup, params: torch.Tensor, users: Sequence[int] | np.ndarray, round_key: int) -> UpdateBatch:
         """The attack's updates of malicious ``users`` at the global weights ``params``."""

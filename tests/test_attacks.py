@@ -34,7 +34,7 @@ from cli.plugins import prepare
 from cli.sim import run_inprocess
 from fedseq.config import Compat, ConfigError, build_config
 from fedseq.data import SeqDataset
-from fedseq.engine import UPDATE_BOUND, epoch_rounds, out_of_bounds
+from fedseq.engine import UPDATE_BOUND, epoch_rounds, out_of_bounds, plan_run
 from fedseq.experiment import all_clients, setup
 from fedseq.models import build_model
 from fedseq.models.common import reference_init
@@ -305,7 +305,7 @@ def test_every_attack_returns_one_finite_update_per_user(name):
         public = public_sequences(data, attack.public_share, 1) if attack.public_share > 0 else None
         popularity = item_counts(data) if attack.needs_popularity else None
         ctx = AttackContext(model, params, seqs, users, (29, 28), 1, 4, LocalConfig(), Compat.reference(),
-                            popularity=popularity, public=public)
+                            popularity=popularity, public=public, lr=0.01)
         ub = attack.updates(ctx)
         assert ub.updates.shape == (3, params.shape[0]), attack_name
         assert bool(torch.isfinite(ub.updates).all()), attack_name
@@ -611,6 +611,26 @@ def test_the_adversary_fills_each_context_with_what_the_attack_declared():
     # a wrapper gets its base's data: scale x 2 of the same FedRecAttack update
     mal = s.malicious_users
     assert torch.equal(scaled.updates(s, params, mal, 5).updates, 2 * fedrec.updates(s, params, mal, 5).updates)
+
+
+def test_the_adversary_passes_each_rounds_learning_rate_from_the_plan():
+    # Prepare: 2 epochs, the learning rate halved after the first; 44 clients in rounds of 16
+    from attacker.population import make_adversary
+    from fedseq.experiment import Setup
+    from fedseq.params import Layout
+
+    model, params = tiny()
+    cfg = build_config(None, dict(dataset="synthetic", model="sasrec", seed=3, attack="eb", malicious_ratio=0.1,
+                                  targets=[29], epochs=2, lr=0.2, lr_decay=0.5, lr_decay_every=1,
+                                  clients_per_round=16), environ={})
+    s = Setup(cfg, tiny_dataset(40), model, Layout.of(model), (29,), 4, "")
+    adv = make_adversary(s)
+    assert adv is not None
+    # Execute
+    lrs = [adv.context(s, params, s.malicious_users[:1], r).lr for r in range(7)]
+    # Assert: rounds 0-2 are epoch 0, 3-5 epoch 1; a round outside the plan gets the configured lr
+    assert lrs == [0.2, 0.2, 0.2, 0.1, 0.1, 0.1, 0.2]
+    assert lrs[:6] == [rp.lr for rp in plan_run(cfg, all_clients(s), 40)]
 
 
 def _sim(attack: str, epochs: int = 2, **extra):

@@ -15,7 +15,8 @@ Every attack is a frozen dataclass subclassing :class:`Attack`, called with one
 ``ctx.sequences[i]`` is the training sequence held by malicious user ``ctx.users[i]``;
 ``ctx.targets`` the items to promote (attacks that need a single target use the first);
 ``ctx.seed``/``ctx.round_key``/user id seed all randomness (negatives, dropout), so an update is a
-function of (weights, the user's data, seed, round_key, user id) only, whatever the batch. A
+function of (weights, the user's data, seed, round_key, user id) only, whatever the batch;
+``ctx.lr`` is the round's server learning rate (a function of the round key and the run's config). A
 wrapping attack (``scale``, ``alie``, ``min-max``, ``pieck``, ``spattack``) hands its inner attack
 the same context.
 
@@ -76,6 +77,10 @@ class AttackContext:
         declares ``needs_popularity``; None otherwise.
     public: the training sequences of the public benign users, for an attack that declares a
         ``public_share`` > 0; None otherwise.
+    lr: the round's configured server learning rate (the run's ``lr_at(epoch)`` of the round's
+        epoch, a protocol parameter every participant knows; the server steps ``w <- w - lr *
+        aggregate``), for an attack that sizes its update so that the step lands where it wants
+        (PoisonFRS); None where unknown (a direct call).
     """
 
     model: SeqModel
@@ -89,6 +94,7 @@ class AttackContext:
     compat: Compat
     popularity: np.ndarray | None = None
     public: tuple[np.ndarray, ...] | None = None
+    lr: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "users", np.asarray(self.users, dtype=np.int64))
