@@ -29,18 +29,35 @@ registered in :data:`ATTACKS`. :func:`attacker.population.make_adversary` fills 
 | ``pieck``   | popular-item embedding (IPE) | Zhang et al., ICDE 2024                          |
 | ``fedrecattack`` | public interactions, top-K | Rong et al., ICDE 2022                         |
 | ``spattack`` | rare item rows, vs sparse agg. | Zhang et al., AAAI 2025 (Spattack)             |
+| ``poisonfrs`` | target row onto scaled popular centroid | Yin, Xu, Fang, Gong, WWW 2024 (PoisonFRS) |
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-from . import a_ra, alie, c_fsr, dv_fsr, eb, fedrecattack, min_max, pieck, ra, s_fsr, scale, sign_flip, spattack
+from . import (
+    a_ra,
+    alie,
+    c_fsr,
+    dv_fsr,
+    eb,
+    fedrecattack,
+    min_max,
+    pieck,
+    poisonfrs,
+    ra,
+    s_fsr,
+    scale,
+    sign_flip,
+    spattack,
+)
 from .alie import ALIE, alie_z
 from .base import Attack, AttackConfigError, AttackContext, AttackFactory
 from .dv_fsr import DualViewAttack, Substitution, contrastive_loss, substitute
 from .fedrecattack import FedRecAttack, public_sequences, public_users
 from .min_max import MinMax, max_gamma
+from .poisonfrs import PoisonFRS
 from .ra import RandomAttack
 from .scale import Scale
 from .sign_flip import SignFlip
@@ -69,6 +86,7 @@ ATTACKS: dict[str, AttackFactory] = {
     "pieck": pieck.factory(make_attack),
     "fedrecattack": fedrecattack.from_options,
     "spattack": spattack.factory(make_attack),
+    "poisonfrs": poisonfrs.from_options,
 }
 
 __all__ = [
@@ -80,6 +98,7 @@ __all__ = [
     "DualViewAttack",
     "FedRecAttack",
     "MinMax",
+    "PoisonFRS",
     "RandomAttack",
     "Scale",
     "SignFlip",
