@@ -30,6 +30,7 @@ registered in :data:`ATTACKS`. :func:`attacker.population.make_adversary` fills 
 | ``fedrecattack`` | public interactions, top-K | Rong et al., ICDE 2022                         |
 | ``spattack`` | rare item rows, vs sparse agg. | Zhang et al., AAAI 2025 (Spattack)             |
 | ``poisonfrs`` | target row onto scaled popular centroid | Yin, Xu, Fang, Gong, WWW 2024 (PoisonFRS) |
+| ``hidattack`` | epsilon-greedy bandit over attacks | HidAttack (code waqar-uestc/HidAttack)      |
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from . import (
     dv_fsr,
     eb,
     fedrecattack,
+    hidattack,
     min_max,
     pieck,
     poisonfrs,
@@ -56,6 +58,7 @@ from .alie import ALIE, alie_z
 from .base import Attack, AttackConfigError, AttackContext, AttackFactory
 from .dv_fsr import DualViewAttack, Substitution, contrastive_loss, substitute
 from .fedrecattack import FedRecAttack, public_sequences, public_users
+from .hidattack import HidAttack
 from .min_max import MinMax, max_gamma
 from .poisonfrs import PoisonFRS
 from .ra import RandomAttack
@@ -87,6 +90,7 @@ ATTACKS: dict[str, AttackFactory] = {
     "fedrecattack": fedrecattack.from_options,
     "spattack": spattack.factory(make_attack),
     "poisonfrs": poisonfrs.from_options,
+    "hidattack": hidattack.factory(make_attack),
 }
 
 __all__ = [
@@ -97,6 +101,7 @@ __all__ = [
     "AttackContext",
     "DualViewAttack",
     "FedRecAttack",
+    "HidAttack",
     "MinMax",
     "PoisonFRS",
     "RandomAttack",
