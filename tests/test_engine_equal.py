@@ -199,3 +199,45 @@ def test_pieck_client_regularisers_are_the_same_run_in_both_runners(redis_url):
         assert torch.equal(net_after[rid], sim_after[rid]), f"round {rid}: weights differ"
     assert net_epoch["hr@10"] == sim_epoch["hr@10"] and net_epoch["er@10"] == sim_epoch["er@10"]
     assert not torch.equal(plain_after[max(plain_after)], sim_after[max(sim_after)])
+
+
+# the attacks that size their update by the round's learning rate (ctx.lr), which each runner's
+# adversary reads from the run's plan (the attacker worker knows a round only by its id): two
+# epochs, the second at half the rate, so that a round's rate is not the configured one
+LR_SIZED = {"poisonfrs": (("items_limit", "8"),), "hidattack": (("epsilon", "0.5"),)}
+
+
+def _lr_sized(attack: str) -> ExperimentConfig:
+    return replace(BASE, run_id=f"eq-{attack}", attack=attack, attack_opts=LR_SIZED[attack], malicious_ratio=0.1,
+                   epochs=2, lr_decay=0.5, lr_decay_every=1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attack", sorted(LR_SIZED))
+def test_lr_sized_attacks_are_the_same_run_in_both_runners(redis_url, attack):
+    # Prepare
+    cfg = _lr_sized(attack)
+    torch.set_num_threads(1)
+    # Execute
+    net_after, net_epoch, _ = _services(redis_url, cfg)
+    sim_after, sim_epoch = _inprocess(cfg)
+    # Assert
+    assert sorted(net_after) == sorted(sim_after)
+    for rid in sorted(sim_after):
+        assert torch.equal(net_after[rid], sim_after[rid]), f"round {rid}: weights differ"
+    assert net_epoch["hr@10"] == sim_epoch["hr@10"] and net_epoch["er@10"] == sim_epoch["er@10"]
+    assert net_epoch["malicious_updates"] == sim_epoch["malicious_updates"] == 2  # per epoch
+
+
+@pytest.mark.parametrize("attack", sorted(LR_SIZED))
+def test_lr_sized_attacks_run_the_one_loop(attack):
+    # Prepare
+    cfg = _lr_sized(attack)
+    torch.set_num_threads(1)
+    # Execute: twice, the adversary built afresh
+    first, epoch = _inprocess(cfg)
+    again, _ = _inprocess(cfg)
+    # Assert: the run is a function of its configuration, every malicious update was aggregated
+    assert sorted(first) == sorted(again) and all(torch.equal(first[r], again[r]) for r in first)
+    assert epoch["malicious_updates"] == epoch["malicious_kept"] == 2 and epoch["rejected"] == 0
+    assert all(bool(torch.isfinite(w).all()) and float(w.abs().max()) <= WEIGHT_BOUND for w in first.values())
