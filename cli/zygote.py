@@ -24,7 +24,8 @@ Rules that keep the fork safe:
   shuts down when its parent is gone (``fedseq.rpc.wait_for_signal``).
 
 Protocol: JSON messages on a Unix SOCK_SEQPACKET socket pair. The launcher sends
-``{"name", "argv", "log"}`` with the read end of the child's environment pipe attached; the
+``{"name", "argv", "log", "cwd", "netns"}`` with the read end of the child's environment pipe
+attached; the
 zygote answers ``{"pid": N}`` (or ``{"error": ...}``) and, whenever a child ends,
 ``{"exited": N, "rc": R}`` with R as ``subprocess`` reports it (negative: killed by that signal)."""
 
@@ -135,9 +136,11 @@ class Zygote:
             return self._replies.pop(0)
 
     def spawn(self, name: str, argv: list[str], env: dict[str, str], log: Path, timeout: float = 60,
-              cwd: str | None = None) -> Forked:
+              cwd: str | None = None, netns: str | None = None) -> Forked:
         """Fork ``fedseq <argv>`` as ``name`` (its comm), its stdout and stderr appended to ``log``,
-        with exactly the environment ``env``, in ``cwd`` (default: the zygote's)."""
+        with exactly the environment ``env``, in ``cwd`` (default: the zygote's), in the network
+        namespace ``netns`` when given (a path such as ``/run/netns/NAME``: the child enters it
+        before it runs anything, as ``ip netns exec`` would; needs the privilege setns needs)."""
         blob = json.dumps(env).encode()
         r, w = os.pipe()  # the environment goes to the child past the zygote (module docstring)
         try:
@@ -148,7 +151,7 @@ class Zygote:
             w = -1
             with self._spawn_lock:
                 try:
-                    send(self.sock, {"name": name, "argv": argv, "log": str(log), "cwd": cwd}, (r,))
+                    send(self.sock, {"name": name, "argv": argv, "log": str(log), "cwd": cwd, "netns": netns}, (r,))
                 except OSError as e:
                     raise ZygoteGone(f"the zygote is gone ({e})") from e
                 reply = self._reply(timeout)

@@ -87,6 +87,21 @@ def _set_name(name: str) -> None:
         ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)
 
 
+CLONE_NEWNET = 0x40000000
+
+
+def _enter_netns(path: str) -> None:
+    """Move this (single-threaded, just forked) child into the network namespace ``path`` (e.g.
+    ``/run/netns/NAME``), as ``ip netns exec`` would before it execs; OSError saying why not."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns into {path}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
 def _read_all(fd: int) -> bytes:
     parts = []
     while chunk := os.read(fd, MAX_MESSAGE):
@@ -108,6 +123,8 @@ def become(request: dict, env_fd: int) -> list[str]:
     os.dup2(log, 2)
     os.close(log)
     os.close(devnull)
+    if request.get("netns"):
+        _enter_netns(request["netns"])
     os.environ.clear()
     os.environ.update(env)
     os.environ["FEDSEQ_PARENT_PID"] = str(os.getppid())  # the zygote: gone when the launcher is

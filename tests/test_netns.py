@@ -28,6 +28,7 @@ import _netns as netns
 import pytest
 
 from cli.sim import run_inprocess
+from cli.zygote import Forked, Zygote
 from fedseq.config import ExperimentConfig
 from fedseq.redis_server import RedisServer
 
@@ -119,11 +120,11 @@ def test_workers_reach_the_hub_through_nat_and_the_hub_reaches_no_worker(topolog
 
 
 class _Services:
-    """The run's processes (``ip netns exec NS python -m cli.entry ...``, the `fedseq` script), one log file each."""
+    """The run's processes (``fedseq ...`` forked by the zygote into namespace NS), one log file each."""
 
-    def __init__(self, topo: netns.Topology, log_dir: Path) -> None:
-        self.topo, self.log_dir = topo, log_dir
-        self.procs: dict[str, subprocess.Popen] = {}
+    def __init__(self, topo: netns.Topology, log_dir: Path, zygote: Zygote) -> None:
+        self.topo, self.log_dir, self.zygote = topo, log_dir, zygote
+        self.procs: dict[str, Forked] = {}
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("FEDSEQ_") or k in (
             "FEDSEQ_DATA_ROOT", "FEDSEQ_DATA_CACHE", "FEDSEQ_REDIS_SERVER")}
         self.env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", FEDSEQ_PARENT_PID=str(os.getpid()))
@@ -131,13 +132,11 @@ class _Services:
     def log(self, name: str) -> Path:
         return self.log_dir / f"{name}.log"
 
-    def start(self, name: str, ns: str, argv: list[str], store_url: str = "") -> subprocess.Popen:
+    def start(self, name: str, ns: str, argv: list[str], store_url: str = "") -> Forked:
         # store credentials in the environment, as `fedseq run` passes them (argv is public)
         env = {**self.env, **({"FEDSEQ_STORE_URL": store_url} if store_url else {})}
-        with open(self.log(name), "wb") as log:
-            proc = subprocess.Popen(netns.netns_exec(ns, sys.executable, "-m", "cli.entry", "--log-level", "info",
-                                                     *argv), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                    cwd=ROOT, stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = self.zygote.spawn(name, ["--log-level", "info", *argv], env, self.log(name), cwd=str(ROOT),
+                                 netns=f"/run/netns/{ns}")
         self.procs[name] = proc
         return proc
 
@@ -201,7 +200,7 @@ def _certs(tmp: Path, fedseq_cli) -> tuple[Path, Path, dict[str, Path]]:
     return made, roster, sites
 
 
-def test_a_federation_of_workers_behind_nat_runs_and_computes_the_sim_run(topology, tmp_path, fedseq_cli):
+def test_a_federation_of_workers_behind_nat_runs_and_computes_the_sim_run(topology, tmp_path, fedseq_cli, zygote):
     # Prepare: certificates (one per worker, each site holding only its own), Redis on the hub with per-role users
     topo = topology
     tls, roster, sites = _certs(tmp_path, fedseq_cli)
@@ -213,7 +212,7 @@ def test_a_federation_of_workers_behind_nat_runs_and_computes_the_sim_run(topolo
     redis = RedisServer(host=topo.hub_ip, acl=True, log_file=logs / "redis.log")
     with netns.entered(topo.hub):  # forked there, and its start-up check connects from there
         redis.start()
-    services = _Services(topo, logs)
+    services = _Services(topo, logs, zygote)
     try:
         # Execute: the hub's services listen on the hub's address; the workers dial them from behind NAT
         def tls_flags(name: str, folder: Path) -> list[str]:

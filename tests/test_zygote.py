@@ -89,3 +89,19 @@ def test_a_spawn_after_the_zygote_is_gone_is_a_clear_error(tmp_path):
     with pytest.raises(ZygoteGone):
         zygote.spawn("x", ["--help"], _env(), tmp_path / "x.log", timeout=10)
     zygote.close()
+
+
+def test_a_child_enters_the_network_namespace_it_is_given_before_it_runs(zygote, tmp_path):
+    """``spawn(netns=PATH)``: the child setns()es into PATH first (tests/test_netns.py runs a whole
+    federation that way); a namespace it cannot enter ends it with the reason, running nothing."""
+    # Prepare: its own namespace is a namespace file it can enter without privileges beyond its own
+    own = f"/proc/{os.getpid()}/ns/net"
+    # Execute
+    ok = zygote.spawn("ns-ok", ["data", "synthetic:users=10,items=40,max_length=20"], _env(), tmp_path / "ok.log", netns=own)
+    bad = zygote.spawn("ns-bad", ["data", "synthetic:users=10,items=40,max_length=20"], _env(), tmp_path / "bad.log",
+                       netns=str(tmp_path / "no-such-namespace"))
+    # Assert
+    assert ok.wait(30) == 0, (tmp_path / "ok.log").read_text()
+    assert bad.wait(30) != 0
+    log = (tmp_path / "bad.log").read_text()
+    assert "no-such-namespace" in log and "users" not in log, log
