@@ -36,14 +36,26 @@ def _cli(*args: str, **kw) -> subprocess.CompletedProcess:
     (["--attack", "dv-fsr", "--targets", "99999"], "target item 99999 is outside the catalogue"),
     (["--defense", "krum", "--defense-opt", "f=x"], "krum"),
 ])
-def test_bad_configuration_fails_fast_with_a_clear_message(tmp_path, flags, message, fedseq_cli):
+def test_bad_configuration_fails_the_check_with_a_clear_message(tmp_path, flags, message, fedseq_cli):
     # in this process: cli.main.main's return value is the command's exit status
-    rc, _, err = fedseq_cli("run", *flags, "--out", tmp_path)
+    rc, _, err = fedseq_cli("check", *flags)
     assert rc == 2, err[-2000:]
     assert message in err
-    assert not (tmp_path / "logs").exists()  # nothing was started
-    if flags[0] == "--epochs":  # and once as the real command
-        proc = _cli("run", *flags, "--out", str(tmp_path))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "0"], "epochs must be >= 1"),  # refused by the launcher itself
+    (["--attack", "dv-fsx"], "unknown attack 'dv-fsx'"),  # refused by the check forked from its zygote
+])
+def test_a_bad_run_fails_fast_with_the_message_and_leaves_nothing(tmp_path, flags, message, fedseq_cli):
+    # Execute: the command in this process, and once as the real command
+    rc, _, err = fedseq_cli("run", *flags, "--out", tmp_path)
+    proc = _cli("run", *flags, "--out", str(tmp_path)) if flags[0] == "--epochs" else None
+    # Assert: exit 2 with the message; no service started (no log folder), no certificate made
+    assert rc == 2, err[-2000:]
+    assert message in err
+    assert not (tmp_path / "logs").exists() and not (tmp_path / "tls").exists()
+    if proc is not None:
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert message in proc.stderr
         assert not (tmp_path / "logs").exists()
