@@ -578,8 +578,8 @@ def test_synthetic_next_item_is_predictable_from_the_last_item() -> None:
     ],
 )
 def test_synthetic_validates_parameters(kwargs: dict, message: str) -> None:
-    # Execute / Assert
-    with pytest.raises(ValueError, match=message):
+    # Execute / Assert: a DataError, which the `fedseq` command prints in one line (no traceback)
+    with pytest.raises(DataError, match=message):
         synthetic(**kwargs)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from .base import IntArray, SeqDataset, UserSequences
+from .base import DataError, IntArray, SeqDataset, UserSequences
 from .ragged import Ragged
 from .split import leave_one_out
 
@@ -308,7 +308,7 @@ def _draw_successor(
 
 def _check_synthetic_params(**p: Any) -> None:
     def fail(msg: str) -> None:
-        raise ValueError(f"synthetic: {msg}")
+        raise DataError(f"synthetic: {msg}")
 
     for key in ("num_users", "num_items", "num_clusters", "successors", "min_length", "max_length"):
         if p[key] < 1:
