@@ -43,6 +43,10 @@ fedseq's reading, inside one run, for sequential models:
   which is the diversity the paper counts on.
 - ``num_samples`` is the client's copied sequence length whatever the arm (an arm's own count
   would tell the server which arm sent it); the loss is the chosen arm's.
+
+Options: ``arms`` (distinct attack names, default ``a-ra,eb,ra``; each with its own defaults),
+``epsilon`` (in [0, 1], 0.1), ``top_k`` (>= 1, 10), ``length`` (>= 2, 30). Cost: every arm's
+update and one extra forward per arm for each malicious client.
 """
 
 from __future__ import annotations

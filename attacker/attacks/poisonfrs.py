@@ -38,17 +38,31 @@ weights, one row per token id; the items are rows 1..M):
   (``attack_round`` = 50 epochs) and, with ``--adapt`` (off by default), doubles Lambda while the
   target's distance to its goal shrinks. An attack update in fedseq is a function of the round's
   weights, the user, the seed and the round only (an attacker worker may be restarted, shards see
-  different rounds), so: the attack acts from the first round; the snapshot is version 0, the run's
-  seeded initialisation (:func:`fedseq.popularity.initial_params`), which is the reference's frozen
-  snapshot when its attack starts at round 0, and which every participant can recompute; the
-  popular items and the goal are recomputed from each round's weights (the reference would keep
-  those of its first attack round); Lambda is fixed (no ``adapt``).
+  different rounds), so: the attack acts from round id ``start`` (default 0, as fedseq's other
+  attacks; the reference's 50 are 50 of its rounds, one batch of 4,000 clients per epoch), and
+  before it a client sends its copied user's honest update (the reference's fakes upload nothing
+  before then; a fedseq client has to upload, and an honest update tells it apart least); the
+  snapshot is version 0, the run's seeded initialisation (:func:`fedseq.popularity.initial_params`),
+  which is the reference's frozen snapshot when its attack starts at round 0, and which every
+  participant can recompute (with ``start`` > 0 the fillers still go back to version 0, not to the
+  weights of round ``start``); the popular items and the goal are recomputed from each round's
+  weights (the reference keeps those of its first attack round); Lambda is fixed (no ``adapt``).
+- **Noise.** ``noise=1`` is the reference's value for one client's rows. The reference's server
+  averages a row over its uploaders, and its default runs have about 5% fake clients in a round
+  of 4,000, so the noise a row keeps is about 1/14 of that; in fedseq a round holds a few
+  malicious clients at most and the sum keeps each one's noise whole: with ``noise=1`` it
+  dominates the rows it touches (64-d rows of norm about 8 against item rows of norm about 0.6 on
+  the synthetic default), and the popular items mined in the next round are then noisy filler
+  rows. ``noise=0.07`` keeps what a row keeps in the reference's setting.
 - **Rows.** The mean, the popular items and the fillers are over the items 1..M (not the padding
   row, not BERT4Rec's mask token), the targets left out of the popular items and the fillers;
   ``items_limit - len(targets)`` fillers (the reference takes that many rows and then removes any
   target among them); ties go to the lower id. Several targets all get the same goal.
 - ``num_samples`` is the malicious client's copied sequence length, like every attack here; the
   reported loss is zero.
+
+Options (the reference's defaults): ``scale`` (Lambda, > 0, 10), ``k`` (>= 1, 5), ``alpha`` (> 0,
+1), ``items_limit`` (>= 1, 60), ``noise`` (>= 0, 1), ``start`` (round id >= 0, 0).
 """
 
 from __future__ import annotations
