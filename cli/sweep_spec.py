@@ -77,7 +77,7 @@ PRESETS["matrix"] = {
     "title": "Every attack against every defense (heat maps per malicious ratio)",
     "base": {**QUICKSTART, "dataset": MISSION_DATA},
     "attacks": ["none", "dv-fsr", "c-fsr", "s-fsr", "eb", "a-ra", "ra", "alie", "min-max", "pieck", "fedrecattack",
-                "spattack"],
+                "spattack", "poisonfrs", "hidattack"],
     "defenses": ["fedavg", "mixed-rfa", "rfa", "median", "trimmed-mean:beta=0.1", "krum:m=8", "bulyan", "flame",
                  "dnc", "foolsgold", "sparse:median", "sparse:trimmed-mean", "sparse:krum", "pieck-reg",
                  # C about an update's median norm here (docs/results/dp.md, bench/bench_update_norms.py)
