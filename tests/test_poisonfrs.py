@@ -128,7 +128,7 @@ def test_alpha_and_scale_size_the_target_rows_delta():
 def test_noise_is_per_user_seeded_and_row_normalised():
     # Prepare
     model, params = tiny()
-    attack = make_attack("poisonfrs", {"items_limit": "12"})
+    attack = make_attack("poisonfrs", {"items_limit": "12", "noise": "1"})
     quiet = make_attack("poisonfrs", {"items_limit": "12", "noise": "0"})
     # Execute
     both = attack.updates(ctx(model, params)).updates
@@ -160,7 +160,7 @@ def test_before_start_the_client_sends_its_honest_update():
 
 
 def test_options_and_the_missing_learning_rate_are_refused():
-    assert make_attack("poisonfrs") == PoisonFRS(scale=10.0, k=5, alpha=1.0, items_limit=60, noise=1.0, start=0)
+    assert make_attack("poisonfrs") == PoisonFRS(scale=10.0, k=5, alpha=1.0, items_limit=60, noise=0.07, start=0)
     for key, raw in (("k", "0"), ("scale", "-1"), ("alpha", "0"), ("items_limit", "0"), ("noise", "-0.1"),
                      ("start", "-1"), ("k", "x")):
         with pytest.raises(AttackConfigError, match=f"{key}="):

@@ -17,7 +17,8 @@ global item embeddings they download, each round upload item-row deltas that the
    (default 60) rows in all: the targets and the rows farthest from a frozen snapshot of the table,
    each with the delta ``snapshot - e_i`` (it pulls them back to the snapshot).
 4. **Noise**: every uploaded row (fillers and targets) gets a row of N(0, 1) noise normalised to
-   mean 0 and standard deviation 1, times ``noise`` (default 1, the reference's), drawn per user.
+   mean 0 and standard deviation 1, times ``noise``, drawn per user (the reference's 1 per client;
+   fedseq's default 0.07 is what a row keeps of it in the reference's setting: see Noise below).
 
 fedseq's reading for sequential models (SASRec, BERT4Rec: the table ``item_emb.weight`` in the flat
 weights, one row per token id; the items are rows 1..M):
@@ -53,7 +54,8 @@ weights, one row per token id; the items are rows 1..M):
   malicious clients at most and the sum keeps each one's noise whole: with ``noise=1`` it
   dominates the rows it touches (64-d rows of norm about 8 against item rows of norm about 0.6 on
   the synthetic default), and the popular items mined in the next round are then noisy filler
-  rows. ``noise=0.07`` keeps what a row keeps in the reference's setting.
+  rows. So the default is ``noise=0.07``, what a row keeps in the reference's setting (1/14);
+  ``noise=1`` is the reference's literal per-client value.
 - **Rows.** The mean, the popular items and the fillers are over the items 1..M (not the padding
   row, not BERT4Rec's mask token), the targets left out of the popular items and the fillers;
   ``items_limit - len(targets)`` fillers (the reference takes that many rows and then removes any
@@ -61,8 +63,9 @@ weights, one row per token id; the items are rows 1..M):
 - ``num_samples`` is the malicious client's copied sequence length, like every attack here; the
   reported loss is zero.
 
-Options (the reference's defaults): ``scale`` (Lambda, > 0, 10), ``k`` (>= 1, 5), ``alpha`` (> 0,
-1), ``items_limit`` (>= 1, 60), ``noise`` (>= 0, 1), ``start`` (round id >= 0, 0).
+Options (the reference's defaults but ``noise``): ``scale`` (Lambda, > 0, 10), ``k`` (>= 1, 5),
+``alpha`` (> 0, 1), ``items_limit`` (>= 1, 60), ``noise`` (>= 0, 0.07; the reference's 1 after its
+per-row averaging, above), ``start`` (round id >= 0, 0).
 """
 
 from __future__ import annotations
@@ -120,7 +123,7 @@ class PoisonFRS(Attack):
     k: int = 5
     alpha: float = 1.0
     items_limit: int = 60
-    noise: float = 1.0
+    noise: float = 0.07  # the reference's 1 per client, as much as its per-row mean keeps (docstring)
     start: int = 0  # the first round id that attacks
     name: str = "poisonfrs"
 
@@ -172,7 +175,7 @@ def from_options(options: Mapping[str, str]) -> PoisonFRS:
         "k": Option(int, 5, "popular items (smallest inner product with the mean item row)", positive, ">= 1"),
         "alpha": Option(float, 1.0, "share of the way to the goal one step takes the target rows", positive, "> 0"),
         "items_limit": Option(int, 60, "item rows each update touches, the targets included", positive, ">= 1"),
-        "noise": Option(float, 1.0, "scale of the row-normalised N(0, 1) noise on every touched row",
+        "noise": Option(float, 0.07, "scale of the row-normalised N(0, 1) noise on every touched row",
                         non_negative, ">= 0"),
         "start": Option(int, 0, "first round id that attacks (before it: honest updates)", non_negative, ">= 0"),
     }
