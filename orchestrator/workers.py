@@ -147,8 +147,9 @@ class WorkerPool:
 
     def __init__(self, setup: Setup, run_id: str, shards: dict[str, int], identity: Identity | None = None,
                  shard_grace: float = 30.0, stop: threading.Event | None = None, roster: Roster | None = None,
-                 max_workers: int = 64) -> None:
+                 max_workers: int = 64, probe_timeout: float = 3.0) -> None:
         self.setup, self.run_id, self.identity, self.shard_grace = setup, run_id, identity, shard_grace
+        self.probe_timeout = probe_timeout  # seconds a live worker has to answer a Describe (_answers)
         self.roster = roster
         self.max_workers = max_workers  # live streams at most (each holds one of the service's threads)
         self._shards = dict(shards)  # kind -> number of shards (0: unsharded)
@@ -300,11 +301,10 @@ class WorkerPool:
         raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
                       f"all {n} {kind} shards are held by live workers; this run takes no more {kind} workers")
 
-    @staticmethod
-    def _answers(w: WorkerInfo) -> bool:
-        """Whether ``w``'s stream still carries a Describe and its result within 3 s."""
+    def _answers(self, w: WorkerInfo) -> bool:
+        """Whether ``w``'s stream still carries a Describe and its result within ``probe_timeout``."""
         try:
-            w.link.describe(timeout=3.0)
+            w.link.describe(timeout=self.probe_timeout)
             return True
         except grpc.RpcError as e:
             return e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)

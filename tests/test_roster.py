@@ -148,11 +148,11 @@ def test_an_unsharded_roster_admits_only_rostered_identities_with_every_user(pre
     assert _refused(pool, _req("client-9"), "client-9").word == "roster"
 
 
-@pytest.mark.slow  # seconds of processes, waits or compute: `make test` runs it, `make test-fast` skips it
 def test_a_ready_worker_that_died_before_the_run_does_not_count(prepared):
     # Prepare: a worker registered and ready, then killed before the run starts (its stream is open
     # but nothing answers on it)
     pool = _pool(prepared, roster_mod.make(2, 1))
+    pool.probe_timeout = 0.5  # (3 s in a service) the time it has to answer
     w = _admit(pool, _req("client-0"), "client-0")
     w.ready = True
     # Execute / Assert: the run does not start on it
