@@ -26,6 +26,7 @@ from cli.plugins import prepare
 from cli.sim import run_inprocess
 from fedseq.config import ExperimentConfig
 from fedseq.engine import WEIGHT_BOUND, plan_run
+from fedseq.experiment import Setup
 from server.aggregation import RULES
 from server.service import AggregatorServicer
 
@@ -78,9 +79,9 @@ def _services(redis_url: str, cfg: ExperimentConfig) -> tuple[dict[int, torch.Te
         fed.close()
 
 
-def _inprocess(cfg: ExperimentConfig) -> tuple[dict[int, torch.Tensor], dict]:
+def _inprocess(cfg: ExperimentConfig, prepared: Setup | None = None) -> tuple[dict[int, torch.Tensor], dict]:
     after: dict[int, torch.Tensor] = {}
-    res = run_inprocess(cfg, None, progress=lambda _line: None,
+    res = run_inprocess(cfg, None, progress=lambda _line: None, prepared=prepared,
                         on_round=lambda rp, params: after.__setitem__(rp.round_id, params.clone()))
     return after, res["epochs"][-1]
 
@@ -126,10 +127,11 @@ def test_every_rule_adv_and_attack_runs_the_one_loop(rule, adv, attack):
     # Prepare
     cfg = _cfg(rule, adv, attack)
     torch.set_num_threads(1)
-    params0 = prepare(cfg).setup.initial_params()
+    s = prepare(cfg).setup
+    params0 = s.initial_params()
     plan = plan_run(cfg, np.arange(24 + (2 if attack != "none" else 0)), 24)
-    # Execute
-    after, epoch = _inprocess(cfg)
+    # Execute (on the same set-up: its data and model are the run's)
+    after, epoch = _inprocess(cfg, s)
     # Assert: every planned round stepped once, to finite weights within the model bound, and the
     # model moved; the epoch accounts for every update of every round; the attack's two clients
     assert sorted(after) == [rp.round_id for rp in plan]
