@@ -142,26 +142,34 @@ def _plot_bytes_per_round(summary: dict[str, Any], out: Path) -> Path:
 
 
 def plot_matrix(grid: dict[str, Any], title: str, path: Path) -> Path:
-    """Two heat maps side by side, attacks (rows) x defenses (columns): ER@10 and HR@10."""
+    """Two heat maps side by side, attacks (rows) x defenses (columns): ER@10 and HR@10, each cell
+    the mean over the seeds and, with several, its standard deviation."""
     plt = _pyplot()
     import numpy as np
 
     A, D = grid["attacks"], grid["defenses"]
-    fig, axes = plt.subplots(1, 2, figsize=(2.2 + 1.1 * len(D) * 2, 1.6 + 0.45 * len(A)))
+    seeds = max((len(s.get("seeds", ())) for s in grid["cells"].values()), default=1)
+    row = 0.6 if seeds > 1 else 0.45
+    if len(D) > 8:  # a wide grid: the two maps one above the other
+        fig, axes = plt.subplots(2, 1, figsize=(2.5 + 0.8 * len(D), 2 * (1.8 + row * len(A))))
+    else:
+        fig, axes = plt.subplots(1, 2, figsize=(2.2 + 1.1 * len(D) * 2, 1.6 + row * len(A)))
     for ax, metric, cmap in zip(axes, ("er@10", "hr@10"), ("Reds", "Greens"), strict=True):
-        values = np.full((len(A), len(D)), np.nan)
+        values, spread = np.full((len(A), len(D)), np.nan), np.zeros((len(A), len(D)))
         for (a, d), s in grid["cells"].items():
-            values[A.index(a), D.index(d)] = s[metric][0]
+            values[A.index(a), D.index(d)], spread[A.index(a), D.index(d)] = s[metric]
         im = ax.imshow(values, cmap=cmap, vmin=0, vmax=1 if metric == "er@10" else max(0.01, np.nanmax(values)),
                        aspect="auto")
         for i in range(len(A)):
             for j in range(len(D)):
-                if not np.isnan(values[i, j]):
-                    ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                if not np.isnan(values[i, j]):  # mean, and with several seeds its standard deviation
+                    text = f"{values[i, j]:.2f}" + (f"\n±{spread[i, j]:.2f}" if seeds > 1 else "")
+                    ax.text(j, i, text, ha="center", va="center", fontsize=6 if seeds > 1 else 7,
                             color="white" if values[i, j] > 0.6 * (im.norm.vmax or 1) else "black")
         ax.set_xticks(range(len(D)), D, rotation=40, ha="right", fontsize=7)
         ax.set_yticks(range(len(A)), A, fontsize=7)
-        ax.set_title(f"{METRIC_LABELS[metric]} (final epoch, mean over seeds)", fontsize=9)
+        over = f"mean ± std over {seeds} seeds" if seeds > 1 else "one seed"
+        ax.set_title(f"{METRIC_LABELS[metric]} (final epoch, {over})", fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
     fig.suptitle(f"{title}\nattacks (rows) x defenses (columns); malicious ratio {grid['malicious_ratio']:g}",
                  fontsize=9)
