@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import redis
+import torch
 
 from cli.zygote import Zygote
 from fedseq.redis_server import RedisServer
@@ -98,3 +99,13 @@ FILE_SECONDS = {"test_insider.py": 37, "test_mission.py": 28, "test_faults.py": 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: -FILE_SECONDS.get(item.path.name, 0))  # stable: file order within a rank
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny tensors on a shared 2-core machine: one torch thread (oversubscription costs ~100x);
+    the attack and compute-pool tests use it (the reference of a pool is one thread, as each child)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _tiny import M, tiny
 
 from attacker.attacks import (
     ATTACKS,
@@ -36,32 +37,14 @@ from fedseq.config import Compat, ConfigError, build_config
 from fedseq.data import SeqDataset
 from fedseq.engine import UPDATE_BOUND, epoch_rounds, out_of_bounds, plan_run
 from fedseq.experiment import all_clients, setup
-from fedseq.models import build_model
-from fedseq.models.common import reference_init
-from fedseq.params import get_vector, set_vector
+from fedseq.params import set_vector
 from fedseq.training import LocalConfig, compute_updates
 
-M = 30  # tiny catalogue
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 NO_DROP = LocalConfig(dropout=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors on a shared 2-core machine: one torch thread (oversubscription costs ~100x)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny(name: str = "sasrec", seed: int = 0):
-    """A tiny model and its initial flat parameters."""
-    kw = dict(hidden=8, heads=2, ffn=16, max_len=12)
-    if name == "bert4rec":
-        kw["input_len"] = 10
-    model = build_model(name, M, **kw)
-    reference_init(model, seed)
-    return model, get_vector(model)
 
 
 def sequences(lengths=(5, 9, 15), seed: int = 0) -> list[np.ndarray]:

@@ -26,15 +26,6 @@ from fedseq.training import micro_batches
 SMALL = "synthetic:users=40,items=60,max_length=12"
 
 
-@pytest.fixture
-def one_thread():
-    """The reference is one process with one torch thread (what each child runs)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_split_groups_deals_whole_groups_costliest_first_to_the_least_loaded():
     # Prepare: four groups of index arrays with costs 5, 1, 4, 3
     groups = [np.array([4, 0]), np.array([1]), np.array([5, 2]), np.array([3])]
@@ -69,7 +60,7 @@ def test_a_union_of_whole_micro_batches_is_grouped_as_in_the_whole_round():
 
 @pytest.mark.parametrize("model,attack,ldp", [("sasrec", "dv-fsr", False), ("sasrec", "none", False),
                                                ("bert4rec", "none", False), ("sasrec", "dv-fsr", True)])
-def test_pool_rounds_equal_one_process_bit_for_bit(one_thread, model, attack, ldp):
+def test_pool_rounds_equal_one_process_bit_for_bit(one_torch_thread, model, attack, ldp):
     # Prepare: rounds of changing users (benign rows follow attackers' whole rows and vice versa),
     # micro-batches of 2 users so both children get several; with local DP, rows noised whole are
     # followed by localised writes (stale noise in a reused row would show)
@@ -96,7 +87,7 @@ def test_pool_rounds_equal_one_process_bit_for_bit(one_thread, model, attack, ld
 
 
 @pytest.mark.slow  # seconds of processes, waits or compute: `make test` runs it, `make test-fast` skips it
-def test_sim_with_two_processes_equals_one_thread_bit_for_bit(one_thread, tmp_path):
+def test_sim_with_two_processes_equals_one_thread_bit_for_bit(one_torch_thread, tmp_path):
     # Prepare: a DV-FSR run big enough that torch splits its operators over two threads (so a run
     # whose runner-side work used two threads would differ: checked below); every round's weights
     base = dict(dataset="synthetic:users=120,items=3000,max_length=60", clients_per_round=40, num_negatives=50,

@@ -86,6 +86,15 @@ def _inprocess(cfg: ExperimentConfig, prepared: Setup | None = None) -> tuple[di
     return after, res["epochs"][-1]
 
 
+def _same_run(net_after: dict[int, torch.Tensor], net_epoch: dict, sim_after: dict[int, torch.Tensor],
+              sim_epoch: dict) -> None:
+    """The networked run's weights after every round and its final metrics equal the in-process run's."""
+    assert sorted(net_after) == sorted(sim_after)
+    for rid in sorted(sim_after):
+        assert torch.equal(net_after[rid], sim_after[rid]), f"round {rid}: weights differ"
+    assert net_epoch["hr@10"] == sim_epoch["hr@10"] and net_epoch["er@10"] == sim_epoch["er@10"]
+
+
 def _id(c: tuple[str, bool, str]) -> str:
     return f"{c[0]}-{'adv' if c[1] else 'plain'}-{c[2]}"
 
@@ -164,10 +173,7 @@ def test_sparse_with_a_bound_inner_rule_is_the_same_run_in_both_runners(redis_ur
     net_after, net_epoch, _ = _services(redis_url, cfg)
     sim_after, sim_epoch = _inprocess(cfg)
     # Assert
-    assert sorted(net_after) == sorted(sim_after)
-    for rid in sorted(sim_after):
-        assert torch.equal(net_after[rid], sim_after[rid]), f"round {rid}: weights differ"
-    assert net_epoch["hr@10"] == sim_epoch["hr@10"] and net_epoch["er@10"] == sim_epoch["er@10"]
+    _same_run(net_after, net_epoch, sim_after, sim_epoch)
 
 
 @pytest.mark.parametrize("name", sorted(WRAPPED))
@@ -196,10 +202,7 @@ def test_pieck_client_regularisers_are_the_same_run_in_both_runners(redis_url):
     sim_after, sim_epoch = _inprocess(cfg)
     plain_after, _ = _inprocess(replace(cfg, pieck_reg=False, run_id="eq-pieck-plain"))
     # Assert: equal runs, and the regularisers change what is learned
-    assert sorted(net_after) == sorted(sim_after)
-    for rid in sorted(sim_after):
-        assert torch.equal(net_after[rid], sim_after[rid]), f"round {rid}: weights differ"
-    assert net_epoch["hr@10"] == sim_epoch["hr@10"] and net_epoch["er@10"] == sim_epoch["er@10"]
+    _same_run(net_after, net_epoch, sim_after, sim_epoch)
     assert not torch.equal(plain_after[max(plain_after)], sim_after[max(sim_after)])
 
 
@@ -224,10 +227,7 @@ def test_lr_sized_attacks_are_the_same_run_in_both_runners(redis_url, attack):
     net_after, net_epoch, _ = _services(redis_url, cfg)
     sim_after, sim_epoch = _inprocess(cfg)
     # Assert
-    assert sorted(net_after) == sorted(sim_after)
-    for rid in sorted(sim_after):
-        assert torch.equal(net_after[rid], sim_after[rid]), f"round {rid}: weights differ"
-    assert net_epoch["hr@10"] == sim_epoch["hr@10"] and net_epoch["er@10"] == sim_epoch["er@10"]
+    _same_run(net_after, net_epoch, sim_after, sim_epoch)
     assert net_epoch["malicious_updates"] == sim_epoch["malicious_updates"] == 2  # per epoch
 
 

@@ -7,30 +7,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _tiny import M, tiny
 
 from attacker.attacks import AttackConfigError, AttackContext, HidAttack, make_attack
 from attacker.attacks.hidattack import STREAM_BANDIT, exposure_margin, fake_profile
 from fedseq.config import Compat
-from fedseq.models import build_model
-from fedseq.models.common import reference_init
-from fedseq.params import get_vector, set_vector
+from fedseq.params import set_vector
 from fedseq.training import LocalConfig, compute_updates, user_rng
 
-M = 30
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
-
-def tiny():
-    model = build_model("sasrec", M, hidden=8, heads=2, ffn=16, max_len=12)
-    reference_init(model, 0)
-    return model, get_vector(model)
 
 
 def ctx(model, params, users=(50, 51, 52), round_key=2, lr=0.5, targets=(29,)):

@@ -7,37 +7,26 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _tiny import M
+from _tiny import tiny as tiny_model
 
 from attacker.attacks import AttackConfigError, AttackContext, PoisonFRS, make_attack
 from attacker.attacks.poisonfrs import filler_items, normalised_noise, popular_items
 from fedseq.config import Compat
 from fedseq.engine import server_step
-from fedseq.models import build_model
-from fedseq.models.common import reference_init
-from fedseq.params import get_vector
 from fedseq.popularity import initial_params, item_table_slice
 from fedseq.training import LocalConfig, compute_updates
 
-M = 30
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SEED = 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny(name: str = "sasrec"):
     """A tiny model and weights that have moved from the run's version 0 (seed ``SEED``)."""
-    kw = dict(hidden=8, heads=2, ffn=16, max_len=12)
-    if name == "bert4rec":
-        kw["input_len"] = 10
-    model = build_model(name, M, **kw)
-    reference_init(model, SEED)
-    v0 = get_vector(model)
+    model, v0 = tiny_model(name, SEED)
     moved = v0 + 0.05 * torch.randn(v0.shape, generator=torch.Generator().manual_seed(1))
     return model, moved
 

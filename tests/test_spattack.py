@@ -7,34 +7,22 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _tiny import M, tiny
 
 from attacker.attacks import AttackConfigError, AttackContext, Spattack, item_counts, make_attack, rare_items
 from attacker.attacks.spattack import table_slice
 from cli.plugins import prepare
 from fedseq.config import Compat, build_config
 from fedseq.data import SeqDataset
-from fedseq.models import build_model
-from fedseq.models.common import reference_init
-from fedseq.params import Layout, get_vector
+from fedseq.params import Layout
 from fedseq.training import LocalConfig, compute_updates
 from server.aggregation import RoundContext, make_rule
 
-M = 30
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 LOCAL = LocalConfig()  # seeded dropout: deterministic
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny():
-    model = build_model("sasrec", M, hidden=8, heads=2, ffn=16, max_len=12)
-    reference_init(model, 0)
-    return model, get_vector(model)
 
 
 def seqs(n: int, seed: int, low: int = 1, high: int = 20) -> list[np.ndarray]:
