@@ -256,9 +256,7 @@ def launch(cfg: ExperimentConfig, settings: LaunchSettings) -> int:
     ``fedseq check`` on the run's config (data, model, rule, attack, ratio, targets), so a bad
     configuration exits 2 with the check's message before certificates, Redis or any service
     exist, and the folders this call made are removed again."""
-    run_id = cfg.run_id or f"{_dataset_base(cfg)}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
-    cfg = replace(cfg, run_id=run_id)
-    out = Path(settings.out_dir or os.path.join("runs", run_id))
+    cfg, out = run_folder(cfg, settings)
     log_dir = Path(settings.log_dir or out / "logs")
     env = _service_env(cfg)
     made = _make_dirs(out, log_dir)
@@ -302,6 +300,13 @@ def launch(cfg: ExperimentConfig, settings: LaunchSettings) -> int:
                   f"{out / 'results.json'})", file=sys.stderr)
             return 130
     return _report(out, log_dir, status)
+
+
+def run_folder(cfg: ExperimentConfig, settings: LaunchSettings) -> tuple[ExperimentConfig, Path]:
+    """``cfg`` with its run id (given, or dataset-model-time) and the run's folder (``--out``, or
+    ``runs/<run id>``)."""
+    run_id = cfg.run_id or f"{_dataset_base(cfg)}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return replace(cfg, run_id=run_id), Path(settings.out_dir or os.path.join("runs", run_id))
 
 
 def _dataset_base(cfg: ExperimentConfig) -> str:

@@ -16,10 +16,12 @@ import argparse
 import logging
 import os
 import sys
+from dataclasses import replace
 
 from fedseq.config import ConfigError
 
 from .flags import add_experiment_flags, experiment_config
+from .tracking import add_track_flag, open_tracker
 
 
 def _setup_logging(level: str, fmt: str = "text", service: str = "") -> None:
@@ -35,23 +37,28 @@ def cmd_sim(args: argparse.Namespace) -> int:
     from cli.sim import run_inprocess
 
     cfg = experiment_config(args, quickstart=True)
+    tracker = open_tracker(args.track)  # before the run: a bad --track or no MLflow exits 2 now
     out = args.out or os.path.join("runs", f"sim-{cfg.dataset.replace('/', '_')}-{cfg.model}")
     run_inprocess(cfg, out)
     print(f"results: {os.path.join(out, 'results.json')}")
-    return 0
+    return tracker.log_single(out) if tracker is not None else 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from cli.launcher import LaunchSettings, launch
+    from cli.launcher import LaunchSettings, launch, run_folder
 
     cfg = experiment_config(args, quickstart=True)
+    tracker = open_tracker(args.track)  # before the run: a bad --track or no MLflow exits 2 now
     if cfg.procs != 1:
         raise ConfigError(f"procs {cfg.procs}: --procs is fedseq sim's; fedseq run spreads the users over "
                           "--workers processes")
     settings = LaunchSettings(workers=args.workers, redis_url=redis_url_from(args), out_dir=args.out,
                               attackers=args.attackers, round_timeout=args.round_timeout, log_dir=args.log_dir,
                               insecure=args.insecure)
-    return launch(cfg, settings)
+    if tracker is None:
+        return launch(cfg, settings)
+    cfg, out = run_folder(cfg, settings)  # the folder launch() would pick, to read its bundle after
+    return tracker.log_single(out, launch(cfg, replace(settings, out_dir=str(out))))
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -207,6 +214,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--log-dir", help="service logs (default <out>/logs)")
     p.add_argument("--insecure", action="store_true",
                    help="no mutual TLS and no Redis users (default: both on, certificates in <out>/tls)")
+    add_track_flag(p)
     p.set_defaults(fn=cmd_run)
 
     _add_certs(sub)
@@ -218,6 +226,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sim", help="run the experiment in one process (no network)")
     add_experiment_flags(p)
     p.add_argument("--out", help="results folder")
+    add_track_flag(p)
     p.set_defaults(fn=cmd_sim)
 
     p = sub.add_parser("data", help="print dataset statistics")

@@ -34,6 +34,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ from fedseq.config import ConfigError
 from fedseq.data import TARGET_PRESETS
 
 from .sweep import KS, CellRunner, SweepSpec, format_table, parse_seeds, plot_sweep, run_sweep, subprocess_cell
+from .tracking import SweepTracking, add_track_flag, open_tracker, sweep_tracking
 
 ROOT = Path.cwd()  # run from the repository root: runs/ and docs/results/ are relative to it
 
@@ -394,6 +396,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                                    "settings on Steam, else <out>/<suite>/<suite>.md)")
     ap.add_argument("--render-only", action="store_true", help="write the page from the cells already run")
     ap.add_argument("--note", default="", help="a paragraph for the page (how and where its cells ran)")
+    add_track_flag(ap)  # the suite a parent run, each cell a child; --render-only logs the page to the parent
 
 
 def main(args: argparse.Namespace, runner: CellRunner = subprocess_cell) -> int:
@@ -418,6 +421,28 @@ def main(args: argparse.Namespace, runner: CellRunner = subprocess_cell) -> int:
     if args.max_cells is not None and args.max_cells < 0:
         raise ConfigError("--max-cells must be >= 0")
     summary_dir = out / args.suite
+    tracker = open_tracker(getattr(args, "track", None))  # before any cell: a bad --track exits 2 now
+    with sweep_tracking(tracker, summary_dir, asdict(spec), f"{args.suite} ({tag})") as track:
+        page, summary = _run_and_render(args, spec, out, summary_dir, page, command, runner, track)
+        if track is not None:
+            track.finish(summary.get("failed", []), extra=[page])
+    runs = sum(len(s["seeds"]) for s in summary["scenarios"].values())
+    total = len(spec.cells())
+    print(f"wrote {page} ({runs} of {total} runs done)")
+    if track is not None:
+        print(f"tracked: MLflow run {track.parent} (a child run per cell) in {track.tracker.uri}")
+    if summary.get("failed"):
+        print(f"fedseq reproduce: {len(summary['failed'])} run(s) failed: {', '.join(summary['failed'])}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run_and_render(args: argparse.Namespace, spec: SweepSpec, out: Path, summary_dir: Path, page: Path,
+                    command: str, runner: CellRunner,
+                    track: SweepTracking | None) -> tuple[Path, dict[str, Any]]:
+    """Run (or resume) the suite's cells (unless ``--render-only``), draw its plots, write its page;
+    the page and the summary."""
     if args.render_only:
         from .sweep import summarise
 
@@ -425,7 +450,7 @@ def main(args: argparse.Namespace, runner: CellRunner = subprocess_cell) -> int:
         summary_dir.mkdir(parents=True, exist_ok=True)
     else:
         summary = run_sweep(spec, summary_dir, args.jobs, args.cores, cells_root=out / "cells",
-                            max_cells=args.max_cells, runner=runner, plots=False)  # its own, below
+                            max_cells=args.max_cells, runner=runner, plots=False, track=track)  # its own plots, below
     # the plots show the paper cells; their [compat off] / [full ranking] variants are in the tables
     # (on one axis a variant would sit on its paper cell's line as a second point of the same ratio)
     paper_only = {**summary, "scenarios": {k: v for k, v in summary["scenarios"].items() if not k.endswith("]")}}
@@ -443,11 +468,4 @@ def main(args: argparse.Namespace, runner: CellRunner = subprocess_cell) -> int:
             shutil.copy(p, dest / p.name)
         plots = [dest / p.name for p in plots]
     render(args.suite, spec, summary, page, plots, command, args.note)
-    runs = sum(len(s["seeds"]) for s in summary["scenarios"].values())
-    total = len(spec.cells())
-    print(f"wrote {page} ({runs} of {total} runs done)")
-    if summary.get("failed"):
-        print(f"fedseq reproduce: {len(summary['failed'])} run(s) failed: {', '.join(summary['failed'])}",
-              file=sys.stderr)
-        return 1
-    return 0
+    return page, summary

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from fedseq.config import ConfigError
@@ -61,6 +62,7 @@ from .sweep_spec import (
     spec_from,
 )
 from .sweep_summary import format_markdown, format_table, load_summary, matrices, summarise, upgrade_summary
+from .tracking import add_track_flag, open_tracker, sweep_tracking
 
 __all__ = [
     "CONFIG_KEYS", "CURVES", "ENGINES", "KS", "METRICS", "MISSION_DATA", "MISSION_RATIO", "PRESETS",
@@ -91,9 +93,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", type=int, default=1, help="cells at once (each gets cores // jobs cores: compute processes in process, threads in services)")
     p.add_argument("--cores", type=int, help="cores to use (default: all of this machine's)")
     p.add_argument("--out", help="sweep folder (default runs/sweep-<preset>); an interrupted sweep resumes there")
+    add_track_flag(p)
 
 
-def main(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace, runner: CellRunner = subprocess_cell) -> int:
+    """``fedseq sweep``: run (or resume) the sweep's cells with ``runner`` (default: each its own
+    process; cli/sweep_run.py), print its table."""
     try:
         spec = spec_from(args)
         cells = spec.cells()
@@ -101,12 +106,18 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(str(e)) from None
     if args.jobs < 1:
         raise ConfigError("--jobs must be >= 1")
+    tracker = open_tracker(getattr(args, "track", None))  # before any cell: a bad --track exits 2 now
     out = Path(args.out or f"runs/sweep-{args.preset or 'custom'}")
-    summary = run_sweep(spec, out, args.jobs, args.cores)
+    with sweep_tracking(tracker, out, asdict(spec), out.name) as track:
+        summary = run_sweep(spec, out, args.jobs, args.cores, runner=runner, track=track)
+        if track is not None:
+            track.finish(summary["failed"])
     print(format_markdown(spec, summary))
     for p in summary.get("plots", []):
         print(f"plot: {p}")
     print(f"results: {out / 'sweep.md'}, {out / 'sweep.json'} ({len(cells)} cells)")
+    if track is not None:
+        print(f"tracked: MLflow run {track.parent} (a child run per cell) in {track.tracker.uri}")
     if summary["failed"]:
         print(f"fedseq sweep: {len(summary['failed'])} cell(s) failed: {', '.join(summary['failed'])} "
               f"(run the same command again to retry them)", file=sys.stderr)

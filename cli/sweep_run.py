@@ -30,6 +30,7 @@ from fedseq.config import build_config
 from .sweep_plots import plot_sweep
 from .sweep_spec import CONFIG_KEYS, Cell, SweepSpec
 from .sweep_summary import format_markdown, summarise
+from .tracking import TRACK_ENV, SweepTracking
 
 PROCESSES_PER_SERVICES_CELL = 3  # busy processes of one `fedseq run` cell (two client workers, the server)
 
@@ -72,8 +73,10 @@ def subprocess_cell(spec: SweepSpec, cell: Cell, folder: Path, threads: int) -> 
     """The default cell runner: ``cell``'s ``fedseq run`` / ``fedseq sim`` as its own process, its
     output in ``folder/cell.log``; returns the process's exit status."""
     cmd = cell_command(spec, cell, folder, threads)
-    # the cell's config file is the whole experiment: FEDSEQ_<KEY> variables would override it
-    env = {k: v for k, v in os.environ.items() if not (k.startswith("FEDSEQ_") and k[7:].lower() in CONFIG_KEYS)}
+    # the cell's config file is the whole experiment: FEDSEQ_<KEY> variables would override it; the
+    # sweep's driver logs the cell to MLflow (--track), the cell's process does not
+    env = {k: v for k, v in os.environ.items()
+           if not (k.startswith("FEDSEQ_") and k[7:].lower() in CONFIG_KEYS) and k != TRACK_ENV}
     with open(folder / "cell.log", "w") as log:
         return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env={**env, "FEDSEQ_LOG_LEVEL": "warning"},
                               check=False).returncode
@@ -139,13 +142,23 @@ def _clock(s: float) -> str:
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def _track(track: SweepTracking | None, folder: Path, cell: Cell, say: Callable[[str], None]) -> None:
+    """Log a finished cell to MLflow (``--track``); a failure is said, and the sweep goes on."""
+    problem = track.cell(folder, cell.scenario) if track is not None else None
+    if problem:
+        say(problem)
+
+
 def run_sweep(spec: SweepSpec, out: Path, jobs: int = 1, cores: int | None = None,
               say: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
               cells_root: Path | None = None, max_cells: int | None = None,
-              runner: CellRunner = subprocess_cell, plots: bool = True) -> dict[str, Any]:
+              runner: CellRunner = subprocess_cell, plots: bool = True,
+              track: SweepTracking | None = None) -> dict[str, Any]:
     """Run every unfinished cell of ``spec`` (``jobs`` at once; at most ``max_cells`` of them) into
     ``cells_root`` (default ``out``) with ``runner`` (default: each its own process) and summarise
-    all into ``out``, with its plots unless ``plots`` is False (a caller that draws its own)."""
+    all into ``out``, with its plots unless ``plots`` is False (a caller that draws its own). With
+    ``track`` every finished cell, the ones done before included, is logged as a child run (once;
+    cli/tracking.py); the caller ends the parent run."""
     cells = spec.cells()
     out.mkdir(parents=True, exist_ok=True)
     root = cells_root or out
@@ -172,6 +185,7 @@ def run_sweep(spec: SweepSpec, out: Path, jobs: int = 1, cores: int | None = Non
                                            else "compute processes"))
     for c in done:
         say(prog.line(f"{c.folder}: done before (kept)"))
+        _track(track, root / c.folder, c, say)
     failed: list[str] = []
 
     def one(c: Cell) -> None:
@@ -188,6 +202,7 @@ def run_sweep(spec: SweepSpec, out: Path, jobs: int = 1, cores: int | None = Non
             return
         last = json.loads((folder / "results.json").read_text())["epochs"][-1]
         say(prog.line(f"{c.folder}: HR@10 {last['hr@10']:.4f} ER@10 {last['er@10']:.4f} in {dt:.0f}s", dt, jobs))
+        _track(track, folder, c, say)
 
     with futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         list(pool.map(one, todo))
