@@ -26,7 +26,7 @@ setup: $(VENV)/.installed
 # the import after it compiles what fedseq, its services and its tests load (about 10 s), and the
 # rest compiles when first imported
 WARM_IMPORTS = torch torch._dynamo numpy grpc grpc_health grpc_reflection safetensors redis yaml \
-	cryptography prometheus_client psutil matplotlib.pyplot pytest xdist hypothesis kubernetes_validate \
+	cryptography prometheus_client psutil matplotlib.pyplot pytest xdist hypothesis kubernetes_validate mlflow.tracking \
 	cli.main cli.services cli.sim cli.sweep server.app client.app attacker.app orchestrator.app fedseq.experiment
 
 $(VENV)/.installed: pyproject.toml requirements-dev.lock

@@ -94,7 +94,8 @@ FILE_SECONDS = {"test_insider.py": 37, "test_mission.py": 28, "test_faults.py": 
                 "test_scale.py": 26, "test_e2e.py": 26, "test_netns.py": 18, "test_sweep.py": 18,
                 "test_ledger.py": 14, "test_adversary.py": 14, "test_services.py": 14, "test_reproduce.py": 12,
                 "test_intake.py": 10, "test_fairshare.py": 10, "test_compute_pool.py": 8, "test_k8s.py": 8,
-                "test_attacks.py": 7, "test_zygote.py": 7, "test_codec_service.py": 6, "test_dp.py": 6}
+                "test_attacks.py": 7, "test_zygote.py": 7, "test_codec_service.py": 6, "test_dp.py": 6,
+                "test_tracking.py": 6}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

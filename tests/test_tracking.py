@@ -82,6 +82,7 @@ def test_fedseq_sim_track_logs_config_epochs_and_bundle(tmp_path, store, fedseq_
     assert json.loads(Path(logged).read_text()) == results
 
 
+@pytest.mark.slow  # seconds of runs: `make test` runs it, `make test-fast` skips it
 def test_a_tracked_sweep_is_a_parent_with_a_child_per_cell_and_resumes_without_duplicates(
         tmp_path, store, fedseq_cli, monkeypatch):
     # Prepare: two cells, run in this process (the parser takes `sweep.main` when it is built)
