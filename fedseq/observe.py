@@ -30,13 +30,23 @@ BYTES = Counter("fedseq_bytes_total", "bytes of the communication ledger, by dir
 WORKERS = Gauge("fedseq_workers", "registered workers, by kind and state", ["kind", "state"])
 EXPERIMENT = Gauge("fedseq_experiment_metric", "newest evaluation of the run (HR@10, NDCG@10, ER@K)", ["metric"])
 REFUSED = Counter("fedseq_orchestrator_refused_total", "what the orchestrator refused from workers", ["reason"])
+EPOCH = Gauge("fedseq_epoch", "epochs completed and evaluated (orchestrator; GetStatus's epoch)")
+RUN_STATES = ("waiting", "running", "done", "stopped", "failed")
+RUN_STATE = Gauge("fedseq_run_state", "the run's state (orchestrator): 1 for the current one, 0 for the others",
+                  ["state"])
 # workers
 WORKER_USERS = Counter("fedseq_worker_users_trained_total", "user updates computed by this worker")
 
 NAMES = ("fedseq_updates_total", "fedseq_aggregate_seconds", "fedseq_upload_streams", "fedseq_model_version",
          "fedseq_round_seconds", "fedseq_rounds_total", "fedseq_round_retries_total", "fedseq_bytes_total",
          "fedseq_workers", "fedseq_experiment_metric", "fedseq_orchestrator_refused_total",
-         "fedseq_worker_users_trained_total", "fedseq_rpc_refused_total")
+         "fedseq_worker_users_trained_total", "fedseq_rpc_refused_total", "fedseq_epoch", "fedseq_run_state")
+
+
+def set_run_state(state: str) -> None:
+    """``fedseq_run_state``: 1 for ``state``, 0 for every other state of :data:`RUN_STATES`."""
+    for s in dict.fromkeys((*RUN_STATES, state)):
+        RUN_STATE.labels(s).set(1 if s == state else 0)
 
 
 def serve_metrics(port: int | None, host: str = "127.0.0.1") -> int | None:

@@ -142,6 +142,16 @@ class RunLoop:
         self._thread: threading.Thread | None = None
         self._report_bounds = ledger_mod.ReportBounds()
 
+    @property
+    def state(self) -> str:
+        """waiting, running, done, stopped or failed (GetStatus; ``fedseq_run_state``)."""
+        return self._state
+
+    @state.setter
+    def state(self, value: str) -> None:
+        self._state = value
+        observe.set_run_state(value)
+
     def _say(self, message: str) -> None:
         self.message = message
 
@@ -204,6 +214,7 @@ class RunLoop:
             self.message = f"resumed at round {done}"
         self.round_id = done
         self.epochs_done = len(self.epochs)
+        observe.EPOCH.set(self.epochs_done)
         self.state = "running"
         return done, self.epochs
 
@@ -531,6 +542,7 @@ class RunLoop:
         self.epochs = [e for e in self.epochs if e["epoch"] != epoch] + [row]
         self.store.append_record("epochs", row)
         self.epochs_done = epoch
+        observe.EPOCH.set(epoch)
         if "hr@10" in row:
             log.info("epoch %d: HR@10 %.4f NDCG@10 %.4f ER@5 %.4f ER@10 %.4f", epoch, row["hr@10"],
                      row["ndcg@10"], row["er@5"], row["er@10"])

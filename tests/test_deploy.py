@@ -245,10 +245,17 @@ def test_compose_config_with_podman_compose():
     helptext = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60).stdout
     if not re.search(r"\bconfig\b", helptext):
         pytest.skip(f"{exe} is too old to have `config` (Debian's 1.0.3)")
-    for files in (["-f", str(COMPOSE)], ["-f", str(COMPOSE), "-f", str(GPU)], ["--profile", "attack", "-f", str(COMPOSE), "-f", str(TLS)]):
+    for files in (["-f", str(COMPOSE)], ["-f", str(COMPOSE), "-f", str(GPU)], ["--profile", "attack", "-f", str(COMPOSE), "-f", str(TLS)],
+                  ["--profile", "observe", "-f", str(COMPOSE)]):
         r = subprocess.run([exe, *files, "config"], capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr[-2000:]
         assert "serve-orchestrator" in r.stdout
+        if "observe" in files:
+            import yaml
+
+            merged = yaml.safe_load(r.stdout)["services"]
+            assert {"prometheus", "grafana"} <= set(merged)
+            assert merged["server"]["environment"]["FEDSEQ_METRICS_PORT"] == "9464"
         if TLS in map(Path, files):
             import yaml
 
@@ -627,10 +634,13 @@ def test_dockerfile_oci_labels():
 
 
 def test_workers_listen_on_no_port():
-    """Workers dial out: no service publishes or exposes a port in the base file, no worker gets a
-    listening setting in any file, and the worker CLI has no flag for one."""
+    """Workers dial out: no fedseq service publishes or exposes a port in the base file (only the
+    `observe` profile's Prometheus and Grafana publish, on loopback), no worker gets a listening
+    setting in any file, and the worker CLI has no flag for one."""
     base, tls, gpu = (_yaml(p)["services"] for p in (COMPOSE, TLS, GPU))
     for name, svc in base.items():
+        if svc.get("profiles") == ["observe"]:
+            continue  # test_observe_profile_brings_prometheus_and_grafana_on_loopback
         assert "ports" not in svc, f"{name} publishes {svc['ports']} (compose.override.yaml, multi-host only)"
     for doc in (base, tls, gpu):
         for name in WORKERS:
@@ -676,3 +686,83 @@ def test_only_the_server_and_the_orchestrator_reach_redis():
     assert doc["networks"]["store"]["internal"] is True
     for name in WORKERS:
         assert "FEDSEQ_STORE_URL" not in doc["services"][name]["environment"], name
+
+
+# ------------------------------------------------------------------ the `observe` profile: Prometheus and Grafana
+
+OBSERVE = {"prometheus", "grafana"}
+METRICS_PORT = "9464"  # as on Kubernetes (deploy/k8s/base/server.yaml, orchestrator.yaml)
+
+
+def _host_path(volume: str) -> Path | None:
+    """The host side of a bind mount (relative to the compose file's folder), None for a named volume."""
+    src = volume.split(":", 1)[0]
+    return (DEPLOY / src).resolve() if src.startswith(("./", "../")) else None
+
+
+def test_observe_profile_brings_prometheus_and_grafana_on_loopback():
+    doc = _yaml(COMPOSE)
+    svcs = doc["services"]
+    # Prepare: the services of the profile, and what the others serve
+    observe = {n: s for n, s in svcs.items() if "observe" in (s.get("profiles") or [])}
+    # Assert: exactly Prometheus and Grafana, behind the profile only, at pinned versions
+    assert set(observe) == OBSERVE
+    assert all(s["profiles"] == ["observe"] for s in observe.values())
+    for name, image in (("prometheus", "prom/prometheus:v"), ("grafana", "grafana/grafana-oss:")):
+        ref = _interpolate(svcs[name]["image"])
+        assert ref.startswith(image) and re.fullmatch(r"v?\d+\.\d+\.\d+", ref.rpartition(":")[2]), ref
+        # published on the host's loopback only
+        ports = svcs[name]["ports"]
+        assert ports and all(str(p).startswith("127.0.0.1:") for p in ports), ports
+        assert re.fullmatch(r"on-failure:[1-9]", svcs[name]["restart"])
+        # every bind mount is read-only and its host path exists in the checkout
+        binds = [v for v in svcs[name]["volumes"] if _host_path(v) is not None]
+        assert binds, name
+        for v in binds:
+            assert v.endswith(":ro"), f"{name}: {v} must be read-only"
+            assert _host_path(v).exists(), f"{name}: {v} mounts a path that does not exist"
+    assert "./prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in svcs["prometheus"]["volumes"]
+    for kind in ("datasources", "dashboards"):
+        assert f"./grafana/provisioning/{kind}:/etc/grafana/provisioning/{kind}:ro" in svcs["grafana"]["volumes"]
+    assert "./grafana/dashboards:/etc/grafana/dashboards:ro" in svcs["grafana"]["volumes"]
+    env = svcs["grafana"]["environment"]
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "true" and env["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+    home = env["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert (DEPLOY / "grafana" / "dashboards" / Path(home).relative_to("/etc/grafana/dashboards")).is_file()
+    # the provisioned dashboard folder is the one mounted
+    yaml = pytest.importorskip("yaml")
+    provider = yaml.safe_load((DEPLOY / "grafana/provisioning/dashboards/fedseq.yaml").read_text())["providers"][0]
+    assert provider["options"]["path"] == "/etc/grafana/dashboards"
+    source = yaml.safe_load((DEPLOY / "grafana/provisioning/datasources/prometheus.yaml").read_text())["datasources"][0]
+    assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090"
+    # the default profile is unchanged: no Prometheus or Grafana without --profile observe
+    assert not {n for n, s in svcs.items() if not s.get("profiles")} & OBSERVE
+
+
+def test_prometheus_scrapes_every_service_that_serves_metrics():
+    """prometheus.yml's targets are exactly the compose services with a metrics port, on that port
+    and on every interface of a network Prometheus shares with them (an internal one); workers
+    serve none; the TLS overlay keeps the endpoints on loopback unless told otherwise."""
+    yaml = pytest.importorskip("yaml")
+    doc = _yaml(COMPOSE)
+    svcs = doc["services"]
+    # Prepare
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    targets = {t for job in config["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
+    serving = {n for n, s in svcs.items() if "FEDSEQ_METRICS_PORT" in (s.get("environment") or {})}
+    # Assert
+    assert serving == {"server", "orchestrator"}
+    assert targets == {f"{n}:{METRICS_PORT}" for n in serving}
+    for name in serving:
+        env = svcs[name]["environment"]
+        assert _interpolate(env["FEDSEQ_METRICS_PORT"]) == METRICS_PORT
+        assert _interpolate(env["FEDSEQ_METRICS_HOST"]) == "0.0.0.0"
+        assert "metrics" in svcs[name]["networks"] and "metrics" in svcs["prometheus"]["networks"], name
+    assert doc["networks"]["metrics"]["internal"] is True
+    assert set(svcs["grafana"]["networks"]) & set(svcs["prometheus"]["networks"]) == {"observe"}
+    assert _interpolate(svcs["orchestrator"]["environment"]["FEDSEQ_METRICS_EXPERIMENT"]) == "0"  # opt-in
+    for name in WORKERS:
+        assert "FEDSEQ_METRICS_PORT" not in svcs[name]["environment"], name
+    tls = _yaml(TLS)["services"]
+    for name in serving:
+        assert _interpolate(tls[name]["environment"]["FEDSEQ_METRICS_HOST"]) == "127.0.0.1", name

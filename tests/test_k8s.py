@@ -1086,3 +1086,107 @@ def test_images_carry_the_project_version(name):
         "containers"][0]["image"] = "fedseq:latest"
     _pod_spec(next(d for d in broken if d["kind"] == "Job"))["initContainers"][0]["image"] = "fedseq"
     assert len(image_errors(broken)) == 2
+
+
+# ------------------------------------------------------------------ monitoring: the Grafana dashboard and the scrape job
+
+MONITORING = K8S / "monitoring"
+DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "fedseq.json"
+
+
+def _monitoring() -> dict[str, dict]:
+    kust = yaml.safe_load((MONITORING / "kustomization.yaml").read_text())
+    docs = [d for name in kust["resources"] for d in yaml.safe_load_all((MONITORING / name).read_text()) if d]
+    return {d["metadata"]["name"]: d for d in docs}
+
+
+def _configmap_script():
+    spec = importlib.util.spec_from_file_location("grafana_configmap", ROOT / "deploy" / "grafana" / "configmap.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_monitoring_manifests_are_valid_and_the_dashboard_configmap_is_the_json_file():
+    # Prepare
+    docs = _monitoring()
+    script = _configmap_script()
+    committed = (MONITORING / "grafana-dashboard.yaml").read_text()
+    # Assert: two valid ConfigMaps
+    assert {(d["kind"], n) for n, d in docs.items()} == {("ConfigMap", "fedseq-grafana-dashboard"),
+                                                         ("ConfigMap", "fedseq-prometheus-scrape")}
+    for d in docs.values():
+        _validate(d)
+    board = docs["fedseq-grafana-dashboard"]
+    assert board["metadata"]["labels"] == {"grafana_dashboard": "1"}  # the Grafana chart's sidecar label
+    # the JSON file byte for byte, and exactly what the generator writes (no hand edits to drift)
+    assert board["data"]["fedseq.json"].encode() == DASHBOARD.read_bytes()
+    assert script.render(DASHBOARD.read_text()) == committed
+    assert json.loads(board["data"]["fedseq.json"])["uid"] == "fedseq"
+    assert len(committed.encode()) < 262144  # fits kubectl apply's last-applied annotation
+    # Execute + Assert: a changed dashboard no longer matches the committed ConfigMap
+    drifted = DASHBOARD.read_text().replace('"refresh": "10s"', '"refresh": "30s"')
+    assert drifted != DASHBOARD.read_text() and script.render(drifted) != committed
+    with pytest.raises(ValueError):
+        script.render(DASHBOARD.read_text() + "\n")  # a blank last line a literal block would not keep
+
+
+def _relabel(labels: dict[str, str], rules: list[dict]) -> dict[str, str] | None:
+    """Prometheus' relabeling (keep and replace, the actions the fedseq job uses) of one target."""
+    out = dict(labels)
+    for r in rules:
+        value = r.get("separator", ";").join(out.get(s, "") for s in r["source_labels"])
+        m = re.fullmatch(r.get("regex", "(.*)"), value)
+        action = r.get("action", "replace")
+        if action == "keep":
+            if not m:
+                return None
+        elif action == "replace":
+            if m:
+                groups = (m.group(0), *m.groups())
+                repl = re.sub(r"\$\{?(\d+)\}?", lambda g, gs=groups: gs[int(g.group(1))] or "", r.get("replacement", "$1"))
+                out[r["target_label"]] = repl
+        else:
+            raise AssertionError(f"unexpected relabel action {action}")
+    return out
+
+
+def _pod_target(doc: dict, ip: str) -> dict[str, str]:
+    """The labels Kubernetes service discovery (role pod) gives a target of ``doc``'s pod."""
+    meta = doc["spec"]["template"]["metadata"]
+    san = functools.partial(re.sub, r"[^A-Za-z0-9_]", "_")
+    out = {"__address__": ip, "__meta_kubernetes_pod_ip": ip, "__meta_kubernetes_pod_name": f"{doc['metadata']['name']}-0",
+           "__metrics_path__": "/metrics"}
+    out.update({f"__meta_kubernetes_pod_label_{san(k)}": v for k, v in meta.get("labels", {}).items()})
+    out.update({f"__meta_kubernetes_pod_annotation_{san(k)}": v for k, v in meta.get("annotations", {}).items()})
+    return out
+
+
+def test_the_scrape_job_finds_the_pods_that_announce_metrics():
+    """The scrape job, applied to the base's pods as Kubernetes discovery labels them: it keeps the
+    server and the orchestrator (and nothing else), at their announced port and path, named after
+    the pod, in the namespace of namespace.yaml."""
+    # Prepare
+    scrape = yaml.safe_load(_monitoring()["fedseq-prometheus-scrape"]["data"]["fedseq-scrape.yml"])
+    job = scrape["scrape_configs"][0]
+    namespace = yaml.safe_load((K8S / "namespace.yaml").read_text())["metadata"]["name"]
+    docs = _workloads(_rendered("base"))
+    # Execute
+    kept = {}
+    for ip in ("10.1.2.3", "fd00::7"):
+        for d in docs:
+            t = _relabel(_pod_target(d, ip), job["relabel_configs"])
+            if t is not None:
+                kept[d["metadata"]["name"], ip] = t
+    # Assert
+    assert job["job_name"] == "fedseq"
+    assert job["kubernetes_sd_configs"] == [{"role": "pod", "namespaces": {"names": [namespace]}}]
+    assert {name for name, _ in kept} == {"server", "orchestrator"}
+    for (name, ip), t in kept.items():
+        host = f"[{ip}]" if ":" in ip else ip
+        assert t["__address__"] == f"{host}:9464" and t["__metrics_path__"] == "/metrics", t
+        assert t["instance"] == f"{name}-0" and t["service"] == name
+    # and the job drops a pod that stops announcing its endpoint
+    server = next(d for d in docs if d["metadata"]["name"] == "server")
+    server["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] = "false"
+    assert _relabel(_pod_target(server, "10.1.2.3"), job["relabel_configs"]) is None
