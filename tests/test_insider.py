@@ -172,17 +172,19 @@ class Federation:
         """The results bundle once the orchestrator exits; meanwhile its metrics endpoint is read
         (:attr:`last_metrics`: the last page served after an epoch was evaluated)."""
         end = time.time() + timeout
-        self.last_metrics = ""
+        self.last_metrics, self.metrics_errors = "", []
         while self.orch.popen.poll() is None:
             if time.time() > end:
                 pytest.fail(f"the run did not finish in {timeout:.0f}s: {self.orch.log()[-3000:]}")
+            evaluated = "epoch 1:" in self.orch.log()  # before the read: a page read after it is after an evaluation
             try:
                 text = self.metrics_text()
-                if "epoch 1:" in self.orch.log():
-                    self.last_metrics = text
-            except OSError:
-                pass
-            time.sleep(0.3)
+            except (OSError, ValueError) as e:  # not serving yet, or gone
+                self.metrics_errors.append(repr(e))
+                text = None
+            if evaluated and text is not None:
+                self.last_metrics = text
+            time.sleep(0.1)
         return json.loads((self.tmp / "out" / "results.json").read_text())
 
     def rounds(self) -> list[dict]:
@@ -242,6 +244,7 @@ def calm(tmp_path_factory, redis_server, zygote):
         fed.client(1)
         results = fed.wait()
         yield {"results": results, "rounds": fed.rounds(), "acts": insider.lines(), "metrics": fed.last_metrics,
+               "metrics_errors": fed.metrics_errors,
                "orch_log": fed.orch.log()}
     finally:
         fed.close()
@@ -361,7 +364,7 @@ def test_fake_ledger_entries_do_not_write_the_books(calm, undisturbed):
 
 def test_live_experiment_metrics_are_not_exported_by_default(calm):
     text = calm["metrics"]
-    assert "fedseq_rounds_total" in text  # read after an epoch's evaluation
+    assert "fedseq_rounds_total" in text, calm["metrics_errors"][-5:]  # read after an epoch's evaluation
     assert not re.search(r"^fedseq_experiment_metric\{", text, re.M)
 
 
