@@ -23,6 +23,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import replace
@@ -142,6 +143,9 @@ class Federation:
             "--exit-when-done", "--roster", str(self.roster), "--metrics-port", "0", *self._tls("orchestrator")])
         self.orchestrator = f"127.0.0.1:{self.orch.port()}"
         self.clients = clients
+        self.last_metrics, self.metrics_errors = "", []
+        self.watcher = threading.Thread(target=self._watch_metrics, name="metrics-watch", daemon=True)
+        self.watcher.start()
 
     def _tls(self, name: str) -> list[str]:
         return ["--tls-dir", str(self.tls), "--tls-name", name]
@@ -168,14 +172,11 @@ class Federation:
         p.started()
         return p
 
-    def wait(self, timeout: float = 240.0) -> dict:
-        """The results bundle once the orchestrator exits; meanwhile its metrics endpoint is read
-        (:attr:`last_metrics`: the last page served after an epoch was evaluated)."""
-        end = time.time() + timeout
-        self.last_metrics, self.metrics_errors = "", []
+    def _watch_metrics(self) -> None:
+        """From the orchestrator's start until it exits: read its metrics page every 0.2 s
+        (:attr:`last_metrics`: the last page read after its log showed an epoch's evaluation).
+        A thread of its own, so a run that ends before :meth:`wait` is called is watched too."""
         while self.orch.popen.poll() is None:
-            if time.time() > end:
-                pytest.fail(f"the run did not finish in {timeout:.0f}s: {self.orch.log()[-3000:]}")
             evaluated = "epoch 1:" in self.orch.log()  # before the read: a page read after it is after an evaluation
             try:
                 text = self.metrics_text()
@@ -184,7 +185,17 @@ class Federation:
                 text = None
             if evaluated and text is not None:
                 self.last_metrics = text
+            time.sleep(0.2)
+
+    def wait(self, timeout: float = 240.0) -> dict:
+        """The results bundle once the orchestrator exits (its metrics are watched meanwhile:
+        :meth:`_watch_metrics`)."""
+        end = time.time() + timeout
+        while self.orch.popen.poll() is None:
+            if time.time() > end:
+                pytest.fail(f"the run did not finish in {timeout:.0f}s: {self.orch.log()[-3000:]}")
             time.sleep(0.1)
+        self.watcher.join(15)
         return json.loads((self.tmp / "out" / "results.json").read_text())
 
     def rounds(self) -> list[dict]:
