@@ -69,10 +69,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-# Every attack against every defense (dense and item-wise sparse), one heat map per malicious ratio. On
-# the mission's data by default; the Steam matrix of docs/results is this preset with
-# --set dataset=steam --set epochs=30 --set clients_per_round=256 --set lr=0.001
-# --set num_negatives=1000 --malicious-ratios 0.001,0.01 --seeds 0-2.
+# Every attack against every defense (dense, item-wise sparse, DP, client-side), one heat map per
+# malicious ratio. On the mission's data by default (docs/results/matrix.md: seeds 0-2); the full
+# Steam matrix is this preset with --set dataset=steam --set epochs=30 --set clients_per_round=256
+# --set lr=0.001 --set num_negatives=1000 --malicious-ratios 0.001,0.01 --seeds 0-2 (about 1,000
+# cells), the reduced one the two specs in docs/results/matrix/steam-*.toml.
 PRESETS["matrix"] = {
     "title": "Every attack against every defense (heat maps per malicious ratio)",
     "base": {**QUICKSTART, "dataset": MISSION_DATA},
