@@ -173,7 +173,7 @@ def plot_matrix(grid: dict[str, Any], title: str, path: Path) -> Path:
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
     fig.suptitle(f"{title}\nattacks (rows) x defenses (columns); malicious ratio {grid['malicious_ratio']:g}",
                  fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))  # room for the two-line title
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
