@@ -54,6 +54,7 @@ def _epoch_metrics(client, run_id: str, results: dict) -> tuple[dict, dict]:
     return want, got
 
 
+@pytest.mark.slow  # a run and MLflow's import (2 s): `make test` runs it, `make test-fast` skips it
 def test_fedseq_sim_track_logs_config_epochs_and_bundle(tmp_path, store, fedseq_cli, monkeypatch):
     # Prepare
     out = tmp_path / "run"
@@ -122,6 +123,7 @@ def test_a_tracked_sweep_is_a_parent_with_a_child_per_cell_and_resumes_without_d
         assert (child.info.run_id in first) == (folder != lost.resolve())  # the cell run again: a new child
 
 
+@pytest.mark.slow  # a run and MLflow's import (2 s): `make test` runs it, `make test-fast` skips it
 def test_a_tracked_reproduce_suite_is_a_parent_with_its_cells_and_page(tmp_path, store, fedseq_cli, monkeypatch):
     # Prepare: one paper cell of table 3, one epoch, run in this process
     monkeypatch.setattr(reproduce, "main", functools.partial(reproduce.main, runner=inprocess_cell))
