@@ -50,6 +50,7 @@ lock:
 	test -x $(VENV)-lock/bin/pip-compile || { $(PYTHON) -m venv $(VENV)-lock && $(VENV)-lock/bin/pip install -q "pip-tools==7.6.2"; }
 	$(PIP_COMPILE) $(LOCK_ARGS) $(PIP_ARGS) -o requirements.lock pyproject.toml requirements.in
 	$(PIP_COMPILE) $(LOCK_ARGS) $(PIP_ARGS) --extra dev -o requirements-dev.lock pyproject.toml requirements.in
+	$(PIP_COMPILE) $(LOCK_ARGS) $(PIP_ARGS) --extra ray -o requirements-ray.lock pyproject.toml requirements.in
 
 run: setup
 	$(BIN)/fedseq sweep mission $(RUN_ARGS)

@@ -28,6 +28,7 @@ finished cells are kept.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -42,6 +43,7 @@ from fedseq.config import ConfigError
 from fedseq.data import TARGET_PRESETS
 
 from .sweep import KS, CellRunner, SweepSpec, format_table, parse_seeds, plot_sweep, run_sweep, subprocess_cell
+from .sweep_ray import Executor, add_executor_flags, executor
 from .tracking import SweepTracking, add_track_flag, open_tracker, sweep_tracking
 
 ROOT = Path.cwd()  # run from the repository root: runs/ and docs/results/ are relative to it
@@ -397,6 +399,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--render-only", action="store_true", help="write the page from the cells already run")
     ap.add_argument("--note", default="", help="a paragraph for the page (how and where its cells ran)")
     add_track_flag(ap)  # the suite a parent run, each cell a child; --render-only logs the page to the parent
+    add_executor_flags(ap)  # --executor ray: the cells on a Ray cluster (cli/sweep_ray.py)
 
 
 def main(args: argparse.Namespace, runner: CellRunner = subprocess_cell) -> int:
@@ -422,8 +425,9 @@ def main(args: argparse.Namespace, runner: CellRunner = subprocess_cell) -> int:
         raise ConfigError("--max-cells must be >= 0")
     summary_dir = out / args.suite
     tracker = open_tracker(getattr(args, "track", None))  # before any cell: a bad --track exits 2 now
-    with sweep_tracking(tracker, summary_dir, asdict(spec), f"{args.suite} ({tag})") as track:
-        page, summary = _run_and_render(args, spec, out, summary_dir, page, command, runner, track)
+    with (executor(args, runner) if not args.render_only else contextlib.nullcontext(None)) as ex, \
+            sweep_tracking(tracker, summary_dir, asdict(spec), f"{args.suite} ({tag})") as track:
+        page, summary = _run_and_render(args, spec, out, summary_dir, page, command, ex, track)
         if track is not None:
             track.finish(summary.get("failed", []), extra=[page])
     runs = sum(len(s["seeds"]) for s in summary["scenarios"].values())
@@ -439,18 +443,18 @@ def main(args: argparse.Namespace, runner: CellRunner = subprocess_cell) -> int:
 
 
 def _run_and_render(args: argparse.Namespace, spec: SweepSpec, out: Path, summary_dir: Path, page: Path,
-                    command: str, runner: CellRunner,
+                    command: str, ex: Executor | None,
                     track: SweepTracking | None) -> tuple[Path, dict[str, Any]]:
     """Run (or resume) the suite's cells (unless ``--render-only``), draw its plots, write its page;
     the page and the summary."""
-    if args.render_only:
+    if ex is None:  # --render-only
         from .sweep import summarise
 
         summary = summarise(spec, spec.cells(), out / "cells")
         summary_dir.mkdir(parents=True, exist_ok=True)
     else:
-        summary = run_sweep(spec, summary_dir, args.jobs, args.cores, cells_root=out / "cells",
-                            max_cells=args.max_cells, runner=runner, plots=False, track=track)  # its own plots, below
+        summary = run_sweep(spec, summary_dir, ex.jobs, ex.cores, cells_root=out / "cells",
+                            max_cells=args.max_cells, runner=ex.runner, plots=False, track=track)  # its own plots, below
     # the plots show the paper cells; their [compat off] / [full ranking] variants are in the tables
     # (on one axis a variant would sit on its paper cell's line as a second point of the same ratio)
     paper_only = {**summary, "scenarios": {k: v for k, v in summary["scenarios"].items() if not k.endswith("]")}}

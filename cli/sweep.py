@@ -6,6 +6,7 @@ then one table with the mean and spread over seeds and plots.
     fedseq sweep rules --seeds 0-4                         # every rule, clean and under DV-FSR (docs/results/rules-sweep.md)
     fedseq sweep --attacks none,dv-fsr --defenses fedavg,mixed-rfa --malicious-ratios 0.005,0.01 --seeds 0-2 --jobs 2
     fedseq sweep --spec sweep.toml                         # the same keys from a file
+    fedseq sweep matrix --executor ray --address HOST:6379 # every cell a task on a Ray cluster (cli/sweep_ray.py)
 
 Each cell runs as its own process (``fedseq run`` / ``fedseq sim``) with its results bundle in
 ``<out>/<cell>/``; a sweep that was interrupted resumes where it stopped (finished cells are
@@ -19,7 +20,7 @@ several ratios), accuracy against exposure, and (services) bytes per round.
 
 This module is the command (flags and ``main``) and the sweep's public names; the work is in
 ``sweep_spec.py`` (presets, the spec, its cells), ``sweep_run.py`` (running the cells: the
-injectable cell runner, resuming, progress), ``sweep_summary.py`` (mean and spread over seeds,
+injectable cell runner, resuming, progress), ``sweep_ray.py`` (the Ray executor), ``sweep_summary.py`` (mean and spread over seeds,
 the table) and ``sweep_plots.py`` (the PNG plots).
 """
 
@@ -34,6 +35,7 @@ from fedseq.config import ConfigError
 
 from .flags import DeprecatedAlias
 from .sweep_plots import plot_matrix, plot_sweep
+from .sweep_ray import add_executor_flags, executor
 from .sweep_run import (
     PROCESSES_PER_SERVICES_CELL,
     CellRunner,
@@ -94,6 +96,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cores", type=int, help="cores to use (default: all of this machine's)")
     p.add_argument("--out", help="sweep folder (default runs/sweep-<preset>); an interrupted sweep resumes there")
     add_track_flag(p)
+    add_executor_flags(p)
 
 
 def main(args: argparse.Namespace, runner: CellRunner = subprocess_cell) -> int:
@@ -108,8 +111,8 @@ def main(args: argparse.Namespace, runner: CellRunner = subprocess_cell) -> int:
         raise ConfigError("--jobs must be >= 1")
     tracker = open_tracker(getattr(args, "track", None))  # before any cell: a bad --track exits 2 now
     out = Path(args.out or f"runs/sweep-{args.preset or 'custom'}")
-    with sweep_tracking(tracker, out, asdict(spec), out.name) as track:
-        summary = run_sweep(spec, out, args.jobs, args.cores, runner=runner, track=track)
+    with executor(args, runner) as ex, sweep_tracking(tracker, out, asdict(spec), out.name) as track:
+        summary = run_sweep(spec, out, ex.jobs, ex.cores, runner=ex.runner, track=track)
         if track is not None:
             track.finish(summary["failed"])
     print(format_markdown(spec, summary))

@@ -69,9 +69,11 @@ def cell_command(spec: SweepSpec, cell: Cell, folder: Path, threads: int) -> lis
     return [sys.executable, "-m", "cli.entry", sub, "--config", str(config), "--out", str(folder)]
 
 
-def subprocess_cell(spec: SweepSpec, cell: Cell, folder: Path, threads: int) -> int:
+def subprocess_cell(spec: SweepSpec, cell: Cell, folder: Path, threads: int,
+                    preexec_fn: Callable[[], None] | None = None) -> int:
     """The default cell runner: ``cell``'s ``fedseq run`` / ``fedseq sim`` as its own process, its
-    output in ``folder/cell.log``; returns the process's exit status."""
+    output in ``folder/cell.log``; returns the process's exit status. ``preexec_fn`` runs in the
+    child before it starts (the Ray executor's: die with the parent, cli/sweep_ray.py)."""
     cmd = cell_command(spec, cell, folder, threads)
     # the cell's config file is the whole experiment: FEDSEQ_<KEY> variables would override it; the
     # sweep's driver logs the cell to MLflow (--track), the cell's process does not
@@ -79,7 +81,7 @@ def subprocess_cell(spec: SweepSpec, cell: Cell, folder: Path, threads: int) -> 
            if not (k.startswith("FEDSEQ_") and k[7:].lower() in CONFIG_KEYS) and k != TRACK_ENV}
     with open(folder / "cell.log", "w") as log:
         return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env={**env, "FEDSEQ_LOG_LEVEL": "warning"},
-                              check=False).returncode
+                              check=False, preexec_fn=preexec_fn).returncode
 
 
 _INPROCESS = threading.Lock()  # one in-process cell at a time: torch's thread count is the process's
