@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from fedseq.config import ConfigError
+from fedseq.config import ConfigError, ExperimentConfig
 from fedseq.data import SeqDataset
 from fedseq.engine import plan_run
 from fedseq.experiment import Setup, all_clients, check_ratio, population_size  # noqa: F401 - check_ratio re-exported
@@ -190,16 +190,22 @@ class Adversary:
         return self.attack.updates(self.context(s, params, users, round_key))
 
 
+def make_attack_checked(cfg: ExperimentConfig) -> Attack:
+    """The configured attack (``cfg.attack`` is not ``none``), or :class:`ConfigError` naming the
+    config keys."""
+    try:
+        return make_attack(cfg.attack, dict(cfg.attack_opts))
+    except AttackConfigError as e:
+        raise ConfigError(f"{e} (config keys 'attack' / 'attack_opts'; 'none' for no attack)") from None
+
+
 def make_adversary(s: Setup) -> Adversary | None:
     """The configured attack (validated) and its malicious population for setup ``s``; None for
     ``attack="none"``. Raises :class:`ConfigError` naming the accepted names, options or range."""
     cfg = s.cfg
     if cfg.attack == "none":
         return None
-    try:
-        attack = make_attack(cfg.attack, dict(cfg.attack_opts))
-    except AttackConfigError as e:
-        raise ConfigError(f"{e} (config keys 'attack' / 'attack_opts'; 'none' for no attack)") from None
+    attack = make_attack_checked(cfg)
     try:
         population = build_population(attack, s.dataset, cfg.malicious_ratio, cfg.seed, s.targets,
                                       reference_draw=cfg.compat.attacker_draw)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from attacker.population import Adversary, make_adversary
+from attacker.population import Adversary, make_adversary, make_attack_checked
 from fedseq.config import ConfigError, ExperimentConfig
 from fedseq.engine import AggregationRule
 from fedseq.experiment import Setup, client_weights, setup
@@ -29,6 +29,14 @@ def make_rule_checked(cfg: ExperimentConfig) -> AggregationRule:
     except RuleConfigError as e:
         raise ConfigError(f"{e} (config keys 'defense' / 'defense_opts', flags --defense / --defense-opt)") \
             from None
+
+
+def check_plugins(cfg: ExperimentConfig) -> None:
+    """The run's rule and attack (names and options) without its data: :class:`ConfigError` when a
+    run of ``cfg`` would fail on them (``fedseq sweep`` checks every cell so before running any)."""
+    make_rule_checked(cfg)
+    if cfg.attack != "none":
+        make_attack_checked(cfg)
 
 
 def prepare(cfg: ExperimentConfig, prepared: Setup | None = None) -> Prepared:

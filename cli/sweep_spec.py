@@ -189,7 +189,9 @@ def _list(value: Any) -> list[str]:
     if value is None:
         return []
     if isinstance(value, str):
-        return [v.strip() for v in value.split(";" if ":" in value else ",") if v.strip()]
+        # ';' between items when any has options ("fedavg;krum:m=8", whose commas are its options')
+        # or when the user wrote it ("fedavg;median"); else ','
+        return [v.strip() for v in value.split(";" if ";" in value or ":" in value else ",") if v.strip()]
     return [str(v) for v in value]
 
 
@@ -237,12 +239,14 @@ class SweepSpec:
                 for c in self.codecs or (None,):
                     for s in self.seeds:
                         out.append(Cell(a, d, r, s, m, c, name, keys))
-        from fedseq.engine import adv_train_on  # torch: not at import (module docstring)
+        from cli.plugins import check_plugins  # torch: not at import (module docstring)
+        from fedseq.engine import adv_train_on
 
         unique = list({(cell.folder, cell.scenario): cell for cell in out}.values())  # in order
         for i, cell in enumerate(unique):  # validate every cell's config before anything runs
             try:
                 cfg = build_config(None, {**self.base, **cell.overrides()}, environ={})
+                check_plugins(cfg)  # the rule's and attack's names and options: its run would fail on them
             except ConfigError as e:
                 raise SweepError(f"cell {cell.folder}: {e}") from None
             if cfg.adv_train and not adv_train_on(cfg):

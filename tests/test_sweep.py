@@ -67,6 +67,13 @@ def test_a_bad_cell_fails_before_anything_runs():
         SweepSpec(base=TINY, engine="cloud").cells()
     with pytest.raises(SweepError, match="unknown preset"):
         spec_from(_args("nope"))
+    # a rule or attack no run knows, or an option it does not take: refused here, not in every cell
+    with pytest.raises(SweepError, match="cell none_bogus_seed0: unknown aggregation rule 'bogus'"):
+        SweepSpec(base=TINY, attacks=("none",), defenses=("bogus",)).cells()
+    with pytest.raises(SweepError, match="rule 'krum' option 'm'='x' is not a valid int"):
+        SweepSpec(base=TINY, attacks=("none",), defenses=("krum:m=x",)).cells()
+    with pytest.raises(SweepError, match="cell bogus_r0.005_fedavg_seed0: unknown attack 'bogus'"):
+        SweepSpec(base=TINY, attacks=("bogus",)).cells()
 
 
 def test_seeds_and_flags_and_presets():
@@ -80,6 +87,8 @@ def test_seeds_and_flags_and_presets():
     assert spec.base["epochs"] == "3" and spec.engine == "services"
     custom = spec_from(_args("--attacks", "none,dv-fsr", "--defenses", "fedavg;krum:m=8", "--engine", "inprocess"))
     assert custom.defenses == ("fedavg", "krum:m=8") and custom.engine == "inprocess"
+    for listed in ("fedavg;median", "fedavg,median"):  # ';' between rules whether or not one has options
+        assert spec_from(_args("--defenses", listed)).defenses == ("fedavg", "median")
 
 
 def test_an_old_spec_file_saying_ratios_loads_as_malicious_ratios(tmp_path):
