@@ -24,19 +24,25 @@ def free_port() -> int:
 
 
 def ray_node(*flags: str, env: dict[str, str], cpus: int = 1) -> subprocess.Popen[str]:
-    """``ray start --block`` in a session of its own (every process of the node is in it), once
-    the node is up."""
+    """``ray start --block`` in a session of its own (every process of the node is in it); it is
+    up once :func:`started` returns."""
     ray_cli = Path(sys.executable).with_name("ray")
-    p = subprocess.Popen([str(ray_cli), "start", "--block", "--disable-usage-stats", "--num-cpus", str(cpus),
-                          "--object-store-memory", str(80 * 2**20), "--node-ip-address", "127.0.0.1", *flags],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env)
+    return subprocess.Popen([str(ray_cli), "start", "--block", "--disable-usage-stats", "--num-cpus", str(cpus),
+                             "--object-store-memory", str(80 * 2**20), "--node-ip-address", "127.0.0.1", *flags],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env=env)
+
+
+def started(node: subprocess.Popen[str]) -> None:
+    """Wait until ``node`` says it is up (then drain its output in a thread); AssertionError with
+    its output when it exits first."""
     seen = []
-    assert p.stdout is not None
-    for line in p.stdout:
+    assert node.stdout is not None
+    for line in node.stdout:
         seen.append(line)
         if "Ray runtime started" in line:
-            threading.Thread(target=p.stdout.read, daemon=True).start()  # drain the rest
-            return p
+            threading.Thread(target=node.stdout.read, daemon=True).start()
+            return
     raise AssertionError("ray start failed:\n" + "".join(seen[-30:]))
 
 
@@ -70,7 +76,10 @@ def two_nodes(env: dict[str, str], cpus: int = 1) -> Iterator[tuple[str, subproc
         nodes.append(ray_node("--head", "--port", str(port), "--include-dashboard=false",
                               "--ray-client-server-port", str(free_port()), "--resources", '{"head": 1}', env=env,
                               cpus=cpus))
+        # at once: the second node waits for the head's GCS itself
         nodes.append(ray_node("--address", f"127.0.0.1:{port}", "--resources", '{"second": 1}', env=env, cpus=cpus))
+        for n in nodes:
+            started(n)
         yield f"127.0.0.1:{port}", nodes[1]
     finally:
         for n in reversed(nodes):

@@ -90,7 +90,7 @@ def fedseq_cli(monkeypatch, capsys) -> Callable[..., tuple[int, str, str]]:
 # the two workers' ends (--dist loadfile --no-loadscope-reorder hands out files in collection
 # order; without the flag xdist sends the files with the most tests first, and the two workers
 # ended 37 s apart).
-FILE_SECONDS = {"test_insider.py": 37, "test_mission.py": 28, "test_faults.py": 27, "test_engine_equal.py": 26,
+FILE_SECONDS = {"test_insider.py": 37, "test_sweep_ray.py": 30, "test_mission.py": 28, "test_faults.py": 27, "test_engine_equal.py": 26,
                 "test_scale.py": 26, "test_e2e.py": 26, "test_netns.py": 18, "test_sweep.py": 18,
                 "test_ledger.py": 14, "test_adversary.py": 14, "test_services.py": 14, "test_reproduce.py": 12,
                 "test_intake.py": 10, "test_fairshare.py": 10, "test_compute_pool.py": 8, "test_k8s.py": 8,
