@@ -55,7 +55,7 @@ def add_executor_flags(p: argparse.ArgumentParser) -> None:
                    help="where cells run: local (processes on this machine; default) or ray (tasks on a Ray "
                         "cluster, results sent back here; pip install 'fedseq[ray]')")
     p.add_argument("--address", help="--executor ray: the cluster to join (HOST:PORT, or auto for the one this "
-                                     "machine is part of); default RAY_ADDRESS when set, else a local Ray instance")
+                                     "machine is part of); default RAY_ADDRESS when set, else a new local Ray instance")
     p.add_argument("--cell-cores", dest="cell_cores", type=int, default=1,
                    help="--executor ray: CPUs each cell declares and uses (default 1)")
 
@@ -83,12 +83,15 @@ def executor(args: argparse.Namespace, local_runner: CellRunner) -> Iterator[Exe
         import ray
     except ImportError:
         raise ConfigError(RAY_MISSING) from None
-    address = args.address or os.environ.get("RAY_ADDRESS") or None
+    # "local": a new instance on this machine, even where a `ray start` cluster runs here (that one
+    # is --address auto)
+    address = args.address or os.environ.get("RAY_ADDRESS") or "local"
     try:
         ray.init(address=address, log_to_driver=False, logging_level="warning",
-                 num_cpus=None if address else args.cores or os.cpu_count() or 1)
+                 num_cpus=args.cores or os.cpu_count() or 1 if address == "local" else None)
     except (ConnectionError, RuntimeError, ValueError) as e:
-        raise ConfigError(f"--executor ray: cannot join the Ray cluster at {address}: {e}") from None
+        where = "start a local Ray instance" if address == "local" else f"join the Ray cluster at {address}"
+        raise ConfigError(f"--executor ray: cannot {where}: {e}") from None
     try:
         cpus = int(ray.cluster_resources().get("CPU", 1))
         jobs = args.jobs if args.jobs > 1 else max(1, cpus // args.cell_cores)  # --jobs 1 is the default: fill the cluster
