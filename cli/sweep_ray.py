@@ -6,7 +6,8 @@
 
 A cell is one Ray task (Moritz et al., "Ray: A Distributed Framework for Emerging AI
 Applications", OSDI 2018) that declares ``--cell-cores`` CPUs, and a GPU when the cell's device is
-``cuda``/``cuda:N``. On the node it lands on the task runs the local executor's command for the cell
+``cuda``/``cuda:N`` (Ray shows the task its one GPU as ``cuda:0``, so give such cells ``cuda``;
+``auto`` declares none, and Ray hides the GPUs from a task that declared none). On the node it lands on the task runs the local executor's command for the cell
 (``fedseq sim``, or ``fedseq run``: a whole services federation on that node) into a temporary
 folder, so a cell's numbers are the local executor's bit for bit, and returns the folder, packed,
 through Ray's object store: the driver unpacks it into the sweep's ``--out``, and nodes share no
