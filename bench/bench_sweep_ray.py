@@ -25,17 +25,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests._ray_cluster import two_nodes  # noqa: E402
+from tests._ray_cluster import cell_numbers, two_nodes  # noqa: E402
 
-TIMINGS = {"seconds", "train_seconds", "compute_seconds", "aggregate_seconds", "eval_seconds"}
 GRID = ["--attacks", "none,dv-fsr,eb", "--defenses", "fedavg,median", "--malicious-ratios", "0.01",
         "--seeds", "0,1", "--engine", "inprocess"]
-
-
-def numbers(out: Path) -> dict[str, list[dict[str, object]]]:
-    return {p.parent.name: [{k: v for k, v in e.items() if k not in TIMINGS}
-                            for e in json.loads(p.read_text())["epochs"]]
-            for p in sorted(out.glob("*/results.json"))}
 
 
 def sweep(args: list[str], env: dict[str, str]) -> float:
@@ -60,12 +53,12 @@ def main() -> None:
     with two_nodes(env) as (address, _second):
         start = time.perf_counter() - t
         on_ray = sweep([*grid, "--executor", "ray", "--address", address, "--out", str(out / "ray")], env)
-    cells = len(numbers(out / "local"))
+    cells = len(cell_numbers(out / "local"))
     nodes = {json.loads(p.read_text())["node_id"] for p in (out / "ray").glob("*/executor.json")}
     result = {"cells": cells, "local_jobs2_s": round(local, 1), "ray_two_nodes_s": round(on_ray, 1),
               "ray_cluster_start_s": round(start, 1), "ratio": round(on_ray / local, 3),
               "overhead_per_cell_s": round((on_ray - local) / (cells / 2), 2), "ray_nodes_used": len(nodes),
-              "equal_numbers": numbers(out / "local") == numbers(out / "ray"), "grid": grid}
+              "equal_numbers": cell_numbers(out / "local") == cell_numbers(out / "ray"), "grid": grid}
     (out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
 

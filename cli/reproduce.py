@@ -391,7 +391,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="a scenario's name, or a part of names (repeatable): --only '0.2%%'")
     ap.add_argument("--epochs", type=int, help="override the paper's 30 epochs")
     ap.add_argument("--max-cells", type=int, help="run at most this many unfinished cells, then write the page")
-    ap.add_argument("--jobs", type=int, default=1, help="cells at once")
+    ap.add_argument("--jobs", type=int, help="cells at once (default 1; --executor ray: as many as the cluster's CPUs hold)")
     ap.add_argument("--cores", type=int, help="cores to use (default all)")
     ap.add_argument("--out", help="run folder (default runs/reproduce/<dataset>[-<targets>][-quick])")
     ap.add_argument("--page", help="where to write the page (default docs/results/<suite>.md for the paper's "

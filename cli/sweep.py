@@ -92,7 +92,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", choices=ENGINES, help="services (fedseq run per cell; default) or inprocess")
     p.add_argument("--set", action="append", type=lambda s: tuple(s.split("=", 1)), metavar="KEY=VALUE",
                    help="a base experiment key for every cell, e.g. --set epochs=4 --set dataset=steam")
-    p.add_argument("--jobs", type=int, default=1, help="cells at once (each gets cores // jobs cores: compute processes in process, threads in services)")
+    p.add_argument("--jobs", type=int, help="cells at once (default 1; --executor ray: as many as the cluster's CPUs "
+                                          "hold); each gets cores // jobs cores: compute processes in process, "
+                                          "threads in services")
     p.add_argument("--cores", type=int, help="cores to use (default: all of this machine's)")
     p.add_argument("--out", help="sweep folder (default runs/sweep-<preset>); an interrupted sweep resumes there")
     add_track_flag(p)
@@ -107,7 +109,7 @@ def main(args: argparse.Namespace, runner: CellRunner = subprocess_cell) -> int:
         cells = spec.cells()
     except SweepError as e:
         raise ConfigError(str(e)) from None
-    if args.jobs < 1:
+    if args.jobs is not None and args.jobs < 1:
         raise ConfigError("--jobs must be >= 1")
     tracker = open_tracker(getattr(args, "track", None))  # before any cell: a bad --track exits 2 now
     out = Path(args.out or f"runs/sweep-{args.preset or 'custom'}")

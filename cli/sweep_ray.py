@@ -76,7 +76,7 @@ def executor(args: argparse.Namespace, local_runner: CellRunner) -> Iterator[Exe
     """The executor the flags name, for the length of the sweep: ``local`` is ``local_runner`` with
     ``--jobs``/``--cores``; ``ray`` joins (or starts) the cluster and leaves it afterwards."""
     if getattr(args, "executor", "local") != "ray":
-        yield Executor(local_runner, args.jobs, args.cores)
+        yield Executor(local_runner, args.jobs or 1, args.cores)
         return
     if args.cell_cores < 1:
         raise ConfigError("--cell-cores must be >= 1")
@@ -95,7 +95,7 @@ def executor(args: argparse.Namespace, local_runner: CellRunner) -> Iterator[Exe
         raise ConfigError(f"--executor ray: cannot {where}: {e}") from None
     try:
         cpus = int(ray.cluster_resources().get("CPU", 1))
-        jobs = args.jobs if args.jobs > 1 else max(1, cpus // args.cell_cores)  # --jobs 1 is the default: fill the cluster
+        jobs = args.jobs or max(1, cpus // args.cell_cores)  # without --jobs: as many as the cluster's CPUs hold
         print(f"fedseq sweep: Ray cluster {ray.get_runtime_context().gcs_address}, {len(ray.nodes())} node(s), "
               f"{cpus} CPUs: {jobs} cell(s) at once x {args.cell_cores} core(s)", file=sys.stderr, flush=True)
         yield Executor(ray_runner(args.cell_cores), jobs, jobs * args.cell_cores)

@@ -189,7 +189,7 @@ def _list(value: Any) -> list[str]:
     if value is None:
         return []
     if isinstance(value, str):
-        # ';' between items when any has options ("fedavg;krum:m=8", whose commas are its options')
+        # ';' between items when any has options ("fedavg;krum:m=8", whose commas are its options)
         # or when the user wrote it ("fedavg;median"); else ','
         return [v.strip() for v in value.split(";" if ";" in value or ":" in value else ",") if v.strip()]
     return [str(v) for v in value]

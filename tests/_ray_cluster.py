@@ -1,10 +1,12 @@
 """Two Ray nodes on this machine, as tests/test_sweep_ray.py and bench/bench_sweep_ray.py use
 them: ``ray start --block`` each in a session of its own (so every process of a node, Ray's
-workers included, can be found and killed: a machine lost), one CPU each."""
+workers included, can be found and killed: a machine lost), one CPU each; and the numbers of a
+sweep's cells, which both compare across executors."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -15,6 +17,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
+
+TIMINGS = {"seconds", "train_seconds", "compute_seconds", "aggregate_seconds", "eval_seconds"}
+
+
+def cell_numbers(out: Path) -> dict[str, list[dict[str, object]]]:
+    """Every cell's epochs in sweep folder ``out``, less the wall-clock timings."""
+    return {p.parent.name: [{k: v for k, v in e.items() if k not in TIMINGS}
+                            for e in json.loads(p.read_text())["epochs"]]
+            for p in sorted(out.glob("*/results.json"))}
 
 
 def free_port() -> int:

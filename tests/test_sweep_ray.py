@@ -26,12 +26,11 @@ from cli.sweep import add_arguments, main
 from cli.sweep_ray import RAY_MISSING
 from cli.sweep_run import inprocess_cell
 from fedseq.config import ConfigError
-from tests._ray_cluster import kill_node, session, two_nodes
+from tests._ray_cluster import cell_numbers, kill_node, session, two_nodes
 
 TINY = ["--set", "dataset=synthetic:users=30,items=50,max_length=15", "--set", "epochs=2",
         "--set", "clients_per_round=8", "--set", "num_negatives=20", "--set", "lr=0.01",
         "--attacks", "none,dv-fsr", "--malicious-ratios", "0.1", "--engine", "inprocess"]
-TIMINGS = {"seconds", "train_seconds", "compute_seconds", "aggregate_seconds", "eval_seconds"}
 
 
 def _args(*argv: str) -> argparse.Namespace:
@@ -51,21 +50,8 @@ def cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, subprocess.P
         yield nodes
 
 
-def _numbers(out: Path) -> dict[str, list[dict[str, object]]]:
-    """Every cell's epochs in ``out``, less the wall-clock timings."""
-    return {p.parent.name: [{k: v for k, v in e.items() if k not in TIMINGS}
-                            for e in json.loads(p.read_text())["epochs"]]
-            for p in sorted(out.glob("*/results.json"))}
-
-
 def _nodes(out: Path) -> dict[str, str]:
     return {p.parent.name: json.loads(p.read_text())["node_id"] for p in out.glob("*/executor.json")}
-
-
-def _second_node_id() -> str:
-    import ray
-
-    return next(n["NodeID"] for n in ray.nodes() if "second" in n["Resources"])
 
 
 def _kill_mid_cell(node: subprocess.Popen[str], killed: list[str], stop: threading.Event) -> None:
@@ -105,7 +91,7 @@ def test_a_sweep_spans_both_nodes_equals_the_local_one_and_survives_a_lost_node(
     assert {k: v for k, v in nodes.items() if k in first} == first
     later = {v for k, v in nodes.items() if k not in first}
     assert len(nodes) == 4 and len(later) == 1 and later <= set(first.values())
-    assert _numbers(on_ray) == _numbers(local) and len(_numbers(local)) == 4
+    assert cell_numbers(on_ray) == cell_numbers(local) and len(cell_numbers(local)) == 4
     assert json.loads((on_ray / "sweep.json").read_text())["failed"] == []
 
 
